@@ -1,0 +1,152 @@
+//! DOC: error codes that cross process boundaries.
+//!
+//! [`ErrorCode`] is what the firmware or kmd-shim writes into a fence's
+//! [`crate::layout::ErrorRecord`] and poison word, and what it reports on the fw→kmd ring.
+//! [`KmdStatus`] is the status word of a control-socket reply.
+
+/// Why a queue stopped or a fence was poisoned.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// A packet with an opcode this ABI does not define; `detail` is the opcode.
+    UnknownOpcode = 1,
+    /// A packet with a non-zero reserved field; `detail` is the word index.
+    ReservedField = 2,
+    /// WAIT_FENCE with an unknown condition; `detail` is the low 32 bits of it.
+    BadWaitCondition = 3,
+    /// A fence handle this context does not hold; `detail` is the handle.
+    BadFenceHandle = 4,
+    /// SIGNAL_FENCE on a fence the context may only read; `detail` is the handle.
+    FenceNotWritable = 5,
+    /// An address that is not 8-byte aligned; `address` is it.
+    MisalignedAddress = 6,
+    /// An address outside the queue's VM; `address` is it.
+    MemoryViolation = 7,
+    /// The published write index moved backwards or ran more than a ring ahead of the read
+    /// index; `address` is the write index seen.
+    BadWriteIndex = 8,
+    /// WAIT_FENCE on a fence that was poisoned; `detail` is that fence's poison code.
+    DependencyFailed = 9,
+    /// The queue was destroyed before reaching the value waited for.
+    QueueDestroyed = 10,
+    /// The context that owned this fence or queue went away.
+    OwnerDied = 11,
+    /// The device was lost; every object of its generation is gone.
+    DeviceLost = 12,
+}
+
+impl ErrorCode {
+    /// Decodes a code word; `None` for 0 and unknown codes.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        use ErrorCode::*;
+        Some(match v {
+            1 => UnknownOpcode,
+            2 => ReservedField,
+            3 => BadWaitCondition,
+            4 => BadFenceHandle,
+            5 => FenceNotWritable,
+            6 => MisalignedAddress,
+            7 => MemoryViolation,
+            8 => BadWriteIndex,
+            9 => DependencyFailed,
+            10 => QueueDestroyed,
+            11 => OwnerDied,
+            12 => DeviceLost,
+            _ => return None,
+        })
+    }
+
+    /// Short human-readable description.
+    pub fn describe(self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            UnknownOpcode => "unknown opcode",
+            ReservedField => "reserved packet field not zero",
+            BadWaitCondition => "unknown wait condition",
+            BadFenceHandle => "fence handle not held by this context",
+            FenceNotWritable => "fence is read-only for this context",
+            MisalignedAddress => "misaligned device address",
+            MemoryViolation => "device address outside the queue's VM",
+            BadWriteIndex => "invalid ring write index",
+            DependencyFailed => "waited-on fence was poisoned",
+            QueueDestroyed => "queue destroyed",
+            OwnerDied => "owner went away",
+            DeviceLost => "device lost",
+        }
+    }
+}
+
+/// Status word of a control-socket reply: 0 is success.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum KmdStatus {
+    /// Success.
+    #[error("ok")]
+    Ok = 0,
+    /// The request was not a well-formed message of the right size.
+    #[error("malformed request")]
+    Malformed = 1,
+    /// The request's op is not one this ABI defines.
+    #[error("unknown request")]
+    UnknownOp = 2,
+    /// The client speaks another ABI version.
+    #[error("ABI version mismatch")]
+    AbiMismatch = 3,
+    /// The connection has no context yet (send OPEN_CONTEXT first).
+    #[error("no context open on this connection")]
+    NoContext = 4,
+    /// OPEN_CONTEXT sent twice on one connection.
+    #[error("context already open")]
+    ContextExists = 5,
+    /// A per-context or per-device limit would be exceeded.
+    #[error("limit exceeded")]
+    LimitExceeded = 6,
+    /// An argument is out of range.
+    #[error("invalid argument")]
+    InvalidArgument = 7,
+    /// A handle, slot or address names nothing this context owns.
+    #[error("no such object")]
+    NotFound = 8,
+    /// The file descriptors attached are missing, extra, or not userq objects.
+    #[error("bad file descriptor")]
+    BadFd = 9,
+    /// The device-memory budget is exhausted.
+    #[error("out of device memory")]
+    OutOfMemory = 10,
+    /// The firmware is gone.
+    #[error("device lost")]
+    DeviceLost = 11,
+    /// The firmware did not acknowledge in time.
+    #[error("firmware did not answer in time")]
+    FirmwareTimeout = 12,
+    /// kmd-shim failed to create an object (memfd, mmap).
+    #[error("internal error in kmd-shim")]
+    Internal = 13,
+    /// The peer is not allowed to use this device (SO_PEERCRED).
+    #[error("permission denied")]
+    PermissionDenied = 14,
+}
+
+impl KmdStatus {
+    /// Decodes a status word; unknown words map to [`KmdStatus::Internal`].
+    pub fn from_u32(v: u32) -> Self {
+        use KmdStatus::*;
+        match v {
+            0 => Ok,
+            1 => Malformed,
+            2 => UnknownOp,
+            3 => AbiMismatch,
+            4 => NoContext,
+            5 => ContextExists,
+            6 => LimitExceeded,
+            7 => InvalidArgument,
+            8 => NotFound,
+            9 => BadFd,
+            10 => OutOfMemory,
+            11 => DeviceLost,
+            12 => FirmwareTimeout,
+            14 => PermissionDenied,
+            _ => Internal,
+        }
+    }
+}

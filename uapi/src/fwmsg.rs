@@ -1,0 +1,500 @@
+//! DOC: the kmd ↔ firmware messages.
+//!
+//! kmd-shim and the firmware talk through the two [`crate::layout::MsgRing`]s of the
+//! [`crate::layout::ControlRegion`], like GuC's H2G/G2H command transport. Every message is
+//! 64 bytes: word 0 holds the kind in its low 32 bits and a sequence number in its high 32
+//! bits; words 1..8 are arguments.
+//!
+//! Memory objects cannot travel through shared memory, so kmd-shim first sends each
+//! object's memfd on the *object channel*, a `SOCK_SEQPACKET` socketpair, as one message of
+//! an 8-byte [`ObjectId`] with one `SCM_RIGHTS` fd, and then posts the request that names
+//! it. The firmware takes objects off the channel until it finds the one named. At boot,
+//! before any request, kmd-shim sends the [`boot`] objects.
+//!
+//! Every request is acknowledged with [`FwEvent::Ack`] carrying its sequence number; kmd-shim
+//! waits for acks with a timeout. That wait is bounded: the firmware acks as soon as it has
+//! processed the request and never waits on a job to do so.
+
+use crate::error::ErrorCode;
+use crate::ioctl::Priority;
+use crate::packet::FenceHandle;
+
+/// Names a memory object sent on the object channel.
+pub type ObjectId = u64;
+
+/// A device-wide fence id, assigned by kmd-shim.
+pub type FenceId = u64;
+
+/// Objects sent at boot, with fixed ids.
+pub mod boot {
+    use super::ObjectId;
+    /// The [`crate::layout::ControlRegion`].
+    pub const CONTROL: ObjectId = 1;
+    /// The [`crate::layout::DeviceStatus`].
+    pub const STATUS: ObjectId = 2;
+    /// The [`crate::layout::DeviceKick`].
+    pub const KICK: ObjectId = 3;
+    /// First id kmd-shim assigns to other objects.
+    pub const FIRST_DYNAMIC: ObjectId = 16;
+}
+
+mod kind {
+    pub const MAP_CONTEXT: u32 = 1;
+    pub const UNMAP_CONTEXT: u32 = 2;
+    pub const MAP_QUEUE: u32 = 3;
+    pub const UNMAP_QUEUE: u32 = 4;
+    pub const REGISTER_FENCE: u32 = 5;
+    pub const BIND_FENCE: u32 = 6;
+    pub const UNBIND_FENCE: u32 = 7;
+    pub const POISON_FENCE: u32 = 8;
+    pub const DROP_FENCE: u32 = 9;
+    pub const MAP_BUFFER: u32 = 10;
+    pub const UNMAP_BUFFER: u32 = 11;
+    pub const SHUTDOWN: u32 = 12;
+
+    pub const ACK: u32 = 0x100;
+    pub const QUEUE_ERROR: u32 = 0x101;
+    pub const READY: u32 = 0x102;
+}
+
+/// A kmd → firmware request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FwRequest {
+    /// A new context and its doorbell page.
+    MapContext {
+        /// Context id.
+        ctx: u32,
+        /// The [`crate::layout::DoorbellPage`] object.
+        doorbell: ObjectId,
+    },
+    /// Tears down a context: every queue (timelines poisoned with
+    /// [`ErrorCode::OwnerDied`]), binding and buffer.
+    UnmapContext {
+        /// Context id.
+        ctx: u32,
+    },
+    /// A new queue. Its timeline fence must already be registered.
+    MapQueue {
+        /// Owning context.
+        ctx: u32,
+        /// Doorbell slot.
+        slot: u32,
+        /// The ring object.
+        ring: ObjectId,
+        /// Ring entries (a power of two).
+        entries: u32,
+        /// Priority.
+        priority: Priority,
+        /// The queue's timeline fence.
+        timeline: FenceId,
+    },
+    /// Removes a queue; its timeline fence is poisoned with [`ErrorCode::QueueDestroyed`].
+    UnmapQueue {
+        /// Owning context.
+        ctx: u32,
+        /// Doorbell slot.
+        slot: u32,
+    },
+    /// Makes a fence known to the firmware.
+    RegisterFence {
+        /// Global id.
+        fence: FenceId,
+        /// The [`crate::layout::FenceState`] object.
+        state: ObjectId,
+        /// The [`crate::layout::FenceWaiters`] object.
+        waiters: ObjectId,
+    },
+    /// Lets a context name a fence by a handle.
+    BindFence {
+        /// Context id.
+        ctx: u32,
+        /// The context's handle.
+        handle: FenceHandle,
+        /// Global id.
+        fence: FenceId,
+        /// Whether the context's queues may SIGNAL_FENCE it.
+        writable: bool,
+    },
+    /// Removes a context's handle.
+    UnbindFence {
+        /// Context id.
+        ctx: u32,
+        /// The handle.
+        handle: FenceHandle,
+    },
+    /// Poisons a fence that can no longer be signalled.
+    PoisonFence {
+        /// Global id.
+        fence: FenceId,
+        /// Why.
+        code: ErrorCode,
+    },
+    /// Forgets a fence no context holds any more.
+    DropFence {
+        /// Global id.
+        fence: FenceId,
+    },
+    /// Maps a buffer into a context's VM.
+    MapBuffer {
+        /// Context id.
+        ctx: u32,
+        /// Device virtual address.
+        va: u64,
+        /// Size in bytes.
+        size: u64,
+        /// The buffer object.
+        object: ObjectId,
+    },
+    /// Unmaps a buffer.
+    UnmapBuffer {
+        /// Context id.
+        ctx: u32,
+        /// Device virtual address.
+        va: u64,
+    },
+    /// Stops the firmware.
+    Shutdown,
+}
+
+/// Result of a request, in its ack.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FwStatus {
+    /// Done.
+    #[error("ok")]
+    Ok = 0,
+    /// A named object was missing from the channel or failed its map-time check.
+    #[error("bad memory object")]
+    BadObject = 1,
+    /// The context, queue, fence or mapping named does not exist.
+    #[error("not found")]
+    NotFound = 2,
+    /// The context, queue, handle or address is already in use.
+    #[error("already exists")]
+    Exists = 3,
+    /// The request could not be decoded.
+    #[error("malformed request")]
+    Malformed = 4,
+}
+
+impl FwStatus {
+    fn from_u64(v: u64) -> Self {
+        match v {
+            0 => Self::Ok,
+            1 => Self::BadObject,
+            2 => Self::NotFound,
+            3 => Self::Exists,
+            _ => Self::Malformed,
+        }
+    }
+}
+
+/// A firmware → kmd event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FwEvent {
+    /// The firmware mapped its boot objects and is polling.
+    Ready,
+    /// A request was processed.
+    Ack {
+        /// The request's sequence number.
+        seq: u32,
+        /// Its result.
+        status: FwStatus,
+    },
+    /// A queue stopped on an error (bad packet, memory violation, bad index, failed
+    /// dependency). Its timeline fence is poisoned already.
+    QueueError {
+        /// Context id.
+        ctx: u32,
+        /// Queue slot.
+        slot: u32,
+        /// What happened.
+        code: ErrorCode,
+        /// Index of the offending packet.
+        packet_index: u64,
+        /// Offending address or index, if any.
+        address: u64,
+    },
+}
+
+/// A message as eight words.
+pub type Words = [u64; 8];
+
+fn head(kind: u32, seq: u32) -> u64 {
+    kind as u64 | (seq as u64) << 32
+}
+
+impl FwRequest {
+    /// Encodes the request with a sequence number.
+    pub fn encode(&self, seq: u32) -> Words {
+        let mut w = [0u64; 8];
+        let k = match *self {
+            FwRequest::MapContext { ctx, doorbell } => {
+                w[1] = ctx as u64;
+                w[2] = doorbell;
+                kind::MAP_CONTEXT
+            }
+            FwRequest::UnmapContext { ctx } => {
+                w[1] = ctx as u64;
+                kind::UNMAP_CONTEXT
+            }
+            FwRequest::MapQueue {
+                ctx,
+                slot,
+                ring,
+                entries,
+                priority,
+                timeline,
+            } => {
+                w[1] = ctx as u64;
+                w[2] = slot as u64;
+                w[3] = ring;
+                w[4] = entries as u64;
+                w[5] = priority as u64;
+                w[6] = timeline;
+                kind::MAP_QUEUE
+            }
+            FwRequest::UnmapQueue { ctx, slot } => {
+                w[1] = ctx as u64;
+                w[2] = slot as u64;
+                kind::UNMAP_QUEUE
+            }
+            FwRequest::RegisterFence {
+                fence,
+                state,
+                waiters,
+            } => {
+                w[1] = fence;
+                w[2] = state;
+                w[3] = waiters;
+                kind::REGISTER_FENCE
+            }
+            FwRequest::BindFence {
+                ctx,
+                handle,
+                fence,
+                writable,
+            } => {
+                w[1] = ctx as u64;
+                w[2] = handle.0 as u64;
+                w[3] = fence;
+                w[4] = writable as u64;
+                kind::BIND_FENCE
+            }
+            FwRequest::UnbindFence { ctx, handle } => {
+                w[1] = ctx as u64;
+                w[2] = handle.0 as u64;
+                kind::UNBIND_FENCE
+            }
+            FwRequest::PoisonFence { fence, code } => {
+                w[1] = fence;
+                w[2] = code as u64;
+                kind::POISON_FENCE
+            }
+            FwRequest::DropFence { fence } => {
+                w[1] = fence;
+                kind::DROP_FENCE
+            }
+            FwRequest::MapBuffer {
+                ctx,
+                va,
+                size,
+                object,
+            } => {
+                w[1] = ctx as u64;
+                w[2] = va;
+                w[3] = size;
+                w[4] = object;
+                kind::MAP_BUFFER
+            }
+            FwRequest::UnmapBuffer { ctx, va } => {
+                w[1] = ctx as u64;
+                w[2] = va;
+                kind::UNMAP_BUFFER
+            }
+            FwRequest::Shutdown => kind::SHUTDOWN,
+        };
+        w[0] = head(k, seq);
+        w
+    }
+
+    /// Decodes a request; returns its sequence number too.
+    pub fn decode(w: &Words) -> Result<(u32, FwRequest), FwStatus> {
+        let seq = (w[0] >> 32) as u32;
+        let n32 = |v: u64| u32::try_from(v).map_err(|_| FwStatus::Malformed);
+        let req = match w[0] as u32 {
+            kind::MAP_CONTEXT => FwRequest::MapContext {
+                ctx: n32(w[1])?,
+                doorbell: w[2],
+            },
+            kind::UNMAP_CONTEXT => FwRequest::UnmapContext { ctx: n32(w[1])? },
+            kind::MAP_QUEUE => FwRequest::MapQueue {
+                ctx: n32(w[1])?,
+                slot: n32(w[2])?,
+                ring: w[3],
+                entries: n32(w[4])?,
+                priority: Priority::from_u64(w[5]).ok_or(FwStatus::Malformed)?,
+                timeline: w[6],
+            },
+            kind::UNMAP_QUEUE => FwRequest::UnmapQueue {
+                ctx: n32(w[1])?,
+                slot: n32(w[2])?,
+            },
+            kind::REGISTER_FENCE => FwRequest::RegisterFence {
+                fence: w[1],
+                state: w[2],
+                waiters: w[3],
+            },
+            kind::BIND_FENCE => FwRequest::BindFence {
+                ctx: n32(w[1])?,
+                handle: FenceHandle(n32(w[2])?),
+                fence: w[3],
+                writable: w[4] != 0,
+            },
+            kind::UNBIND_FENCE => FwRequest::UnbindFence {
+                ctx: n32(w[1])?,
+                handle: FenceHandle(n32(w[2])?),
+            },
+            kind::POISON_FENCE => FwRequest::PoisonFence {
+                fence: w[1],
+                code: ErrorCode::from_u32(n32(w[2])?).ok_or(FwStatus::Malformed)?,
+            },
+            kind::DROP_FENCE => FwRequest::DropFence { fence: w[1] },
+            kind::MAP_BUFFER => FwRequest::MapBuffer {
+                ctx: n32(w[1])?,
+                va: w[2],
+                size: w[3],
+                object: w[4],
+            },
+            kind::UNMAP_BUFFER => FwRequest::UnmapBuffer {
+                ctx: n32(w[1])?,
+                va: w[2],
+            },
+            kind::SHUTDOWN => FwRequest::Shutdown,
+            _ => return Err(FwStatus::Malformed),
+        };
+        Ok((seq, req))
+    }
+}
+
+impl FwEvent {
+    /// Encodes the event.
+    pub fn encode(&self) -> Words {
+        let mut w = [0u64; 8];
+        match *self {
+            FwEvent::Ready => w[0] = head(kind::READY, 0),
+            FwEvent::Ack { seq, status } => {
+                w[0] = head(kind::ACK, seq);
+                w[1] = status as u64;
+            }
+            FwEvent::QueueError {
+                ctx,
+                slot,
+                code,
+                packet_index,
+                address,
+            } => {
+                w[0] = head(kind::QUEUE_ERROR, 0);
+                w[1] = ctx as u64;
+                w[2] = slot as u64;
+                w[3] = code as u64;
+                w[4] = packet_index;
+                w[5] = address;
+            }
+        }
+        w
+    }
+
+    /// Decodes an event; `None` if it is not one this ABI defines.
+    pub fn decode(w: &Words) -> Option<FwEvent> {
+        Some(match w[0] as u32 {
+            kind::READY => FwEvent::Ready,
+            kind::ACK => FwEvent::Ack {
+                seq: (w[0] >> 32) as u32,
+                status: FwStatus::from_u64(w[1]),
+            },
+            kind::QUEUE_ERROR => FwEvent::QueueError {
+                ctx: u32::try_from(w[1]).ok()?,
+                slot: u32::try_from(w[2]).ok()?,
+                code: ErrorCode::from_u32(u32::try_from(w[3]).ok()?)?,
+                packet_index: w[4],
+                address: w[5],
+            },
+            _ => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_events_round_trip() {
+        let reqs = [
+            FwRequest::MapContext {
+                ctx: 1,
+                doorbell: 20,
+            },
+            FwRequest::UnmapContext { ctx: 1 },
+            FwRequest::MapQueue {
+                ctx: 1,
+                slot: 255,
+                ring: 21,
+                entries: 1024,
+                priority: Priority::Low,
+                timeline: 7,
+            },
+            FwRequest::UnmapQueue { ctx: 1, slot: 2 },
+            FwRequest::RegisterFence {
+                fence: 7,
+                state: 22,
+                waiters: 23,
+            },
+            FwRequest::BindFence {
+                ctx: 1,
+                handle: FenceHandle(4),
+                fence: 7,
+                writable: true,
+            },
+            FwRequest::UnbindFence {
+                ctx: 1,
+                handle: FenceHandle(4),
+            },
+            FwRequest::PoisonFence {
+                fence: 7,
+                code: ErrorCode::OwnerDied,
+            },
+            FwRequest::DropFence { fence: 7 },
+            FwRequest::MapBuffer {
+                ctx: 1,
+                va: 1 << 32,
+                size: 4096,
+                object: 30,
+            },
+            FwRequest::UnmapBuffer { ctx: 1, va: 1 << 32 },
+            FwRequest::Shutdown,
+        ];
+        for (i, r) in reqs.iter().enumerate() {
+            assert_eq!(FwRequest::decode(&r.encode(i as u32)), Ok((i as u32, *r)));
+        }
+        let evs = [
+            FwEvent::Ready,
+            FwEvent::Ack {
+                seq: 9,
+                status: FwStatus::NotFound,
+            },
+            FwEvent::QueueError {
+                ctx: 2,
+                slot: 3,
+                code: ErrorCode::MemoryViolation,
+                packet_index: 4,
+                address: 0xdead_0000,
+            },
+        ];
+        for e in evs {
+            assert_eq!(FwEvent::decode(&e.encode()), Some(e));
+        }
+        assert_eq!(FwRequest::decode(&[77; 8]), Err(FwStatus::Malformed));
+    }
+}

@@ -1,0 +1,306 @@
+//! DOC: the control socket ("ioctls") between clients and kmd-shim.
+//!
+//! The socket is a Unix `SOCK_SEQPACKET` socket, so message boundaries survive. Every
+//! request is exactly one [`RawRequest`] (64 bytes) with the file descriptors the op takes
+//! attached as `SCM_RIGHTS`; every reply is exactly one [`RawReply`] with the op's file
+//! descriptors attached. A connection carries at most one context: the first request must be
+//! [`Request::OpenContext`], and closing the connection destroys the context and everything
+//! it owns. Requests are answered in order, one at a time.
+//!
+//! | op | request args | reply values | fds in | fds out |
+//! |---|---|---|---|---|
+//! | OPEN_CONTEXT | abi version | ctx id, device generation | | doorbell page (rw), device status (ro), device kick (rw) |
+//! | CREATE_QUEUE | ring entries, [`Priority`] | slot, timeline fence handle, global fence id | | ring (rw), fence state (ro), fence waiters (rw) |
+//! | DESTROY_QUEUE | slot | | | |
+//! | CREATE_FENCE | initial value | handle, global fence id | | fence state (rw), fence waiters (rw) |
+//! | IMPORT_FENCE | | handle, global fence id, [`crate::layout::FenceKind`] | fence state, fence waiters | |
+//! | RELEASE_FENCE | handle | | | |
+//! | ALLOC_BUFFER | size in bytes | device address, size | | buffer memfd (rw) |
+//! | FREE_BUFFER | device address | | | |
+
+use crate::error::KmdStatus;
+use crate::packet::FenceHandle;
+use bytemuck::{Pod, Zeroable};
+
+/// Largest buffer one ALLOC_BUFFER may ask for (16 GiB).
+pub const MAX_BUFFER_SIZE: u64 = 16 << 30;
+
+/// Most file descriptors any message carries.
+pub const MAX_FDS_PER_MESSAGE: usize = 3;
+
+/// Request op codes.
+pub mod op {
+    /// See [`super::Request::OpenContext`].
+    pub const OPEN_CONTEXT: u32 = 1;
+    /// See [`super::Request::CreateQueue`].
+    pub const CREATE_QUEUE: u32 = 2;
+    /// See [`super::Request::DestroyQueue`].
+    pub const DESTROY_QUEUE: u32 = 3;
+    /// See [`super::Request::CreateFence`].
+    pub const CREATE_FENCE: u32 = 4;
+    /// See [`super::Request::ImportFence`].
+    pub const IMPORT_FENCE: u32 = 5;
+    /// See [`super::Request::ReleaseFence`].
+    pub const RELEASE_FENCE: u32 = 6;
+    /// See [`super::Request::AllocBuffer`].
+    pub const ALLOC_BUFFER: u32 = 7;
+    /// See [`super::Request::FreeBuffer`].
+    pub const FREE_BUFFER: u32 = 8;
+}
+
+/// Scheduling priority of a queue.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Priority {
+    /// Background work.
+    Low = 0,
+    /// The default.
+    #[default]
+    Normal = 1,
+    /// Latency-sensitive work.
+    High = 2,
+}
+
+impl Priority {
+    /// Decodes a priority word.
+    pub fn from_u64(v: u64) -> Option<Self> {
+        match v {
+            0 => Some(Self::Low),
+            1 => Some(Self::Normal),
+            2 => Some(Self::High),
+            _ => None,
+        }
+    }
+}
+
+/// A request as it travels on the socket.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Pod, Zeroable)]
+pub struct RawRequest {
+    /// One of [`op`].
+    pub op: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Op-specific arguments; unused ones are zero.
+    pub args: [u64; 7],
+}
+
+/// A reply as it travels on the socket.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Pod, Zeroable)]
+pub struct RawReply {
+    /// A [`KmdStatus`] word.
+    pub status: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Op-specific values.
+    pub values: [u64; 7],
+}
+
+/// Size of every request and reply.
+pub const MESSAGE_SIZE: usize = 64;
+const _: () = assert!(core::mem::size_of::<RawRequest>() == MESSAGE_SIZE);
+const _: () = assert!(core::mem::size_of::<RawReply>() == MESSAGE_SIZE);
+
+/// A decoded request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Opens this connection's context.
+    OpenContext {
+        /// The client's [`crate::ABI_VERSION`].
+        abi_version: u32,
+    },
+    /// Creates a queue.
+    CreateQueue {
+        /// Ring size in packets: a power of two in
+        /// [`crate::layout::MIN_RING_ENTRIES`]..=[`crate::layout::MAX_RING_ENTRIES`].
+        ring_entries: u32,
+        /// Scheduling priority.
+        priority: Priority,
+    },
+    /// Destroys a queue; its timeline fence is poisoned for values it never reached.
+    DestroyQueue {
+        /// The queue's slot.
+        slot: u32,
+    },
+    /// Creates a user fence.
+    CreateFence {
+        /// Its initial value.
+        initial: u64,
+    },
+    /// Imports a fence exported by another context; two fds attached.
+    ImportFence,
+    /// Drops this context's hold on a fence.
+    ReleaseFence {
+        /// The handle to drop.
+        handle: FenceHandle,
+    },
+    /// Allocates a CPU-visible buffer in the context's device address space.
+    AllocBuffer {
+        /// Size in bytes, 1..=[`MAX_BUFFER_SIZE`].
+        size: u64,
+    },
+    /// Frees a buffer.
+    FreeBuffer {
+        /// Its device address.
+        va: u64,
+    },
+}
+
+impl Request {
+    /// Encodes the request.
+    pub fn encode(&self) -> RawRequest {
+        let mut r = RawRequest::zeroed();
+        match *self {
+            Request::OpenContext { abi_version } => {
+                r.op = op::OPEN_CONTEXT;
+                r.args[0] = abi_version as u64;
+            }
+            Request::CreateQueue {
+                ring_entries,
+                priority,
+            } => {
+                r.op = op::CREATE_QUEUE;
+                r.args[0] = ring_entries as u64;
+                r.args[1] = priority as u64;
+            }
+            Request::DestroyQueue { slot } => {
+                r.op = op::DESTROY_QUEUE;
+                r.args[0] = slot as u64;
+            }
+            Request::CreateFence { initial } => {
+                r.op = op::CREATE_FENCE;
+                r.args[0] = initial;
+            }
+            Request::ImportFence => r.op = op::IMPORT_FENCE,
+            Request::ReleaseFence { handle } => {
+                r.op = op::RELEASE_FENCE;
+                r.args[0] = handle.0 as u64;
+            }
+            Request::AllocBuffer { size } => {
+                r.op = op::ALLOC_BUFFER;
+                r.args[0] = size;
+            }
+            Request::FreeBuffer { va } => {
+                r.op = op::FREE_BUFFER;
+                r.args[0] = va;
+            }
+        }
+        r
+    }
+
+    /// Decodes untrusted bytes from the socket.
+    pub fn decode(bytes: &[u8]) -> Result<Request, KmdStatus> {
+        let raw: RawRequest =
+            bytemuck::try_pod_read_unaligned(bytes).map_err(|_| KmdStatus::Malformed)?;
+        if raw.reserved != 0 {
+            return Err(KmdStatus::Malformed);
+        }
+        let a = raw.args;
+        let (req, used) = match raw.op {
+            op::OPEN_CONTEXT => (
+                Request::OpenContext {
+                    abi_version: narrow(a[0])?,
+                },
+                1,
+            ),
+            op::CREATE_QUEUE => (
+                Request::CreateQueue {
+                    ring_entries: narrow(a[0])?,
+                    priority: Priority::from_u64(a[1]).ok_or(KmdStatus::InvalidArgument)?,
+                },
+                2,
+            ),
+            op::DESTROY_QUEUE => (Request::DestroyQueue { slot: narrow(a[0])? }, 1),
+            op::CREATE_FENCE => (Request::CreateFence { initial: a[0] }, 1),
+            op::IMPORT_FENCE => (Request::ImportFence, 0),
+            op::RELEASE_FENCE => (
+                Request::ReleaseFence {
+                    handle: FenceHandle(narrow(a[0])?),
+                },
+                1,
+            ),
+            op::ALLOC_BUFFER => (Request::AllocBuffer { size: a[0] }, 1),
+            op::FREE_BUFFER => (Request::FreeBuffer { va: a[0] }, 1),
+            _ => return Err(KmdStatus::UnknownOp),
+        };
+        if a[used..].iter().any(|&w| w != 0) {
+            return Err(KmdStatus::Malformed);
+        }
+        Ok(req)
+    }
+
+    /// File descriptors the request must carry.
+    pub fn fds_in(&self) -> usize {
+        match self {
+            Request::ImportFence => 2,
+            _ => 0,
+        }
+    }
+}
+
+fn narrow(v: u64) -> Result<u32, KmdStatus> {
+    u32::try_from(v).map_err(|_| KmdStatus::InvalidArgument)
+}
+
+impl RawReply {
+    /// A reply with a status and values.
+    pub fn new(status: KmdStatus, values: &[u64]) -> Self {
+        let mut r = RawReply::zeroed();
+        r.status = status as u32;
+        r.values[..values.len()].copy_from_slice(values);
+        r
+    }
+
+    /// Decodes untrusted bytes from the socket.
+    pub fn decode(bytes: &[u8]) -> Result<RawReply, KmdStatus> {
+        bytemuck::try_pod_read_unaligned(bytes).map_err(|_| KmdStatus::Malformed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_garbage_is_rejected() {
+        let reqs = [
+            Request::OpenContext { abi_version: 1 },
+            Request::CreateQueue {
+                ring_entries: 64,
+                priority: Priority::High,
+            },
+            Request::DestroyQueue { slot: 3 },
+            Request::CreateFence { initial: 5 },
+            Request::ImportFence,
+            Request::ReleaseFence {
+                handle: FenceHandle(2),
+            },
+            Request::AllocBuffer { size: 4096 },
+            Request::FreeBuffer { va: 1 << 32 },
+        ];
+        for r in reqs {
+            let raw = r.encode();
+            assert_eq!(Request::decode(bytemuck::bytes_of(&raw)), Ok(r));
+        }
+        assert_eq!(Request::decode(&[0u8; 10]), Err(KmdStatus::Malformed));
+        let mut raw = Request::ImportFence.encode();
+        raw.op = 99;
+        assert_eq!(
+            Request::decode(bytemuck::bytes_of(&raw)),
+            Err(KmdStatus::UnknownOp)
+        );
+        let mut raw = Request::DestroyQueue { slot: 1 }.encode();
+        raw.args[5] = 1;
+        assert_eq!(
+            Request::decode(bytemuck::bytes_of(&raw)),
+            Err(KmdStatus::Malformed)
+        );
+        raw.args[5] = 0;
+        raw.args[0] = u64::MAX;
+        assert_eq!(
+            Request::decode(bytemuck::bytes_of(&raw)),
+            Err(KmdStatus::InvalidArgument)
+        );
+    }
+}

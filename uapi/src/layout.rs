@@ -1,0 +1,509 @@
+//! DOC: shared-memory layouts.
+//!
+//! Every page that crosses a process boundary is described here and nowhere else. Each
+//! object is its own memfd, mapped at offset 0, and starts with an [`ObjectHeader`] whose
+//! magic and ABI version are checked by every side when it maps the object
+//! ([`ObjectHeader::check`]).
+//!
+//! Every field is an atomic: the memory is shared with processes that may write it at any
+//! time, so it is never read through a plain reference. Fields written by different
+//! parties sit on different cache lines ([`CACHE_LINE`]); the offset assertions at the
+//! bottom of this file pin that down at compile time.
+//!
+//! | object | writers | readers | mapped into the client |
+//! |---|---|---|---|
+//! | [`DoorbellPage`] (one per context) | client | fw | read-write |
+//! | ring ([`RingHeader`] + packets, one per queue) | client (packets), fw (read index) | both | read-write |
+//! | [`FenceState`] (one per fence) | fw, kmd; host for user fences | all | read-only for queue timelines |
+//! | [`FenceWaiters`] (one per fence) | every holder, fw | signallers | read-write |
+//! | [`DeviceStatus`] (one per device) | fw, kmd | clients | read-only |
+//! | [`DeviceKick`] (one per device) | any client, kmd | fw | read-write |
+//! | [`ControlRegion`] (kmd ↔ fw only) | kmd, fw | kmd, fw | never |
+
+use core::sync::atomic::{AtomicU32, AtomicU64};
+
+/// The ABI version. Bumped on any change to a layout, packet or message in this crate.
+pub const ABI_VERSION: u32 = 1;
+
+/// Size of a cache line on the machines userq targets. Fields written by different
+/// parties are at least this far apart.
+pub const CACHE_LINE: usize = 64;
+
+/// Size of a page; every shared object is a whole number of pages.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Queues one context can own; also the number of doorbell slots in a [`DoorbellPage`].
+pub const MAX_QUEUES_PER_CONTEXT: usize = 256;
+
+/// Smallest ring, in packets.
+pub const MIN_RING_ENTRIES: u32 = 2;
+
+/// Largest ring, in packets (4 MiB of packets).
+pub const MAX_RING_ENTRIES: u32 = 1 << 16;
+
+/// Byte offset of packet 0 inside a ring object.
+pub const RING_PACKETS_OFFSET: usize = 2 * CACHE_LINE;
+
+/// Rounds `bytes` up to a whole number of pages.
+pub const fn page_round_up(bytes: usize) -> usize {
+    bytes.div_ceil(PAGE_SIZE) * PAGE_SIZE
+}
+
+/// Size in bytes of a ring object holding `entries` packets.
+pub const fn ring_object_size(entries: u32) -> usize {
+    page_round_up(RING_PACKETS_OFFSET + entries as usize * crate::packet::PACKET_SIZE)
+}
+
+/// Magic numbers, one per kind of shared object, checked at map time.
+pub mod magic {
+    /// [`super::DoorbellPage`].
+    pub const DOORBELL: u32 = u32::from_be_bytes(*b"UQDB");
+    /// A queue ring ([`super::RingHeader`]).
+    pub const RING: u32 = u32::from_be_bytes(*b"UQRG");
+    /// [`super::FenceState`].
+    pub const FENCE_STATE: u32 = u32::from_be_bytes(*b"UQFS");
+    /// [`super::FenceWaiters`].
+    pub const FENCE_WAITERS: u32 = u32::from_be_bytes(*b"UQFW");
+    /// [`super::DeviceStatus`].
+    pub const DEVICE_STATUS: u32 = u32::from_be_bytes(*b"UQDS");
+    /// [`super::DeviceKick`].
+    pub const DEVICE_KICK: u32 = u32::from_be_bytes(*b"UQDK");
+    /// [`super::ControlRegion`].
+    pub const CONTROL: u32 = u32::from_be_bytes(*b"UQCT");
+}
+
+/// Why an object failed its map-time check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// The object is not the kind the mapper expected.
+    #[error("bad magic: expected {expected:#010x}, found {found:#010x}")]
+    BadMagic {
+        /// The magic the mapper expected.
+        expected: u32,
+        /// The magic found in the object.
+        found: u32,
+    },
+    /// The object was laid out by a different ABI version.
+    #[error("ABI version mismatch: this build speaks {ours}, the object says {theirs}")]
+    AbiMismatch {
+        /// [`ABI_VERSION`] of this build.
+        ours: u32,
+        /// Version written in the object.
+        theirs: u32,
+    },
+    /// The object is smaller than its layout needs.
+    #[error("object too small: {len} bytes, layout needs {needed}")]
+    TooSmall {
+        /// Size of the mapping.
+        len: usize,
+        /// Size the layout needs.
+        needed: usize,
+    },
+}
+
+/// First cache line of every shared object. Written once by the creator (kmd-shim) before
+/// the object is shared; read by each mapper once, at map time, and never trusted after.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct ObjectHeader {
+    /// One of [`magic`].
+    pub magic: AtomicU32,
+    /// [`ABI_VERSION`] of the creator.
+    pub abi_version: AtomicU32,
+    /// Object-specific parameter (ring: entry count; fence: [`FenceKind`]).
+    pub param: AtomicU32,
+    /// Reserved, zero.
+    pub reserved: AtomicU32,
+    /// Object-specific identifier (fence: global fence id; ring: queue slot).
+    pub id: AtomicU64,
+}
+
+impl ObjectHeader {
+    /// Writes the header. Only the creator calls this, before sharing the object.
+    pub fn init(&self, magic: u32, param: u32, id: u64) {
+        use core::sync::atomic::Ordering::Relaxed;
+        self.magic.store(magic, Relaxed);
+        self.abi_version.store(ABI_VERSION, Relaxed);
+        self.param.store(param, Relaxed);
+        self.reserved.store(0, Relaxed);
+        self.id.store(id, Relaxed);
+    }
+
+    /// Checks magic and ABI version.
+    pub fn check(&self, expected: u32) -> Result<(), HeaderError> {
+        use core::sync::atomic::Ordering::Relaxed;
+        let found = self.magic.load(Relaxed);
+        if found != expected {
+            return Err(HeaderError::BadMagic { expected, found });
+        }
+        let theirs = self.abi_version.load(Relaxed);
+        if theirs != ABI_VERSION {
+            return Err(HeaderError::AbiMismatch {
+                ours: ABI_VERSION,
+                theirs,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A 64-bit word alone on its cache line.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct PaddedU64 {
+    /// The value.
+    pub value: AtomicU64,
+}
+
+/// Per-context doorbell page: one doorbell per queue slot and a pending summary, so the
+/// firmware finds rung queues without scanning every slot.
+///
+/// Written by the client; the firmware treats every word as a hint to validate.
+#[repr(C, align(4096))]
+#[derive(Debug)]
+pub struct DoorbellPage {
+    /// [`magic::DOORBELL`]; `id` is the context id.
+    pub header: ObjectHeader,
+    /// Bit `q` of word `q / 64` is set (release) by the client after it publishes a new
+    /// write index in `doorbells[q]`; the firmware swaps each non-zero word to 0 (acquire).
+    pub pending: PendingSummary,
+    /// `doorbells[q].value` is queue `q`'s ring write index: the count of packets ever
+    /// published, never wrapping. Each on its own line, so queues fed by different threads
+    /// do not false-share.
+    pub doorbells: [PaddedU64; MAX_QUEUES_PER_CONTEXT],
+}
+
+/// Bitmap of rung queue slots.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct PendingSummary {
+    /// One bit per queue slot.
+    pub words: [AtomicU64; MAX_QUEUES_PER_CONTEXT / 64],
+}
+
+/// Size of the doorbell object.
+pub const DOORBELL_PAGE_SIZE: usize = page_round_up(core::mem::size_of::<DoorbellPage>());
+
+/// The first two cache lines of a ring object; packets follow at [`RING_PACKETS_OFFSET`].
+///
+/// The ring's write index is the queue's doorbell ([`DoorbellPage::doorbells`]): the
+/// producer's index lives in the producer's page and the consumer's here, on different
+/// lines.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct RingHeader {
+    /// [`magic::RING`]; `param` is the number of entries (a power of two), `id` the slot.
+    pub header: ObjectHeader,
+    /// Count of packets the firmware has copied out of the ring, never wrapping. Written
+    /// (release) by the firmware after each copy; the producer reads it only when its cached
+    /// copy says the ring looks full. The firmware never reads it back.
+    pub read_index: PaddedU64,
+}
+
+/// Kind of a fence, stored in the `param` of its [`FenceState`] header.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceKind {
+    /// Created by a client; any holder may signal it from the host or from a queue.
+    User = 1,
+    /// A queue's timeline: only the firmware signals it; mapped read-only into clients.
+    Timeline = 2,
+}
+
+impl FenceKind {
+    /// Decodes a kind word.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::User),
+            2 => Some(Self::Timeline),
+            _ => None,
+        }
+    }
+}
+
+/// The signalled side of a fence: value, futex wake word and poison word on one cache line,
+/// then the error record.
+///
+/// Signal protocol ([`crate::sync`]): store `value` (release), then if a waiter is
+/// registered in the fence's [`FenceWaiters`], bump `wake` and futex-wake it. Poison
+/// protocol: write `record`, then `poison` (release), then bump `wake` and wake.
+#[repr(C, align(4096))]
+#[derive(Debug)]
+pub struct FenceState {
+    /// [`magic::FENCE_STATE`]; `param` is a [`FenceKind`], `id` the global fence id.
+    pub header: ObjectHeader,
+    /// The hot line.
+    pub slot: FenceSlot,
+    /// Why the fence was poisoned; valid once `slot.poison` is non-zero.
+    pub record: ErrorRecord,
+    /// For timeline fences: the owning queue's status.
+    pub queue: QueueStatus,
+}
+
+/// The hot line of a fence.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct FenceSlot {
+    /// The 64-bit payload. Timeline fences: the number of packets the queue has completed.
+    pub value: AtomicU64,
+    /// 32-bit futex word beside the 64-bit value; bumped before every wake.
+    pub wake: AtomicU32,
+    /// Zero while healthy; an [`crate::ErrorCode`] once poisoned. Never cleared.
+    pub poison: AtomicU32,
+}
+
+/// What went wrong, written before the word that announces it.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct ErrorRecord {
+    /// An [`crate::ErrorCode`].
+    pub code: AtomicU32,
+    /// Code-specific detail (bad opcode, wait condition, …).
+    pub detail: AtomicU32,
+    /// Index of the offending packet (its fence value is `packet_index + 1`).
+    pub packet_index: AtomicU64,
+    /// Offending address or write index, when there is one.
+    pub address: AtomicU64,
+    /// The last value that completed before the error.
+    pub last_completed: AtomicU64,
+}
+
+/// State word of a queue, in its timeline fence page.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct QueueStatus {
+    /// A [`QueueState`].
+    pub state: AtomicU32,
+}
+
+/// Life cycle of a queue as the firmware sees it.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueState {
+    /// Created, not yet seen by the firmware.
+    Created = 0,
+    /// Mapped and accepting work.
+    Active = 1,
+    /// Stopped by an error; `FenceState::record` says which.
+    Error = 2,
+    /// Destroyed (by its owner or because its owner died).
+    Destroyed = 3,
+}
+
+impl QueueState {
+    /// Decodes a state word.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            0 => Some(Self::Created),
+            1 => Some(Self::Active),
+            2 => Some(Self::Error),
+            3 => Some(Self::Destroyed),
+            _ => None,
+        }
+    }
+}
+
+/// The waiter side of a fence, writable by every holder, on its own object so that a
+/// read-only timeline fence still has somewhere to register waiters.
+#[repr(C, align(4096))]
+#[derive(Debug)]
+pub struct FenceWaiters {
+    /// [`magic::FENCE_WAITERS`]; `id` is the global fence id.
+    pub header: ObjectHeader,
+    /// Registration counts.
+    pub line: WaiterLine,
+}
+
+/// Registration counts of a fence.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct WaiterLine {
+    /// Host threads (any process) inside the blocking phase of a wait. A signaller makes
+    /// the futex wake only when this is non-zero.
+    pub host: AtomicU32,
+    /// Firmware queues parked on this fence by WAIT_FENCE. A host signaller kicks the
+    /// firmware only when this is non-zero.
+    pub firmware: AtomicU32,
+}
+
+/// Device state word.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceState {
+    /// Firmware alive.
+    Running = 1,
+    /// Firmware died or stopped its heartbeat; every object of this generation is lost.
+    Lost = 2,
+}
+
+/// Per-device status, written by the firmware and kmd-shim, read-only in clients.
+#[repr(C, align(4096))]
+#[derive(Debug)]
+pub struct DeviceStatus {
+    /// [`magic::DEVICE_STATUS`]; `id` is the device generation.
+    pub header: ObjectHeader,
+    /// Read by every submitter after its doorbell; changes only when the firmware sleeps or
+    /// wakes.
+    pub sleep: FirmwareSleep,
+    /// Written periodically; on its own line so it does not disturb `sleep`.
+    pub health: DeviceHealth,
+}
+
+/// The firmware's NEED_WAKEUP flag.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct FirmwareSleep {
+    /// 1 while the firmware is in (or entering) its futex sleep on [`DeviceKick::kick`].
+    pub sleeping: AtomicU32,
+}
+
+/// Liveness of the device.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct DeviceHealth {
+    /// A [`DeviceState`].
+    pub state: AtomicU32,
+    /// Device generation; bumped by kmd-shim each time it (re)starts the firmware.
+    pub generation: AtomicU64,
+    /// Incremented by the firmware at least every [`crate::HEARTBEAT_PERIOD_MS`].
+    pub heartbeat: AtomicU64,
+}
+
+/// The futex word the firmware sleeps on. Writable by every client: a waker must change
+/// the word it wakes, or a wake landing between the firmware's last check and its
+/// `futex_wait` is lost. Writing garbage here only causes spurious wake-ups, which are
+/// harmless.
+#[repr(C, align(4096))]
+#[derive(Debug)]
+pub struct DeviceKick {
+    /// [`magic::DEVICE_KICK`].
+    pub header: ObjectHeader,
+    /// The wake word.
+    pub kick: KickLine,
+}
+
+/// The firmware's wake word.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct KickLine {
+    /// Bumped before each futex wake.
+    pub word: AtomicU32,
+}
+
+/// Entries in each kmd↔fw message ring.
+pub const CONTROL_RING_ENTRIES: usize = 256;
+
+/// The kmd↔fw transport (like GuC CT): one message ring each way, plus the futex line kmd's
+/// event thread sleeps on. Never mapped into a client.
+#[repr(C, align(4096))]
+#[derive(Debug)]
+pub struct ControlRegion {
+    /// [`magic::CONTROL`].
+    pub header: ObjectHeader,
+    /// kmd → firmware requests.
+    pub to_fw: MsgRing,
+    /// firmware → kmd events and acknowledgements.
+    pub to_kmd: MsgRing,
+    /// kmd's NEED_WAKEUP flag for the `to_kmd` ring.
+    pub kmd_sleeping: PaddedU64,
+    /// kmd's wake word.
+    pub kmd_kick: KickLine,
+}
+
+/// A single-producer single-consumer ring of 64-byte messages.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct MsgRing {
+    /// Messages ever pushed; written by the producer only.
+    pub tail: PaddedU64,
+    /// Messages ever popped; written by the consumer only.
+    pub head: PaddedU64,
+    /// The slots, each one 64-byte message.
+    pub slots: [[AtomicU64; 8]; CONTROL_RING_ENTRIES],
+}
+
+/// Size of the control object.
+pub const CONTROL_REGION_SIZE: usize = page_round_up(core::mem::size_of::<ControlRegion>());
+
+// ---- compile-time layout assertions -------------------------------------------------
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<ObjectHeader>() == CACHE_LINE);
+    assert!(size_of::<PaddedU64>() == CACHE_LINE);
+
+    assert!(offset_of!(DoorbellPage, pending) == CACHE_LINE);
+    assert!(offset_of!(DoorbellPage, doorbells) == 2 * CACHE_LINE);
+    assert!(size_of::<PendingSummary>() == CACHE_LINE);
+    assert!(size_of::<DoorbellPage>() == 5 * PAGE_SIZE);
+    assert!(DOORBELL_PAGE_SIZE == 5 * PAGE_SIZE);
+
+    assert!(offset_of!(RingHeader, read_index) == CACHE_LINE);
+    assert!(size_of::<RingHeader>() == RING_PACKETS_OFFSET);
+
+    assert!(offset_of!(FenceState, slot) == CACHE_LINE);
+    assert!(offset_of!(FenceSlot, value) == 0);
+    assert!(offset_of!(FenceSlot, wake) == 8);
+    assert!(offset_of!(FenceSlot, poison) == 12);
+    assert!(size_of::<FenceSlot>() == CACHE_LINE);
+    assert!(offset_of!(FenceState, record) == 2 * CACHE_LINE);
+    assert!(size_of::<ErrorRecord>() == CACHE_LINE);
+    assert!(offset_of!(FenceState, queue) == 3 * CACHE_LINE);
+    assert!(size_of::<FenceState>() == PAGE_SIZE);
+
+    assert!(offset_of!(FenceWaiters, line) == CACHE_LINE);
+    assert!(size_of::<FenceWaiters>() == PAGE_SIZE);
+
+    assert!(offset_of!(DeviceStatus, sleep) == CACHE_LINE);
+    assert!(offset_of!(DeviceStatus, health) == 2 * CACHE_LINE);
+    assert!(size_of::<DeviceStatus>() == PAGE_SIZE);
+    assert!(offset_of!(DeviceKick, kick) == CACHE_LINE);
+    assert!(size_of::<DeviceKick>() == PAGE_SIZE);
+
+    assert!(offset_of!(MsgRing, head) == CACHE_LINE);
+    assert!(offset_of!(MsgRing, slots) == 2 * CACHE_LINE);
+    assert!(offset_of!(ControlRegion, to_fw) == CACHE_LINE);
+    assert!(CONTROL_RING_ENTRIES.is_power_of_two());
+};
+
+impl MsgRing {
+    /// Producer side: copies `msg` into the next slot and publishes it (release). Returns
+    /// `false` if the ring is full. Only one thread of one party may produce.
+    pub fn push(&self, msg: &[u64; 8]) -> bool {
+        use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+        let tail = self.tail.value.load(Relaxed);
+        let head = self.head.value.load(Acquire);
+        if tail.wrapping_sub(head) >= CONTROL_RING_ENTRIES as u64 {
+            return false;
+        }
+        let slot = &self.slots[tail as usize % CONTROL_RING_ENTRIES];
+        for (w, v) in slot.iter().zip(msg) {
+            w.store(*v, Relaxed);
+        }
+        self.tail.value.store(tail + 1, Release);
+        true
+    }
+
+    /// Consumer side: copies the oldest message out once and frees its slot. Only one
+    /// thread of one party may consume.
+    pub fn pop(&self) -> Option<[u64; 8]> {
+        use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+        let head = self.head.value.load(Relaxed);
+        let tail = self.tail.value.load(Acquire);
+        if tail == head || tail.wrapping_sub(head) > CONTROL_RING_ENTRIES as u64 {
+            return None;
+        }
+        let slot = &self.slots[head as usize % CONTROL_RING_ENTRIES];
+        let mut out = [0u64; 8];
+        for (o, w) in out.iter_mut().zip(slot) {
+            *o = w.load(Relaxed);
+        }
+        self.head.value.store(head + 1, Release);
+        Some(out)
+    }
+
+    /// Whether a message is waiting (consumer side, acquire).
+    pub fn has_message(&self) -> bool {
+        use core::sync::atomic::Ordering::{Acquire, Relaxed};
+        self.tail.value.load(Acquire) != self.head.value.load(Relaxed)
+    }
+}

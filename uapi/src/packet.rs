@@ -1,0 +1,319 @@
+//! DOC: queue packets.
+//!
+//! A packet is 64 bytes: eight little-endian `u64` words. Word 0 holds the opcode in its
+//! low byte; every bit of word 0 above it is reserved and must be zero, as must every
+//! argument word an opcode does not use, so that later ABI versions can give them meaning.
+//!
+//! | opcode | word 1 | word 2 | word 3 | word 4 |
+//! |---|---|---|---|---|
+//! | `NOP` | | | | |
+//! | `WRITE_VALUE` | device address (8-aligned) | value | | |
+//! | `SIGNAL_FENCE` | fence handle | value | | |
+//! | `WAIT_FENCE` | fence handle | value | mask | [`WaitCondition`] |
+//! | `TIMESTAMP` | device address (8-aligned) | | | |
+//!
+//! The firmware copies a packet out of the ring once ([`Packet::from_words`]) and decodes
+//! that private copy ([`Command::decode`]); it never reads the slot again.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Size of one packet in bytes.
+pub const PACKET_SIZE: usize = 64;
+
+/// Packet opcodes.
+pub mod opcode {
+    /// Does nothing; completes in order like every packet.
+    pub const NOP: u8 = 1;
+    /// Stores a 64-bit value at a device address.
+    pub const WRITE_VALUE: u8 = 2;
+    /// Stores a value into a fence and wakes its waiters.
+    pub const SIGNAL_FENCE: u8 = 3;
+    /// Parks the queue until a fence meets a condition.
+    pub const WAIT_FENCE: u8 = 4;
+    /// Stores the device clock (CLOCK_MONOTONIC nanoseconds) at a device address.
+    pub const TIMESTAMP: u8 = 5;
+}
+
+/// A fence as named inside one context: an index into that context's fence table,
+/// assigned by kmd-shim at create or import time.
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct FenceHandle(pub u32);
+
+/// How WAIT_FENCE compares `fence & mask` with `value & mask`.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitCondition {
+    /// `fence & mask >= value & mask`: the timeline case.
+    GreaterOrEqual = 0,
+    /// `fence & mask == value & mask`.
+    Equal = 1,
+    /// `fence & mask != value & mask`.
+    NotEqual = 2,
+}
+
+impl WaitCondition {
+    /// Decodes a condition word.
+    pub fn from_u64(v: u64) -> Option<Self> {
+        match v {
+            0 => Some(Self::GreaterOrEqual),
+            1 => Some(Self::Equal),
+            2 => Some(Self::NotEqual),
+            _ => None,
+        }
+    }
+
+    /// Whether `current` satisfies the condition against `value` under `mask`.
+    pub fn holds(self, current: u64, value: u64, mask: u64) -> bool {
+        let (c, v) = (current & mask, value & mask);
+        match self {
+            Self::GreaterOrEqual => c >= v,
+            Self::Equal => c == v,
+            Self::NotEqual => c != v,
+        }
+    }
+}
+
+/// The raw 64-byte packet as it sits in a ring slot.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Pod, Zeroable)]
+pub struct Packet {
+    /// Word 0: opcode in bits 0..8, the rest reserved.
+    pub header: u64,
+    /// Words 1..8: arguments.
+    pub args: [u64; 7],
+}
+
+const _: () = assert!(core::mem::size_of::<Packet>() == PACKET_SIZE);
+
+impl Packet {
+    /// The packet's eight words, in slot order.
+    pub fn to_words(&self) -> [u64; 8] {
+        bytemuck::cast(*self)
+    }
+
+    /// A packet from eight words copied out of a slot.
+    pub fn from_words(words: [u64; 8]) -> Self {
+        bytemuck::cast(words)
+    }
+}
+
+/// Why a packet was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PacketError {
+    /// The opcode is not one this ABI version defines.
+    #[error("unknown opcode {0:#04x}")]
+    UnknownOpcode(u8),
+    /// A reserved bit or unused argument word is not zero.
+    #[error("reserved field is not zero (word {word})")]
+    ReservedNotZero {
+        /// Index of the offending word, 0..8.
+        word: u8,
+    },
+    /// WAIT_FENCE with a condition this ABI does not define.
+    #[error("unknown wait condition {0}")]
+    BadCondition(u64),
+    /// A fence handle does not fit in 32 bits.
+    #[error("fence handle {0:#x} out of range")]
+    BadHandle(u64),
+}
+
+/// A decoded, structurally valid packet. Whether its addresses and handles exist is the
+/// executor's business.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// [`opcode::NOP`].
+    Nop,
+    /// [`opcode::WRITE_VALUE`].
+    WriteValue {
+        /// Device address, must be 8-aligned and inside the queue's VM.
+        addr: u64,
+        /// Value to store.
+        value: u64,
+    },
+    /// [`opcode::SIGNAL_FENCE`].
+    SignalFence {
+        /// Fence to signal; must be writable by this context.
+        fence: FenceHandle,
+        /// Value to store.
+        value: u64,
+    },
+    /// [`opcode::WAIT_FENCE`].
+    WaitFence {
+        /// Fence to wait on.
+        fence: FenceHandle,
+        /// Value to compare with.
+        value: u64,
+        /// Mask applied to both sides.
+        mask: u64,
+        /// Comparison.
+        condition: WaitCondition,
+    },
+    /// [`opcode::TIMESTAMP`].
+    Timestamp {
+        /// Device address, must be 8-aligned and inside the queue's VM.
+        addr: u64,
+    },
+}
+
+impl Command {
+    /// Encodes the command as a packet.
+    pub fn encode(&self) -> Packet {
+        let mut p = Packet::zeroed();
+        match *self {
+            Command::Nop => p.header = opcode::NOP as u64,
+            Command::WriteValue { addr, value } => {
+                p.header = opcode::WRITE_VALUE as u64;
+                p.args[0] = addr;
+                p.args[1] = value;
+            }
+            Command::SignalFence { fence, value } => {
+                p.header = opcode::SIGNAL_FENCE as u64;
+                p.args[0] = fence.0 as u64;
+                p.args[1] = value;
+            }
+            Command::WaitFence {
+                fence,
+                value,
+                mask,
+                condition,
+            } => {
+                p.header = opcode::WAIT_FENCE as u64;
+                p.args[0] = fence.0 as u64;
+                p.args[1] = value;
+                p.args[2] = mask;
+                p.args[3] = condition as u64;
+            }
+            Command::Timestamp { addr } => {
+                p.header = opcode::TIMESTAMP as u64;
+                p.args[0] = addr;
+            }
+        }
+        p
+    }
+
+    /// Decodes and structurally validates a private copy of a packet.
+    pub fn decode(p: &Packet) -> Result<Command, PacketError> {
+        if p.header >> 8 != 0 {
+            return Err(PacketError::ReservedNotZero { word: 0 });
+        }
+        let op = p.header as u8;
+        let (cmd, used) = match op {
+            opcode::NOP => (Command::Nop, 0),
+            opcode::WRITE_VALUE => (
+                Command::WriteValue {
+                    addr: p.args[0],
+                    value: p.args[1],
+                },
+                2,
+            ),
+            opcode::SIGNAL_FENCE => (
+                Command::SignalFence {
+                    fence: handle(p.args[0])?,
+                    value: p.args[1],
+                },
+                2,
+            ),
+            opcode::WAIT_FENCE => (
+                Command::WaitFence {
+                    fence: handle(p.args[0])?,
+                    value: p.args[1],
+                    mask: p.args[2],
+                    condition: WaitCondition::from_u64(p.args[3])
+                        .ok_or(PacketError::BadCondition(p.args[3]))?,
+                },
+                4,
+            ),
+            opcode::TIMESTAMP => (Command::Timestamp { addr: p.args[0] }, 1),
+            other => return Err(PacketError::UnknownOpcode(other)),
+        };
+        if let Some(i) = p.args[used..].iter().position(|&w| w != 0) {
+            return Err(PacketError::ReservedNotZero {
+                word: (used + i + 1) as u8,
+            });
+        }
+        Ok(cmd)
+    }
+}
+
+fn handle(word: u64) -> Result<FenceHandle, PacketError> {
+    u32::try_from(word)
+        .map(FenceHandle)
+        .map_err(|_| PacketError::BadHandle(word))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_command_round_trips_through_a_packet() {
+        let cmds = [
+            Command::Nop,
+            Command::WriteValue {
+                addr: 0x1000,
+                value: 7,
+            },
+            Command::SignalFence {
+                fence: FenceHandle(3),
+                value: u64::MAX,
+            },
+            Command::WaitFence {
+                fence: FenceHandle(1),
+                value: 9,
+                mask: 0xff,
+                condition: WaitCondition::NotEqual,
+            },
+            Command::Timestamp { addr: 0x2000 },
+        ];
+        for c in cmds {
+            let p = Packet::from_words(c.encode().to_words());
+            assert_eq!(Command::decode(&p), Ok(c));
+        }
+    }
+
+    #[test]
+    fn unknown_opcode_and_reserved_bits_are_rejected() {
+        let mut p = Packet::zeroed();
+        p.header = 0x7f;
+        assert_eq!(Command::decode(&p), Err(PacketError::UnknownOpcode(0x7f)));
+        p.header = opcode::NOP as u64 | 1 << 40;
+        assert_eq!(
+            Command::decode(&p),
+            Err(PacketError::ReservedNotZero { word: 0 })
+        );
+        let mut p = Command::Nop.encode();
+        p.args[6] = 1;
+        assert_eq!(
+            Command::decode(&p),
+            Err(PacketError::ReservedNotZero { word: 7 })
+        );
+        let mut p = Command::Timestamp { addr: 8 }.encode();
+        p.args[1] = 5;
+        assert_eq!(
+            Command::decode(&p),
+            Err(PacketError::ReservedNotZero { word: 2 })
+        );
+    }
+
+    #[test]
+    fn wait_condition_applies_the_mask_to_both_sides() {
+        assert!(WaitCondition::GreaterOrEqual.holds(5, 5, !0));
+        assert!(!WaitCondition::GreaterOrEqual.holds(4, 5, !0));
+        assert!(WaitCondition::Equal.holds(0x1ff, 0xff, 0xff));
+        assert!(WaitCondition::NotEqual.holds(0x100, 0x200, 0xf00));
+        assert!(!WaitCondition::NotEqual.holds(0x1100, 0x2100, 0xff));
+        let mut p = Command::WaitFence {
+            fence: FenceHandle(0),
+            value: 0,
+            mask: !0,
+            condition: WaitCondition::Equal,
+        }
+        .encode();
+        p.args[3] = 9;
+        assert_eq!(Command::decode(&p), Err(PacketError::BadCondition(9)));
+        p.args[3] = 0;
+        p.args[0] = 1 << 40;
+        assert_eq!(Command::decode(&p), Err(PacketError::BadHandle(1 << 40)));
+    }
+}

@@ -1,0 +1,214 @@
+//! DOC: the wait/wake protocols on shared memory, written once.
+//!
+//! All three sleeping parties (a host thread waiting on a fence, the firmware idling, kmd's
+//! event thread) use the same announce/re-check/sleep shape, which is the futex form of
+//! io_uring's SQPOLL `NEED_WAKEUP` protocol:
+//!
+//! ```text
+//! sleeper                                   waker
+//! announce (store flag / waiters += 1)      publish work (store, release)
+//! fence(SeqCst)                             fence(SeqCst)
+//! w = word.load()                           if announced:
+//! if work visible: return                       word += 1
+//! futex_wait(word, w)                           futex_wake(word)
+//! ```
+//!
+//! The two SeqCst fences form a Dekker pair: either the waker sees the announcement, or the
+//! sleeper's re-check sees the work. The waker bumps the word before waking, so a wake that
+//! lands between the sleeper's re-check and its `futex_wait` makes that wait return at once.
+//!
+//! Every futex here is *shared* (no `FUTEX_PRIVATE_FLAG`): the words live in memfds mapped
+//! by several processes, and only a shared futex is keyed by the backing page, so only it
+//! can wake another process.
+
+use crate::error::ErrorCode;
+use crate::layout::{FenceState, FenceWaiters};
+use core::sync::atomic::{fence, AtomicU32, Ordering::*};
+use rustix::thread::futex;
+use std::time::{Duration, Instant};
+
+/// Sleeps on a shared futex word while it holds `expected`, for at most `timeout`.
+/// Returns early on a wake, a changed word, a signal or a spurious wake-up: callers
+/// re-check their condition in a loop.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+    let ts = timeout.map(|d| rustix::time::Timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: d.subsec_nanos() as _,
+    });
+    // Errors (EAGAIN: word changed; ETIMEDOUT; EINTR) all mean "go and re-check".
+    let _ = futex::wait(word, futex::Flags::empty(), expected, ts.as_ref());
+}
+
+/// Wakes every thread, in any process, sleeping on a shared futex word.
+pub fn futex_wake_all(word: &AtomicU32) {
+    let _ = futex::wake(word, futex::Flags::empty(), i32::MAX as u32);
+}
+
+/// Sleeps until any of `words[i]` differs from `expected[i]` (or a wake, or `timeout`),
+/// with one `futex_waitv` (Linux 5.16+). Falls back to waiting on the first word for at
+/// most a millisecond where the kernel lacks `futex_waitv`, so callers still poll.
+pub fn futex_wait_any(words: &[(&AtomicU32, u32)], timeout: Option<Duration>) {
+    const MAX: usize = 128;
+    if words.is_empty() {
+        return;
+    }
+    if words.len() == 1 || words.len() > MAX {
+        let t = if words.len() == 1 {
+            timeout
+        } else {
+            Some(timeout.map_or(Duration::from_millis(1), |t| t.min(Duration::from_millis(1))))
+        };
+        return futex_wait(words[0].0, words[0].1, t);
+    }
+    let mut waits = [futex::Wait::new(); MAX];
+    for (w, &(word, expected)) in waits.iter_mut().zip(words) {
+        w.val = expected as u64;
+        w.uaddr = futex::WaitPtr::new(word.as_ptr().cast());
+        w.flags = futex::WaitFlags::SIZE_U32;
+    }
+    // futex_waitv takes an absolute timeout on the given clock.
+    let abs = timeout.map(|d| {
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let total = now.tv_nsec as u128 + d.as_nanos();
+        rustix::time::Timespec {
+            tv_sec: now.tv_sec + (total / 1_000_000_000).min(i64::MAX as u128 / 2) as i64,
+            tv_nsec: (total % 1_000_000_000) as _,
+        }
+    });
+    let r = futex::waitv(
+        &waits[..words.len()],
+        futex::WaitvFlags::empty(),
+        abs.as_ref(),
+        rustix::time::ClockId::Monotonic,
+    );
+    if r == Err(rustix::io::Errno::NOSYS) {
+        futex_wait(
+            words[0].0,
+            words[0].1,
+            Some(timeout.map_or(Duration::from_millis(1), |t| t.min(Duration::from_millis(1)))),
+        );
+    }
+}
+
+/// Waker side: after publishing work, wakes a sleeper that announced itself with `flag`.
+/// Returns whether a wake was made.
+pub fn wake_if_announced(flag: &AtomicU32, word: &AtomicU32) -> bool {
+    fence(SeqCst); // pairs with the sleeper's fence after its announcement
+    if flag.load(Relaxed) == 0 {
+        return false;
+    }
+    word.fetch_add(1, Release);
+    futex_wake_all(word);
+    true
+}
+
+/// Signals a fence: stores `value`, then wakes host waiters if any registered.
+///
+/// Returns whether firmware queues are parked on the fence; the caller then kicks the
+/// firmware (host signallers) or re-checks its parked queues (the firmware itself).
+pub fn signal_fence(state: &FenceState, waiters: &FenceWaiters, value: u64) -> bool {
+    state.slot.value.store(value, Release);
+    wake_fence_waiters(state, waiters)
+}
+
+/// Poisons a fence: writes the error record, then the poison word, then wakes. A fence is
+/// poisoned once; later calls do nothing. Returns as [`signal_fence`] does.
+pub fn poison_fence(
+    state: &FenceState,
+    waiters: &FenceWaiters,
+    code: ErrorCode,
+    packet_index: u64,
+    address: u64,
+    detail: u32,
+) -> bool {
+    if state.slot.poison.load(Acquire) != 0 {
+        return false;
+    }
+    let r = &state.record;
+    r.code.store(code as u32, Relaxed);
+    r.detail.store(detail, Relaxed);
+    r.packet_index.store(packet_index, Relaxed);
+    r.address.store(address, Relaxed);
+    r.last_completed
+        .store(state.slot.value.load(Relaxed), Relaxed);
+    state.slot.poison.store(code as u32, Release); // record before status word
+    wake_fence_waiters(state, waiters) // status word before wake
+}
+
+fn wake_fence_waiters(state: &FenceState, waiters: &FenceWaiters) -> bool {
+    fence(SeqCst); // pairs with `FenceWaiters::line.host` registration + fence in waiters
+    if waiters.line.host.load(Relaxed) != 0 {
+        state.slot.wake.fetch_add(1, Release);
+        futex_wake_all(&state.slot.wake);
+    }
+    waiters.line.firmware.load(Relaxed) != 0
+}
+
+/// Spin, then yield, then sleep: the back-off every poller uses so that two pollers on a
+/// two-core machine do not starve everything else.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    start: Instant,
+    steps: u32,
+    spinning: bool,
+    spin_for: Duration,
+    yield_for: Duration,
+}
+
+/// What a poller should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackoffStep {
+    /// Keep spinning (a `spin_loop` hint was issued).
+    Spin,
+    /// The thread yielded its time slice.
+    Yield,
+    /// Spinning and yielding are used up: go to sleep.
+    Sleep,
+}
+
+impl Backoff {
+    /// A back-off that spins for `spin_for`, then yields until `yield_for` has passed
+    /// since the start.
+    pub fn new(spin_for: Duration, yield_for: Duration) -> Self {
+        Backoff {
+            start: Instant::now(),
+            steps: 0,
+            spinning: true,
+            spin_for,
+            yield_for,
+        }
+    }
+
+    /// Time since the back-off started (or was reset).
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Starts over, after the poller found work.
+    pub fn reset(&mut self) {
+        self.start = Instant::now();
+        self.steps = 0;
+        self.spinning = true;
+    }
+
+    /// One step: spin a little, or yield, or report that it is time to sleep.
+    pub fn step(&mut self) -> BackoffStep {
+        self.steps = self.steps.wrapping_add(1);
+        if self.spinning {
+            // Read the clock only every 32 steps: reading it costs more than a spin.
+            if self.steps % 32 != 0 || self.start.elapsed() < self.spin_for {
+                for _ in 0..8 {
+                    core::hint::spin_loop();
+                }
+                return BackoffStep::Spin;
+            }
+            self.spinning = false;
+        }
+        if self.start.elapsed() < self.yield_for {
+            std::thread::yield_now();
+            BackoffStep::Yield
+        } else {
+            BackoffStep::Sleep
+        }
+    }
+}
