@@ -1,1 +1,602 @@
-//! placeholder
+//! # fw-emu: the userq firmware emulator
+//!
+//! DOC: the firmware is one polling loop (the "command processor") that
+//!
+//! 1. drains kmd-shim's requests from the [`ControlRegion`] (map/unmap contexts, queues,
+//!    fences and buffers) and acknowledges each one;
+//! 2. swaps every context's pending-doorbell words to zero and puts the rung queues on
+//!    the run list;
+//! 3. re-checks the queues parked on WAIT_FENCE;
+//! 4. services the run list round-robin, a bounded number of packets per queue per turn;
+//! 5. backs off when there is nothing to do: spin, then yield, then sleep on the device's
+//!    kick futex after announcing it in [`DeviceStatus`] (the NEED_WAKEUP protocol of
+//!    [`userq_uapi::sync`]).
+//!
+//! It bumps the device heartbeat at least every [`userq_uapi::HEARTBEAT_PERIOD_MS`], and
+//! exits when kmd-shim asks or closes the object channel.
+//!
+//! Nothing a client writes can make it panic: doorbells are hints, write indices are
+//! validated against a private read index, packets are copied once and decoded from the
+//! copy, addresses are looked up in the context's VM, and fence handles in the context's
+//! bindings. A bad input stops the offending queue and nothing else.
+//!
+//! The same code runs as the `fw-emu` process (daemon mode, started by kmd-shim) or as a
+//! thread of the first client (embedded mode); both enter through [`Firmware::boot`].
+#![deny(missing_docs)]
+
+pub mod channel;
+pub mod context;
+pub mod queue;
+
+use channel::ObjectChannel;
+use context::{Binding, Context, FenceObject};
+use queue::{Outcome, Queue};
+use rustix::fd::{AsFd, OwnedFd};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{fence, Ordering::*};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use userq_uapi::error::ErrorCode;
+use userq_uapi::fwmsg::{boot, FwEvent, FwRequest, FwStatus, ObjectId};
+use userq_uapi::layout::{
+    magic, ring_object_size, ControlRegion, DeviceKick, DeviceStatus, DoorbellPage, FenceKind,
+    FenceState, FenceWaiters, RingHeader, CONTROL_REGION_SIZE, DOORBELL_PAGE_SIZE,
+    MAX_QUEUES_PER_CONTEXT, MAX_RING_ENTRIES, MIN_RING_ENTRIES, PAGE_SIZE,
+};
+use userq_uapi::os::{self, Mapping};
+use userq_uapi::sync::{self, Backoff, BackoffStep};
+
+/// Tunables of the polling loop.
+#[derive(Debug, Clone)]
+pub struct FirmwareConfig {
+    /// How long the loop spins with nothing to do before it starts yielding.
+    pub spin: Duration,
+    /// How long after the last work the loop goes to sleep.
+    pub idle_before_sleep: Duration,
+    /// Packets one queue may run per turn before the next queue gets its turn.
+    pub packets_per_turn: u32,
+}
+
+impl Default for FirmwareConfig {
+    fn default() -> Self {
+        FirmwareConfig {
+            spin: Duration::from_micros(50),
+            idle_before_sleep: Duration::from_millis(2),
+            packets_per_turn: 256,
+        }
+    }
+}
+
+/// Why the firmware could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// A boot object was not on the channel.
+    #[error("boot object {0} missing from the object channel")]
+    MissingObject(ObjectId),
+    /// A boot object could not be mapped or failed its header check.
+    #[error("boot object {0}: {1}")]
+    Map(ObjectId, os::MapError),
+}
+
+/// The firmware: everything it owns, all private.
+pub struct Firmware {
+    config: FirmwareConfig,
+    channel: ObjectChannel,
+    control: Mapping,
+    status: Mapping,
+    kick: Mapping,
+    contexts: HashMap<u32, Context>,
+    fences: HashMap<u64, Arc<FenceObject>>,
+    /// (context, slot) of queues with work, in turn order.
+    run_list: VecDeque<(u32, u32)>,
+    /// (context, slot) of parked queues.
+    parked: Vec<(u32, u32)>,
+    /// Events kmd-shim's ring had no room for yet.
+    backlog: VecDeque<[u64; 8]>,
+    last_heartbeat: Instant,
+    shutdown: bool,
+}
+
+impl std::fmt::Debug for Firmware {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Firmware")
+            .field("contexts", &self.contexts.len())
+            .field("fences", &self.fences.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn map_checked(
+    channel: &mut ObjectChannel,
+    id: ObjectId,
+    len: usize,
+    want: u32,
+) -> Result<Mapping, FwStatus> {
+    let fd = channel.take(id, false).ok_or(FwStatus::BadObject)?;
+    os::map_object(fd.as_fd(), len, true, want).map_err(|_| FwStatus::BadObject)
+}
+
+fn boot_map(
+    channel: &mut ObjectChannel,
+    id: ObjectId,
+    len: usize,
+    want: u32,
+) -> Result<Mapping, BootError> {
+    let fd = channel.take(id, true).ok_or(BootError::MissingObject(id))?;
+    os::map_object(fd.as_fd(), len, true, want).map_err(|e| BootError::Map(id, e))
+}
+
+impl Firmware {
+    /// Maps the boot objects that kmd-shim sends first on `channel` and announces
+    /// [`FwEvent::Ready`].
+    pub fn boot(channel: OwnedFd, config: FirmwareConfig) -> Result<Firmware, BootError> {
+        let mut channel = ObjectChannel::new(channel);
+        let control = boot_map(
+            &mut channel,
+            boot::CONTROL,
+            CONTROL_REGION_SIZE,
+            magic::CONTROL,
+        )?;
+        let status = boot_map(
+            &mut channel,
+            boot::STATUS,
+            PAGE_SIZE,
+            magic::DEVICE_STATUS,
+        )?;
+        let kick = boot_map(&mut channel, boot::KICK, PAGE_SIZE, magic::DEVICE_KICK)?;
+        let mut fw = Firmware {
+            config,
+            channel,
+            control,
+            status,
+            kick,
+            contexts: HashMap::new(),
+            fences: HashMap::new(),
+            run_list: VecDeque::new(),
+            parked: Vec::new(),
+            backlog: VecDeque::new(),
+            last_heartbeat: Instant::now(),
+            shutdown: false,
+        };
+        fw.emit(FwEvent::Ready);
+        Ok(fw)
+    }
+
+    /// Runs until kmd-shim sends [`FwRequest::Shutdown`] or closes the object channel.
+    pub fn run(mut self) {
+        let mut backoff = Backoff::new(self.config.spin, self.config.idle_before_sleep);
+        let mut turns: u32 = 0;
+        while !self.shutdown {
+            let mut progress = self.process_requests();
+            progress |= self.collect_doorbells();
+            progress |= self.check_parked();
+            progress |= self.run_queues();
+            progress |= self.flush_backlog();
+            turns = turns.wrapping_add(1);
+            if turns % 1024 == 0 {
+                self.heartbeat();
+            }
+            if progress {
+                backoff.reset();
+            } else if backoff.step() == BackoffStep::Sleep {
+                self.sleep();
+                self.heartbeat();
+                backoff.reset();
+            }
+        }
+    }
+
+    fn control(&self) -> &ControlRegion {
+        self.control.head()
+    }
+
+    fn heartbeat(&mut self) {
+        if self.last_heartbeat.elapsed() >= Duration::from_millis(10) {
+            self.last_heartbeat = Instant::now();
+            self.status
+                .head::<DeviceStatus>()
+                .health
+                .heartbeat
+                .fetch_add(1, Relaxed);
+            if self.channel.peer_closed() {
+                self.shutdown = true;
+            }
+        }
+    }
+
+    /// NEED_WAKEUP: announce, re-check, sleep on the kick word.
+    fn sleep(&mut self) {
+        let sleeping = &self.status.head::<DeviceStatus>().sleep.sleeping;
+        let word = &self.kick.head::<DeviceKick>().kick.word;
+        sleeping.store(1, Relaxed);
+        fence(SeqCst); // pairs with the fence in sync::wake_if_announced
+        let seen = word.load(Relaxed);
+        if !self.has_work() {
+            sync::futex_wait(
+                word,
+                seen,
+                Some(Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS)),
+            );
+        }
+        sleeping.store(0, Relaxed);
+    }
+
+    fn has_work(&self) -> bool {
+        self.control().to_fw.has_message()
+            || !self.run_list.is_empty()
+            || self.contexts.values().any(|c| {
+                c.doorbell
+                    .head::<DoorbellPage>()
+                    .pending
+                    .words
+                    .iter()
+                    .any(|w| w.load(Relaxed) != 0)
+            })
+            || self.parked.iter().any(|&(c, s)| {
+                self.contexts
+                    .get(&c)
+                    .and_then(|c| c.queues[s as usize].as_ref())
+                    .is_some_and(Queue::parked_ready)
+            })
+    }
+
+    fn emit(&mut self, ev: FwEvent) {
+        let w = ev.encode();
+        if !self.backlog.is_empty() || !self.control().to_kmd.push(&w) {
+            self.backlog.push_back(w);
+        } else {
+            self.wake_kmd();
+        }
+    }
+
+    fn flush_backlog(&mut self) -> bool {
+        let mut moved = false;
+        while let Some(w) = self.backlog.front() {
+            if !self.control().to_kmd.push(w) {
+                break;
+            }
+            self.backlog.pop_front();
+            moved = true;
+        }
+        if moved {
+            self.wake_kmd();
+        }
+        moved
+    }
+
+    fn wake_kmd(&self) {
+        let c = self.control();
+        let flag = &c.kmd_sleeping.value;
+        // The flag is a 64-bit word; its low half is the announcement.
+        fence(SeqCst);
+        if flag.load(Relaxed) != 0 {
+            c.kmd_kick.word.fetch_add(1, Release);
+            sync::futex_wake_all(&c.kmd_kick.word);
+        }
+    }
+
+    fn process_requests(&mut self) -> bool {
+        let mut any = false;
+        while let Some(w) = self.control().to_fw.pop() {
+            any = true;
+            let (seq, status) = match FwRequest::decode(&w) {
+                Ok((seq, req)) => (seq, self.apply(req)),
+                Err(e) => ((w[0] >> 32) as u32, e),
+            };
+            self.emit(FwEvent::Ack { seq, status });
+            if self.shutdown {
+                break;
+            }
+        }
+        any
+    }
+
+    fn apply(&mut self, req: FwRequest) -> FwStatus {
+        match req {
+            FwRequest::MapContext { ctx, doorbell } => {
+                if self.contexts.contains_key(&ctx) {
+                    self.channel.discard(doorbell);
+                    return FwStatus::Exists;
+                }
+                match map_checked(
+                    &mut self.channel,
+                    doorbell,
+                    DOORBELL_PAGE_SIZE,
+                    magic::DOORBELL,
+                ) {
+                    Ok(map) => {
+                        self.contexts.insert(ctx, Context::new(ctx, map));
+                        FwStatus::Ok
+                    }
+                    Err(e) => e,
+                }
+            }
+            FwRequest::UnmapContext { ctx } => match self.contexts.remove(&ctx) {
+                Some(mut c) => {
+                    for q in c.queues.iter_mut().filter_map(Option::take) {
+                        q.destroy(ErrorCode::OwnerDied);
+                    }
+                    self.forget_queues(ctx, None);
+                    FwStatus::Ok
+                }
+                None => FwStatus::NotFound,
+            },
+            FwRequest::MapQueue {
+                ctx,
+                slot,
+                ring,
+                entries,
+                priority,
+                timeline,
+            } => {
+                let valid = entries.is_power_of_two()
+                    && (MIN_RING_ENTRIES..=MAX_RING_ENTRIES).contains(&entries)
+                    && (slot as usize) < MAX_QUEUES_PER_CONTEXT;
+                let (Some(c), Some(t), true) =
+                    (self.contexts.get_mut(&ctx), self.fences.get(&timeline), valid)
+                else {
+                    self.channel.discard(ring);
+                    return FwStatus::NotFound;
+                };
+                if c.queues[slot as usize].is_some() {
+                    self.channel.discard(ring);
+                    return FwStatus::Exists;
+                }
+                let map = match map_checked(
+                    &mut self.channel,
+                    ring,
+                    ring_object_size(entries),
+                    magic::RING,
+                ) {
+                    Ok(m) => m,
+                    Err(e) => return e,
+                };
+                if map.head::<RingHeader>().header.param.load(Relaxed) != entries {
+                    return FwStatus::BadObject;
+                }
+                c.queues[slot as usize] = Some(Queue::new(slot, map, entries, priority, t.clone()));
+                FwStatus::Ok
+            }
+            FwRequest::UnmapQueue { ctx, slot } => {
+                let q = self
+                    .contexts
+                    .get_mut(&ctx)
+                    .and_then(|c| c.queues.get_mut(slot as usize))
+                    .and_then(Option::take);
+                match q {
+                    Some(q) => {
+                        q.destroy(ErrorCode::QueueDestroyed);
+                        self.forget_queues(ctx, Some(slot));
+                        FwStatus::Ok
+                    }
+                    None => FwStatus::NotFound,
+                }
+            }
+            FwRequest::RegisterFence {
+                fence,
+                state,
+                waiters,
+            } => {
+                if self.fences.contains_key(&fence) {
+                    self.channel.discard(state);
+                    self.channel.discard(waiters);
+                    return FwStatus::Exists;
+                }
+                let s = map_checked(&mut self.channel, state, PAGE_SIZE, magic::FENCE_STATE);
+                let w = map_checked(&mut self.channel, waiters, PAGE_SIZE, magic::FENCE_WAITERS);
+                match (s, w) {
+                    (Ok(s), Ok(w)) => {
+                        let kind = s.head::<FenceState>().header.param.load(Relaxed);
+                        if FenceKind::from_u32(kind).is_none() {
+                            return FwStatus::BadObject;
+                        }
+                        debug_assert!(w.get::<FenceWaiters>(0).is_some());
+                        self.fences
+                            .insert(fence, Arc::new(FenceObject::new(fence, s, w)));
+                        FwStatus::Ok
+                    }
+                    _ => FwStatus::BadObject,
+                }
+            }
+            FwRequest::BindFence {
+                ctx,
+                handle,
+                fence,
+                writable,
+            } => {
+                let (Some(c), Some(f)) = (self.contexts.get_mut(&ctx), self.fences.get(&fence))
+                else {
+                    return FwStatus::NotFound;
+                };
+                if c.bindings.contains_key(&handle) {
+                    return FwStatus::Exists;
+                }
+                c.bindings.insert(
+                    handle,
+                    Binding {
+                        fence: f.clone(),
+                        writable,
+                    },
+                );
+                FwStatus::Ok
+            }
+            FwRequest::UnbindFence { ctx, handle } => {
+                match self.contexts.get_mut(&ctx).map(|c| c.bindings.remove(&handle)) {
+                    Some(Some(_)) => FwStatus::Ok,
+                    _ => FwStatus::NotFound,
+                }
+            }
+            FwRequest::PoisonFence { fence, code } => match self.fences.get(&fence) {
+                Some(f) => {
+                    sync::poison_fence(f.state(), f.waiters(), code, 0, 0, 0);
+                    FwStatus::Ok
+                }
+                None => FwStatus::NotFound,
+            },
+            FwRequest::DropFence { fence } => match self.fences.remove(&fence) {
+                // Parked queues and bindings hold their own references; the mapping goes
+                // when the last one does.
+                Some(_) => FwStatus::Ok,
+                None => FwStatus::NotFound,
+            },
+            FwRequest::MapBuffer {
+                ctx,
+                va,
+                size,
+                object,
+            } => {
+                let Some(c) = self.contexts.get_mut(&ctx) else {
+                    self.channel.discard(object);
+                    return FwStatus::NotFound;
+                };
+                let Some(fd) = self.channel.take(object, false) else {
+                    return FwStatus::BadObject;
+                };
+                let Ok(len) = usize::try_from(size) else {
+                    return FwStatus::BadObject;
+                };
+                match Mapping::map(fd.as_fd(), len, true) {
+                    Ok(map) => {
+                        if c.vm.map(va, size, map) {
+                            FwStatus::Ok
+                        } else {
+                            FwStatus::Exists
+                        }
+                    }
+                    Err(_) => FwStatus::BadObject,
+                }
+            }
+            FwRequest::UnmapBuffer { ctx, va } => {
+                match self.contexts.get_mut(&ctx).map(|c| c.vm.unmap(va)) {
+                    Some(true) => FwStatus::Ok,
+                    _ => FwStatus::NotFound,
+                }
+            }
+            FwRequest::Shutdown => {
+                self.shutdown = true;
+                FwStatus::Ok
+            }
+        }
+    }
+
+    /// Drops run-list and parked entries of a context (or one of its queues).
+    fn forget_queues(&mut self, ctx: u32, slot: Option<u32>) {
+        let gone = |&(c, s): &(u32, u32)| c == ctx && slot.is_none_or(|x| x == s);
+        self.run_list.retain(|e| !gone(e));
+        self.parked.retain(|e| !gone(e));
+    }
+
+    fn collect_doorbells(&mut self) -> bool {
+        let mut any = false;
+        for c in self.contexts.values_mut() {
+            let page = c.doorbell.head::<DoorbellPage>();
+            for (wi, word) in page.pending.words.iter().enumerate() {
+                if word.load(Relaxed) == 0 {
+                    continue;
+                }
+                // Acquire: pairs with the client's release fetch_or after its doorbell.
+                let mut bits = word.swap(0, Acquire);
+                while bits != 0 {
+                    let slot = wi * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    match c.queues[slot].as_mut() {
+                        Some(q) if q.is_active() => {
+                            if !q.queued {
+                                q.queued = true;
+                                self.run_list.push_back((c.id, slot as u32));
+                            }
+                            any = true;
+                        }
+                        Some(_) => {} // parked or stopped: the doorbell is a hint only
+                        None => c.stray_doorbells += 1,
+                    }
+                }
+            }
+        }
+        any
+    }
+
+    fn check_parked(&mut self) -> bool {
+        let mut any = false;
+        let mut i = 0;
+        while i < self.parked.len() {
+            let (ctx, slot) = self.parked[i];
+            let Some(c) = self.contexts.get_mut(&ctx) else {
+                self.parked.swap_remove(i);
+                continue;
+            };
+            let Some(q) = c.queues[slot as usize].as_mut() else {
+                self.parked.swap_remove(i);
+                continue;
+            };
+            match q.try_unpark() {
+                None if q.is_parked() => i += 1,
+                None => {
+                    self.parked.swap_remove(i);
+                }
+                Some(outcome) => {
+                    self.parked.swap_remove(i);
+                    any = true;
+                    match outcome {
+                        Outcome::Faulted(f) => self.report_fault(ctx, slot, f),
+                        _ => {
+                            if !q.queued {
+                                q.queued = true;
+                                self.run_list.push_back((ctx, slot));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        any
+    }
+
+    fn run_queues(&mut self) -> bool {
+        let turns = self.run_list.len();
+        let mut any = false;
+        for _ in 0..turns {
+            let Some((ctx, slot)) = self.run_list.pop_front() else {
+                break;
+            };
+            let Some(c) = self.contexts.get_mut(&ctx) else {
+                continue;
+            };
+            let Context {
+                doorbell,
+                queues,
+                bindings,
+                vm,
+                ..
+            } = c;
+            let Some(q) = queues[slot as usize].as_mut() else {
+                continue;
+            };
+            q.queued = false;
+            let mut kicked = false;
+            let db = &doorbell.head::<DoorbellPage>().doorbells[slot as usize].value;
+            let outcome = q.service(db, bindings, vm, self.config.packets_per_turn, &mut kicked);
+            any = true;
+            match outcome {
+                Outcome::Idle => {}
+                Outcome::More => {
+                    q.queued = true;
+                    self.run_list.push_back((ctx, slot));
+                }
+                Outcome::Parked => self.parked.push((ctx, slot)),
+                Outcome::Faulted(f) => self.report_fault(ctx, slot, f),
+            }
+        }
+        any
+    }
+
+    fn report_fault(&mut self, ctx: u32, slot: u32, f: queue::Fault) {
+        self.emit(FwEvent::QueueError {
+            ctx,
+            slot,
+            code: f.code,
+            packet_index: f.packet_index,
+            address: f.address,
+        });
+    }
+}

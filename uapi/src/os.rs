@@ -40,6 +40,8 @@ unsafe impl Shared for crate::layout::DeviceStatus {}
 unsafe impl Shared for crate::layout::DeviceKick {}
 // SAFETY: as above.
 unsafe impl Shared for crate::layout::ControlRegion {}
+// SAFETY: as above.
+unsafe impl Shared for crate::layout::ObjectHeader {}
 // SAFETY: a single atomic.
 unsafe impl Shared for AtomicU64 {}
 // SAFETY: an array of atomics.
@@ -151,6 +153,30 @@ impl Drop for Mapping {
             let _ = rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len);
         }
     }
+}
+
+/// Why a shared object could not be mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    /// fstat or mmap failed, or the object is smaller than asked.
+    #[error("cannot map object: {0}")]
+    Io(#[from] io::Errno),
+    /// The object is not of the expected kind or ABI version.
+    #[error(transparent)]
+    Header(#[from] crate::layout::HeaderError),
+}
+
+/// Maps `len` bytes of an object and checks its [`crate::layout::ObjectHeader`] against
+/// `magic` and [`crate::ABI_VERSION`].
+pub fn map_object(
+    fd: BorrowedFd<'_>,
+    len: usize,
+    writable: bool,
+    magic: u32,
+) -> Result<Mapping, MapError> {
+    let map = Mapping::map(fd, len, writable)?;
+    map.head::<crate::layout::ObjectHeader>().check(magic)?;
+    Ok(map)
 }
 
 /// Creates a sealed memfd of `size` bytes (zero-filled) and maps it read-write.

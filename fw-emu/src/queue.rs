@@ -1,0 +1,406 @@
+//! DOC: a queue as the firmware runs it.
+//!
+//! The firmware owns `rptr`, its private count of packets copied out of the ring, and
+//! `completed`, its private copy of the timeline value. The client's write index (its
+//! doorbell) is an input: it is re-read on every service, and a value that moved backwards
+//! or ran more than a ring ahead of `rptr` stops the queue with
+//! [`ErrorCode::BadWriteIndex`].
+//!
+//! Each packet is copied out of its slot once, through atomic loads, into a private
+//! [`Packet`]; then decoded, validated and executed. Packet `i` (0-based) completes with
+//! timeline value `i + 1`. Packets of one queue complete in order.
+//!
+//! A WAIT_FENCE whose condition does not hold parks the queue: it is taken off the run
+//! list, costs nothing until the fence changes, and registers itself in the fence's
+//! [`userq_uapi::layout::WaiterLine::firmware`] count so that host signallers kick the
+//! firmware.
+
+use crate::context::{Binding, FenceObject, Vm};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::sync::Arc;
+use userq_uapi::error::ErrorCode;
+use userq_uapi::ioctl::Priority;
+use userq_uapi::layout::{QueueState, RingHeader, RING_PACKETS_OFFSET};
+use userq_uapi::os::Mapping;
+use userq_uapi::packet::{Command, FenceHandle, Packet, PacketError, WaitCondition, PACKET_SIZE};
+use userq_uapi::sync;
+
+/// A WAIT_FENCE the queue is parked on.
+#[derive(Debug)]
+struct ParkedWait {
+    fence: Arc<FenceObject>,
+    value: u64,
+    mask: u64,
+    condition: WaitCondition,
+    packet_index: u64,
+}
+
+#[derive(Debug)]
+enum RunState {
+    Active,
+    Parked(ParkedWait),
+    Faulted,
+}
+
+/// Why a queue stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// What happened.
+    pub code: ErrorCode,
+    /// Index of the offending packet.
+    pub packet_index: u64,
+    /// Offending address or index.
+    pub address: u64,
+    /// Code-specific detail.
+    pub detail: u32,
+}
+
+/// What one service of a queue ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The ring is drained.
+    Idle,
+    /// The budget ran out with packets left: run again.
+    More,
+    /// Parked on a fence.
+    Parked,
+    /// Stopped on an error, already recorded in the timeline fence.
+    Faulted(Fault),
+}
+
+/// What executing one packet did.
+enum Step {
+    Done,
+    Park(ParkedWait),
+}
+
+/// A queue mapped by the firmware.
+#[derive(Debug)]
+pub struct Queue {
+    /// Doorbell slot.
+    pub slot: u32,
+    /// Scheduling priority (the run list orders by it in later schedulers; recorded now).
+    pub priority: Priority,
+    /// The timeline fence; only the firmware writes it.
+    pub timeline: Arc<FenceObject>,
+    /// Whether the queue is on the run list.
+    pub queued: bool,
+    ring: Mapping,
+    mask: u64,
+    entries: u64,
+    /// Packets copied out of the ring. Private: never read back from shared memory.
+    rptr: u64,
+    /// Value of the last completed packet. Private copy of the timeline.
+    completed: u64,
+    /// Last value of `rptr` stored into the ring's read index.
+    published_rptr: u64,
+    /// Last value stored into the timeline fence.
+    published_completed: u64,
+    state: RunState,
+}
+
+impl Queue {
+    /// A queue over a checked ring mapping of `entries` (a power of two) packets.
+    pub fn new(
+        slot: u32,
+        ring: Mapping,
+        entries: u32,
+        priority: Priority,
+        timeline: Arc<FenceObject>,
+    ) -> Self {
+        timeline
+            .state()
+            .queue
+            .state
+            .store(QueueState::Active as u32, Release);
+        Queue {
+            slot,
+            priority,
+            timeline,
+            queued: false,
+            ring,
+            mask: entries as u64 - 1,
+            entries: entries as u64,
+            rptr: 0,
+            completed: 0,
+            published_rptr: 0,
+            published_completed: 0,
+            state: RunState::Active,
+        }
+    }
+
+    /// Whether the queue is parked on a fence.
+    pub fn is_parked(&self) -> bool {
+        matches!(self.state, RunState::Parked(_))
+    }
+
+    /// Whether the queue is parked and its wait can now end (satisfied or poisoned).
+    pub fn parked_ready(&self) -> bool {
+        match &self.state {
+            RunState::Parked(w) => !matches!(wait_status(w), WaitStatus::Pending),
+            _ => false,
+        }
+    }
+
+    /// Whether the queue can run at all.
+    pub fn is_active(&self) -> bool {
+        matches!(self.state, RunState::Active)
+    }
+
+    /// Runs up to `budget` packets. `doorbell` is the client's write index for this queue.
+    /// Sets `*kicked_parked` when a SIGNAL_FENCE hit a fence that firmware queues wait on.
+    pub fn service(
+        &mut self,
+        doorbell: &AtomicU64,
+        bindings: &HashMap<FenceHandle, Binding>,
+        vm: &Vm,
+        budget: u32,
+        kicked_parked: &mut bool,
+    ) -> Outcome {
+        if !self.is_active() {
+            return if self.is_parked() {
+                Outcome::Parked
+            } else {
+                Outcome::Idle
+            };
+        }
+        // Acquire: pairs with the client's release store of its write index, so the packet
+        // words it wrote before are visible to the loads below.
+        let wptr = doorbell.load(Acquire);
+        if wptr < self.rptr || wptr - self.rptr > self.entries {
+            return self.fault(Fault {
+                code: ErrorCode::BadWriteIndex,
+                packet_index: self.rptr,
+                address: wptr,
+                detail: 0,
+            });
+        }
+        let n = (wptr - self.rptr).min(budget as u64);
+        let mut outcome = if wptr - self.rptr > n {
+            Outcome::More
+        } else {
+            Outcome::Idle
+        };
+        for _ in 0..n {
+            let index = self.rptr;
+            let packet = self.copy_packet(index);
+            self.rptr += 1;
+            match self.execute(&packet, index, bindings, vm, kicked_parked) {
+                Ok(Step::Done) => self.completed = index + 1,
+                Ok(Step::Park(wait)) => {
+                    wait.fence.waiters().line.firmware.fetch_add(1, SeqCst);
+                    self.state = RunState::Parked(wait);
+                    outcome = Outcome::Parked;
+                    // The condition may have become true between the check and the
+                    // registration above: look once more now that host signallers will
+                    // see the registration.
+                    if let Some(o) = self.try_unpark() {
+                        outcome = if o == Outcome::More { Outcome::More } else { o };
+                    }
+                    break;
+                }
+                Err(f) => return self.fault(f),
+            }
+        }
+        self.publish(kicked_parked);
+        outcome
+    }
+
+    /// Copies packet `index` out of its slot once.
+    fn copy_packet(&self, index: u64) -> Packet {
+        let offset = RING_PACKETS_OFFSET + ((index & self.mask) as usize) * PACKET_SIZE;
+        let slot = self
+            .ring
+            .get::<[AtomicU64; 8]>(offset)
+            .expect("ring mapping covers every slot (checked at map time)");
+        let mut words = [0u64; 8];
+        for (w, s) in words.iter_mut().zip(slot) {
+            *w = s.load(Relaxed);
+        }
+        Packet::from_words(words)
+    }
+
+    fn execute(
+        &self,
+        packet: &Packet,
+        index: u64,
+        bindings: &HashMap<FenceHandle, Binding>,
+        vm: &Vm,
+        kicked_parked: &mut bool,
+    ) -> Result<Step, Fault> {
+        let fault = |code, address, detail| Fault {
+            code,
+            packet_index: index,
+            address,
+            detail,
+        };
+        let cmd = Command::decode(packet).map_err(|e| match e {
+            PacketError::UnknownOpcode(op) => fault(ErrorCode::UnknownOpcode, 0, op as u32),
+            PacketError::ReservedNotZero { word } => {
+                fault(ErrorCode::ReservedField, 0, word as u32)
+            }
+            PacketError::BadCondition(c) => fault(ErrorCode::BadWaitCondition, 0, c as u32),
+            PacketError::BadHandle(h) => fault(ErrorCode::BadFenceHandle, h, u32::MAX),
+        })?;
+        let binding = |h: FenceHandle| {
+            bindings
+                .get(&h)
+                .ok_or(fault(ErrorCode::BadFenceHandle, 0, h.0))
+        };
+        match cmd {
+            Command::Nop => Ok(Step::Done),
+            Command::WriteValue { addr, value } => {
+                let word = vm.word(addr).map_err(|c| fault(c, addr, 0))?;
+                word.store(value, Release);
+                Ok(Step::Done)
+            }
+            Command::Timestamp { addr } => {
+                let word = vm.word(addr).map_err(|c| fault(c, addr, 0))?;
+                word.store(now_ns(), Release);
+                Ok(Step::Done)
+            }
+            Command::SignalFence { fence, value } => {
+                let b = binding(fence)?;
+                if !b.writable {
+                    return Err(fault(ErrorCode::FenceNotWritable, 0, fence.0));
+                }
+                if sync::signal_fence(b.fence.state(), b.fence.waiters(), value) {
+                    *kicked_parked = true;
+                }
+                Ok(Step::Done)
+            }
+            Command::WaitFence {
+                fence,
+                value,
+                mask,
+                condition,
+            } => {
+                let b = binding(fence)?;
+                let wait = ParkedWait {
+                    fence: b.fence.clone(),
+                    value,
+                    mask,
+                    condition,
+                    packet_index: index,
+                };
+                match wait_status(&wait) {
+                    WaitStatus::Satisfied => Ok(Step::Done),
+                    WaitStatus::Poisoned(code) => Err(fault(
+                        ErrorCode::DependencyFailed,
+                        b.fence.id,
+                        code,
+                    )),
+                    WaitStatus::Pending => Ok(Step::Park(wait)),
+                }
+            }
+        }
+    }
+
+    /// If parked and the fence now satisfies the wait, unparks (returning `More`); if the
+    /// fence was poisoned instead, faults. `None` while still parked or not parked.
+    pub fn try_unpark(&mut self) -> Option<Outcome> {
+        let RunState::Parked(wait) = &self.state else {
+            return None;
+        };
+        match wait_status(wait) {
+            WaitStatus::Pending => None,
+            WaitStatus::Satisfied => {
+                let index = wait.packet_index;
+                wait.fence.waiters().line.firmware.fetch_sub(1, SeqCst);
+                self.state = RunState::Active;
+                self.completed = index + 1;
+                let mut ignored = false;
+                self.publish(&mut ignored);
+                Some(Outcome::More)
+            }
+            WaitStatus::Poisoned(code) => {
+                let f = Fault {
+                    code: ErrorCode::DependencyFailed,
+                    packet_index: wait.packet_index,
+                    address: wait.fence.id,
+                    detail: code,
+                };
+                Some(self.fault(f))
+            }
+        }
+    }
+
+    /// Publishes the read index and the timeline value if they moved.
+    fn publish(&mut self, kicked_parked: &mut bool) {
+        if self.rptr != self.published_rptr {
+            self.published_rptr = self.rptr;
+            self.ring
+                .head::<RingHeader>()
+                .read_index
+                .value
+                .store(self.rptr, Release);
+        }
+        if self.completed != self.published_completed {
+            self.published_completed = self.completed;
+            let t = &self.timeline;
+            if sync::signal_fence(t.state(), t.waiters(), self.completed) {
+                *kicked_parked = true;
+            }
+        }
+    }
+
+    fn leave_parked(&mut self) {
+        if let RunState::Parked(wait) = &self.state {
+            wait.fence.waiters().line.firmware.fetch_sub(1, SeqCst);
+        }
+    }
+
+    /// Stops the queue: completed work is published first, then the error record, then
+    /// the state word, then the poison word and the wake.
+    fn fault(&mut self, f: Fault) -> Outcome {
+        let mut ignored = false;
+        self.publish(&mut ignored);
+        self.leave_parked();
+        self.state = RunState::Faulted;
+        let t = &self.timeline;
+        let st = t.state();
+        st.queue.state.store(QueueState::Error as u32, Release);
+        sync::poison_fence(st, t.waiters(), f.code, f.packet_index, f.address, f.detail);
+        Outcome::Faulted(f)
+    }
+
+    /// Tears the queue down: poisons its timeline for values it never reached.
+    pub fn destroy(mut self, code: ErrorCode) {
+        let mut ignored = false;
+        self.publish(&mut ignored);
+        self.leave_parked();
+        let t = &self.timeline;
+        let st = t.state();
+        if st.queue.state.load(Relaxed) != QueueState::Error as u32 {
+            st.queue.state.store(QueueState::Destroyed as u32, Release);
+        }
+        sync::poison_fence(st, t.waiters(), code, self.rptr, 0, 0);
+    }
+}
+
+enum WaitStatus {
+    Satisfied,
+    Pending,
+    Poisoned(u32),
+}
+
+fn wait_status(w: &ParkedWait) -> WaitStatus {
+    let st = w.fence.state();
+    // Acquire: pairs with the signaller's release store, so what it wrote before
+    // signalling is visible to the packets after this wait.
+    let current = st.slot.value.load(Acquire);
+    if w.condition.holds(current, w.value, w.mask) {
+        return WaitStatus::Satisfied;
+    }
+    match st.slot.poison.load(Acquire) {
+        0 => WaitStatus::Pending,
+        code => WaitStatus::Poisoned(code),
+    }
+}
+
+/// The device clock: CLOCK_MONOTONIC in nanoseconds, comparable across processes.
+pub fn now_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
