@@ -1,1 +1,230 @@
-//! placeholder
+//! # kmd-shim: the userq kernel-driver shim
+//!
+//! DOC: kmd-shim owns the control plane of a userq device, as amdkfd or xe.ko do for a
+//! real one. It
+//!
+//! - listens on a Unix socket and serves the ioctls of [`userq_uapi::ioctl`], one context
+//!   per connection, after checking the peer with `SO_PEERCRED` ([`client`]);
+//! - creates every memory object (sealed memfds) and hands clients the fds, read-only where
+//!   only the firmware may write ([`device`]);
+//! - starts the firmware, a child `fw-emu` process or a thread, and talks to it through the
+//!   shared-memory message rings and the object channel ([`firmware`]);
+//! - reclaims a context and everything it owned when its connection closes, however the
+//!   client ended, and poisons the fences nobody can signal any more;
+//! - watches the firmware's heartbeat and declares the device lost when it stops.
+//!
+//! It is never on the submit or complete path, and no path in it waits on a user fence or
+//! on a job: it waits only on the firmware's acks, which are bounded.
+#![deny(missing_docs)]
+
+pub mod client;
+pub mod device;
+pub mod firmware;
+pub mod socket;
+
+pub use device::Limits;
+pub use firmware::{FirmwareLauncher, FirmwareStartError};
+pub use socket::{default_socket_path, BindError};
+
+use device::Device;
+use firmware::FirmwareLink;
+use socket::Listener;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How to start a device.
+#[derive(Debug)]
+pub struct KmdConfig {
+    /// Where to listen.
+    pub socket: PathBuf,
+    /// How to start the firmware.
+    pub firmware: FirmwareLauncher,
+    /// Resource limits.
+    pub limits: Limits,
+    /// How long to wait for a firmware ack before failing the ioctl.
+    pub ack_timeout: Duration,
+    /// Log queue errors and device events to stderr.
+    pub verbose: bool,
+}
+
+impl KmdConfig {
+    /// Defaults for a socket path and launcher.
+    pub fn new(socket: impl Into<PathBuf>, firmware: FirmwareLauncher) -> Self {
+        KmdConfig {
+            socket: socket.into(),
+            firmware,
+            limits: Limits::default(),
+            ack_timeout: Duration::from_secs(5),
+            verbose: false,
+        }
+    }
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The socket is served by someone else, or could not be bound.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// The firmware did not start.
+    #[error(transparent)]
+    Firmware(#[from] FirmwareStartError),
+    /// A service thread could not be spawned.
+    #[error("cannot spawn a kmd-shim thread: {0}")]
+    Thread(std::io::Error),
+}
+
+struct Inner {
+    device: Device,
+    listener: Listener,
+    clients: Mutex<HashMap<u64, (OwnedFd, Option<JoinHandle<()>>)>>,
+    next_client: AtomicU64,
+    stopping: AtomicBool,
+}
+
+use rustix::fd::{AsFd, OwnedFd};
+
+/// A running device: socket server, device table and firmware. Stops on drop.
+pub struct Kmd {
+    inner: Arc<Inner>,
+    acceptor: Option<JoinHandle<()>>,
+    events: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Kmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kmd")
+            .field("socket", &self.inner.listener.path())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Kmd {
+    /// Binds the socket, starts the firmware and waits for it, then starts serving.
+    pub fn start(config: KmdConfig) -> Result<Kmd, StartError> {
+        let listener = Listener::bind(&config.socket)?;
+        let link = FirmwareLink::start(config.firmware, 1, config.ack_timeout)?;
+        let inner = Arc::new(Inner {
+            device: Device::new(link, config.limits, config.verbose),
+            listener,
+            clients: Mutex::new(HashMap::new()),
+            next_client: AtomicU64::new(1),
+            stopping: AtomicBool::new(false),
+        });
+        let ev = inner.clone();
+        let events = std::thread::Builder::new()
+            .name("kmd-events".into())
+            .spawn(move || ev.device.link().run_events(&ev.device))
+            .map_err(StartError::Thread)?;
+        let mut kmd = Kmd {
+            inner,
+            acceptor: None,
+            events: Some(events),
+        };
+        kmd.inner.device.link().wait_ready(Duration::from_secs(10))?;
+        let acc = kmd.inner.clone();
+        kmd.acceptor = Some(
+            std::thread::Builder::new()
+                .name("kmd-accept".into())
+                .spawn(move || accept_loop(acc))
+                .map_err(StartError::Thread)?,
+        );
+        Ok(kmd)
+    }
+
+    /// The socket path clients connect to.
+    pub fn socket_path(&self) -> &Path {
+        self.inner.listener.path()
+    }
+
+    /// The firmware's process id (daemon mode only).
+    pub fn firmware_pid(&self) -> Option<u32> {
+        self.inner.device.link().firmware_pid()
+    }
+
+    /// Whether the firmware died or stopped its heartbeat.
+    pub fn is_lost(&self) -> bool {
+        self.inner.device.link().is_lost()
+    }
+
+    /// Stops serving: every fence is poisoned with DeviceLost, every connection closed and
+    /// reclaimed, the firmware stopped, the socket file removed.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if self.inner.stopping.swap(true, AcqRel) {
+            return;
+        }
+        let dev = &self.inner.device;
+        dev.link().status().health.state.store(userq_uapi::layout::DeviceState::Lost as u32, Release);
+        dev.poison_all();
+        self.inner.listener.stop();
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+        let clients: Vec<_> = {
+            let mut c = self.inner.clients.lock().unwrap_or_else(|e| e.into_inner());
+            c.drain().collect()
+        };
+        for (_, (sock, _)) in &clients {
+            let _ = rustix::net::shutdown(sock.as_fd(), rustix::net::Shutdown::Both);
+        }
+        for (_, (_, t)) in clients {
+            if let Some(t) = t {
+                let _ = t.join();
+            }
+        }
+        dev.link().stop();
+        if let Some(t) = self.events.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Kmd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn accept_loop(inner: Arc<Inner>) {
+    loop {
+        let sock = match inner.listener.accept() {
+            Ok(s) => s,
+            Err(rustix::io::Errno::INTR) | Err(rustix::io::Errno::CONNABORTED) => continue,
+            Err(rustix::io::Errno::MFILE) | Err(rustix::io::Errno::NFILE) => {
+                // Out of descriptors: back off instead of spinning on the error.
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(_) => return,
+        };
+        if inner.stopping.load(Acquire) {
+            return;
+        }
+        let Ok(dup) = sock.try_clone() else {
+            continue;
+        };
+        let id = inner.next_client.fetch_add(1, Relaxed);
+        let me = inner.clone();
+        let mut clients = inner.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let t = std::thread::Builder::new()
+            .name(format!("kmd-client-{id}"))
+            .spawn(move || {
+                client::serve(&me.device, sock);
+                me.clients
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+            });
+        if let Ok(t) = t {
+            clients.insert(id, (dup, Some(t)));
+        }
+    }
+}

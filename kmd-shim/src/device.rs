@@ -1,0 +1,549 @@
+//! DOC: the device table: contexts, fences and buffers, and the ioctls that change them.
+//!
+//! One [`Device`] serves every connection. Each ioctl creates kmd-side records, creates the
+//! memory objects (sealed memfds), tells the firmware through [`FirmwareLink::call`], and
+//! only then answers the client, so a client never rings a doorbell the firmware has not
+//! mapped. The table lock is never held across a firmware call's wait for its ack except
+//! for the short, bounded acks themselves; nothing here waits on a fence or a job.
+//!
+//! Fence ownership: a fence is *held* through handles; each context's handle is one hold.
+//! A user fence is *owned* by the context that created it; when the owner goes away while
+//! others still hold the fence, the fence is poisoned with [`ErrorCode::OwnerDied`]
+//! (waits that were already satisfied still succeed). When the last hold goes, the firmware
+//! forgets the fence.
+
+use crate::firmware::{EventSink, FirmwareLink};
+use rustix::fd::{AsFd, OwnedFd};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::*;
+use std::sync::Mutex;
+use userq_uapi::error::ErrorCode;
+use userq_uapi::fwmsg::{FenceId, FwEvent, FwRequest};
+use userq_uapi::ioctl::{Priority, MAX_BUFFER_SIZE};
+use userq_uapi::layout::{
+    magic, ring_object_size, DoorbellPage, FenceKind, FenceState, FenceWaiters, RingHeader,
+    DOORBELL_PAGE_SIZE, MAX_QUEUES_PER_CONTEXT, MAX_RING_ENTRIES, MIN_RING_ENTRIES, PAGE_SIZE,
+};
+use userq_uapi::os::{self, Mapping};
+use userq_uapi::packet::FenceHandle;
+use userq_uapi::{sync, KmdStatus};
+
+/// Limits kmd-shim enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Contexts open at once.
+    pub max_contexts: usize,
+    /// Fence handles one context may hold.
+    pub max_fences_per_context: usize,
+    /// Bytes of buffers all contexts together may allocate.
+    pub memory_budget: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_contexts: 1024,
+            max_fences_per_context: 65536,
+            memory_budget: 8 << 30,
+        }
+    }
+}
+
+struct FenceRecord {
+    kind: FenceKind,
+    owner: u32,
+    holds: usize,
+    identity: ((u64, u64), (u64, u64)),
+    state: Mapping,
+    waiters: Mapping,
+}
+
+#[derive(Default)]
+struct ContextRecord {
+    queues: HashMap<u32, FenceId>,
+    handles: HashMap<FenceHandle, FenceId>,
+    next_handle: u32,
+    buffers: HashMap<u64, u64>,
+    next_va: u64,
+    queue_errors: u64,
+}
+
+#[derive(Default)]
+struct Table {
+    contexts: HashMap<u32, ContextRecord>,
+    fences: HashMap<FenceId, FenceRecord>,
+    next_ctx: u32,
+    next_fence: FenceId,
+    memory_used: u64,
+}
+
+/// A created object and the fds to return.
+pub type Reply = (Vec<u64>, Vec<OwnedFd>);
+
+/// The device: firmware link plus table.
+pub struct Device {
+    link: FirmwareLink,
+    limits: Limits,
+    table: Mutex<Table>,
+    verbose: bool,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device").field("link", &self.link).finish_non_exhaustive()
+    }
+}
+
+const VA_ALIGN: u64 = 64 << 10;
+
+impl Device {
+    /// A device over a started firmware link.
+    pub fn new(link: FirmwareLink, limits: Limits, verbose: bool) -> Self {
+        Device {
+            link,
+            limits,
+            table: Mutex::new(Table {
+                next_ctx: 1,
+                next_fence: 1,
+                ..Table::default()
+            }),
+            verbose,
+        }
+    }
+
+    /// The firmware link.
+    pub fn link(&self) -> &FirmwareLink {
+        &self.link
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// OPEN_CONTEXT.
+    pub fn open_context(&self) -> Result<(u32, Reply), KmdStatus> {
+        let ctx = {
+            let mut t = self.table();
+            if t.contexts.len() >= self.limits.max_contexts {
+                return Err(KmdStatus::LimitExceeded);
+            }
+            let ctx = t.next_ctx;
+            t.next_ctx += 1;
+            t.contexts.insert(
+                ctx,
+                ContextRecord {
+                    next_va: userq_uapi::VA_BASE,
+                    ..ContextRecord::default()
+                },
+            );
+            ctx
+        };
+        let made = (|| {
+            let (fd, map) = os::create_object("userq-doorbell", DOORBELL_PAGE_SIZE)
+                .map_err(|_| KmdStatus::Internal)?;
+            map.head::<DoorbellPage>()
+                .header
+                .init(magic::DOORBELL, 0, ctx as u64);
+            let id = self.link.new_object_id();
+            self.link
+                .call(FwRequest::MapContext { ctx, doorbell: id }, &[(id, fd.as_fd())])?;
+            let status = self
+                .link
+                .status_fd_read_only()
+                .try_clone_to_owned()
+                .map_err(|_| KmdStatus::Internal)?;
+            let kick = self
+                .link
+                .kick_fd()
+                .try_clone_to_owned()
+                .map_err(|_| KmdStatus::Internal)?;
+            let generation = self.link.status().health.generation.load(Relaxed);
+            Ok((vec![ctx as u64, generation], vec![fd, status, kick]))
+        })();
+        match made {
+            Ok(r) => Ok((ctx, r)),
+            Err(e) => {
+                self.table().contexts.remove(&ctx);
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates a fence's two objects and registers it with the firmware.
+    fn new_fence(&self, kind: FenceKind, owner: u32, initial: u64) -> Result<(FenceId, OwnedFd, OwnedFd), KmdStatus> {
+        let internal = |_| KmdStatus::Internal;
+        let id = {
+            let mut t = self.table();
+            let id = t.next_fence;
+            t.next_fence += 1;
+            id
+        };
+        let (sfd, state) = os::create_object("userq-fence", PAGE_SIZE).map_err(internal)?;
+        let st = state.head::<FenceState>();
+        st.header.init(magic::FENCE_STATE, kind as u32, id);
+        st.slot.value.store(initial, Relaxed);
+        let (wfd, waiters) = os::create_object("userq-fence-waiters", PAGE_SIZE).map_err(internal)?;
+        waiters
+            .head::<FenceWaiters>()
+            .header
+            .init(magic::FENCE_WAITERS, kind as u32, id);
+        let identity = (
+            os::object_identity(sfd.as_fd()).map_err(internal)?,
+            os::object_identity(wfd.as_fd()).map_err(internal)?,
+        );
+        let (so, wo) = (self.link.new_object_id(), self.link.new_object_id());
+        self.link.call(
+            FwRequest::RegisterFence {
+                fence: id,
+                state: so,
+                waiters: wo,
+            },
+            &[(so, sfd.as_fd()), (wo, wfd.as_fd())],
+        )?;
+        self.table().fences.insert(
+            id,
+            FenceRecord {
+                kind,
+                owner,
+                holds: 0,
+                identity,
+                state,
+                waiters,
+            },
+        );
+        Ok((id, sfd, wfd))
+    }
+
+    /// Gives `ctx` a handle on `fence`.
+    fn bind(&self, ctx: u32, fence: FenceId) -> Result<FenceHandle, KmdStatus> {
+        let (handle, writable) = {
+            let mut t = self.table();
+            let kind = t.fences.get(&fence).ok_or(KmdStatus::NotFound)?.kind;
+            let c = t.contexts.get_mut(&ctx).ok_or(KmdStatus::NoContext)?;
+            if c.handles.len() >= self.limits.max_fences_per_context {
+                return Err(KmdStatus::LimitExceeded);
+            }
+            let handle = FenceHandle(c.next_handle);
+            c.next_handle = c.next_handle.checked_add(1).ok_or(KmdStatus::LimitExceeded)?;
+            c.handles.insert(handle, fence);
+            if let Some(f) = t.fences.get_mut(&fence) {
+                f.holds += 1;
+            }
+            (handle, kind == FenceKind::User)
+        };
+        let r = self.link.call(
+            FwRequest::BindFence {
+                ctx,
+                handle,
+                fence,
+                writable,
+            },
+            &[],
+        );
+        if let Err(e) = r {
+            self.drop_hold(ctx, handle);
+            return Err(e);
+        }
+        Ok(handle)
+    }
+
+    /// Removes a hold from the table; tells the firmware to forget a fence nobody holds.
+    fn drop_hold(&self, ctx: u32, handle: FenceHandle) -> Option<FenceId> {
+        let mut t = self.table();
+        let fence = t.contexts.get_mut(&ctx)?.handles.remove(&handle)?;
+        let f = t.fences.get_mut(&fence)?;
+        f.holds -= 1;
+        if f.holds == 0 {
+            t.fences.remove(&fence);
+            drop(t);
+            let _ = self.link.call(FwRequest::DropFence { fence }, &[]);
+        }
+        Some(fence)
+    }
+
+    /// CREATE_QUEUE.
+    pub fn create_queue(&self, ctx: u32, entries: u32, priority: Priority) -> Result<Reply, KmdStatus> {
+        if !entries.is_power_of_two() || !(MIN_RING_ENTRIES..=MAX_RING_ENTRIES).contains(&entries) {
+            return Err(KmdStatus::InvalidArgument);
+        }
+        let slot = {
+            let t = self.table();
+            let c = t.contexts.get(&ctx).ok_or(KmdStatus::NoContext)?;
+            (0..MAX_QUEUES_PER_CONTEXT as u32)
+                .find(|s| !c.queues.contains_key(s))
+                .ok_or(KmdStatus::LimitExceeded)?
+        };
+        let (fence, sfd, wfd) = self.new_fence(FenceKind::Timeline, ctx, 0)?;
+        let handle = match self.bind(ctx, fence) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = self.link.call(FwRequest::DropFence { fence }, &[]);
+                self.table().fences.remove(&fence);
+                return Err(e);
+            }
+        };
+        let made = (|| {
+            let size = ring_object_size(entries);
+            let (rfd, ring) = os::create_object("userq-ring", size).map_err(|_| KmdStatus::Internal)?;
+            ring.head::<RingHeader>()
+                .header
+                .init(magic::RING, entries, slot as u64);
+            let ro = self.link.new_object_id();
+            self.link.call(
+                FwRequest::MapQueue {
+                    ctx,
+                    slot,
+                    ring: ro,
+                    entries,
+                    priority,
+                    timeline: fence,
+                },
+                &[(ro, rfd.as_fd())],
+            )?;
+            let state_ro = os::reopen_read_only(sfd.as_fd()).map_err(|_| KmdStatus::Internal)?;
+            Ok((rfd, state_ro))
+        })();
+        match made {
+            Ok((rfd, state_ro)) => {
+                if let Some(c) = self.table().contexts.get_mut(&ctx) {
+                    c.queues.insert(slot, fence);
+                }
+                Ok((
+                    vec![slot as u64, handle.0 as u64, fence],
+                    vec![rfd, state_ro, wfd],
+                ))
+            }
+            Err(e) => {
+                self.drop_hold(ctx, handle);
+                Err(e)
+            }
+        }
+    }
+
+    /// DESTROY_QUEUE. The timeline fence stays held by its handle until released.
+    pub fn destroy_queue(&self, ctx: u32, slot: u32) -> Result<Reply, KmdStatus> {
+        {
+            let t = self.table();
+            let c = t.contexts.get(&ctx).ok_or(KmdStatus::NoContext)?;
+            if !c.queues.contains_key(&slot) {
+                return Err(KmdStatus::NotFound);
+            }
+        }
+        self.link.call(FwRequest::UnmapQueue { ctx, slot }, &[])?;
+        if let Some(c) = self.table().contexts.get_mut(&ctx) {
+            c.queues.remove(&slot);
+        }
+        Ok((vec![], vec![]))
+    }
+
+    /// CREATE_FENCE.
+    pub fn create_fence(&self, ctx: u32, initial: u64) -> Result<Reply, KmdStatus> {
+        if !self.table().contexts.contains_key(&ctx) {
+            return Err(KmdStatus::NoContext);
+        }
+        let (fence, sfd, wfd) = self.new_fence(FenceKind::User, ctx, initial)?;
+        match self.bind(ctx, fence) {
+            Ok(handle) => Ok((vec![handle.0 as u64, fence], vec![sfd, wfd])),
+            Err(e) => {
+                let _ = self.link.call(FwRequest::DropFence { fence }, &[]);
+                self.table().fences.remove(&fence);
+                Err(e)
+            }
+        }
+    }
+
+    /// IMPORT_FENCE: the fds must be the state and waiter objects of one live fence.
+    pub fn import_fence(&self, ctx: u32, fds: &[OwnedFd]) -> Result<Reply, KmdStatus> {
+        let [sfd, wfd] = fds else {
+            return Err(KmdStatus::BadFd);
+        };
+        let ident = (
+            os::object_identity(sfd.as_fd()).map_err(|_| KmdStatus::BadFd)?,
+            os::object_identity(wfd.as_fd()).map_err(|_| KmdStatus::BadFd)?,
+        );
+        let (fence, kind) = {
+            let t = self.table();
+            if !t.contexts.contains_key(&ctx) {
+                return Err(KmdStatus::NoContext);
+            }
+            let (id, f) = t
+                .fences
+                .iter()
+                .find(|(_, f)| f.identity == ident)
+                .ok_or(KmdStatus::BadFd)?;
+            (*id, f.kind)
+        };
+        let handle = self.bind(ctx, fence)?;
+        Ok((vec![handle.0 as u64, fence, kind as u64], vec![]))
+    }
+
+    /// RELEASE_FENCE.
+    pub fn release_fence(&self, ctx: u32, handle: FenceHandle) -> Result<Reply, KmdStatus> {
+        {
+            let t = self.table();
+            let c = t.contexts.get(&ctx).ok_or(KmdStatus::NoContext)?;
+            if !c.handles.contains_key(&handle) {
+                return Err(KmdStatus::NotFound);
+            }
+        }
+        self.link.call(FwRequest::UnbindFence { ctx, handle }, &[])?;
+        self.drop_hold(ctx, handle);
+        Ok((vec![], vec![]))
+    }
+
+    /// ALLOC_BUFFER.
+    pub fn alloc_buffer(&self, ctx: u32, size: u64) -> Result<Reply, KmdStatus> {
+        if size == 0 || size > MAX_BUFFER_SIZE {
+            return Err(KmdStatus::InvalidArgument);
+        }
+        let size = size.div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
+        let va = {
+            let mut t = self.table();
+            if t.memory_used + size > self.limits.memory_budget {
+                return Err(KmdStatus::OutOfMemory);
+            }
+            let c = t.contexts.get_mut(&ctx).ok_or(KmdStatus::NoContext)?;
+            let va = c.next_va;
+            // Leave an unmapped guard range after every buffer.
+            let next = (va + size).div_ceil(VA_ALIGN) * VA_ALIGN + VA_ALIGN;
+            if next > userq_uapi::VA_END {
+                return Err(KmdStatus::OutOfMemory);
+            }
+            c.next_va = next;
+            c.buffers.insert(va, size);
+            t.memory_used += size;
+            va
+        };
+        let made = (|| {
+            let fd = rustix::fs::memfd_create(
+                "userq-buffer",
+                rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+            )
+            .map_err(|_| KmdStatus::Internal)?;
+            rustix::fs::ftruncate(&fd, size).map_err(|_| KmdStatus::OutOfMemory)?;
+            rustix::fs::fcntl_add_seals(
+                &fd,
+                rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW | rustix::fs::SealFlags::SEAL,
+            )
+            .map_err(|_| KmdStatus::Internal)?;
+            let id = self.link.new_object_id();
+            self.link.call(
+                FwRequest::MapBuffer {
+                    ctx,
+                    va,
+                    size,
+                    object: id,
+                },
+                &[(id, fd.as_fd())],
+            )?;
+            Ok(fd)
+        })();
+        match made {
+            Ok(fd) => Ok((vec![va, size], vec![fd])),
+            Err(e) => {
+                let mut t = self.table();
+                t.memory_used -= size;
+                if let Some(c) = t.contexts.get_mut(&ctx) {
+                    c.buffers.remove(&va);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// FREE_BUFFER.
+    pub fn free_buffer(&self, ctx: u32, va: u64) -> Result<Reply, KmdStatus> {
+        {
+            let t = self.table();
+            let c = t.contexts.get(&ctx).ok_or(KmdStatus::NoContext)?;
+            if !c.buffers.contains_key(&va) {
+                return Err(KmdStatus::NotFound);
+            }
+        }
+        self.link.call(FwRequest::UnmapBuffer { ctx, va }, &[])?;
+        let mut t = self.table();
+        if let Some(size) = t.contexts.get_mut(&ctx).and_then(|c| c.buffers.remove(&va)) {
+            t.memory_used -= size;
+        }
+        Ok((vec![], vec![]))
+    }
+
+    /// Reclaims everything a context owned: called when its connection closes, however
+    /// the client ended.
+    pub fn close_context(&self, ctx: u32) {
+        let _ = self.link.call(FwRequest::UnmapContext { ctx }, &[]);
+        let Some(c) = self.table().contexts.remove(&ctx) else {
+            return;
+        };
+        let mut t = self.table();
+        t.memory_used -= c.buffers.values().sum::<u64>();
+        let mut to_drop = Vec::new();
+        let mut to_poison = Vec::new();
+        for fence in c.handles.values() {
+            if let Some(f) = t.fences.get_mut(fence) {
+                f.holds -= 1;
+                if f.holds == 0 {
+                    to_drop.push(*fence);
+                }
+            }
+        }
+        for fence in &to_drop {
+            t.fences.remove(fence);
+        }
+        for (id, f) in &t.fences {
+            if f.owner == ctx && f.kind == FenceKind::User {
+                to_poison.push(*id);
+            }
+        }
+        drop(t);
+        for fence in to_poison {
+            let _ = self.link.call(
+                FwRequest::PoisonFence {
+                    fence,
+                    code: ErrorCode::OwnerDied,
+                },
+                &[],
+            );
+        }
+        for fence in to_drop {
+            let _ = self.link.call(FwRequest::DropFence { fence }, &[]);
+        }
+    }
+
+    /// Poisons every fence with [`ErrorCode::DeviceLost`]: the firmware is gone, so
+    /// kmd-shim writes the fences itself.
+    pub fn poison_all(&self) {
+        let t = self.table();
+        for f in t.fences.values() {
+            sync::poison_fence(f.state.head(), f.waiters.head(), ErrorCode::DeviceLost, 0, 0, 0);
+        }
+    }
+}
+
+impl EventSink for Device {
+    fn queue_error(&self, ev: FwEvent) {
+        if let FwEvent::QueueError {
+            ctx,
+            slot,
+            code,
+            packet_index,
+            address,
+        } = ev
+        {
+            if let Some(c) = self.table().contexts.get_mut(&ctx) {
+                c.queue_errors += 1;
+            }
+            if self.verbose {
+                eprintln!(
+                    "kmd-shim: context {ctx} queue {slot} stopped at packet {packet_index}: {} (address/index {address:#x})",
+                    code.describe()
+                );
+            }
+        }
+    }
+
+    fn device_lost(&self) {
+        eprintln!("kmd-shim: firmware lost; every fence is poisoned with DeviceLost");
+        self.poison_all();
+    }
+}

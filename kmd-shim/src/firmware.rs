@@ -1,0 +1,433 @@
+//! DOC: kmd-shim's side of the firmware transport (like xe's `xe_guc_ct.c`).
+//!
+//! kmd-shim owns the [`ControlRegion`], the [`DeviceStatus`] and the [`DeviceKick`]
+//! objects, starts the firmware (a child process or a thread, see [`FirmwareLauncher`]),
+//! and sends it the boot objects on the object channel. Requests go out through
+//! [`FirmwareLink::call`], which sends the request's memory objects on the channel,
+//! pushes the request on the `to_fw` ring, kicks the firmware if it sleeps, and waits a
+//! bounded time for the ack. The event thread ([`FirmwareLink::run_events`]) drains the
+//! `to_kmd` ring: acks go to their callers, queue errors are recorded, and the heartbeat is
+//! watched. No path here waits on a user fence or a job.
+
+use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering::*};
+use std::sync::{Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use userq_uapi::fwmsg::{boot, FwEvent, FwRequest, FwStatus, ObjectId};
+use userq_uapi::layout::{
+    magic, ControlRegion, DeviceKick, DeviceState, DeviceStatus, CONTROL_REGION_SIZE, PAGE_SIZE,
+};
+use userq_uapi::os::{self, Mapping};
+use userq_uapi::sync::{self, Backoff, BackoffStep};
+use userq_uapi::KmdStatus;
+
+/// How the firmware is started.
+pub enum FirmwareLauncher {
+    /// Daemon mode: run this `fw-emu` executable as a child process.
+    Process(PathBuf),
+    /// Embedded mode: a function that starts the firmware on a thread of this process,
+    /// given the firmware's end of the object channel.
+    Thread(Box<dyn FnOnce(OwnedFd) -> JoinHandle<()> + Send>),
+}
+
+impl std::fmt::Debug for FirmwareLauncher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FirmwareLauncher::Process(p) => f.debug_tuple("Process").field(p).finish(),
+            FirmwareLauncher::Thread(_) => f.write_str("Thread(..)"),
+        }
+    }
+}
+
+impl FirmwareLauncher {
+    /// The `fw-emu` binary next to the running executable (where cargo puts both).
+    pub fn sibling_process() -> FirmwareLauncher {
+        let exe = std::env::current_exe().unwrap_or_default();
+        FirmwareLauncher::Process(exe.with_file_name("fw-emu"))
+    }
+}
+
+/// A running firmware.
+#[derive(Debug)]
+enum Running {
+    Process(Child),
+    Thread(JoinHandle<()>),
+}
+
+/// Why the firmware could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum FirmwareStartError {
+    /// Creating the boot objects or the channel failed.
+    #[error("cannot create firmware objects: {0}")]
+    Objects(rustix::io::Errno),
+    /// The `fw-emu` executable could not be run.
+    #[error("cannot start {path}: {source}")]
+    Spawn {
+        /// The executable.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The firmware did not announce itself in time.
+    #[error("firmware did not come up within {0:?}")]
+    NoReady(Duration),
+}
+
+/// What the event thread reports to kmd-shim's device table.
+pub trait EventSink: Send + Sync {
+    /// A queue stopped on an error.
+    fn queue_error(&self, ev: FwEvent);
+    /// The firmware died or stopped its heartbeat.
+    fn device_lost(&self);
+}
+
+struct Sender {
+    channel: OwnedFd,
+    next_seq: u32,
+}
+
+/// kmd-shim's link to the firmware.
+pub struct FirmwareLink {
+    control: Mapping,
+    status: Mapping,
+    kick: Mapping,
+    status_ro: OwnedFd,
+    kick_fd: OwnedFd,
+    sender: Mutex<Sender>,
+    acks: Mutex<HashMap<u32, FwStatus>>,
+    acked: Condvar,
+    ready: AtomicBool,
+    lost: AtomicBool,
+    stop: AtomicBool,
+    running: Mutex<Option<Running>>,
+    next_object: AtomicU64,
+    ack_timeout: Duration,
+}
+
+impl std::fmt::Debug for FirmwareLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FirmwareLink")
+            .field("lost", &self.lost)
+            .finish_non_exhaustive()
+    }
+}
+
+fn errno(e: std::io::Error) -> rustix::io::Errno {
+    rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)
+}
+
+impl FirmwareLink {
+    /// Creates the boot objects and starts the firmware; does not wait for it yet.
+    pub fn start(
+        launcher: FirmwareLauncher,
+        generation: u64,
+        ack_timeout: Duration,
+    ) -> Result<FirmwareLink, FirmwareStartError> {
+        let obj = FirmwareStartError::Objects;
+        let (control_fd, control) = os::create_object("userq-control", CONTROL_REGION_SIZE).map_err(obj)?;
+        control.head::<ControlRegion>().header.init(magic::CONTROL, 0, 0);
+        let (status_fd, status) = os::create_object("userq-status", PAGE_SIZE).map_err(obj)?;
+        let st = status.head::<DeviceStatus>();
+        st.header.init(magic::DEVICE_STATUS, 0, generation);
+        st.health.state.store(DeviceState::Running as u32, Relaxed);
+        st.health.generation.store(generation, Relaxed);
+        let (kick_fd, kick) = os::create_object("userq-kick", PAGE_SIZE).map_err(obj)?;
+        kick.head::<DeviceKick>().header.init(magic::DEVICE_KICK, 0, 0);
+        let status_ro = os::reopen_read_only(status_fd.as_fd()).map_err(obj)?;
+
+        let (ours, theirs) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(obj)?;
+        let running = match launcher {
+            FirmwareLauncher::Process(path) => {
+                let child = spawn_process(&path, theirs).map_err(|source| {
+                    FirmwareStartError::Spawn {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                Running::Process(child)
+            }
+            FirmwareLauncher::Thread(start) => Running::Thread(start(theirs)),
+        };
+        let link = FirmwareLink {
+            control,
+            status,
+            kick,
+            status_ro,
+            kick_fd,
+            sender: Mutex::new(Sender {
+                channel: ours,
+                next_seq: 1,
+            }),
+            acks: Mutex::new(HashMap::new()),
+            acked: Condvar::new(),
+            ready: AtomicBool::new(false),
+            lost: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            running: Mutex::new(Some(running)),
+            next_object: AtomicU64::new(boot::FIRST_DYNAMIC),
+            ack_timeout,
+        };
+        {
+            let s = link.sender.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, fd) in [
+                (boot::CONTROL, control_fd.as_fd()),
+                (boot::STATUS, status_fd.as_fd()),
+                (boot::KICK, link.kick_fd.as_fd()),
+            ] {
+                os::send_with_fds(s.channel.as_fd(), &id.to_le_bytes(), &[fd]).map_err(obj)?;
+            }
+        }
+        Ok(link)
+    }
+
+    /// Waits until the firmware announced [`FwEvent::Ready`] (the event thread must run).
+    pub fn wait_ready(&self, timeout: Duration) -> Result<(), FirmwareStartError> {
+        let deadline = Instant::now() + timeout;
+        let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
+        while !self.ready.load(Acquire) {
+            let now = Instant::now();
+            if now >= deadline || self.lost.load(Acquire) {
+                return Err(FirmwareStartError::NoReady(timeout));
+            }
+            acks = self
+                .acked
+                .wait_timeout(acks, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// The device status page, read-only, to hand to clients.
+    pub fn status_fd_read_only(&self) -> BorrowedFd<'_> {
+        self.status_ro.as_fd()
+    }
+
+    /// The kick page, to hand to clients.
+    pub fn kick_fd(&self) -> BorrowedFd<'_> {
+        self.kick_fd.as_fd()
+    }
+
+    /// The device status page.
+    pub fn status(&self) -> &DeviceStatus {
+        self.status.head()
+    }
+
+    /// Whether the device is lost.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Acquire)
+    }
+
+    /// A fresh object id for the object channel.
+    pub fn new_object_id(&self) -> ObjectId {
+        self.next_object.fetch_add(1, Relaxed)
+    }
+
+    /// Sends `objects` on the channel, posts `req`, and waits for its ack.
+    pub fn call(&self, req: FwRequest, objects: &[(ObjectId, BorrowedFd<'_>)]) -> Result<(), KmdStatus> {
+        if self.is_lost() {
+            return Err(KmdStatus::DeviceLost);
+        }
+        let seq = {
+            let mut s = self.sender.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, fd) in objects {
+                os::send_with_fds(s.channel.as_fd(), &id.to_le_bytes(), &[*fd])
+                    .map_err(|_| KmdStatus::DeviceLost)?;
+            }
+            let seq = s.next_seq;
+            s.next_seq = s.next_seq.wrapping_add(1).max(1);
+            let words = req.encode(seq);
+            let ring = &self.control.head::<ControlRegion>().to_fw;
+            let deadline = Instant::now() + self.ack_timeout;
+            let mut backoff = Backoff::new(Duration::from_micros(20), Duration::from_millis(1));
+            while !ring.push(&words) {
+                self.kick_firmware();
+                if Instant::now() >= deadline || self.is_lost() {
+                    return Err(KmdStatus::FirmwareTimeout);
+                }
+                if backoff.step() == BackoffStep::Sleep {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            self.kick_firmware();
+            seq
+        };
+        let deadline = Instant::now() + self.ack_timeout;
+        let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(status) = acks.remove(&seq) {
+                return match status {
+                    FwStatus::Ok => Ok(()),
+                    FwStatus::NotFound => Err(KmdStatus::NotFound),
+                    FwStatus::Exists => Err(KmdStatus::InvalidArgument),
+                    FwStatus::BadObject | FwStatus::Malformed => Err(KmdStatus::Internal),
+                };
+            }
+            let now = Instant::now();
+            if self.is_lost() {
+                return Err(KmdStatus::DeviceLost);
+            }
+            if now >= deadline {
+                return Err(KmdStatus::FirmwareTimeout);
+            }
+            acks = self
+                .acked
+                .wait_timeout(acks, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn kick_firmware(&self) {
+        sync::wake_if_announced(
+            &self.status().sleep.sleeping,
+            &self.kick.head::<DeviceKick>().kick.word,
+        );
+    }
+
+    /// The event thread's body: runs until [`FirmwareLink::stop`].
+    pub fn run_events(&self, sink: &dyn EventSink) {
+        let c = self.control.head::<ControlRegion>();
+        let sleeping = &c.kmd_sleeping.value;
+        let word: &AtomicU32 = &c.kmd_kick.word;
+        let mut backoff = Backoff::new(Duration::from_micros(20), Duration::from_micros(500));
+        let mut last_beat = (self.status().health.heartbeat.load(Relaxed), Instant::now());
+        while !self.stop.load(Acquire) {
+            let mut got = false;
+            while let Some(w) = c.to_kmd.pop() {
+                got = true;
+                match FwEvent::decode(&w) {
+                    Some(FwEvent::Ready) => {
+                        self.ready.store(true, Release);
+                        let _g = self.acks.lock().unwrap_or_else(|e| e.into_inner());
+                        self.acked.notify_all();
+                    }
+                    Some(FwEvent::Ack { seq, status }) => {
+                        let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
+                        acks.insert(seq, status);
+                        self.acked.notify_all();
+                    }
+                    Some(ev @ FwEvent::QueueError { .. }) => sink.queue_error(ev),
+                    None => {}
+                }
+            }
+            if got {
+                backoff.reset();
+                continue;
+            }
+            if backoff.step() != BackoffStep::Sleep {
+                continue;
+            }
+            // NEED_WAKEUP on the to_kmd ring, with the heartbeat period as a bound.
+            sleeping.store(1, Relaxed);
+            fence(SeqCst);
+            let seen = word.load(Relaxed);
+            if !c.to_kmd.has_message() && !self.stop.load(Acquire) {
+                sync::futex_wait(word, seen, Some(Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS)));
+            }
+            sleeping.store(0, Relaxed);
+            backoff.reset();
+            if !self.is_lost() && self.ready.load(Acquire) && self.firmware_dead(&mut last_beat) {
+                self.mark_lost();
+                sink.device_lost();
+            }
+        }
+    }
+
+    /// Whether the firmware exited or its heartbeat stalled for 20 periods.
+    fn firmware_dead(&self, last: &mut (u64, Instant)) -> bool {
+        let beat = self.status().health.heartbeat.load(Relaxed);
+        if beat != last.0 {
+            *last = (beat, Instant::now());
+        }
+        let exited = match self.running.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            Some(Running::Process(child)) => !matches!(child.try_wait(), Ok(None)),
+            Some(Running::Thread(t)) => t.is_finished(),
+            None => true,
+        };
+        exited || last.1.elapsed() > Duration::from_millis(20 * userq_uapi::HEARTBEAT_PERIOD_MS)
+    }
+
+    fn mark_lost(&self) {
+        self.lost.store(true, Release);
+        self.status()
+            .health
+            .state
+            .store(DeviceState::Lost as u32, Release);
+        let _g = self.acks.lock().unwrap_or_else(|e| e.into_inner());
+        self.acked.notify_all();
+    }
+
+    /// Stops the firmware (asking first, then killing a process that does not exit) and
+    /// the event thread. The device counts as lost afterwards.
+    pub fn stop(&self) {
+        if !self.is_lost() && self.ready.load(Acquire) {
+            let _ = self.call(FwRequest::Shutdown, &[]);
+        }
+        self.mark_lost();
+        self.stop.store(true, Release);
+        let c = self.control.head::<ControlRegion>();
+        c.kmd_kick.word.fetch_add(1, Release);
+        sync::futex_wake_all(&c.kmd_kick.word);
+        // Closing our end of the channel tells a firmware that missed Shutdown to exit.
+        {
+            let s = self.sender.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = rustix::net::shutdown(s.channel.as_fd(), rustix::net::Shutdown::Both);
+        }
+        self.kick_firmware();
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match running {
+            Some(Running::Process(mut child)) => {
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Some(Running::Thread(t)) => {
+                let _ = t.join();
+            }
+            None => {}
+        }
+    }
+
+    /// The firmware's process id in daemon mode.
+    pub fn firmware_pid(&self) -> Option<u32> {
+        match self.running.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(Running::Process(c)) => Some(c.id()),
+            _ => None,
+        }
+    }
+}
+
+fn spawn_process(path: &PathBuf, channel: OwnedFd) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let raw = channel.as_raw_fd();
+    let mut cmd = Command::new(path);
+    cmd.arg("--channel-fd").arg(raw.to_string());
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe syscalls (fcntl, prctl) on a descriptor the child inherited.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = rustix::fd::BorrowedFd::borrow_raw(raw);
+            rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+            // The firmware must not outlive kmd-shim.
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| std::io::Error::from_raw_os_error(errno(e).raw_os_error()))?;
+    drop(channel);
+    Ok(child)
+}

@@ -1,0 +1,126 @@
+//! DOC: the device socket: where it lives, how exactly one server binds it, how a client
+//! reaches it.
+//!
+//! The socket is a Unix `SOCK_SEQPACKET` socket. Its default path is
+//! `$XDG_RUNTIME_DIR/userq/dev0.sock`, or `/tmp/userq-$UID/dev0.sock` where there is no
+//! runtime directory. Binding happens under an `flock` on the socket's directory, after a
+//! connect probe: if a live server answers, binding is refused with
+//! [`BindError::InUse`]; if the file is left over from a dead server, it is replaced. So two
+//! processes racing to start an embedded device end with one server and one client.
+
+use rustix::fd::{AsFd, OwnedFd};
+use rustix::fs::{FlockOperation, Mode, OFlags};
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+use std::path::{Path, PathBuf};
+
+/// Why the device socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// A live device already serves this path.
+    #[error("a device is already serving {0}")]
+    InUse(PathBuf),
+    /// The directory could not be made private or the socket could not be created.
+    #[error("cannot bind {path}: {source}")]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// The failing call's error.
+        source: rustix::io::Errno,
+    },
+}
+
+/// The default socket path, as described in the module docs.
+pub fn default_socket_path() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("userq").join("dev0.sock"),
+        None => {
+            let uid = rustix::process::getuid().as_raw();
+            PathBuf::from(format!("/tmp/userq-{uid}")).join("dev0.sock")
+        }
+    }
+}
+
+/// Connects to a device socket.
+pub fn connect(path: &Path) -> rustix::io::Result<OwnedFd> {
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+    Ok(fd)
+}
+
+/// A bound, listening device socket; the file is removed on drop.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl Listener {
+    /// Binds `path` unless a live device serves it already.
+    pub fn bind(path: &Path) -> Result<Listener, BindError> {
+        let io = |source| BindError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                io(rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))
+            })?;
+            let _ = rustix::fs::chmod(dir, Mode::RWXU);
+        }
+        let dirfd = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(io)?;
+        rustix::fs::flock(&dirfd, FlockOperation::LockExclusive).map_err(io)?;
+        if connect(path).is_ok() {
+            return Err(BindError::InUse(path.to_owned()));
+        }
+        match rustix::fs::unlink(path) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(io(e)),
+        }
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(io)?;
+        rustix::net::bind(&fd, &SocketAddrUnix::new(path).map_err(io)?).map_err(io)?;
+        let _ = rustix::fs::chmod(path, Mode::RUSR | Mode::WUSR);
+        rustix::net::listen(&fd, 128).map_err(io)?;
+        // The directory lock is released when `dirfd` closes here.
+        Ok(Listener {
+            fd,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for a connection; fails once [`Listener::stop`] was called.
+    pub fn accept(&self) -> rustix::io::Result<OwnedFd> {
+        rustix::net::accept_with(&self.fd, SocketFlags::CLOEXEC)
+    }
+
+    /// Makes a blocked and every later [`Listener::accept`] fail.
+    pub fn stop(&self) {
+        let _ = rustix::net::shutdown(self.fd.as_fd(), rustix::net::Shutdown::Both);
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
