@@ -23,7 +23,7 @@
 
 use crate::error::ErrorCode;
 use crate::layout::{FenceState, FenceWaiters};
-use core::sync::atomic::{fence, AtomicU32, Ordering::*};
+use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering::*};
 use rustix::thread::futex;
 use std::time::{Duration, Instant};
 
@@ -99,6 +99,21 @@ pub fn wake_if_announced(flag: &AtomicU32, word: &AtomicU32) -> bool {
     }
     word.fetch_add(1, Release);
     futex_wake_all(word);
+    true
+}
+
+/// Client side of a doorbell: sets the queue's pending bit, then kicks the firmware if it
+/// announced that it sleeps. Both accesses are SeqCst, which orders the pending store
+/// before the flag load (Dekker with the firmware's store + fence + re-check); on x86 the
+/// RMW is a locked instruction and the load a plain `mov`, so no extra fence is issued.
+/// Returns whether a wake syscall was made.
+pub fn ring_doorbell(pending: &AtomicU64, bit: u64, sleeping: &AtomicU32, kick: &AtomicU32) -> bool {
+    pending.fetch_or(bit, SeqCst);
+    if sleeping.load(SeqCst) == 0 {
+        return false;
+    }
+    kick.fetch_add(1, Release);
+    futex_wake_all(kick);
     true
 }
 

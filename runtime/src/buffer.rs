@@ -1,0 +1,114 @@
+//! Buffers: memory in a context's device address space, also mapped into this process.
+
+use crate::device::DeviceInner;
+use std::marker::PhantomData;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use userq_uapi::ioctl::Request;
+use userq_uapi::os::Mapping;
+
+/// A buffer of `len` elements of `T`, visible to the device at
+/// [`Buffer::device_address`] and to the host through the accessors.
+///
+/// The device may write the buffer at any time while work that names it runs, so host
+/// access goes through single volatile copies ([`Buffer::read`], [`Buffer::to_vec`]) or
+/// atomics ([`Buffer::atomic`] for `u64` words), never through references that another
+/// writer could change underneath.
+pub struct Buffer<T> {
+    dev: Arc<DeviceInner>,
+    va: u64,
+    len: usize,
+    map: Mapping,
+    _t: PhantomData<T>,
+}
+
+impl<T> std::fmt::Debug for Buffer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buffer")
+            .field("device_address", &format_args!("{:#x}", self.va))
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl<T: bytemuck::Pod> Buffer<T> {
+    pub(crate) fn new(dev: Arc<DeviceInner>, va: u64, len: usize, map: Mapping) -> Self {
+        debug_assert!(map.len() >= len * std::mem::size_of::<T>());
+        Buffer {
+            dev,
+            va,
+            len,
+            map,
+            _t: PhantomData,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer has no elements (never: empty buffers are refused).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Device address of element 0.
+    pub fn device_address(&self) -> u64 {
+        self.va
+    }
+
+    /// Device address of element `index`, or `None` past the end.
+    pub fn address_of(&self, index: usize) -> Option<u64> {
+        (index < self.len).then(|| self.va + (index * std::mem::size_of::<T>()) as u64)
+    }
+
+    fn ptr(&self, index: usize) -> *mut T {
+        assert!(index < self.len, "index {index} out of bounds for buffer of {}", self.len);
+        // In bounds (asserted): the mapping holds at least `len` elements.
+        self.map.as_ptr().cast::<T>().wrapping_add(index)
+    }
+
+    /// Reads element `index` with one volatile copy.
+    pub fn read(&self, index: usize) -> T {
+        let p = self.ptr(index);
+        // SAFETY: `p` is in bounds and aligned (the mapping is page-aligned and `T: Pod`
+        // sits at multiples of its size); every bit pattern is a valid `T: Pod`. Volatile:
+        // the device may write this memory concurrently, so the compiler must copy it once.
+        unsafe { p.read_volatile() }
+    }
+
+    /// Writes element `index` with one volatile store.
+    pub fn write(&self, index: usize, value: T) {
+        let p = self.ptr(index);
+        // SAFETY: as in `read`; the mapping is writable and owned by this buffer.
+        unsafe { p.write_volatile(value) }
+    }
+
+    /// Copies the whole buffer out.
+    pub fn to_vec(&self) -> Vec<T> {
+        (0..self.len).map(|i| self.read(i)).collect()
+    }
+
+    /// Copies `src` into the start of the buffer.
+    pub fn copy_from_slice(&self, src: &[T]) {
+        assert!(src.len() <= self.len, "source longer than the buffer");
+        for (i, v) in src.iter().enumerate() {
+            self.write(i, *v);
+        }
+    }
+}
+
+impl Buffer<u64> {
+    /// Element `index` as an atomic, for values the device writes while the host polls.
+    pub fn atomic(&self, index: usize) -> &AtomicU64 {
+        assert!(index < self.len, "index {index} out of bounds for buffer of {}", self.len);
+        self.map.get::<AtomicU64>(index * 8).expect("in bounds and aligned")
+    }
+}
+
+impl<T> Drop for Buffer<T> {
+    fn drop(&mut self) {
+        let _ = self.dev.call(Request::FreeBuffer { va: self.va }, &[]);
+    }
+}

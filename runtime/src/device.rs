@@ -1,0 +1,334 @@
+//! A connection to a userq device: one context, its doorbell page, and the control socket.
+
+use crate::error::{AllocError, ControlError, FenceError, OpenError, QueueCreateError};
+use crate::{Buffer, ExportedFence, Fence, Queue, QueueBuilder};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use userq_uapi::ioctl::{RawReply, Request, MESSAGE_SIZE};
+use userq_uapi::layout::{
+    magic, DeviceKick, DeviceState, DeviceStatus, DoorbellPage, FenceKind, DOORBELL_PAGE_SIZE,
+    PAGE_SIZE,
+};
+use userq_uapi::os::{self, Mapping};
+use userq_uapi::{KmdStatus, ABI_VERSION};
+
+/// How [`DeviceBuilder::open`] finds its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OpenMode {
+    /// Connect if a device answers on the socket; otherwise start an embedded device that
+    /// serves the socket.
+    #[default]
+    Auto,
+    /// Connect to a running device only.
+    Connect,
+    /// Start an embedded device (reusing one this process already runs on that socket).
+    Embedded,
+}
+
+/// Builds a [`Device`].
+#[derive(Debug, Clone, Default)]
+pub struct DeviceBuilder {
+    socket: Option<PathBuf>,
+    mode: OpenMode,
+}
+
+impl DeviceBuilder {
+    /// The socket to use (default: `$USERQ_DEVICE`, else [`default_socket_path`]).
+    pub fn socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.socket = Some(path.into());
+        self
+    }
+
+    /// How to find the device.
+    pub fn mode(mut self, mode: OpenMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Opens the device and a context on it.
+    pub fn open(self) -> Result<Device, OpenError> {
+        let env = std::env::var_os("USERQ_DEVICE").filter(|v| !v.is_empty());
+        let (path, mode) = match (self.socket, env) {
+            (Some(p), _) => (p, self.mode),
+            // An explicit $USERQ_DEVICE names a device that must be running.
+            (None, Some(p)) if self.mode == OpenMode::Auto => (PathBuf::from(p), OpenMode::Connect),
+            (None, Some(p)) => (PathBuf::from(p), self.mode),
+            (None, None) => (default_socket_path(), self.mode),
+        };
+        match mode {
+            OpenMode::Connect => Device::attach(&path, None),
+            OpenMode::Embedded => {
+                let kmd = embedded(&path)?;
+                Device::attach(&path, Some(kmd))
+            }
+            OpenMode::Auto => match Device::attach(&path, None) {
+                Ok(d) => Ok(d),
+                Err(OpenError::Connect { .. }) => {
+                    match embedded(&path) {
+                        Ok(kmd) => Device::attach(&path, Some(kmd)),
+                        // Another process won the race to serve this socket: join it.
+                        Err(OpenError::Start(kmd_shim::StartError::Bind(
+                            kmd_shim::BindError::InUse(_),
+                        ))) => Device::attach(&path, None),
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            },
+        }
+    }
+}
+
+/// The default device socket: `$XDG_RUNTIME_DIR/userq/dev0.sock`, or
+/// `/tmp/userq-$UID/dev0.sock`.
+pub fn default_socket_path() -> PathBuf {
+    kmd_shim::default_socket_path()
+}
+
+/// Embedded devices this process serves, by socket path.
+fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<kmd_shim::Kmd>>> {
+    static R: OnceLock<Mutex<HashMap<PathBuf, Weak<kmd_shim::Kmd>>>> = OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+fn embedded(path: &Path) -> Result<Arc<kmd_shim::Kmd>, OpenError> {
+    let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(k) = reg.get(path).and_then(Weak::upgrade) {
+        return Ok(k);
+    }
+    let launcher = kmd_shim::FirmwareLauncher::Thread(Box::new(|channel| {
+        std::thread::Builder::new()
+            .name("fw-emu".into())
+            .spawn(move || {
+                match fw_emu::Firmware::boot(channel, fw_emu::FirmwareConfig::default()) {
+                    Ok(fw) => fw.run(),
+                    Err(e) => eprintln!("userq: embedded firmware failed to boot: {e}"),
+                }
+            })
+            .expect("spawning the firmware thread")
+    }));
+    let kmd = Arc::new(kmd_shim::Kmd::start(kmd_shim::KmdConfig::new(path, launcher))?);
+    reg.insert(path.to_owned(), Arc::downgrade(&kmd));
+    Ok(kmd)
+}
+
+/// The state every object of one connection shares.
+pub(crate) struct DeviceInner {
+    control: Mutex<OwnedFd>,
+    pub(crate) ctx: u32,
+    generation: u64,
+    pub(crate) doorbells: Mapping,
+    pub(crate) status: Mapping,
+    pub(crate) kick: Mapping,
+    socket: PathBuf,
+    /// Keeps an embedded device alive while this process uses it. Declared last: it is
+    /// dropped after the control socket closes, so the device reclaims this context first.
+    embedded: Option<Arc<kmd_shim::Kmd>>,
+}
+
+impl DeviceInner {
+    /// One request/reply exchange on the control socket.
+    pub(crate) fn call(
+        &self,
+        req: Request,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<([u64; 7], Vec<OwnedFd>), ControlError> {
+        let sock = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        exchange(&sock, req, fds)
+    }
+
+    pub(crate) fn doorbell_page(&self) -> &DoorbellPage {
+        self.doorbells.head()
+    }
+
+    pub(crate) fn status_page(&self) -> &DeviceStatus {
+        self.status.head()
+    }
+
+    pub(crate) fn kick_page(&self) -> &DeviceKick {
+        self.kick.head()
+    }
+
+    pub(crate) fn is_lost(&self) -> bool {
+        self.status_page().health.state.load(std::sync::atomic::Ordering::Acquire)
+            == DeviceState::Lost as u32
+    }
+}
+
+fn exchange(
+    sock: &OwnedFd,
+    req: Request,
+    fds: &[BorrowedFd<'_>],
+) -> Result<([u64; 7], Vec<OwnedFd>), ControlError> {
+    let raw = req.encode();
+    os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&raw), fds)
+        .map_err(|_| ControlError::Disconnected)?;
+    let mut buf = [0u8; 2 * MESSAGE_SIZE];
+    let got = loop {
+        match os::recv_with_fds(sock.as_fd(), &mut buf) {
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return Err(ControlError::Disconnected),
+            Ok(g) => break g,
+        }
+    };
+    if got.len == 0 && got.fds.is_empty() {
+        return Err(ControlError::Disconnected);
+    }
+    if got.len != MESSAGE_SIZE || got.truncated {
+        return Err(ControlError::Protocol("reply of the wrong size"));
+    }
+    let reply = RawReply::decode(&buf[..got.len]).map_err(|_| ControlError::Protocol("bad reply"))?;
+    match KmdStatus::from_u32(reply.status) {
+        KmdStatus::Ok => Ok((reply.values, got.fds)),
+        s => Err(ControlError::Rejected(s)),
+    }
+}
+
+/// A connection to a userq device, with its own context: its own queues, fences, buffers
+/// and device address space. Cheap to clone; every clone is the same context.
+///
+/// Dropping the last clone (and every queue, fence and buffer made from it) closes the
+/// context, and kmd-shim reclaims everything it owned.
+#[derive(Clone)]
+pub struct Device {
+    pub(crate) inner: Arc<DeviceInner>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("context", &self.inner.ctx)
+            .field("socket", &self.inner.socket)
+            .field("embedded", &self.inner.embedded.is_some())
+            .finish()
+    }
+}
+
+impl Device {
+    /// A builder for choosing the socket and how to find the device.
+    pub fn builder() -> DeviceBuilder {
+        DeviceBuilder::default()
+    }
+
+    /// Opens the default device: `$USERQ_DEVICE` if set (it must be running), else the
+    /// default socket if a device serves it, else a new embedded device serving it.
+    pub fn open_default() -> Result<Device, OpenError> {
+        DeviceBuilder::default().open()
+    }
+
+    /// Connects to the device serving `socket`.
+    pub fn connect(socket: impl AsRef<Path>) -> Result<Device, OpenError> {
+        Device::attach(socket.as_ref(), None)
+    }
+
+    fn attach(path: &Path, embedded: Option<Arc<kmd_shim::Kmd>>) -> Result<Device, OpenError> {
+        let sock = kmd_shim::socket::connect(path).map_err(|source| OpenError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+        let (values, fds) = exchange(&sock, Request::OpenContext { abi_version: ABI_VERSION }, &[])?;
+        let [db, status, kick] = <[OwnedFd; 3]>::try_from(fds)
+            .map_err(|_| ControlError::Protocol("OPEN_CONTEXT returned the wrong fds"))?;
+        let doorbells = os::map_object(db.as_fd(), DOORBELL_PAGE_SIZE, true, magic::DOORBELL)
+            .map_err(ControlError::from)?;
+        let status = os::map_object(status.as_fd(), PAGE_SIZE, false, magic::DEVICE_STATUS)
+            .map_err(ControlError::from)?;
+        let kick = os::map_object(kick.as_fd(), PAGE_SIZE, true, magic::DEVICE_KICK)
+            .map_err(ControlError::from)?;
+        Ok(Device {
+            inner: Arc::new(DeviceInner {
+                control: Mutex::new(sock),
+                ctx: values[0] as u32,
+                generation: values[1],
+                doorbells,
+                status,
+                kick,
+                socket: path.to_owned(),
+                embedded,
+            }),
+        })
+    }
+
+    /// This connection's context id.
+    pub fn context_id(&self) -> u32 {
+        self.inner.ctx
+    }
+
+    /// The device generation this context was opened on.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation
+    }
+
+    /// The socket this device is reached through.
+    pub fn socket_path(&self) -> &Path {
+        &self.inner.socket
+    }
+
+    /// Whether this process runs the device (embedded mode).
+    pub fn is_embedded(&self) -> bool {
+        self.inner.embedded.is_some()
+    }
+
+    /// Whether the device was lost (firmware died or the device stopped).
+    pub fn is_lost(&self) -> bool {
+        self.inner.is_lost()
+    }
+
+    /// A builder for a new queue.
+    pub fn queue(&self) -> QueueBuilder<'_> {
+        QueueBuilder::new(self)
+    }
+
+    /// Creates a queue with the default ring size and priority.
+    pub fn create_queue(&self) -> Result<Queue, QueueCreateError> {
+        self.queue().create()
+    }
+
+    /// Creates a user fence with an initial value. Any holder may signal it, from the host
+    /// or from a queue; it can be exported to other processes.
+    pub fn create_fence(&self, initial: u64) -> Result<Fence, FenceError> {
+        let (v, fds) = self.inner.call(Request::CreateFence { initial }, &[])?;
+        let [state, waiters] = <[OwnedFd; 2]>::try_from(fds)
+            .map_err(|_| ControlError::Protocol("CREATE_FENCE returned the wrong fds"))?;
+        Fence::from_parts(&self.inner, v[0] as u32, FenceKind::User, state, waiters)
+    }
+
+    /// Imports a fence another context exported (possibly from another process).
+    pub fn import_fence(&self, exported: ExportedFence) -> Result<Fence, FenceError> {
+        let (state, waiters) = exported.into_fds();
+        let r = self
+            .inner
+            .call(Request::ImportFence, &[state.as_fd(), waiters.as_fd()]);
+        let v = match r {
+            Ok((v, _)) => v,
+            Err(ControlError::Rejected(KmdStatus::BadFd)) => return Err(FenceError::NotAFence),
+            Err(e) => return Err(e.into()),
+        };
+        let kind = FenceKind::from_u32(v[2] as u32)
+            .ok_or(ControlError::Protocol("unknown fence kind"))?;
+        Fence::from_parts(&self.inner, v[0] as u32, kind, state, waiters)
+    }
+
+    /// Allocates a buffer of `len` elements of `T`, zero-filled, mapped both into this
+    /// context's device address space and into this process.
+    pub fn alloc<T: bytemuck::Pod>(&self, len: usize) -> Result<Buffer<T>, AllocError> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .filter(|&b| b > 0)
+            .ok_or(AllocError::BadSize)?;
+        let r = self.inner.call(Request::AllocBuffer { size: bytes as u64 }, &[]);
+        let (v, fds) = match r {
+            Ok(x) => x,
+            Err(ControlError::Rejected(KmdStatus::OutOfMemory)) => return Err(AllocError::OutOfMemory),
+            Err(ControlError::Rejected(KmdStatus::InvalidArgument)) => return Err(AllocError::BadSize),
+            Err(e) => return Err(e.into()),
+        };
+        let [fd] = <[OwnedFd; 1]>::try_from(fds)
+            .map_err(|_| ControlError::Protocol("ALLOC_BUFFER returned the wrong fds"))?;
+        let map = Mapping::map(fd.as_fd(), v[1] as usize, true)
+            .map_err(|e| ControlError::Map(e.into()))?;
+        Ok(Buffer::new(self.inner.clone(), v[0], len, map))
+    }
+}

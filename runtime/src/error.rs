@@ -1,0 +1,167 @@
+//! Error types, one per kind of operation.
+
+use std::path::PathBuf;
+pub use userq_uapi::error::ErrorCode;
+pub use userq_uapi::KmdStatus;
+
+/// A control-plane call to kmd-shim failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// kmd-shim refused the request.
+    #[error("kmd-shim refused the request: {0}")]
+    Rejected(KmdStatus),
+    /// The connection to kmd-shim is gone: the device was stopped or lost.
+    #[error("connection to the device closed")]
+    Disconnected,
+    /// kmd-shim answered with something that is not a valid reply.
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    /// An object kmd-shim handed over could not be mapped or failed its check.
+    #[error(transparent)]
+    Map(#[from] userq_uapi::os::MapError),
+}
+
+/// [`crate::Device`] could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No device answers on the socket.
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        /// The socket path tried.
+        path: PathBuf,
+        /// Why.
+        source: rustix::io::Errno,
+    },
+    /// An embedded device could not be started.
+    #[error("cannot start an embedded device: {0}")]
+    Start(#[from] kmd_shim::StartError),
+    /// The device refused or failed the context.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+/// [`crate::Device::queue`] could not create a queue.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueCreateError {
+    /// The ring size is not a power of two in the allowed range.
+    #[error("ring size {0} is not a power of two between 2 and 65536")]
+    BadRingSize(u32),
+    /// The context already has the maximum number of queues.
+    #[error("too many queues in this context")]
+    TooManyQueues,
+    /// Another control-plane failure.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+/// A submission was refused. Nothing of it reached the ring.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The ring has no room and the caller asked not to block.
+    #[error("ring full")]
+    WouldBlock,
+    /// The batch has more packets than the ring has entries.
+    #[error("batch of {batch} packets does not fit a ring of {entries}")]
+    BatchTooLarge {
+        /// Packets in the batch.
+        batch: usize,
+        /// Ring entries.
+        entries: u64,
+    },
+    /// A command names a fence of another device connection; its handle means nothing
+    /// to this queue's context. Import the fence into this device first.
+    #[error("command names a fence that belongs to another device connection")]
+    ForeignFence,
+    /// The queue stopped on an error; nothing submitted now would run.
+    #[error("queue stopped: {0}")]
+    QueueFaulted(FenceFault),
+    /// Waiting for room timed out.
+    #[error("timed out waiting for room in the ring")]
+    Timeout,
+    /// The device is lost.
+    #[error("device lost")]
+    DeviceLost,
+}
+
+/// Why a fence was poisoned: the error record its signaller wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FenceFault {
+    /// What happened; `None` for a code this build does not know.
+    pub code: Option<ErrorCode>,
+    /// Index of the packet that failed (its fence value would have been `packet_index + 1`).
+    pub packet_index: u64,
+    /// Offending address or write index, where there is one.
+    pub address: u64,
+    /// Code-specific detail (bad opcode, fence handle, poison code of a dependency).
+    pub detail: u32,
+    /// The last value that completed before the error.
+    pub last_completed: u64,
+}
+
+impl std::fmt::Display for FenceFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.code {
+            Some(c) => write!(f, "{}", c.describe())?,
+            None => write!(f, "unknown error")?,
+        }
+        write!(
+            f,
+            " at packet {} (address {:#x}, detail {}), last completed value {}",
+            self.packet_index, self.address, self.detail, self.last_completed
+        )
+    }
+}
+
+/// A wait did not see its fence reach the value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WaitError {
+    /// The timeout passed first.
+    #[error("timed out")]
+    Timeout,
+    /// The fence was poisoned: its queue stopped on an error, was destroyed, or its owner
+    /// went away, before reaching the value.
+    #[error("fence poisoned: {0}")]
+    Faulted(FenceFault),
+    /// The device was lost.
+    #[error("device lost")]
+    DeviceLost,
+}
+
+/// A host-side signal was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SignalError {
+    /// The fence is a queue's timeline: only the firmware signals it.
+    #[error("a queue timeline fence cannot be signalled from the host")]
+    ReadOnly,
+    /// The fence is poisoned.
+    #[error("fence poisoned: {0}")]
+    Poisoned(FenceFault),
+}
+
+/// Creating, exporting or importing a fence failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    /// The fds given to import are not the two objects of one live userq fence.
+    #[error("not a userq fence of this device")]
+    NotAFence,
+    /// Duplicating a descriptor failed.
+    #[error("cannot duplicate a fence descriptor: {0}")]
+    Dup(rustix::io::Errno),
+    /// Another control-plane failure.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+/// Allocating a buffer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    /// Zero elements, or more bytes than one buffer may have.
+    #[error("invalid buffer size")]
+    BadSize,
+    /// The device-memory budget is exhausted.
+    #[error("out of device memory")]
+    OutOfMemory,
+    /// Another control-plane failure.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}

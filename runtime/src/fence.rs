@@ -1,0 +1,384 @@
+//! Fences: 64-bit values in shared memory that the firmware (or a host thread) signals and
+//! anyone holding them can wait on.
+//!
+//! Every queue has a *timeline* fence: packet `N` of the queue (counting from 1) completes
+//! by setting it to `N`, so a [`FencePoint`] (a fence and a value) names "this packet and
+//! everything before it on its queue". User fences ([`crate::Device::create_fence`]) are
+//! set by whoever holds them, from the host or from a queue's SIGNAL_FENCE.
+//!
+//! Waiting spins for a bounded budget, then registers in the fence's waiter count and sleeps
+//! on the fence's shared futex word (the protocol in [`userq_uapi::sync`]). The firmware
+//! makes a futex wake only while a waiter is registered.
+
+use crate::device::DeviceInner;
+use crate::error::{ControlError, FenceError, FenceFault, SignalError, WaitError};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering::*};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use userq_uapi::error::ErrorCode;
+use userq_uapi::ioctl::Request;
+use userq_uapi::layout::{magic, FenceKind, FenceState, FenceWaiters, PAGE_SIZE};
+use userq_uapi::os::{self, Mapping};
+use userq_uapi::packet::FenceHandle;
+use userq_uapi::sync::{self, Backoff, BackoffStep};
+
+pub(crate) struct FenceInner {
+    dev: Arc<DeviceInner>,
+    pub(crate) handle: FenceHandle,
+    kind: FenceKind,
+    state: Mapping,
+    waiters: Mapping,
+    state_fd: OwnedFd,
+    waiters_fd: OwnedFd,
+}
+
+impl FenceInner {
+    fn state(&self) -> &FenceState {
+        self.state.head()
+    }
+
+    fn waiters(&self) -> &FenceWaiters {
+        self.waiters.head()
+    }
+
+    pub(crate) fn context(&self) -> u32 {
+        self.dev.ctx
+    }
+
+    fn fault(&self) -> Option<FenceFault> {
+        let st = self.state();
+        if st.slot.poison.load(Acquire) == 0 {
+            return None;
+        }
+        let r = &st.record;
+        Some(FenceFault {
+            code: ErrorCode::from_u32(r.code.load(Relaxed)),
+            packet_index: r.packet_index.load(Relaxed),
+            address: r.address.load(Relaxed),
+            detail: r.detail.load(Relaxed),
+            last_completed: r.last_completed.load(Relaxed),
+        })
+    }
+
+    /// `Some` once a wait for `target` is decided.
+    fn check(&self, target: u64) -> Option<Result<(), WaitError>> {
+        // SeqCst: in the blocking phase these loads must not move before the waiter
+        // registration (see userq_uapi::sync). On x86 a SeqCst load is a plain load.
+        if self.state().slot.value.load(SeqCst) >= target {
+            return Some(Ok(()));
+        }
+        if let Some(f) = self.fault() {
+            return Some(Err(if f.code == Some(ErrorCode::DeviceLost) {
+                WaitError::DeviceLost
+            } else {
+                WaitError::Faulted(f)
+            }));
+        }
+        if self.dev.is_lost() {
+            return Some(Err(WaitError::DeviceLost));
+        }
+        None
+    }
+}
+
+impl Drop for FenceInner {
+    fn drop(&mut self) {
+        let _ = self.dev.call(Request::ReleaseFence { handle: self.handle }, &[]);
+    }
+}
+
+/// A fence. Cheap to clone; the device's handle on it is released when the last clone
+/// (and every [`FencePoint`] on it) is dropped.
+#[derive(Clone)]
+pub struct Fence {
+    pub(crate) inner: Arc<FenceInner>,
+}
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fence")
+            .field("handle", &self.inner.handle.0)
+            .field("kind", &self.inner.kind)
+            .field("value", &self.value())
+            .finish()
+    }
+}
+
+impl Fence {
+    pub(crate) fn from_parts(
+        dev: &Arc<DeviceInner>,
+        handle: u32,
+        kind: FenceKind,
+        state_fd: OwnedFd,
+        waiters_fd: OwnedFd,
+    ) -> Result<Fence, FenceError> {
+        let writable = kind == FenceKind::User;
+        let state = os::map_object(state_fd.as_fd(), PAGE_SIZE, writable, magic::FENCE_STATE)
+            .map_err(ControlError::from)?;
+        let waiters = os::map_object(waiters_fd.as_fd(), PAGE_SIZE, true, magic::FENCE_WAITERS)
+            .map_err(ControlError::from)?;
+        Ok(Fence {
+            inner: Arc::new(FenceInner {
+                dev: dev.clone(),
+                handle: FenceHandle(handle),
+                kind,
+                state,
+                waiters,
+                state_fd,
+                waiters_fd,
+            }),
+        })
+    }
+
+    /// The current value.
+    pub fn value(&self) -> u64 {
+        self.inner.state().slot.value.load(Acquire)
+    }
+
+    /// Whether this is a queue's timeline fence (signalled only by the firmware).
+    pub fn is_timeline(&self) -> bool {
+        self.inner.kind == FenceKind::Timeline
+    }
+
+    /// Why the fence was poisoned, if it was.
+    pub fn fault(&self) -> Option<FenceFault> {
+        self.inner.fault()
+    }
+
+    /// The point at which this fence reaches `value`.
+    pub fn point(&self, value: u64) -> FencePoint {
+        FencePoint {
+            fence: self.clone(),
+            value,
+        }
+    }
+
+    /// Sets a user fence to `value` from the host and wakes its waiters, in any process,
+    /// and any queue parked on it.
+    pub fn signal(&self, value: u64) -> Result<(), SignalError> {
+        if self.inner.kind != FenceKind::User {
+            return Err(SignalError::ReadOnly);
+        }
+        if let Some(f) = self.inner.fault() {
+            return Err(SignalError::Poisoned(f));
+        }
+        let i = &self.inner;
+        if sync::signal_fence(i.state(), i.waiters(), value) {
+            // Queues are parked on this fence: make sure the firmware looks.
+            sync::wake_if_announced(
+                &i.dev.status_page().sleep.sleeping,
+                &i.dev.kick_page().kick.word,
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits until the fence is at least `value` (see [`FencePoint::wait`]).
+    pub fn wait(&self, value: u64, timeout: Duration) -> Result<(), WaitError> {
+        self.point(value).wait(timeout)
+    }
+
+    /// Duplicates the fence's descriptors for another process to
+    /// [`crate::Device::import_fence`].
+    pub fn export(&self) -> Result<ExportedFence, FenceError> {
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| {
+            FenceError::Dup(rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))
+        });
+        Ok(ExportedFence {
+            state: dup(&self.inner.state_fd)?,
+            waiters: dup(&self.inner.waiters_fd)?,
+        })
+    }
+}
+
+/// A fence in transit between contexts or processes: its two memory objects (the value
+/// side, read-only for queue timelines, and the waiter side).
+#[derive(Debug)]
+pub struct ExportedFence {
+    state: OwnedFd,
+    waiters: OwnedFd,
+}
+
+impl ExportedFence {
+    /// Rebuilds an exported fence from descriptors received from another process. Whether
+    /// they really are a userq fence is checked by the device at import.
+    pub fn from_fds(state: OwnedFd, waiters: OwnedFd) -> Self {
+        ExportedFence { state, waiters }
+    }
+
+    /// The two descriptors.
+    pub fn into_fds(self) -> (OwnedFd, OwnedFd) {
+        (self.state, self.waiters)
+    }
+
+    /// Borrows the two descriptors.
+    pub fn as_fds(&self) -> (BorrowedFd<'_>, BorrowedFd<'_>) {
+        (self.state.as_fd(), self.waiters.as_fd())
+    }
+
+    /// Sends the fence over a connected Unix socket (SCM_RIGHTS).
+    pub fn send(&self, socket: impl AsFd) -> std::io::Result<()> {
+        os::send_with_fds(socket.as_fd(), b"userq-fence", &[self.state.as_fd(), self.waiters.as_fd()])
+            .map_err(std::io::Error::from)
+    }
+
+    /// Receives a fence sent with [`ExportedFence::send`].
+    pub fn recv(socket: impl AsFd) -> std::io::Result<ExportedFence> {
+        let mut buf = [0u8; 32];
+        let got = os::recv_with_fds(socket.as_fd(), &mut buf).map_err(std::io::Error::from)?;
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a userq fence message");
+        if &buf[..got.len] != b"userq-fence" || got.truncated {
+            return Err(bad());
+        }
+        let [state, waiters] = <[OwnedFd; 2]>::try_from(got.fds).map_err(|_| bad())?;
+        Ok(ExportedFence { state, waiters })
+    }
+}
+
+/// How a wait spends the time before the value arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WaitMode {
+    /// Spin (with a pause hint) until done or timed out. Lowest latency; burns a core.
+    Spin,
+    /// Sleep on the futex at once. Costs a wake-up (tens of microseconds).
+    Block,
+    /// Spin briefly, yield briefly, then sleep.
+    #[default]
+    Adaptive,
+}
+
+/// A fence reaching a value: "packet N of that queue is done".
+#[derive(Clone, Debug)]
+pub struct FencePoint {
+    fence: Fence,
+    value: u64,
+}
+
+impl FencePoint {
+    /// The fence.
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+
+    /// The value waited for.
+    pub fn value(&self) -> u64 {
+        self.value
+    }
+
+    /// Whether the fence has reached the value, without waiting. Errors as
+    /// [`FencePoint::wait`] does.
+    pub fn poll(&self) -> Result<bool, WaitError> {
+        match self.fence.inner.check(self.value) {
+            Some(Ok(())) => Ok(true),
+            Some(Err(e)) => Err(e),
+            None => Ok(false),
+        }
+    }
+
+    /// Waits (adaptively) until the fence reaches the value; `Duration::MAX` waits forever.
+    pub fn wait(&self, timeout: Duration) -> Result<(), WaitError> {
+        self.wait_with(WaitMode::Adaptive, timeout)
+    }
+
+    /// Waits with a chosen [`WaitMode`].
+    pub fn wait_with(&self, mode: WaitMode, timeout: Duration) -> Result<(), WaitError> {
+        wait_many(std::slice::from_ref(self), true, mode, timeout).map(|_| ())
+    }
+}
+
+/// Waits until every point is reached. Fails as soon as one cannot be.
+pub fn wait_all(points: &[FencePoint], mode: WaitMode, timeout: Duration) -> Result<(), WaitError> {
+    wait_many(points, true, mode, timeout).map(|_| ())
+}
+
+/// Waits until any point is reached and returns its index. Fails as soon as one point can
+/// never be reached (its fence was poisoned) while none is reached. An empty set is an
+/// immediate timeout.
+pub fn wait_any(points: &[FencePoint], mode: WaitMode, timeout: Duration) -> Result<usize, WaitError> {
+    wait_many(points, false, mode, timeout)
+}
+
+fn decide(points: &[FencePoint], all: bool) -> Option<Result<usize, WaitError>> {
+    let mut pending = false;
+    for (i, p) in points.iter().enumerate() {
+        match p.fence.inner.check(p.value) {
+            Some(Ok(())) if !all => return Some(Ok(i)),
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Some(Err(e)),
+            None => pending = true,
+        }
+    }
+    (all && !pending).then_some(Ok(0))
+}
+
+/// Undoes the waiter registrations of the blocking phase, however it ends.
+struct Registered<'a>(&'a [FencePoint]);
+
+impl<'a> Registered<'a> {
+    fn new(points: &'a [FencePoint]) -> Self {
+        for p in points {
+            p.fence.inner.waiters().line.host.fetch_add(1, SeqCst);
+        }
+        Registered(points)
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        for p in self.0 {
+            p.fence.inner.waiters().line.host.fetch_sub(1, SeqCst);
+        }
+    }
+}
+
+fn wait_many(
+    points: &[FencePoint],
+    all: bool,
+    mode: WaitMode,
+    timeout: Duration,
+) -> Result<usize, WaitError> {
+    if points.is_empty() {
+        return if all { Ok(0) } else { Err(WaitError::Timeout) };
+    }
+    let deadline = Instant::now().checked_add(timeout);
+    let expired = || deadline.is_some_and(|d| Instant::now() >= d);
+    let (spin, yield_until) = match mode {
+        WaitMode::Spin => (Duration::MAX, Duration::MAX),
+        WaitMode::Block => (Duration::ZERO, Duration::ZERO),
+        WaitMode::Adaptive => (Duration::from_micros(20), Duration::from_micros(100)),
+    };
+    let mut backoff = Backoff::new(spin, yield_until);
+    loop {
+        if let Some(r) = decide(points, all) {
+            return r;
+        }
+        if expired() {
+            return Err(WaitError::Timeout);
+        }
+        if backoff.step() == BackoffStep::Sleep {
+            break;
+        }
+    }
+    let _registered = Registered::new(points);
+    let mut words: Vec<(&AtomicU32, u32)> = Vec::with_capacity(points.len());
+    loop {
+        words.clear();
+        for p in points {
+            let w = &p.fence.inner.state().slot.wake;
+            words.push((w, w.load(SeqCst)));
+        }
+        if let Some(r) = decide(points, all) {
+            return r;
+        }
+        let left = match deadline {
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(l) if !l.is_zero() => l,
+                _ => return Err(WaitError::Timeout),
+            },
+            None => Duration::MAX,
+        };
+        // Bounded so that a lost device is noticed even if nobody wakes this waiter.
+        sync::futex_wait_any(&words, Some(left.min(Duration::from_millis(200))));
+    }
+}

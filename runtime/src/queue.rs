@@ -1,0 +1,396 @@
+//! Queues: a ring in shared memory, written by this process and read by the firmware.
+//!
+//! Submitting is a few stores: the packets into their slots, the new write index into the
+//! queue's doorbell (release), the queue's bit into the pending summary, and a read of the
+//! firmware's sleep flag. No syscall, no lock, no allocation, unless the firmware sleeps
+//! (one futex wake) or the ring looks full (one read of the shared read index, and a wait
+//! only if it really is full).
+
+use crate::device::{Device, DeviceInner};
+use crate::error::{ControlError, FenceFault, QueueCreateError, SubmitError, WaitError};
+use crate::fence::{Fence, FencePoint, WaitMode};
+use rustix::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use userq_uapi::ioctl::{Priority, Request};
+use userq_uapi::layout::{
+    magic, ring_object_size, FenceKind, RingHeader, MAX_RING_ENTRIES, MIN_RING_ENTRIES,
+    RING_PACKETS_OFFSET,
+};
+use userq_uapi::os::{self, Mapping};
+use userq_uapi::packet::{self, Packet, WaitCondition};
+use userq_uapi::{sync, KmdStatus};
+
+/// Ring size of [`Device::create_queue`].
+pub const DEFAULT_RING_ENTRIES: u32 = 256;
+
+/// One packet for a queue. Build with the constructors; fences named must belong to the
+/// same [`Device`] (context) as the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Command {
+    cmd: packet::Command,
+    /// Context of the fence the command names, if it names one.
+    fence_context: Option<u32>,
+}
+
+impl Command {
+    /// Does nothing; completes in order like every command.
+    pub fn nop() -> Self {
+        Command {
+            cmd: packet::Command::Nop,
+            fence_context: None,
+        }
+    }
+
+    /// Stores `value` at device address `addr` (8-aligned, in this context's VM; see
+    /// [`crate::Buffer::address_of`]).
+    pub fn write_value(addr: u64, value: u64) -> Self {
+        Command {
+            cmd: packet::Command::WriteValue { addr, value },
+            fence_context: None,
+        }
+    }
+
+    /// Stores the device clock (CLOCK_MONOTONIC nanoseconds) at device address `addr`.
+    pub fn timestamp(addr: u64) -> Self {
+        Command {
+            cmd: packet::Command::Timestamp { addr },
+            fence_context: None,
+        }
+    }
+
+    /// Sets a user fence to `value` and wakes its waiters.
+    pub fn signal(fence: &Fence, value: u64) -> Self {
+        Command {
+            cmd: packet::Command::SignalFence {
+                fence: fence.inner.handle,
+                value,
+            },
+            fence_context: Some(fence.inner.context()),
+        }
+    }
+
+    /// Holds the queue until the point is reached (fence ≥ value). The queue is parked
+    /// meanwhile and costs the firmware nothing.
+    pub fn wait(point: &FencePoint) -> Self {
+        Self::wait_fence(point.fence(), point.value(), WaitCondition::GreaterOrEqual, u64::MAX)
+    }
+
+    /// Holds the queue until `fence & mask` compares with `value & mask` as `condition`
+    /// says.
+    pub fn wait_fence(fence: &Fence, value: u64, condition: WaitCondition, mask: u64) -> Self {
+        Command {
+            cmd: packet::Command::WaitFence {
+                fence: fence.inner.handle,
+                value,
+                mask,
+                condition,
+            },
+            fence_context: Some(fence.inner.context()),
+        }
+    }
+}
+
+/// Builds a [`Queue`].
+#[derive(Debug)]
+pub struct QueueBuilder<'d> {
+    dev: &'d Device,
+    entries: u32,
+    priority: Priority,
+}
+
+impl<'d> QueueBuilder<'d> {
+    pub(crate) fn new(dev: &'d Device) -> Self {
+        QueueBuilder {
+            dev,
+            entries: DEFAULT_RING_ENTRIES,
+            priority: Priority::Normal,
+        }
+    }
+
+    /// Ring size in packets: a power of two from 2 to 65536.
+    pub fn ring_entries(mut self, entries: u32) -> Self {
+        self.entries = entries;
+        self
+    }
+
+    /// Scheduling priority.
+    pub fn priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Creates the queue.
+    pub fn create(self) -> Result<Queue, QueueCreateError> {
+        let e = self.entries;
+        if !e.is_power_of_two() || !(MIN_RING_ENTRIES..=MAX_RING_ENTRIES).contains(&e) {
+            return Err(QueueCreateError::BadRingSize(e));
+        }
+        let inner = &self.dev.inner;
+        let r = inner.call(
+            Request::CreateQueue {
+                ring_entries: e,
+                priority: self.priority,
+            },
+            &[],
+        );
+        let (v, fds) = match r {
+            Ok(x) => x,
+            Err(ControlError::Rejected(KmdStatus::LimitExceeded)) => {
+                return Err(QueueCreateError::TooManyQueues)
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let [ring_fd, state, waiters] = <[OwnedFd; 3]>::try_from(fds)
+            .map_err(|_| ControlError::Protocol("CREATE_QUEUE returned the wrong fds"))?;
+        let slot = v[0] as u32;
+        // From here on, a failure must still destroy the queue: build the guard first.
+        let destroy = DestroyOnError {
+            dev: inner,
+            slot: Some(slot),
+        };
+        let ring = os::map_object(ring_fd.as_fd(), ring_object_size(e), true, magic::RING)
+            .map_err(ControlError::from)?;
+        let timeline = Fence::from_parts(inner, v[1] as u32, FenceKind::Timeline, state, waiters)
+            .map_err(|e| match e {
+                crate::FenceError::Control(c) => c,
+                _ => ControlError::Protocol("timeline fence"),
+            })?;
+        let mut destroy = destroy;
+        destroy.slot = None;
+        Ok(Queue {
+            dev: inner.clone(),
+            slot,
+            ring,
+            mask: e as u64 - 1,
+            entries: e as u64,
+            wptr: 0,
+            cached_rptr: 0,
+            timeline,
+            priority: self.priority,
+        })
+    }
+}
+
+struct DestroyOnError<'a> {
+    dev: &'a Arc<DeviceInner>,
+    slot: Option<u32>,
+}
+
+impl Drop for DestroyOnError<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot {
+            let _ = self.dev.call(Request::DestroyQueue { slot }, &[]);
+        }
+    }
+}
+
+/// What the firmware says about a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueStatus {
+    /// Accepting and running work.
+    Active,
+    /// Stopped on an error; nothing more will run.
+    Faulted(FenceFault),
+    /// Destroyed (or its device went away).
+    Destroyed,
+}
+
+/// A user-mode queue. Single producer: submitting takes `&mut self`. Wrap it in a mutex
+/// to share it between threads.
+pub struct Queue {
+    dev: Arc<DeviceInner>,
+    slot: u32,
+    ring: Mapping,
+    mask: u64,
+    entries: u64,
+    /// Packets written so far; the doorbell holds the published copy.
+    wptr: u64,
+    /// A copy of the ring's read index; stale, refreshed only when the ring looks full.
+    cached_rptr: u64,
+    timeline: Fence,
+    priority: Priority,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("slot", &self.slot)
+            .field("entries", &self.entries)
+            .field("submitted", &self.wptr)
+            .field("priority", &self.priority)
+            .finish()
+    }
+}
+
+impl Queue {
+    /// The queue's timeline fence: packet `N` (from 1) completes by setting it to `N`.
+    pub fn timeline(&self) -> &Fence {
+        &self.timeline
+    }
+
+    /// The point of the last packet submitted (value 0 before the first).
+    pub fn last_submitted(&self) -> FencePoint {
+        self.timeline.point(self.wptr)
+    }
+
+    /// Ring size in packets.
+    pub fn ring_entries(&self) -> u64 {
+        self.entries
+    }
+
+    /// The queue's doorbell slot in its context.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// Scheduling priority.
+    pub fn priority(&self) -> Priority {
+        self.priority
+    }
+
+    /// The firmware's view of the queue.
+    pub fn status(&self) -> QueueStatus {
+        if let Some(f) = self.timeline.fault() {
+            if f.code == Some(userq_uapi::ErrorCode::QueueDestroyed)
+                || f.code == Some(userq_uapi::ErrorCode::DeviceLost)
+            {
+                return QueueStatus::Destroyed;
+            }
+            return QueueStatus::Faulted(f);
+        }
+        QueueStatus::Active
+    }
+
+    /// Submits one command, blocking while the ring is full.
+    pub fn submit(&mut self, cmd: Command) -> Result<FencePoint, SubmitError> {
+        self.submit_batch(std::slice::from_ref(&cmd))
+    }
+
+    /// Submits one command, or fails with [`SubmitError::WouldBlock`] if the ring is full.
+    pub fn try_submit(&mut self, cmd: Command) -> Result<FencePoint, SubmitError> {
+        self.submit_batch_timeout(std::slice::from_ref(&cmd), Duration::ZERO)
+    }
+
+    /// Submits a batch with one doorbell, blocking while the ring lacks room. Returns the
+    /// point of the batch's last packet. An empty batch returns [`Queue::last_submitted`].
+    pub fn submit_batch(&mut self, cmds: &[Command]) -> Result<FencePoint, SubmitError> {
+        self.submit_batch_timeout(cmds, Duration::MAX)
+    }
+
+    /// Submits a batch, waiting at most `timeout` for room ([`SubmitError::WouldBlock`] when
+    /// `timeout` is zero and the ring is full, [`SubmitError::Timeout`] otherwise).
+    pub fn submit_batch_timeout(
+        &mut self,
+        cmds: &[Command],
+        timeout: Duration,
+    ) -> Result<FencePoint, SubmitError> {
+        if cmds.iter().any(|c| c.fence_context.is_some_and(|ctx| ctx != self.dev.ctx)) {
+            return Err(SubmitError::ForeignFence);
+        }
+        self.reserve(cmds.len(), timeout)?;
+        self.write(cmds.iter().map(|c| c.cmd.encode()));
+        Ok(self.ring_doorbell())
+    }
+
+    /// Submits packets as they are, unchecked: for tools and for tests of the firmware's
+    /// validation. The firmware stops the queue on the first invalid one.
+    pub fn submit_packets(&mut self, packets: &[Packet], timeout: Duration) -> Result<FencePoint, SubmitError> {
+        self.reserve(packets.len(), timeout)?;
+        self.write(packets.iter().copied());
+        Ok(self.ring_doorbell())
+    }
+
+    /// Waits until everything submitted so far has completed.
+    pub fn finish(&self, timeout: Duration) -> Result<(), WaitError> {
+        self.last_submitted().wait_with(WaitMode::Adaptive, timeout)
+    }
+
+    /// Makes room for `n` packets.
+    fn reserve(&mut self, n: usize, timeout: Duration) -> Result<(), SubmitError> {
+        if n as u64 > self.entries {
+            return Err(SubmitError::BatchTooLarge {
+                batch: n,
+                entries: self.entries,
+            });
+        }
+        let need = (self.wptr + n as u64).saturating_sub(self.entries);
+        if self.cached_rptr >= need {
+            return Ok(()); // fast path: the cached index says there is room
+        }
+        let deadline = Instant::now().checked_add(timeout);
+        let ring = self.ring.head::<RingHeader>();
+        loop {
+            // Acquire: pairs with the firmware's release store after copying the packets
+            // out, so their slots may be overwritten now.
+            self.cached_rptr = ring.read_index.value.load(Acquire);
+            if self.cached_rptr > self.wptr {
+                // Only a corrupted ring (or a firmware bug) shows this.
+                self.cached_rptr = self.wptr;
+            }
+            if self.cached_rptr >= need {
+                return Ok(());
+            }
+            match self.status() {
+                QueueStatus::Faulted(f) => return Err(SubmitError::QueueFaulted(f)),
+                QueueStatus::Destroyed => return Err(SubmitError::DeviceLost),
+                QueueStatus::Active => {}
+            }
+            if self.dev.is_lost() {
+                return Err(SubmitError::DeviceLost);
+            }
+            let left = match deadline {
+                None => Duration::from_millis(10),
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(l) if !l.is_zero() => l.min(Duration::from_millis(10)),
+                    _ if timeout.is_zero() => return Err(SubmitError::WouldBlock),
+                    _ => return Err(SubmitError::Timeout),
+                },
+            };
+            // Completion implies consumption, so the timeline reaching `need` frees the
+            // room; the short slices re-check the read index, which can run ahead.
+            match self.timeline.point(need).wait_with(WaitMode::Adaptive, left) {
+                Ok(()) | Err(WaitError::Timeout) => {}
+                Err(WaitError::Faulted(f)) => return Err(SubmitError::QueueFaulted(f)),
+                Err(WaitError::DeviceLost) => return Err(SubmitError::DeviceLost),
+            }
+        }
+    }
+
+    /// Writes packets at the write index (room is reserved).
+    fn write(&mut self, packets: impl ExactSizeIterator<Item = Packet>) {
+        let slots = self
+            .ring
+            .get_slice::<[AtomicU64; 8]>(RING_PACKETS_OFFSET, self.entries as usize)
+            .expect("ring mapping covers its slots (checked at create)");
+        for p in packets {
+            let slot = &slots[(self.wptr & self.mask) as usize];
+            for (w, v) in slot.iter().zip(p.to_words()) {
+                w.store(v, Relaxed);
+            }
+            self.wptr += 1;
+        }
+    }
+
+    /// Publishes the write index and rings the doorbell.
+    fn ring_doorbell(&mut self) -> FencePoint {
+        let page = self.dev.doorbell_page();
+        let slot = self.slot as usize;
+        // Release: the packet stores above happen-before the firmware's acquire load.
+        page.doorbells[slot].value.store(self.wptr, Release);
+        sync::ring_doorbell(
+            &page.pending.words[slot / 64],
+            1 << (slot % 64),
+            &self.dev.status_page().sleep.sleeping,
+            &self.dev.kick_page().kick.word,
+        );
+        self.timeline.point(self.wptr)
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        let _ = self.dev.call(Request::DestroyQueue { slot: self.slot }, &[]);
+    }
+}
