@@ -78,10 +78,16 @@ pub enum StartError {
     Thread(std::io::Error),
 }
 
+/// Live connections: a duplicate of each socket (to shut it down on stop) and its thread.
+/// Kept apart from [`Inner`] so that a finishing client thread can deregister after it
+/// dropped its reference to `Inner`: then `Inner` (and with it the socket file) is gone by
+/// the time [`Kmd`] is dropped, never later on a detached thread.
+type Clients = Arc<Mutex<HashMap<u64, (OwnedFd, Option<JoinHandle<()>>)>>>;
+
 struct Inner {
     device: Device,
     listener: Listener,
-    clients: Mutex<HashMap<u64, (OwnedFd, Option<JoinHandle<()>>)>>,
+    clients: Clients,
     next_client: AtomicU64,
     stopping: AtomicBool,
 }
@@ -111,7 +117,7 @@ impl Kmd {
         let inner = Arc::new(Inner {
             device: Device::new(link, config.limits, config.verbose),
             listener,
-            clients: Mutex::new(HashMap::new()),
+            clients: Arc::new(Mutex::new(HashMap::new())),
             next_client: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
         });
@@ -213,15 +219,14 @@ fn accept_loop(inner: Arc<Inner>) {
         };
         let id = inner.next_client.fetch_add(1, Relaxed);
         let me = inner.clone();
+        let registry = inner.clients.clone();
         let mut clients = inner.clients.lock().unwrap_or_else(|e| e.into_inner());
         let t = std::thread::Builder::new()
             .name(format!("kmd-client-{id}"))
             .spawn(move || {
                 client::serve(&me.device, sock);
-                me.clients
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
+                drop(me);
+                registry.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             });
         if let Ok(t) = t {
             clients.insert(id, (dup, Some(t)));

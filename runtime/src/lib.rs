@@ -25,7 +25,7 @@
 //! done.wait(Duration::from_secs(5))?;
 //! assert_eq!(out.to_vec(), vec![42, 0, 0, 7]);
 //! assert_eq!(queue.timeline().value(), 2);
-//! # drop((queue, out, dev)); let _ = std::fs::remove_dir(&dir);
+//! # drop((done, queue, out, dev)); std::fs::remove_dir(&dir)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!

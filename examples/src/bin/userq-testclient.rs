@@ -1,1 +1,293 @@
-fn main() {}
+//! A client process for the system tests. Each scenario connects to `$USERQ_DEVICE`.
+//!
+//! - `worker QUEUES PACKETS RING`: well-behaved work on several queues at once; checks
+//!   in-order completion with device timestamps; prints `ok`.
+//! - `victim RENDEZVOUS`: sends a user fence to the rendezvous socket, prints `ready`, and
+//!   submits forever (to be SIGKILLed mid-stream).
+//! - `hostile CASE`: speaks the raw ABI and breaks one rule; prints what the firmware
+//!   reported for its queue.
+
+use rustix::fd::{AsFd, OwnedFd};
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering::*;
+use std::time::{Duration, Instant};
+use userq::uapi::ioctl::{Priority, RawReply, Request, MESSAGE_SIZE};
+use userq::uapi::layout::{
+    magic, ring_object_size, DeviceKick, DeviceStatus, DoorbellPage, FenceState, DOORBELL_PAGE_SIZE,
+    PAGE_SIZE,
+    RING_PACKETS_OFFSET,
+};
+use userq::uapi::os::{self, Mapping};
+use userq::uapi::packet::{Command as Cmd, FenceHandle, Packet};
+use userq::uapi::{sync, ErrorCode, KmdStatus, ABI_VERSION};
+use userq::{Command, Device};
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn worker(queues: usize, packets: usize, ring: u32) -> Res<()> {
+    let dev = Device::open_default()?;
+    let mut qs = Vec::new();
+    let mut stamps = Vec::new();
+    for _ in 0..queues {
+        qs.push(dev.queue().ring_entries(ring).create()?);
+        stamps.push(dev.alloc::<u64>(packets)?);
+    }
+    let batch = (ring as usize / 2).max(1);
+    let mut next = vec![0usize; queues];
+    // Round-robin over the queues so that they run interleaved.
+    while next.iter().any(|&n| n < packets) {
+        for q in 0..queues {
+            let end = (next[q] + batch).min(packets);
+            let cmds: Vec<Command> = (next[q]..end)
+                .map(|i| Command::timestamp(stamps[q].address_of(i).expect("in bounds")))
+                .collect();
+            if !cmds.is_empty() {
+                qs[q].submit_batch(&cmds)?;
+            }
+            next[q] = end;
+        }
+    }
+    for (q, queue) in qs.iter().enumerate() {
+        queue.finish(Duration::from_secs(30))?;
+        let v = queue.timeline().value();
+        if v != packets as u64 {
+            return Err(format!("queue {q}: timeline {v}, expected {packets}").into());
+        }
+        let ts = stamps[q].to_vec();
+        if let Some(i) = (0..packets).find(|&i| ts[i] == 0 || (i > 0 && ts[i] < ts[i - 1])) {
+            return Err(format!("queue {q}: packet {i} out of order or missing: {:?}", &ts[i.saturating_sub(1)..=i]).into());
+        }
+    }
+    println!("ok");
+    Ok(())
+}
+
+fn victim(rendezvous: &str) -> Res<()> {
+    let dev = Device::open_default()?;
+    let fence = dev.create_fence(0)?;
+    let sock = UnixStream::connect(rendezvous)?;
+    fence.export()?.send(&sock)?;
+    let mut q = dev.queue().ring_entries(64).create()?;
+    let nops = vec![Command::nop(); 32];
+    q.submit_batch(&nops)?.wait(Duration::from_secs(10))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    loop {
+        q.submit_batch(&nops)?;
+    }
+}
+
+/// A client that speaks the ABI directly, without the runtime's checks.
+struct Raw {
+    sock: OwnedFd,
+    doorbells: Mapping,
+    status: Mapping,
+    kick: Mapping,
+}
+
+impl Raw {
+    fn open() -> Res<Raw> {
+        let path = std::env::var("USERQ_DEVICE")?;
+        let sock = rustix::net::socket_with(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )?;
+        rustix::net::connect(&sock, &rustix::net::SocketAddrUnix::new(path.as_str())?)?;
+        let (_, fds) = call(&sock, Request::OpenContext { abi_version: ABI_VERSION }, &[])?;
+        let doorbells = os::map_object(fds[0].as_fd(), DOORBELL_PAGE_SIZE, true, magic::DOORBELL)?;
+        let status = os::map_object(fds[1].as_fd(), PAGE_SIZE, false, magic::DEVICE_STATUS)?;
+        let kick = os::map_object(fds[2].as_fd(), PAGE_SIZE, true, magic::DEVICE_KICK)?;
+        Ok(Raw {
+            sock,
+            doorbells,
+            status,
+            kick,
+        })
+    }
+
+    fn queue(&self, entries: u32) -> Res<RawQueue> {
+        let (v, fds) = call(
+            &self.sock,
+            Request::CreateQueue {
+                ring_entries: entries,
+                priority: Priority::Normal,
+            },
+            &[],
+        )?;
+        let ring = os::map_object(fds[0].as_fd(), ring_object_size(entries), true, magic::RING)?;
+        let state = os::map_object(fds[1].as_fd(), PAGE_SIZE, false, magic::FENCE_STATE)?;
+        Ok(RawQueue {
+            slot: v[0] as usize,
+            handle: FenceHandle(v[1] as u32),
+            entries: entries as u64,
+            ring,
+            state,
+            wptr: 0,
+        })
+    }
+
+    fn buffer(&self, size: u64) -> Res<u64> {
+        let (v, _) = call(&self.sock, Request::AllocBuffer { size }, &[])?;
+        Ok(v[0])
+    }
+
+    fn doorbell(&self, slot: usize, write_index: u64) {
+        let page = self.doorbells.head::<DoorbellPage>();
+        page.doorbells[slot].value.store(write_index, Release);
+        self.kick_all_pending(slot / 64, 1 << (slot % 64));
+    }
+
+    fn kick_all_pending(&self, word: usize, bits: u64) {
+        sync::ring_doorbell(
+            &self.doorbells.head::<DoorbellPage>().pending.words[word],
+            bits,
+            &self.status.head::<DeviceStatus>().sleep.sleeping,
+            &self.kick.head::<DeviceKick>().kick.word,
+        );
+    }
+}
+
+struct RawQueue {
+    slot: usize,
+    handle: FenceHandle,
+    entries: u64,
+    ring: Mapping,
+    state: Mapping,
+    wptr: u64,
+}
+
+impl RawQueue {
+    fn push(&mut self, raw: &Raw, packets: &[Packet]) {
+        for p in packets {
+            let off = RING_PACKETS_OFFSET + ((self.wptr % self.entries) as usize) * 64;
+            let slot = self.ring.get::<[std::sync::atomic::AtomicU64; 8]>(off).expect("slot");
+            for (w, v) in slot.iter().zip(p.to_words()) {
+                w.store(v, Relaxed);
+            }
+            self.wptr += 1;
+        }
+        raw.doorbell(self.slot, self.wptr);
+    }
+
+    fn fence(&self) -> &FenceState {
+        self.state.head()
+    }
+
+    /// Polls for completion or poison.
+    fn settle(&self, value: u64) -> Option<ErrorCode> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let f = self.fence();
+            if f.slot.poison.load(Acquire) != 0 {
+                return ErrorCode::from_u32(f.record.code.load(Relaxed));
+            }
+            if f.slot.value.load(Acquire) >= value {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Some(ErrorCode::DeviceLost)
+    }
+}
+
+fn call(sock: &OwnedFd, req: Request, fds: &[rustix::fd::BorrowedFd<'_>]) -> Res<([u64; 7], Vec<OwnedFd>)> {
+    os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&req.encode()), fds)?;
+    let mut buf = [0u8; MESSAGE_SIZE];
+    let got = os::recv_with_fds(sock.as_fd(), &mut buf)?;
+    let reply = RawReply::decode(&buf[..got.len]).map_err(|s| format!("{s}"))?;
+    match KmdStatus::from_u32(reply.status) {
+        KmdStatus::Ok => Ok((reply.values, got.fds)),
+        s => Err(format!("kmd-shim refused {req:?}: {s}").into()),
+    }
+}
+
+fn hostile(case: &str) -> Res<()> {
+    let raw = Raw::open()?;
+    let mut q = raw.queue(8)?;
+    let buf = raw.buffer(4096)?;
+    let bad = |words: [u64; 8]| Packet::from_words(words);
+    let outcome = match case {
+        "bad-opcode" => {
+            q.push(&raw, &[Cmd::Nop.encode(), bad([0x7f, 0, 0, 0, 0, 0, 0, 0])]);
+            q.settle(2)
+        }
+        "reserved-bits" => {
+            q.push(&raw, &[bad([1, 0, 0, 0, 9, 0, 0, 0])]);
+            q.settle(1)
+        }
+        "misaligned" => {
+            q.push(&raw, &[Cmd::WriteValue { addr: buf + 4, value: 1 }.encode()]);
+            q.settle(1)
+        }
+        "foreign-address" => {
+            // Past the end of the only buffer: the guard range after it is unmapped.
+            q.push(&raw, &[Cmd::WriteValue { addr: buf + 4096, value: 1 }.encode()]);
+            q.settle(1)
+        }
+        "bad-handle" => {
+            q.push(&raw, &[Cmd::SignalFence { fence: FenceHandle(9999), value: 1 }.encode()]);
+            q.settle(1)
+        }
+        "signal-timeline" => {
+            let own = q.handle;
+            q.push(&raw, &[Cmd::SignalFence { fence: own, value: 100 }.encode()]);
+            q.settle(1)
+        }
+        "wptr-backwards" => {
+            q.push(&raw, &[Cmd::Nop.encode(), Cmd::Nop.encode()]);
+            if let Some(c) = q.settle(2) {
+                return Err(format!("setup failed: {c:?}").into());
+            }
+            raw.doorbell(q.slot, 1);
+            q.settle(3)
+        }
+        "wptr-overrun" => {
+            raw.doorbell(q.slot, q.entries + 5);
+            q.settle(1)
+        }
+        "garbage-doorbell" => {
+            let page = raw.doorbells.head::<DoorbellPage>();
+            for (i, d) in page.doorbells.iter().enumerate() {
+                if i != q.slot {
+                    d.value.store(0xdead_beef_0000 + i as u64, Release);
+                }
+            }
+            for w in 0..page.pending.words.len() {
+                raw.kick_all_pending(w, u64::MAX);
+            }
+            // The real queue still works afterwards.
+            q.push(&raw, &[Cmd::WriteValue { addr: buf, value: 5 }.encode()]);
+            q.settle(1)
+        }
+        other => return Err(format!("unknown case {other}").into()),
+    };
+    let r = &q.fence().record;
+    match outcome {
+        Some(code) => println!(
+            "fault {code:?} packet={} address={:#x} last_completed={}",
+            r.packet_index.load(Relaxed),
+            r.address.load(Relaxed),
+            r.last_completed.load(Relaxed)
+        ),
+        None => println!("completed {}", q.fence().slot.value.load(Acquire)),
+    }
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match argv.as_slice() {
+        ["worker", q, p, r] => (|| worker(q.parse()?, p.parse()?, r.parse()?))(),
+        ["victim", rendezvous] => victim(rendezvous),
+        ["hostile", case] => hostile(case),
+        _ => Err("usage: userq-testclient worker QUEUES PACKETS RING | victim SOCKET | hostile CASE".into()),
+    };
+    if let Err(e) = result {
+        eprintln!("userq-testclient: {e}");
+        std::process::exit(1);
+    }
+}

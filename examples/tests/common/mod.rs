@@ -1,0 +1,264 @@
+//! Process harness for the system tests: every child is killed and reaped on drop, even
+//! when the test fails, and every temporary directory is removed.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// `target/<profile>`, where cargo puts the workspace's executables.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target dir").to_owned()
+}
+
+/// An executable of the workspace; fails with a hint if it was not built.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run the tests with `cargo test --workspace`, which builds every binary",
+        p.display()
+    );
+    p
+}
+
+/// The test client.
+pub fn testclient() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_userq-testclient"))
+}
+
+/// A private temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "userq-test-{}-{}-{}",
+            tag,
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process that is killed and reaped on drop.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Proc {
+            child: Some(child),
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Waits for exit; kills it and fails the test after `limit`.
+    pub fn wait_for(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(s) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return s;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                self.child = None;
+                panic!("{} did not exit within {limit:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for exit and collects stdout/stderr (the child must have been spawned with
+    /// piped output).
+    pub fn output_within(mut self, limit: Duration) -> Output {
+        let child = self.child.take().expect("running");
+        let name = self.name.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pid = child.id();
+        let reader = std::thread::spawn(move || {
+            let out = child.wait_with_output();
+            let _ = tx.send(());
+            out
+        });
+        if rx.recv_timeout(limit).is_err() {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(pid as i32).expect("pid"),
+                rustix::process::Signal::KILL,
+            );
+            let _ = reader.join();
+            panic!("{name} did not exit within {limit:?}");
+        }
+        reader.join().expect("reader").expect("wait_with_output")
+    }
+
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        if let Some(c) = &self.child {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(c.id() as i32).expect("pid"),
+                sig,
+            );
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Child process ids of `pid` (from /proc).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(") ")
+            .map(|(_, rest)| !rest.starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// CPU time (user + system) of a process or thread, in clock ticks.
+pub fn cpu_ticks(stat_path: &str) -> u64 {
+    let s = std::fs::read_to_string(stat_path).expect("read stat");
+    let rest = s.rsplit_once(") ").expect("stat format").1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3, utime 14, stime 15 (1-based in proc(5)).
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+/// A kmd-shim daemon on a private socket; stopped (SIGTERM, then SIGKILL) on drop, after
+/// which neither it nor its firmware may remain.
+pub struct Daemon {
+    pub proc: Proc,
+    pub socket: PathBuf,
+    pub fw_pid: u32,
+    _dir: TempDir,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        let dir = TempDir::new("daemon");
+        let socket = dir.path().join("dev.sock");
+        let proc = Proc::spawn(
+            "kmd-shim",
+            Command::new(workspace_bin("kmd-shim"))
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--quiet")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if socket.exists() {
+                let kids = children_of(proc.pid());
+                if let Some(&fw) = kids.first() {
+                    return Daemon {
+                        proc,
+                        socket,
+                        fw_pid: fw,
+                        _dir: dir,
+                    };
+                }
+            }
+            assert!(Instant::now() < deadline, "kmd-shim did not start within 10 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the daemon and checks that nothing is left behind.
+    pub fn stop(mut self) {
+        self.proc.signal(rustix::process::Signal::TERM);
+        let status = self.proc.wait_for(Duration::from_secs(10));
+        assert!(status.success(), "kmd-shim exited with {status}");
+        assert!(!self.socket.exists(), "kmd-shim left its socket behind");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(self.fw_pid) {
+            assert!(Instant::now() < deadline, "fw-emu outlived kmd-shim");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // `stop` consumed the process already on the success path; this is the failure path.
+        self.proc.signal(rustix::process::Signal::KILL);
+        if alive(self.fw_pid) {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(self.fw_pid as i32).expect("pid"),
+                rustix::process::Signal::KILL,
+            );
+        }
+    }
+}
+
+/// Runs the test client with a scenario against a device socket.
+pub fn client(socket: &Path, args: &[&str]) -> Proc {
+    Proc::spawn(
+        &format!("userq-testclient {}", args.join(" ")),
+        Command::new(testclient())
+            .args(args)
+            .env("USERQ_DEVICE", socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+}
+
+/// Runs a client to completion and returns its stdout; fails on a non-zero exit.
+pub fn run_client(socket: &Path, args: &[&str]) -> String {
+    let out = client(socket, args).output_within(Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "client {args:?} failed ({}): {}{}",
+        out.status,
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

@@ -1,0 +1,161 @@
+//! Multi-process system tests: real kmd-shim and fw-emu processes (daemon mode) or a device
+//! embedded in this test process, with real client processes.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use userq::{Device, ErrorCode, ExportedFence, OpenMode, WaitError};
+
+#[test]
+fn several_clients_with_several_queues_complete_in_order_in_daemon_mode() {
+    let daemon = Daemon::start();
+    // 400 packets through 16-entry rings: 25 wrap-arounds per queue, with back-pressure.
+    let clients: Vec<_> = (0..3)
+        .map(|_| client(&daemon.socket, &["worker", "4", "400", "16"]))
+        .collect();
+    for c in clients {
+        let out = c.output_within(Duration::from_secs(60));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    }
+    daemon.stop();
+}
+
+#[test]
+fn clients_join_a_device_embedded_in_another_process() {
+    let dir = TempDir::new("embedded");
+    let sock = dir.path().join("dev.sock");
+    let dev = Device::builder()
+        .socket(&sock)
+        .mode(OpenMode::Embedded)
+        .open()
+        .expect("embedded device");
+    assert!(dev.is_embedded());
+    let clients: Vec<_> = (0..2)
+        .map(|_| client(&sock, &["worker", "3", "200", "8"]))
+        .collect();
+    for c in clients {
+        let out = c.output_within(Duration::from_secs(60));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    drop(dev);
+    assert!(!sock.exists(), "the embedded device left its socket behind");
+}
+
+#[test]
+fn ping_pong_example_runs_across_processes_in_daemon_and_embedded_mode() {
+    let example = bin_dir().join("examples").join("ping_pong");
+    assert!(example.exists(), "examples are built by `cargo test`");
+    let daemon = Daemon::start();
+    let out = Proc::spawn(
+        "ping_pong (daemon)",
+        Command::new(&example)
+            .env("USERQ_DEVICE", &daemon.socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .output_within(Duration::from_secs(60));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("daemon mode") && text.contains("order verified"), "{text}");
+    daemon.stop();
+
+    // Embedded: the parent starts the device in its runtime directory, the child joins it.
+    let runtime_dir = TempDir::new("xdg");
+    let out = Proc::spawn(
+        "ping_pong (embedded)",
+        Command::new(&example)
+            .env_remove("USERQ_DEVICE")
+            .env("XDG_RUNTIME_DIR", runtime_dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .output_within(Duration::from_secs(60));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("embedded mode") && text.contains("order verified"), "{text}");
+    assert!(!runtime_dir.path().join("userq/dev0.sock").exists());
+}
+
+#[test]
+fn client_killed_mid_stream_is_reclaimed_and_others_finish() {
+    let daemon = Daemon::start();
+    let observer = Device::connect(&daemon.socket).expect("connect");
+    let rv_dir = TempDir::new("rendezvous");
+    for round in 0..3 {
+        let rv = rv_dir.path().join(format!("rv{round}.sock"));
+        let listener = UnixListener::bind(&rv).expect("bind rendezvous");
+        let mut victim = client(&daemon.socket, &["victim", rv.to_str().expect("utf-8")]);
+        let (sock, _) = listener.accept().expect("victim connects");
+        let fence = observer
+            .import_fence(ExportedFence::recv(&sock).expect("victim's fence"))
+            .expect("import");
+        let stdout = victim.child.as_mut().and_then(|c| c.stdout.take()).expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read");
+        assert_eq!(line.trim(), "ready");
+
+        let bystander = client(&daemon.socket, &["worker", "2", "300", "16"]);
+        // Kill while the victim is submitting in a loop.
+        victim.signal(rustix::process::Signal::KILL);
+        victim.wait_for(Duration::from_secs(10));
+
+        // The victim's fence can never be signalled now: waiters get an error, not a hang.
+        match fence.wait(1, Duration::from_secs(10)) {
+            Err(WaitError::Faulted(f)) => assert_eq!(f.code, Some(ErrorCode::OwnerDied)),
+            other => panic!("expected OwnerDied, got {other:?}"),
+        }
+        let out = bystander.output_within(Duration::from_secs(60));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // The device still serves new clients.
+    assert_eq!(run_client(&daemon.socket, &["worker", "1", "50", "8"]).trim(), "ok");
+    drop(observer);
+    daemon.stop();
+}
+
+#[test]
+fn each_bad_input_stops_only_the_offending_queue() {
+    let daemon = Daemon::start();
+    let bystander = client(&daemon.socket, &["worker", "2", "2000", "32"]);
+    let cases = [
+        ("bad-opcode", "fault UnknownOpcode packet=1"),
+        ("reserved-bits", "fault ReservedField packet=0"),
+        ("misaligned", "fault MisalignedAddress packet=0"),
+        ("foreign-address", "fault MemoryViolation packet=0"),
+        ("bad-handle", "fault BadFenceHandle packet=0"),
+        ("signal-timeline", "fault FenceNotWritable packet=0"),
+        ("wptr-backwards", "fault BadWriteIndex packet=2 address=0x1"),
+        ("wptr-overrun", "fault BadWriteIndex packet=0 address=0xd"),
+        ("garbage-doorbell", "completed 1"),
+    ];
+    for (case, expected) in cases {
+        let out = run_client(&daemon.socket, &["hostile", case]);
+        assert!(out.starts_with(expected), "{case}: expected {expected:?}, got {out:?}");
+    }
+    assert!(alive(daemon.fw_pid), "fw-emu must survive bad input");
+    let out = bystander.output_within(Duration::from_secs(60));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(run_client(&daemon.socket, &["worker", "1", "20", "4"]).trim(), "ok");
+    daemon.stop();
+}
+
+#[test]
+fn idle_firmware_process_uses_under_two_percent_of_a_core() {
+    let daemon = Daemon::start();
+    run_client(&daemon.socket, &["worker", "2", "500", "64"]);
+    // 10 ms without work is the budget; give it 200 ms, then measure 2 s.
+    std::thread::sleep(Duration::from_millis(200));
+    let stat = format!("/proc/{}/stat", daemon.fw_pid);
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    let (t0, c0) = (Instant::now(), cpu_ticks(&stat));
+    std::thread::sleep(Duration::from_secs(2));
+    let (secs, ticks) = (t0.elapsed().as_secs_f64(), cpu_ticks(&stat) - c0);
+    let share = ticks as f64 / hz / secs;
+    assert!(share < 0.02, "idle fw-emu used {:.1}% of a core", share * 100.0);
+    daemon.stop();
+}
