@@ -60,6 +60,11 @@ impl Command {
         }
     }
 
+    /// The packet this command encodes to.
+    pub fn packet(&self) -> Packet {
+        self.cmd.encode()
+    }
+
     /// Sets a user fence to `value` and wakes its waiters.
     pub fn signal(fence: &Fence, value: u64) -> Self {
         Command {

@@ -1,0 +1,367 @@
+//! The runtime API against an embedded device: ordering, back-pressure, waits, fences across
+//! contexts, and how errors reach the caller.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use userq::{
+    wait_all, wait_any, Command, Device, ErrorCode, OpenMode, Packet, QueueStatus, SignalError,
+    SubmitError, WaitError, WaitMode,
+};
+
+const LONG: Duration = Duration::from_secs(10);
+
+/// An embedded device on a private socket; the directory goes when the test ends.
+struct Env {
+    dev: Option<Device>,
+    dir: PathBuf,
+}
+
+impl Env {
+    fn new() -> Env {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "userq-api-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let dev = Device::builder()
+            .socket(dir.join("dev.sock"))
+            .mode(OpenMode::Embedded)
+            .open()
+            .expect("embedded device");
+        Env { dev: Some(dev), dir }
+    }
+
+    fn dev(&self) -> &Device {
+        self.dev.as_ref().expect("open")
+    }
+
+    /// A second context on the same device, as another process would have.
+    fn second(&self) -> Device {
+        Device::connect(self.dev().socket_path()).expect("second context")
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.dev.take();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn fault_code(r: Result<(), WaitError>) -> ErrorCode {
+    match r {
+        Err(WaitError::Faulted(f)) => f.code.expect("known code"),
+        other => panic!("expected a fault, got {other:?}"),
+    }
+}
+
+#[test]
+fn packets_complete_in_order_and_the_timeline_counts_them() {
+    let env = Env::new();
+    let mut q = env.dev().queue().ring_entries(16).create().unwrap();
+    let buf = env.dev().alloc::<u64>(1).unwrap();
+    let addr = buf.address_of(0).unwrap();
+    let mut last = None;
+    for i in 1..=10u64 {
+        last = Some(q.submit(Command::write_value(addr, i)).unwrap());
+    }
+    let last = last.unwrap();
+    assert_eq!(last.value(), 10);
+    last.wait(LONG).unwrap();
+    assert_eq!(buf.read(0), 10, "the last write in submission order wins");
+    assert_eq!(q.timeline().value(), 10);
+    assert_eq!(q.status(), QueueStatus::Active);
+}
+
+#[test]
+fn ten_times_the_ring_wraps_around_in_order() {
+    let env = Env::new();
+    let mut q = env.dev().queue().ring_entries(8).create().unwrap();
+    let n = 8 * 12;
+    let stamps = env.dev().alloc::<u64>(n).unwrap();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(5) {
+        let cmds: Vec<_> = chunk
+            .iter()
+            .map(|&i| Command::timestamp(stamps.address_of(i).unwrap()))
+            .collect();
+        q.submit_batch(&cmds).unwrap();
+    }
+    q.finish(LONG).unwrap();
+    let ts = stamps.to_vec();
+    assert!(ts.iter().all(|&t| t != 0), "every packet ran");
+    assert!(ts.windows(2).all(|w| w[0] <= w[1]), "in order");
+    assert_eq!(q.timeline().value(), n as u64);
+}
+
+#[test]
+fn a_full_ring_gives_would_block_and_never_overwrites() {
+    let env = Env::new();
+    let dev = env.dev();
+    let mut q = dev.queue().ring_entries(4).create().unwrap();
+    let gate = dev.create_fence(0).unwrap();
+    let buf = dev.alloc::<u64>(8).unwrap();
+    let w = |i: usize| Command::write_value(buf.address_of(i).unwrap(), i as u64 + 100);
+    // The wait is consumed and parks the queue; everything behind it stays in the ring.
+    q.submit_batch(&[Command::wait(&gate.point(1)), w(0), w(1), w(2)]).unwrap();
+    // Fill the ring. Once the firmware has consumed the wait packet (freeing one slot),
+    // nothing moves until the gate opens, so two refusals 20 ms apart mean "full for good".
+    let mut accepted = 0;
+    let mut refusals = 0;
+    while refusals < 2 {
+        match q.try_submit(w(3 + accepted)) {
+            Ok(_) => {
+                accepted += 1;
+                refusals = 0;
+            }
+            Err(e) => {
+                assert_eq!(e, SubmitError::WouldBlock);
+                refusals += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        assert!(accepted <= 1, "a 4-entry ring holding 3 packets takes one more at most");
+    }
+    assert_eq!(
+        q.submit_batch_timeout(&[w(7)], Duration::from_millis(30)).err(),
+        Some(SubmitError::Timeout)
+    );
+    assert!(matches!(
+        q.submit_batch(&vec![Command::nop(); 5]),
+        Err(SubmitError::BatchTooLarge { batch: 5, entries: 4 })
+    ));
+    gate.signal(1).unwrap();
+    q.submit(w(7)).unwrap().wait(LONG).unwrap();
+    for i in 0..3 + accepted {
+        assert_eq!(buf.read(i), i as u64 + 100, "slot {i}");
+    }
+    assert_eq!(buf.read(7), 107);
+}
+
+#[test]
+fn waits_time_out_in_every_mode() {
+    let env = Env::new();
+    let f = env.dev().create_fence(0).unwrap();
+    for mode in [WaitMode::Spin, WaitMode::Block, WaitMode::Adaptive] {
+        let t = Instant::now();
+        assert_eq!(
+            f.point(1).wait_with(mode, Duration::from_millis(30)),
+            Err(WaitError::Timeout)
+        );
+        let e = t.elapsed();
+        assert!(e >= Duration::from_millis(30) && e < Duration::from_secs(5), "{mode:?}: {e:?}");
+    }
+    assert_eq!(f.point(0).poll(), Ok(true));
+    assert_eq!(f.point(1).poll(), Ok(false));
+}
+
+#[test]
+fn wait_any_returns_the_first_reached_and_wait_all_needs_every_one() {
+    let env = Env::new();
+    let a = env.dev().create_fence(0).unwrap();
+    let b = env.dev().create_fence(0).unwrap();
+    let points = [a.point(1), b.point(1)];
+    let b2 = b.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        b2.signal(1).unwrap();
+    });
+    assert_eq!(wait_any(&points, WaitMode::Block, LONG), Ok(1));
+    t.join().unwrap();
+    assert_eq!(
+        wait_all(&points, WaitMode::Adaptive, Duration::from_millis(20)),
+        Err(WaitError::Timeout)
+    );
+    a.signal(5).unwrap();
+    assert_eq!(wait_all(&points, WaitMode::Block, LONG), Ok(()));
+    assert_eq!(wait_any(&[], WaitMode::Spin, Duration::ZERO), Err(WaitError::Timeout));
+}
+
+#[test]
+fn a_host_signal_wakes_a_parked_queue_and_a_sleeping_waiter() {
+    let env = Env::new();
+    let dev = env.dev();
+    let mut q = dev.create_queue().unwrap();
+    let gate = dev.create_fence(0).unwrap();
+    let done = dev.create_fence(0).unwrap();
+    q.submit_batch(&[Command::wait(&gate.point(7)), Command::signal(&done, 1)])
+        .unwrap();
+    let waiter = {
+        let done = done.clone();
+        std::thread::spawn(move || done.point(1).wait_with(WaitMode::Block, LONG))
+    };
+    // Long enough for the firmware to go to sleep and the waiter to block.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(done.value(), 0, "nothing runs past the unsignalled wait");
+    gate.signal(6).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(done.value(), 0, "6 is not 7");
+    gate.signal(7).unwrap();
+    waiter.join().unwrap().unwrap();
+    assert_eq!(done.value(), 1);
+}
+
+#[test]
+fn wait_conditions_with_masks_gate_a_queue() {
+    let env = Env::new();
+    let dev = env.dev();
+    let mut q = dev.create_queue().unwrap();
+    let flag = dev.create_fence(0xff00).unwrap();
+    let out = dev.alloc::<u64>(1).unwrap();
+    q.submit_batch(&[
+        Command::wait_fence(&flag, 0x0a, userq::WaitCondition::Equal, 0xff),
+        Command::write_value(out.address_of(0).unwrap(), 1),
+    ])
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(out.read(0), 0);
+    flag.signal(0x770a).unwrap(); // low byte 0x0a: matches under the mask
+    q.finish(LONG).unwrap();
+    assert_eq!(out.read(0), 1);
+}
+
+#[test]
+fn fences_cross_contexts_by_export_and_import() {
+    let env = Env::new();
+    let a = env.dev();
+    let b = env.second();
+    let mut qa = a.create_queue().unwrap();
+    let mut qb = b.create_queue().unwrap();
+    let out = b.alloc::<u64>(2).unwrap();
+
+    // A user fence made by A, signalled by A's queue, waited on by B's queue.
+    let fa = a.create_fence(0).unwrap();
+    let fb = b.import_fence(fa.export().unwrap()).unwrap();
+    qb.submit_batch(&[
+        Command::wait(&fb.point(3)),
+        Command::write_value(out.address_of(0).unwrap(), 11),
+    ])
+    .unwrap();
+    // A's queue timeline, imported by B: read-only there.
+    let ta = b.import_fence(qa.timeline().export().unwrap()).unwrap();
+    assert!(ta.is_timeline());
+    assert_eq!(ta.signal(1), Err(SignalError::ReadOnly));
+    qb.submit_batch(&[
+        Command::wait(&ta.point(2)),
+        Command::write_value(out.address_of(1).unwrap(), 22),
+    ])
+    .unwrap();
+
+    qa.submit_batch(&[Command::nop(), Command::signal(&fa, 3)]).unwrap();
+    qb.finish(LONG).unwrap();
+    assert_eq!(out.to_vec(), vec![11, 22]);
+}
+
+#[test]
+fn a_fence_of_another_connection_is_refused_at_submit() {
+    let env = Env::new();
+    let other = env.second();
+    let theirs = other.create_fence(0).unwrap();
+    let mut q = env.dev().create_queue().unwrap();
+    assert_eq!(q.submit(Command::signal(&theirs, 1)).err(), Some(SubmitError::ForeignFence));
+    assert_eq!(
+        q.submit(Command::wait(&theirs.point(1))).err(),
+        Some(SubmitError::ForeignFence)
+    );
+    assert_eq!(q.timeline().value(), 0, "nothing reached the ring");
+}
+
+#[test]
+fn a_bad_packet_faults_only_its_queue_with_a_typed_error() {
+    let env = Env::new();
+    let dev = env.dev();
+    let mut bad = dev.create_queue().unwrap();
+    let mut good = dev.create_queue().unwrap();
+    let mut garbage = Packet::from_words([0; 8]);
+    garbage.header = 0xee;
+    let p = bad
+        .submit_packets(&[Command::nop().packet(), garbage, Command::nop().packet()], LONG)
+        .unwrap();
+    match p.wait(LONG) {
+        Err(WaitError::Faulted(f)) => {
+            assert_eq!(f.code, Some(ErrorCode::UnknownOpcode));
+            assert_eq!((f.packet_index, f.detail, f.last_completed), (1, 0xee, 1));
+        }
+        other => panic!("expected UnknownOpcode, got {other:?}"),
+    }
+    assert!(matches!(bad.status(), QueueStatus::Faulted(_)));
+    // The point before the bad packet did complete.
+    assert_eq!(bad.timeline().point(1).poll(), Ok(true));
+    good.submit(Command::nop()).unwrap().wait(LONG).unwrap();
+}
+
+#[test]
+fn memory_violations_report_the_address_and_leave_memory_untouched() {
+    let env = Env::new();
+    let dev = env.dev();
+    let buf = dev.alloc::<u64>(512).unwrap();
+    let mut q = dev.create_queue().unwrap();
+    let outside = buf.device_address() + 4096;
+    let r = q.submit(Command::write_value(outside, 1)).unwrap().wait(LONG);
+    match r {
+        Err(WaitError::Faulted(f)) => {
+            assert_eq!(f.code, Some(ErrorCode::MemoryViolation));
+            assert_eq!(f.address, outside);
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut q = dev.create_queue().unwrap();
+    let r = q.submit(Command::timestamp(buf.device_address() + 3)).unwrap().wait(LONG);
+    assert_eq!(fault_code(r), ErrorCode::MisalignedAddress);
+    assert!(buf.to_vec().iter().all(|&v| v == 0));
+}
+
+#[test]
+fn a_queue_waiting_on_a_poisoned_fence_fails_in_turn() {
+    let env = Env::new();
+    let dev = env.dev();
+    let mut broken = dev.create_queue().unwrap();
+    let mut dependent = dev.create_queue().unwrap();
+    let later = broken.timeline().point(5);
+    let r = dependent.submit(Command::wait(&later)).unwrap();
+    broken
+        .submit(Command::write_value(0x10, 0))
+        .unwrap()
+        .wait(LONG)
+        .unwrap_err();
+    assert_eq!(fault_code(r.wait(LONG)), ErrorCode::DependencyFailed);
+}
+
+#[test]
+fn destroying_a_queue_poisons_only_values_it_never_reached() {
+    let env = Env::new();
+    let dev = env.dev();
+    let mut q = dev.create_queue().unwrap();
+    let gate = dev.create_fence(0).unwrap();
+    let reached = q.submit(Command::nop()).unwrap();
+    reached.wait(LONG).unwrap();
+    let never = q.submit(Command::wait(&gate.point(1))).unwrap();
+    drop(q);
+    assert_eq!(reached.wait(LONG), Ok(()));
+    assert_eq!(fault_code(never.wait(LONG)), ErrorCode::QueueDestroyed);
+}
+
+#[test]
+fn buffers_are_zeroed_and_bounds_checked() {
+    let env = Env::new();
+    let b = env.dev().alloc::<u32>(1000).unwrap();
+    assert_eq!(b.len(), 1000);
+    assert!(b.to_vec().iter().all(|&v| v == 0));
+    assert_eq!(b.address_of(999), Some(b.device_address() + 999 * 4));
+    assert_eq!(b.address_of(1000), None);
+    b.copy_from_slice(&[1, 2, 3]);
+    assert_eq!(&b.to_vec()[..4], &[1, 2, 3, 0]);
+    assert!(matches!(env.dev().alloc::<u64>(0), Err(userq::AllocError::BadSize)));
+}
+
+#[test]
+fn queue_creation_rejects_bad_ring_sizes() {
+    let env = Env::new();
+    for n in [0, 1, 3, 100, 1 << 17] {
+        assert!(matches!(
+            env.dev().queue().ring_entries(n).create(),
+            Err(userq::QueueCreateError::BadRingSize(_))
+        ));
+    }
+}
