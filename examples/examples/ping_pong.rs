@@ -64,7 +64,11 @@ fn parent() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "ping_pong: device {} ({} mode), pid {}",
         dev.socket_path().display(),
-        if dev.is_embedded() { "embedded" } else { "daemon" },
+        if dev.is_embedded() {
+            "embedded"
+        } else {
+            "daemon"
+        },
         std::process::id()
     );
     let dir = std::env::temp_dir();

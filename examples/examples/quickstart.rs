@@ -12,7 +12,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "device: {} (context {}, {} mode)",
         dev.socket_path().display(),
         dev.context_id(),
-        if dev.is_embedded() { "embedded" } else { "daemon" }
+        if dev.is_embedded() {
+            "embedded"
+        } else {
+            "daemon"
+        }
     );
 
     let mut queue = dev.queue().ring_entries(64).create()?;
@@ -51,7 +55,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         parked.value(),
         out.read(3)
     );
-    assert_eq!(out.read(3), 0, "nothing may run past an unsignalled WAIT_FENCE");
+    assert_eq!(
+        out.read(3),
+        0,
+        "nothing may run past an unsignalled WAIT_FENCE"
+    );
     gate.signal(1)?;
     gate.wait(2, Duration::from_secs(5))?;
     parked.wait(Duration::from_secs(5))?;
@@ -65,7 +73,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n = 10_000;
     let t = Instant::now();
     for _ in 0..n {
-        queue.submit(Command::nop())?.wait_with(WaitMode::Spin, Duration::from_secs(5))?;
+        queue
+            .submit(Command::nop())?
+            .wait_with(WaitMode::Spin, Duration::from_secs(5))?;
     }
     println!(
         "{n} NOP round trips: {:.2} µs each (spin wait)",

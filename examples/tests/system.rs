@@ -19,7 +19,11 @@ fn several_clients_with_several_queues_complete_in_order_in_daemon_mode() {
         .collect();
     for c in clients {
         let out = c.output_within(Duration::from_secs(60));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
     }
     daemon.stop();
@@ -40,7 +44,11 @@ fn clients_join_a_device_embedded_in_another_process() {
         .collect();
     for c in clients {
         let out = c.output_within(Duration::from_secs(60));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     drop(dev);
     assert!(!sock.exists(), "the embedded device left its socket behind");
@@ -60,8 +68,15 @@ fn ping_pong_example_runs_across_processes_in_daemon_and_embedded_mode() {
     )
     .output_within(Duration::from_secs(60));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("daemon mode") && text.contains("order verified"), "{text}");
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("daemon mode") && text.contains("order verified"),
+        "{text}"
+    );
     daemon.stop();
 
     // Embedded: the parent starts the device in its runtime directory, the child joins it.
@@ -76,8 +91,15 @@ fn ping_pong_example_runs_across_processes_in_daemon_and_embedded_mode() {
     )
     .output_within(Duration::from_secs(60));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("embedded mode") && text.contains("order verified"), "{text}");
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("embedded mode") && text.contains("order verified"),
+        "{text}"
+    );
     assert!(!runtime_dir.path().join("userq/dev0.sock").exists());
 }
 
@@ -94,7 +116,11 @@ fn client_killed_mid_stream_is_reclaimed_and_others_finish() {
         let fence = observer
             .import_fence(ExportedFence::recv(&sock).expect("victim's fence"))
             .expect("import");
-        let stdout = victim.child.as_mut().and_then(|c| c.stdout.take()).expect("stdout");
+        let stdout = victim
+            .child
+            .as_mut()
+            .and_then(|c| c.stdout.take())
+            .expect("stdout");
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).expect("read");
         assert_eq!(line.trim(), "ready");
@@ -110,10 +136,17 @@ fn client_killed_mid_stream_is_reclaimed_and_others_finish() {
             other => panic!("expected OwnerDied, got {other:?}"),
         }
         let out = bystander.output_within(Duration::from_secs(60));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     // The device still serves new clients.
-    assert_eq!(run_client(&daemon.socket, &["worker", "1", "50", "8"]).trim(), "ok");
+    assert_eq!(
+        run_client(&daemon.socket, &["worker", "1", "50", "8"]).trim(),
+        "ok"
+    );
     drop(observer);
     daemon.stop();
 }
@@ -135,12 +168,22 @@ fn each_bad_input_stops_only_the_offending_queue() {
     ];
     for (case, expected) in cases {
         let out = run_client(&daemon.socket, &["hostile", case]);
-        assert!(out.starts_with(expected), "{case}: expected {expected:?}, got {out:?}");
+        assert!(
+            out.starts_with(expected),
+            "{case}: expected {expected:?}, got {out:?}"
+        );
     }
     assert!(alive(daemon.fw_pid), "fw-emu must survive bad input");
     let out = bystander.output_within(Duration::from_secs(60));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(run_client(&daemon.socket, &["worker", "1", "20", "4"]).trim(), "ok");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        run_client(&daemon.socket, &["worker", "1", "20", "4"]).trim(),
+        "ok"
+    );
     daemon.stop();
 }
 
@@ -156,6 +199,10 @@ fn idle_firmware_process_uses_under_two_percent_of_a_core() {
     std::thread::sleep(Duration::from_secs(2));
     let (secs, ticks) = (t0.elapsed().as_secs_f64(), cpu_ticks(&stat) - c0);
     let share = ticks as f64 / hz / secs;
-    assert!(share < 0.02, "idle fw-emu used {:.1}% of a core", share * 100.0);
+    assert!(
+        share < 0.02,
+        "idle fw-emu used {:.1}% of a core",
+        share * 100.0
+    );
     daemon.stop();
 }

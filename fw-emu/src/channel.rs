@@ -70,7 +70,11 @@ impl ObjectChannel {
     pub fn peer_closed(&self) -> bool {
         let mut probe = [0u8; 8];
         matches!(
-            rustix::net::recv(&self.sock, &mut probe, RecvFlags::PEEK | RecvFlags::DONTWAIT),
+            rustix::net::recv(
+                &self.sock,
+                &mut probe,
+                RecvFlags::PEEK | RecvFlags::DONTWAIT
+            ),
             Ok((0, _))
         )
     }

@@ -137,12 +137,7 @@ impl Firmware {
             CONTROL_REGION_SIZE,
             magic::CONTROL,
         )?;
-        let status = boot_map(
-            &mut channel,
-            boot::STATUS,
-            PAGE_SIZE,
-            magic::DEVICE_STATUS,
-        )?;
+        let status = boot_map(&mut channel, boot::STATUS, PAGE_SIZE, magic::DEVICE_STATUS)?;
         let kick = boot_map(&mut channel, boot::KICK, PAGE_SIZE, magic::DEVICE_KICK)?;
         let mut fw = Firmware {
             config,
@@ -332,9 +327,11 @@ impl Firmware {
                 let valid = entries.is_power_of_two()
                     && (MIN_RING_ENTRIES..=MAX_RING_ENTRIES).contains(&entries)
                     && (slot as usize) < MAX_QUEUES_PER_CONTEXT;
-                let (Some(c), Some(t), true) =
-                    (self.contexts.get_mut(&ctx), self.fences.get(&timeline), valid)
-                else {
+                let (Some(c), Some(t), true) = (
+                    self.contexts.get_mut(&ctx),
+                    self.fences.get(&timeline),
+                    valid,
+                ) else {
                     self.channel.discard(ring);
                     return FwStatus::NotFound;
                 };
@@ -421,7 +418,11 @@ impl Firmware {
                 FwStatus::Ok
             }
             FwRequest::UnbindFence { ctx, handle } => {
-                match self.contexts.get_mut(&ctx).map(|c| c.bindings.remove(&handle)) {
+                match self
+                    .contexts
+                    .get_mut(&ctx)
+                    .map(|c| c.bindings.remove(&handle))
+                {
                     Some(Some(_)) => FwStatus::Ok,
                     _ => FwStatus::NotFound,
                 }

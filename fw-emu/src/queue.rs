@@ -286,11 +286,9 @@ impl Queue {
                 };
                 match wait_status(&wait) {
                     WaitStatus::Satisfied => Ok(Step::Done),
-                    WaitStatus::Poisoned(code) => Err(fault(
-                        ErrorCode::DependencyFailed,
-                        b.fence.id,
-                        code,
-                    )),
+                    WaitStatus::Poisoned(code) => {
+                        Err(fault(ErrorCode::DependencyFailed, b.fence.id, code))
+                    }
                     WaitStatus::Pending => Ok(Step::Park(wait)),
                 }
             }

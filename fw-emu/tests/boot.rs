@@ -52,8 +52,16 @@ fn pair() -> (OwnedFd, OwnedFd) {
 
 #[test]
 fn without_a_channel_it_exits_with_a_usage_error() {
-    for args in [&[][..], &["--channel-fd", "x"][..], &["--channel-fd", "1"][..], &["--channel-fd", "999"][..]] {
-        let out = Command::new(env!("CARGO_BIN_EXE_fw-emu")).args(args).output().expect("run");
+    for args in [
+        &[][..],
+        &["--channel-fd", "x"][..],
+        &["--channel-fd", "1"][..],
+        &["--channel-fd", "999"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fw-emu"))
+            .args(args)
+            .output()
+            .expect("run");
         assert_eq!(out.status.code(), Some(2), "{args:?}");
     }
 }
@@ -79,7 +87,12 @@ fn boot_objects_of_the_wrong_kind_are_refused() {
     let status = exit_within(&mut child, Duration::from_secs(10));
     let mut err = String::new();
     use std::io::Read;
-    child.stderr.take().expect("stderr").read_to_string(&mut err).expect("read");
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read");
     assert!(!status.success());
     assert!(err.contains("boot failed"), "{err}");
 }

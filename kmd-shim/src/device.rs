@@ -90,7 +90,9 @@ pub struct Device {
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Device").field("link", &self.link).finish_non_exhaustive()
+        f.debug_struct("Device")
+            .field("link", &self.link)
+            .finish_non_exhaustive()
     }
 }
 
@@ -145,8 +147,10 @@ impl Device {
                 .header
                 .init(magic::DOORBELL, 0, ctx as u64);
             let id = self.link.new_object_id();
-            self.link
-                .call(FwRequest::MapContext { ctx, doorbell: id }, &[(id, fd.as_fd())])?;
+            self.link.call(
+                FwRequest::MapContext { ctx, doorbell: id },
+                &[(id, fd.as_fd())],
+            )?;
             let status = self
                 .link
                 .status_fd_read_only()
@@ -170,7 +174,12 @@ impl Device {
     }
 
     /// Creates a fence's two objects and registers it with the firmware.
-    fn new_fence(&self, kind: FenceKind, owner: u32, initial: u64) -> Result<(FenceId, OwnedFd, OwnedFd), KmdStatus> {
+    fn new_fence(
+        &self,
+        kind: FenceKind,
+        owner: u32,
+        initial: u64,
+    ) -> Result<(FenceId, OwnedFd, OwnedFd), KmdStatus> {
         let internal = |_| KmdStatus::Internal;
         let id = {
             let mut t = self.table();
@@ -182,7 +191,8 @@ impl Device {
         let st = state.head::<FenceState>();
         st.header.init(magic::FENCE_STATE, kind as u32, id);
         st.slot.value.store(initial, Relaxed);
-        let (wfd, waiters) = os::create_object("userq-fence-waiters", PAGE_SIZE).map_err(internal)?;
+        let (wfd, waiters) =
+            os::create_object("userq-fence-waiters", PAGE_SIZE).map_err(internal)?;
         waiters
             .head::<FenceWaiters>()
             .header
@@ -224,7 +234,10 @@ impl Device {
                 return Err(KmdStatus::LimitExceeded);
             }
             let handle = FenceHandle(c.next_handle);
-            c.next_handle = c.next_handle.checked_add(1).ok_or(KmdStatus::LimitExceeded)?;
+            c.next_handle = c
+                .next_handle
+                .checked_add(1)
+                .ok_or(KmdStatus::LimitExceeded)?;
             c.handles.insert(handle, fence);
             if let Some(f) = t.fences.get_mut(&fence) {
                 f.holds += 1;
@@ -262,7 +275,12 @@ impl Device {
     }
 
     /// CREATE_QUEUE.
-    pub fn create_queue(&self, ctx: u32, entries: u32, priority: Priority) -> Result<Reply, KmdStatus> {
+    pub fn create_queue(
+        &self,
+        ctx: u32,
+        entries: u32,
+        priority: Priority,
+    ) -> Result<Reply, KmdStatus> {
         if !entries.is_power_of_two() || !(MIN_RING_ENTRIES..=MAX_RING_ENTRIES).contains(&entries) {
             return Err(KmdStatus::InvalidArgument);
         }
@@ -284,7 +302,8 @@ impl Device {
         };
         let made = (|| {
             let size = ring_object_size(entries);
-            let (rfd, ring) = os::create_object("userq-ring", size).map_err(|_| KmdStatus::Internal)?;
+            let (rfd, ring) =
+                os::create_object("userq-ring", size).map_err(|_| KmdStatus::Internal)?;
             ring.head::<RingHeader>()
                 .header
                 .init(magic::RING, entries, slot as u64);
@@ -386,7 +405,8 @@ impl Device {
                 return Err(KmdStatus::NotFound);
             }
         }
-        self.link.call(FwRequest::UnbindFence { ctx, handle }, &[])?;
+        self.link
+            .call(FwRequest::UnbindFence { ctx, handle }, &[])?;
         self.drop_hold(ctx, handle);
         Ok((vec![], vec![]))
     }
@@ -423,7 +443,9 @@ impl Device {
             rustix::fs::ftruncate(&fd, size).map_err(|_| KmdStatus::OutOfMemory)?;
             rustix::fs::fcntl_add_seals(
                 &fd,
-                rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW | rustix::fs::SealFlags::SEAL,
+                rustix::fs::SealFlags::SHRINK
+                    | rustix::fs::SealFlags::GROW
+                    | rustix::fs::SealFlags::SEAL,
             )
             .map_err(|_| KmdStatus::Internal)?;
             let id = self.link.new_object_id();
@@ -515,7 +537,14 @@ impl Device {
     pub fn poison_all(&self) {
         let t = self.table();
         for f in t.fences.values() {
-            sync::poison_fence(f.state.head(), f.waiters.head(), ErrorCode::DeviceLost, 0, 0, 0);
+            sync::poison_fence(
+                f.state.head(),
+                f.waiters.head(),
+                ErrorCode::DeviceLost,
+                0,
+                0,
+                0,
+            );
         }
     }
 }

@@ -128,15 +128,21 @@ impl FirmwareLink {
         ack_timeout: Duration,
     ) -> Result<FirmwareLink, FirmwareStartError> {
         let obj = FirmwareStartError::Objects;
-        let (control_fd, control) = os::create_object("userq-control", CONTROL_REGION_SIZE).map_err(obj)?;
-        control.head::<ControlRegion>().header.init(magic::CONTROL, 0, 0);
+        let (control_fd, control) =
+            os::create_object("userq-control", CONTROL_REGION_SIZE).map_err(obj)?;
+        control
+            .head::<ControlRegion>()
+            .header
+            .init(magic::CONTROL, 0, 0);
         let (status_fd, status) = os::create_object("userq-status", PAGE_SIZE).map_err(obj)?;
         let st = status.head::<DeviceStatus>();
         st.header.init(magic::DEVICE_STATUS, 0, generation);
         st.health.state.store(DeviceState::Running as u32, Relaxed);
         st.health.generation.store(generation, Relaxed);
         let (kick_fd, kick) = os::create_object("userq-kick", PAGE_SIZE).map_err(obj)?;
-        kick.head::<DeviceKick>().header.init(magic::DEVICE_KICK, 0, 0);
+        kick.head::<DeviceKick>()
+            .header
+            .init(magic::DEVICE_KICK, 0, 0);
         let status_ro = os::reopen_read_only(status_fd.as_fd()).map_err(obj)?;
 
         let (ours, theirs) = rustix::net::socketpair(
@@ -148,12 +154,11 @@ impl FirmwareLink {
         .map_err(obj)?;
         let running = match launcher {
             FirmwareLauncher::Process(path) => {
-                let child = spawn_process(&path, theirs).map_err(|source| {
-                    FirmwareStartError::Spawn {
+                let child =
+                    spawn_process(&path, theirs).map_err(|source| FirmwareStartError::Spawn {
                         path: path.clone(),
                         source,
-                    }
-                })?;
+                    })?;
                 Running::Process(child)
             }
             FirmwareLauncher::Thread(start) => Running::Thread(start(theirs)),
@@ -234,7 +239,11 @@ impl FirmwareLink {
     }
 
     /// Sends `objects` on the channel, posts `req`, and waits for its ack.
-    pub fn call(&self, req: FwRequest, objects: &[(ObjectId, BorrowedFd<'_>)]) -> Result<(), KmdStatus> {
+    pub fn call(
+        &self,
+        req: FwRequest,
+        objects: &[(ObjectId, BorrowedFd<'_>)],
+    ) -> Result<(), KmdStatus> {
         if self.is_lost() {
             return Err(KmdStatus::DeviceLost);
         }
@@ -333,7 +342,11 @@ impl FirmwareLink {
             fence(SeqCst);
             let seen = word.load(Relaxed);
             if !c.to_kmd.has_message() && !self.stop.load(Acquire) {
-                sync::futex_wait(word, seen, Some(Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS)));
+                sync::futex_wait(
+                    word,
+                    seen,
+                    Some(Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS)),
+                );
             }
             sleeping.store(0, Relaxed);
             backoff.reset();
@@ -350,7 +363,12 @@ impl FirmwareLink {
         if beat != last.0 {
             *last = (beat, Instant::now());
         }
-        let exited = match self.running.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        let exited = match self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
             Some(Running::Process(child)) => !matches!(child.try_wait(), Ok(None)),
             Some(Running::Thread(t)) => t.is_finished(),
             None => true,
@@ -385,7 +403,11 @@ impl FirmwareLink {
             let _ = rustix::net::shutdown(s.channel.as_fd(), rustix::net::Shutdown::Both);
         }
         self.kick_firmware();
-        let running = self.running.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         match running {
             Some(Running::Process(mut child)) => {
                 let deadline = Instant::now() + Duration::from_secs(2);
@@ -404,7 +426,12 @@ impl FirmwareLink {
 
     /// The firmware's process id in daemon mode.
     pub fn firmware_pid(&self) -> Option<u32> {
-        match self.running.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        match self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             Some(Running::Process(c)) => Some(c.id()),
             _ => None,
         }
@@ -427,7 +454,9 @@ fn spawn_process(path: &PathBuf, channel: OwnedFd) -> std::io::Result<Child> {
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|e| std::io::Error::from_raw_os_error(errno(e).raw_os_error()))?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| std::io::Error::from_raw_os_error(errno(e).raw_os_error()))?;
     drop(channel);
     Ok(child)
 }

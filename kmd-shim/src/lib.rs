@@ -131,7 +131,10 @@ impl Kmd {
             acceptor: None,
             events: Some(events),
         };
-        kmd.inner.device.link().wait_ready(Duration::from_secs(10))?;
+        kmd.inner
+            .device
+            .link()
+            .wait_ready(Duration::from_secs(10))?;
         let acc = kmd.inner.clone();
         kmd.acceptor = Some(
             std::thread::Builder::new()
@@ -168,7 +171,11 @@ impl Kmd {
             return;
         }
         let dev = &self.inner.device;
-        dev.link().status().health.state.store(userq_uapi::layout::DeviceState::Lost as u32, Release);
+        dev.link()
+            .status()
+            .health
+            .state
+            .store(userq_uapi::layout::DeviceState::Lost as u32, Release);
         dev.poison_all();
         self.inner.listener.stop();
         if let Some(t) = self.acceptor.take() {
@@ -226,7 +233,10 @@ fn accept_loop(inner: Arc<Inner>) {
             .spawn(move || {
                 client::serve(&me.device, sock);
                 drop(me);
-                registry.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                registry
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
             });
         if let Ok(t) = t {
             clients.insert(id, (dup, Some(t)));

@@ -76,8 +76,12 @@ impl Listener {
             })?;
             let _ = rustix::fs::chmod(dir, Mode::RWXU);
         }
-        let dirfd = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(io)?;
+        let dirfd = rustix::fs::open(
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io)?;
         rustix::fs::flock(&dirfd, FlockOperation::LockExclusive).map_err(io)?;
         if connect(path).is_ok() {
             return Err(BindError::InUse(path.to_owned()));

@@ -46,7 +46,11 @@ impl Drop for Daemon {
     }
 }
 
-fn send_raw(sock: &OwnedFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> (KmdStatus, [u64; 7], Vec<OwnedFd>) {
+fn send_raw(
+    sock: &OwnedFd,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> (KmdStatus, [u64; 7], Vec<OwnedFd>) {
     os::send_with_fds(sock.as_fd(), bytes, fds).expect("send");
     let mut buf = [0u8; 64];
     let got = os::recv_with_fds(sock.as_fd(), &mut buf).expect("recv");
@@ -55,7 +59,11 @@ fn send_raw(sock: &OwnedFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> (KmdStatus,
     (KmdStatus::from_u32(r.status), r.values, got.fds)
 }
 
-fn send(sock: &OwnedFd, req: Request, fds: &[BorrowedFd<'_>]) -> (KmdStatus, [u64; 7], Vec<OwnedFd>) {
+fn send(
+    sock: &OwnedFd,
+    req: Request,
+    fds: &[BorrowedFd<'_>],
+) -> (KmdStatus, [u64; 7], Vec<OwnedFd>) {
     send_raw(sock, bytemuck::bytes_of(&req.encode()), fds)
 }
 
@@ -74,49 +82,128 @@ fn malformed_messages_get_typed_errors_and_the_connection_goes_on() {
 
     assert_eq!(send_raw(&s, &[1, 2, 3], &[]).0, KmdStatus::Malformed);
     assert_eq!(send_raw(&s, &[0u8; 200], &[]).0, KmdStatus::Malformed);
-    let mut unknown = RawRequest { op: 77, reserved: 0, args: [0; 7] };
-    assert_eq!(send_raw(&s, bytemuck::bytes_of(&unknown), &[]).0, KmdStatus::UnknownOp);
+    let mut unknown = RawRequest {
+        op: 77,
+        reserved: 0,
+        args: [0; 7],
+    };
+    assert_eq!(
+        send_raw(&s, bytemuck::bytes_of(&unknown), &[]).0,
+        KmdStatus::UnknownOp
+    );
     unknown.op = op::DESTROY_QUEUE;
     unknown.args[6] = 1;
-    assert_eq!(send_raw(&s, bytemuck::bytes_of(&unknown), &[]).0, KmdStatus::Malformed);
+    assert_eq!(
+        send_raw(&s, bytemuck::bytes_of(&unknown), &[]).0,
+        KmdStatus::Malformed
+    );
 
     assert_eq!(status(&s, queue), KmdStatus::NoContext);
-    assert_eq!(status(&s, Request::OpenContext { abi_version: 999 }), KmdStatus::AbiMismatch);
-    let (st, _, fds) = send(&s, Request::OpenContext { abi_version: ABI_VERSION }, &[]);
+    assert_eq!(
+        status(&s, Request::OpenContext { abi_version: 999 }),
+        KmdStatus::AbiMismatch
+    );
+    let (st, _, fds) = send(
+        &s,
+        Request::OpenContext {
+            abi_version: ABI_VERSION,
+        },
+        &[],
+    );
     assert_eq!((st, fds.len()), (KmdStatus::Ok, 3));
-    assert_eq!(status(&s, Request::OpenContext { abi_version: ABI_VERSION }), KmdStatus::ContextExists);
+    assert_eq!(
+        status(
+            &s,
+            Request::OpenContext {
+                abi_version: ABI_VERSION
+            }
+        ),
+        KmdStatus::ContextExists
+    );
 
     for entries in [0, 1, 3, 1 << 17] {
-        let r = Request::CreateQueue { ring_entries: entries, priority: Priority::Low };
-        assert_eq!(status(&s, r), KmdStatus::InvalidArgument, "{entries} entries");
+        let r = Request::CreateQueue {
+            ring_entries: entries,
+            priority: Priority::Low,
+        };
+        assert_eq!(
+            status(&s, r),
+            KmdStatus::InvalidArgument,
+            "{entries} entries"
+        );
     }
     let (pr, pw) = rustix::pipe::pipe().expect("pipe");
-    assert_eq!(send(&s, queue, &[pr.as_fd()]).0, KmdStatus::BadFd, "fds where none belong");
-    assert_eq!(send(&s, Request::ImportFence, &[pr.as_fd(), pw.as_fd()]).0, KmdStatus::BadFd);
-    assert_eq!(send(&s, Request::ImportFence, &[pr.as_fd()]).0, KmdStatus::BadFd);
+    assert_eq!(
+        send(&s, queue, &[pr.as_fd()]).0,
+        KmdStatus::BadFd,
+        "fds where none belong"
+    );
+    assert_eq!(
+        send(&s, Request::ImportFence, &[pr.as_fd(), pw.as_fd()]).0,
+        KmdStatus::BadFd
+    );
+    assert_eq!(
+        send(&s, Request::ImportFence, &[pr.as_fd()]).0,
+        KmdStatus::BadFd
+    );
     let (m1, _map1) = os::create_object("not-a-fence", 4096).expect("memfd");
     let (m2, _map2) = os::create_object("not-a-fence", 4096).expect("memfd");
-    assert_eq!(send(&s, Request::ImportFence, &[m1.as_fd(), m2.as_fd()]).0, KmdStatus::BadFd);
+    assert_eq!(
+        send(&s, Request::ImportFence, &[m1.as_fd(), m2.as_fd()]).0,
+        KmdStatus::BadFd
+    );
 
     // A real fence's two objects swapped, or mixed with another fence's, are refused too.
     let (st, _, f1) = send(&s, Request::CreateFence { initial: 0 }, &[]);
     assert_eq!(st, KmdStatus::Ok);
     let (_, _, f2) = send(&s, Request::CreateFence { initial: 0 }, &[]);
-    assert_eq!(send(&s, Request::ImportFence, &[f1[1].as_fd(), f1[0].as_fd()]).0, KmdStatus::BadFd);
-    assert_eq!(send(&s, Request::ImportFence, &[f1[0].as_fd(), f2[1].as_fd()]).0, KmdStatus::BadFd);
-    assert_eq!(send(&s, Request::ImportFence, &[f1[0].as_fd(), f1[1].as_fd()]).0, KmdStatus::Ok);
+    assert_eq!(
+        send(&s, Request::ImportFence, &[f1[1].as_fd(), f1[0].as_fd()]).0,
+        KmdStatus::BadFd
+    );
+    assert_eq!(
+        send(&s, Request::ImportFence, &[f1[0].as_fd(), f2[1].as_fd()]).0,
+        KmdStatus::BadFd
+    );
+    assert_eq!(
+        send(&s, Request::ImportFence, &[f1[0].as_fd(), f1[1].as_fd()]).0,
+        KmdStatus::Ok
+    );
 
     use userq_uapi::packet::FenceHandle;
-    assert_eq!(status(&s, Request::ReleaseFence { handle: FenceHandle(4242) }), KmdStatus::NotFound);
-    assert_eq!(status(&s, Request::DestroyQueue { slot: 9999 }), KmdStatus::NotFound);
-    assert_eq!(status(&s, Request::FreeBuffer { va: 0x1234 }), KmdStatus::NotFound);
-    assert_eq!(status(&s, Request::AllocBuffer { size: 0 }), KmdStatus::InvalidArgument);
-    assert_eq!(status(&s, Request::AllocBuffer { size: u64::MAX }), KmdStatus::InvalidArgument);
+    assert_eq!(
+        status(
+            &s,
+            Request::ReleaseFence {
+                handle: FenceHandle(4242)
+            }
+        ),
+        KmdStatus::NotFound
+    );
+    assert_eq!(
+        status(&s, Request::DestroyQueue { slot: 9999 }),
+        KmdStatus::NotFound
+    );
+    assert_eq!(
+        status(&s, Request::FreeBuffer { va: 0x1234 }),
+        KmdStatus::NotFound
+    );
+    assert_eq!(
+        status(&s, Request::AllocBuffer { size: 0 }),
+        KmdStatus::InvalidArgument
+    );
+    assert_eq!(
+        status(&s, Request::AllocBuffer { size: u64::MAX }),
+        KmdStatus::InvalidArgument
+    );
 
     // After all that, the connection still works.
     let (st, v, fds) = send(&s, queue, &[]);
     assert_eq!((st, fds.len()), (KmdStatus::Ok, 3));
-    assert_eq!(status(&s, Request::DestroyQueue { slot: v[0] as u32 }), KmdStatus::Ok);
+    assert_eq!(
+        status(&s, Request::DestroyQueue { slot: v[0] as u32 }),
+        KmdStatus::Ok
+    );
     let (st, v, fds) = send(&s, Request::AllocBuffer { size: 100 }, &[]);
     assert_eq!((st, fds.len(), v[1]), (KmdStatus::Ok, 1, 4096));
     assert_eq!(status(&s, Request::FreeBuffer { va: v[0] }), KmdStatus::Ok);
@@ -127,15 +214,37 @@ fn a_client_that_vanishes_mid_request_does_not_disturb_another() {
     let d = Daemon::start("vanish");
     for _ in 0..20 {
         let bad = kmd_shim::socket::connect(&d.socket).expect("connect");
-        let open = Request::OpenContext { abi_version: ABI_VERSION }.encode();
+        let open = Request::OpenContext {
+            abi_version: ABI_VERSION,
+        }
+        .encode();
         os::send_with_fds(bad.as_fd(), bytemuck::bytes_of(&open), &[]).expect("send");
-        let q = Request::CreateQueue { ring_entries: 64, priority: Priority::High }.encode();
+        let q = Request::CreateQueue {
+            ring_entries: 64,
+            priority: Priority::High,
+        }
+        .encode();
         os::send_with_fds(bad.as_fd(), bytemuck::bytes_of(&q), &[]).expect("send");
         drop(bad); // gone before reading either reply
     }
     let good = kmd_shim::socket::connect(&d.socket).expect("connect");
-    assert_eq!(status(&good, Request::OpenContext { abi_version: ABI_VERSION }), KmdStatus::Ok);
-    let (st, _, fds) = send(&good, Request::CreateQueue { ring_entries: 8, priority: Priority::Normal }, &[]);
+    assert_eq!(
+        status(
+            &good,
+            Request::OpenContext {
+                abi_version: ABI_VERSION
+            }
+        ),
+        KmdStatus::Ok
+    );
+    let (st, _, fds) = send(
+        &good,
+        Request::CreateQueue {
+            ring_entries: 8,
+            priority: Priority::Normal,
+        },
+        &[],
+    );
     assert_eq!((st, fds.len()), (KmdStatus::Ok, 3));
 }
 
@@ -176,7 +285,11 @@ fn a_second_daemon_on_a_live_socket_is_refused_and_a_stale_socket_is_replaced() 
 
 #[test]
 fn bad_flags_exit_with_code_2() {
-    for args in [&["--bogus"][..], &["--socket"][..], &["--fw", "/nonexistent/fw-emu"][..]] {
+    for args in [
+        &["--bogus"][..],
+        &["--socket"][..],
+        &["--fw", "/nonexistent/fw-emu"][..],
+    ] {
         let out = Command::new(env!("CARGO_BIN_EXE_kmd-shim"))
             .args(args)
             .output()

@@ -64,7 +64,11 @@ impl<T: bytemuck::Pod> Buffer<T> {
     }
 
     fn ptr(&self, index: usize) -> *mut T {
-        assert!(index < self.len, "index {index} out of bounds for buffer of {}", self.len);
+        assert!(
+            index < self.len,
+            "index {index} out of bounds for buffer of {}",
+            self.len
+        );
         // In bounds (asserted): the mapping holds at least `len` elements.
         self.map.as_ptr().cast::<T>().wrapping_add(index)
     }
@@ -102,8 +106,14 @@ impl<T: bytemuck::Pod> Buffer<T> {
 impl Buffer<u64> {
     /// Element `index` as an atomic, for values the device writes while the host polls.
     pub fn atomic(&self, index: usize) -> &AtomicU64 {
-        assert!(index < self.len, "index {index} out of bounds for buffer of {}", self.len);
-        self.map.get::<AtomicU64>(index * 8).expect("in bounds and aligned")
+        assert!(
+            index < self.len,
+            "index {index} out of bounds for buffer of {}",
+            self.len
+        );
+        self.map
+            .get::<AtomicU64>(index * 8)
+            .expect("in bounds and aligned")
     }
 }
 

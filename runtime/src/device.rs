@@ -109,7 +109,9 @@ fn embedded(path: &Path) -> Result<Arc<kmd_shim::Kmd>, OpenError> {
             })
             .expect("spawning the firmware thread")
     }));
-    let kmd = Arc::new(kmd_shim::Kmd::start(kmd_shim::KmdConfig::new(path, launcher))?);
+    let kmd = Arc::new(kmd_shim::Kmd::start(kmd_shim::KmdConfig::new(
+        path, launcher,
+    ))?);
     reg.insert(path.to_owned(), Arc::downgrade(&kmd));
     Ok(kmd)
 }
@@ -152,7 +154,10 @@ impl DeviceInner {
     }
 
     pub(crate) fn is_lost(&self) -> bool {
-        self.status_page().health.state.load(std::sync::atomic::Ordering::Acquire)
+        self.status_page()
+            .health
+            .state
+            .load(std::sync::atomic::Ordering::Acquire)
             == DeviceState::Lost as u32
     }
 }
@@ -179,7 +184,8 @@ fn exchange(
     if got.len != MESSAGE_SIZE || got.truncated {
         return Err(ControlError::Protocol("reply of the wrong size"));
     }
-    let reply = RawReply::decode(&buf[..got.len]).map_err(|_| ControlError::Protocol("bad reply"))?;
+    let reply =
+        RawReply::decode(&buf[..got.len]).map_err(|_| ControlError::Protocol("bad reply"))?;
     match KmdStatus::from_u32(reply.status) {
         KmdStatus::Ok => Ok((reply.values, got.fds)),
         s => Err(ControlError::Rejected(s)),
@@ -228,7 +234,13 @@ impl Device {
             path: path.to_owned(),
             source,
         })?;
-        let (values, fds) = exchange(&sock, Request::OpenContext { abi_version: ABI_VERSION }, &[])?;
+        let (values, fds) = exchange(
+            &sock,
+            Request::OpenContext {
+                abi_version: ABI_VERSION,
+            },
+            &[],
+        )?;
         let [db, status, kick] = <[OwnedFd; 3]>::try_from(fds)
             .map_err(|_| ControlError::Protocol("OPEN_CONTEXT returned the wrong fds"))?;
         let doorbells = os::map_object(db.as_fd(), DOORBELL_PAGE_SIZE, true, magic::DOORBELL)
@@ -306,8 +318,8 @@ impl Device {
             Err(ControlError::Rejected(KmdStatus::BadFd)) => return Err(FenceError::NotAFence),
             Err(e) => return Err(e.into()),
         };
-        let kind = FenceKind::from_u32(v[2] as u32)
-            .ok_or(ControlError::Protocol("unknown fence kind"))?;
+        let kind =
+            FenceKind::from_u32(v[2] as u32).ok_or(ControlError::Protocol("unknown fence kind"))?;
         Fence::from_parts(&self.inner, v[0] as u32, kind, state, waiters)
     }
 
@@ -318,11 +330,17 @@ impl Device {
             .checked_mul(std::mem::size_of::<T>())
             .filter(|&b| b > 0)
             .ok_or(AllocError::BadSize)?;
-        let r = self.inner.call(Request::AllocBuffer { size: bytes as u64 }, &[]);
+        let r = self
+            .inner
+            .call(Request::AllocBuffer { size: bytes as u64 }, &[]);
         let (v, fds) = match r {
             Ok(x) => x,
-            Err(ControlError::Rejected(KmdStatus::OutOfMemory)) => return Err(AllocError::OutOfMemory),
-            Err(ControlError::Rejected(KmdStatus::InvalidArgument)) => return Err(AllocError::BadSize),
+            Err(ControlError::Rejected(KmdStatus::OutOfMemory)) => {
+                return Err(AllocError::OutOfMemory)
+            }
+            Err(ControlError::Rejected(KmdStatus::InvalidArgument)) => {
+                return Err(AllocError::BadSize)
+            }
             Err(e) => return Err(e.into()),
         };
         let [fd] = <[OwnedFd; 1]>::try_from(fds)

@@ -84,7 +84,12 @@ impl FenceInner {
 
 impl Drop for FenceInner {
     fn drop(&mut self) {
-        let _ = self.dev.call(Request::ReleaseFence { handle: self.handle }, &[]);
+        let _ = self.dev.call(
+            Request::ReleaseFence {
+                handle: self.handle,
+            },
+            &[],
+        );
     }
 }
 
@@ -182,9 +187,13 @@ impl Fence {
     /// Duplicates the fence's descriptors for another process to
     /// [`crate::Device::import_fence`].
     pub fn export(&self) -> Result<ExportedFence, FenceError> {
-        let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| {
-            FenceError::Dup(rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))
-        });
+        let dup = |fd: &OwnedFd| {
+            fd.try_clone().map_err(|e| {
+                FenceError::Dup(
+                    rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO),
+                )
+            })
+        };
         Ok(ExportedFence {
             state: dup(&self.inner.state_fd)?,
             waiters: dup(&self.inner.waiters_fd)?,
@@ -219,15 +228,20 @@ impl ExportedFence {
 
     /// Sends the fence over a connected Unix socket (SCM_RIGHTS).
     pub fn send(&self, socket: impl AsFd) -> std::io::Result<()> {
-        os::send_with_fds(socket.as_fd(), b"userq-fence", &[self.state.as_fd(), self.waiters.as_fd()])
-            .map_err(std::io::Error::from)
+        os::send_with_fds(
+            socket.as_fd(),
+            b"userq-fence",
+            &[self.state.as_fd(), self.waiters.as_fd()],
+        )
+        .map_err(std::io::Error::from)
     }
 
     /// Receives a fence sent with [`ExportedFence::send`].
     pub fn recv(socket: impl AsFd) -> std::io::Result<ExportedFence> {
         let mut buf = [0u8; 32];
         let got = os::recv_with_fds(socket.as_fd(), &mut buf).map_err(std::io::Error::from)?;
-        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a userq fence message");
+        let bad =
+            || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a userq fence message");
         if &buf[..got.len] != b"userq-fence" || got.truncated {
             return Err(bad());
         }
@@ -295,7 +309,11 @@ pub fn wait_all(points: &[FencePoint], mode: WaitMode, timeout: Duration) -> Res
 /// Waits until any point is reached and returns its index. Fails as soon as one point can
 /// never be reached (its fence was poisoned) while none is reached. An empty set is an
 /// immediate timeout.
-pub fn wait_any(points: &[FencePoint], mode: WaitMode, timeout: Duration) -> Result<usize, WaitError> {
+pub fn wait_any(
+    points: &[FencePoint],
+    mode: WaitMode,
+    timeout: Duration,
+) -> Result<usize, WaitError> {
     wait_many(points, false, mode, timeout)
 }
 

@@ -79,7 +79,12 @@ impl Command {
     /// Holds the queue until the point is reached (fence ≥ value). The queue is parked
     /// meanwhile and costs the firmware nothing.
     pub fn wait(point: &FencePoint) -> Self {
-        Self::wait_fence(point.fence(), point.value(), WaitCondition::GreaterOrEqual, u64::MAX)
+        Self::wait_fence(
+            point.fence(),
+            point.value(),
+            WaitCondition::GreaterOrEqual,
+            u64::MAX,
+        )
     }
 
     /// Holds the queue until `fence & mask` compares with `value & mask` as `condition`
@@ -159,9 +164,9 @@ impl<'d> QueueBuilder<'d> {
             .map_err(ControlError::from)?;
         let timeline = Fence::from_parts(inner, v[1] as u32, FenceKind::Timeline, state, waiters)
             .map_err(|e| match e {
-                crate::FenceError::Control(c) => c,
-                _ => ControlError::Protocol("timeline fence"),
-            })?;
+            crate::FenceError::Control(c) => c,
+            _ => ControlError::Protocol("timeline fence"),
+        })?;
         let mut destroy = destroy;
         destroy.slot = None;
         Ok(Queue {
@@ -291,7 +296,10 @@ impl Queue {
         cmds: &[Command],
         timeout: Duration,
     ) -> Result<FencePoint, SubmitError> {
-        if cmds.iter().any(|c| c.fence_context.is_some_and(|ctx| ctx != self.dev.ctx)) {
+        if cmds
+            .iter()
+            .any(|c| c.fence_context.is_some_and(|ctx| ctx != self.dev.ctx))
+        {
             return Err(SubmitError::ForeignFence);
         }
         self.reserve(cmds.len(), timeout)?;
@@ -301,7 +309,11 @@ impl Queue {
 
     /// Submits packets as they are, unchecked: for tools and for tests of the firmware's
     /// validation. The firmware stops the queue on the first invalid one.
-    pub fn submit_packets(&mut self, packets: &[Packet], timeout: Duration) -> Result<FencePoint, SubmitError> {
+    pub fn submit_packets(
+        &mut self,
+        packets: &[Packet],
+        timeout: Duration,
+    ) -> Result<FencePoint, SubmitError> {
         self.reserve(packets.len(), timeout)?;
         self.write(packets.iter().copied());
         Ok(self.ring_doorbell())
@@ -355,7 +367,11 @@ impl Queue {
             };
             // Completion implies consumption, so the timeline reaching `need` frees the
             // room; the short slices re-check the read index, which can run ahead.
-            match self.timeline.point(need).wait_with(WaitMode::Adaptive, left) {
+            match self
+                .timeline
+                .point(need)
+                .wait_with(WaitMode::Adaptive, left)
+            {
                 Ok(()) | Err(WaitError::Timeout) => {}
                 Err(WaitError::Faulted(f)) => return Err(SubmitError::QueueFaulted(f)),
                 Err(WaitError::DeviceLost) => return Err(SubmitError::DeviceLost),
@@ -396,6 +412,8 @@ impl Queue {
 
 impl Drop for Queue {
     fn drop(&mut self) {
-        let _ = self.dev.call(Request::DestroyQueue { slot: self.slot }, &[]);
+        let _ = self
+            .dev
+            .call(Request::DestroyQueue { slot: self.slot }, &[]);
     }
 }

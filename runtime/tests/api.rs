@@ -30,7 +30,10 @@ impl Env {
             .mode(OpenMode::Embedded)
             .open()
             .expect("embedded device");
-        Env { dev: Some(dev), dir }
+        Env {
+            dev: Some(dev),
+            dir,
+        }
     }
 
     fn dev(&self) -> &Device {
@@ -104,7 +107,8 @@ fn a_full_ring_gives_would_block_and_never_overwrites() {
     let buf = dev.alloc::<u64>(8).unwrap();
     let w = |i: usize| Command::write_value(buf.address_of(i).unwrap(), i as u64 + 100);
     // The wait is consumed and parks the queue; everything behind it stays in the ring.
-    q.submit_batch(&[Command::wait(&gate.point(1)), w(0), w(1), w(2)]).unwrap();
+    q.submit_batch(&[Command::wait(&gate.point(1)), w(0), w(1), w(2)])
+        .unwrap();
     // Fill the ring. Once the firmware has consumed the wait packet (freeing one slot),
     // nothing moves until the gate opens, so two refusals 20 ms apart mean "full for good".
     let mut accepted = 0;
@@ -121,15 +125,22 @@ fn a_full_ring_gives_would_block_and_never_overwrites() {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        assert!(accepted <= 1, "a 4-entry ring holding 3 packets takes one more at most");
+        assert!(
+            accepted <= 1,
+            "a 4-entry ring holding 3 packets takes one more at most"
+        );
     }
     assert_eq!(
-        q.submit_batch_timeout(&[w(7)], Duration::from_millis(30)).err(),
+        q.submit_batch_timeout(&[w(7)], Duration::from_millis(30))
+            .err(),
         Some(SubmitError::Timeout)
     );
     assert!(matches!(
-        q.submit_batch(&vec![Command::nop(); 5]),
-        Err(SubmitError::BatchTooLarge { batch: 5, entries: 4 })
+        q.submit_batch(&[Command::nop(); 5]),
+        Err(SubmitError::BatchTooLarge {
+            batch: 5,
+            entries: 4
+        })
     ));
     gate.signal(1).unwrap();
     q.submit(w(7)).unwrap().wait(LONG).unwrap();
@@ -150,7 +161,10 @@ fn waits_time_out_in_every_mode() {
             Err(WaitError::Timeout)
         );
         let e = t.elapsed();
-        assert!(e >= Duration::from_millis(30) && e < Duration::from_secs(5), "{mode:?}: {e:?}");
+        assert!(
+            e >= Duration::from_millis(30) && e < Duration::from_secs(5),
+            "{mode:?}: {e:?}"
+        );
     }
     assert_eq!(f.point(0).poll(), Ok(true));
     assert_eq!(f.point(1).poll(), Ok(false));
@@ -175,7 +189,10 @@ fn wait_any_returns_the_first_reached_and_wait_all_needs_every_one() {
     );
     a.signal(5).unwrap();
     assert_eq!(wait_all(&points, WaitMode::Block, LONG), Ok(()));
-    assert_eq!(wait_any(&[], WaitMode::Spin, Duration::ZERO), Err(WaitError::Timeout));
+    assert_eq!(
+        wait_any(&[], WaitMode::Spin, Duration::ZERO),
+        Err(WaitError::Timeout)
+    );
 }
 
 #[test]
@@ -248,7 +265,8 @@ fn fences_cross_contexts_by_export_and_import() {
     ])
     .unwrap();
 
-    qa.submit_batch(&[Command::nop(), Command::signal(&fa, 3)]).unwrap();
+    qa.submit_batch(&[Command::nop(), Command::signal(&fa, 3)])
+        .unwrap();
     qb.finish(LONG).unwrap();
     assert_eq!(out.to_vec(), vec![11, 22]);
 }
@@ -259,7 +277,10 @@ fn a_fence_of_another_connection_is_refused_at_submit() {
     let other = env.second();
     let theirs = other.create_fence(0).unwrap();
     let mut q = env.dev().create_queue().unwrap();
-    assert_eq!(q.submit(Command::signal(&theirs, 1)).err(), Some(SubmitError::ForeignFence));
+    assert_eq!(
+        q.submit(Command::signal(&theirs, 1)).err(),
+        Some(SubmitError::ForeignFence)
+    );
     assert_eq!(
         q.submit(Command::wait(&theirs.point(1))).err(),
         Some(SubmitError::ForeignFence)
@@ -276,7 +297,10 @@ fn a_bad_packet_faults_only_its_queue_with_a_typed_error() {
     let mut garbage = Packet::from_words([0; 8]);
     garbage.header = 0xee;
     let p = bad
-        .submit_packets(&[Command::nop().packet(), garbage, Command::nop().packet()], LONG)
+        .submit_packets(
+            &[Command::nop().packet(), garbage, Command::nop().packet()],
+            LONG,
+        )
         .unwrap();
     match p.wait(LONG) {
         Err(WaitError::Faulted(f)) => {
@@ -298,7 +322,10 @@ fn memory_violations_report_the_address_and_leave_memory_untouched() {
     let buf = dev.alloc::<u64>(512).unwrap();
     let mut q = dev.create_queue().unwrap();
     let outside = buf.device_address() + 4096;
-    let r = q.submit(Command::write_value(outside, 1)).unwrap().wait(LONG);
+    let r = q
+        .submit(Command::write_value(outside, 1))
+        .unwrap()
+        .wait(LONG);
     match r {
         Err(WaitError::Faulted(f)) => {
             assert_eq!(f.code, Some(ErrorCode::MemoryViolation));
@@ -307,7 +334,10 @@ fn memory_violations_report_the_address_and_leave_memory_untouched() {
         other => panic!("{other:?}"),
     }
     let mut q = dev.create_queue().unwrap();
-    let r = q.submit(Command::timestamp(buf.device_address() + 3)).unwrap().wait(LONG);
+    let r = q
+        .submit(Command::timestamp(buf.device_address() + 3))
+        .unwrap()
+        .wait(LONG);
     assert_eq!(fault_code(r), ErrorCode::MisalignedAddress);
     assert!(buf.to_vec().iter().all(|&v| v == 0));
 }
@@ -352,7 +382,10 @@ fn buffers_are_zeroed_and_bounds_checked() {
     assert_eq!(b.address_of(1000), None);
     b.copy_from_slice(&[1, 2, 3]);
     assert_eq!(&b.to_vec()[..4], &[1, 2, 3, 0]);
-    assert!(matches!(env.dev().alloc::<u64>(0), Err(userq::AllocError::BadSize)));
+    assert!(matches!(
+        env.dev().alloc::<u64>(0),
+        Err(userq::AllocError::BadSize)
+    ));
 }
 
 #[test]

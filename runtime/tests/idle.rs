@@ -6,7 +6,10 @@ use userq::{Command, Device, OpenMode};
 
 fn thread_ticks(name: &str) -> Vec<(String, u64)> {
     let mut out = Vec::new();
-    for t in std::fs::read_dir("/proc/self/task").expect("tasks").flatten() {
+    for t in std::fs::read_dir("/proc/self/task")
+        .expect("tasks")
+        .flatten()
+    {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
         if comm.trim() == name {
             let stat = std::fs::read_to_string(t.path().join("stat")).expect("stat");
@@ -44,5 +47,9 @@ fn idle_embedded_firmware_thread_uses_under_two_percent_of_a_core() {
     let share = used as f64 / hz / t0.elapsed().as_secs_f64();
     drop((q, dev));
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(share < 0.02, "idle firmware thread used {:.1}% of a core", share * 100.0);
+    assert!(
+        share < 0.02,
+        "idle firmware thread used {:.1}% of a core",
+        share * 100.0
+    );
 }

@@ -472,7 +472,10 @@ mod tests {
                 size: 4096,
                 object: 30,
             },
-            FwRequest::UnmapBuffer { ctx: 1, va: 1 << 32 },
+            FwRequest::UnmapBuffer {
+                ctx: 1,
+                va: 1 << 32,
+            },
             FwRequest::Shutdown,
         ];
         for (i, r) in reqs.iter().enumerate() {

@@ -211,7 +211,12 @@ impl Request {
                 },
                 2,
             ),
-            op::DESTROY_QUEUE => (Request::DestroyQueue { slot: narrow(a[0])? }, 1),
+            op::DESTROY_QUEUE => (
+                Request::DestroyQueue {
+                    slot: narrow(a[0])?,
+                },
+                1,
+            ),
             op::CREATE_FENCE => (Request::CreateFence { initial: a[0] }, 1),
             op::IMPORT_FENCE => (Request::ImportFence, 0),
             op::RELEASE_FENCE => (

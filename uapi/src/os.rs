@@ -79,9 +79,8 @@ impl Mapping {
         // SAFETY: a fresh mapping at an address the kernel picks; it aliases no Rust
         // object. The file is at least `len` bytes and sealed against shrinking (or owned by
         // a trusted creator), so every byte of the mapping stays backed.
-        let ptr = unsafe {
-            rustix::mm::mmap(core::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)?
-        };
+        let ptr =
+            unsafe { rustix::mm::mmap(core::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)? };
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(io::Errno::NOMEM)?;
         Ok(Mapping { ptr, len, writable })
     }
@@ -252,7 +251,9 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Receive
             fds.extend(it);
         }
     }
-    let truncated = msg.flags.intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC);
+    let truncated = msg
+        .flags
+        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC);
     Ok(Received {
         len: msg.bytes,
         fds,

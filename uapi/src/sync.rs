@@ -56,7 +56,9 @@ pub fn futex_wait_any(words: &[(&AtomicU32, u32)], timeout: Option<Duration>) {
         let t = if words.len() == 1 {
             timeout
         } else {
-            Some(timeout.map_or(Duration::from_millis(1), |t| t.min(Duration::from_millis(1))))
+            Some(timeout.map_or(Duration::from_millis(1), |t| {
+                t.min(Duration::from_millis(1))
+            }))
         };
         return futex_wait(words[0].0, words[0].1, t);
     }
@@ -85,7 +87,9 @@ pub fn futex_wait_any(words: &[(&AtomicU32, u32)], timeout: Option<Duration>) {
         futex_wait(
             words[0].0,
             words[0].1,
-            Some(timeout.map_or(Duration::from_millis(1), |t| t.min(Duration::from_millis(1)))),
+            Some(timeout.map_or(Duration::from_millis(1), |t| {
+                t.min(Duration::from_millis(1))
+            })),
         );
     }
 }
@@ -107,7 +111,12 @@ pub fn wake_if_announced(flag: &AtomicU32, word: &AtomicU32) -> bool {
 /// before the flag load (Dekker with the firmware's store + fence + re-check); on x86 the
 /// RMW is a locked instruction and the load a plain `mov`, so no extra fence is issued.
 /// Returns whether a wake syscall was made.
-pub fn ring_doorbell(pending: &AtomicU64, bit: u64, sleeping: &AtomicU32, kick: &AtomicU32) -> bool {
+pub fn ring_doorbell(
+    pending: &AtomicU64,
+    bit: u64,
+    sleeping: &AtomicU32,
+    kick: &AtomicU32,
+) -> bool {
     pending.fetch_or(bit, SeqCst);
     if sleeping.load(SeqCst) == 0 {
         return false;

@@ -14,9 +14,8 @@ use std::sync::atomic::Ordering::*;
 use std::time::{Duration, Instant};
 use userq::uapi::ioctl::{Priority, RawReply, Request, MESSAGE_SIZE};
 use userq::uapi::layout::{
-    magic, ring_object_size, DeviceKick, DeviceStatus, DoorbellPage, FenceState, DOORBELL_PAGE_SIZE,
-    PAGE_SIZE,
-    RING_PACKETS_OFFSET,
+    magic, ring_object_size, DeviceKick, DeviceStatus, DoorbellPage, FenceState,
+    DOORBELL_PAGE_SIZE, PAGE_SIZE, RING_PACKETS_OFFSET,
 };
 use userq::uapi::os::{self, Mapping};
 use userq::uapi::packet::{Command as Cmd, FenceHandle, Packet};
@@ -56,7 +55,11 @@ fn worker(queues: usize, packets: usize, ring: u32) -> Res<()> {
         }
         let ts = stamps[q].to_vec();
         if let Some(i) = (0..packets).find(|&i| ts[i] == 0 || (i > 0 && ts[i] < ts[i - 1])) {
-            return Err(format!("queue {q}: packet {i} out of order or missing: {:?}", &ts[i.saturating_sub(1)..=i]).into());
+            return Err(format!(
+                "queue {q}: packet {i} out of order or missing: {:?}",
+                &ts[i.saturating_sub(1)..=i]
+            )
+            .into());
         }
     }
     println!("ok");
@@ -96,7 +99,13 @@ impl Raw {
             None,
         )?;
         rustix::net::connect(&sock, &rustix::net::SocketAddrUnix::new(path.as_str())?)?;
-        let (_, fds) = call(&sock, Request::OpenContext { abi_version: ABI_VERSION }, &[])?;
+        let (_, fds) = call(
+            &sock,
+            Request::OpenContext {
+                abi_version: ABI_VERSION,
+            },
+            &[],
+        )?;
         let doorbells = os::map_object(fds[0].as_fd(), DOORBELL_PAGE_SIZE, true, magic::DOORBELL)?;
         let status = os::map_object(fds[1].as_fd(), PAGE_SIZE, false, magic::DEVICE_STATUS)?;
         let kick = os::map_object(fds[2].as_fd(), PAGE_SIZE, true, magic::DEVICE_KICK)?;
@@ -163,7 +172,10 @@ impl RawQueue {
     fn push(&mut self, raw: &Raw, packets: &[Packet]) {
         for p in packets {
             let off = RING_PACKETS_OFFSET + ((self.wptr % self.entries) as usize) * 64;
-            let slot = self.ring.get::<[std::sync::atomic::AtomicU64; 8]>(off).expect("slot");
+            let slot = self
+                .ring
+                .get::<[std::sync::atomic::AtomicU64; 8]>(off)
+                .expect("slot");
             for (w, v) in slot.iter().zip(p.to_words()) {
                 w.store(v, Relaxed);
             }
@@ -193,7 +205,11 @@ impl RawQueue {
     }
 }
 
-fn call(sock: &OwnedFd, req: Request, fds: &[rustix::fd::BorrowedFd<'_>]) -> Res<([u64; 7], Vec<OwnedFd>)> {
+fn call(
+    sock: &OwnedFd,
+    req: Request,
+    fds: &[rustix::fd::BorrowedFd<'_>],
+) -> Res<([u64; 7], Vec<OwnedFd>)> {
     os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&req.encode()), fds)?;
     let mut buf = [0u8; MESSAGE_SIZE];
     let got = os::recv_with_fds(sock.as_fd(), &mut buf)?;
@@ -219,21 +235,49 @@ fn hostile(case: &str) -> Res<()> {
             q.settle(1)
         }
         "misaligned" => {
-            q.push(&raw, &[Cmd::WriteValue { addr: buf + 4, value: 1 }.encode()]);
+            q.push(
+                &raw,
+                &[Cmd::WriteValue {
+                    addr: buf + 4,
+                    value: 1,
+                }
+                .encode()],
+            );
             q.settle(1)
         }
         "foreign-address" => {
             // Past the end of the only buffer: the guard range after it is unmapped.
-            q.push(&raw, &[Cmd::WriteValue { addr: buf + 4096, value: 1 }.encode()]);
+            q.push(
+                &raw,
+                &[Cmd::WriteValue {
+                    addr: buf + 4096,
+                    value: 1,
+                }
+                .encode()],
+            );
             q.settle(1)
         }
         "bad-handle" => {
-            q.push(&raw, &[Cmd::SignalFence { fence: FenceHandle(9999), value: 1 }.encode()]);
+            q.push(
+                &raw,
+                &[Cmd::SignalFence {
+                    fence: FenceHandle(9999),
+                    value: 1,
+                }
+                .encode()],
+            );
             q.settle(1)
         }
         "signal-timeline" => {
             let own = q.handle;
-            q.push(&raw, &[Cmd::SignalFence { fence: own, value: 100 }.encode()]);
+            q.push(
+                &raw,
+                &[Cmd::SignalFence {
+                    fence: own,
+                    value: 100,
+                }
+                .encode()],
+            );
             q.settle(1)
         }
         "wptr-backwards" => {
@@ -259,7 +303,14 @@ fn hostile(case: &str) -> Res<()> {
                 raw.kick_all_pending(w, u64::MAX);
             }
             // The real queue still works afterwards.
-            q.push(&raw, &[Cmd::WriteValue { addr: buf, value: 5 }.encode()]);
+            q.push(
+                &raw,
+                &[Cmd::WriteValue {
+                    addr: buf,
+                    value: 5,
+                }
+                .encode()],
+            );
             q.settle(1)
         }
         other => return Err(format!("unknown case {other}").into()),
@@ -284,7 +335,10 @@ fn main() {
         ["worker", q, p, r] => (|| worker(q.parse()?, p.parse()?, r.parse()?))(),
         ["victim", rendezvous] => victim(rendezvous),
         ["hostile", case] => hostile(case),
-        _ => Err("usage: userq-testclient worker QUEUES PACKETS RING | victim SOCKET | hostile CASE".into()),
+        _ => Err(
+            "usage: userq-testclient worker QUEUES PACKETS RING | victim SOCKET | hostile CASE"
+                .into(),
+        ),
     };
     if let Err(e) = result {
         eprintln!("userq-testclient: {e}");

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 /// `target/<profile>`, where cargo puts the workspace's executables.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(Path::parent).expect("target dir").to_owned()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_owned()
 }
 
 /// An executable of the workspace; fails with a hint if it was not built.
@@ -205,7 +208,10 @@ impl Daemon {
                     };
                 }
             }
-            assert!(Instant::now() < deadline, "kmd-shim did not start within 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "kmd-shim did not start within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
