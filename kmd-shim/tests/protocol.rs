@@ -39,7 +39,14 @@ fn spawn(socket: &Path) -> Command {
 }
 
 impl Drop for Daemon {
+    /// SIGTERM first, so kmd-shim stops and reaps its firmware; SIGKILL if it hangs.
     fn drop(&mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
