@@ -27,8 +27,16 @@ use userq_uapi::KmdStatus;
 
 /// How the firmware is started.
 pub enum FirmwareLauncher {
-    /// Daemon mode: run this `fw-emu` executable as a child process.
-    Process(PathBuf),
+    /// Daemon mode: run a firmware executable as a child process, as
+    /// `program [args…] --channel-fd N`. `fw-emu` takes no leading arguments; another
+    /// program that embeds `fw_emu::Firmware` (a custom firmware build, a benchmark) may
+    /// need some to select its firmware role.
+    Process {
+        /// The executable.
+        program: PathBuf,
+        /// Arguments placed before `--channel-fd N`.
+        args: Vec<std::ffi::OsString>,
+    },
     /// Embedded mode: a function that starts the firmware on a thread of this process,
     /// given the firmware's end of the object channel.
     Thread(Box<dyn FnOnce(OwnedFd) -> JoinHandle<()> + Send>),
@@ -37,7 +45,11 @@ pub enum FirmwareLauncher {
 impl std::fmt::Debug for FirmwareLauncher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            FirmwareLauncher::Process(p) => f.debug_tuple("Process").field(p).finish(),
+            FirmwareLauncher::Process { program, args } => f
+                .debug_struct("Process")
+                .field("program", program)
+                .field("args", args)
+                .finish(),
             FirmwareLauncher::Thread(_) => f.write_str("Thread(..)"),
         }
     }
@@ -47,7 +59,10 @@ impl FirmwareLauncher {
     /// The `fw-emu` binary next to the running executable (where cargo puts both).
     pub fn sibling_process() -> FirmwareLauncher {
         let exe = std::env::current_exe().unwrap_or_default();
-        FirmwareLauncher::Process(exe.with_file_name("fw-emu"))
+        FirmwareLauncher::Process {
+            program: exe.with_file_name("fw-emu"),
+            args: Vec::new(),
+        }
     }
 }
 
@@ -153,12 +168,13 @@ impl FirmwareLink {
         )
         .map_err(obj)?;
         let running = match launcher {
-            FirmwareLauncher::Process(path) => {
-                let child =
-                    spawn_process(&path, theirs).map_err(|source| FirmwareStartError::Spawn {
-                        path: path.clone(),
+            FirmwareLauncher::Process { program, args } => {
+                let child = spawn_process(&program, &args, theirs).map_err(|source| {
+                    FirmwareStartError::Spawn {
+                        path: program.clone(),
                         source,
-                    })?;
+                    }
+                })?;
                 Running::Process(child)
             }
             FirmwareLauncher::Thread(start) => Running::Thread(start(theirs)),
@@ -438,11 +454,15 @@ impl FirmwareLink {
     }
 }
 
-fn spawn_process(path: &PathBuf, channel: OwnedFd) -> std::io::Result<Child> {
+fn spawn_process(
+    path: &PathBuf,
+    args: &[std::ffi::OsString],
+    channel: OwnedFd,
+) -> std::io::Result<Child> {
     use std::os::unix::process::CommandExt;
     let raw = channel.as_raw_fd();
     let mut cmd = Command::new(path);
-    cmd.arg("--channel-fd").arg(raw.to_string());
+    cmd.args(args).arg("--channel-fd").arg(raw.to_string());
     // SAFETY: the closure runs in the forked child before exec and calls only
     // async-signal-safe syscalls (fcntl, prctl) on a descriptor the child inherited.
     unsafe {

@@ -39,10 +39,13 @@ fn main() -> ExitCode {
         }
     }
     let launcher = match fw {
-        Some(p) => FirmwareLauncher::Process(p),
+        Some(program) => FirmwareLauncher::Process {
+            program,
+            args: Vec::new(),
+        },
         None => FirmwareLauncher::sibling_process(),
     };
-    if let FirmwareLauncher::Process(p) = &launcher {
+    if let FirmwareLauncher::Process { program: p, .. } = &launcher {
         if !p.exists() {
             eprintln!(
                 "kmd-shim: firmware executable {} not found; build it with `cargo build --release -p userq-fw-emu` or pass --fw",
