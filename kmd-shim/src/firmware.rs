@@ -117,6 +117,7 @@ pub struct FirmwareLink {
     acked: Condvar,
     ready: AtomicBool,
     lost: AtomicBool,
+    stopping: AtomicBool,
     stop: AtomicBool,
     running: Mutex<Option<Running>>,
     next_object: AtomicU64,
@@ -193,6 +194,7 @@ impl FirmwareLink {
             acked: Condvar::new(),
             ready: AtomicBool::new(false),
             lost: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             running: Mutex::new(Some(running)),
             next_object: AtomicU64::new(boot::FIRST_DYNAMIC),
@@ -366,7 +368,11 @@ impl FirmwareLink {
             }
             sleeping.store(0, Relaxed);
             backoff.reset();
-            if !self.is_lost() && self.ready.load(Acquire) && self.firmware_dead(&mut last_beat) {
+            if !self.is_lost()
+                && !self.stopping.load(Acquire)
+                && self.ready.load(Acquire)
+                && self.firmware_dead(&mut last_beat)
+            {
                 self.mark_lost();
                 sink.device_lost();
             }
@@ -405,6 +411,9 @@ impl FirmwareLink {
     /// Stops the firmware (asking first, then killing a process that does not exit) and
     /// the event thread. The device counts as lost afterwards.
     pub fn stop(&self) {
+        // From here on a firmware exit is expected: the event thread must not report it
+        // as a loss.
+        self.stopping.store(true, Release);
         if !self.is_lost() && self.ready.load(Acquire) {
             let _ = self.call(FwRequest::Shutdown, &[]);
         }

@@ -179,6 +179,7 @@ impl<'d> QueueBuilder<'d> {
             cached_rptr: 0,
             timeline,
             priority: self.priority,
+            wakes: 0,
         })
     }
 }
@@ -221,6 +222,8 @@ pub struct Queue {
     cached_rptr: u64,
     timeline: Fence,
     priority: Priority,
+    /// Doorbells that found the firmware asleep and made a futex wake.
+    wakes: u64,
 }
 
 impl std::fmt::Debug for Queue {
@@ -253,6 +256,12 @@ impl Queue {
     /// The queue's doorbell slot in its context.
     pub fn slot(&self) -> u32 {
         self.slot
+    }
+
+    /// How many doorbells found the firmware asleep and made a futex wake: the only
+    /// syscall on the submit path. Zero while the firmware is awake.
+    pub fn firmware_wakes(&self) -> u64 {
+        self.wakes
     }
 
     /// Scheduling priority.
@@ -296,6 +305,18 @@ impl Queue {
         cmds: &[Command],
         timeout: Duration,
     ) -> Result<FencePoint, SubmitError> {
+        let value = self.push(cmds, timeout)?;
+        Ok(self.timeline.point(value))
+    }
+
+    /// The cheapest submit: like [`Queue::try_submit`] for a batch, but returns the batch's
+    /// timeline value instead of a [`FencePoint`] (which holds a reference count on the
+    /// fence). Turn it into a point with `queue.timeline().point(value)` when needed.
+    pub fn enqueue(&mut self, cmds: &[Command]) -> Result<u64, SubmitError> {
+        self.push(cmds, Duration::ZERO)
+    }
+
+    fn push(&mut self, cmds: &[Command], timeout: Duration) -> Result<u64, SubmitError> {
         if cmds
             .iter()
             .any(|c| c.fence_context.is_some_and(|ctx| ctx != self.dev.ctx))
@@ -304,7 +325,8 @@ impl Queue {
         }
         self.reserve(cmds.len(), timeout)?;
         self.write(cmds.iter().map(|c| c.cmd.encode()));
-        Ok(self.ring_doorbell())
+        self.ring_doorbell();
+        Ok(self.wptr)
     }
 
     /// Submits packets as they are, unchecked: for tools and for tests of the firmware's
@@ -316,7 +338,8 @@ impl Queue {
     ) -> Result<FencePoint, SubmitError> {
         self.reserve(packets.len(), timeout)?;
         self.write(packets.iter().copied());
-        Ok(self.ring_doorbell())
+        self.ring_doorbell();
+        Ok(self.timeline.point(self.wptr))
     }
 
     /// Waits until everything submitted so far has completed.
@@ -395,18 +418,19 @@ impl Queue {
     }
 
     /// Publishes the write index and rings the doorbell.
-    fn ring_doorbell(&mut self) -> FencePoint {
+    fn ring_doorbell(&mut self) {
         let page = self.dev.doorbell_page();
         let slot = self.slot as usize;
         // Release: the packet stores above happen-before the firmware's acquire load.
         page.doorbells[slot].value.store(self.wptr, Release);
-        sync::ring_doorbell(
+        if sync::ring_doorbell(
             &page.pending.words[slot / 64],
             1 << (slot % 64),
             &self.dev.status_page().sleep.sleeping,
             &self.dev.kick_page().kick.word,
-        );
-        self.timeline.point(self.wptr)
+        ) {
+            self.wakes += 1;
+        }
     }
 }
 

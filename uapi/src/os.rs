@@ -44,6 +44,8 @@ unsafe impl Shared for crate::layout::ControlRegion {}
 unsafe impl Shared for crate::layout::ObjectHeader {}
 // SAFETY: a single atomic.
 unsafe impl Shared for AtomicU64 {}
+// SAFETY: a single atomic.
+unsafe impl Shared for core::sync::atomic::AtomicU32 {}
 // SAFETY: an array of atomics.
 unsafe impl Shared for [AtomicU64; 8] {}
 

@@ -1,0 +1,275 @@
+//! `userq-bench`: userq against the machine's floors and against peers, in one run.
+//!
+//! ```text
+//! userq-bench [compare|floors|latency|peers|throughput|scaling|idle|submit]
+//!             [--iters N] [--quick] [--json] [--plot DIR]
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use userq::WaitMode;
+use userq_benches::device::{self, DeviceProcs, Mode};
+use userq_benches::report::{LatencyRow, Report, ScalingRow, ThroughputRow};
+use userq_benches::{floors, peers, plot, proc};
+
+const USAGE: &str = "usage: userq-bench [SUBCOMMAND] [--iters N] [--quick] [--json] [--plot DIR]
+
+subcommands (default: compare, which runs all of them in one process tree):
+  floors      cache-line and shared-futex ping-pong between two processes
+  latency     userq NOP round trips, daemon and embedded mode, spinning and blocking
+  peers       Unix-socket daemon, io_uring NOP, iceoryx2 pub/sub ping-pong
+  throughput  NOPs/s on one queue vs batch size, and io_uring batched NOPs
+  scaling     1, 16, 256 queues across 1, 4, 16 client processes
+  idle        fw-emu CPU use 10 ms after the last work
+  submit      host-side submit cost and the syscalls it makes
+
+options:
+  --iters N   round trips per latency measurement (default 50000; blocking ones use N/5)
+  --quick     a short run (N = 5000, smaller throughput and scaling runs)
+  --json      print the results as JSON instead of tables
+  --plot DIR  write latency-cdf.png, throughput.png and scaling.png into DIR";
+
+struct Opts {
+    what: String,
+    iters: usize,
+    quick: bool,
+    json: bool,
+    plot: Option<PathBuf>,
+}
+
+fn parse(args: &[String]) -> Result<Opts, String> {
+    let mut o = Opts {
+        what: "compare".into(),
+        iters: 50_000,
+        quick: false,
+        json: false,
+        plot: None,
+    };
+    let mut iters_set = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "compare" | "floors" | "latency" | "peers" | "throughput" | "scaling" | "idle"
+            | "submit" => o.what = a.clone(),
+            "--iters" => {
+                let v = it.next().ok_or("--iters needs a number")?;
+                o.iters = v
+                    .parse()
+                    .map_err(|_| format!("--iters: {v:?} is not a number"))?;
+                if !(100..=10_000_000).contains(&o.iters) {
+                    return Err(format!("--iters: {} is outside 100..=10000000", o.iters));
+                }
+                iters_set = true;
+            }
+            "--quick" => o.quick = true,
+            "--json" => o.json = true,
+            "--plot" => o.plot = Some(it.next().ok_or("--plot needs a directory")?.into()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if o.quick && !iters_set {
+        o.iters = 5_000;
+    }
+    Ok(o)
+}
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn role(name: &str, args: &[String]) -> Res<()> {
+    let arg = |i: usize| {
+        args.get(i)
+            .map(String::as_str)
+            .ok_or("missing role argument")
+    };
+    match name {
+        "__floor-poll" => floors::poll_floor_child(arg(0)?)?,
+        "__floor-futex" => floors::futex_floor_child(arg(0)?)?,
+        "__echo-unix" => peers::unix_echo_server(arg(0)?)?,
+        "__iceoryx2" => peers::iceoryx2_echo(arg(0)?, arg(1)?)?,
+        "__kmd" => device::kmd_role(arg(0)?)?,
+        "__fw" => device::fw_role(args)?,
+        "__embedded" => device::embedded_role(arg(0)?)?,
+        "__scale" => device::scale_role(arg(0)?, arg(1)?.parse()?, arg(2)?.parse()?)?,
+        _ => return Err(format!("unknown role {name}").into()),
+    }
+    Ok(())
+}
+
+fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
+    let all = o.what == "compare";
+    let (n, nb) = (o.iters, (o.iters / 5).max(100));
+    let warm = (n / 10).max(100);
+    let say = |s: &str| {
+        if !o.json {
+            eprintln!("userq-bench: {s}");
+        }
+    };
+    if all || o.what == "floors" || o.what == "latency" {
+        say("floors");
+        r.latency.push(LatencyRow {
+            name: "floor: cache-line ping-pong".into(),
+            floor: Some("poll"),
+            latency: floors::poll_floor(warm, n)?,
+        });
+        r.latency.push(LatencyRow {
+            name: "floor: shared-futex ping-pong".into(),
+            floor: Some("futex"),
+            latency: floors::futex_floor(warm / 5, nb)?,
+        });
+    }
+    if all || o.what == "latency" {
+        for mode in [Mode::Daemon, Mode::Embedded] {
+            say(&format!("userq NOP round trips, {} mode", mode.name()));
+            let procs = DeviceProcs::start(mode, dir)?;
+            let dev = procs.connect()?;
+            let spin = device::nop_round_trip(&dev, WaitMode::Spin, warm, n)?;
+            r.latency.push(LatencyRow {
+                name: format!("userq NOP, {}, spin", mode.name()),
+                floor: Some("poll"),
+                latency: spin,
+            });
+            let block = device::nop_round_trip(&dev, WaitMode::Block, warm / 5, nb)?;
+            r.latency.push(LatencyRow {
+                name: format!("userq NOP, {}, block", mode.name()),
+                floor: Some("futex"),
+                latency: block,
+            });
+        }
+    }
+    if all || o.what == "peers" {
+        say("peers");
+        r.latency.push(LatencyRow {
+            name: "unix-socket daemon request/response".into(),
+            floor: Some("futex"),
+            latency: peers::unix_socket(dir, warm / 5, nb)?,
+        });
+        match peers::io_uring_nop(warm, n) {
+            Ok(l) => r.latency.push(LatencyRow {
+                name: "io_uring NOP (submit_and_wait)".into(),
+                floor: None,
+                latency: l,
+            }),
+            Err(e) => r.skipped.push(("io_uring".into(), e.to_string())),
+        }
+        match peers::iceoryx2_ping_pong(warm, n) {
+            Ok(l) => r.latency.push(LatencyRow {
+                name: "iceoryx2 pub/sub ping-pong".into(),
+                floor: Some("poll"),
+                latency: l,
+            }),
+            Err(e) => r.skipped.push(("iceoryx2".into(), e.to_string())),
+        }
+    }
+    if all || o.what == "throughput" {
+        say("throughput");
+        let total = if o.quick { 200_000 } else { 2_000_000 };
+        let procs = DeviceProcs::start(Mode::Daemon, dir)?;
+        let dev = procs.connect()?;
+        for batch in [1, 4, 16, 64, 256] {
+            r.throughput.push(ThroughputRow {
+                system: "userq",
+                batch,
+                ops_per_sec: device::nop_throughput(&dev, batch, total)?,
+            });
+            match peers::io_uring_batched(batch, total) {
+                Ok(t) => r.throughput.push(ThroughputRow {
+                    system: "io_uring",
+                    batch,
+                    ops_per_sec: t,
+                }),
+                Err(e) => r
+                    .skipped
+                    .push((format!("io_uring batch {batch}"), e.to_string())),
+            }
+        }
+    }
+    if all || o.what == "submit" {
+        say("submit cost");
+        let procs = DeviceProcs::start(Mode::Daemon, dir)?;
+        let dev = procs.connect()?;
+        r.submit = Some(device::submit_cost(&dev, if o.quick { 200 } else { 2000 })?);
+    }
+    if all || o.what == "scaling" {
+        say("scaling");
+        let procs = DeviceProcs::start(Mode::Daemon, dir)?;
+        let rounds_total = if o.quick { 2_000 } else { 20_000 };
+        for queues in [1usize, 16, 256] {
+            for nprocs in [1usize, 4, 16] {
+                if nprocs > queues {
+                    continue;
+                }
+                let rounds = (rounds_total / queues).max(20);
+                let p = device::scaling_point(&procs, queues, nprocs, rounds)?;
+                r.scaling.push(ScalingRow {
+                    queues,
+                    procs: nprocs,
+                    packets_per_sec: p.packets_per_sec,
+                    summary: p.latency.summary(),
+                });
+            }
+        }
+    }
+    if all || o.what == "idle" {
+        say("idle");
+        let procs = DeviceProcs::start(Mode::Daemon, dir)?;
+        let dev = procs.connect()?;
+        device::nop_round_trip(&dev, WaitMode::Spin, 0, 10_000)?;
+        r.idle_cpu = Some(device::idle_cpu(
+            procs.firmware_pid(),
+            Duration::from_millis(10),
+            Duration::from_secs(1),
+        )?);
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(name) = args.first().filter(|a| a.starts_with("__")) {
+        return match role(name, &args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("userq-bench {name}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let o = match parse(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("userq-bench: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    proc::reap_on_interrupt();
+    let dir = std::env::temp_dir().join(format!("userq-bench-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let mut report = Report::default();
+    let result = run(&o, &dir, &mut report);
+    proc::kill_all();
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = result {
+        eprintln!("userq-bench: {e}");
+        return ExitCode::FAILURE;
+    }
+    if o.json {
+        println!("{}", report.json());
+    } else {
+        report.print();
+    }
+    if let Some(d) = &o.plot {
+        if let Err(e) = plot::write_all(&report, d) {
+            eprintln!("userq-bench: plots not written: {e}");
+            return ExitCode::FAILURE;
+        }
+        if !o.json {
+            println!("plots written to {}", d.display());
+        }
+    }
+    ExitCode::SUCCESS
+}

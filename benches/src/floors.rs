@@ -1,0 +1,111 @@
+//! The machine's floors, measured across two processes in the same run:
+//! a cache-line ping-pong (what any polling protocol costs at least) and a shared-futex
+//! ping-pong (what any blocking protocol costs at least).
+
+use crate::proc::{inherited_memory, shared_memory, Role};
+use crate::stats::{time_each, Latency};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+use userq::uapi::sync::{futex_wait, futex_wake_all};
+
+/// Offsets of the two lines (two lines apart, so the adjacent-line prefetcher does not
+/// couple them).
+const A: usize = 0;
+const B: usize = 128;
+const STOP64: u64 = u64::MAX;
+const STOP32: u32 = u32::MAX;
+
+/// Parent side of the cache-line ping-pong.
+pub fn poll_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
+    let (fd, map) = shared_memory(4096)?;
+    let child = Role::spawn(
+        "__floor-poll",
+        &[rustix::fd::AsRawFd::as_raw_fd(&fd).to_string()],
+        Some(&fd),
+        Stdio::null(),
+    )?;
+    let a = map.get::<AtomicU64>(A).expect("line a");
+    let b = map.get::<AtomicU64>(B).expect("line b");
+    let mut i = 0u64;
+    let lat = time_each(warmup, iters, || {
+        i += 1;
+        a.store(i, Release);
+        while b.load(Acquire) != i {
+            core::hint::spin_loop();
+        }
+    });
+    a.store(STOP64, Release);
+    drop(child);
+    Ok(lat)
+}
+
+/// Child side of the cache-line ping-pong.
+pub fn poll_floor_child(fd: &str) -> std::io::Result<()> {
+    let map = inherited_memory(fd)?;
+    let a = map.get::<AtomicU64>(A).expect("line a");
+    let b = map.get::<AtomicU64>(B).expect("line b");
+    let mut seen = 0;
+    loop {
+        let v = a.load(Acquire);
+        if v == STOP64 {
+            return Ok(());
+        }
+        if v != seen {
+            seen = v;
+            b.store(v, Release);
+        } else {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// Parent side of the shared-futex ping-pong: both sides sleep every time.
+pub fn futex_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
+    let (fd, map) = shared_memory(4096)?;
+    let child = Role::spawn(
+        "__floor-futex",
+        &[rustix::fd::AsRawFd::as_raw_fd(&fd).to_string()],
+        Some(&fd),
+        Stdio::null(),
+    )?;
+    let a = map.get::<AtomicU32>(A).expect("word a");
+    let b = map.get::<AtomicU32>(B).expect("word b");
+    let mut i = 0u32;
+    let lat = time_each(warmup, iters, || {
+        i += 1;
+        a.store(i, Release);
+        futex_wake_all(a);
+        loop {
+            let v = b.load(Acquire);
+            if v == i {
+                break;
+            }
+            futex_wait(b, v, None);
+        }
+    });
+    a.store(STOP32, Release);
+    futex_wake_all(a);
+    drop(child);
+    Ok(lat)
+}
+
+/// Child side of the shared-futex ping-pong.
+pub fn futex_floor_child(fd: &str) -> std::io::Result<()> {
+    let map = inherited_memory(fd)?;
+    let a = map.get::<AtomicU32>(A).expect("word a");
+    let b = map.get::<AtomicU32>(B).expect("word b");
+    let mut seen = 0;
+    loop {
+        let v = a.load(Acquire);
+        if v == STOP32 {
+            return Ok(());
+        }
+        if v == seen {
+            futex_wait(a, v, None);
+            continue;
+        }
+        seen = v;
+        b.store(v, Release);
+        futex_wake_all(b);
+    }
+}

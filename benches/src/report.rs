@@ -1,0 +1,314 @@
+//! Results of a run: tables for people, JSON for tools, PASS/MISS against the targets.
+
+use crate::stats::{ns, Latency, Summary};
+
+/// One latency row.
+pub struct LatencyRow {
+    /// What was measured.
+    pub name: String,
+    /// Which floor it is compared with (`poll` or `futex`), if any.
+    pub floor: Option<&'static str>,
+    /// The distribution.
+    pub latency: Latency,
+}
+
+/// A throughput row.
+pub struct ThroughputRow {
+    /// System.
+    pub system: &'static str,
+    /// Packets per doorbell / per `io_uring_enter`.
+    pub batch: usize,
+    /// Operations per second.
+    pub ops_per_sec: f64,
+}
+
+/// A scaling row.
+pub struct ScalingRow {
+    /// Total queues.
+    pub queues: usize,
+    /// Client processes.
+    pub procs: usize,
+    /// Aggregate packets per second.
+    pub packets_per_sec: f64,
+    /// Round-trip percentiles.
+    pub summary: Summary,
+}
+
+/// A target check.
+pub struct Target {
+    /// The target as stated.
+    pub what: String,
+    /// The measured value, formatted.
+    pub measured: String,
+    /// Met, missed, or not measured in this run.
+    pub verdict: Option<bool>,
+}
+
+/// Everything a run measured.
+#[derive(Default)]
+pub struct Report {
+    /// Latency rows, floors first.
+    pub latency: Vec<LatencyRow>,
+    /// Throughput rows.
+    pub throughput: Vec<ThroughputRow>,
+    /// Scaling rows.
+    pub scaling: Vec<ScalingRow>,
+    /// Idle CPU share of the firmware process.
+    pub idle_cpu: Option<f64>,
+    /// Median ns per submit and the futex wakes made meanwhile.
+    pub submit: Option<(f64, u64)>,
+    /// Peers that could not run here, with why.
+    pub skipped: Vec<(String, String)>,
+}
+
+impl Report {
+    /// The p50/p99 of a named latency row.
+    pub fn summary(&self, name: &str) -> Option<Summary> {
+        self.latency
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.latency.summary())
+    }
+
+    fn floor(&self, which: &str) -> Option<Summary> {
+        self.summary(match which {
+            "poll" => "floor: cache-line ping-pong",
+            _ => "floor: shared-futex ping-pong",
+        })
+    }
+
+    fn best_throughput(&self, system: &str) -> Option<&ThroughputRow> {
+        self.throughput
+            .iter()
+            .filter(|r| r.system == system)
+            .max_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec))
+    }
+
+    /// The targets of the benchmark issue, judged on this run.
+    pub fn targets(&self) -> Vec<Target> {
+        let mut t = Vec::new();
+        let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
+        let poll = self.floor("poll");
+        let futex = self.floor("futex");
+        if let (Some(f), Some(u)) = (poll, self.summary("userq NOP, daemon, spin")) {
+            t.push(Target {
+                what: "spin round trip p50 ≤ 1.5× polling floor".into(),
+                measured: format!("{:.2}×", ratio(u.p50, f.p50)),
+                verdict: Some(ratio(u.p50, f.p50) <= 1.5),
+            });
+            t.push(Target {
+                what: "spin round trip p99 ≤ 2.5× polling floor".into(),
+                measured: format!("{:.2}×", ratio(u.p99, f.p99)),
+                verdict: Some(ratio(u.p99, f.p99) <= 2.5),
+            });
+        }
+        if let (Some(f), Some(u)) = (futex, self.summary("userq NOP, daemon, block")) {
+            t.push(Target {
+                what: "blocking round trip p50 ≤ 1.3× blocking floor".into(),
+                measured: format!("{:.2}×", ratio(u.p50, f.p50)),
+                verdict: Some(ratio(u.p50, f.p50) <= 1.3),
+            });
+        }
+        match (
+            self.summary("userq NOP, daemon, spin"),
+            self.summary("iceoryx2 pub/sub ping-pong"),
+        ) {
+            (Some(u), Some(i)) => t.push(Target {
+                what: "userq spin p50 below iceoryx2's".into(),
+                measured: format!("{} vs {}", ns(u.p50), ns(i.p50)),
+                verdict: Some(u.p50 < i.p50),
+            }),
+            (Some(_), None) => t.push(Target {
+                what: "userq spin p50 below iceoryx2's".into(),
+                measured: "iceoryx2 not measured".into(),
+                verdict: None,
+            }),
+            _ => {}
+        }
+        if let (Some(u), Some(io)) = (
+            self.best_throughput("userq"),
+            self.best_throughput("io_uring"),
+        ) {
+            let r = u.ops_per_sec / io.ops_per_sec;
+            t.push(Target {
+                what: "single-queue batched throughput ≥ 2× io_uring batched NOPs".into(),
+                measured: format!("{r:.2}× (best batches {} vs {})", u.batch, io.batch),
+                verdict: Some(r >= 2.0),
+            });
+        }
+        if let Some((cost, wakes)) = self.submit {
+            t.push(Target {
+                what: "submit ≤ 50 ns median, zero syscalls while fw-emu is awake".into(),
+                measured: format!("{cost:.1} ns, {wakes} futex wakes"),
+                verdict: Some(cost <= 50.0 && wakes == 0),
+            });
+        }
+        if let Some(idle) = self.idle_cpu {
+            t.push(Target {
+                what: "idle fw-emu < 2% of a core".into(),
+                measured: format!("{:.2}%", idle * 100.0),
+                verdict: Some(idle < 0.02),
+            });
+        }
+        t
+    }
+
+    /// Human-readable tables.
+    pub fn print(&self) {
+        if !self.latency.is_empty() {
+            println!(
+                "\nround-trip latency (one clock read pair per sample, for every system alike)"
+            );
+            println!(
+                "{:<38} {:>10} {:>10} {:>10} {:>9} {:>9}",
+                "system", "p50", "p99", "p99.9", "×floor50", "×floor99"
+            );
+            for r in &self.latency {
+                let s = r.latency.summary();
+                let (r50, r99) = match r.floor.and_then(|f| self.floor(f)) {
+                    Some(f) => (
+                        format!("{:.2}", s.p50 as f64 / f.p50.max(1) as f64),
+                        format!("{:.2}", s.p99 as f64 / f.p99.max(1) as f64),
+                    ),
+                    None => ("-".into(), "-".into()),
+                };
+                println!(
+                    "{:<38} {:>10} {:>10} {:>10} {:>9} {:>9}",
+                    r.name,
+                    ns(s.p50),
+                    ns(s.p99),
+                    ns(s.p999),
+                    r50,
+                    r99
+                );
+            }
+        }
+        if !self.throughput.is_empty() {
+            println!("\nthroughput (NOPs per second)");
+            println!("{:<10} {:>6} {:>14}", "system", "batch", "ops/s");
+            for r in &self.throughput {
+                println!("{:<10} {:>6} {:>14.0}", r.system, r.batch, r.ops_per_sec);
+            }
+        }
+        if !self.scaling.is_empty() {
+            println!("\nscaling (daemon mode, NOP round trips, adaptive waits)");
+            println!(
+                "{:>7} {:>6} {:>14} {:>10} {:>10}",
+                "queues", "procs", "packets/s", "p50", "p99"
+            );
+            for r in &self.scaling {
+                println!(
+                    "{:>7} {:>6} {:>14.0} {:>10} {:>10}",
+                    r.queues,
+                    r.procs,
+                    r.packets_per_sec,
+                    ns(r.summary.p50),
+                    ns(r.summary.p99)
+                );
+            }
+        }
+        if let Some((cost, wakes)) = self.submit {
+            println!("\nsubmit cost: {cost:.1} ns median per NOP submit; {wakes} futex wakes while measuring");
+        }
+        if let Some(idle) = self.idle_cpu {
+            println!(
+                "idle fw-emu: {:.2}% of a core, measured 10 ms after the last work",
+                idle * 100.0
+            );
+        }
+        for (what, why) in &self.skipped {
+            println!("skipped {what}: {why}");
+        }
+        let targets = self.targets();
+        if !targets.is_empty() {
+            println!("\ntargets");
+            for t in targets {
+                let v = match t.verdict {
+                    Some(true) => "PASS",
+                    Some(false) => "MISS",
+                    None => "n/a ",
+                };
+                println!("  {v}  {:<62} {}", t.what, t.measured);
+            }
+        }
+    }
+
+    /// The run as JSON.
+    pub fn json(&self) -> String {
+        let q = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+        let mut parts = Vec::new();
+        let lat: Vec<String> = self
+            .latency
+            .iter()
+            .map(|r| {
+                let s = r.latency.summary();
+                let floor = r.floor.and_then(|f| self.floor(f));
+                format!(
+                    "{{\"name\":{},\"p50_ns\":{},\"p99_ns\":{},\"p999_ns\":{},\"samples\":{},\"ratio_p50\":{},\"ratio_p99\":{}}}",
+                    q(&r.name),
+                    s.p50,
+                    s.p99,
+                    s.p999,
+                    s.count,
+                    floor.map_or("null".into(), |f| format!("{:.3}", s.p50 as f64 / f.p50.max(1) as f64)),
+                    floor.map_or("null".into(), |f| format!("{:.3}", s.p99 as f64 / f.p99.max(1) as f64)),
+                )
+            })
+            .collect();
+        parts.push(format!("\"latency\":[{}]", lat.join(",")));
+        let thr: Vec<String> = self
+            .throughput
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"system\":{},\"batch\":{},\"ops_per_sec\":{:.0}}}",
+                    q(r.system),
+                    r.batch,
+                    r.ops_per_sec
+                )
+            })
+            .collect();
+        parts.push(format!("\"throughput\":[{}]", thr.join(",")));
+        let sc: Vec<String> = self
+            .scaling
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"queues\":{},\"procs\":{},\"packets_per_sec\":{:.0},\"p50_ns\":{},\"p99_ns\":{}}}",
+                    r.queues, r.procs, r.packets_per_sec, r.summary.p50, r.summary.p99
+                )
+            })
+            .collect();
+        parts.push(format!("\"scaling\":[{}]", sc.join(",")));
+        parts.push(format!(
+            "\"idle_cpu\":{}",
+            self.idle_cpu.map_or("null".into(), |v| format!("{v:.5}"))
+        ));
+        parts.push(format!(
+            "\"submit\":{}",
+            self.submit.map_or("null".into(), |(c, w)| format!(
+                "{{\"median_ns\":{c:.2},\"futex_wakes\":{w}}}"
+            ))
+        ));
+        let tg: Vec<String> = self
+            .targets()
+            .iter()
+            .map(|t| {
+                format!(
+                    "{{\"target\":{},\"measured\":{},\"pass\":{}}}",
+                    q(&t.what),
+                    q(&t.measured),
+                    t.verdict.map_or("null".into(), |v| v.to_string())
+                )
+            })
+            .collect();
+        parts.push(format!("\"targets\":[{}]", tg.join(",")));
+        let sk: Vec<String> = self
+            .skipped
+            .iter()
+            .map(|(w, y)| format!("{{\"what\":{},\"why\":{}}}", q(w), q(y)))
+            .collect();
+        parts.push(format!("\"skipped\":[{}]", sk.join(",")));
+        format!("{{{}}}", parts.join(","))
+    }
+}
