@@ -91,6 +91,10 @@ pub struct Firmware {
     run_list: VecDeque<(u32, u32)>,
     /// (context, slot) of parked queues.
     parked: Vec<(u32, u32)>,
+    /// (context, slot) of queues whose write index the firmware polls (doorbell fast path).
+    polled: Vec<(u32, u32)>,
+    /// Whether `membarrier(GLOBAL_EXPEDITED)` works here; without it no queue is polled.
+    can_poll: bool,
     /// Events kmd-shim's ring had no room for yet.
     backlog: VecDeque<[u64; 8]>,
     last_heartbeat: Instant,
@@ -149,6 +153,8 @@ impl Firmware {
             fences: HashMap::new(),
             run_list: VecDeque::new(),
             parked: Vec::new(),
+            polled: Vec::new(),
+            can_poll: sync::firmware_barrier_available(),
             backlog: VecDeque::new(),
             last_heartbeat: Instant::now(),
             shutdown: false,
@@ -164,12 +170,14 @@ impl Firmware {
         while !self.shutdown {
             let mut progress = self.process_requests();
             progress |= self.collect_doorbells();
+            progress |= self.poll_queues();
             progress |= self.check_parked();
             progress |= self.run_queues();
             progress |= self.flush_backlog();
             turns = turns.wrapping_add(1);
             if turns % 1024 == 0 {
                 self.heartbeat();
+                progress |= self.stop_polling(false);
             }
             if progress {
                 backoff.reset();
@@ -199,8 +207,12 @@ impl Firmware {
         }
     }
 
-    /// NEED_WAKEUP: announce, re-check, sleep on the kick word.
+    /// NEED_WAKEUP: announce, re-check, sleep on the kick word. Polled queues are handed
+    /// back to the doorbell protocol first.
     fn sleep(&mut self) {
+        if self.stop_polling(true) {
+            return; // a polled queue had work after all
+        }
         let sleeping = &self.status.head::<DeviceStatus>().sleep.sleeping;
         let word = &self.kick.head::<DeviceKick>().kick.word;
         sleeping.store(1, Relaxed);
@@ -485,6 +497,7 @@ impl Firmware {
         let gone = |&(c, s): &(u32, u32)| c == ctx && slot.is_none_or(|x| x == s);
         self.run_list.retain(|e| !gone(e));
         self.parked.retain(|e| !gone(e));
+        self.polled.retain(|e| !gone(e));
     }
 
     fn collect_doorbells(&mut self) -> bool {
@@ -511,6 +524,83 @@ impl Firmware {
                         Some(_) => {} // parked or stopped: the doorbell is a hint only
                         None => c.stray_doorbells += 1,
                     }
+                }
+            }
+        }
+        any
+    }
+
+    /// Puts polled queues with unread packets on the run list.
+    fn poll_queues(&mut self) -> bool {
+        let mut any = false;
+        let (contexts, run_list) = (&mut self.contexts, &mut self.run_list);
+        self.polled.retain(|&(ctx, slot)| {
+            let Some(c) = contexts.get_mut(&ctx) else {
+                return false;
+            };
+            let db = &c.doorbell.head::<DoorbellPage>().doorbells[slot as usize].value;
+            let Some(q) = c.queues[slot as usize].as_mut() else {
+                return false;
+            };
+            if q.is_active() && !q.queued && q.has_unread(db) {
+                q.queued = true;
+                run_list.push_back((ctx, slot));
+                any = true;
+            }
+            true
+        });
+        any
+    }
+
+    /// Stops polling queues idle for a millisecond (or all of them): clear their flags,
+    /// barrier every registered client (membarrier), then look at each write index once
+    /// more. Returns whether one of them had work.
+    fn stop_polling(&mut self, all: bool) -> bool {
+        const IDLE: Duration = Duration::from_millis(1);
+        let mut cooled = Vec::new();
+        let contexts = &mut self.contexts;
+        self.polled.retain(|&(ctx, slot)| {
+            let q = contexts
+                .get_mut(&ctx)
+                .and_then(|c| c.queues[slot as usize].as_mut());
+            match q {
+                Some(q) if all || q.idle_for() > IDLE => {
+                    q.set_polled(false);
+                    cooled.push((ctx, slot));
+                    false
+                }
+                Some(_) => true,
+                None => false,
+            }
+        });
+        if cooled.is_empty() {
+            return false;
+        }
+        if !sync::barrier_on_registered_clients() {
+            // Without the barrier no queue may stay polled.
+            self.can_poll = false;
+            for (ctx, slot) in std::mem::take(&mut self.polled) {
+                if let Some(q) = self
+                    .contexts
+                    .get_mut(&ctx)
+                    .and_then(|c| c.queues[slot as usize].as_mut())
+                {
+                    q.set_polled(false);
+                    cooled.push((ctx, slot));
+                }
+            }
+        }
+        let mut any = false;
+        for (ctx, slot) in cooled {
+            let Some(c) = self.contexts.get_mut(&ctx) else {
+                continue;
+            };
+            let db = &c.doorbell.head::<DoorbellPage>().doorbells[slot as usize].value;
+            if let Some(q) = c.queues[slot as usize].as_mut() {
+                if q.is_active() && !q.queued && q.has_unread(db) {
+                    q.queued = true;
+                    self.run_list.push_back((ctx, slot));
+                    any = true;
                 }
             }
         }
@@ -556,6 +646,7 @@ impl Firmware {
     fn run_queues(&mut self) -> bool {
         let turns = self.run_list.len();
         let mut any = false;
+        let mut newly_polled = Vec::new();
         for _ in 0..turns {
             let Some((ctx, slot)) = self.run_list.pop_front() else {
                 break;
@@ -578,6 +669,10 @@ impl Firmware {
             let db = &doorbell.head::<DoorbellPage>().doorbells[slot as usize].value;
             let outcome = q.service(db, bindings, vm, self.config.packets_per_turn, &mut kicked);
             any = true;
+            if self.can_poll && !q.is_polled() && matches!(outcome, Outcome::Idle | Outcome::More) {
+                q.set_polled(true);
+                newly_polled.push((ctx, slot));
+            }
             match outcome {
                 Outcome::Idle => {}
                 Outcome::More => {
@@ -588,6 +683,7 @@ impl Firmware {
                 Outcome::Faulted(f) => self.report_fault(ctx, slot, f),
             }
         }
+        self.polled.extend(newly_polled);
         any
     }
 

@@ -19,6 +19,7 @@ use crate::context::{Binding, FenceObject, Vm};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use userq_uapi::error::ErrorCode;
 use userq_uapi::ioctl::Priority;
 use userq_uapi::layout::{QueueState, RingHeader, RING_PACKETS_OFFSET};
@@ -98,6 +99,10 @@ pub struct Queue {
     /// Last value stored into the timeline fence.
     published_completed: u64,
     state: RunState,
+    /// Whether the firmware polls the write index (mirrored in the ring's `RingPoll`).
+    polled: bool,
+    /// When the queue last ran a packet.
+    last_active: Instant,
 }
 
 impl Queue {
@@ -127,7 +132,35 @@ impl Queue {
             published_rptr: 0,
             published_completed: 0,
             state: RunState::Active,
+            polled: false,
+            last_active: Instant::now(),
         }
+    }
+
+    /// Whether the firmware polls this queue's write index (the doorbell fast path).
+    pub fn is_polled(&self) -> bool {
+        self.polled
+    }
+
+    /// Sets or clears the ring's polled flag. Clearing is only half of the transition: the
+    /// caller must then run the membarrier and look at the write index once more.
+    pub fn set_polled(&mut self, on: bool) {
+        self.polled = on;
+        self.ring
+            .head::<RingHeader>()
+            .poll
+            .polled
+            .store(on as u32, Release);
+    }
+
+    /// Whether the client published packets the firmware has not copied yet.
+    pub fn has_unread(&self, doorbell: &AtomicU64) -> bool {
+        doorbell.load(Relaxed) != self.rptr
+    }
+
+    /// Time since the queue last ran a packet.
+    pub fn idle_for(&self) -> Duration {
+        self.last_active.elapsed()
     }
 
     /// Whether the queue is parked on a fence.
@@ -177,6 +210,9 @@ impl Queue {
             });
         }
         let n = (wptr - self.rptr).min(budget as u64);
+        if n > 0 {
+            self.last_active = Instant::now();
+        }
         let mut outcome = if wptr - self.rptr > n {
             Outcome::More
         } else {

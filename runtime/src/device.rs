@@ -124,6 +124,9 @@ pub(crate) struct DeviceInner {
     pub(crate) doorbells: Mapping,
     pub(crate) status: Mapping,
     pub(crate) kick: Mapping,
+    /// This process is registered for the firmware's membarrier, so its queues may use the
+    /// doorbell fast path (see `userq_uapi::layout::RingPoll`).
+    pub(crate) fast_doorbell: bool,
     socket: PathBuf,
     /// Keeps an embedded device alive while this process uses it. Declared last: it is
     /// dropped after the control socket closes, so the device reclaims this context first.
@@ -257,6 +260,7 @@ impl Device {
                 doorbells,
                 status,
                 kick,
+                fast_doorbell: userq_uapi::sync::register_for_firmware_barrier(),
                 socket: path.to_owned(),
                 embedded,
             }),

@@ -10,7 +10,7 @@ use crate::device::{Device, DeviceInner};
 use crate::error::{ControlError, FenceFault, QueueCreateError, SubmitError, WaitError};
 use crate::fence::{Fence, FencePoint, WaitMode};
 use rustix::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::sync::atomic::{compiler_fence, AtomicU64, Ordering::*};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use userq_uapi::ioctl::{Priority, Request};
@@ -423,6 +423,15 @@ impl Queue {
         let slot = self.slot as usize;
         // Release: the packet stores above happen-before the firmware's acquire load.
         page.doorbells[slot].value.store(self.wptr, Release);
+        // The flag load must stay after the store in the instruction stream: the
+        // firmware's membarrier orders the two only as the program orders them.
+        compiler_fence(SeqCst);
+        // Fast path: the firmware polls this queue's write index, so the store above is the
+        // whole doorbell. A stale "polled" is safe: the firmware clears the flag, then makes
+        // every registered thread run a full barrier (membarrier), then looks once more.
+        if self.dev.fast_doorbell && self.ring.head::<RingHeader>().poll.polled.load(Relaxed) != 0 {
+            return;
+        }
         if sync::ring_doorbell(
             &page.pending.words[slot / 64],
             1 << (slot % 64),

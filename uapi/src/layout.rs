@@ -42,7 +42,7 @@ pub const MIN_RING_ENTRIES: u32 = 2;
 pub const MAX_RING_ENTRIES: u32 = 1 << 16;
 
 /// Byte offset of packet 0 inside a ring object.
-pub const RING_PACKETS_OFFSET: usize = 2 * CACHE_LINE;
+pub const RING_PACKETS_OFFSET: usize = 3 * CACHE_LINE;
 
 /// Rounds `bytes` up to a whole number of pages.
 pub const fn page_round_up(bytes: usize) -> usize {
@@ -184,7 +184,7 @@ pub struct PendingSummary {
 /// Size of the doorbell object.
 pub const DOORBELL_PAGE_SIZE: usize = page_round_up(core::mem::size_of::<DoorbellPage>());
 
-/// The first two cache lines of a ring object; packets follow at [`RING_PACKETS_OFFSET`].
+/// The first three cache lines of a ring object; packets follow at [`RING_PACKETS_OFFSET`].
 ///
 /// The ring's write index is the queue's doorbell ([`DoorbellPage::doorbells`]): the
 /// producer's index lives in the producer's page and the consumer's here, on different
@@ -198,6 +198,24 @@ pub struct RingHeader {
     /// (release) by the firmware after each copy; the producer reads it only when its cached
     /// copy says the ring looks full. The firmware never reads it back.
     pub read_index: PaddedU64,
+    /// The firmware's "I am polling this queue" flag (the doorbell fast path).
+    pub poll: RingPoll,
+}
+
+/// Whether the firmware polls a queue's write index on its own.
+///
+/// While `polled` is non-zero, a client that registered for `membarrier(2)`
+/// `GLOBAL_EXPEDITED` may publish a new write index with plain stores only: no pending bit,
+/// no sleep check. To stop polling, the firmware clears the flag, issues
+/// `membarrier(GLOBAL_EXPEDITED)` (a full barrier on every registered client thread), and
+/// then reads the write index once more; so a write index published against a stale
+/// non-zero flag is always seen. Written by the firmware only on transitions, so the line
+/// stays in the clients' caches. A client writing it only confuses its own queue.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct RingPoll {
+    /// Non-zero while the firmware polls the queue.
+    pub polled: AtomicU32,
 }
 
 /// Kind of a fence, stored in the `param` of its [`FenceState`] header.
@@ -438,6 +456,7 @@ const _: () = {
     assert!(DOORBELL_PAGE_SIZE == 5 * PAGE_SIZE);
 
     assert!(offset_of!(RingHeader, read_index) == CACHE_LINE);
+    assert!(offset_of!(RingHeader, poll) == 2 * CACHE_LINE);
     assert!(size_of::<RingHeader>() == RING_PACKETS_OFFSET);
 
     assert!(offset_of!(FenceState, slot) == CACHE_LINE);
@@ -468,6 +487,7 @@ const _: () = {
 impl MsgRing {
     /// Producer side: copies `msg` into the next slot and publishes it (release). Returns
     /// `false` if the ring is full. Only one thread of one party may produce.
+    #[inline]
     pub fn push(&self, msg: &[u64; 8]) -> bool {
         use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
         let tail = self.tail.value.load(Relaxed);
@@ -485,6 +505,7 @@ impl MsgRing {
 
     /// Consumer side: copies the oldest message out once and frees its slot. Only one
     /// thread of one party may consume.
+    #[inline]
     pub fn pop(&self) -> Option<[u64; 8]> {
         use core::sync::atomic::Ordering::{Acquire, Relaxed, Release};
         let head = self.head.value.load(Relaxed);
@@ -502,6 +523,7 @@ impl MsgRing {
     }
 
     /// Whether a message is waiting (consumer side, acquire).
+    #[inline]
     pub fn has_message(&self) -> bool {
         use core::sync::atomic::Ordering::{Acquire, Relaxed};
         self.tail.value.load(Acquire) != self.head.value.load(Relaxed)

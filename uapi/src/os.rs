@@ -94,6 +94,7 @@ impl Mapping {
     }
 
     /// Length in bytes.
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
@@ -109,11 +110,13 @@ impl Mapping {
     }
 
     /// Base address, for byte copies that go through volatile or atomic accesses.
+    #[inline]
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }
 
     /// A typed view of the object at `offset`, if it fits and is aligned.
+    #[inline]
     pub fn get<T: Shared>(&self, offset: usize) -> Option<&T> {
         let end = offset.checked_add(core::mem::size_of::<T>())?;
         if end > self.len || offset % core::mem::align_of::<T>() != 0 {
@@ -127,6 +130,7 @@ impl Mapping {
     }
 
     /// A typed slice of `count` objects starting at `offset`, if it fits and is aligned.
+    #[inline]
     pub fn get_slice<T: Shared>(&self, offset: usize, count: usize) -> Option<&[T]> {
         let bytes = core::mem::size_of::<T>().checked_mul(count)?;
         let end = offset.checked_add(bytes)?;
@@ -141,6 +145,7 @@ impl Mapping {
 
     /// The object at offset 0. Panics if the mapping is too small, which the callers rule
     /// out by mapping at least the layout's size.
+    #[inline]
     pub fn head<T: Shared>(&self) -> &T {
         self.get::<T>(0).expect("mapping smaller than its layout")
     }

@@ -64,6 +64,7 @@ impl WaitCondition {
     }
 
     /// Whether `current` satisfies the condition against `value` under `mask`.
+    #[inline]
     pub fn holds(self, current: u64, value: u64, mask: u64) -> bool {
         let (c, v) = (current & mask, value & mask);
         match self {
@@ -88,11 +89,13 @@ const _: () = assert!(core::mem::size_of::<Packet>() == PACKET_SIZE);
 
 impl Packet {
     /// The packet's eight words, in slot order.
+    #[inline]
     pub fn to_words(&self) -> [u64; 8] {
         bytemuck::cast(*self)
     }
 
     /// A packet from eight words copied out of a slot.
+    #[inline]
     pub fn from_words(words: [u64; 8]) -> Self {
         bytemuck::cast(words)
     }
@@ -158,6 +161,7 @@ pub enum Command {
 
 impl Command {
     /// Encodes the command as a packet.
+    #[inline]
     pub fn encode(&self) -> Packet {
         let mut p = Packet::zeroed();
         match *self {
@@ -193,6 +197,7 @@ impl Command {
     }
 
     /// Decodes and structurally validates a private copy of a packet.
+    #[inline]
     pub fn decode(p: &Packet) -> Result<Command, PacketError> {
         if p.header >> 8 != 0 {
             return Err(PacketError::ReservedNotZero { word: 0 });

@@ -96,6 +96,7 @@ pub fn futex_wait_any(words: &[(&AtomicU32, u32)], timeout: Option<Duration>) {
 
 /// Waker side: after publishing work, wakes a sleeper that announced itself with `flag`.
 /// Returns whether a wake was made.
+#[inline]
 pub fn wake_if_announced(flag: &AtomicU32, word: &AtomicU32) -> bool {
     fence(SeqCst); // pairs with the sleeper's fence after its announcement
     if flag.load(Relaxed) == 0 {
@@ -106,11 +107,35 @@ pub fn wake_if_announced(flag: &AtomicU32, word: &AtomicU32) -> bool {
     true
 }
 
+/// Registers this process for `membarrier(GLOBAL_EXPEDITED)`, the client's half of the
+/// doorbell fast path ([`crate::layout::RingPoll`]). Returns whether the kernel supports
+/// it; without it the client must always take the full doorbell path.
+pub fn register_for_firmware_barrier() -> bool {
+    use rustix::thread::{membarrier, membarrier_query, MembarrierCommand};
+    membarrier_query().contains_command(MembarrierCommand::GlobalExpedited)
+        && membarrier(MembarrierCommand::RegisterGlobalExpedited).is_ok()
+}
+
+/// The firmware's half of the doorbell fast path: a full memory barrier on every thread of
+/// every registered process. Returns `false` if the kernel refused (then no queue may be
+/// marked polled).
+pub fn barrier_on_registered_clients() -> bool {
+    use rustix::thread::{membarrier, MembarrierCommand};
+    membarrier(MembarrierCommand::GlobalExpedited).is_ok()
+}
+
+/// Whether `membarrier(GLOBAL_EXPEDITED)` is available to the firmware.
+pub fn firmware_barrier_available() -> bool {
+    use rustix::thread::{membarrier_query, MembarrierCommand};
+    membarrier_query().contains_command(MembarrierCommand::GlobalExpedited)
+}
+
 /// Client side of a doorbell: sets the queue's pending bit, then kicks the firmware if it
 /// announced that it sleeps. Both accesses are SeqCst, which orders the pending store
 /// before the flag load (Dekker with the firmware's store + fence + re-check); on x86 the
 /// RMW is a locked instruction and the load a plain `mov`, so no extra fence is issued.
 /// Returns whether a wake syscall was made.
+#[inline]
 pub fn ring_doorbell(
     pending: &AtomicU64,
     bit: u64,
@@ -130,6 +155,7 @@ pub fn ring_doorbell(
 ///
 /// Returns whether firmware queues are parked on the fence; the caller then kicks the
 /// firmware (host signallers) or re-checks its parked queues (the firmware itself).
+#[inline]
 pub fn signal_fence(state: &FenceState, waiters: &FenceWaiters, value: u64) -> bool {
     state.slot.value.store(value, Release);
     wake_fence_waiters(state, waiters)
@@ -159,6 +185,7 @@ pub fn poison_fence(
     wake_fence_waiters(state, waiters) // status word before wake
 }
 
+#[inline]
 fn wake_fence_waiters(state: &FenceState, waiters: &FenceWaiters) -> bool {
     fence(SeqCst); // pairs with `FenceWaiters::line.host` registration + fence in waiters
     if waiters.line.host.load(Relaxed) != 0 {
