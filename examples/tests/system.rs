@@ -165,6 +165,7 @@ fn each_bad_input_stops_only_the_offending_queue() {
         ("wptr-backwards", "fault BadWriteIndex packet=2 address=0x1"),
         ("wptr-overrun", "fault BadWriteIndex packet=0 address=0xd"),
         ("garbage-doorbell", "completed 1"),
+        ("write-readonly", "refused"),
     ];
     for (case, expected) in cases {
         let out = run_client(&daemon.socket, &["hostile", case]);
@@ -205,4 +206,39 @@ fn idle_firmware_process_uses_under_two_percent_of_a_core() {
         share * 100.0
     );
     daemon.stop();
+}
+
+#[test]
+fn waiters_get_device_lost_when_the_process_serving_the_device_is_killed() {
+    let dir = TempDir::new("host");
+    let sock = dir.path().join("dev.sock");
+    let mut host = Proc::spawn(
+        "userq-testclient host",
+        Command::new(testclient())
+            .args(["host", sock.to_str().expect("utf-8")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
+    let stdout = host
+        .child
+        .as_mut()
+        .and_then(|c| c.stdout.take())
+        .expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "ready");
+
+    let dev = Device::connect(&sock).expect("connect");
+    let fence = dev.create_fence(0).expect("fence");
+    let waiter = std::thread::spawn(move || {
+        let t = Instant::now();
+        (fence.wait(1, Duration::MAX), t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    host.signal(rustix::process::Signal::KILL);
+    host.wait_for(Duration::from_secs(10));
+    let (result, took) = waiter.join().expect("waiter");
+    assert_eq!(result, Err(WaitError::DeviceLost));
+    assert!(took < Duration::from_secs(10), "noticed after {took:?}");
+    assert!(dev.is_lost());
 }

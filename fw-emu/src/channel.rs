@@ -61,9 +61,10 @@ impl ObjectChannel {
         }
     }
 
-    /// Forgets a stashed object that no request will name (kmd-shim gave up on it).
+    /// Closes an object whose request was refused. kmd-shim sent it before the request,
+    /// so it is on the channel already (or stashed): take it off and drop it.
     pub fn discard(&mut self, id: ObjectId) {
-        self.stash.remove(&id);
+        drop(self.take(id, false));
     }
 
     /// Whether kmd-shim has closed its end (checked without consuming anything).

@@ -166,7 +166,9 @@ impl Firmware {
     /// Runs until kmd-shim sends [`FwRequest::Shutdown`] or closes the object channel.
     pub fn run(mut self) {
         let mut backoff = Backoff::new(self.config.spin, self.config.idle_before_sleep);
-        let mut turns: u32 = 0;
+        // Set after a sleep; a wake-up that finds no work goes straight back to sleep
+        // instead of spinning again, so spurious kicks cannot keep a core busy.
+        let mut woken = false;
         while !self.shutdown {
             let mut progress = self.process_requests();
             progress |= self.collect_doorbells();
@@ -174,16 +176,14 @@ impl Firmware {
             progress |= self.check_parked();
             progress |= self.run_queues();
             progress |= self.flush_backlog();
-            turns = turns.wrapping_add(1);
-            if turns % 1024 == 0 {
-                self.heartbeat();
-                progress |= self.stop_polling(false);
-            }
+            // Time-based, not turn-based: one turn can be long when many queues have work.
+            progress |= self.tick();
             if progress {
                 backoff.reset();
-            } else if backoff.step() == BackoffStep::Sleep {
+                woken = false;
+            } else if woken || backoff.step() == BackoffStep::Sleep {
                 self.sleep();
-                self.heartbeat();
+                woken = true;
                 backoff.reset();
             }
         }
@@ -193,18 +193,22 @@ impl Firmware {
         self.control.head()
     }
 
-    fn heartbeat(&mut self) {
-        if self.last_heartbeat.elapsed() >= Duration::from_millis(10) {
-            self.last_heartbeat = Instant::now();
-            self.status
-                .head::<DeviceStatus>()
-                .health
-                .heartbeat
-                .fetch_add(1, Relaxed);
-            if self.channel.peer_closed() {
-                self.shutdown = true;
-            }
+    /// Every 10 ms: bump the heartbeat, notice a vanished kmd-shim, and stop polling
+    /// queues that went idle. Returns whether a queue turned out to have work.
+    fn tick(&mut self) -> bool {
+        if self.last_heartbeat.elapsed() < Duration::from_millis(10) {
+            return false;
         }
+        self.last_heartbeat = Instant::now();
+        self.status
+            .head::<DeviceStatus>()
+            .health
+            .heartbeat
+            .fetch_add(1, Relaxed);
+        if self.channel.peer_closed() {
+            self.shutdown = true;
+        }
+        self.stop_polling(false)
     }
 
     /// NEED_WAKEUP: announce, re-check, sleep on the kick word. Polled queues are handed
@@ -226,6 +230,7 @@ impl Firmware {
             );
         }
         sleeping.store(0, Relaxed);
+        self.tick();
     }
 
     fn has_work(&self) -> bool {

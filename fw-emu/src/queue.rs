@@ -228,6 +228,10 @@ impl Queue {
                     wait.fence.waiters().line.firmware.fetch_add(1, SeqCst);
                     self.state = RunState::Parked(wait);
                     outcome = Outcome::Parked;
+                    // The read index moved past the wait packet while the timeline did not:
+                    // a producer blocked on a full ring must look again.
+                    self.publish(kicked_parked);
+                    sync::wake_waiters(self.timeline.state(), self.timeline.waiters());
                     // The condition may have become true between the check and the
                     // registration above: look once more now that host signallers will
                     // see the registration.

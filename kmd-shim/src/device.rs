@@ -35,7 +35,10 @@ pub struct Limits {
     pub max_contexts: usize,
     /// Fence handles one context may hold.
     pub max_fences_per_context: usize,
-    /// Bytes of buffers all contexts together may allocate.
+    /// Fences on the device. Each costs two mappings in kmd-shim and two in the firmware,
+    /// so this stays well below the kernel's `vm.max_map_count` (65530 by default).
+    pub max_fences: usize,
+    /// Bytes of buffers and rings all contexts together may allocate.
     pub memory_budget: u64,
 }
 
@@ -43,24 +46,29 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_contexts: 1024,
-            max_fences_per_context: 65536,
+            max_fences_per_context: 4096,
+            max_fences: 12288,
             memory_budget: 8 << 30,
         }
     }
 }
 
+/// (device, inode) of a fence's state object and of its waiter object.
+type Identity = ((u64, u64), (u64, u64));
+
 struct FenceRecord {
     kind: FenceKind,
     owner: u32,
     holds: usize,
-    identity: ((u64, u64), (u64, u64)),
+    identity: Identity,
     state: Mapping,
     waiters: Mapping,
 }
 
 #[derive(Default)]
 struct ContextRecord {
-    queues: HashMap<u32, FenceId>,
+    /// Queue slot → (timeline fence, ring bytes charged to the budget).
+    queues: HashMap<u32, (FenceId, u64)>,
     handles: HashMap<FenceHandle, FenceId>,
     next_handle: u32,
     buffers: HashMap<u64, u64>,
@@ -72,9 +80,19 @@ struct ContextRecord {
 struct Table {
     contexts: HashMap<u32, ContextRecord>,
     fences: HashMap<FenceId, FenceRecord>,
+    /// Fences by the identity of their two objects, for IMPORT_FENCE.
+    by_identity: HashMap<Identity, FenceId>,
     next_ctx: u32,
     next_fence: FenceId,
     memory_used: u64,
+}
+
+impl Table {
+    fn forget_fence(&mut self, fence: FenceId) {
+        if let Some(f) = self.fences.remove(&fence) {
+            self.by_identity.remove(&f.identity);
+        }
+    }
 }
 
 /// A created object and the fds to return.
@@ -129,8 +147,12 @@ impl Device {
             if t.contexts.len() >= self.limits.max_contexts {
                 return Err(KmdStatus::LimitExceeded);
             }
-            let ctx = t.next_ctx;
-            t.next_ctx += 1;
+            // Skip ids still in use (after wrapping around u32).
+            let mut ctx = t.next_ctx;
+            while ctx == 0 || t.contexts.contains_key(&ctx) {
+                ctx = ctx.wrapping_add(1);
+            }
+            t.next_ctx = ctx.wrapping_add(1);
             t.contexts.insert(
                 ctx,
                 ContextRecord {
@@ -183,11 +205,20 @@ impl Device {
         let internal = |_| KmdStatus::Internal;
         let id = {
             let mut t = self.table();
+            if t.fences.len() >= self.limits.max_fences {
+                return Err(KmdStatus::LimitExceeded);
+            }
             let id = t.next_fence;
-            t.next_fence += 1;
+            t.next_fence += 1; // u64: does not wrap in practice
             id
         };
-        let (sfd, state) = os::create_object("userq-fence", PAGE_SIZE).map_err(internal)?;
+        // A timeline's value side is written only by the firmware (and kmd-shim): sealed
+        // read-only once the firmware has mapped it, below.
+        let (sfd, state) = match kind {
+            FenceKind::Timeline => os::create_firmware_object("userq-timeline", PAGE_SIZE),
+            FenceKind::User => os::create_object("userq-fence", PAGE_SIZE),
+        }
+        .map_err(internal)?;
         let st = state.head::<FenceState>();
         st.header.init(magic::FENCE_STATE, kind as u32, id);
         st.slot.value.store(initial, Relaxed);
@@ -210,7 +241,12 @@ impl Device {
             },
             &[(so, sfd.as_fd()), (wo, wfd.as_fd())],
         )?;
-        self.table().fences.insert(
+        if kind == FenceKind::Timeline {
+            os::seal_read_only(sfd.as_fd()).map_err(internal)?;
+        }
+        let mut t = self.table();
+        t.by_identity.insert(identity, id);
+        t.fences.insert(
             id,
             FenceRecord {
                 kind,
@@ -267,7 +303,7 @@ impl Device {
         let f = t.fences.get_mut(&fence)?;
         f.holds -= 1;
         if f.holds == 0 {
-            t.fences.remove(&fence);
+            t.forget_fence(fence);
             drop(t);
             let _ = self.link.call(FwRequest::DropFence { fence }, &[]);
         }
@@ -284,19 +320,43 @@ impl Device {
         if !entries.is_power_of_two() || !(MIN_RING_ENTRIES..=MAX_RING_ENTRIES).contains(&entries) {
             return Err(KmdStatus::InvalidArgument);
         }
+        let ring_bytes = ring_object_size(entries) as u64;
         let slot = {
-            let t = self.table();
+            let mut t = self.table();
+            if t.memory_used + ring_bytes > self.limits.memory_budget {
+                return Err(KmdStatus::OutOfMemory);
+            }
             let c = t.contexts.get(&ctx).ok_or(KmdStatus::NoContext)?;
-            (0..MAX_QUEUES_PER_CONTEXT as u32)
+            let slot = (0..MAX_QUEUES_PER_CONTEXT as u32)
                 .find(|s| !c.queues.contains_key(s))
-                .ok_or(KmdStatus::LimitExceeded)?
+                .ok_or(KmdStatus::LimitExceeded)?;
+            // Reserve the slot and the bytes now; released below if creation fails.
+            t.memory_used += ring_bytes;
+            if let Some(c) = t.contexts.get_mut(&ctx) {
+                c.queues.insert(slot, (0, ring_bytes));
+            }
+            slot
         };
-        let (fence, sfd, wfd) = self.new_fence(FenceKind::Timeline, ctx, 0)?;
+        let release_slot = || {
+            let mut t = self.table();
+            t.memory_used -= ring_bytes;
+            if let Some(c) = t.contexts.get_mut(&ctx) {
+                c.queues.remove(&slot);
+            }
+        };
+        let (fence, sfd, wfd) = match self.new_fence(FenceKind::Timeline, ctx, 0) {
+            Ok(f) => f,
+            Err(e) => {
+                release_slot();
+                return Err(e);
+            }
+        };
         let handle = match self.bind(ctx, fence) {
             Ok(h) => h,
             Err(e) => {
                 let _ = self.link.call(FwRequest::DropFence { fence }, &[]);
-                self.table().fences.remove(&fence);
+                self.table().forget_fence(fence);
+                release_slot();
                 return Err(e);
             }
         };
@@ -325,7 +385,7 @@ impl Device {
         match made {
             Ok((rfd, state_ro)) => {
                 if let Some(c) = self.table().contexts.get_mut(&ctx) {
-                    c.queues.insert(slot, fence);
+                    c.queues.insert(slot, (fence, ring_bytes));
                 }
                 Ok((
                     vec![slot as u64, handle.0 as u64, fence],
@@ -333,7 +393,9 @@ impl Device {
                 ))
             }
             Err(e) => {
+                let _ = self.link.call(FwRequest::UnbindFence { ctx, handle }, &[]);
                 self.drop_hold(ctx, handle);
+                release_slot();
                 Err(e)
             }
         }
@@ -349,8 +411,13 @@ impl Device {
             }
         }
         self.link.call(FwRequest::UnmapQueue { ctx, slot }, &[])?;
-        if let Some(c) = self.table().contexts.get_mut(&ctx) {
-            c.queues.remove(&slot);
+        let mut t = self.table();
+        if let Some((_, bytes)) = t
+            .contexts
+            .get_mut(&ctx)
+            .and_then(|c| c.queues.remove(&slot))
+        {
+            t.memory_used -= bytes;
         }
         Ok((vec![], vec![]))
     }
@@ -365,7 +432,7 @@ impl Device {
             Ok(handle) => Ok((vec![handle.0 as u64, fence], vec![sfd, wfd])),
             Err(e) => {
                 let _ = self.link.call(FwRequest::DropFence { fence }, &[]);
-                self.table().fences.remove(&fence);
+                self.table().forget_fence(fence);
                 Err(e)
             }
         }
@@ -385,12 +452,8 @@ impl Device {
             if !t.contexts.contains_key(&ctx) {
                 return Err(KmdStatus::NoContext);
             }
-            let (id, f) = t
-                .fences
-                .iter()
-                .find(|(_, f)| f.identity == ident)
-                .ok_or(KmdStatus::BadFd)?;
-            (*id, f.kind)
+            let id = *t.by_identity.get(&ident).ok_or(KmdStatus::BadFd)?;
+            (id, t.fences.get(&id).ok_or(KmdStatus::BadFd)?.kind)
         };
         let handle = self.bind(ctx, fence)?;
         Ok((vec![handle.0 as u64, fence, kind as u64], vec![]))
@@ -499,6 +562,7 @@ impl Device {
         };
         let mut t = self.table();
         t.memory_used -= c.buffers.values().sum::<u64>();
+        t.memory_used -= c.queues.values().map(|(_, bytes)| bytes).sum::<u64>();
         let mut to_drop = Vec::new();
         let mut to_poison = Vec::new();
         for fence in c.handles.values() {
@@ -510,7 +574,7 @@ impl Device {
             }
         }
         for fence in &to_drop {
-            t.fences.remove(fence);
+            t.forget_fence(*fence);
         }
         for (id, f) in &t.fences {
             if f.owner == ctx && f.kind == FenceKind::User {

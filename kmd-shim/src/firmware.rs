@@ -39,7 +39,7 @@ pub enum FirmwareLauncher {
     },
     /// Embedded mode: a function that starts the firmware on a thread of this process,
     /// given the firmware's end of the object channel.
-    Thread(Box<dyn FnOnce(OwnedFd) -> JoinHandle<()> + Send>),
+    Thread(Box<dyn FnOnce(OwnedFd) -> std::io::Result<JoinHandle<()>> + Send>),
 }
 
 impl std::fmt::Debug for FirmwareLauncher {
@@ -110,13 +110,17 @@ pub struct FirmwareLink {
     control: Mapping,
     status: Mapping,
     kick: Mapping,
+    status_fd: OwnedFd,
     status_ro: OwnedFd,
     kick_fd: OwnedFd,
     sender: Mutex<Sender>,
-    acks: Mutex<HashMap<u32, FwStatus>>,
+    /// Sequence numbers of calls waiting for their ack, and the acks that arrived for them.
+    /// An ack for a sequence number nobody waits for (any more) is dropped.
+    acks: Mutex<HashMap<u32, Option<FwStatus>>>,
     acked: Condvar,
     ready: AtomicBool,
     lost: AtomicBool,
+    hung: AtomicBool,
     stopping: AtomicBool,
     stop: AtomicBool,
     running: Mutex<Option<Running>>,
@@ -150,7 +154,10 @@ impl FirmwareLink {
             .head::<ControlRegion>()
             .header
             .init(magic::CONTROL, 0, 0);
-        let (status_fd, status) = os::create_object("userq-status", PAGE_SIZE).map_err(obj)?;
+        // Only kmd-shim and the firmware write the status page: sealed read-only for
+        // everyone else once the firmware has mapped it (see `wait_ready`).
+        let (status_fd, status) =
+            os::create_firmware_object("userq-status", PAGE_SIZE).map_err(obj)?;
         let st = status.head::<DeviceStatus>();
         st.header.init(magic::DEVICE_STATUS, 0, generation);
         st.health.state.store(DeviceState::Running as u32, Relaxed);
@@ -178,12 +185,18 @@ impl FirmwareLink {
                 })?;
                 Running::Process(child)
             }
-            FirmwareLauncher::Thread(start) => Running::Thread(start(theirs)),
+            FirmwareLauncher::Thread(start) => {
+                Running::Thread(start(theirs).map_err(|source| FirmwareStartError::Spawn {
+                    path: "fw-emu thread".into(),
+                    source,
+                })?)
+            }
         };
         let link = FirmwareLink {
             control,
             status,
             kick,
+            status_fd,
             status_ro,
             kick_fd,
             sender: Mutex::new(Sender {
@@ -194,6 +207,7 @@ impl FirmwareLink {
             acked: Condvar::new(),
             ready: AtomicBool::new(false),
             lost: AtomicBool::new(false),
+            hung: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             running: Mutex::new(Some(running)),
@@ -204,7 +218,7 @@ impl FirmwareLink {
             let s = link.sender.lock().unwrap_or_else(|e| e.into_inner());
             for (id, fd) in [
                 (boot::CONTROL, control_fd.as_fd()),
-                (boot::STATUS, status_fd.as_fd()),
+                (boot::STATUS, link.status_fd.as_fd()),
                 (boot::KICK, link.kick_fd.as_fd()),
             ] {
                 os::send_with_fds(s.channel.as_fd(), &id.to_le_bytes(), &[fd]).map_err(obj)?;
@@ -213,7 +227,8 @@ impl FirmwareLink {
         Ok(link)
     }
 
-    /// Waits until the firmware announced [`FwEvent::Ready`] (the event thread must run).
+    /// Waits until the firmware announced [`FwEvent::Ready`] (the event thread must run),
+    /// then seals the status page read-only for everyone but kmd-shim and the firmware.
     pub fn wait_ready(&self, timeout: Duration) -> Result<(), FirmwareStartError> {
         let deadline = Instant::now() + timeout;
         let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
@@ -228,7 +243,8 @@ impl FirmwareLink {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        Ok(())
+        drop(acks);
+        os::seal_read_only(self.status_fd.as_fd()).map_err(FirmwareStartError::Objects)
     }
 
     /// The device status page, read-only, to hand to clients.
@@ -273,6 +289,10 @@ impl FirmwareLink {
             }
             let seq = s.next_seq;
             s.next_seq = s.next_seq.wrapping_add(1).max(1);
+            self.acks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(seq, None);
             let words = req.encode(seq);
             let ring = &self.control.head::<ControlRegion>().to_fw;
             let deadline = Instant::now() + self.ack_timeout;
@@ -280,7 +300,8 @@ impl FirmwareLink {
             while !ring.push(&words) {
                 self.kick_firmware();
                 if Instant::now() >= deadline || self.is_lost() {
-                    return Err(KmdStatus::FirmwareTimeout);
+                    self.forget_ack(seq);
+                    return Err(self.timed_out());
                 }
                 if backoff.step() == BackoffStep::Sleep {
                     std::thread::sleep(Duration::from_micros(200));
@@ -292,7 +313,8 @@ impl FirmwareLink {
         let deadline = Instant::now() + self.ack_timeout;
         let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(status) = acks.remove(&seq) {
+            if let Some(Some(status)) = acks.get(&seq).copied() {
+                acks.remove(&seq);
                 return match status {
                     FwStatus::Ok => Ok(()),
                     FwStatus::NotFound => Err(KmdStatus::NotFound),
@@ -302,10 +324,13 @@ impl FirmwareLink {
             }
             let now = Instant::now();
             if self.is_lost() {
+                acks.remove(&seq);
                 return Err(KmdStatus::DeviceLost);
             }
             if now >= deadline {
-                return Err(KmdStatus::FirmwareTimeout);
+                acks.remove(&seq);
+                drop(acks);
+                return Err(self.timed_out());
             }
             acks = self
                 .acked
@@ -313,6 +338,24 @@ impl FirmwareLink {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    fn forget_ack(&self, seq: u32) {
+        self.acks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&seq);
+    }
+
+    /// A request went unacknowledged for the whole ack timeout. Acks are bounded by
+    /// design (the firmware never waits on work to send one), so the firmware is hung: the
+    /// device is declared lost, and kmd-shim's view and the firmware's can no longer
+    /// disagree afterwards. The event thread reports it on its next wake-up.
+    fn timed_out(&self) -> KmdStatus {
+        if !self.stopping.load(Acquire) {
+            self.hung.store(true, Release);
+        }
+        KmdStatus::FirmwareTimeout
     }
 
     fn kick_firmware(&self) {
@@ -341,8 +384,10 @@ impl FirmwareLink {
                     }
                     Some(FwEvent::Ack { seq, status }) => {
                         let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
-                        acks.insert(seq, status);
-                        self.acked.notify_all();
+                        if let Some(slot) = acks.get_mut(&seq) {
+                            *slot = Some(status);
+                            self.acked.notify_all();
+                        }
                     }
                     Some(ev @ FwEvent::QueueError { .. }) => sink.queue_error(ev),
                     None => {}
@@ -371,7 +416,7 @@ impl FirmwareLink {
             if !self.is_lost()
                 && !self.stopping.load(Acquire)
                 && self.ready.load(Acquire)
-                && self.firmware_dead(&mut last_beat)
+                && (self.hung.load(Acquire) || self.firmware_dead(&mut last_beat))
             {
                 self.mark_lost();
                 sink.device_lost();

@@ -36,6 +36,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// Connections served at once; one more is closed at accept. Each costs a thread.
+pub const MAX_CONNECTIONS: usize = 1024;
+
 /// How to start a device.
 #[derive(Debug)]
 pub struct KmdConfig {
@@ -220,6 +223,15 @@ fn accept_loop(inner: Arc<Inner>) {
         };
         if inner.stopping.load(Acquire) {
             return;
+        }
+        if inner
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+            >= MAX_CONNECTIONS
+        {
+            continue; // dropping the socket closes it: the client sees a closed connection
         }
         let Ok(dup) = sock.try_clone() else {
             continue;

@@ -40,7 +40,8 @@ pub fn default_socket_path() -> PathBuf {
     }
 }
 
-/// Connects to a device socket.
+/// Connects to a device socket served by this user (or root): a server run by anyone
+/// else is refused with `EPERM`, since it would hand this process memory to map.
 pub fn connect(path: &Path) -> rustix::io::Result<OwnedFd> {
     let fd = rustix::net::socket_with(
         AddressFamily::UNIX,
@@ -49,14 +50,49 @@ pub fn connect(path: &Path) -> rustix::io::Result<OwnedFd> {
         None,
     )?;
     rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
+    let server = rustix::net::sockopt::socket_peercred(&fd)?;
+    if server.uid != rustix::process::getuid() && !server.uid.is_root() {
+        return Err(rustix::io::Errno::PERM);
+    }
     Ok(fd)
 }
 
-/// A bound, listening device socket; the file is removed on drop.
+/// A bound, listening device socket; the file is removed on drop if it is still ours.
 #[derive(Debug)]
 pub struct Listener {
     fd: OwnedFd,
     path: PathBuf,
+    /// (device, inode) of the socket file we bound: a later server may replace the file
+    /// once ours stops answering, and its file must survive our drop.
+    identity: (u64, u64),
+}
+
+/// Locks the socket's directory (an `flock` released when the returned fd closes).
+fn lock_dir(path: &Path) -> rustix::io::Result<OwnedFd> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    rustix::fs::flock(&fd, FlockOperation::LockExclusive)?;
+    Ok(fd)
+}
+
+/// Whether the directory is safe to serve from: owned by us (or root), a directory, not a
+/// symbolic link. Another user must not be able to plant a device for us.
+fn dir_is_ours(dir: &Path) -> bool {
+    match rustix::fs::lstat(dir) {
+        Ok(st) => {
+            let me = rustix::process::getuid().as_raw();
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+                && (st.st_uid == me || st.st_uid == 0)
+        }
+        Err(_) => false,
+    }
 }
 
 impl Listener {
@@ -76,13 +112,10 @@ impl Listener {
             })?;
             let _ = rustix::fs::chmod(dir, Mode::RWXU);
         }
-        let dirfd = rustix::fs::open(
-            dir,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(io)?;
-        rustix::fs::flock(&dirfd, FlockOperation::LockExclusive).map_err(io)?;
+        if !dir_is_ours(dir) {
+            return Err(io(rustix::io::Errno::PERM));
+        }
+        let dirfd = lock_dir(path).map_err(io)?;
         if connect(path).is_ok() {
             return Err(BindError::InUse(path.to_owned()));
         }
@@ -100,10 +133,13 @@ impl Listener {
         rustix::net::bind(&fd, &SocketAddrUnix::new(path).map_err(io)?).map_err(io)?;
         let _ = rustix::fs::chmod(path, Mode::RUSR | Mode::WUSR);
         rustix::net::listen(&fd, 128).map_err(io)?;
+        let st = rustix::fs::stat(path).map_err(io)?;
         // The directory lock is released when `dirfd` closes here.
+        drop(dirfd);
         Ok(Listener {
             fd,
             path: path.to_owned(),
+            identity: (st.st_dev, st.st_ino),
         })
     }
 
@@ -125,6 +161,13 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        // Under the directory lock, so no other server binds between the check and the
+        // unlink.
+        let _lock = lock_dir(&self.path);
+        if let Ok(st) = rustix::fs::stat(&self.path) {
+            if (st.st_dev, st.st_ino) == self.identity {
+                let _ = rustix::fs::unlink(&self.path);
+            }
+        }
     }
 }

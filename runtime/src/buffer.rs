@@ -82,8 +82,9 @@ impl<T: bytemuck::Pod> Buffer<T> {
         unsafe { p.read_volatile() }
     }
 
-    /// Writes element `index` with one volatile store.
-    pub fn write(&self, index: usize, value: T) {
+    /// Writes element `index` with one volatile store. Takes `&mut self`: two host threads
+    /// writing one buffer at once would be a data race.
+    pub fn write(&mut self, index: usize, value: T) {
         let p = self.ptr(index);
         // SAFETY: as in `read`; the mapping is writable and owned by this buffer.
         unsafe { p.write_volatile(value) }
@@ -95,7 +96,7 @@ impl<T: bytemuck::Pod> Buffer<T> {
     }
 
     /// Copies `src` into the start of the buffer.
-    pub fn copy_from_slice(&self, src: &[T]) {
+    pub fn copy_from_slice(&mut self, src: &[T]) {
         assert!(src.len() <= self.len, "source longer than the buffer");
         for (i, v) in src.iter().enumerate() {
             self.write(i, *v);

@@ -99,15 +99,12 @@ fn embedded(path: &Path) -> Result<Arc<kmd_shim::Kmd>, OpenError> {
         return Ok(k);
     }
     let launcher = kmd_shim::FirmwareLauncher::Thread(Box::new(|channel| {
-        std::thread::Builder::new()
-            .name("fw-emu".into())
-            .spawn(move || {
-                match fw_emu::Firmware::boot(channel, fw_emu::FirmwareConfig::default()) {
-                    Ok(fw) => fw.run(),
-                    Err(e) => eprintln!("userq: embedded firmware failed to boot: {e}"),
-                }
-            })
-            .expect("spawning the firmware thread")
+        std::thread::Builder::new().name("fw-emu".into()).spawn(
+            move || match fw_emu::Firmware::boot(channel, fw_emu::FirmwareConfig::default()) {
+                Ok(fw) => fw.run(),
+                Err(e) => eprintln!("userq: embedded firmware failed to boot: {e}"),
+            },
+        )
     }));
     let kmd = Arc::new(kmd_shim::Kmd::start(kmd_shim::KmdConfig::new(
         path, launcher,
@@ -127,6 +124,8 @@ pub(crate) struct DeviceInner {
     /// This process is registered for the firmware's membarrier, so its queues may use the
     /// doorbell fast path (see `userq_uapi::layout::RingPoll`).
     pub(crate) fast_doorbell: bool,
+    /// The control socket hung up: whoever served the device is gone.
+    gone: std::sync::atomic::AtomicBool,
     socket: PathBuf,
     /// Keeps an embedded device alive while this process uses it. Declared last: it is
     /// dropped after the control socket closes, so the device reclaims this context first.
@@ -162,6 +161,38 @@ impl DeviceInner {
             .state
             .load(std::sync::atomic::Ordering::Acquire)
             == DeviceState::Lost as u32
+            || self.gone.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// [`DeviceInner::is_lost`], plus a check that kmd-shim still holds the other end of the
+    /// control socket: if the process serving the device was killed, nobody is left to
+    /// mark the device lost. A syscall: for the blocking phases of waits only.
+    pub(crate) fn is_lost_or_gone(&self) -> bool {
+        if self.is_lost() {
+            return true;
+        }
+        // A call in progress holds the socket; it will notice a hang-up itself.
+        let Ok(sock) = self.control.try_lock() else {
+            return false;
+        };
+        let mut fds = [rustix::event::PollFd::new(
+            &*sock,
+            rustix::event::PollFlags::RDHUP,
+        )];
+        let zero = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let hung_up = matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+            && fds[0].revents().intersects(
+                rustix::event::PollFlags::HUP
+                    | rustix::event::PollFlags::RDHUP
+                    | rustix::event::PollFlags::ERR,
+            );
+        if hung_up {
+            self.gone.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        hung_up
     }
 }
 
@@ -261,6 +292,7 @@ impl Device {
                 status,
                 kick,
                 fast_doorbell: userq_uapi::sync::register_for_firmware_barrier(),
+                gone: std::sync::atomic::AtomicBool::new(false),
                 socket: path.to_owned(),
                 embedded,
             }),

@@ -42,10 +42,6 @@ impl FenceInner {
         self.waiters.head()
     }
 
-    pub(crate) fn context(&self) -> u32 {
-        self.dev.ctx
-    }
-
     fn fault(&self) -> Option<FenceFault> {
         let st = self.state();
         if st.slot.poison.load(Acquire) == 0 {
@@ -318,6 +314,15 @@ pub fn wait_any(
 }
 
 fn decide(points: &[FencePoint], all: bool) -> Option<Result<usize, WaitError>> {
+    if !all {
+        // A reached point wins over another point's error.
+        if let Some(i) = points
+            .iter()
+            .position(|p| p.fence.inner.check(p.value) == Some(Ok(())))
+        {
+            return Some(Ok(i));
+        }
+    }
     let mut pending = false;
     for (i, p) in points.iter().enumerate() {
         match p.fence.inner.check(p.value) {
@@ -398,5 +403,32 @@ fn wait_many(
         };
         // Bounded so that a lost device is noticed even if nobody wakes this waiter.
         sync::futex_wait_any(&words, Some(left.min(Duration::from_millis(200))));
+        if points.iter().any(|p| p.fence.inner.dev.is_lost_or_gone()) {
+            return Err(WaitError::DeviceLost);
+        }
+    }
+}
+
+impl Fence {
+    /// Sleeps until this fence's wake word moves (any signal, poison or explicit wake) or
+    /// `timeout` passes, unless `still_waiting` says the wait is over after registering.
+    pub(crate) fn sleep_until_woken(&self, still_waiting: impl Fn() -> bool, timeout: Duration) {
+        let i = &self.inner;
+        let me = [self.point(0)];
+        let _registered = Registered::new(&me);
+        let word = &i.state().slot.wake;
+        let seen = word.load(SeqCst);
+        if still_waiting() {
+            sync::futex_wait(word, seen, Some(timeout));
+        }
+    }
+
+    /// The connection this fence belongs to.
+    pub(crate) fn device(&self) -> &Arc<DeviceInner> {
+        &self.inner.dev
+    }
+
+    pub(crate) fn device_gone(&self) -> bool {
+        self.inner.dev.is_lost_or_gone()
     }
 }

@@ -10,6 +10,7 @@ use crate::device::{Device, DeviceInner};
 use crate::error::{ControlError, FenceFault, QueueCreateError, SubmitError, WaitError};
 use crate::fence::{Fence, FencePoint, WaitMode};
 use rustix::fd::{AsFd, OwnedFd};
+use std::collections::VecDeque;
 use std::sync::atomic::{compiler_fence, AtomicU64, Ordering::*};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,18 +21,20 @@ use userq_uapi::layout::{
 };
 use userq_uapi::os::{self, Mapping};
 use userq_uapi::packet::{self, Packet, WaitCondition};
+use userq_uapi::sync::{Backoff, BackoffStep};
 use userq_uapi::{sync, KmdStatus};
 
 /// Ring size of [`Device::create_queue`].
 pub const DEFAULT_RING_ENTRIES: u32 = 256;
 
 /// One packet for a queue. Build with the constructors; fences named must belong to the
-/// same [`Device`] (context) as the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// same [`Device`] (context) as the queue. A command that names a fence holds it: once
+/// submitted, the queue keeps the fence alive until the packet has completed.
+#[derive(Debug, Clone)]
 pub struct Command {
     cmd: packet::Command,
-    /// Context of the fence the command names, if it names one.
-    fence_context: Option<u32>,
+    /// The fence the command names, if any.
+    fence: Option<Fence>,
 }
 
 impl Command {
@@ -39,7 +42,7 @@ impl Command {
     pub fn nop() -> Self {
         Command {
             cmd: packet::Command::Nop,
-            fence_context: None,
+            fence: None,
         }
     }
 
@@ -48,7 +51,7 @@ impl Command {
     pub fn write_value(addr: u64, value: u64) -> Self {
         Command {
             cmd: packet::Command::WriteValue { addr, value },
-            fence_context: None,
+            fence: None,
         }
     }
 
@@ -56,7 +59,7 @@ impl Command {
     pub fn timestamp(addr: u64) -> Self {
         Command {
             cmd: packet::Command::Timestamp { addr },
-            fence_context: None,
+            fence: None,
         }
     }
 
@@ -72,7 +75,7 @@ impl Command {
                 fence: fence.inner.handle,
                 value,
             },
-            fence_context: Some(fence.inner.context()),
+            fence: Some(fence.clone()),
         }
     }
 
@@ -97,7 +100,7 @@ impl Command {
                 mask,
                 condition,
             },
-            fence_context: Some(fence.inner.context()),
+            fence: Some(fence.clone()),
         }
     }
 }
@@ -180,6 +183,7 @@ impl<'d> QueueBuilder<'d> {
             timeline,
             priority: self.priority,
             wakes: 0,
+            holds: VecDeque::new(),
         })
     }
 }
@@ -224,6 +228,10 @@ pub struct Queue {
     priority: Priority,
     /// Doorbells that found the firmware asleep and made a futex wake.
     wakes: u64,
+    /// Fences named by submitted packets, with the packet's timeline value: kept alive until
+    /// the timeline passes it, so a fence dropped by the caller cannot vanish under a
+    /// packet that still names it. Pruned only when it grows, to keep submits cheap.
+    holds: VecDeque<(u64, Fence)>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -317,16 +325,34 @@ impl Queue {
     }
 
     fn push(&mut self, cmds: &[Command], timeout: Duration) -> Result<u64, SubmitError> {
-        if cmds
-            .iter()
-            .any(|c| c.fence_context.is_some_and(|ctx| ctx != self.dev.ctx))
-        {
+        if cmds.iter().any(|c| {
+            c.fence
+                .as_ref()
+                .is_some_and(|f| !Arc::ptr_eq(f.device(), &self.dev))
+        }) {
             return Err(SubmitError::ForeignFence);
         }
         self.reserve(cmds.len(), timeout)?;
+        let first = self.wptr;
         self.write(cmds.iter().map(|c| c.cmd.encode()));
         self.ring_doorbell();
+        for (i, c) in cmds.iter().enumerate() {
+            if let Some(f) = &c.fence {
+                self.holds.push_back((first + i as u64 + 1, f.clone()));
+            }
+        }
+        if self.holds.len() > 64 {
+            self.release_holds();
+        }
         Ok(self.wptr)
+    }
+
+    /// Drops the holds of packets that have completed.
+    fn release_holds(&mut self) {
+        let done = self.timeline.value();
+        while self.holds.front().is_some_and(|(v, _)| *v <= done) {
+            self.holds.pop_front();
+        }
     }
 
     /// Submits packets as they are, unchecked: for tools and for tests of the firmware's
@@ -360,16 +386,9 @@ impl Queue {
             return Ok(()); // fast path: the cached index says there is room
         }
         let deadline = Instant::now().checked_add(timeout);
-        let ring = self.ring.head::<RingHeader>();
+        let mut backoff = Backoff::new(Duration::from_micros(20), Duration::from_micros(100));
         loop {
-            // Acquire: pairs with the firmware's release store after copying the packets
-            // out, so their slots may be overwritten now.
-            self.cached_rptr = ring.read_index.value.load(Acquire);
-            if self.cached_rptr > self.wptr {
-                // Only a corrupted ring (or a firmware bug) shows this.
-                self.cached_rptr = self.wptr;
-            }
-            if self.cached_rptr >= need {
+            if self.refresh_read_index() >= need {
                 return Ok(());
             }
             match self.status() {
@@ -381,25 +400,41 @@ impl Queue {
                 return Err(SubmitError::DeviceLost);
             }
             let left = match deadline {
-                None => Duration::from_millis(10),
+                None => Duration::from_millis(100),
                 Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(l) if !l.is_zero() => l.min(Duration::from_millis(10)),
+                    Some(l) if !l.is_zero() => l.min(Duration::from_millis(100)),
                     _ if timeout.is_zero() => return Err(SubmitError::WouldBlock),
                     _ => return Err(SubmitError::Timeout),
                 },
             };
-            // Completion implies consumption, so the timeline reaching `need` frees the
-            // room; the short slices re-check the read index, which can run ahead.
-            match self
-                .timeline
-                .point(need)
-                .wait_with(WaitMode::Adaptive, left)
-            {
-                Ok(()) | Err(WaitError::Timeout) => {}
-                Err(WaitError::Faulted(f)) => return Err(SubmitError::QueueFaulted(f)),
-                Err(WaitError::DeviceLost) => return Err(SubmitError::DeviceLost),
+            if backoff.step() != BackoffStep::Sleep {
+                continue;
+            }
+            // Block on the timeline's wake word: the firmware bumps it on every completion
+            // and when it parks the queue (consuming a packet without completing it), which
+            // are the moments the read index can move.
+            let ring = &self.ring;
+            let still_full = || ring.head::<RingHeader>().read_index.value.load(SeqCst) < need;
+            self.timeline.sleep_until_woken(still_full, left);
+            if self.timeline.device_gone() {
+                return Err(SubmitError::DeviceLost);
             }
         }
+    }
+
+    /// Re-reads the ring's read index into the cache.
+    fn refresh_read_index(&mut self) -> u64 {
+        // Acquire: pairs with the firmware's release store after copying the packets out,
+        // so their slots may be overwritten now.
+        let r = self
+            .ring
+            .head::<RingHeader>()
+            .read_index
+            .value
+            .load(Acquire);
+        // Beyond the write index only a corrupted ring (or a firmware bug) shows this.
+        self.cached_rptr = r.min(self.wptr);
+        self.cached_rptr
     }
 
     /// Writes packets at the write index (room is reserved).
@@ -443,6 +478,9 @@ impl Queue {
     }
 }
 
+/// Dropping a queue destroys it at once, like `hsa_queue_destroy`: packets that have not
+/// completed never will, and their points fail with [`crate::ErrorCode::QueueDestroyed`].
+/// Call [`Queue::finish`] first to let submitted work complete.
 impl Drop for Queue {
     fn drop(&mut self) {
         let _ = self

@@ -136,7 +136,7 @@ fn a_full_ring_gives_would_block_and_never_overwrites() {
         Some(SubmitError::Timeout)
     );
     assert!(matches!(
-        q.submit_batch(&[Command::nop(); 5]),
+        q.submit_batch(&std::array::from_fn::<_, 5, _>(|_| Command::nop())),
         Err(SubmitError::BatchTooLarge {
             batch: 5,
             entries: 4
@@ -375,7 +375,7 @@ fn destroying_a_queue_poisons_only_values_it_never_reached() {
 #[test]
 fn buffers_are_zeroed_and_bounds_checked() {
     let env = Env::new();
-    let b = env.dev().alloc::<u32>(1000).unwrap();
+    let mut b = env.dev().alloc::<u32>(1000).unwrap();
     assert_eq!(b.len(), 1000);
     assert!(b.to_vec().iter().all(|&v| v == 0));
     assert_eq!(b.address_of(999), Some(b.device_address() + 999 * 4));
@@ -385,6 +385,44 @@ fn buffers_are_zeroed_and_bounds_checked() {
     assert!(matches!(
         env.dev().alloc::<u64>(0),
         Err(userq::AllocError::BadSize)
+    ));
+}
+
+#[test]
+fn a_submitted_command_keeps_its_fence_alive() {
+    let env = Env::new();
+    let dev = env.dev();
+    let mut q = dev.create_queue().unwrap();
+    let gate = dev.create_fence(0).unwrap();
+    let gate2 = gate.clone();
+    let out = dev.alloc::<u64>(1).unwrap();
+    q.submit_batch(&[
+        Command::wait(&gate.point(1)),
+        Command::write_value(out.address_of(0).unwrap(), 9),
+    ])
+    .unwrap();
+    drop(gate); // the caller's handle goes; the parked packet still names the fence
+    std::thread::sleep(Duration::from_millis(20));
+    gate2.signal(1).unwrap();
+    q.finish(LONG).unwrap();
+    assert_eq!(out.read(0), 9);
+}
+
+#[test]
+fn wait_any_prefers_a_reached_point_over_a_poisoned_one() {
+    let env = Env::new();
+    let dev = env.dev();
+    let mut broken = dev.create_queue().unwrap();
+    let poisoned = broken.submit(Command::write_value(0x8, 0)).unwrap();
+    assert!(poisoned.wait(LONG).is_err());
+    let ok = dev.create_fence(3).unwrap();
+    assert_eq!(
+        wait_any(&[poisoned.clone(), ok.point(2)], WaitMode::Spin, LONG),
+        Ok(1)
+    );
+    assert!(matches!(
+        wait_any(&[poisoned, ok.point(4)], WaitMode::Spin, LONG),
+        Err(WaitError::Faulted(_))
     ));
 }
 

@@ -185,13 +185,31 @@ pub fn map_object(
     Ok(map)
 }
 
-/// Creates a sealed memfd of `size` bytes (zero-filled) and maps it read-write.
+/// Creates a memfd of `size` bytes (zero-filled), sealed against shrinking, growing and
+/// further seals, and maps it read-write. For objects clients may write.
 pub fn create_object(name: &str, size: usize) -> io::Result<(OwnedFd, Mapping)> {
+    let (fd, map) = create_firmware_object(name, size)?;
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SEAL)?;
+    Ok((fd, map))
+}
+
+/// Creates a memfd like [`create_object`] but leaves it open to one more seal: for objects
+/// only kmd-shim and the firmware may write. Once both hold their writable mappings, call
+/// [`seal_read_only`]; only then may the fd reach a client.
+pub fn create_firmware_object(name: &str, size: usize) -> io::Result<(OwnedFd, Mapping)> {
     let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
     rustix::fs::ftruncate(&fd, size as u64)?;
-    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW)?;
     let map = Mapping::map(fd.as_fd(), size, true)?;
     Ok((fd, map))
+}
+
+/// Forbids every *new* writable mapping of the object and every `write(2)`
+/// (`F_SEAL_FUTURE_WRITE`), whatever descriptor or `/proc/self/fd` re-open is used;
+/// existing writable mappings (kmd-shim's, the firmware's) keep working. Then seals the
+/// seals.
+pub fn seal_read_only(fd: BorrowedFd<'_>) -> io::Result<()> {
+    rustix::fs::fcntl_add_seals(fd, SealFlags::FUTURE_WRITE | SealFlags::SEAL)
 }
 
 /// A new read-only open file description of the same object: whoever holds only this fd

@@ -77,22 +77,38 @@ pub fn futex_wait_any(words: &[(&AtomicU32, u32)], timeout: Option<Duration>) {
             tv_nsec: (total % 1_000_000_000) as _,
         }
     });
-    let r = futex::waitv(
-        &waits[..words.len()],
-        futex::WaitvFlags::empty(),
-        abs.as_ref(),
-        rustix::time::ClockId::Monotonic,
-    );
-    if r == Err(rustix::io::Errno::NOSYS) {
-        futex_wait(
-            words[0].0,
-            words[0].1,
-            Some(timeout.map_or(Duration::from_millis(1), |t| {
-                t.min(Duration::from_millis(1))
-            })),
-        );
+    let r = if WAITV_BROKEN.load(Relaxed) {
+        Err(rustix::io::Errno::NOSYS)
+    } else {
+        futex::waitv(
+            &waits[..words.len()],
+            futex::WaitvFlags::empty(),
+            abs.as_ref(),
+            rustix::time::ClockId::Monotonic,
+        )
+    };
+    match r {
+        Ok(_)
+        | Err(rustix::io::Errno::AGAIN)
+        | Err(rustix::io::Errno::TIMEDOUT)
+        | Err(rustix::io::Errno::INTR) => {}
+        Err(_) => {
+            // No futex_waitv here (old kernel, or a seccomp filter refusing it): wait on
+            // the first word in slices of a millisecond, so callers still re-check the rest.
+            WAITV_BROKEN.store(true, Relaxed);
+            futex_wait(
+                words[0].0,
+                words[0].1,
+                Some(timeout.map_or(Duration::from_millis(1), |t| {
+                    t.min(Duration::from_millis(1))
+                })),
+            );
+        }
     }
 }
+
+/// Set once `futex_waitv` failed with an error that means "not available".
+static WAITV_BROKEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 /// Waker side: after publishing work, wakes a sleeper that announced itself with `flag`.
 /// Returns whether a wake was made.
@@ -171,11 +187,15 @@ pub fn poison_fence(
     address: u64,
     detail: u32,
 ) -> bool {
-    if state.slot.poison.load(Acquire) != 0 {
+    let r = &state.record;
+    // Claim the record: of two poisoners (the firmware and kmd-shim at device stop), only
+    // the first writes it, so it is never a mix of both.
+    if r.code
+        .compare_exchange(0, code as u32, Relaxed, Relaxed)
+        .is_err()
+    {
         return false;
     }
-    let r = &state.record;
-    r.code.store(code as u32, Relaxed);
     r.detail.store(detail, Relaxed);
     r.packet_index.store(packet_index, Relaxed);
     r.address.store(address, Relaxed);
@@ -183,6 +203,14 @@ pub fn poison_fence(
         .store(state.slot.value.load(Relaxed), Relaxed);
     state.slot.poison.store(code as u32, Release); // record before status word
     wake_fence_waiters(state, waiters) // status word before wake
+}
+
+#[inline]
+/// Wakes a fence's registered host waiters without changing its value, so that they
+/// re-check what else they wait for (a producer blocked on a full ring re-reads the read
+/// index). Returns as [`signal_fence`] does.
+pub fn wake_waiters(state: &FenceState, waiters: &FenceWaiters) -> bool {
+    wake_fence_waiters(state, waiters)
 }
 
 #[inline]

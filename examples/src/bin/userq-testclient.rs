@@ -6,6 +6,7 @@
 //!   submits forever (to be SIGKILLed mid-stream).
 //! - `hostile CASE`: speaks the raw ABI and breaks one rule; prints what the firmware
 //!   reported for its queue.
+//! - `host SOCKET`: serves an embedded device on SOCKET, prints `ready`, runs until killed.
 
 use rustix::fd::{AsFd, OwnedFd};
 use std::io::Write;
@@ -87,6 +88,7 @@ struct Raw {
     doorbells: Mapping,
     status: Mapping,
     kick: Mapping,
+    status_fd: OwnedFd,
 }
 
 impl Raw {
@@ -99,7 +101,7 @@ impl Raw {
             None,
         )?;
         rustix::net::connect(&sock, &rustix::net::SocketAddrUnix::new(path.as_str())?)?;
-        let (_, fds) = call(
+        let (_, mut fds) = call(
             &sock,
             Request::OpenContext {
                 abi_version: ABI_VERSION,
@@ -109,11 +111,13 @@ impl Raw {
         let doorbells = os::map_object(fds[0].as_fd(), DOORBELL_PAGE_SIZE, true, magic::DOORBELL)?;
         let status = os::map_object(fds[1].as_fd(), PAGE_SIZE, false, magic::DEVICE_STATUS)?;
         let kick = os::map_object(fds[2].as_fd(), PAGE_SIZE, true, magic::DEVICE_KICK)?;
+        let status_fd = fds.swap_remove(1);
         Ok(Raw {
             sock,
             doorbells,
             status,
             kick,
+            status_fd,
         })
     }
 
@@ -128,7 +132,9 @@ impl Raw {
         )?;
         let ring = os::map_object(fds[0].as_fd(), ring_object_size(entries), true, magic::RING)?;
         let state = os::map_object(fds[1].as_fd(), PAGE_SIZE, false, magic::FENCE_STATE)?;
+        let state_fd = fds.into_iter().nth(1).ok_or("no state fd")?;
         Ok(RawQueue {
+            state_fd,
             slot: v[0] as usize,
             handle: FenceHandle(v[1] as u32),
             entries: entries as u64,
@@ -160,6 +166,7 @@ impl Raw {
 }
 
 struct RawQueue {
+    state_fd: OwnedFd,
     slot: usize,
     handle: FenceHandle,
     entries: u64,
@@ -292,6 +299,38 @@ fn hostile(case: &str) -> Res<()> {
             raw.doorbell(q.slot, q.entries + 5);
             q.settle(1)
         }
+        "write-readonly" => {
+            // The device status and a queue timeline are the firmware's to write. Neither
+            // the fd we were given nor a read-write re-open of it may map them writable.
+            let mut writable = Vec::new();
+            for (name, fd) in [
+                ("status", raw.status_fd.as_fd()),
+                ("timeline", q.state_fd.as_fd()),
+            ] {
+                if Mapping::map(fd, PAGE_SIZE, true).is_ok() {
+                    writable.push(name);
+                }
+                let path = format!("/proc/self/fd/{}", rustix::fd::AsRawFd::as_raw_fd(&fd));
+                if let Ok(rw) = rustix::fs::open(
+                    path.as_str(),
+                    rustix::fs::OFlags::RDWR,
+                    rustix::fs::Mode::empty(),
+                ) {
+                    if Mapping::map(rw.as_fd(), PAGE_SIZE, true).is_ok() {
+                        writable.push(name);
+                    }
+                    if rustix::io::write(&rw, &[1]).is_ok() {
+                        writable.push(name);
+                    }
+                }
+            }
+            if writable.is_empty() {
+                println!("refused");
+            } else {
+                println!("writable {writable:?}");
+            }
+            return Ok(());
+        }
         "garbage-doorbell" => {
             let page = raw.doorbells.head::<DoorbellPage>();
             for (i, d) in page.doorbells.iter().enumerate() {
@@ -328,6 +367,19 @@ fn hostile(case: &str) -> Res<()> {
     Ok(())
 }
 
+/// Serves an embedded device on `socket` until killed.
+fn host(socket: &str) -> Res<()> {
+    let _dev = Device::builder()
+        .socket(socket)
+        .mode(userq::OpenMode::Embedded)
+        .open()?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    loop {
+        std::thread::park();
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -335,6 +387,7 @@ fn main() {
         ["worker", q, p, r] => (|| worker(q.parse()?, p.parse()?, r.parse()?))(),
         ["victim", rendezvous] => victim(rendezvous),
         ["hostile", case] => hostile(case),
+        ["host", socket] => host(socket),
         _ => Err(
             "usage: userq-testclient worker QUEUES PACKETS RING | victim SOCKET | hostile CASE"
                 .into(),
