@@ -57,6 +57,8 @@ pub struct Report {
     pub idle_cpu: Option<f64>,
     /// Median ns per submit and the futex wakes made meanwhile.
     pub submit: Option<(f64, u64)>,
+    /// Syscalls strace saw the submitting thread make during 50 000 submits.
+    pub submit_syscalls: Option<u64>,
     /// Peers that could not run here, with why.
     pub skipped: Vec<(String, String)>,
 }
@@ -137,10 +139,14 @@ impl Report {
             });
         }
         if let Some((cost, wakes)) = self.submit {
+            let traced = match self.submit_syscalls {
+                Some(n) => format!("{n} syscalls under strace"),
+                None => "strace unavailable".into(),
+            };
             t.push(Target {
                 what: "submit ≤ 50 ns median, zero syscalls while fw-emu is awake".into(),
-                measured: format!("{cost:.1} ns, {wakes} futex wakes"),
-                verdict: Some(cost <= 50.0 && wakes == 0),
+                measured: format!("{cost:.1} ns, {wakes} futex wakes, {traced}"),
+                verdict: Some(cost <= 50.0 && wakes == 0 && self.submit_syscalls.unwrap_or(0) == 0),
             });
         }
         if let Some(idle) = self.idle_cpu {
@@ -209,6 +215,9 @@ impl Report {
         }
         if let Some((cost, wakes)) = self.submit {
             println!("\nsubmit cost: {cost:.1} ns median per NOP submit; {wakes} futex wakes while measuring");
+        }
+        if let Some(n) = self.submit_syscalls {
+            println!("syscalls of the submitting thread during 50000 submits (strace -c): {n}");
         }
         if let Some(idle) = self.idle_cpu {
             println!(
@@ -286,9 +295,13 @@ impl Report {
         ));
         parts.push(format!(
             "\"submit\":{}",
-            self.submit.map_or("null".into(), |(c, w)| format!(
-                "{{\"median_ns\":{c:.2},\"futex_wakes\":{w}}}"
-            ))
+            self.submit.map_or("null".into(), |(c, w)| {
+                format!(
+                    "{{\"median_ns\":{c:.2},\"futex_wakes\":{w},\"syscalls_traced\":{}}}",
+                    self.submit_syscalls
+                        .map_or("null".into(), |n| n.to_string())
+                )
+            })
         ));
         let tg: Vec<String> = self
             .targets()

@@ -47,11 +47,17 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         plot: None,
     };
     let mut iters_set = false;
+    let mut what_set = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "compare" | "floors" | "latency" | "peers" | "throughput" | "scaling" | "idle"
-            | "submit" => o.what = a.clone(),
+            | "submit"
+                if !what_set =>
+            {
+                o.what = a.clone();
+                what_set = true;
+            }
             "--iters" => {
                 let v = it.next().ok_or("--iters needs a number")?;
                 o.iters = v
@@ -91,6 +97,7 @@ fn role(name: &str, args: &[String]) -> Res<()> {
         "__fw" => device::fw_role(args)?,
         "__embedded" => device::embedded_role(arg(0)?)?,
         "__scale" => device::scale_role(arg(0)?, arg(1)?.parse()?, arg(2)?.parse()?)?,
+        "__submit-probe" => device::submit_probe_role(arg(0)?, arg(1)?, arg(2)?.parse()?)?,
         _ => return Err(format!("unknown role {name}").into()),
     }
     Ok(())
@@ -189,6 +196,13 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
         let procs = DeviceProcs::start(Mode::Daemon, dir)?;
         let dev = procs.connect()?;
         r.submit = Some(device::submit_cost(&dev, if o.quick { 200 } else { 2000 })?);
+        r.submit_syscalls = device::submit_syscalls(&procs, 50_000)?;
+        if r.submit_syscalls.is_none() {
+            r.skipped.push((
+                "syscall count of the submit path".into(),
+                "strace is not installed or may not attach".into(),
+            ));
+        }
     }
     if all || o.what == "scaling" {
         say("scaling");

@@ -1,0 +1,124 @@
+//! The userq-bench command line: bad input is refused with exit code 2, an interrupted run
+//! leaves no process behind, and a short run prints well-formed results.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bench() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_userq-bench"))
+}
+
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                    for c in s.split_whitespace().filter_map(|x| x.parse::<u32>().ok()) {
+                        out.push(c);
+                        stack.push(c);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, r)| !r.starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn bad_flags_and_impossible_sizes_exit_with_code_2() {
+    for args in [
+        &["--bogus"][..],
+        &["--iters"][..],
+        &["--iters", "many"][..],
+        &["--iters", "5"][..],
+        &["--iters", "999999999999"][..],
+        &["--plot"][..],
+        &["latency", "extra"][..],
+    ] {
+        let out = bench().args(args).output().expect("run");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("usage"),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn an_interrupted_run_reaps_every_process_it_started() {
+    let mut child = bench()
+        .args(["latency", "--iters", "10000000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // Wait until a measurement is running in a child process, then interrupt.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        seen = descendants(child.id());
+        if !seen.is_empty() {
+            std::thread::sleep(Duration::from_millis(200));
+            seen = descendants(child.id());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!seen.is_empty(), "the run started its processes");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).expect("pid"),
+        rustix::process::Signal::INT,
+    )
+    .expect("SIGINT");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("userq-bench did not stop on SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(130));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let left: Vec<u32> = seen.into_iter().filter(|&p| alive(p)).collect();
+    assert!(left.is_empty(), "left running: {left:?}");
+}
+
+#[test]
+fn a_short_floor_run_prints_json_with_the_floors() {
+    let out = bench()
+        .args(["floors", "--iters", "2000", "--json"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.trim_start().starts_with('{') && text.trim_end().ends_with('}'),
+        "{text}"
+    );
+    assert!(text.contains("\"floor: cache-line ping-pong\""), "{text}");
+    assert!(text.contains("\"floor: shared-futex ping-pong\""), "{text}");
+    assert!(text.contains("\"p50_ns\":"), "{text}");
+}
