@@ -55,14 +55,35 @@ fn bad_flags_and_impossible_sizes_exit_with_code_2() {
     }
 }
 
+/// Kills and reaps the bench (and, through its death signal, its children) even when an
+/// assertion fails.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let pid = self.0.id();
+        let kids = descendants(pid);
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        for k in kids {
+            if let Some(p) = rustix::process::Pid::from_raw(k as i32) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
 #[test]
 fn an_interrupted_run_reaps_every_process_it_started() {
-    let mut child = bench()
-        .args(["latency", "--iters", "10000000"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut guard = Reaped(
+        bench()
+            .args(["latency", "--iters", "10000000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    let child = &mut guard.0;
     // Wait until a measurement is running in a child process, then interrupt.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut seen = Vec::new();
@@ -87,8 +108,6 @@ fn an_interrupted_run_reaps_every_process_it_started() {
             break s;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
             panic!("userq-bench did not stop on SIGINT");
         }
         std::thread::sleep(Duration::from_millis(10));

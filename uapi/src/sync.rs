@@ -274,14 +274,20 @@ impl Backoff {
     pub fn step(&mut self) -> BackoffStep {
         self.steps = self.steps.wrapping_add(1);
         if self.spinning {
-            // Read the clock only every 32 steps: reading it costs more than a spin.
-            if self.steps % 32 != 0 || self.start.elapsed() < self.spin_for {
-                for _ in 0..8 {
-                    core::hint::spin_loop();
-                }
+            // Read the clock only every 32 steps (it costs more than a spin), but at once
+            // when there is no spin budget at all.
+            if !self.spin_for.is_zero()
+                && (self.steps % 32 != 0 || self.start.elapsed() < self.spin_for)
+            {
+                // One pause per step: the caller re-checks its condition between pauses,
+                // so a longer spin here would only delay noticing the change.
+                core::hint::spin_loop();
                 return BackoffStep::Spin;
             }
             self.spinning = false;
+        }
+        if self.yield_for.is_zero() {
+            return BackoffStep::Sleep;
         }
         if self.start.elapsed() < self.yield_for {
             std::thread::yield_now();
