@@ -49,11 +49,11 @@ pub struct Binding {
     pub writable: bool,
 }
 
-/// A buffer mapped into a VM.
+/// A buffer mapped into a VM. Shared with running dispatches, which keep it mapped.
 #[derive(Debug)]
 struct VmBuffer {
     size: u64,
-    map: Mapping,
+    map: Arc<Mapping>,
 }
 
 /// A context's device virtual address space: the buffers kmd-shim mapped, by address.
@@ -80,8 +80,32 @@ impl Vm {
         if overlaps_below || overlaps_above {
             return false;
         }
-        self.buffers.insert(va, VmBuffer { size, map });
+        self.buffers.insert(
+            va,
+            VmBuffer {
+                size,
+                map: Arc::new(map),
+            },
+        );
         true
+    }
+
+    /// A kernel's view of memory from `addr` (8-aligned) to the end of its buffer.
+    pub fn buffer_from(&self, addr: u64) -> Option<crate::kernel::BufferArg> {
+        if addr % 8 != 0 {
+            return None;
+        }
+        let (&base, buf) = self.buffers.range(..=addr).next_back()?;
+        let off = addr - base;
+        if off >= buf.size {
+            return None;
+        }
+        Some(crate::kernel::BufferArg::new(
+            buf.map.clone(),
+            off as usize,
+            (buf.size - off) as usize,
+            addr,
+        ))
     }
 
     /// Unmaps the buffer at exactly `va`.

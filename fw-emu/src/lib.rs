@@ -26,6 +26,9 @@
 
 pub mod channel;
 pub mod context;
+pub mod engine;
+pub mod kernel;
+pub mod kernels;
 pub mod queue;
 
 use channel::ObjectChannel;
@@ -46,9 +49,15 @@ use userq_uapi::layout::{
 use userq_uapi::os::{self, Mapping};
 use userq_uapi::sync::{self, Backoff, BackoffStep};
 
-/// Tunables of the polling loop.
+/// Tunables of the firmware.
 #[derive(Debug, Clone)]
 pub struct FirmwareConfig {
+    /// Engine threads that run kernels' workgroups.
+    pub engines: usize,
+    /// How long an engine runs one job's workgroups before taking another turn.
+    pub time_slice: Duration,
+    /// The kernels DISPATCH may name: the built-ins plus any registered ones.
+    pub kernels: kernels::KernelLibrary,
     /// How long the loop spins with nothing to do before it starts yielding.
     pub spin: Duration,
     /// How long after the last work the loop goes to sleep.
@@ -60,6 +69,9 @@ pub struct FirmwareConfig {
 impl Default for FirmwareConfig {
     fn default() -> Self {
         FirmwareConfig {
+            engines: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            time_slice: Duration::from_millis(1),
+            kernels: kernels::KernelLibrary::builtin(),
             spin: Duration::from_micros(50),
             idle_before_sleep: Duration::from_millis(2),
             packets_per_turn: 256,
@@ -76,6 +88,9 @@ pub enum BootError {
     /// A boot object could not be mapped or failed its header check.
     #[error("boot object {0}: {1}")]
     Map(ObjectId, os::MapError),
+    /// The engine threads could not be started.
+    #[error("cannot start engines: {0}")]
+    Engines(std::io::Error),
 }
 
 /// The firmware: everything it owns, all private.
@@ -83,8 +98,9 @@ pub struct Firmware {
     config: FirmwareConfig,
     channel: ObjectChannel,
     control: Mapping,
-    status: Mapping,
-    kick: Mapping,
+    status: Arc<Mapping>,
+    kick: Arc<Mapping>,
+    engines: engine::Engines,
     contexts: HashMap<u32, Context>,
     fences: HashMap<u64, Arc<FenceObject>>,
     /// (context, slot) of queues with work, in turn order.
@@ -142,13 +158,29 @@ impl Firmware {
             magic::CONTROL,
         )?;
         let status = boot_map(&mut channel, boot::STATUS, PAGE_SIZE, magic::DEVICE_STATUS)?;
-        let kick = boot_map(&mut channel, boot::KICK, PAGE_SIZE, magic::DEVICE_KICK)?;
+        let kick = Arc::new(boot_map(
+            &mut channel,
+            boot::KICK,
+            PAGE_SIZE,
+            magic::DEVICE_KICK,
+        )?);
+        let status = Arc::new(status);
+        let (s2, k2) = (status.clone(), kick.clone());
+        let wake = Box::new(move || {
+            sync::wake_if_announced(
+                &s2.head::<DeviceStatus>().sleep.sleeping,
+                &k2.head::<DeviceKick>().kick.word,
+            );
+        });
+        let engines = engine::Engines::start(config.engines, config.time_slice, wake)
+            .map_err(BootError::Engines)?;
         let mut fw = Firmware {
             config,
             channel,
             control,
             status,
             kick,
+            engines,
             contexts: HashMap::new(),
             fences: HashMap::new(),
             run_list: VecDeque::new(),
@@ -174,6 +206,7 @@ impl Firmware {
             progress |= self.collect_doorbells();
             progress |= self.poll_queues();
             progress |= self.check_parked();
+            progress |= self.collect_completions();
             progress |= self.run_queues();
             progress |= self.flush_backlog();
             // Time-based, not turn-based: one turn can be long when many queues have work.
@@ -236,6 +269,7 @@ impl Firmware {
     fn has_work(&self) -> bool {
         self.control().to_fw.has_message()
             || !self.run_list.is_empty()
+            || self.engines.has_completed()
             || self.contexts.values().any(|c| {
                 c.doorbell
                     .head::<DoorbellPage>()
@@ -612,6 +646,26 @@ impl Firmware {
         any
     }
 
+    /// Continues the queues whose dispatches the engines completed.
+    fn collect_completions(&mut self) -> bool {
+        let jobs = self.engines.take_completed();
+        let any = !jobs.is_empty();
+        for job in jobs {
+            let Some(q) = self
+                .contexts
+                .get_mut(&job.ctx)
+                .and_then(|c| c.queues[job.slot as usize].as_mut())
+            else {
+                continue; // the queue went away meanwhile
+            };
+            if q.finish_dispatch(&job) && !q.queued {
+                q.queued = true;
+                self.run_list.push_back((job.ctx, job.slot));
+            }
+        }
+        any
+    }
+
     fn check_parked(&mut self) -> bool {
         let mut any = false;
         let mut i = 0;
@@ -660,6 +714,7 @@ impl Firmware {
                 continue;
             };
             let Context {
+                id,
                 doorbell,
                 queues,
                 bindings,
@@ -672,7 +727,13 @@ impl Firmware {
             q.queued = false;
             let mut kicked = false;
             let db = &doorbell.head::<DoorbellPage>().doorbells[slot as usize].value;
-            let outcome = q.service(db, bindings, vm, self.config.packets_per_turn, &mut kicked);
+            let res = queue::Resources {
+                bindings,
+                vm,
+                kernels: &self.config.kernels,
+                ctx: *id,
+            };
+            let outcome = q.service(db, &res, self.config.packets_per_turn, &mut kicked);
             any = true;
             if self.can_poll && !q.is_polled() && matches!(outcome, Outcome::Idle | Outcome::More) {
                 q.set_polled(true);
@@ -686,6 +747,7 @@ impl Firmware {
                 }
                 Outcome::Parked => self.parked.push((ctx, slot)),
                 Outcome::Faulted(f) => self.report_fault(ctx, slot, f),
+                Outcome::Dispatched(job) => self.engines.submit(job),
             }
         }
         self.polled.extend(newly_polled);

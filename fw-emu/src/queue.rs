@@ -16,6 +16,8 @@
 //! firmware.
 
 use crate::context::{Binding, FenceObject, Vm};
+use crate::engine::Job;
+use crate::kernels::KernelLibrary;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::sync::Arc;
@@ -41,6 +43,11 @@ struct ParkedWait {
 enum RunState {
     Active,
     Parked(ParkedWait),
+    /// A DISPATCH runs on the engines; the queue continues when it completes.
+    Dispatching {
+        job: Arc<Job>,
+        packet_index: u64,
+    },
     Faulted,
 }
 
@@ -58,7 +65,7 @@ pub struct Fault {
 }
 
 /// What one service of a queue ended with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Outcome {
     /// The ring is drained.
     Idle,
@@ -68,12 +75,27 @@ pub enum Outcome {
     Parked,
     /// Stopped on an error, already recorded in the timeline fence.
     Faulted(Fault),
+    /// A DISPATCH was handed to the engines: the caller submits the job; the queue waits.
+    Dispatched(Arc<Job>),
 }
 
 /// What executing one packet did.
 enum Step {
     Done,
     Park(ParkedWait),
+    Dispatch(Arc<Job>),
+}
+
+/// What a queue's packets may use besides its own ring.
+pub struct Resources<'a> {
+    /// The context's fence bindings.
+    pub bindings: &'a HashMap<FenceHandle, Binding>,
+    /// The context's VM.
+    pub vm: &'a Vm,
+    /// The kernels DISPATCH may name.
+    pub kernels: &'a KernelLibrary,
+    /// The context id (recorded in jobs).
+    pub ctx: u32,
 }
 
 /// A queue mapped by the firmware.
@@ -186,8 +208,7 @@ impl Queue {
     pub fn service(
         &mut self,
         doorbell: &AtomicU64,
-        bindings: &HashMap<FenceHandle, Binding>,
-        vm: &Vm,
+        res: &Resources<'_>,
         budget: u32,
         kicked_parked: &mut bool,
     ) -> Outcome {
@@ -222,8 +243,16 @@ impl Queue {
             let index = self.rptr;
             let packet = self.copy_packet(index);
             self.rptr += 1;
-            match self.execute(&packet, index, bindings, vm, kicked_parked) {
+            match self.execute(&packet, index, res, kicked_parked) {
                 Ok(Step::Done) => self.completed = index + 1,
+                Ok(Step::Dispatch(job)) => {
+                    self.state = RunState::Dispatching {
+                        job: job.clone(),
+                        packet_index: index,
+                    };
+                    outcome = Outcome::Dispatched(job);
+                    break;
+                }
                 Ok(Step::Park(wait)) => {
                     wait.fence.waiters().line.firmware.fetch_add(1, SeqCst);
                     self.state = RunState::Parked(wait);
@@ -236,7 +265,7 @@ impl Queue {
                     // registration above: look once more now that host signallers will
                     // see the registration.
                     if let Some(o) = self.try_unpark() {
-                        outcome = if o == Outcome::More { Outcome::More } else { o };
+                        outcome = o;
                     }
                     break;
                 }
@@ -265,10 +294,10 @@ impl Queue {
         &self,
         packet: &Packet,
         index: u64,
-        bindings: &HashMap<FenceHandle, Binding>,
-        vm: &Vm,
+        res: &Resources<'_>,
         kicked_parked: &mut bool,
     ) -> Result<Step, Fault> {
+        let (bindings, vm) = (res.bindings, res.vm);
         let fault = |code, address, detail| Fault {
             code,
             packet_index: index,
@@ -282,6 +311,8 @@ impl Queue {
             }
             PacketError::BadCondition(c) => fault(ErrorCode::BadWaitCondition, 0, c as u32),
             PacketError::BadHandle(h) => fault(ErrorCode::BadFenceHandle, h, u32::MAX),
+            PacketError::BadGrid => fault(ErrorCode::BadGrid, 0, 0),
+            PacketError::TooManyArgs(n) => fault(ErrorCode::BadGrid, 0, n),
         })?;
         let binding = |h: FenceHandle| {
             bindings
@@ -332,7 +363,44 @@ impl Queue {
                     WaitStatus::Pending => Ok(Step::Park(wait)),
                 }
             }
+            Command::Dispatch(d) => {
+                let kernel = res.kernels.get(d.kernel).ok_or(fault(
+                    ErrorCode::UnknownKernel,
+                    0,
+                    d.kernel,
+                ))?;
+                let args = crate::kernel::resolve(kernel.as_ref(), &d, vm)
+                    .map_err(|e| fault(ErrorCode::BadKernelArgs, e.value, e.index))?;
+                Ok(Step::Dispatch(Arc::new(Job::new(
+                    res.ctx,
+                    self.slot,
+                    kernel.clone(),
+                    args,
+                    d,
+                    self.priority,
+                ))))
+            }
         }
+    }
+
+    /// Ends the queue's DISPATCH if `job` is it: the packet completes and the queue runs on.
+    pub fn finish_dispatch(&mut self, job: &Arc<Job>) -> bool {
+        let RunState::Dispatching {
+            job: j,
+            packet_index,
+        } = &self.state
+        else {
+            return false;
+        };
+        if !Arc::ptr_eq(j, job) {
+            return false;
+        }
+        self.completed = packet_index + 1;
+        self.state = RunState::Active;
+        self.last_active = Instant::now();
+        let mut ignored = false;
+        self.publish(&mut ignored);
+        true
     }
 
     /// If parked and the fence now satisfies the wait, unparks (returning `More`); if the
@@ -384,8 +452,12 @@ impl Queue {
     }
 
     fn leave_parked(&mut self) {
-        if let RunState::Parked(wait) = &self.state {
-            wait.fence.waiters().line.firmware.fetch_sub(1, SeqCst);
+        match &self.state {
+            RunState::Parked(wait) => {
+                wait.fence.waiters().line.firmware.fetch_sub(1, SeqCst);
+            }
+            RunState::Dispatching { job, .. } => job.cancel(),
+            _ => {}
         }
     }
 

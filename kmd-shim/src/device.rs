@@ -479,6 +479,9 @@ impl Device {
         if size == 0 || size > MAX_BUFFER_SIZE {
             return Err(KmdStatus::InvalidArgument);
         }
+        // The VM maps exactly the bytes asked for, so a kernel's view of the buffer ends where
+        // the buffer does; the memfd (and the budget) are whole pages.
+        let requested = size;
         let size = size.div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
         let va = {
             let mut t = self.table();
@@ -516,7 +519,7 @@ impl Device {
                 FwRequest::MapBuffer {
                     ctx,
                     va,
-                    size,
+                    size: requested,
                     object: id,
                 },
                 &[(id, fd.as_fd())],
@@ -524,7 +527,7 @@ impl Device {
             Ok(fd)
         })();
         match made {
-            Ok(fd) => Ok((vec![va, size], vec![fd])),
+            Ok(fd) => Ok((vec![va, requested], vec![fd])),
             Err(e) => {
                 let mut t = self.table();
                 t.memory_used -= size;

@@ -28,10 +28,28 @@ pub enum OpenMode {
 }
 
 /// Builds a [`Device`].
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct DeviceBuilder {
     socket: Option<PathBuf>,
     mode: OpenMode,
+    kernels: Vec<(u32, Arc<dyn fw_emu::kernel::Kernel>)>,
+}
+
+impl std::fmt::Debug for DeviceBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceBuilder")
+            .field("socket", &self.socket)
+            .field("mode", &self.mode)
+            .field(
+                "kernels",
+                &self
+                    .kernels
+                    .iter()
+                    .map(|(i, k)| (*i, k.name().to_owned()))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 impl DeviceBuilder {
@@ -44,6 +62,16 @@ impl DeviceBuilder {
     /// How to find the device.
     pub fn mode(mut self, mode: OpenMode) -> Self {
         self.mode = mode;
+        self
+    }
+
+    /// Adds a custom kernel under `id` (use ids from
+    /// [`crate::kernels::FIRST_CUSTOM`] on) to the firmware of an embedded device this
+    /// builder starts. A device that is already running, in this process or in a daemon,
+    /// keeps the kernels it started with: submitting an unknown id stops the queue with
+    /// `UnknownKernel`.
+    pub fn kernel(mut self, id: u32, kernel: Arc<dyn fw_emu::kernel::Kernel>) -> Self {
+        self.kernels.push((id, kernel));
         self
     }
 
@@ -60,13 +88,13 @@ impl DeviceBuilder {
         match mode {
             OpenMode::Connect => Device::attach(&path, None),
             OpenMode::Embedded => {
-                let kmd = embedded(&path)?;
+                let kmd = embedded(&path, &self.kernels)?;
                 Device::attach(&path, Some(kmd))
             }
             OpenMode::Auto => match Device::attach(&path, None) {
                 Ok(d) => Ok(d),
                 Err(OpenError::Connect { .. }) => {
-                    match embedded(&path) {
+                    match embedded(&path, &self.kernels) {
                         Ok(kmd) => Device::attach(&path, Some(kmd)),
                         // Another process won the race to serve this socket: join it.
                         Err(OpenError::Start(kmd_shim::StartError::Bind(
@@ -93,14 +121,21 @@ fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<kmd_shim::Kmd>>> {
     R.get_or_init(Default::default)
 }
 
-fn embedded(path: &Path) -> Result<Arc<kmd_shim::Kmd>, OpenError> {
+fn embedded(
+    path: &Path,
+    kernels: &[(u32, Arc<dyn fw_emu::kernel::Kernel>)],
+) -> Result<Arc<kmd_shim::Kmd>, OpenError> {
     let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
     if let Some(k) = reg.get(path).and_then(Weak::upgrade) {
         return Ok(k);
     }
-    let launcher = kmd_shim::FirmwareLauncher::Thread(Box::new(|channel| {
+    let mut config = fw_emu::FirmwareConfig::default();
+    for (id, k) in kernels {
+        config.kernels.register(*id, k.clone());
+    }
+    let launcher = kmd_shim::FirmwareLauncher::Thread(Box::new(move |channel| {
         std::thread::Builder::new().name("fw-emu".into()).spawn(
-            move || match fw_emu::Firmware::boot(channel, fw_emu::FirmwareConfig::default()) {
+            move || match fw_emu::Firmware::boot(channel, config) {
                 Ok(fw) => fw.run(),
                 Err(e) => eprintln!("userq: embedded firmware failed to boot: {e}"),
             },

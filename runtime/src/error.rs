@@ -81,6 +81,12 @@ pub enum SubmitError {
     /// The device is lost.
     #[error("device lost")]
     DeviceLost,
+    /// A DISPATCH has more than 16 argument words.
+    #[error("a dispatch takes at most 16 arguments")]
+    TooManyKernelArgs,
+    /// The queue's DISPATCH argument area could not be allocated.
+    #[error("out of device memory for the dispatch argument area")]
+    OutOfMemory,
 }
 
 /// Why a fence was poisoned: the error record its signaller wrote.

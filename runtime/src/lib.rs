@@ -38,7 +38,15 @@ mod buffer;
 mod device;
 mod error;
 mod fence;
+pub mod kernels;
 mod queue;
+
+/// The firmware's kernel interface, for custom kernels registered with
+/// [`DeviceBuilder::kernel`].
+pub mod firmware {
+    pub use fw_emu::kernel::{Arg, ArgError, ArgKind, Args, BufferArg, Kernel, Workgroup};
+    pub use fw_emu::kernels::need;
+}
 
 pub use buffer::Buffer;
 pub use device::{default_socket_path, Device, DeviceBuilder, OpenMode};
@@ -47,7 +55,7 @@ pub use error::{
     QueueCreateError, SignalError, SubmitError, WaitError,
 };
 pub use fence::{wait_all, wait_any, ExportedFence, Fence, FencePoint, WaitMode};
-pub use queue::{Command, Queue, QueueBuilder, QueueStatus, DEFAULT_RING_ENTRIES};
+pub use queue::{Command, KernelArg, Queue, QueueBuilder, QueueStatus, DEFAULT_RING_ENTRIES};
 pub use userq_uapi::ioctl::Priority;
 pub use userq_uapi::packet::{Packet, WaitCondition};
 

@@ -9,6 +9,7 @@
 use crate::device::{Device, DeviceInner};
 use crate::error::{ControlError, FenceFault, QueueCreateError, SubmitError, WaitError};
 use crate::fence::{Fence, FencePoint, WaitMode};
+use crate::Buffer;
 use rustix::fd::{AsFd, OwnedFd};
 use std::collections::VecDeque;
 use std::sync::atomic::{compiler_fence, AtomicU64, Ordering::*};
@@ -20,7 +21,7 @@ use userq_uapi::layout::{
     RING_PACKETS_OFFSET,
 };
 use userq_uapi::os::{self, Mapping};
-use userq_uapi::packet::{self, Packet, WaitCondition};
+use userq_uapi::packet::{self, Packet, WaitCondition, MAX_KERNEL_ARGS};
 use userq_uapi::sync::{Backoff, BackoffStep};
 use userq_uapi::{sync, KmdStatus};
 
@@ -35,6 +36,28 @@ pub struct Command {
     cmd: packet::Command,
     /// The fence the command names, if any.
     fence: Option<Fence>,
+    /// A DISPATCH's argument words; written into the queue's argument area at submit.
+    kernel_args: Option<Box<[u64]>>,
+}
+
+/// One kernel argument word.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KernelArg {
+    /// An integer.
+    U64(u64),
+    /// A float (its bit pattern travels in the low half of the word).
+    F32(f32),
+    /// A device address, e.g. [`crate::Buffer::device_address`].
+    Address(u64),
+}
+
+impl KernelArg {
+    fn word(self) -> u64 {
+        match self {
+            KernelArg::U64(v) | KernelArg::Address(v) => v,
+            KernelArg::F32(f) => f.to_bits() as u64,
+        }
+    }
 }
 
 impl Command {
@@ -43,6 +66,7 @@ impl Command {
         Command {
             cmd: packet::Command::Nop,
             fence: None,
+            kernel_args: None,
         }
     }
 
@@ -52,6 +76,7 @@ impl Command {
         Command {
             cmd: packet::Command::WriteValue { addr, value },
             fence: None,
+            kernel_args: None,
         }
     }
 
@@ -60,10 +85,28 @@ impl Command {
         Command {
             cmd: packet::Command::Timestamp { addr },
             fence: None,
+            kernel_args: None,
         }
     }
 
-    /// The packet this command encodes to.
+    /// Runs kernel `kernel` (see [`crate::kernels`]) over `grid` work-items in workgroups
+    /// of `workgroup` items, with `args`. The packet completes when every workgroup has.
+    pub fn dispatch(kernel: u32, grid: [u32; 3], workgroup: [u32; 3], args: &[KernelArg]) -> Self {
+        Command {
+            cmd: packet::Command::Dispatch(packet::Dispatch {
+                kernel,
+                grid,
+                workgroup,
+                args: 0, // set at submit: the argument area slot of this packet
+                arg_count: args.len() as u32,
+            }),
+            fence: None,
+            kernel_args: Some(args.iter().map(|a| a.word()).collect()),
+        }
+    }
+
+    /// The packet this command encodes to (a DISPATCH's argument address is filled in
+    /// at submit).
     pub fn packet(&self) -> Packet {
         self.cmd.encode()
     }
@@ -76,6 +119,7 @@ impl Command {
                 value,
             },
             fence: Some(fence.clone()),
+            kernel_args: None,
         }
     }
 
@@ -101,6 +145,7 @@ impl Command {
                 condition,
             },
             fence: Some(fence.clone()),
+            kernel_args: None,
         }
     }
 }
@@ -184,6 +229,7 @@ impl<'d> QueueBuilder<'d> {
             priority: self.priority,
             wakes: 0,
             holds: VecDeque::new(),
+            kernel_args: None,
         })
     }
 }
@@ -232,6 +278,10 @@ pub struct Queue {
     /// the timeline passes it, so a fence dropped by the caller cannot vanish under a
     /// packet that still names it. Pruned only when it grows, to keep submits cheap.
     holds: VecDeque<(u64, Fence)>,
+    /// DISPATCH argument area: [`MAX_KERNEL_ARGS`] words per ring slot, allocated at the
+    /// first dispatch. A slot's words are reused only when the ring slot is: the firmware
+    /// copies them when it takes the packet, before the read index passes it.
+    kernel_args: Option<Buffer<u64>>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -332,9 +382,32 @@ impl Queue {
         }) {
             return Err(SubmitError::ForeignFence);
         }
+        if cmds.iter().any(|c| {
+            c.kernel_args
+                .as_ref()
+                .is_some_and(|a| a.len() > MAX_KERNEL_ARGS as usize)
+        }) {
+            return Err(SubmitError::TooManyKernelArgs);
+        }
+        if self.kernel_args.is_none() && cmds.iter().any(|c| c.kernel_args.is_some()) {
+            let words = self.entries as usize * MAX_KERNEL_ARGS as usize;
+            let dev = Device {
+                inner: self.dev.clone(),
+            };
+            self.kernel_args = Some(
+                dev.alloc::<u64>(words)
+                    .map_err(|_| SubmitError::OutOfMemory)?,
+            );
+        }
         self.reserve(cmds.len(), timeout)?;
         let first = self.wptr;
-        self.write(cmds.iter().map(|c| c.cmd.encode()));
+        for c in cmds {
+            let p = match c.kernel_args {
+                None => c.cmd.encode(),
+                Some(_) => self.encode_with_args(c, self.wptr),
+            };
+            self.write(p);
+        }
         self.ring_doorbell();
         for (i, c) in cmds.iter().enumerate() {
             if let Some(f) = &c.fence {
@@ -345,6 +418,24 @@ impl Queue {
             self.release_holds();
         }
         Ok(self.wptr)
+    }
+
+    /// Encodes a command for ring position `index`, writing a DISPATCH's arguments into the
+    /// argument area slot of that position.
+    fn encode_with_args(&mut self, c: &Command, index: u64) -> Packet {
+        let (packet::Command::Dispatch(mut d), Some(words), Some(area)) =
+            (c.cmd, c.kernel_args.as_ref(), self.kernel_args.as_mut())
+        else {
+            return c.cmd.encode();
+        };
+        let base = (index & self.mask) as usize * MAX_KERNEL_ARGS as usize;
+        for (i, w) in words.iter().enumerate() {
+            area.write(base + i, *w);
+        }
+        d.args = area
+            .address_of(base)
+            .expect("slot inside the argument area");
+        packet::Command::Dispatch(d).encode()
     }
 
     /// Drops the holds of packets that have completed.
@@ -363,7 +454,9 @@ impl Queue {
         timeout: Duration,
     ) -> Result<FencePoint, SubmitError> {
         self.reserve(packets.len(), timeout)?;
-        self.write(packets.iter().copied());
+        for p in packets {
+            self.write(*p);
+        }
         self.ring_doorbell();
         Ok(self.timeline.point(self.wptr))
     }
@@ -437,19 +530,18 @@ impl Queue {
         self.cached_rptr
     }
 
-    /// Writes packets at the write index (room is reserved).
-    fn write(&mut self, packets: impl ExactSizeIterator<Item = Packet>) {
-        let slots = self
+    /// Writes one packet at the write index (room is reserved).
+    #[inline]
+    fn write(&mut self, p: Packet) {
+        let offset = RING_PACKETS_OFFSET + (self.wptr & self.mask) as usize * packet::PACKET_SIZE;
+        let slot = self
             .ring
-            .get_slice::<[AtomicU64; 8]>(RING_PACKETS_OFFSET, self.entries as usize)
+            .get::<[AtomicU64; 8]>(offset)
             .expect("ring mapping covers its slots (checked at create)");
-        for p in packets {
-            let slot = &slots[(self.wptr & self.mask) as usize];
-            for (w, v) in slot.iter().zip(p.to_words()) {
-                w.store(v, Relaxed);
-            }
-            self.wptr += 1;
+        for (w, v) in slot.iter().zip(p.to_words()) {
+            w.store(v, Relaxed);
         }
+        self.wptr += 1;
     }
 
     /// Publishes the write index and rings the doorbell.

@@ -33,6 +33,13 @@ pub enum ErrorCode {
     OwnerDied = 11,
     /// The device was lost; every object of its generation is gone.
     DeviceLost = 12,
+    /// DISPATCH of a kernel id the firmware does not have; `detail` is the id.
+    UnknownKernel = 13,
+    /// DISPATCH whose arguments do not fit the kernel: wrong count, a buffer outside the
+    /// VM or too small for the grid; `detail` is the argument index, `address` its value.
+    BadKernelArgs = 14,
+    /// DISPATCH with an empty or oversized grid or workgroup, or too many arguments.
+    BadGrid = 15,
 }
 
 impl ErrorCode {
@@ -52,6 +59,9 @@ impl ErrorCode {
             10 => QueueDestroyed,
             11 => OwnerDied,
             12 => DeviceLost,
+            13 => UnknownKernel,
+            14 => BadKernelArgs,
+            15 => BadGrid,
             _ => return None,
         })
     }
@@ -72,6 +82,9 @@ impl ErrorCode {
             QueueDestroyed => "queue destroyed",
             OwnerDied => "owner went away",
             DeviceLost => "device lost",
+            UnknownKernel => "unknown kernel",
+            BadKernelArgs => "kernel arguments do not fit the kernel",
+            BadGrid => "bad dispatch grid",
         }
     }
 }

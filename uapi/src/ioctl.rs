@@ -15,7 +15,7 @@
 //! | CREATE_FENCE | initial value | handle, global fence id | | fence state (rw), fence waiters (rw) |
 //! | IMPORT_FENCE | | handle, global fence id, [`crate::layout::FenceKind`] | fence state, fence waiters | |
 //! | RELEASE_FENCE | handle | | | |
-//! | ALLOC_BUFFER | size in bytes | device address, size | | buffer memfd (rw) |
+//! | ALLOC_BUFFER | size in bytes | device address, size (as asked; the memfd is whole pages) | | buffer memfd (rw) |
 //! | FREE_BUFFER | device address | | | |
 
 use crate::error::KmdStatus;

@@ -2,7 +2,7 @@
 //!
 //! This crate is the single source of truth for everything that crosses a process
 //! boundary in userq: the layouts of shared pages ([`layout`]), queue packets
-//! ([`packet`]), the client ↔ kmd-shim control messages ([`ioctl`]), the kmd-shim ↔
+//! ([`packet`]), the built-in kernel ids ([`kernels`]), the client ↔ kmd-shim control messages ([`ioctl`]), the kmd-shim ↔
 //! firmware messages ([`fwmsg`]), error codes ([`error`]), and the wait/wake protocols on
 //! shared futexes ([`sync`]). [`os`] is the small platform layer underneath: memfds,
 //! mappings with typed views, and fd passing.
@@ -19,6 +19,7 @@
 pub mod error;
 pub mod fwmsg;
 pub mod ioctl;
+pub mod kernels;
 pub mod layout;
 pub mod os;
 pub mod packet;

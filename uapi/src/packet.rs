@@ -11,6 +11,11 @@
 //! | `SIGNAL_FENCE` | fence handle | value | | |
 //! | `WAIT_FENCE` | fence handle | value | mask | [`WaitCondition`] |
 //! | `TIMESTAMP` | device address (8-aligned) | | | |
+//! | `DISPATCH` | kernel id \| arg count << 32 | grid x \| grid y << 32 | grid z \| wg x << 32 | wg y \| wg z << 32 |
+//!
+//! `DISPATCH` also uses word 5: the device address of its kernel arguments, `arg count`
+//! 64-bit words (scalars, f32 bit patterns in the low half, or buffer addresses). The grid
+//! counts work-items per dimension; workgroups at the edges may be partial.
 //!
 //! The firmware copies a packet out of the ring once ([`Packet::from_words`]) and decodes
 //! that private copy ([`Command::decode`]); it never reads the slot again.
@@ -32,7 +37,18 @@ pub mod opcode {
     pub const WAIT_FENCE: u8 = 4;
     /// Stores the device clock (CLOCK_MONOTONIC nanoseconds) at a device address.
     pub const TIMESTAMP: u8 = 5;
+    /// Runs a kernel over a grid of workgroups.
+    pub const DISPATCH: u8 = 6;
 }
+
+/// Most kernel arguments one DISPATCH may pass.
+pub const MAX_KERNEL_ARGS: u32 = 16;
+
+/// Most workgroups one DISPATCH may have.
+pub const MAX_WORKGROUPS: u64 = 1 << 32;
+
+/// Most work-items one workgroup may have.
+pub const MAX_WORKGROUP_ITEMS: u64 = 1024;
 
 /// A fence as named inside one context: an index into that context's fence table,
 /// assigned by kmd-shim at create or import time.
@@ -119,6 +135,13 @@ pub enum PacketError {
     /// A fence handle does not fit in 32 bits.
     #[error("fence handle {0:#x} out of range")]
     BadHandle(u64),
+    /// A DISPATCH grid or workgroup size is zero, or the grid has too many workgroups or a
+    /// workgroup too many items.
+    #[error("bad dispatch grid")]
+    BadGrid,
+    /// A DISPATCH with more than [`MAX_KERNEL_ARGS`] arguments.
+    #[error("too many kernel arguments: {0}")]
+    TooManyArgs(u32),
 }
 
 /// A decoded, structurally valid packet. Whether its addresses and handles exist is the
@@ -157,6 +180,51 @@ pub enum Command {
         /// Device address, must be 8-aligned and inside the queue's VM.
         addr: u64,
     },
+    /// [`opcode::DISPATCH`].
+    Dispatch(Dispatch),
+}
+
+/// A kernel launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dispatch {
+    /// Which kernel (ids are the firmware's; see its kernel library).
+    pub kernel: u32,
+    /// Work-items per dimension, each ≥ 1.
+    pub grid: [u32; 3],
+    /// Work-items per workgroup per dimension, each ≥ 1.
+    pub workgroup: [u32; 3],
+    /// Device address of the argument words (8-aligned).
+    pub args: u64,
+    /// Number of argument words.
+    pub arg_count: u32,
+}
+
+impl Dispatch {
+    /// Workgroups per dimension (edge workgroups may be partial).
+    pub fn workgroups(&self) -> [u32; 3] {
+        [0, 1, 2].map(|d| self.grid[d].div_ceil(self.workgroup[d]))
+    }
+
+    /// Total workgroups (saturating: an untrusted grid can multiply past `u64`).
+    pub fn workgroup_count(&self) -> u64 {
+        self.workgroups()
+            .iter()
+            .fold(1u64, |acc, &w| acc.saturating_mul(w as u64))
+    }
+
+    fn check(&self) -> Result<(), PacketError> {
+        if self.grid.contains(&0) || self.workgroup.contains(&0) {
+            return Err(PacketError::BadGrid);
+        }
+        let items: u64 = self.workgroup.iter().map(|&w| w as u64).product();
+        if items > MAX_WORKGROUP_ITEMS || self.workgroup_count() > MAX_WORKGROUPS {
+            return Err(PacketError::BadGrid);
+        }
+        if self.arg_count > MAX_KERNEL_ARGS {
+            return Err(PacketError::TooManyArgs(self.arg_count));
+        }
+        Ok(())
+    }
 }
 
 impl Command {
@@ -191,6 +259,15 @@ impl Command {
             Command::Timestamp { addr } => {
                 p.header = opcode::TIMESTAMP as u64;
                 p.args[0] = addr;
+            }
+            Command::Dispatch(d) => {
+                p.header = opcode::DISPATCH as u64;
+                let pair = |lo: u32, hi: u32| lo as u64 | (hi as u64) << 32;
+                p.args[0] = pair(d.kernel, d.arg_count);
+                p.args[1] = pair(d.grid[0], d.grid[1]);
+                p.args[2] = pair(d.grid[2], d.workgroup[0]);
+                p.args[3] = pair(d.workgroup[1], d.workgroup[2]);
+                p.args[4] = d.args;
             }
         }
         p
@@ -230,6 +307,19 @@ impl Command {
                 4,
             ),
             opcode::TIMESTAMP => (Command::Timestamp { addr: p.args[0] }, 1),
+            opcode::DISPATCH => {
+                let lo = |w: u64| w as u32;
+                let hi = |w: u64| (w >> 32) as u32;
+                let d = Dispatch {
+                    kernel: lo(p.args[0]),
+                    arg_count: hi(p.args[0]),
+                    grid: [lo(p.args[1]), hi(p.args[1]), lo(p.args[2])],
+                    workgroup: [hi(p.args[2]), lo(p.args[3]), hi(p.args[3])],
+                    args: p.args[4],
+                };
+                d.check()?;
+                (Command::Dispatch(d), 5)
+            }
             other => return Err(PacketError::UnknownOpcode(other)),
         };
         if let Some(i) = p.args[used..].iter().position(|&w| w != 0) {
@@ -270,6 +360,13 @@ mod tests {
                 condition: WaitCondition::NotEqual,
             },
             Command::Timestamp { addr: 0x2000 },
+            Command::Dispatch(Dispatch {
+                kernel: 7,
+                grid: [1000, 3, 1],
+                workgroup: [64, 1, 1],
+                args: 0x1_0000_0000,
+                arg_count: 4,
+            }),
         ];
         for c in cmds {
             let p = Packet::from_words(c.encode().to_words());
@@ -320,5 +417,53 @@ mod tests {
         p.args[3] = 0;
         p.args[0] = 1 << 40;
         assert_eq!(Command::decode(&p), Err(PacketError::BadHandle(1 << 40)));
+    }
+}
+
+#[cfg(test)]
+mod dispatch_tests {
+    use super::*;
+
+    fn dispatch(grid: [u32; 3], workgroup: [u32; 3], arg_count: u32) -> Packet {
+        Command::Dispatch(Dispatch {
+            kernel: 1,
+            grid,
+            workgroup,
+            args: 0x1000,
+            arg_count,
+        })
+        .encode()
+    }
+
+    #[test]
+    fn dispatch_grids_are_checked() {
+        assert!(Command::decode(&dispatch([10, 1, 1], [4, 1, 1], 2)).is_ok());
+        assert_eq!(
+            Command::decode(&dispatch([0, 1, 1], [4, 1, 1], 2)),
+            Err(PacketError::BadGrid)
+        );
+        assert_eq!(
+            Command::decode(&dispatch([10, 1, 1], [0, 1, 1], 2)),
+            Err(PacketError::BadGrid)
+        );
+        assert_eq!(
+            Command::decode(&dispatch([10, 1, 1], [64, 64, 1], 2)),
+            Err(PacketError::BadGrid),
+            "4096 items per workgroup"
+        );
+        assert_eq!(
+            Command::decode(&dispatch([u32::MAX, u32::MAX, 2], [1, 1, 1], 2)),
+            Err(PacketError::BadGrid),
+            "too many workgroups"
+        );
+        assert_eq!(
+            Command::decode(&dispatch([10, 1, 1], [4, 1, 1], 17)),
+            Err(PacketError::TooManyArgs(17))
+        );
+        let Ok(Command::Dispatch(d)) = Command::decode(&dispatch([10, 7, 1], [4, 2, 1], 0)) else {
+            panic!("valid dispatch");
+        };
+        assert_eq!(d.workgroups(), [3, 4, 1]);
+        assert_eq!(d.workgroup_count(), 12);
     }
 }

@@ -1,0 +1,269 @@
+//! DOC: engines and their scheduler.
+//!
+//! The command processor turns a DISPATCH into a [`Job`] and hands it to the engines; its
+//! queue then waits (in order) until the job completes. Engines are threads that take
+//! workgroups from the ready jobs:
+//!
+//! - **priority**: a job of a higher priority is always taken first;
+//! - **round robin** within a priority: an engine that takes a job moves it to the back of
+//!   its priority's list, so jobs of equal priority take turns;
+//! - **time slices**: an engine runs workgroups of one job until its slice (1 ms by default)
+//!   is used, then goes back to the lists;
+//! - **preemption at workgroup boundaries**: between two workgroups an engine also leaves
+//!   its job as soon as a job of higher priority is ready.
+//!
+//! Several engines may run workgroups of one job at once; the one that finishes the last
+//! workgroup reports the job complete to the command processor and kicks it. Idle engines
+//! park on a condition variable (a private futex: they never wait on shared memory).
+
+use crate::kernel::{Args, Kernel, Workgroup};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use userq_uapi::ioctl::Priority;
+use userq_uapi::packet::Dispatch;
+
+/// A dispatch on its way through the engines.
+pub struct Job {
+    /// Context of the queue it came from.
+    pub ctx: u32,
+    /// Slot of that queue.
+    pub slot: u32,
+    kernel: Arc<dyn Kernel>,
+    args: Args,
+    dispatch: Dispatch,
+    priority: Priority,
+    total: u64,
+    /// Next workgroup to hand out.
+    next: AtomicU64,
+    /// Workgroups finished.
+    done: AtomicU64,
+    cancelled: AtomicBool,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("kernel", &self.kernel.name())
+            .field("queue", &(self.ctx, self.slot))
+            .field("done", &self.done.load(Relaxed))
+            .field("total", &self.total)
+            .finish()
+    }
+}
+
+impl Job {
+    /// A job for a validated dispatch with resolved arguments.
+    pub fn new(
+        ctx: u32,
+        slot: u32,
+        kernel: Arc<dyn Kernel>,
+        args: Args,
+        dispatch: Dispatch,
+        priority: Priority,
+    ) -> Self {
+        Job {
+            ctx,
+            slot,
+            kernel,
+            args,
+            total: dispatch.workgroup_count(),
+            dispatch,
+            priority,
+            next: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            cancelled: AtomicBool::new(false),
+        }
+    }
+
+    /// Stops handing out workgroups (its queue is gone); running ones finish.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Release);
+    }
+
+    fn exhausted(&self) -> bool {
+        self.cancelled.load(Relaxed) || self.next.load(Relaxed) >= self.total
+    }
+}
+
+struct Lists {
+    /// Ready jobs by priority (index = `Priority as usize`).
+    ready: [VecDeque<Arc<Job>>; 3],
+}
+
+impl Lists {
+    /// Takes the next job by priority and round robin, dropping exhausted ones.
+    fn pick(&mut self) -> Option<Arc<Job>> {
+        for list in self.ready.iter_mut().rev() {
+            while let Some(job) = list.pop_front() {
+                if job.exhausted() {
+                    continue;
+                }
+                list.push_back(job.clone());
+                return Some(job);
+            }
+        }
+        None
+    }
+
+    fn top(&self) -> u32 {
+        (0..3)
+            .rev()
+            .find(|&p| self.ready[p].iter().any(|j| !j.exhausted()))
+            .map_or(0, |p| p as u32 + 1)
+    }
+}
+
+struct Shared {
+    lists: Mutex<Lists>,
+    work: Condvar,
+    /// Highest priority with ready work, plus one (0: none). A hint for preemption.
+    top: AtomicU32,
+    stop: AtomicBool,
+    completed: Mutex<Vec<Arc<Job>>>,
+    has_completed: AtomicBool,
+    time_slice: Duration,
+    wake_command_processor: Box<dyn Fn() + Send + Sync>,
+}
+
+/// The engine threads.
+pub struct Engines {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Engines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engines")
+            .field("threads", &self.threads.len())
+            .finish()
+    }
+}
+
+impl Engines {
+    /// Starts `count` engines. `wake` kicks the command processor after a completion.
+    pub fn start(
+        count: usize,
+        time_slice: Duration,
+        wake: Box<dyn Fn() + Send + Sync>,
+    ) -> std::io::Result<Engines> {
+        let shared = Arc::new(Shared {
+            lists: Mutex::new(Lists {
+                ready: Default::default(),
+            }),
+            work: Condvar::new(),
+            top: AtomicU32::new(0),
+            stop: AtomicBool::new(false),
+            completed: Mutex::new(Vec::new()),
+            has_completed: AtomicBool::new(false),
+            time_slice,
+            wake_command_processor: wake,
+        });
+        let mut threads = Vec::with_capacity(count);
+        for i in 0..count.max(1) {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("fw-engine-{i}"))
+                    .spawn(move || engine(&s))?,
+            );
+        }
+        Ok(Engines { shared, threads })
+    }
+
+    /// Queues a job.
+    pub fn submit(&self, job: Arc<Job>) {
+        let mut l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
+        l.ready[job.priority as usize].push_back(job);
+        self.shared.top.store(l.top(), Release);
+        self.shared.work.notify_all();
+    }
+
+    /// Whether completed jobs wait to be collected.
+    pub fn has_completed(&self) -> bool {
+        self.shared.has_completed.load(Acquire)
+    }
+
+    /// Takes the jobs completed since the last call.
+    pub fn take_completed(&self) -> Vec<Arc<Job>> {
+        if !self.has_completed() {
+            return Vec::new();
+        }
+        let mut c = self
+            .shared
+            .completed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.shared.has_completed.store(false, Release);
+        std::mem::take(&mut *c)
+    }
+}
+
+impl Drop for Engines {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Release);
+        {
+            let l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
+            for list in &l.ready {
+                list.iter().for_each(|j| j.cancel());
+            }
+            self.shared.work.notify_all();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn engine(s: &Shared) {
+    loop {
+        let job = {
+            let mut l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if s.stop.load(Acquire) {
+                    return;
+                }
+                if let Some(j) = l.pick() {
+                    s.top.store(l.top(), Release);
+                    break j;
+                }
+                s.top.store(0, Release);
+                l = s.work.wait(l).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        run_slice(s, &job);
+    }
+}
+
+/// Runs workgroups of one job until the job has none left, the slice is used, or a job of
+/// higher priority is ready.
+fn run_slice(s: &Shared, job: &Arc<Job>) {
+    let start = Instant::now();
+    let my_rank = job.priority as u32 + 1;
+    loop {
+        if job.cancelled.load(Acquire) || s.stop.load(Relaxed) {
+            return;
+        }
+        let index = job.next.fetch_add(1, AcqRel);
+        if index >= job.total {
+            return;
+        }
+        job.kernel
+            .run(&job.args, &Workgroup::of(&job.dispatch, index));
+        // AcqRel: the last finisher sees every other engine's writes before reporting.
+        if job.done.fetch_add(1, AcqRel) + 1 == job.total {
+            s.completed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(job.clone());
+            s.has_completed.store(true, Release);
+            (s.wake_command_processor)();
+            return;
+        }
+        if start.elapsed() >= s.time_slice || s.top.load(Acquire) > my_rank {
+            return;
+        }
+    }
+}

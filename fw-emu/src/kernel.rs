@@ -1,0 +1,227 @@
+//! DOC: kernels: what a DISPATCH runs.
+//!
+//! A [`Kernel`] declares its argument kinds ([`ArgKind`]), checks that the arguments fit
+//! the grid before anything runs ([`Kernel::validate`]), and runs one workgroup at a time
+//! ([`Kernel::run`]). The firmware resolves every argument once, when it takes the DISPATCH
+//! packet: scalars are copied, buffer addresses are looked up in the queue's VM and become
+//! [`BufferArg`]s, views of the mapped memory from that address to the end of its buffer.
+//! A kernel can only reach memory through those views, so it cannot touch anything outside
+//! the queue's VM. Views are made of atomics: the host may read or write the same memory
+//! while the kernel runs.
+//!
+//! Workgroups are the unit of scheduling: engines run them in any order and in parallel,
+//! and the scheduler may switch to another queue's work between two of them. A kernel must
+//! therefore make each workgroup independent, and write results that do not depend on the
+//! order (reductions write one partial per workgroup; see `kernels`).
+
+use crate::context::Vm;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::Arc;
+use userq_uapi::os::Mapping;
+use userq_uapi::packet::Dispatch;
+
+/// The kind of one argument word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArgKind {
+    /// An unsigned integer (the whole word).
+    U64,
+    /// An f32 in the low 32 bits; the high bits must be zero.
+    F32,
+    /// A device address of a buffer (8-aligned), seen from that address to its end.
+    Buffer,
+}
+
+/// One resolved argument.
+#[derive(Debug, Clone)]
+pub enum Arg {
+    /// [`ArgKind::U64`].
+    U64(u64),
+    /// [`ArgKind::F32`].
+    F32(f32),
+    /// [`ArgKind::Buffer`].
+    Buffer(BufferArg),
+}
+
+/// Device memory from an address to the end of its buffer, kept mapped while the dispatch
+/// runs even if the buffer is freed meanwhile.
+#[derive(Debug, Clone)]
+pub struct BufferArg {
+    map: Arc<Mapping>,
+    offset: usize,
+    len: usize,
+    /// The device address it was given as.
+    pub address: u64,
+}
+
+impl BufferArg {
+    pub(crate) fn new(map: Arc<Mapping>, offset: usize, len: usize, address: u64) -> Self {
+        BufferArg {
+            map,
+            offset,
+            len,
+            address,
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the view is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The memory as 32-bit words (u32 or f32 bit patterns).
+    pub fn words32(&self) -> &[AtomicU32] {
+        self.map
+            .get_slice::<AtomicU32>(self.offset, self.len / 4)
+            .expect("buffer view inside its mapping and 8-aligned")
+    }
+
+    /// The memory as 64-bit words.
+    pub fn words64(&self) -> &[AtomicU64] {
+        self.map
+            .get_slice::<AtomicU64>(self.offset, self.len / 8)
+            .expect("buffer view inside its mapping and 8-aligned")
+    }
+}
+
+/// The resolved arguments of one dispatch.
+#[derive(Debug, Clone)]
+pub struct Args(pub Vec<Arg>);
+
+impl Args {
+    /// Argument `i` as an integer (0 if it is not one: `validate` has checked the kinds).
+    pub fn u64(&self, i: usize) -> u64 {
+        match self.0.get(i) {
+            Some(Arg::U64(v)) => *v,
+            _ => 0,
+        }
+    }
+
+    /// Argument `i` as an f32.
+    pub fn f32(&self, i: usize) -> f32 {
+        match self.0.get(i) {
+            Some(Arg::F32(v)) => *v,
+            _ => 0.0,
+        }
+    }
+
+    /// Argument `i` as a buffer.
+    pub fn buffer(&self, i: usize) -> &BufferArg {
+        match self.0.get(i) {
+            Some(Arg::Buffer(b)) => b,
+            _ => panic!("argument {i} is not a buffer (checked by resolve)"),
+        }
+    }
+}
+
+/// Why a dispatch's arguments were refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArgError {
+    /// Index of the offending argument (`u32::MAX` for the count).
+    pub index: u32,
+    /// The argument word.
+    pub value: u64,
+}
+
+impl ArgError {
+    /// An error about argument `index` with word `value`.
+    pub fn at(index: usize, value: u64) -> Self {
+        ArgError {
+            index: index as u32,
+            value,
+        }
+    }
+}
+
+/// One workgroup of a dispatch.
+#[derive(Debug, Clone, Copy)]
+pub struct Workgroup {
+    /// Workgroup id per dimension.
+    pub id: [u32; 3],
+    /// Workgroup size per dimension.
+    pub size: [u32; 3],
+    /// Grid size (work-items) per dimension.
+    pub grid: [u32; 3],
+    /// Linear index of this workgroup, x fastest.
+    pub index: u64,
+}
+
+impl Workgroup {
+    /// The workgroup with linear index `index` of a dispatch.
+    pub fn of(d: &Dispatch, index: u64) -> Self {
+        let n = d.workgroups();
+        let x = (index % n[0] as u64) as u32;
+        let y = ((index / n[0] as u64) % n[1] as u64) as u32;
+        let z = (index / (n[0] as u64 * n[1] as u64)) as u32;
+        Workgroup {
+            id: [x, y, z],
+            size: d.workgroup,
+            grid: d.grid,
+            index,
+        }
+    }
+
+    /// Global work-item range of dimension `dim`, clipped to the grid.
+    pub fn range(&self, dim: usize) -> std::ops::Range<u64> {
+        let start = self.id[dim] as u64 * self.size[dim] as u64;
+        let end = (start + self.size[dim] as u64).min(self.grid[dim] as u64);
+        start..end
+    }
+}
+
+/// A kernel: what DISPATCH runs, one workgroup at a time, on the firmware's engines.
+pub trait Kernel: Send + Sync {
+    /// A short name, for logs.
+    fn name(&self) -> &str;
+
+    /// The kinds of its argument words, in order.
+    fn signature(&self) -> &[ArgKind];
+
+    /// Checks resolved arguments against the dispatch before anything runs: buffers large
+    /// enough for what the grid will touch, sizes that make sense. An error stops the queue
+    /// with `BadKernelArgs`; nothing is written.
+    fn validate(&self, args: &Args, dispatch: &Dispatch) -> Result<(), ArgError>;
+
+    /// Runs one workgroup. Must only touch memory through `args`, and only where `validate`
+    /// said it may.
+    fn run(&self, args: &Args, wg: &Workgroup);
+}
+
+/// Copies a dispatch's argument words out of the VM once and resolves them against the
+/// kernel's signature.
+pub fn resolve(kernel: &dyn Kernel, d: &Dispatch, vm: &Vm) -> Result<Args, ArgError> {
+    let sig = kernel.signature();
+    if d.arg_count as usize != sig.len() {
+        return Err(ArgError {
+            index: u32::MAX,
+            value: d.arg_count as u64,
+        });
+    }
+    let mut out = Vec::with_capacity(sig.len());
+    for (i, kind) in sig.iter().enumerate() {
+        let addr = d
+            .args
+            .checked_add(8 * i as u64)
+            .ok_or(ArgError::at(i, d.args))?;
+        let word = vm
+            .word(addr)
+            .map_err(|_| ArgError::at(i, addr))?
+            .load(std::sync::atomic::Ordering::Acquire);
+        out.push(match kind {
+            ArgKind::U64 => Arg::U64(word),
+            ArgKind::F32 if word >> 32 == 0 => Arg::F32(f32::from_bits(word as u32)),
+            ArgKind::F32 => return Err(ArgError::at(i, word)),
+            ArgKind::Buffer => {
+                let b = vm.buffer_from(word).ok_or(ArgError::at(i, word))?;
+                Arg::Buffer(b)
+            }
+        });
+    }
+    let args = Args(out);
+    kernel.validate(&args, d)?;
+    Ok(args)
+}

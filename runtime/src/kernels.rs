@@ -1,0 +1,272 @@
+//! Launching the firmware's built-in kernels (ids and layouts in
+//! [`userq_uapi::kernels`]), with buffers checked for size on the host before anything is
+//! submitted.
+//!
+//! Each function returns a [`Command`] to submit; 1-D kernels use workgroups of
+//! [`WORKGROUP`] items over a grid of `n` items. Reductions write one partial result per
+//! workgroup ([`workgroups`] of them, in order): sum them for the total, on the host or with
+//! a second dispatch.
+//!
+//! Custom kernels implement [`crate::firmware::Kernel`] and are registered with
+//! [`crate::DeviceBuilder::kernel`] (embedded mode) or built into a firmware program of
+//! one's own (daemon mode; see `examples/examples/custom_kernel.rs`).
+
+use crate::{Buffer, Command, KernelArg};
+pub use userq_uapi::kernels::*;
+
+/// Work-items per workgroup of the 1-D helpers.
+pub const WORKGROUP: u32 = 256;
+
+/// Workgroups of a 1-D dispatch over `n` items (the length reductions' partials need).
+pub fn workgroups(n: u32) -> usize {
+    n.div_ceil(WORKGROUP) as usize
+}
+
+/// Why a launch helper refused its buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LaunchError {
+    /// `n` is zero.
+    #[error("empty launch")]
+    Empty,
+    /// Buffer argument `arg` holds fewer elements than the launch touches.
+    #[error("buffer argument {arg} holds {len} elements, the launch needs {needed}")]
+    BufferTooSmall {
+        /// Position of the argument.
+        arg: usize,
+        /// Its length.
+        len: usize,
+        /// What the launch needs.
+        needed: usize,
+    },
+}
+
+fn check<T>(arg: usize, b: &Buffer<T>, needed: usize) -> Result<KernelArg, LaunchError>
+where
+    T: bytemuck::Pod,
+{
+    if b.len() < needed {
+        return Err(LaunchError::BufferTooSmall {
+            arg,
+            len: b.len(),
+            needed,
+        });
+    }
+    Ok(KernelArg::Address(b.device_address()))
+}
+
+fn linear(kernel: u32, n: u32, args: &[KernelArg]) -> Result<Command, LaunchError> {
+    if n == 0 {
+        return Err(LaunchError::Empty);
+    }
+    Ok(Command::dispatch(
+        kernel,
+        [n, 1, 1],
+        [WORKGROUP, 1, 1],
+        args,
+    ))
+}
+
+/// `out[i] = value` for `i < n`.
+pub fn fill_u32(n: u32, value: u32, out: &Buffer<u32>) -> Result<Command, LaunchError> {
+    let o = check(2, out, n as usize)?;
+    linear(
+        FILL_U32,
+        n,
+        &[KernelArg::U64(n as u64), KernelArg::U64(value as u64), o],
+    )
+}
+
+/// `dst[i] = src[i]` for `i < n`.
+pub fn copy_u32(n: u32, src: &Buffer<u32>, dst: &Buffer<u32>) -> Result<Command, LaunchError> {
+    let (s, d) = (check(1, src, n as usize)?, check(2, dst, n as usize)?);
+    linear(COPY_U32, n, &[KernelArg::U64(n as u64), s, d])
+}
+
+/// `y[i] = a·x[i] + y[i]` for `i < n`.
+pub fn axpy(n: u32, a: f32, x: &Buffer<f32>, y: &Buffer<f32>) -> Result<Command, LaunchError> {
+    let (xa, ya) = (check(2, x, n as usize)?, check(3, y, n as usize)?);
+    linear(
+        AXPY_F32,
+        n,
+        &[KernelArg::U64(n as u64), KernelArg::F32(a), xa, ya],
+    )
+}
+
+/// `x[i] = a·x[i]` for `i < n`.
+pub fn scale(n: u32, a: f32, x: &Buffer<f32>) -> Result<Command, LaunchError> {
+    let xa = check(2, x, n as usize)?;
+    linear(
+        SCALE_F32,
+        n,
+        &[KernelArg::U64(n as u64), KernelArg::F32(a), xa],
+    )
+}
+
+/// `c[i] = a[i] + b[i]` for `i < n`.
+pub fn add(
+    n: u32,
+    a: &Buffer<f32>,
+    b: &Buffer<f32>,
+    c: &Buffer<f32>,
+) -> Result<Command, LaunchError> {
+    let args = [
+        check(1, a, n as usize)?,
+        check(2, b, n as usize)?,
+        check(3, c, n as usize)?,
+    ];
+    linear(
+        ADD_F32,
+        n,
+        &[KernelArg::U64(n as u64), args[0], args[1], args[2]],
+    )
+}
+
+/// `c[i] = a[i] · b[i]` for `i < n`.
+pub fn mul(
+    n: u32,
+    a: &Buffer<f32>,
+    b: &Buffer<f32>,
+    c: &Buffer<f32>,
+) -> Result<Command, LaunchError> {
+    let args = [
+        check(1, a, n as usize)?,
+        check(2, b, n as usize)?,
+        check(3, c, n as usize)?,
+    ];
+    linear(
+        MUL_F32,
+        n,
+        &[KernelArg::U64(n as u64), args[0], args[1], args[2]],
+    )
+}
+
+/// `partials[w]` = sum of `x` over workgroup `w`'s items, in index order.
+pub fn reduce_sum_f32(
+    n: u32,
+    x: &Buffer<f32>,
+    partials: &Buffer<f32>,
+) -> Result<Command, LaunchError> {
+    let (xa, p) = (check(1, x, n as usize)?, check(2, partials, workgroups(n))?);
+    linear(REDUCE_SUM_F32, n, &[KernelArg::U64(n as u64), xa, p])
+}
+
+/// `partials[w]` = wrapping sum of `x` over workgroup `w`'s items.
+pub fn reduce_sum_u64(
+    n: u32,
+    x: &Buffer<u64>,
+    partials: &Buffer<u64>,
+) -> Result<Command, LaunchError> {
+    let (xa, p) = (check(1, x, n as usize)?, check(2, partials, workgroups(n))?);
+    linear(REDUCE_SUM_U64, n, &[KernelArg::U64(n as u64), xa, p])
+}
+
+/// `partials[w]` = dot product of `x` and `y` over workgroup `w`'s items, in index order.
+pub fn dot(
+    n: u32,
+    x: &Buffer<f32>,
+    y: &Buffer<f32>,
+    partials: &Buffer<f32>,
+) -> Result<Command, LaunchError> {
+    let args = [
+        check(1, x, n as usize)?,
+        check(2, y, n as usize)?,
+        check(3, partials, workgroups(n))?,
+    ];
+    linear(
+        DOT_F32,
+        n,
+        &[KernelArg::U64(n as u64), args[0], args[1], args[2]],
+    )
+}
+
+/// Row-major `C(m×n) = A(m×k) · B(k×n)`, 16×16 tiles per workgroup.
+pub fn gemm(
+    m: u32,
+    n: u32,
+    k: u32,
+    a: &Buffer<f32>,
+    b: &Buffer<f32>,
+    c: &Buffer<f32>,
+) -> Result<Command, LaunchError> {
+    if m == 0 || n == 0 || k == 0 {
+        return Err(LaunchError::Empty);
+    }
+    let (m_, n_, k_) = (m as usize, n as usize, k as usize);
+    let args = [
+        check(3, a, m_ * k_)?,
+        check(4, b, k_ * n_)?,
+        check(5, c, m_ * n_)?,
+    ];
+    Ok(Command::dispatch(
+        GEMM_F32,
+        [n, m, 1],
+        [16, 16, 1],
+        &[
+            KernelArg::U64(m as u64),
+            KernelArg::U64(n as u64),
+            KernelArg::U64(k as u64),
+            args[0],
+            args[1],
+            args[2],
+        ],
+    ))
+}
+
+/// `out[i] = input[0] + … + input[i-1]` (wrapping), run as one workgroup.
+pub fn exclusive_scan_u32(
+    n: u32,
+    input: &Buffer<u32>,
+    out: &Buffer<u32>,
+) -> Result<Command, LaunchError> {
+    let (i, o) = (check(1, input, n as usize)?, check(2, out, n as usize)?);
+    if n == 0 {
+        return Err(LaunchError::Empty);
+    }
+    Ok(Command::dispatch(
+        EXCLUSIVE_SCAN_U32,
+        [1, 1, 1],
+        [1, 1, 1],
+        &[KernelArg::U64(n as u64), i, o],
+    ))
+}
+
+/// `hist[input[i] % bins] += 1` for `i < n`.
+pub fn histogram_u32(
+    n: u32,
+    input: &Buffer<u32>,
+    hist: &Buffer<u32>,
+) -> Result<Command, LaunchError> {
+    let bins = hist.len();
+    let (i, h) = (check(2, input, n as usize)?, check(3, hist, bins.max(1))?);
+    linear(
+        HISTOGRAM_U32,
+        n,
+        &[KernelArg::U64(n as u64), KernelArg::U64(bins as u64), i, h],
+    )
+}
+
+/// `partials[w]` = FNV-1a over the bytes of workgroup `w`'s words.
+pub fn checksum_u32(
+    n: u32,
+    input: &Buffer<u32>,
+    partials: &Buffer<u32>,
+) -> Result<Command, LaunchError> {
+    let (i, p) = (
+        check(1, input, n as usize)?,
+        check(2, partials, workgroups(n))?,
+    );
+    linear(CHECKSUM_U32, n, &[KernelArg::U64(n as u64), i, p])
+}
+
+/// Busy work: `workgroups` workgroups that each spin for `ns` nanoseconds (at most 1 s).
+pub fn spin(workgroups: u32, ns: u64) -> Result<Command, LaunchError> {
+    if workgroups == 0 {
+        return Err(LaunchError::Empty);
+    }
+    Ok(Command::dispatch(
+        SPIN,
+        [workgroups, 1, 1],
+        [1, 1, 1],
+        &[KernelArg::U64(ns)],
+    ))
+}
