@@ -242,3 +242,26 @@ fn waiters_get_device_lost_when_the_process_serving_the_device_is_killed() {
     assert!(took < Duration::from_secs(10), "noticed after {took:?}");
     assert!(dev.is_lost());
 }
+
+#[test]
+fn saxpy_example_verifies_against_the_cpu() {
+    let example = bin_dir().join("examples").join("saxpy");
+    assert!(example.exists(), "examples are built by `cargo test`");
+    let runtime_dir = TempDir::new("saxpy");
+    let out = Proc::spawn(
+        "saxpy",
+        Command::new(&example)
+            .env_remove("USERQ_DEVICE")
+            .env("XDG_RUNTIME_DIR", runtime_dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .output_within(Duration::from_secs(60));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("max |error| vs CPU = 0"), "{text}");
+}

@@ -69,7 +69,11 @@ pub struct FirmwareConfig {
 impl Default for FirmwareConfig {
     fn default() -> Self {
         FirmwareConfig {
-            engines: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            // One core stays with the command processor, so that command processing and
+            // kernel execution never starve each other (on 2 cores: one engine).
+            engines: std::thread::available_parallelism()
+                .map_or(1, |n| n.get().saturating_sub(1))
+                .max(1),
             time_slice: Duration::from_millis(1),
             kernels: kernels::KernelLibrary::builtin(),
             spin: Duration::from_micros(50),
