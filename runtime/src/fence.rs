@@ -286,6 +286,21 @@ impl FencePoint {
         }
     }
 
+    /// `Some` once the point is reached or can never be.
+    pub(crate) fn poll_decided(&self) -> Option<Result<(), WaitError>> {
+        self.fence.inner.check(self.value)
+    }
+
+    /// The fence's futex wake word.
+    pub(crate) fn wake_word(&self) -> &AtomicU32 {
+        &self.fence.inner.state().slot.wake
+    }
+
+    /// Whether the device behind the point was lost or its server is gone.
+    pub(crate) fn device_gone(&self) -> bool {
+        self.fence.inner.dev.is_lost_or_gone()
+    }
+
     /// Waits (adaptively) until the fence reaches the value; `Duration::MAX` waits forever.
     pub fn wait(&self, timeout: Duration) -> Result<(), WaitError> {
         self.wait_with(WaitMode::Adaptive, timeout)
@@ -336,10 +351,10 @@ fn decide(points: &[FencePoint], all: bool) -> Option<Result<usize, WaitError>> 
 }
 
 /// Undoes the waiter registrations of the blocking phase, however it ends.
-struct Registered<'a>(&'a [FencePoint]);
+pub(crate) struct Registered<'a>(&'a [FencePoint]);
 
 impl<'a> Registered<'a> {
-    fn new(points: &'a [FencePoint]) -> Self {
+    pub(crate) fn new(points: &'a [FencePoint]) -> Self {
         for p in points {
             p.fence.inner.waiters().line.host.fetch_add(1, SeqCst);
         }

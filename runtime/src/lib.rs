@@ -40,6 +40,7 @@ mod error;
 mod fence;
 pub mod kernels;
 mod queue;
+mod reactor;
 
 /// The firmware's kernel interface, for custom kernels registered with
 /// [`DeviceBuilder::kernel`].
@@ -56,6 +57,7 @@ pub use error::{
 };
 pub use fence::{wait_all, wait_any, ExportedFence, Fence, FencePoint, WaitMode};
 pub use queue::{Command, KernelArg, Queue, QueueBuilder, QueueStatus, DEFAULT_RING_ENTRIES};
+pub use reactor::FenceFuture;
 pub use userq_uapi::ioctl::Priority;
 pub use userq_uapi::packet::{Packet, WaitCondition};
 
