@@ -265,3 +265,36 @@ fn saxpy_example_verifies_against_the_cpu() {
     );
     assert!(text.contains("max |error| vs CPU = 0"), "{text}");
 }
+
+#[test]
+fn pipeline_example_shares_buffers_and_fences_between_processes_in_both_modes() {
+    let example = bin_dir().join("examples").join("pipeline");
+    assert!(example.exists(), "examples are built by `cargo test`");
+    let daemon = Daemon::start();
+    let runtime_dir = TempDir::new("pipeline");
+    for (mode, env) in [("daemon", Some(&daemon.socket)), ("embedded", None)] {
+        let mut cmd = Command::new(&example);
+        match env {
+            Some(sock) => cmd.env("USERQ_DEVICE", sock),
+            None => cmd
+                .env_remove("USERQ_DEVICE")
+                .env("XDG_RUNTIME_DIR", runtime_dir.path()),
+        };
+        let out = Proc::spawn(
+            &format!("pipeline ({mode})"),
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped()),
+        )
+        .output_within(Duration::from_secs(60));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{mode}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("consumer verified 5000000 elements"),
+            "{mode}: {text}"
+        );
+    }
+    daemon.stop();
+}

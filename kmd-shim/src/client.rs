@@ -94,5 +94,6 @@ fn handle(
         Request::ReleaseFence { handle } => dev.release_fence(c, handle),
         Request::AllocBuffer { size } => dev.alloc_buffer(c, size),
         Request::FreeBuffer { va } => dev.free_buffer(c, va),
+        Request::ImportBuffer => dev.import_buffer(c, &fds),
     }
 }

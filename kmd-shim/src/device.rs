@@ -38,6 +38,8 @@ pub struct Limits {
     /// Fences on the device. Each costs two mappings in kmd-shim and two in the firmware,
     /// so this stays well below the kernel's `vm.max_map_count` (65530 by default).
     pub max_fences: usize,
+    /// Buffers on the device (kmd-shim keeps a descriptor of each, for imports).
+    pub max_buffers: usize,
     /// Bytes of buffers and rings all contexts together may allocate.
     pub memory_budget: u64,
 }
@@ -48,9 +50,29 @@ impl Default for Limits {
             max_contexts: 1024,
             max_fences_per_context: 4096,
             max_fences: 12288,
+            max_buffers: 4096,
             memory_budget: 8 << 30,
         }
     }
+}
+
+/// A buffer mapped into a context.
+#[derive(Clone, Copy)]
+struct BufferRecord {
+    /// (device, inode) of its memfd, once created.
+    object: Option<(u64, u64)>,
+    /// Bytes charged to the budget for this mapping (zero for an import).
+    charged: u64,
+}
+
+/// A buffer memfd any context may import.
+struct BufferObject {
+    /// Bytes the VM maps (as asked at allocation).
+    size: u64,
+    /// The memfd, kept to map it into importers.
+    fd: OwnedFd,
+    /// Contexts that have it mapped.
+    refs: usize,
 }
 
 /// (device, inode) of a fence's state object and of its waiter object.
@@ -71,7 +93,8 @@ struct ContextRecord {
     queues: HashMap<u32, (FenceId, u64)>,
     handles: HashMap<FenceHandle, FenceId>,
     next_handle: u32,
-    buffers: HashMap<u64, u64>,
+    /// Buffers by device address.
+    buffers: HashMap<u64, BufferRecord>,
     next_va: u64,
     queue_errors: u64,
 }
@@ -82,12 +105,27 @@ struct Table {
     fences: HashMap<FenceId, FenceRecord>,
     /// Fences by the identity of their two objects, for IMPORT_FENCE.
     by_identity: HashMap<Identity, FenceId>,
+    /// Buffer memfds by identity, for IMPORT_BUFFER.
+    buffer_objects: HashMap<(u64, u64), BufferObject>,
     next_ctx: u32,
     next_fence: FenceId,
     memory_used: u64,
 }
 
 impl Table {
+    /// Uncharges a buffer mapping and drops the memfd when no context maps it any more.
+    fn release_buffer(&mut self, b: BufferRecord) {
+        self.memory_used -= b.charged;
+        if let Some(id) = b.object {
+            if let Some(o) = self.buffer_objects.get_mut(&id) {
+                o.refs -= 1;
+                if o.refs == 0 {
+                    self.buffer_objects.remove(&id);
+                }
+            }
+        }
+    }
+
     fn forget_fence(&mut self, fence: FenceId) {
         if let Some(f) = self.fences.remove(&fence) {
             self.by_identity.remove(&f.identity);
@@ -488,6 +526,9 @@ impl Device {
             if t.memory_used + size > self.limits.memory_budget {
                 return Err(KmdStatus::OutOfMemory);
             }
+            if t.buffer_objects.len() >= self.limits.max_buffers {
+                return Err(KmdStatus::LimitExceeded);
+            }
             let c = t.contexts.get_mut(&ctx).ok_or(KmdStatus::NoContext)?;
             let va = c.next_va;
             // Leave an unmapped guard range after every buffer.
@@ -496,7 +537,13 @@ impl Device {
                 return Err(KmdStatus::OutOfMemory);
             }
             c.next_va = next;
-            c.buffers.insert(va, size);
+            c.buffers.insert(
+                va,
+                BufferRecord {
+                    object: None,
+                    charged: size,
+                },
+            );
             t.memory_used += size;
             va
         };
@@ -526,13 +573,89 @@ impl Device {
             )?;
             Ok(fd)
         })();
+        let made = made.and_then(|fd| {
+            let identity = os::object_identity(fd.as_fd()).map_err(|_| KmdStatus::Internal)?;
+            let kept = fd.try_clone().map_err(|_| KmdStatus::Internal)?;
+            Ok((fd, identity, kept))
+        });
         match made {
-            Ok(fd) => Ok((vec![va, requested], vec![fd])),
+            Ok((fd, identity, kept)) => {
+                let mut t = self.table();
+                t.buffer_objects.insert(
+                    identity,
+                    BufferObject {
+                        size: requested,
+                        fd: kept,
+                        refs: 1,
+                    },
+                );
+                if let Some(b) = t
+                    .contexts
+                    .get_mut(&ctx)
+                    .and_then(|c| c.buffers.get_mut(&va))
+                {
+                    b.object = Some(identity);
+                }
+                Ok((vec![va, requested], vec![fd]))
+            }
             Err(e) => {
                 let mut t = self.table();
                 t.memory_used -= size;
                 if let Some(c) = t.contexts.get_mut(&ctx) {
                     c.buffers.remove(&va);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// IMPORT_BUFFER: the fd must be a buffer of this device.
+    pub fn import_buffer(&self, ctx: u32, fds: &[OwnedFd]) -> Result<Reply, KmdStatus> {
+        let [fd] = fds else {
+            return Err(KmdStatus::BadFd);
+        };
+        let identity = os::object_identity(fd.as_fd()).map_err(|_| KmdStatus::BadFd)?;
+        let (va, size, ours) = {
+            let mut t = self.table();
+            let obj = t.buffer_objects.get(&identity).ok_or(KmdStatus::BadFd)?;
+            let size = obj.size;
+            let ours = obj.fd.try_clone().map_err(|_| KmdStatus::Internal)?;
+            let c = t.contexts.get_mut(&ctx).ok_or(KmdStatus::NoContext)?;
+            let pages = size.div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
+            let va = c.next_va;
+            let next = (va + pages).div_ceil(VA_ALIGN) * VA_ALIGN + VA_ALIGN;
+            if next > userq_uapi::VA_END {
+                return Err(KmdStatus::OutOfMemory);
+            }
+            c.next_va = next;
+            c.buffers.insert(
+                va,
+                BufferRecord {
+                    object: Some(identity),
+                    charged: 0,
+                },
+            );
+            if let Some(o) = t.buffer_objects.get_mut(&identity) {
+                o.refs += 1;
+            }
+            (va, size, ours)
+        };
+        let id = self.link.new_object_id();
+        let r = self.link.call(
+            FwRequest::MapBuffer {
+                ctx,
+                va,
+                size,
+                object: id,
+            },
+            &[(id, ours.as_fd())],
+        );
+        match r {
+            Ok(()) => Ok((vec![va, size], vec![])),
+            Err(e) => {
+                let mut t = self.table();
+                if let Some(b) = t.contexts.get_mut(&ctx).and_then(|c| c.buffers.remove(&va)) {
+                    t.release_buffer(b);
                 }
                 Err(e)
             }
@@ -550,8 +673,8 @@ impl Device {
         }
         self.link.call(FwRequest::UnmapBuffer { ctx, va }, &[])?;
         let mut t = self.table();
-        if let Some(size) = t.contexts.get_mut(&ctx).and_then(|c| c.buffers.remove(&va)) {
-            t.memory_used -= size;
+        if let Some(b) = t.contexts.get_mut(&ctx).and_then(|c| c.buffers.remove(&va)) {
+            t.release_buffer(b);
         }
         Ok((vec![], vec![]))
     }
@@ -564,7 +687,9 @@ impl Device {
             return;
         };
         let mut t = self.table();
-        t.memory_used -= c.buffers.values().sum::<u64>();
+        for b in c.buffers.values() {
+            t.release_buffer(*b);
+        }
         t.memory_used -= c.queues.values().map(|(_, bytes)| bytes).sum::<u64>();
         let mut to_drop = Vec::new();
         let mut to_poison = Vec::new();

@@ -177,6 +177,16 @@ fn malformed_messages_get_typed_errors_and_the_connection_goes_on() {
         KmdStatus::Ok
     );
 
+    assert_eq!(
+        send(&s, Request::ImportBuffer, &[pr.as_fd()]).0,
+        KmdStatus::BadFd
+    );
+    assert_eq!(
+        send(&s, Request::ImportBuffer, &[m1.as_fd()]).0,
+        KmdStatus::BadFd
+    );
+    assert_eq!(send(&s, Request::ImportBuffer, &[]).0, KmdStatus::BadFd);
+
     use userq_uapi::packet::FenceHandle;
     assert_eq!(
         status(

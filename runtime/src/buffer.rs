@@ -1,6 +1,7 @@
 //! Buffers: memory in a context's device address space, also mapped into this process.
 
 use crate::device::DeviceInner;
+use rustix::fd::{AsFd, OwnedFd};
 use std::marker::PhantomData;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ pub struct Buffer<T> {
     va: u64,
     len: usize,
     map: Mapping,
+    fd: OwnedFd,
     _t: PhantomData<T>,
 }
 
@@ -32,15 +34,30 @@ impl<T> std::fmt::Debug for Buffer<T> {
 }
 
 impl<T: bytemuck::Pod> Buffer<T> {
-    pub(crate) fn new(dev: Arc<DeviceInner>, va: u64, len: usize, map: Mapping) -> Self {
+    pub(crate) fn new(
+        dev: Arc<DeviceInner>,
+        va: u64,
+        len: usize,
+        map: Mapping,
+        fd: OwnedFd,
+    ) -> Self {
         debug_assert!(map.len() >= len * std::mem::size_of::<T>());
         Buffer {
             dev,
             va,
             len,
             map,
+            fd,
             _t: PhantomData,
         }
+    }
+
+    /// Duplicates the buffer's descriptor for another process (or context) to
+    /// [`crate::Device::import_buffer`]: both then map the same memory.
+    pub fn export(&self) -> std::io::Result<ExportedBuffer> {
+        Ok(ExportedBuffer {
+            fd: self.fd.try_clone()?,
+        })
     }
 
     /// Number of elements.
@@ -121,5 +138,48 @@ impl Buffer<u64> {
 impl<T> Drop for Buffer<T> {
     fn drop(&mut self) {
         let _ = self.dev.call(Request::FreeBuffer { va: self.va }, &[]);
+    }
+}
+
+/// A buffer in transit between contexts or processes: its memory object.
+#[derive(Debug)]
+pub struct ExportedBuffer {
+    fd: OwnedFd,
+}
+
+impl ExportedBuffer {
+    /// Rebuilds an exported buffer from a descriptor received from another process; the
+    /// device checks at import that it really is one of its buffers.
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        ExportedBuffer { fd }
+    }
+
+    /// The descriptor.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
+    /// Sends the buffer over a connected Unix socket (SCM_RIGHTS).
+    pub fn send(&self, socket: impl AsFd) -> std::io::Result<()> {
+        userq_uapi::os::send_with_fds(socket.as_fd(), b"userq-buffer", &[self.fd.as_fd()])
+            .map_err(std::io::Error::from)
+    }
+
+    /// Receives a buffer sent with [`ExportedBuffer::send`].
+    pub fn recv(socket: impl AsFd) -> std::io::Result<ExportedBuffer> {
+        let mut buf = [0u8; 32];
+        let got = userq_uapi::os::recv_with_fds(socket.as_fd(), &mut buf)
+            .map_err(std::io::Error::from)?;
+        let bad = || {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not a userq buffer message",
+            )
+        };
+        if &buf[..got.len] != b"userq-buffer" || got.truncated {
+            return Err(bad());
+        }
+        let [fd] = <[OwnedFd; 1]>::try_from(got.fds).map_err(|_| bad())?;
+        Ok(ExportedBuffer { fd })
     }
 }

@@ -1,7 +1,7 @@
 //! A connection to a userq device: one context, its doorbell page, and the control socket.
 
 use crate::error::{AllocError, ControlError, FenceError, OpenError, QueueCreateError};
-use crate::{Buffer, ExportedFence, Fence, Queue, QueueBuilder};
+use crate::{Buffer, ExportedBuffer, ExportedFence, Fence, Queue, QueueBuilder};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -418,6 +418,30 @@ impl Device {
             .map_err(|_| ControlError::Protocol("ALLOC_BUFFER returned the wrong fds"))?;
         let map = Mapping::map(fd.as_fd(), v[1] as usize, true)
             .map_err(|e| ControlError::Map(e.into()))?;
-        Ok(Buffer::new(self.inner.clone(), v[0], len, map))
+        Ok(Buffer::new(self.inner.clone(), v[0], len, map, fd))
+    }
+
+    /// Maps a buffer another context exported (possibly in another process) into this
+    /// context's device address space and this process: both see the same memory. Its
+    /// length is the exported size in elements of `T`.
+    pub fn import_buffer<T: bytemuck::Pod>(
+        &self,
+        exported: ExportedBuffer,
+    ) -> Result<Buffer<T>, AllocError> {
+        let fd = exported.into_fd();
+        let r = self.inner.call(Request::ImportBuffer, &[fd.as_fd()]);
+        let v = match r {
+            Ok((v, _)) => v,
+            Err(ControlError::Rejected(KmdStatus::BadFd)) => return Err(AllocError::NotABuffer),
+            Err(e) => return Err(e.into()),
+        };
+        let size = v[1] as usize;
+        let elem = std::mem::size_of::<T>().max(1);
+        if size % elem != 0 {
+            let _ = self.inner.call(Request::FreeBuffer { va: v[0] }, &[]);
+            return Err(AllocError::BadSize);
+        }
+        let map = Mapping::map(fd.as_fd(), size, true).map_err(|e| ControlError::Map(e.into()))?;
+        Ok(Buffer::new(self.inner.clone(), v[0], size / elem, map, fd))
     }
 }

@@ -167,6 +167,9 @@ pub enum AllocError {
     /// The device-memory budget is exhausted.
     #[error("out of device memory")]
     OutOfMemory,
+    /// The descriptor given to import is not a buffer of this device.
+    #[error("not a userq buffer of this device")]
+    NotABuffer,
     /// Another control-plane failure.
     #[error(transparent)]
     Control(#[from] ControlError),

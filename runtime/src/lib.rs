@@ -49,7 +49,7 @@ pub mod firmware {
     pub use fw_emu::kernels::need;
 }
 
-pub use buffer::Buffer;
+pub use buffer::{Buffer, ExportedBuffer};
 pub use device::{default_socket_path, Device, DeviceBuilder, OpenMode};
 pub use error::{
     AllocError, ControlError, ErrorCode, FenceError, FenceFault, KmdStatus, OpenError,

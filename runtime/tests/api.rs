@@ -505,3 +505,38 @@ fn an_awaited_point_on_a_failed_queue_returns_the_fault() {
         ErrorCode::MemoryViolation
     );
 }
+
+#[test]
+fn a_buffer_exported_to_another_context_is_the_same_memory() {
+    let env = Env::new();
+    let a = env.dev();
+    let b = env.second();
+    let mut mine = a.alloc::<u64>(100).unwrap();
+    mine.write(7, 42);
+    let theirs = b.import_buffer::<u64>(mine.export().unwrap()).unwrap();
+    assert_eq!(theirs.len(), 100);
+    assert_eq!(theirs.read(7), 42);
+    // A queue of the importing context writes through its own device address.
+    let mut q = b.create_queue().unwrap();
+    q.submit(Command::write_value(theirs.address_of(9).unwrap(), 99))
+        .unwrap()
+        .wait(LONG)
+        .unwrap();
+    assert_eq!(mine.read(9), 99);
+    // The importer's view ends where the buffer does.
+    let r = q
+        .submit(Command::write_value(theirs.device_address() + 800, 1))
+        .unwrap()
+        .wait(LONG);
+    assert_eq!(fault_code(r), ErrorCode::MemoryViolation);
+    // Freeing the exporter's handle leaves the importer's mapping working.
+    drop(mine);
+    assert_eq!(theirs.read(9), 99);
+    // Only buffers of this device can be imported.
+    let fence = a.create_fence(0).unwrap();
+    let (state, _) = fence.export().unwrap().into_fds();
+    assert!(matches!(
+        b.import_buffer::<u64>(userq::ExportedBuffer::from_fd(state)),
+        Err(userq::AllocError::NotABuffer)
+    ));
+}

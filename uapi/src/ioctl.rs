@@ -17,6 +17,7 @@
 //! | RELEASE_FENCE | handle | | | |
 //! | ALLOC_BUFFER | size in bytes | device address, size (as asked; the memfd is whole pages) | | buffer memfd (rw) |
 //! | FREE_BUFFER | device address | | | |
+//! | IMPORT_BUFFER | | device address, size | buffer memfd (another context's) | |
 
 use crate::error::KmdStatus;
 use crate::packet::FenceHandle;
@@ -46,6 +47,8 @@ pub mod op {
     pub const ALLOC_BUFFER: u32 = 7;
     /// See [`super::Request::FreeBuffer`].
     pub const FREE_BUFFER: u32 = 8;
+    /// See [`super::Request::ImportBuffer`].
+    pub const IMPORT_BUFFER: u32 = 9;
 }
 
 /// Scheduling priority of a queue.
@@ -145,6 +148,9 @@ pub enum Request {
         /// Its device address.
         va: u64,
     },
+    /// Maps a buffer another context allocated (its memfd attached) into this context's
+    /// VM. The memory is shared; the allocating context's budget pays for it.
+    ImportBuffer,
 }
 
 impl Request {
@@ -185,6 +191,7 @@ impl Request {
                 r.op = op::FREE_BUFFER;
                 r.args[0] = va;
             }
+            Request::ImportBuffer => r.op = op::IMPORT_BUFFER,
         }
         r
     }
@@ -227,6 +234,7 @@ impl Request {
             ),
             op::ALLOC_BUFFER => (Request::AllocBuffer { size: a[0] }, 1),
             op::FREE_BUFFER => (Request::FreeBuffer { va: a[0] }, 1),
+            op::IMPORT_BUFFER => (Request::ImportBuffer, 0),
             _ => return Err(KmdStatus::UnknownOp),
         };
         if a[used..].iter().any(|&w| w != 0) {
@@ -239,6 +247,7 @@ impl Request {
     pub fn fds_in(&self) -> usize {
         match self {
             Request::ImportFence => 2,
+            Request::ImportBuffer => 1,
             _ => 0,
         }
     }
@@ -283,6 +292,7 @@ mod tests {
             },
             Request::AllocBuffer { size: 4096 },
             Request::FreeBuffer { va: 1 << 32 },
+            Request::ImportBuffer,
         ];
         for r in reqs {
             let raw = r.encode();
