@@ -298,3 +298,21 @@ fn pipeline_example_shares_buffers_and_fences_between_processes_in_both_modes() 
     }
     daemon.stop();
 }
+
+#[test]
+fn sixty_four_queues_from_four_processes_all_complete() {
+    let daemon = Daemon::start();
+    let clients: Vec<_> = (0..4)
+        .map(|_| client(&daemon.socket, &["compute", "16", "10"]))
+        .collect();
+    for c in clients {
+        let out = c.output_within(Duration::from_secs(120));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    }
+    daemon.stop();
+}

@@ -2,6 +2,7 @@
 //!
 //! - `worker QUEUES PACKETS RING`: well-behaved work on several queues at once; checks
 //!   in-order completion with device timestamps; prints `ok`.
+//! - `compute QUEUES ROUNDS`: dependent kernel dispatches on every queue; checks results.
 //! - `victim RENDEZVOUS`: sends a user fence to the rendezvous socket, prints `ready`, and
 //!   submits forever (to be SIGKILLed mid-stream).
 //! - `hostile CASE`: speaks the raw ABI and breaks one rule; prints what the firmware
@@ -61,6 +62,40 @@ fn worker(queues: usize, packets: usize, ring: u32) -> Res<()> {
                 &ts[i.saturating_sub(1)..=i]
             )
             .into());
+        }
+    }
+    println!("ok");
+    Ok(())
+}
+
+/// `compute QUEUES ROUNDS`: every queue runs ROUNDS dependent dispatches on its own
+/// buffer (x = 2·x, then +1 via axpy with a ones vector), round-robin across queues; checks
+/// every element.
+fn compute(queues: usize, rounds: u32) -> Res<()> {
+    let dev = Device::open_default()?;
+    const N: u32 = 5000;
+    let mut ones = dev.alloc::<f32>(N as usize)?;
+    ones.copy_from_slice(&vec![1.0; N as usize]);
+    let mut qs = Vec::new();
+    let mut bufs = Vec::new();
+    for _ in 0..queues {
+        qs.push(dev.queue().ring_entries(16).create()?);
+        bufs.push(dev.alloc::<f32>(N as usize)?);
+    }
+    for _ in 0..rounds {
+        for (q, b) in qs.iter_mut().zip(&bufs) {
+            q.submit_batch(&[
+                userq::kernels::scale(N, 2.0, b)?,
+                userq::kernels::axpy(N, 1.0, &ones, b)?,
+            ])?;
+        }
+    }
+    // x starts at 0; each round x = 2x + 1, so after r rounds x = 2^r - 1.
+    let want = (1u64 << rounds) as f32 - 1.0;
+    for (i, (q, b)) in qs.iter().zip(&bufs).enumerate() {
+        q.finish(Duration::from_secs(60))?;
+        if let Some(j) = b.to_vec().iter().position(|&v| v != want) {
+            return Err(format!("queue {i} element {j}: {} != {want}", b.read(j)).into());
         }
     }
     println!("ok");
@@ -386,6 +421,7 @@ fn main() {
     let result = match argv.as_slice() {
         ["worker", q, p, r] => (|| worker(q.parse()?, p.parse()?, r.parse()?))(),
         ["victim", rendezvous] => victim(rendezvous),
+        ["compute", q, r] => (|| compute(q.parse()?, r.parse()?))(),
         ["hostile", case] => hostile(case),
         ["host", socket] => host(socket),
         _ => Err(
