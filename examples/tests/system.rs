@@ -243,13 +243,13 @@ fn waiters_get_device_lost_when_the_process_serving_the_device_is_killed() {
     assert!(dev.is_lost());
 }
 
-#[test]
-fn saxpy_example_verifies_against_the_cpu() {
-    let example = bin_dir().join("examples").join("saxpy");
+/// Runs an example with a device embedded in it and returns its stdout; fails on error.
+fn run_embedded_example(name: &str) -> String {
+    let example = bin_dir().join("examples").join(name);
     assert!(example.exists(), "examples are built by `cargo test`");
-    let runtime_dir = TempDir::new("saxpy");
+    let runtime_dir = TempDir::new(name);
     let out = Proc::spawn(
-        "saxpy",
+        name,
         Command::new(&example)
             .env_remove("USERQ_DEVICE")
             .env("XDG_RUNTIME_DIR", runtime_dir.path())
@@ -257,12 +257,27 @@ fn saxpy_example_verifies_against_the_cpu() {
             .stderr(Stdio::piped()),
     )
     .output_within(Duration::from_secs(60));
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    text
+}
+
+#[test]
+fn persistent_example_serves_its_mailbox_and_stops() {
+    let text = run_embedded_example("persistent");
+    assert!(
+        text.contains("2000 requests answered") && text.contains("stopped when asked"),
+        "{text}"
+    );
+}
+
+#[test]
+fn saxpy_example_verifies_against_the_cpu() {
+    let text = run_embedded_example("saxpy");
     assert!(text.contains("max |error| vs CPU = 0"), "{text}");
 }
 

@@ -10,13 +10,16 @@
 //! - **time slices**: an engine runs workgroups of one job until its slice (1 ms by default)
 //!   is used, then goes back to the lists;
 //! - **preemption at workgroup boundaries**: between two workgroups an engine also leaves
-//!   its job as soon as a job of higher priority is ready.
+//!   its job as soon as a job of higher priority is ready;
+//! - **preemption at checkpoints**: inside a long workgroup, the kernel asks
+//!   [`Checkpoint::should_yield`]; a yielded workgroup keeps its saved state and is resumed
+//!   (before new workgroups of its job) at the job's next turn.
 //!
 //! Several engines may run workgroups of one job at once; the one that finishes the last
 //! workgroup reports the job complete to the command processor and kicks it. Idle engines
 //! park on a condition variable (a private futex: they never wait on shared memory).
 
-use crate::kernel::{Args, Kernel, Workgroup};
+use crate::kernel::{Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex};
@@ -41,6 +44,12 @@ pub struct Job {
     /// Workgroups finished.
     done: AtomicU64,
     cancelled: AtomicBool,
+    /// Workgroups that yielded at a checkpoint, with their saved state, to resume first.
+    yielded: Mutex<Vec<Workgroup>>,
+    /// Length of `yielded`, readable without the lock.
+    pending_yields: AtomicU64,
+    /// The queue's time slice (`None`: the engines' default).
+    time_slice: Option<Duration>,
 }
 
 impl std::fmt::Debug for Job {
@@ -63,8 +72,12 @@ impl Job {
         args: Args,
         dispatch: Dispatch,
         priority: Priority,
+        time_slice: Option<Duration>,
     ) -> Self {
         Job {
+            yielded: Mutex::new(Vec::new()),
+            pending_yields: AtomicU64::new(0),
+            time_slice,
             ctx,
             slot,
             kernel,
@@ -84,7 +97,26 @@ impl Job {
     }
 
     fn exhausted(&self) -> bool {
-        self.cancelled.load(Relaxed) || self.next.load(Relaxed) >= self.total
+        self.cancelled.load(Relaxed)
+            || (self.next.load(Relaxed) >= self.total && self.pending_yields.load(Acquire) == 0)
+    }
+
+    fn take_yielded(&self) -> Option<Workgroup> {
+        if self.pending_yields.load(Acquire) == 0 {
+            return None;
+        }
+        let mut y = self.yielded.lock().unwrap_or_else(|e| e.into_inner());
+        let wg = y.pop()?;
+        self.pending_yields.fetch_sub(1, Release);
+        Some(wg)
+    }
+
+    fn put_yielded(&self, wg: Workgroup) {
+        self.yielded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(wg);
+        self.pending_yields.fetch_add(1, Release);
     }
 }
 
@@ -237,21 +269,40 @@ fn engine(s: &Shared) {
     }
 }
 
-/// Runs workgroups of one job until the job has none left, the slice is used, or a job of
-/// higher priority is ready.
+/// Runs workgroups of one job until the job has none left, the slice is used, a job of
+/// higher priority is ready, or a workgroup yields at a checkpoint.
 fn run_slice(s: &Shared, job: &Arc<Job>) {
     let start = Instant::now();
     let my_rank = job.priority as u32 + 1;
+    let slice = job.time_slice.unwrap_or(s.time_slice);
+    let wants_engine =
+        || start.elapsed() >= slice || s.top.load(Acquire) > my_rank || s.stop.load(Relaxed);
+    let cp = Checkpoint {
+        wants_engine: &wants_engine,
+        cancelled: &job.cancelled,
+    };
     loop {
         if job.cancelled.load(Acquire) || s.stop.load(Relaxed) {
             return;
         }
-        let index = job.next.fetch_add(1, AcqRel);
-        if index >= job.total {
-            return;
+        // A workgroup that yielded earlier resumes before new ones start.
+        let mut wg = match job.take_yielded() {
+            Some(wg) => wg,
+            None => {
+                let index = job.next.fetch_add(1, AcqRel);
+                if index >= job.total {
+                    return;
+                }
+                Workgroup::of(&job.dispatch, index)
+            }
+        };
+        match job.kernel.run(&job.args, &mut wg, &cp) {
+            WorkgroupStatus::Yielded => {
+                job.put_yielded(wg);
+                return;
+            }
+            WorkgroupStatus::Done => {}
         }
-        job.kernel
-            .run(&job.args, &Workgroup::of(&job.dispatch, index));
         // AcqRel: the last finisher sees every other engine's writes before reporting.
         if job.done.fetch_add(1, AcqRel) + 1 == job.total {
             s.completed
@@ -262,7 +313,7 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
             (s.wake_command_processor)();
             return;
         }
-        if start.elapsed() >= s.time_slice || s.top.load(Acquire) > my_rank {
+        if wants_engine() {
             return;
         }
     }

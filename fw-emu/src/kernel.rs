@@ -140,6 +140,9 @@ impl ArgError {
 /// One workgroup of a dispatch.
 #[derive(Debug, Clone, Copy)]
 pub struct Workgroup {
+    /// Saved state of a workgroup that yielded at a checkpoint (0 on its first run): the
+    /// kernel's own "registers", kept by the engine until the workgroup runs again.
+    pub state: u64,
     /// Workgroup id per dimension.
     pub id: [u32; 3],
     /// Workgroup size per dimension.
@@ -158,6 +161,7 @@ impl Workgroup {
         let y = ((index / n[0] as u64) % n[1] as u64) as u32;
         let z = (index / (n[0] as u64 * n[1] as u64)) as u32;
         Workgroup {
+            state: 0,
             id: [x, y, z],
             size: d.workgroup,
             grid: d.grid,
@@ -170,6 +174,38 @@ impl Workgroup {
         let start = self.id[dim] as u64 * self.size[dim] as u64;
         let end = (start + self.size[dim] as u64).min(self.grid[dim] as u64);
         start..end
+    }
+}
+
+/// How a workgroup's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkgroupStatus {
+    /// The workgroup finished.
+    Done,
+    /// The workgroup stopped at a checkpoint; its progress is in [`Workgroup::state`] (and
+    /// in device memory). It runs again later.
+    Yielded,
+}
+
+/// A running workgroup's line to its engine: preemption and cancellation points inside a
+/// long kernel.
+pub struct Checkpoint<'a> {
+    pub(crate) wants_engine: &'a dyn Fn() -> bool,
+    pub(crate) cancelled: &'a std::sync::atomic::AtomicBool,
+}
+
+impl Checkpoint<'_> {
+    /// Whether the kernel should yield now: its time slice is used, work of higher priority
+    /// is waiting, or the dispatch was cancelled. A kernel that sees `true` saves its
+    /// progress (in [`Workgroup::state`] or device memory) and returns
+    /// [`WorkgroupStatus::Yielded`].
+    pub fn should_yield(&self) -> bool {
+        self.cancelled() || (self.wants_engine)()
+    }
+
+    /// Whether the dispatch was cancelled (its queue is gone): return at once.
+    pub fn cancelled(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -187,8 +223,10 @@ pub trait Kernel: Send + Sync {
     fn validate(&self, args: &Args, dispatch: &Dispatch) -> Result<(), ArgError>;
 
     /// Runs one workgroup. Must only touch memory through `args`, and only where `validate`
-    /// said it may.
-    fn run(&self, args: &Args, wg: &Workgroup);
+    /// said it may. Short kernels ignore `cp` and return [`WorkgroupStatus::Done`]; a long
+    /// one calls [`Checkpoint::should_yield`] now and then and yields when told to, so the
+    /// scheduler can share its engine.
+    fn run(&self, args: &Args, wg: &mut Workgroup, cp: &Checkpoint<'_>) -> WorkgroupStatus;
 }
 
 /// Copies a dispatch's argument words out of the VM once and resolves them against the

@@ -4,11 +4,11 @@
 //! and touches memory only through atomic views (relaxed loads and stores compile to plain
 //! moves). f32 values travel as their bit patterns.
 
-use crate::kernel::{ArgError, ArgKind, Args, Kernel, Workgroup};
+use crate::kernel::{ArgError, ArgKind, Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use userq_uapi::kernels as id;
 use userq_uapi::packet::Dispatch;
 
@@ -36,7 +36,7 @@ impl KernelLibrary {
     /// The built-in kernels.
     pub fn builtin() -> Self {
         let mut l = KernelLibrary::default();
-        let all: [(u32, Arc<dyn Kernel>); 14] = [
+        let all: [(u32, Arc<dyn Kernel>); 16] = [
             (id::FILL_U32, Arc::new(Fill)),
             (id::COPY_U32, Arc::new(Copy)),
             (id::AXPY_F32, Arc::new(Axpy)),
@@ -63,6 +63,8 @@ impl KernelLibrary {
             (id::HISTOGRAM_U32, Arc::new(Histogram)),
             (id::CHECKSUM_U32, Arc::new(Checksum)),
             (id::SPIN, Arc::new(Spin)),
+            (id::PERSISTENT, Arc::new(Persistent)),
+            (id::NO_PROGRESS, Arc::new(NoProgress)),
         ];
         for (i, k) in all {
             l.kernels.insert(i, k);
@@ -118,12 +120,13 @@ impl Kernel for Fill {
         }
         need(a, 2, a.u64(0), 4)
     }
-    fn run(&self, a: &Args, wg: &Workgroup) {
+    fn run(&self, a: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
         let out = a.buffer(2).words32();
         let v = a.u64(1) as u32;
         for i in items(wg, a.u64(0)) {
             out[i].store(v, Relaxed);
         }
+        WorkgroupStatus::Done
     }
 }
 
@@ -139,11 +142,12 @@ impl Kernel for Copy {
         need(a, 1, a.u64(0), 4)?;
         need(a, 2, a.u64(0), 4)
     }
-    fn run(&self, a: &Args, wg: &Workgroup) {
+    fn run(&self, a: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
         let (src, dst) = (a.buffer(1).words32(), a.buffer(2).words32());
         for i in items(wg, a.u64(0)) {
             dst[i].store(src[i].load(Relaxed), Relaxed);
         }
+        WorkgroupStatus::Done
     }
 }
 
@@ -159,11 +163,12 @@ impl Kernel for Axpy {
         need(a, 2, a.u64(0), 4)?;
         need(a, 3, a.u64(0), 4)
     }
-    fn run(&self, a: &Args, wg: &Workgroup) {
+    fn run(&self, a: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
         let (s, x, y) = (a.f32(1), a.buffer(2).words32(), a.buffer(3).words32());
         for i in items(wg, a.u64(0)) {
             set(&y[i], s * f(&x[i]) + f(&y[i]));
         }
+        WorkgroupStatus::Done
     }
 }
 
@@ -178,11 +183,12 @@ impl Kernel for Scale {
     fn validate(&self, a: &Args, _: &Dispatch) -> Result<(), ArgError> {
         need(a, 2, a.u64(0), 4)
     }
-    fn run(&self, a: &Args, wg: &Workgroup) {
+    fn run(&self, a: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
         let (s, x) = (a.f32(1), a.buffer(2).words32());
         for i in items(wg, a.u64(0)) {
             set(&x[i], s * f(&x[i]));
         }
+        WorkgroupStatus::Done
     }
 }
 
@@ -200,7 +206,7 @@ impl Kernel for Binary {
     fn validate(&self, a: &Args, _: &Dispatch) -> Result<(), ArgError> {
         (1..4).try_for_each(|i| need(a, i, a.u64(0), 4))
     }
-    fn run(&self, a: &Args, wg: &Workgroup) {
+    fn run(&self, a: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
         let (x, y, out) = (
             a.buffer(1).words32(),
             a.buffer(2).words32(),
@@ -209,6 +215,7 @@ impl Kernel for Binary {
         for i in items(wg, a.u64(0)) {
             set(&out[i], (self.op)(f(&x[i]), f(&y[i])));
         }
+        WorkgroupStatus::Done
     }
 }
 
@@ -229,10 +236,11 @@ impl Kernel for ReduceSumF32 {
         need(a, 1, a.u64(0), 4)?;
         need_partials(a, 2, d, 4)
     }
-    fn run(&self, a: &Args, wg: &Workgroup) {
+    fn run(&self, a: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
         let x = a.buffer(1).words32();
         let sum: f32 = items(wg, a.u64(0)).map(|i| f(&x[i])).sum();
         set(&a.buffer(2).words32()[wg.index as usize], sum);
+        WorkgroupStatus::Done
     }
 }
 
@@ -248,10 +256,11 @@ impl Kernel for ReduceSumU64 {
         need(a, 1, a.u64(0), 8)?;
         need_partials(a, 2, d, 8)
     }
-    fn run(&self, a: &Args, wg: &Workgroup) {
+    fn run(&self, a: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
         let x = a.buffer(1).words64();
         let sum = items(wg, a.u64(0)).fold(0u64, |s, i| s.wrapping_add(x[i].load(Relaxed)));
         a.buffer(2).words64()[wg.index as usize].store(sum, Relaxed);
+        WorkgroupStatus::Done
     }
 }
 
@@ -268,10 +277,11 @@ impl Kernel for Dot {
         need(a, 2, a.u64(0), 4)?;
         need_partials(a, 3, d, 4)
     }
-    fn run(&self, a: &Args, wg: &Workgroup) {
+    fn run(&self, a: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
         let (x, y) = (a.buffer(1).words32(), a.buffer(2).words32());
         let dot: f32 = items(wg, a.u64(0)).map(|i| f(&x[i]) * f(&y[i])).sum();
         set(&a.buffer(3).words32()[wg.index as usize], dot);
+        WorkgroupStatus::Done
     }
 }
 
@@ -297,7 +307,7 @@ impl Kernel for Gemm {
         need(a, 4, k * n, 4)?;
         need(a, 5, m * n, 4)
     }
-    fn run(&self, a: &Args, wg: &Workgroup) {
+    fn run(&self, a: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
         let (m, n, k) = (a.u64(0) as usize, a.u64(1) as usize, a.u64(2) as usize);
         let (ma, mb, mc) = (
             a.buffer(3).words32(),
@@ -309,7 +319,7 @@ impl Kernel for Gemm {
         let cols = (cols.start as usize).min(n)..(cols.end as usize).min(n);
         let rows = (rows.start as usize).min(m)..(rows.end as usize).min(m);
         if cols.is_empty() || rows.is_empty() {
-            return;
+            return WorkgroupStatus::Done;
         }
         // Accumulate the workgroup's tile of C in registers-to-be, walking K in tiles so
         // that the A and B panels stay in cache.
@@ -339,6 +349,7 @@ impl Kernel for Gemm {
                 set(&mc[r * n + c], acc[i * w + j]);
             }
         }
+        WorkgroupStatus::Done
     }
 }
 
@@ -357,7 +368,7 @@ impl Kernel for ExclusiveScan {
         need(a, 1, a.u64(0), 4)?;
         need(a, 2, a.u64(0), 4)
     }
-    fn run(&self, a: &Args, _: &Workgroup) {
+    fn run(&self, a: &Args, _: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
         let (input, out) = (a.buffer(1).words32(), a.buffer(2).words32());
         let mut acc = 0u32;
         for i in 0..a.u64(0) as usize {
@@ -365,6 +376,7 @@ impl Kernel for ExclusiveScan {
             out[i].store(acc, Relaxed);
             acc = acc.wrapping_add(v);
         }
+        WorkgroupStatus::Done
     }
 }
 
@@ -383,12 +395,13 @@ impl Kernel for Histogram {
         need(a, 2, a.u64(0), 4)?;
         need(a, 3, a.u64(1), 4)
     }
-    fn run(&self, a: &Args, wg: &Workgroup) {
+    fn run(&self, a: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
         let (input, hist, bins) = (a.buffer(2).words32(), a.buffer(3).words32(), a.u64(1));
         for i in items(wg, a.u64(0)) {
             let bin = (input[i].load(Relaxed) as u64 % bins) as usize;
             hist[bin].fetch_add(1, Relaxed);
         }
+        WorkgroupStatus::Done
     }
 }
 
@@ -404,7 +417,7 @@ impl Kernel for Checksum {
         need(a, 1, a.u64(0), 4)?;
         need_partials(a, 2, d, 4)
     }
-    fn run(&self, a: &Args, wg: &Workgroup) {
+    fn run(&self, a: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
         let input = a.buffer(1).words32();
         let mut h: u32 = 0x811c_9dc5;
         for i in items(wg, a.u64(0)) {
@@ -413,6 +426,7 @@ impl Kernel for Checksum {
             }
         }
         a.buffer(2).words32()[wg.index as usize].store(h, Relaxed);
+        WorkgroupStatus::Done
     }
 }
 
@@ -436,18 +450,104 @@ impl Kernel for Spin {
     fn signature(&self) -> &[ArgKind] {
         &[U64]
     }
-    fn validate(&self, a: &Args, _: &Dispatch) -> Result<(), ArgError> {
-        // At most a second per workgroup: longer work is more workgroups, so that the
-        // scheduler can switch between them.
-        if a.u64(0) > 1_000_000_000 {
-            return Err(ArgError::at(0, a.u64(0)));
-        }
+    fn validate(&self, _: &Args, _: &Dispatch) -> Result<(), ArgError> {
         Ok(())
     }
-    fn run(&self, a: &Args, _: &Workgroup) {
-        let until = Instant::now() + Duration::from_nanos(a.u64(0));
-        while Instant::now() < until {
+    fn run(&self, a: &Args, wg: &mut Workgroup, cp: &Checkpoint<'_>) -> WorkgroupStatus {
+        // `wg.state` holds the nanoseconds already spun: a long spin yields at checkpoints
+        // and resumes where it stopped.
+        let total = a.u64(0);
+        let start = Instant::now();
+        let done_before = wg.state;
+        loop {
+            let spun = done_before.saturating_add(start.elapsed().as_nanos() as u64);
+            if spun >= total {
+                return WorkgroupStatus::Done;
+            }
+            for _ in 0..64 {
+                std::hint::spin_loop();
+            }
+            if cp.should_yield() {
+                wg.state = done_before.saturating_add(start.elapsed().as_nanos() as u64);
+                return WorkgroupStatus::Yielded;
+            }
+        }
+    }
+}
+
+/// The mailbox words of the persistent kernel.
+pub mod mailbox {
+    /// Requests posted by the host (it writes the value first, then bumps this, release).
+    pub const REQUEST_SEQ: usize = 0;
+    /// The request's value.
+    pub const REQUEST_VALUE: usize = 1;
+    /// Requests answered (the kernel writes the answer first, then this, release).
+    pub const RESPONSE_SEQ: usize = 2;
+    /// The answer: `3·value + 1` (wrapping).
+    pub const RESPONSE_VALUE: usize = 3;
+    /// Non-zero: the kernel returns.
+    pub const STOP: usize = 4;
+    /// Words in a mailbox.
+    pub const WORDS: usize = 5;
+}
+
+/// The classic persistent kernel: one workgroup that serves a mailbox in device memory
+/// until told to stop, yielding its engine at checkpoints while idle or when its slice is
+/// used.
+struct Persistent;
+impl Kernel for Persistent {
+    fn name(&self) -> &str {
+        "persistent"
+    }
+    fn signature(&self) -> &[ArgKind] {
+        &[B]
+    }
+    fn validate(&self, a: &Args, d: &Dispatch) -> Result<(), ArgError> {
+        if d.workgroup_count() != 1 {
+            return Err(ArgError::at(0, d.workgroup_count()));
+        }
+        need(a, 0, mailbox::WORDS as u64, 8)
+    }
+    fn run(&self, a: &Args, _: &mut Workgroup, cp: &Checkpoint<'_>) -> WorkgroupStatus {
+        use std::sync::atomic::Ordering::{Acquire, Release};
+        let m = a.buffer(0).words64();
+        loop {
+            if cp.cancelled() || m[mailbox::STOP].load(Acquire) != 0 {
+                return WorkgroupStatus::Done;
+            }
+            let req = m[mailbox::REQUEST_SEQ].load(Acquire);
+            if req != m[mailbox::RESPONSE_SEQ].load(Relaxed) {
+                let v = m[mailbox::REQUEST_VALUE].load(Relaxed);
+                m[mailbox::RESPONSE_VALUE].store(v.wrapping_mul(3).wrapping_add(1), Relaxed);
+                m[mailbox::RESPONSE_SEQ].store(req, Release);
+                continue;
+            }
+            if cp.should_yield() {
+                return WorkgroupStatus::Yielded;
+            }
             std::hint::spin_loop();
         }
+    }
+}
+
+/// A cooperative kernel that never reaches a checkpoint of progress: it holds its engine
+/// until its dispatch is cancelled (its queue destroyed, or later reset). It exists to test
+/// hang handling.
+struct NoProgress;
+impl Kernel for NoProgress {
+    fn name(&self) -> &str {
+        "no_progress"
+    }
+    fn signature(&self) -> &[ArgKind] {
+        &[]
+    }
+    fn validate(&self, _: &Args, _: &Dispatch) -> Result<(), ArgError> {
+        Ok(())
+    }
+    fn run(&self, _: &Args, _: &mut Workgroup, cp: &Checkpoint<'_>) -> WorkgroupStatus {
+        while !cp.cancelled() {
+            std::hint::spin_loop();
+        }
+        WorkgroupStatus::Done
     }
 }

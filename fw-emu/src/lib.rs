@@ -378,6 +378,7 @@ impl Firmware {
                 entries,
                 priority,
                 timeline,
+                time_slice_us,
             } => {
                 let valid = entries.is_power_of_two()
                     && (MIN_RING_ENTRIES..=MAX_RING_ENTRIES).contains(&entries)
@@ -406,7 +407,14 @@ impl Firmware {
                 if map.head::<RingHeader>().header.param.load(Relaxed) != entries {
                     return FwStatus::BadObject;
                 }
-                c.queues[slot as usize] = Some(Queue::new(slot, map, entries, priority, t.clone()));
+                c.queues[slot as usize] = Some(Queue::new(
+                    slot,
+                    map,
+                    entries,
+                    priority,
+                    (time_slice_us > 0).then(|| Duration::from_micros(time_slice_us as u64)),
+                    t.clone(),
+                ));
                 FwStatus::Ok
             }
             FwRequest::UnmapQueue { ctx, slot } => {

@@ -103,8 +103,10 @@ pub struct Resources<'a> {
 pub struct Queue {
     /// Doorbell slot.
     pub slot: u32,
-    /// Scheduling priority (the run list orders by it in later schedulers; recorded now).
+    /// Scheduling priority of its dispatches on the engines.
     pub priority: Priority,
+    /// Time slice of its dispatches on the engines (`None`: the firmware's default).
+    pub time_slice: Option<Duration>,
     /// The timeline fence; only the firmware writes it.
     pub timeline: Arc<FenceObject>,
     /// Whether the queue is on the run list.
@@ -134,6 +136,7 @@ impl Queue {
         ring: Mapping,
         entries: u32,
         priority: Priority,
+        time_slice: Option<Duration>,
         timeline: Arc<FenceObject>,
     ) -> Self {
         timeline
@@ -144,6 +147,7 @@ impl Queue {
         Queue {
             slot,
             priority,
+            time_slice,
             timeline,
             queued: false,
             ring,
@@ -378,6 +382,7 @@ impl Queue {
                     args,
                     d,
                     self.priority,
+                    self.time_slice,
                 ))))
             }
         }

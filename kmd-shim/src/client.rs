@@ -87,7 +87,8 @@ fn handle(
         Request::CreateQueue {
             ring_entries,
             priority,
-        } => dev.create_queue(c, ring_entries, priority),
+            time_slice_us,
+        } => dev.create_queue(c, ring_entries, priority, time_slice_us),
         Request::DestroyQueue { slot } => dev.destroy_queue(c, slot),
         Request::CreateFence { initial } => dev.create_fence(c, initial),
         Request::ImportFence => dev.import_fence(c, &fds),

@@ -354,8 +354,12 @@ impl Device {
         ctx: u32,
         entries: u32,
         priority: Priority,
+        time_slice_us: u32,
     ) -> Result<Reply, KmdStatus> {
-        if !entries.is_power_of_two() || !(MIN_RING_ENTRIES..=MAX_RING_ENTRIES).contains(&entries) {
+        if !entries.is_power_of_two()
+            || !(MIN_RING_ENTRIES..=MAX_RING_ENTRIES).contains(&entries)
+            || time_slice_us > userq_uapi::ioctl::MAX_TIME_SLICE_US
+        {
             return Err(KmdStatus::InvalidArgument);
         }
         let ring_bytes = ring_object_size(entries) as u64;
@@ -414,6 +418,7 @@ impl Device {
                     entries,
                     priority,
                     timeline: fence,
+                    time_slice_us,
                 },
                 &[(ro, rfd.as_fd())],
             )?;

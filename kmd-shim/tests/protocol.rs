@@ -85,6 +85,7 @@ fn malformed_messages_get_typed_errors_and_the_connection_goes_on() {
     let queue = Request::CreateQueue {
         ring_entries: 8,
         priority: Priority::Normal,
+        time_slice_us: 0,
     };
 
     assert_eq!(send_raw(&s, &[1, 2, 3], &[]).0, KmdStatus::Malformed);
@@ -132,6 +133,7 @@ fn malformed_messages_get_typed_errors_and_the_connection_goes_on() {
         let r = Request::CreateQueue {
             ring_entries: entries,
             priority: Priority::Low,
+            time_slice_us: 0,
         };
         assert_eq!(
             status(&s, r),
@@ -239,6 +241,7 @@ fn a_client_that_vanishes_mid_request_does_not_disturb_another() {
         let q = Request::CreateQueue {
             ring_entries: 64,
             priority: Priority::High,
+            time_slice_us: 0,
         }
         .encode();
         os::send_with_fds(bad.as_fd(), bytemuck::bytes_of(&q), &[]).expect("send");
@@ -259,6 +262,7 @@ fn a_client_that_vanishes_mid_request_does_not_disturb_another() {
         Request::CreateQueue {
             ring_entries: 8,
             priority: Priority::Normal,
+            time_slice_us: 0,
         },
         &[],
     );

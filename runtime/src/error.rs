@@ -49,6 +49,9 @@ pub enum QueueCreateError {
     /// The context already has the maximum number of queues.
     #[error("too many queues in this context")]
     TooManyQueues,
+    /// The time slice is not between 1 µs and 1 s.
+    #[error("time slice {0:?} is not between 1 µs and 1 s")]
+    BadTimeSlice(std::time::Duration),
     /// Another control-plane failure.
     #[error(transparent)]
     Control(#[from] ControlError),

@@ -45,7 +45,10 @@ mod reactor;
 /// The firmware's kernel interface, for custom kernels registered with
 /// [`DeviceBuilder::kernel`].
 pub mod firmware {
-    pub use fw_emu::kernel::{Arg, ArgError, ArgKind, Args, BufferArg, Kernel, Workgroup};
+    pub use fw_emu::kernel::{
+        Arg, ArgError, ArgKind, Args, BufferArg, Checkpoint, Kernel, Workgroup, WorkgroupStatus,
+    };
+    pub use fw_emu::kernels::mailbox;
     pub use fw_emu::kernels::need;
 }
 

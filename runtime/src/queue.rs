@@ -156,6 +156,7 @@ pub struct QueueBuilder<'d> {
     dev: &'d Device,
     entries: u32,
     priority: Priority,
+    time_slice: Option<Duration>,
 }
 
 impl<'d> QueueBuilder<'d> {
@@ -164,6 +165,7 @@ impl<'d> QueueBuilder<'d> {
             dev,
             entries: DEFAULT_RING_ENTRIES,
             priority: Priority::Normal,
+            time_slice: None,
         }
     }
 
@@ -179,17 +181,35 @@ impl<'d> QueueBuilder<'d> {
         self
     }
 
+    /// How long an engine runs this queue's dispatches before another queue of the same
+    /// priority gets its turn (default 1 ms; 1 µs to 1 s).
+    pub fn time_slice(mut self, slice: Duration) -> Self {
+        self.time_slice = Some(slice);
+        self
+    }
+
     /// Creates the queue.
     pub fn create(self) -> Result<Queue, QueueCreateError> {
         let e = self.entries;
         if !e.is_power_of_two() || !(MIN_RING_ENTRIES..=MAX_RING_ENTRIES).contains(&e) {
             return Err(QueueCreateError::BadRingSize(e));
         }
+        let time_slice_us = match self.time_slice {
+            None => 0,
+            Some(t) => {
+                let us = t.as_micros();
+                if us == 0 || us > userq_uapi::ioctl::MAX_TIME_SLICE_US as u128 {
+                    return Err(QueueCreateError::BadTimeSlice(t));
+                }
+                us as u32
+            }
+        };
         let inner = &self.dev.inner;
         let r = inner.call(
             Request::CreateQueue {
                 ring_entries: e,
                 priority: self.priority,
+                time_slice_us,
             },
             &[],
         );

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use userq::firmware::{ArgError, ArgKind, Args, Kernel, Workgroup};
+use userq::firmware::{ArgError, ArgKind, Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
 use userq::{kernels, Command, Device, ErrorCode, KernelArg, OpenMode, WaitError};
 
 const LONG: Duration = Duration::from_secs(20);
@@ -329,13 +329,14 @@ impl Kernel for Squares {
     fn validate(&self, a: &Args, _: &userq::uapi::packet::Dispatch) -> Result<(), ArgError> {
         userq::firmware::need(a, 1, a.u64(0), 8)
     }
-    fn run(&self, a: &Args, wg: &Workgroup) {
+    fn run(&self, a: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
         let out = a.buffer(1).words64();
         for i in wg.range(0) {
             if i < a.u64(0) {
                 out[i as usize].store(i * i, Ordering::Relaxed);
             }
         }
+        WorkgroupStatus::Done
     }
 }
 

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use userq::firmware::{ArgError, ArgKind, Args, Kernel, Workgroup};
+use userq::firmware::{ArgError, ArgKind, Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
 use userq::{kernels, Command, Device, KernelArg, OpenMode, Priority, WaitMode};
 
 fn device(tag: &str) -> (Device, std::path::PathBuf) {
@@ -41,12 +41,13 @@ impl Kernel for CountedSpin {
     fn validate(&self, a: &Args, _: &userq::uapi::packet::Dispatch) -> Result<(), ArgError> {
         userq::firmware::need(a, 1, 1, 8)
     }
-    fn run(&self, a: &Args, _: &Workgroup) {
+    fn run(&self, a: &Args, _: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
         let until = Instant::now() + Duration::from_nanos(a.u64(0));
         while Instant::now() < until {
             std::hint::spin_loop();
         }
         a.buffer(1).words64()[0].fetch_add(1, Ordering::Relaxed);
+        WorkgroupStatus::Done
     }
 }
 
@@ -121,5 +122,161 @@ fn a_high_priority_queue_gets_through_saturating_low_priority_work() {
     assert!(
         worst < Duration::from_millis(200),
         "high-priority round trip took {worst:?}"
+    );
+}
+
+#[test]
+fn one_long_workgroup_is_preempted_at_its_checkpoints() {
+    let (dev, dir) = device("checkpoint");
+    let mut long = dev.create_queue().unwrap();
+    let mut short = dev.create_queue().unwrap();
+    // A single workgroup spinning for 2 s: only checkpoints can share its engine.
+    let busy = long
+        .submit(kernels::spin(1, 2_000_000_000).unwrap())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let buf = dev.alloc::<f32>(1000).unwrap();
+    let t = Instant::now();
+    short
+        .submit(kernels::scale(1000, 1.0, &buf).unwrap())
+        .unwrap()
+        .wait(Duration::from_secs(10))
+        .unwrap();
+    let waited = t.elapsed();
+    assert_eq!(
+        busy.poll(),
+        Ok(false),
+        "the long workgroup is still running"
+    );
+    assert!(
+        waited < Duration::from_millis(500),
+        "waited {waited:?} behind one long workgroup"
+    );
+    busy.wait(Duration::from_secs(20)).unwrap();
+    drop((long, short, buf, dev));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_persistent_kernel_serves_its_mailbox_until_told_to_stop() {
+    use userq::firmware::mailbox;
+    let (dev, dir) = device("persistent");
+    let mut server = dev.create_queue().unwrap();
+    let mut other = dev.create_queue().unwrap();
+    let mbox = dev.alloc::<u64>(mailbox::WORDS).unwrap();
+    let running = server
+        .submit(Command::dispatch(
+            kernels::PERSISTENT,
+            [1, 1, 1],
+            [1, 1, 1],
+            &[KernelArg::Address(mbox.device_address())],
+        ))
+        .unwrap();
+    let buf = dev.alloc::<f32>(100).unwrap();
+    for i in 1..=200u64 {
+        mbox.atomic(mailbox::REQUEST_VALUE)
+            .store(i * 10, Ordering::Relaxed);
+        mbox.atomic(mailbox::REQUEST_SEQ)
+            .store(i, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mbox.atomic(mailbox::RESPONSE_SEQ).load(Ordering::Acquire) != i {
+            assert!(Instant::now() < deadline, "request {i} not answered");
+            std::thread::yield_now();
+        }
+        assert_eq!(
+            mbox.atomic(mailbox::RESPONSE_VALUE).load(Ordering::Relaxed),
+            i * 30 + 1
+        );
+        if i % 50 == 0 {
+            // Other queues keep running while the kernel persists.
+            other
+                .submit(kernels::scale(100, 1.0, &buf).unwrap())
+                .unwrap()
+                .wait(Duration::from_secs(10))
+                .unwrap();
+        }
+    }
+    assert_eq!(running.poll(), Ok(false));
+    mbox.atomic(mailbox::STOP).store(1, Ordering::Release);
+    running.wait(Duration::from_secs(10)).unwrap();
+    drop((server, other, mbox, buf, dev));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn destroying_the_queue_of_a_no_progress_kernel_frees_its_engine() {
+    let (dev, dir) = device("noprogress");
+    let mut stuck = dev.create_queue().unwrap();
+    let never = stuck
+        .submit(Command::dispatch(
+            kernels::NO_PROGRESS,
+            [1, 1, 1],
+            [1, 1, 1],
+            &[],
+        ))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(never.poll(), Ok(false));
+    drop(stuck);
+    assert!(
+        never.wait(Duration::from_secs(10)).is_err(),
+        "the destroyed queue's point fails"
+    );
+    let mut q = dev.create_queue().unwrap();
+    let buf = dev.alloc::<f32>(100).unwrap();
+    q.submit(kernels::scale(100, 1.0, &buf).unwrap())
+        .unwrap()
+        .wait(Duration::from_secs(10))
+        .unwrap();
+    drop((q, buf, dev));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_longer_time_slice_buys_a_proportionally_larger_share() {
+    let id = kernels::FIRST_CUSTOM + 8;
+    let (dev, dir) = device_with(
+        "slices",
+        Device::builder().kernel(id, Arc::new(CountedSpin)),
+    );
+    assert!(matches!(
+        dev.queue().time_slice(Duration::ZERO).create(),
+        Err(userq::QueueCreateError::BadTimeSlice(_))
+    ));
+    let counters = [dev.alloc::<u64>(1).unwrap(), dev.alloc::<u64>(1).unwrap()];
+    let mut queues = vec![
+        dev.queue()
+            .time_slice(Duration::from_millis(3))
+            .create()
+            .unwrap(),
+        dev.queue()
+            .time_slice(Duration::from_millis(1))
+            .create()
+            .unwrap(),
+    ];
+    for (q, c) in queues.iter_mut().zip(&counters) {
+        q.submit(Command::dispatch(
+            id,
+            [1_000_000_000, 1, 1],
+            [1, 1, 1],
+            &[
+                KernelArg::U64(50_000),
+                KernelArg::Address(c.device_address()),
+            ],
+        ))
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let before = [counters[0].read(0), counters[1].read(0)];
+    std::thread::sleep(Duration::from_secs(1));
+    let after = [counters[0].read(0), counters[1].read(0)];
+    drop(queues);
+    let (x, y) = ((after[0] - before[0]) as f64, (after[1] - before[1]) as f64);
+    drop((counters, dev));
+    let _ = std::fs::remove_dir_all(dir);
+    let ratio = x / y.max(1.0);
+    assert!(
+        (2.0..=4.0).contains(&ratio),
+        "3 ms vs 1 ms slices gave {x} vs {y} workgroups"
     );
 }

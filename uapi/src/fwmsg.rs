@@ -87,6 +87,8 @@ pub enum FwRequest {
         priority: Priority,
         /// The queue's timeline fence.
         timeline: FenceId,
+        /// Engine time slice in microseconds (0: the firmware's default).
+        time_slice_us: u32,
     },
     /// Removes a queue; its timeline fence is poisoned with [`ErrorCode::QueueDestroyed`].
     UnmapQueue {
@@ -245,6 +247,7 @@ impl FwRequest {
                 entries,
                 priority,
                 timeline,
+                time_slice_us,
             } => {
                 w[1] = ctx as u64;
                 w[2] = slot as u64;
@@ -252,6 +255,7 @@ impl FwRequest {
                 w[4] = entries as u64;
                 w[5] = priority as u64;
                 w[6] = timeline;
+                w[7] = time_slice_us as u64;
                 kind::MAP_QUEUE
             }
             FwRequest::UnmapQueue { ctx, slot } => {
@@ -335,6 +339,7 @@ impl FwRequest {
                 entries: n32(w[4])?,
                 priority: Priority::from_u64(w[5]).ok_or(FwStatus::Malformed)?,
                 timeline: w[6],
+                time_slice_us: n32(w[7])?,
             },
             kind::UNMAP_QUEUE => FwRequest::UnmapQueue {
                 ctx: n32(w[1])?,
@@ -444,6 +449,7 @@ mod tests {
                 entries: 1024,
                 priority: Priority::Low,
                 timeline: 7,
+                time_slice_us: 250,
             },
             FwRequest::UnmapQueue { ctx: 1, slot: 2 },
             FwRequest::RegisterFence {

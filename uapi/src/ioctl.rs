@@ -10,7 +10,7 @@
 //! | op | request args | reply values | fds in | fds out |
 //! |---|---|---|---|---|
 //! | OPEN_CONTEXT | abi version | ctx id, device generation | | doorbell page (rw), device status (ro), device kick (rw) |
-//! | CREATE_QUEUE | ring entries, [`Priority`] | slot, timeline fence handle, global fence id | | ring (rw), fence state (ro), fence waiters (rw) |
+//! | CREATE_QUEUE | ring entries, [`Priority`], time slice µs (0: default) | slot, timeline fence handle, global fence id | | ring (rw), fence state (ro), fence waiters (rw) |
 //! | DESTROY_QUEUE | slot | | | |
 //! | CREATE_FENCE | initial value | handle, global fence id | | fence state (rw), fence waiters (rw) |
 //! | IMPORT_FENCE | | handle, global fence id, [`crate::layout::FenceKind`] | fence state, fence waiters | |
@@ -25,6 +25,9 @@ use bytemuck::{Pod, Zeroable};
 
 /// Largest buffer one ALLOC_BUFFER may ask for (16 GiB).
 pub const MAX_BUFFER_SIZE: u64 = 16 << 30;
+
+/// Longest time slice a queue may ask for (1 s).
+pub const MAX_TIME_SLICE_US: u32 = 1_000_000;
 
 /// Most file descriptors any message carries.
 pub const MAX_FDS_PER_MESSAGE: usize = 3;
@@ -120,6 +123,9 @@ pub enum Request {
         ring_entries: u32,
         /// Scheduling priority.
         priority: Priority,
+        /// Engine time slice of its dispatches in microseconds, up to
+        /// [`MAX_TIME_SLICE_US`]; 0 for the firmware's default.
+        time_slice_us: u32,
     },
     /// Destroys a queue; its timeline fence is poisoned for values it never reached.
     DestroyQueue {
@@ -165,10 +171,12 @@ impl Request {
             Request::CreateQueue {
                 ring_entries,
                 priority,
+                time_slice_us,
             } => {
                 r.op = op::CREATE_QUEUE;
                 r.args[0] = ring_entries as u64;
                 r.args[1] = priority as u64;
+                r.args[2] = time_slice_us as u64;
             }
             Request::DestroyQueue { slot } => {
                 r.op = op::DESTROY_QUEUE;
@@ -215,8 +223,9 @@ impl Request {
                 Request::CreateQueue {
                     ring_entries: narrow(a[0])?,
                     priority: Priority::from_u64(a[1]).ok_or(KmdStatus::InvalidArgument)?,
+                    time_slice_us: narrow(a[2])?,
                 },
-                2,
+                3,
             ),
             op::DESTROY_QUEUE => (
                 Request::DestroyQueue {
@@ -283,6 +292,7 @@ mod tests {
             Request::CreateQueue {
                 ring_entries: 64,
                 priority: Priority::High,
+                time_slice_us: 500,
             },
             Request::DestroyQueue { slot: 3 },
             Request::CreateFence { initial: 5 },

@@ -22,7 +22,14 @@
 //! | 11 | exclusive prefix sum u32 (one workgroup: grid = workgroup) | n, in, out |
 //! | 12 | histogram u32: hist[v % bins] += 1 | n, bins, in, hist |
 //! | 13 | checksum (FNV-1a of the u32 words), partial per workgroup | n, in, partials |
-//! | 14 | spin: every workgroup busy-waits `ns` nanoseconds (at most 1 s) | ns |
+//! | 14 | spin: every workgroup busy-waits `ns` nanoseconds, yielding at checkpoints | ns |
+//! | 15 | persistent: one workgroup serving a mailbox until told to stop (see below) | mailbox |
+//! | 16 | no progress: spins without a checkpoint until its queue is destroyed | |
+//!
+//! The persistent kernel's mailbox is five u64 words: request sequence, request value,
+//! response sequence, response value (`3·value + 1`), stop. The host writes the value, then
+//! bumps the request sequence (release); the kernel writes the answer, then sets the
+//! response sequence to the request's (release); a non-zero stop word ends the kernel.
 
 /// Fill 32-bit words with a value.
 pub const FILL_U32: u32 = 1;
@@ -50,8 +57,12 @@ pub const EXCLUSIVE_SCAN_U32: u32 = 11;
 pub const HISTOGRAM_U32: u32 = 12;
 /// Per-workgroup FNV-1a checksums.
 pub const CHECKSUM_U32: u32 = 13;
-/// Busy work for a given time per work-item.
+/// Busy work for a given time per workgroup, preemptible at checkpoints.
 pub const SPIN: u32 = 14;
+/// A persistent kernel serving a mailbox.
+pub const PERSISTENT: u32 = 15;
+/// A kernel that never reports progress (for hang handling).
+pub const NO_PROGRESS: u32 = 16;
 
 /// First id free for custom kernels.
 pub const FIRST_CUSTOM: u32 = 1 << 16;

@@ -162,6 +162,7 @@ impl Raw {
             Request::CreateQueue {
                 ring_entries: entries,
                 priority: Priority::Normal,
+                time_slice_us: 0,
             },
             &[],
         )?;

@@ -1,0 +1,75 @@
+//! A persistent kernel: one workgroup that lives on the device and serves requests from the
+//! host through a mailbox in device memory, until told to stop. Meanwhile another queue
+//! keeps dispatching small kernels, and their latency stays low: the persistent kernel
+//! yields its engine at checkpoints.
+//!
+//! cargo run --release --example persistent
+
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::time::{Duration, Instant};
+use userq::firmware::mailbox;
+use userq::{kernels, Command, Device, KernelArg};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let dev = Device::open_default()?;
+    let mut server_queue = dev.queue().priority(userq::Priority::Low).create()?;
+    let mut other = dev.create_queue()?;
+    let mbox = dev.alloc::<u64>(mailbox::WORDS)?;
+    let server = server_queue.submit(Command::dispatch(
+        kernels::PERSISTENT,
+        [1, 1, 1],
+        [1, 1, 1],
+        &[KernelArg::Address(mbox.device_address())],
+    ))?;
+
+    let requests = 2000u64;
+    let mut served = Vec::with_capacity(requests as usize);
+    let data = dev.alloc::<f32>(4096)?;
+    let mut other_latency = Vec::new();
+    for i in 1..=requests {
+        let t = Instant::now();
+        mbox.atomic(mailbox::REQUEST_VALUE).store(i, Relaxed);
+        mbox.atomic(mailbox::REQUEST_SEQ).store(i, Release);
+        let deadline = t + Duration::from_secs(10);
+        while mbox.atomic(mailbox::RESPONSE_SEQ).load(Acquire) != i {
+            if Instant::now() > deadline {
+                return Err(format!("request {i} was not answered").into());
+            }
+            std::hint::spin_loop();
+        }
+        served.push(t.elapsed());
+        let answer = mbox.atomic(mailbox::RESPONSE_VALUE).load(Relaxed);
+        if answer != 3 * i + 1 {
+            return Err(format!("request {i}: answer {answer}, want {}", 3 * i + 1).into());
+        }
+        if i % 20 == 0 {
+            let t = Instant::now();
+            other
+                .submit(kernels::scale(4096, 1.0, &data)?)?
+                .wait(Duration::from_secs(10))?;
+            other_latency.push(t.elapsed());
+        }
+    }
+    if server.poll()? {
+        return Err("the persistent kernel ended on its own".into());
+    }
+    mbox.atomic(mailbox::STOP).store(1, Release);
+    server.wait(Duration::from_secs(10))?;
+
+    let pct = |v: &mut Vec<Duration>, q: f64| {
+        v.sort();
+        v[((v.len() - 1) as f64 * q) as usize]
+    };
+    println!(
+        "persistent: {requests} requests answered by one long-running workgroup; round trip p50 {:?}, p99 {:?}",
+        pct(&mut served, 0.5),
+        pct(&mut served, 0.99)
+    );
+    println!(
+        "meanwhile {} dispatches on another queue: p50 {:?}, p99 {:?}; the kernel stopped when asked",
+        other_latency.len(),
+        pct(&mut other_latency, 0.5),
+        pct(&mut other_latency, 0.99)
+    );
+    Ok(())
+}
