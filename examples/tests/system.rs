@@ -331,3 +331,50 @@ fn sixty_four_queues_from_four_processes_all_complete() {
     }
     daemon.stop();
 }
+
+#[test]
+fn a_custom_firmware_program_serves_its_own_kernel_in_daemon_layout() {
+    // The example's own demo: kmd-shim's library with the example as firmware process.
+    let text = run_embedded_example("custom_firmware");
+    assert!(text.contains("10000 results match the CPU"), "{text}");
+    // And with the kmd-shim daemon, as the example's documentation says.
+    let fw = bin_dir().join("examples").join("custom_firmware");
+    let dir = TempDir::new("custom-fw");
+    let socket = dir.path().join("dev.sock");
+    let mut kmd = Proc::spawn(
+        "kmd-shim --fw custom_firmware",
+        Command::new(workspace_bin("kmd-shim"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--fw")
+            .arg(&fw)
+            .arg("--quiet")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Device::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "kmd-shim did not come up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let dev = Device::connect(&socket).expect("connect");
+    let out = dev.alloc::<u32>(27).expect("buffer");
+    let mut q = dev.create_queue().expect("queue");
+    let collatz = userq::kernels::FIRST_CUSTOM + 42;
+    q.submit(userq::Command::dispatch(
+        collatz,
+        [27, 1, 1],
+        [8, 1, 1],
+        &[
+            userq::KernelArg::U64(27),
+            userq::KernelArg::Address(out.device_address()),
+        ],
+    ))
+    .expect("submit")
+    .wait(Duration::from_secs(10))
+    .expect("the custom kernel runs");
+    assert_eq!(out.read(26), 111, "27 takes 111 Collatz steps");
+    drop((q, out, dev));
+    kmd.signal(rustix::process::Signal::TERM);
+    assert!(kmd.wait_for(Duration::from_secs(10)).success());
+}
