@@ -12,4 +12,5 @@ pub mod peers;
 pub mod plot;
 pub mod proc;
 pub mod report;
+pub mod sched;
 pub mod stats;

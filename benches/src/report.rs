@@ -59,6 +59,12 @@ pub struct Report {
     pub submit: Option<(f64, u64)>,
     /// Syscalls strace saw the submitting thread make during 50 000 submits.
     pub submit_syscalls: Option<u64>,
+    /// Workgroups run by two equal queues over the fairness window.
+    pub fairness: Option<(u64, u64)>,
+    /// High-priority dispatch round trips under saturating low-priority work.
+    pub priority: Option<Latency>,
+    /// (processes, queues each, wall time) of the oversubscription run.
+    pub oversubscription: Option<(usize, usize, std::time::Duration)>,
     /// Peers that could not run here, with why.
     pub skipped: Vec<(String, String)>,
 }
@@ -149,6 +155,29 @@ impl Report {
                 verdict: Some(cost <= 50.0 && wakes == 0 && self.submit_syscalls.unwrap_or(0) == 0),
             });
         }
+        if let Some((a, b)) = self.fairness {
+            let skew = (a as f64 - b as f64).abs() / ((a + b) as f64 / 2.0).max(1.0);
+            t.push(Target {
+                what: "fairness: equal queues' engine time within ±10% over 2 s".into(),
+                measured: format!("{a} vs {b} workgroups ({:.1}% apart)", skew * 100.0),
+                verdict: Some(skew <= 0.10 && a + b > 0),
+            });
+        }
+        if let Some(l) = &self.priority {
+            let p99 = l.summary().p99;
+            t.push(Target {
+                what: "priority: high-priority dispatch p99 within about one 1 ms slice".into(),
+                measured: format!("p99 {} under 8 saturating low-priority queues", ns(p99)),
+                verdict: Some(p99 <= 1_500_000),
+            });
+        }
+        if let Some((p, q, d)) = self.oversubscription {
+            t.push(Target {
+                what: "oversubscription: 64 queues from 4 processes all complete".into(),
+                measured: format!("{} queues from {p} processes completed in {d:.2?}", p * q),
+                verdict: Some(true),
+            });
+        }
         if let Some(idle) = self.idle_cpu {
             t.push(Target {
                 what: "idle fw-emu < 2% of a core".into(),
@@ -212,6 +241,19 @@ impl Report {
                     ns(r.summary.p99)
                 );
             }
+        }
+        if let Some((a, b)) = self.fairness {
+            println!("\nfairness: two equal queues with endless spin kernels ran {a} and {b} workgroups of 100 µs in 2 s");
+        }
+        if let Some(l) = &self.priority {
+            let s = l.summary();
+            println!(
+                "priority: high-priority dispatch round trip under 8 saturating low-priority queues: p50 {}, p99 {}, p99.9 {}",
+                ns(s.p50), ns(s.p99), ns(s.p999)
+            );
+        }
+        if let Some((p, q, d)) = self.oversubscription {
+            println!("oversubscription: {} queues from {p} processes, 20 dependent dispatches each, all completed in {d:.2?}", p * q);
         }
         if let Some((cost, wakes)) = self.submit {
             println!("\nsubmit cost: {cost:.1} ns median per NOP submit; {wakes} futex wakes while measuring");

@@ -69,11 +69,7 @@ pub struct FirmwareConfig {
 impl Default for FirmwareConfig {
     fn default() -> Self {
         FirmwareConfig {
-            // One core stays with the command processor, so that command processing and
-            // kernel execution never starve each other (on 2 cores: one engine).
-            engines: std::thread::available_parallelism()
-                .map_or(1, |n| n.get().saturating_sub(1))
-                .max(1),
+            engines: default_engines(),
             time_slice: Duration::from_millis(1),
             kernels: kernels::KernelLibrary::builtin(),
             spin: Duration::from_micros(50),
@@ -81,6 +77,24 @@ impl Default for FirmwareConfig {
             packets_per_turn: 256,
         }
     }
+}
+
+/// Environment variable that sets the number of engine threads (1 to 256).
+pub const ENGINES_ENV: &str = "USERQ_FW_ENGINES";
+
+/// `$USERQ_FW_ENGINES` if it is a number from 1 to 256; otherwise one fewer than the
+/// cores, at least one: one core stays with the command processor, so that command
+/// processing and kernel execution never starve each other (on 2 cores: one engine).
+pub fn default_engines() -> usize {
+    std::env::var(ENGINES_ENV)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| (1..=256).contains(n))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get().saturating_sub(1))
+                .max(1)
+        })
 }
 
 /// Why the firmware could not start.

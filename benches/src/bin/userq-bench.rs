@@ -23,6 +23,7 @@ subcommands (default: compare, which runs all of them in one process tree):
   scaling     1, 16, 256 queues across 1, 4, 16 client processes
   idle        fw-emu CPU use 10 ms after the last work
   submit      host-side submit cost and the syscalls it makes
+  sched       engine scheduler: fairness, priority under load, 64 queues from 4 processes
 
 options:
   --iters N   round trips per latency measurement (default 50000; blocking ones use N/5)
@@ -52,7 +53,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "compare" | "floors" | "latency" | "peers" | "throughput" | "scaling" | "idle"
-            | "submit"
+            | "submit" | "sched"
                 if !what_set =>
             {
                 o.what = a.clone();
@@ -97,6 +98,9 @@ fn role(name: &str, args: &[String]) -> Res<()> {
         "__fw" => device::fw_role(args)?,
         "__embedded" => device::embedded_role(arg(0)?)?,
         "__scale" => device::scale_role(arg(0)?, arg(1)?.parse()?, arg(2)?.parse()?)?,
+        "__sched-client" => {
+            userq_benches::sched::client_role(arg(0)?, arg(1)?.parse()?, arg(2)?.parse()?)?
+        }
         "__submit-probe" => device::submit_probe_role(arg(0)?, arg(1)?, arg(2)?.parse()?)?,
         _ => return Err(format!("unknown role {name}").into()),
     }
@@ -223,6 +227,22 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
                 });
             }
         }
+    }
+    if all || o.what == "sched" {
+        say("scheduler");
+        let procs = DeviceProcs::start(Mode::Daemon, dir)?;
+        let dev = procs.connect()?;
+        r.fairness = Some(userq_benches::sched::fairness(
+            &dev,
+            Duration::from_secs(2),
+        )?);
+        r.priority = Some(userq_benches::sched::priority(
+            &dev,
+            if o.quick { 200 } else { 1000 },
+        )?);
+        drop(dev);
+        let d = userq_benches::sched::oversubscription(&procs, 4, 16, 20)?;
+        r.oversubscription = Some((4, 16, d));
     }
     if all || o.what == "idle" {
         say("idle");

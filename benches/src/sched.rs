@@ -1,0 +1,147 @@
+//! The firmware scheduler's bounds, measured against a daemon-mode device whose firmware
+//! (this executable's `__fw` role) also has [`COUNTED_SPIN`]: fairness between equal
+//! queues, a high-priority round trip through saturating low-priority work, and many
+//! queues from several processes.
+
+use crate::device::DeviceProcs;
+use crate::proc::Role;
+use crate::stats::{time_each, Latency};
+use std::process::Stdio;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+use userq::firmware::{ArgError, ArgKind, Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
+use userq::{kernels, Command, Device, KernelArg, Priority, WaitMode};
+
+/// Id of the counting spin kernel in the bench's firmware.
+pub const COUNTED_SPIN: u32 = kernels::FIRST_CUSTOM + 1;
+
+/// Spins `ns` per workgroup, then counts it in `counter[0]`: engine time made visible.
+pub struct CountedSpin;
+
+impl Kernel for CountedSpin {
+    fn name(&self) -> &str {
+        "counted_spin"
+    }
+    fn signature(&self) -> &[ArgKind] {
+        &[ArgKind::U64, ArgKind::Buffer]
+    }
+    fn validate(&self, a: &Args, _: &userq::uapi::packet::Dispatch) -> Result<(), ArgError> {
+        userq::firmware::need(a, 1, 1, 8)
+    }
+    fn run(&self, a: &Args, _: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
+        let until = Instant::now() + Duration::from_nanos(a.u64(0));
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        a.buffer(1).words64()[0].fetch_add(1, Relaxed);
+        WorkgroupStatus::Done
+    }
+}
+
+/// Engine time of two equal-priority queues running endless spin kernels, over `window`.
+pub fn fairness(dev: &Device, window: Duration) -> Result<(u64, u64), Box<dyn std::error::Error>> {
+    let counters = [dev.alloc::<u64>(1)?, dev.alloc::<u64>(1)?];
+    let mut queues = vec![dev.create_queue()?, dev.create_queue()?];
+    for (q, c) in queues.iter_mut().zip(&counters) {
+        q.submit(Command::dispatch(
+            COUNTED_SPIN,
+            [1_000_000_000, 1, 1],
+            [1, 1, 1],
+            &[
+                KernelArg::U64(100_000),
+                KernelArg::Address(c.device_address()),
+            ],
+        ))?;
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let before = [counters[0].read(0), counters[1].read(0)];
+    std::thread::sleep(window);
+    let after = [counters[0].read(0), counters[1].read(0)];
+    drop(queues); // cancels the endless dispatches
+    Ok((after[0] - before[0], after[1] - before[1]))
+}
+
+/// Round trips of a small high-priority dispatch while 8 low-priority queues keep every
+/// engine busy with 1 ms workgroups. The client blocks while it waits: on a 2-core machine
+/// a spinning client would take the core the command processor needs.
+pub fn priority(dev: &Device, iters: usize) -> Result<Latency, Box<dyn std::error::Error>> {
+    let mut low: Vec<_> = (0..8)
+        .map(|_| dev.queue().priority(Priority::Low).create())
+        .collect::<Result<_, _>>()?;
+    for q in &mut low {
+        q.submit(kernels::spin(1_000_000, 1_000_000)?)?;
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let mut high = dev.queue().priority(Priority::High).create()?;
+    let buf = dev.alloc::<f32>(4096)?;
+    let cmd = kernels::scale(4096, 1.0, &buf)?;
+    let lat = time_each(iters / 10, iters, || {
+        high.submit(cmd.clone())
+            .expect("submit")
+            .wait_with(WaitMode::Block, Duration::from_secs(10))
+            .expect("wait");
+    });
+    drop(low);
+    Ok(lat)
+}
+
+/// `procs` client processes with `queues` queues each, every queue running `rounds`
+/// dependent dispatches; returns the wall time until all completed.
+pub fn oversubscription(
+    dev: &DeviceProcs,
+    procs: usize,
+    queues: usize,
+    rounds: usize,
+) -> Result<Duration, Box<dyn std::error::Error>> {
+    let t = Instant::now();
+    let mut children = Vec::new();
+    for _ in 0..procs {
+        children.push(Role::spawn(
+            "__sched-client",
+            &[
+                dev.socket.display().to_string(),
+                queues.to_string(),
+                rounds.to_string(),
+            ],
+            None,
+            Stdio::null(),
+        )?);
+    }
+    for mut c in children {
+        let status = c.child().wait()?;
+        if !status.success() {
+            return Err(format!("a client of the oversubscription run failed: {status}").into());
+        }
+    }
+    Ok(t.elapsed())
+}
+
+/// Role `__sched-client SOCKET QUEUES ROUNDS`.
+pub fn client_role(
+    socket: &str,
+    queues: usize,
+    rounds: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dev = Device::connect(socket)?;
+    let n = 4096u32;
+    let mut work = Vec::new();
+    for _ in 0..queues {
+        let q = dev.queue().ring_entries(16).create()?;
+        let mut b = dev.alloc::<f32>(n as usize)?;
+        b.copy_from_slice(&vec![1.0; n as usize]);
+        work.push((q, b));
+    }
+    for _ in 0..rounds {
+        for (q, b) in work.iter_mut() {
+            q.submit(kernels::scale(n, 2.0, b)?)?;
+        }
+    }
+    let want = (1u64 << rounds.min(60)) as f32;
+    for (q, b) in &work {
+        q.finish(Duration::from_secs(120))?;
+        if b.to_vec().iter().any(|&v| v != want) {
+            return Err("wrong result".into());
+        }
+    }
+    Ok(())
+}
