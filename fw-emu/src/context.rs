@@ -148,6 +148,8 @@ pub struct Context {
     pub vm: Vm,
     /// Doorbells rung for slots with no queue (garbage), for diagnostics.
     pub stray_doorbells: u64,
+    /// The whole context is suspended (queues created meanwhile start suspended).
+    pub suspended: bool,
 }
 
 impl Context {
@@ -162,6 +164,7 @@ impl Context {
             bindings: HashMap::new(),
             vm: Vm::default(),
             stray_doorbells: 0,
+            suspended: false,
         }
     }
 }

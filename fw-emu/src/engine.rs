@@ -50,6 +50,10 @@ pub struct Job {
     pending_yields: AtomicU64,
     /// The queue's time slice (`None`: the engines' default).
     time_slice: Option<Duration>,
+    /// Suspended: no workgroup of it starts; running ones yield at their checkpoints.
+    suspended: AtomicBool,
+    /// Workgroups of it running on engines right now.
+    running: AtomicU32,
 }
 
 impl std::fmt::Debug for Job {
@@ -75,6 +79,8 @@ impl Job {
         time_slice: Option<Duration>,
     ) -> Self {
         Job {
+            suspended: AtomicBool::new(false),
+            running: AtomicU32::new(0),
             yielded: Mutex::new(Vec::new()),
             pending_yields: AtomicU64::new(0),
             time_slice,
@@ -94,6 +100,17 @@ impl Job {
     /// Stops handing out workgroups (its queue is gone); running ones finish.
     pub fn cancel(&self) {
         self.cancelled.store(true, Release);
+    }
+
+    /// Suspends or resumes the job (see `FwRequest::Suspend`).
+    pub fn set_suspended(&self, on: bool) {
+        self.suspended.store(on, SeqCst);
+    }
+
+    /// Whether a workgroup of the job is on an engine now. After `set_suspended(true)`,
+    /// becomes false within a checkpoint interval and stays false.
+    pub fn is_running(&self) -> bool {
+        self.running.load(SeqCst) != 0
     }
 
     fn exhausted(&self) -> bool {
@@ -129,10 +146,10 @@ impl Lists {
     /// Takes the next job by priority and round robin, dropping exhausted ones.
     fn pick(&mut self) -> Option<Arc<Job>> {
         for list in self.ready.iter_mut().rev() {
-            while let Some(job) = list.pop_front() {
-                if job.exhausted() {
-                    continue;
-                }
+            list.retain(|j| !j.exhausted());
+            // Round robin: the first runnable job goes to the back.
+            if let Some(i) = list.iter().position(|j| !j.suspended.load(SeqCst)) {
+                let job = list.remove(i).expect("index from position");
                 list.push_back(job.clone());
                 return Some(job);
             }
@@ -143,7 +160,11 @@ impl Lists {
     fn top(&self) -> u32 {
         (0..3)
             .rev()
-            .find(|&p| self.ready[p].iter().any(|j| !j.exhausted()))
+            .find(|&p| {
+                self.ready[p]
+                    .iter()
+                    .any(|j| !j.exhausted() && !j.suspended.load(Relaxed))
+            })
             .map_or(0, |p| p as u32 + 1)
     }
 }
@@ -203,6 +224,13 @@ impl Engines {
             );
         }
         Ok(Engines { shared, threads })
+    }
+
+    /// Wakes the engines after a job was resumed.
+    pub fn kick(&self) {
+        let l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
+        self.shared.top.store(l.top(), Release);
+        self.shared.work.notify_all();
     }
 
     /// Queues a job.
@@ -277,12 +305,17 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
     let slice = job.time_slice.unwrap_or(s.time_slice);
     let wants_engine =
         || start.elapsed() >= slice || s.top.load(Acquire) > my_rank || s.stop.load(Relaxed);
+    let wants_engine = || wants_engine() || job.suspended.load(Relaxed);
     let cp = Checkpoint {
         wants_engine: &wants_engine,
         cancelled: &job.cancelled,
     };
     loop {
-        if job.cancelled.load(Acquire) || s.stop.load(Relaxed) {
+        // Announce the workgroup before checking for suspension (SeqCst on both sides):
+        // either the suspender sees it running, or this engine sees the suspension.
+        job.running.fetch_add(1, SeqCst);
+        let _done = RunningGuard(&job.running);
+        if job.cancelled.load(Acquire) || s.stop.load(Relaxed) || job.suspended.load(SeqCst) {
             return;
         }
         // A workgroup that yielded earlier resumes before new ones start.
@@ -316,5 +349,14 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
         if wants_engine() {
             return;
         }
+    }
+}
+
+/// Ends a workgroup's "running" announcement however the workgroup ends.
+struct RunningGuard<'a>(&'a AtomicU32);
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
     }
 }

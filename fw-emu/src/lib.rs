@@ -131,6 +131,8 @@ pub struct Firmware {
     can_poll: bool,
     /// Events kmd-shim's ring had no room for yet.
     backlog: VecDeque<[u64; 8]>,
+    /// Suspend requests acknowledged once their jobs have no workgroup on an engine.
+    pending_suspends: Vec<(u32, Vec<Arc<engine::Job>>)>,
     last_heartbeat: Instant,
     shutdown: bool,
 }
@@ -206,6 +208,7 @@ impl Firmware {
             polled: Vec::new(),
             can_poll: sync::firmware_barrier_available(),
             backlog: VecDeque::new(),
+            pending_suspends: Vec::new(),
             last_heartbeat: Instant::now(),
             shutdown: false,
         };
@@ -227,6 +230,7 @@ impl Firmware {
             progress |= self.collect_completions();
             progress |= self.run_queues();
             progress |= self.flush_backlog();
+            progress |= self.ack_suspends();
             // Time-based, not turn-based: one turn can be long when many queues have work.
             progress |= self.tick();
             if progress {
@@ -274,11 +278,14 @@ impl Firmware {
         fence(SeqCst); // pairs with the fence in sync::wake_if_announced
         let seen = word.load(Relaxed);
         if !self.has_work() {
-            sync::futex_wait(
-                word,
-                seen,
-                Some(Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS)),
-            );
+            // A pending suspend is acknowledged when its workgroups have yielded: look
+            // again every millisecond rather than only at the heartbeat.
+            let bound = if self.pending_suspends.is_empty() {
+                Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS)
+            } else {
+                Duration::from_millis(1)
+            };
+            sync::futex_wait(word, seen, Some(bound));
         }
         sleeping.store(0, Relaxed);
         self.tick();
@@ -344,6 +351,26 @@ impl Firmware {
         while let Some(w) = self.control().to_fw.pop() {
             any = true;
             let (seq, status) = match FwRequest::decode(&w) {
+                Ok((seq, FwRequest::Suspend { ctx, slot })) => {
+                    match self.suspend(ctx, slot, true) {
+                        Ok(jobs) if jobs.iter().any(|j| j.is_running()) => {
+                            // Acknowledged once their workgroups have left the engines.
+                            self.pending_suspends.push((seq, jobs));
+                            continue;
+                        }
+                        Ok(_) => (seq, FwStatus::Ok),
+                        Err(e) => (seq, e),
+                    }
+                }
+                Ok((seq, FwRequest::Resume { ctx, slot })) => {
+                    match self.suspend(ctx, slot, false) {
+                        Ok(_) => {
+                            self.engines.kick();
+                            (seq, FwStatus::Ok)
+                        }
+                        Err(e) => (seq, e),
+                    }
+                }
                 Ok((seq, req)) => (seq, self.apply(req)),
                 Err(e) => ((w[0] >> 32) as u32, e),
             };
@@ -421,6 +448,7 @@ impl Firmware {
                 if map.head::<RingHeader>().header.param.load(Relaxed) != entries {
                     return FwStatus::BadObject;
                 }
+                let suspended = c.suspended;
                 c.queues[slot as usize] = Some(Queue::new(
                     slot,
                     map,
@@ -429,6 +457,11 @@ impl Firmware {
                     (time_slice_us > 0).then(|| Duration::from_micros(time_slice_us as u64)),
                     t.clone(),
                 ));
+                if suspended {
+                    if let Some(q) = c.queues[slot as usize].as_mut() {
+                        q.set_suspended(true);
+                    }
+                }
                 FwStatus::Ok
             }
             FwRequest::UnmapQueue { ctx, slot } => {
@@ -554,7 +587,64 @@ impl Firmware {
                 self.shutdown = true;
                 FwStatus::Ok
             }
+            // Handled in `process_requests` (their ack may be deferred).
+            FwRequest::Suspend { .. } | FwRequest::Resume { .. } => FwStatus::Malformed,
         }
+    }
+
+    /// Suspends (or resumes) one queue or a whole context; returns the jobs whose running
+    /// workgroups a suspend must wait out. Resumed queues go back on the run list.
+    fn suspend(
+        &mut self,
+        ctx: u32,
+        slot: Option<u32>,
+        on: bool,
+    ) -> Result<Vec<Arc<engine::Job>>, FwStatus> {
+        let c = self.contexts.get_mut(&ctx).ok_or(FwStatus::NotFound)?;
+        let slots: Vec<u32> = match slot {
+            Some(s) => {
+                if c.queues.get(s as usize).is_none_or(Option::is_none) {
+                    return Err(FwStatus::NotFound);
+                }
+                vec![s]
+            }
+            None => {
+                c.suspended = on;
+                (0..c.queues.len() as u32)
+                    .filter(|&s| c.queues[s as usize].is_some())
+                    .collect()
+            }
+        };
+        let mut jobs = Vec::new();
+        for s in slots {
+            if let Some(q) = c.queues[s as usize].as_mut() {
+                jobs.extend(q.set_suspended(on));
+                if !on && !q.queued {
+                    q.queued = true;
+                    self.run_list.push_back((ctx, s));
+                }
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Acknowledges suspends whose jobs no longer run a workgroup.
+    fn ack_suspends(&mut self) -> bool {
+        if self.pending_suspends.is_empty() {
+            return false;
+        }
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_suspends)
+            .into_iter()
+            .partition(|(_, jobs)| jobs.iter().all(|j| !j.is_running()));
+        self.pending_suspends = waiting;
+        let any = !done.is_empty();
+        for (seq, _) in done {
+            self.emit(FwEvent::Ack {
+                seq,
+                status: FwStatus::Ok,
+            });
+        }
+        any
     }
 
     /// Drops run-list and parked entries of a context (or one of its queues).

@@ -127,6 +127,8 @@ pub struct Queue {
     polled: bool,
     /// When the queue last ran a packet.
     last_active: Instant,
+    /// Suspended by kmd-shim: takes no packet, its dispatch starts no workgroup.
+    suspended: bool,
 }
 
 impl Queue {
@@ -160,6 +162,20 @@ impl Queue {
             state: RunState::Active,
             polled: false,
             last_active: Instant::now(),
+            suspended: false,
+        }
+    }
+
+    /// Suspends or resumes the queue (and its running dispatch, if any). Returns the
+    /// dispatch's job, whose workgroups a suspender must wait out.
+    pub fn set_suspended(&mut self, on: bool) -> Option<Arc<Job>> {
+        self.suspended = on;
+        match &self.state {
+            RunState::Dispatching { job, .. } => {
+                job.set_suspended(on);
+                Some(job.clone())
+            }
+            _ => None,
         }
     }
 
@@ -204,7 +220,7 @@ impl Queue {
 
     /// Whether the queue can run at all.
     pub fn is_active(&self) -> bool {
-        matches!(self.state, RunState::Active)
+        matches!(self.state, RunState::Active) && !self.suspended
     }
 
     /// Runs up to `budget` packets. `doorbell` is the client's write index for this queue.
@@ -217,7 +233,7 @@ impl Queue {
         kicked_parked: &mut bool,
     ) -> Outcome {
         if !self.is_active() {
-            return if self.is_parked() {
+            return if self.is_parked() && !self.suspended {
                 Outcome::Parked
             } else {
                 Outcome::Idle

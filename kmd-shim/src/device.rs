@@ -684,6 +684,18 @@ impl Device {
         Ok((vec![], vec![]))
     }
 
+    /// Suspends one queue (`slot`) or every queue of a context: when this returns, none of
+    /// its packets runs and no workgroup of its dispatches is on an engine (the firmware
+    /// acknowledges once running workgroups have yielded). The memory stays mapped.
+    pub fn suspend(&self, ctx: u32, slot: Option<u32>) -> Result<(), KmdStatus> {
+        self.link.call(FwRequest::Suspend { ctx, slot }, &[])
+    }
+
+    /// Undoes [`Device::suspend`].
+    pub fn resume(&self, ctx: u32, slot: Option<u32>) -> Result<(), KmdStatus> {
+        self.link.call(FwRequest::Resume { ctx, slot }, &[])
+    }
+
     /// Reclaims everything a context owned: called when its connection closes, however
     /// the client ended.
     pub fn close_context(&self, ctx: u32) {

@@ -158,6 +158,17 @@ impl Kmd {
         self.inner.device.link().firmware_pid()
     }
 
+    /// Suspends a queue (`Some(slot)`) or a whole context (its VM's work): the control
+    /// path eviction builds on. Returns when nothing of it runs any more.
+    pub fn suspend(&self, ctx: u32, slot: Option<u32>) -> Result<(), userq_uapi::KmdStatus> {
+        self.inner.device.suspend(ctx, slot)
+    }
+
+    /// Resumes what [`Kmd::suspend`] stopped.
+    pub fn resume(&self, ctx: u32, slot: Option<u32>) -> Result<(), userq_uapi::KmdStatus> {
+        self.inner.device.resume(ctx, slot)
+    }
+
     /// Whether the firmware died or stopped its heartbeat.
     pub fn is_lost(&self) -> bool {
         self.inner.device.link().is_lost()

@@ -51,6 +51,8 @@ mod kind {
     pub const MAP_BUFFER: u32 = 10;
     pub const UNMAP_BUFFER: u32 = 11;
     pub const SHUTDOWN: u32 = 12;
+    pub const SUSPEND: u32 = 13;
+    pub const RESUME: u32 = 14;
 
     pub const ACK: u32 = 0x100;
     pub const QUEUE_ERROR: u32 = 0x101;
@@ -156,6 +158,22 @@ pub enum FwRequest {
     },
     /// Stops the firmware.
     Shutdown,
+    /// Stops a queue, or every queue of a context (`slot: None`), from running anything:
+    /// no packet is taken and no workgroup of its dispatches starts. Acknowledged once no
+    /// workgroup of theirs is running any more (long kernels yield at their checkpoints).
+    Suspend {
+        /// Context id.
+        ctx: u32,
+        /// One queue, or the whole context.
+        slot: Option<u32>,
+    },
+    /// Undoes [`FwRequest::Suspend`]; the work continues where it stopped.
+    Resume {
+        /// Context id.
+        ctx: u32,
+        /// One queue, or the whole context.
+        slot: Option<u32>,
+    },
 }
 
 /// Result of a request, in its ack.
@@ -317,6 +335,15 @@ impl FwRequest {
                 kind::UNMAP_BUFFER
             }
             FwRequest::Shutdown => kind::SHUTDOWN,
+            FwRequest::Suspend { ctx, slot } | FwRequest::Resume { ctx, slot } => {
+                w[1] = ctx as u64;
+                w[2] = slot.map_or(u64::MAX, |s| s as u64);
+                if matches!(self, FwRequest::Suspend { .. }) {
+                    kind::SUSPEND
+                } else {
+                    kind::RESUME
+                }
+            }
         };
         w[0] = head(k, seq);
         w
@@ -376,6 +403,19 @@ impl FwRequest {
                 va: w[2],
             },
             kind::SHUTDOWN => FwRequest::Shutdown,
+            kind::SUSPEND | kind::RESUME => {
+                let ctx = n32(w[1])?;
+                let slot = if w[2] == u64::MAX {
+                    None
+                } else {
+                    Some(n32(w[2])?)
+                };
+                if w[0] as u32 == kind::SUSPEND {
+                    FwRequest::Suspend { ctx, slot }
+                } else {
+                    FwRequest::Resume { ctx, slot }
+                }
+            }
             _ => return Err(FwStatus::Malformed),
         };
         Ok((seq, req))
@@ -483,6 +523,12 @@ mod tests {
                 va: 1 << 32,
             },
             FwRequest::Shutdown,
+            FwRequest::Suspend { ctx: 3, slot: None },
+            FwRequest::Suspend {
+                ctx: 3,
+                slot: Some(7),
+            },
+            FwRequest::Resume { ctx: 3, slot: None },
         ];
         for (i, r) in reqs.iter().enumerate() {
             assert_eq!(FwRequest::decode(&r.encode(i as u32)), Ok((i as u32, *r)));

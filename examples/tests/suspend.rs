@@ -1,0 +1,97 @@
+//! Suspend and resume by kmd-shim (the control path that eviction builds on): a suspended
+//! context's queues take no packet and its dispatches leave the engines; resuming
+//! continues where it stopped.
+
+mod common;
+
+use common::TempDir;
+use std::time::{Duration, Instant};
+use userq::{kernels, Command, Device};
+
+fn device(dir: &TempDir) -> kmd_shim::Kmd {
+    let launcher = kmd_shim::FirmwareLauncher::Thread(Box::new(|channel| {
+        std::thread::Builder::new()
+            .name("fw-emu".into())
+            .spawn(move || {
+                if let Ok(fw) = fw_emu::Firmware::boot(channel, fw_emu::FirmwareConfig::default()) {
+                    fw.run();
+                }
+            })
+    }));
+    kmd_shim::Kmd::start(kmd_shim::KmdConfig::new(
+        dir.path().join("dev.sock"),
+        launcher,
+    ))
+    .expect("device")
+}
+
+#[test]
+fn a_suspended_context_runs_nothing_until_resumed() {
+    let dir = TempDir::new("suspend");
+    let kmd = device(&dir);
+    let dev = Device::connect(kmd.socket_path()).expect("connect");
+    let mut q = dev.create_queue().expect("queue");
+    let out = dev.alloc::<u64>(1).expect("buffer");
+    // 200 workgroups of 5 ms: a second of work.
+    let busy = q
+        .submit(kernels::spin(200, 5_000_000).unwrap())
+        .expect("submit");
+    std::thread::sleep(Duration::from_millis(30));
+
+    let t = Instant::now();
+    kmd.suspend(dev.context_id(), None).expect("suspend");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "suspend waited {:?}",
+        t.elapsed()
+    );
+    q.submit(Command::write_value(out.address_of(0).unwrap(), 7))
+        .expect("submit");
+
+    // Another context gets the engine at once.
+    let other = Device::connect(kmd.socket_path()).expect("connect");
+    let mut q2 = other.create_queue().expect("queue");
+    let buf = other.alloc::<f32>(1000).expect("buffer");
+    let t = Instant::now();
+    q2.submit(kernels::scale(1000, 1.0, &buf).unwrap())
+        .expect("submit")
+        .wait(Duration::from_secs(10))
+        .expect("other context runs");
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "other context waited {:?}",
+        t.elapsed()
+    );
+
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        busy.poll(),
+        Ok(false),
+        "the suspended dispatch did not finish"
+    );
+    assert_eq!(out.read(0), 0, "no packet of a suspended queue runs");
+
+    kmd.resume(dev.context_id(), None).expect("resume");
+    busy.wait(Duration::from_secs(20))
+        .expect("resumed dispatch completes");
+    q.finish(Duration::from_secs(10)).expect("the rest runs");
+    assert_eq!(out.read(0), 7);
+
+    // One queue alone, too.
+    let mut q3 = dev.create_queue().expect("queue");
+    kmd.suspend(dev.context_id(), Some(q3.slot()))
+        .expect("suspend one queue");
+    let p = q3.submit(Command::nop()).expect("submit");
+    q.submit(Command::nop())
+        .expect("submit")
+        .wait(Duration::from_secs(10))
+        .expect("its sibling runs");
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(p.poll(), Ok(false));
+    kmd.resume(dev.context_id(), Some(q3.slot()))
+        .expect("resume");
+    p.wait(Duration::from_secs(10)).expect("runs after resume");
+    assert!(kmd.suspend(999, None).is_err(), "unknown context");
+    drop((q, q2, q3, out, buf, other, dev));
+    kmd.shutdown();
+}
