@@ -147,7 +147,8 @@ pub fn embedded_role(socket: &str) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// NOP round trips: submit one NOP, wait for its fence point.
+/// NOP round trips: enqueue one NOP, wait for its timeline value (the reference-count-free
+/// path).
 pub fn nop_round_trip(
     dev: &Device,
     mode: WaitMode,
@@ -155,10 +156,12 @@ pub fn nop_round_trip(
     iters: usize,
 ) -> Result<Latency, Box<dyn std::error::Error>> {
     let mut q = dev.queue().ring_entries(1024).create()?;
+    let timeline = q.timeline().clone();
+    let nop = [Command::nop()];
     Ok(time_each(warmup, iters, || {
-        q.submit(Command::nop())
-            .expect("submit")
-            .wait_with(mode, Duration::from_secs(10))
+        let v = q.enqueue(&nop).expect("submit");
+        timeline
+            .wait_with(v, mode, Duration::from_secs(10))
             .expect("wait");
     }))
 }

@@ -222,6 +222,7 @@ impl Firmware {
         // Set after a sleep; a wake-up that finds no work goes straight back to sleep
         // instead of spinning again, so spurious kicks cannot keep a core busy.
         let mut woken = false;
+        let mut idle_turns: u32 = 0;
         while !self.shutdown {
             let mut progress = self.process_requests();
             progress |= self.collect_doorbells();
@@ -231,8 +232,12 @@ impl Firmware {
             progress |= self.run_queues();
             progress |= self.flush_backlog();
             progress |= self.ack_suspends();
-            // Time-based, not turn-based: one turn can be long when many queues have work.
-            progress |= self.tick();
+            // The clock decides, not the turn count (a busy turn can be long), but reading it
+            // costs: every busy turn, and every 64th idle one.
+            idle_turns = if progress { 0 } else { idle_turns.wrapping_add(1) };
+            if idle_turns % 64 == 0 {
+                progress |= self.tick();
+            }
             if progress {
                 backoff.reset();
                 woken = false;
@@ -697,7 +702,7 @@ impl Firmware {
             let Some(q) = c.queues[slot as usize].as_mut() else {
                 return false;
             };
-            if q.is_active() && !q.queued && q.has_unread(db) {
+            if q.is_active() && !q.queued && q.poll_unread(db) {
                 q.queued = true;
                 run_list.push_back((ctx, slot));
                 any = true;

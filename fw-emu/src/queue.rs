@@ -200,6 +200,19 @@ impl Queue {
         doorbell.load(Relaxed) != self.rptr
     }
 
+    /// [`Queue::has_unread`] for a polled queue, which also touches the next packet slot:
+    /// the two loads are independent, so when the client has written both lines their
+    /// cache misses overlap instead of the packet's following the doorbell's. The slot's
+    /// value is not used here; `service` copies the packet once, after validating the
+    /// write index.
+    pub fn poll_unread(&self, doorbell: &AtomicU64) -> bool {
+        let offset = RING_PACKETS_OFFSET + ((self.rptr & self.mask) as usize) * PACKET_SIZE;
+        if let Some(word) = self.ring.get::<AtomicU64>(offset) {
+            std::hint::black_box(word.load(Relaxed));
+        }
+        self.has_unread(doorbell)
+    }
+
     /// Time since the queue last ran a packet.
     pub fn idle_for(&self) -> Duration {
         self.last_active.elapsed()

@@ -177,7 +177,13 @@ impl Fence {
 
     /// Waits until the fence is at least `value` (see [`FencePoint::wait`]).
     pub fn wait(&self, value: u64, timeout: Duration) -> Result<(), WaitError> {
-        self.point(value).wait(timeout)
+        self.wait_with(value, WaitMode::Adaptive, timeout)
+    }
+
+    /// Waits with a chosen [`WaitMode`] until the fence is at least `value`. Takes no
+    /// reference count: with [`crate::Queue::enqueue`] this is the cheapest round trip.
+    pub fn wait_with(&self, value: u64, mode: WaitMode, timeout: Duration) -> Result<(), WaitError> {
+        wait_many(&[(&*self.inner, value)], true, mode, timeout).map(|_| ())
     }
 
     /// Duplicates the fence's descriptors for another process to
@@ -286,6 +292,11 @@ impl FencePoint {
         }
     }
 
+    /// The point as a borrowed wait target.
+    pub(crate) fn target(&self) -> Target<'_> {
+        (&*self.fence.inner, self.value)
+    }
+
     /// `Some` once the point is reached or can never be.
     pub(crate) fn poll_decided(&self) -> Option<Result<(), WaitError>> {
         self.fence.inner.check(self.value)
@@ -308,13 +319,13 @@ impl FencePoint {
 
     /// Waits with a chosen [`WaitMode`].
     pub fn wait_with(&self, mode: WaitMode, timeout: Duration) -> Result<(), WaitError> {
-        wait_many(std::slice::from_ref(self), true, mode, timeout).map(|_| ())
+        wait_many(&[(&*self.fence.inner, self.value)], true, mode, timeout).map(|_| ())
     }
 }
 
 /// Waits until every point is reached. Fails as soon as one cannot be.
 pub fn wait_all(points: &[FencePoint], mode: WaitMode, timeout: Duration) -> Result<(), WaitError> {
-    wait_many(points, true, mode, timeout).map(|_| ())
+    wait_many(&targets(points), true, mode, timeout).map(|_| ())
 }
 
 /// Waits until any point is reached and returns its index. Fails as soon as one point can
@@ -325,23 +336,29 @@ pub fn wait_any(
     mode: WaitMode,
     timeout: Duration,
 ) -> Result<usize, WaitError> {
-    wait_many(points, false, mode, timeout)
+    wait_many(&targets(points), false, mode, timeout)
 }
 
-fn decide(points: &[FencePoint], all: bool) -> Option<Result<usize, WaitError>> {
+/// A wait target: a fence and the value waited for, borrowed (no reference count).
+pub(crate) type Target<'a> = (&'a FenceInner, u64);
+
+fn targets(points: &[FencePoint]) -> Vec<Target<'_>> {
+    points.iter().map(|p| (&*p.fence.inner, p.value)).collect()
+}
+
+fn decide(points: &[Target<'_>], all: bool) -> Option<Result<usize, WaitError>> {
     if !all {
         // A reached point wins over another point's error.
         if let Some(i) = points
             .iter()
-            .position(|p| p.fence.inner.check(p.value) == Some(Ok(())))
+            .position(|(f, v)| f.check(*v) == Some(Ok(())))
         {
             return Some(Ok(i));
         }
     }
     let mut pending = false;
-    for (i, p) in points.iter().enumerate() {
-        match p.fence.inner.check(p.value) {
-            Some(Ok(())) if !all => return Some(Ok(i)),
+    for (f, v) in points {
+        match f.check(*v) {
             Some(Ok(())) => {}
             Some(Err(e)) => return Some(Err(e)),
             None => pending = true,
@@ -351,27 +368,27 @@ fn decide(points: &[FencePoint], all: bool) -> Option<Result<usize, WaitError>> 
 }
 
 /// Undoes the waiter registrations of the blocking phase, however it ends.
-pub(crate) struct Registered<'a>(&'a [FencePoint]);
+pub(crate) struct Registered<'a, 'b>(&'a [Target<'b>]);
 
-impl<'a> Registered<'a> {
-    pub(crate) fn new(points: &'a [FencePoint]) -> Self {
-        for p in points {
-            p.fence.inner.waiters().line.host.fetch_add(1, SeqCst);
+impl<'a, 'b> Registered<'a, 'b> {
+    pub(crate) fn new(points: &'a [Target<'b>]) -> Self {
+        for (f, _) in points {
+            f.waiters().line.host.fetch_add(1, SeqCst);
         }
         Registered(points)
     }
 }
 
-impl Drop for Registered<'_> {
+impl Drop for Registered<'_, '_> {
     fn drop(&mut self) {
-        for p in self.0 {
-            p.fence.inner.waiters().line.host.fetch_sub(1, SeqCst);
+        for (f, _) in self.0 {
+            f.waiters().line.host.fetch_sub(1, SeqCst);
         }
     }
 }
 
 fn wait_many(
-    points: &[FencePoint],
+    points: &[Target<'_>],
     all: bool,
     mode: WaitMode,
     timeout: Duration,
@@ -402,8 +419,8 @@ fn wait_many(
     let mut words: Vec<(&AtomicU32, u32)> = Vec::with_capacity(points.len());
     loop {
         words.clear();
-        for p in points {
-            let w = &p.fence.inner.state().slot.wake;
+        for (f, _) in points {
+            let w = &f.state().slot.wake;
             words.push((w, w.load(SeqCst)));
         }
         if let Some(r) = decide(points, all) {
@@ -418,7 +435,7 @@ fn wait_many(
         };
         // Bounded so that a lost device is noticed even if nobody wakes this waiter.
         sync::futex_wait_any(&words, Some(left.min(Duration::from_millis(200))));
-        if points.iter().any(|p| p.fence.inner.dev.is_lost_or_gone()) {
+        if points.iter().any(|(f, _)| f.dev.is_lost_or_gone()) {
             return Err(WaitError::DeviceLost);
         }
     }
@@ -429,7 +446,7 @@ impl Fence {
     /// `timeout` passes, unless `still_waiting` says the wait is over after registering.
     pub(crate) fn sleep_until_woken(&self, still_waiting: impl Fn() -> bool, timeout: Duration) {
         let i = &self.inner;
-        let me = [self.point(0)];
+        let me = [(&**i, 0)];
         let _registered = Registered::new(&me);
         let word = &i.state().slot.wake;
         let seen = word.load(SeqCst);

@@ -63,7 +63,8 @@ impl Reactor {
                 continue;
             }
             let pts: Vec<FencePoint> = points.iter().map(|(p, _)| p.clone()).collect();
-            let _registered = Registered::new(&pts);
+            let targets: Vec<_> = pts.iter().map(FencePoint::target).collect();
+            let _registered = Registered::new(&targets);
             let mut words: Vec<(&AtomicU32, u32)> = pts
                 .iter()
                 .map(|p| {
