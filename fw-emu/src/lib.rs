@@ -224,9 +224,13 @@ impl Firmware {
         let mut woken = false;
         let mut idle_turns: u32 = 0;
         while !self.shutdown {
-            let mut progress = self.process_requests();
+            // Polled queues first: they are the latency-critical path.
+            let mut progress = self.poll_queues();
+            if progress {
+                progress |= self.run_queues();
+            }
+            progress |= self.process_requests();
             progress |= self.collect_doorbells();
-            progress |= self.poll_queues();
             progress |= self.check_parked();
             progress |= self.collect_completions();
             progress |= self.run_queues();
@@ -234,7 +238,11 @@ impl Firmware {
             progress |= self.ack_suspends();
             // The clock decides, not the turn count (a busy turn can be long), but reading it
             // costs: every busy turn, and every 64th idle one.
-            idle_turns = if progress { 0 } else { idle_turns.wrapping_add(1) };
+            idle_turns = if progress {
+                0
+            } else {
+                idle_turns.wrapping_add(1)
+            };
             if idle_turns % 64 == 0 {
                 progress |= self.tick();
             }
@@ -702,7 +710,7 @@ impl Firmware {
             let Some(q) = c.queues[slot as usize].as_mut() else {
                 return false;
             };
-            if q.is_active() && !q.queued && q.poll_unread(db) {
+            if q.is_active() && !q.queued && q.has_unread(db) {
                 q.queued = true;
                 run_list.push_back((ctx, slot));
                 any = true;

@@ -26,7 +26,9 @@ use userq_uapi::error::ErrorCode;
 use userq_uapi::ioctl::Priority;
 use userq_uapi::layout::{QueueState, RingHeader, RING_PACKETS_OFFSET};
 use userq_uapi::os::Mapping;
-use userq_uapi::packet::{Command, FenceHandle, Packet, PacketError, WaitCondition, PACKET_SIZE};
+use userq_uapi::packet::{
+    sequence_tag, Command, FenceHandle, Packet, PacketError, WaitCondition, PACKET_SIZE,
+};
 use userq_uapi::sync;
 
 /// A WAIT_FENCE the queue is parked on.
@@ -116,6 +118,10 @@ pub struct Queue {
     entries: u64,
     /// Packets copied out of the ring. Private: never read back from shared memory.
     rptr: u64,
+    /// The largest write index the client has published in its doorbell so far: a
+    /// doorbell below it moved backwards. (A doorbell may lag `rptr`, since polled queues
+    /// also consume packets by their sequence tags.)
+    doorbell_floor: u64,
     /// Value of the last completed packet. Private copy of the timeline.
     completed: u64,
     /// Last value of `rptr` stored into the ring's read index.
@@ -156,6 +162,7 @@ impl Queue {
             mask: entries as u64 - 1,
             entries: entries as u64,
             rptr: 0,
+            doorbell_floor: 0,
             completed: 0,
             published_rptr: 0,
             published_completed: 0,
@@ -195,22 +202,39 @@ impl Queue {
             .store(on as u32, Release);
     }
 
-    /// Whether the client published packets the firmware has not copied yet.
+    /// Whether the client published packets the firmware has not copied yet, by its
+    /// doorbell or by the next slot's sequence tag (or moved its doorbell backwards, which
+    /// `service` reports).
     pub fn has_unread(&self, doorbell: &AtomicU64) -> bool {
-        doorbell.load(Relaxed) != self.rptr
+        let d = doorbell.load(Relaxed);
+        self.next_tagged() || d > self.rptr || d < self.doorbell_floor
     }
 
-    /// [`Queue::has_unread`] for a polled queue, which also touches the next packet slot:
-    /// the two loads are independent, so when the client has written both lines their
-    /// cache misses overlap instead of the packet's following the doorbell's. The slot's
-    /// value is not used here; `service` copies the packet once, after validating the
-    /// write index.
-    pub fn poll_unread(&self, doorbell: &AtomicU64) -> bool {
-        let offset = RING_PACKETS_OFFSET + ((self.rptr & self.mask) as usize) * PACKET_SIZE;
-        if let Some(word) = self.ring.get::<AtomicU64>(offset) {
-            std::hint::black_box(word.load(Relaxed));
+    fn slot(&self, index: u64) -> &[AtomicU64; 8] {
+        let offset = RING_PACKETS_OFFSET + ((index & self.mask) as usize) * PACKET_SIZE;
+        self.ring
+            .get::<[AtomicU64; 8]>(offset)
+            .expect("ring mapping covers every slot (checked at map time)")
+    }
+
+    /// Whether the next slot holds the packet the firmware expects (its sequence tag).
+    /// Acquire: pairs with the producer's release store of word 0, written last.
+    fn next_tagged(&self) -> bool {
+        (self.slot(self.rptr)[0].load(Acquire) >> 32) as u32 == sequence_tag(self.rptr)
+    }
+
+    /// Consecutive tagged packets from `rptr`, at most `budget` and a ring.
+    fn tagged_run(&self, budget: u64) -> u64 {
+        let limit = budget.min(self.entries);
+        let mut n = 0;
+        while n < limit {
+            let i = self.rptr + n;
+            if (self.slot(i)[0].load(Acquire) >> 32) as u32 != sequence_tag(i) {
+                break;
+            }
+            n += 1;
         }
-        self.has_unread(doorbell)
+        n
     }
 
     /// Time since the queue last ran a packet.
@@ -252,26 +276,33 @@ impl Queue {
                 Outcome::Idle
             };
         }
-        // Acquire: pairs with the client's release store of its write index, so the packet
-        // words it wrote before are visible to the loads below.
-        let wptr = doorbell.load(Acquire);
-        if wptr < self.rptr || wptr - self.rptr > self.entries {
-            return self.fault(Fault {
-                code: ErrorCode::BadWriteIndex,
-                packet_index: self.rptr,
-                address: wptr,
-                detail: 0,
-            });
-        }
-        let n = (wptr - self.rptr).min(budget as u64);
+        // Packets published by sequence tag are taken first: the tag and the packet share a
+        // line, so the firmware learns of the packet and reads it in one transfer.
+        let tagged = self.tagged_run(budget as u64);
+        let (n, more) = if tagged > 0 {
+            (tagged, tagged == budget as u64)
+        } else {
+            // Acquire: pairs with the client's release store of its write index, so the
+            // packet words it wrote before are visible to the loads below.
+            let wptr = doorbell.load(Acquire);
+            if wptr < self.doorbell_floor || wptr > self.rptr + self.entries {
+                return self.fault(Fault {
+                    code: ErrorCode::BadWriteIndex,
+                    packet_index: self.rptr,
+                    address: wptr,
+                    detail: 0,
+                });
+            }
+            self.doorbell_floor = wptr;
+            // A doorbell may lag packets already taken by their tags.
+            let ahead = wptr.saturating_sub(self.rptr);
+            let n = ahead.min(budget as u64);
+            (n, ahead > n)
+        };
         if n > 0 {
             self.last_active = Instant::now();
         }
-        let mut outcome = if wptr - self.rptr > n {
-            Outcome::More
-        } else {
-            Outcome::Idle
-        };
+        let mut outcome = if more { Outcome::More } else { Outcome::Idle };
         for _ in 0..n {
             let index = self.rptr;
             let packet = self.copy_packet(index);
@@ -311,13 +342,8 @@ impl Queue {
 
     /// Copies packet `index` out of its slot once.
     fn copy_packet(&self, index: u64) -> Packet {
-        let offset = RING_PACKETS_OFFSET + ((index & self.mask) as usize) * PACKET_SIZE;
-        let slot = self
-            .ring
-            .get::<[AtomicU64; 8]>(offset)
-            .expect("ring mapping covers every slot (checked at map time)");
         let mut words = [0u64; 8];
-        for (w, s) in words.iter_mut().zip(slot) {
+        for (w, s) in words.iter_mut().zip(self.slot(index)) {
             *w = s.load(Relaxed);
         }
         Packet::from_words(words)

@@ -182,7 +182,12 @@ impl Fence {
 
     /// Waits with a chosen [`WaitMode`] until the fence is at least `value`. Takes no
     /// reference count: with [`crate::Queue::enqueue`] this is the cheapest round trip.
-    pub fn wait_with(&self, value: u64, mode: WaitMode, timeout: Duration) -> Result<(), WaitError> {
+    pub fn wait_with(
+        &self,
+        value: u64,
+        mode: WaitMode,
+        timeout: Duration,
+    ) -> Result<(), WaitError> {
         wait_many(&[(&*self.inner, value)], true, mode, timeout).map(|_| ())
     }
 
@@ -349,10 +354,7 @@ fn targets(points: &[FencePoint]) -> Vec<Target<'_>> {
 fn decide(points: &[Target<'_>], all: bool) -> Option<Result<usize, WaitError>> {
     if !all {
         // A reached point wins over another point's error.
-        if let Some(i) = points
-            .iter()
-            .position(|(f, v)| f.check(*v) == Some(Ok(())))
-        {
+        if let Some(i) = points.iter().position(|(f, v)| f.check(*v) == Some(Ok(()))) {
             return Some(Ok(i));
         }
     }
@@ -396,6 +398,10 @@ fn wait_many(
     if points.is_empty() {
         return if all { Ok(0) } else { Err(WaitError::Timeout) };
     }
+    // Decided already: no clock read at all.
+    if let Some(r) = decide(points, all) {
+        return r;
+    }
     let deadline = Instant::now().checked_add(timeout);
     let expired = || deadline.is_some_and(|d| Instant::now() >= d);
     let (spin, yield_until) = match mode {
@@ -404,15 +410,29 @@ fn wait_many(
         WaitMode::Adaptive => (Duration::from_micros(20), Duration::from_micros(100)),
     };
     let mut backoff = Backoff::new(spin, yield_until);
-    loop {
-        if let Some(r) = decide(points, all) {
+    'spinning: loop {
+        // A burst of checks with one pause each, like a bare polling loop; the clock (for
+        // the timeout and the back-off) only between bursts.
+        if !spin.is_zero() {
+            for _ in 0..64 {
+                if let Some(r) = decide(points, all) {
+                    return r;
+                }
+                core::hint::spin_loop();
+            }
+        } else if let Some(r) = decide(points, all) {
             return r;
         }
         if expired() {
             return Err(WaitError::Timeout);
         }
-        if backoff.step() == BackoffStep::Sleep {
-            break;
+        loop {
+            match backoff.step() {
+                BackoffStep::Sleep => break 'spinning,
+                BackoffStep::Yield => continue 'spinning,
+                BackoffStep::Spin if backoff.elapsed() < spin => continue 'spinning,
+                BackoffStep::Spin => {}
+            }
         }
     }
     let _registered = Registered::new(points);

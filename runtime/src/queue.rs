@@ -550,7 +550,9 @@ impl Queue {
         self.cached_rptr
     }
 
-    /// Writes one packet at the write index (room is reserved).
+    /// Writes one packet at the write index (room is reserved): the arguments first, then
+    /// word 0 with the packet's sequence tag (release), so that a firmware polling the slot
+    /// sees the whole packet once it sees the tag.
     #[inline]
     fn write(&mut self, p: Packet) {
         let offset = RING_PACKETS_OFFSET + (self.wptr & self.mask) as usize * packet::PACKET_SIZE;
@@ -558,9 +560,11 @@ impl Queue {
             .ring
             .get::<[AtomicU64; 8]>(offset)
             .expect("ring mapping covers its slots (checked at create)");
-        for (w, v) in slot.iter().zip(p.to_words()) {
-            w.store(v, Relaxed);
+        let words = p.tagged(self.wptr).to_words();
+        for (w, v) in slot[1..].iter().zip(&words[1..]) {
+            w.store(*v, Relaxed);
         }
+        slot[0].store(words[0], Release);
         self.wptr += 1;
     }
 

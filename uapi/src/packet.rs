@@ -1,8 +1,12 @@
 //! DOC: queue packets.
 //!
 //! A packet is 64 bytes: eight little-endian `u64` words. Word 0 holds the opcode in its
-//! low byte; every bit of word 0 above it is reserved and must be zero, as must every
-//! argument word an opcode does not use, so that later ABI versions can give them meaning.
+//! low byte and the packet's *sequence tag* in its high 32 bits: the low 32 bits of the
+//! packet's ring index plus one ([`sequence_tag`]). A producer writes words 1..8 first and
+//! word 0 last (release), so a consumer that sees the tag it expects in a slot (acquire)
+//! sees the whole packet: the firmware polls a busy queue's next slot this way, as AQL's
+//! packet processor polls packet headers. Bits 8..32 of word 0 are reserved and must be
+//! zero, as must every argument word an opcode does not use.
 //!
 //! | opcode | word 1 | word 2 | word 3 | word 4 |
 //! |---|---|---|---|---|
@@ -24,6 +28,13 @@ use bytemuck::{Pod, Zeroable};
 
 /// Size of one packet in bytes.
 pub const PACKET_SIZE: usize = 64;
+
+/// The sequence tag of the packet at ring index `index`: `index + 1`, truncated to 32 bits
+/// (never 0 for the first lap, and different from the previous lap's tag of the same slot).
+#[inline]
+pub fn sequence_tag(index: u64) -> u32 {
+    index.wrapping_add(1) as u32
+}
 
 /// Packet opcodes.
 pub mod opcode {
@@ -114,6 +125,19 @@ impl Packet {
     #[inline]
     pub fn from_words(words: [u64; 8]) -> Self {
         bytemuck::cast(words)
+    }
+
+    /// The packet with its sequence tag set for ring index `index`.
+    #[inline]
+    pub fn tagged(mut self, index: u64) -> Self {
+        self.header = (self.header & 0xffff_ffff) | (sequence_tag(index) as u64) << 32;
+        self
+    }
+
+    /// The sequence tag in word 0.
+    #[inline]
+    pub fn tag(&self) -> u32 {
+        (self.header >> 32) as u32
     }
 }
 
@@ -276,7 +300,8 @@ impl Command {
     /// Decodes and structurally validates a private copy of a packet.
     #[inline]
     pub fn decode(p: &Packet) -> Result<Command, PacketError> {
-        if p.header >> 8 != 0 {
+        // Bits 32..64 are the sequence tag, checked by whoever relies on it.
+        if (p.header >> 8) & 0x00ff_ffff != 0 {
             return Err(PacketError::ReservedNotZero { word: 0 });
         }
         let op = p.header as u8;
@@ -379,10 +404,17 @@ mod tests {
         let mut p = Packet::zeroed();
         p.header = 0x7f;
         assert_eq!(Command::decode(&p), Err(PacketError::UnknownOpcode(0x7f)));
-        p.header = opcode::NOP as u64 | 1 << 40;
+        p.header = opcode::NOP as u64 | 1 << 20;
         assert_eq!(
             Command::decode(&p),
             Err(PacketError::ReservedNotZero { word: 0 })
+        );
+        let tagged = Command::Nop.encode().tagged(41);
+        assert_eq!(tagged.tag(), 42);
+        assert_eq!(
+            Command::decode(&tagged),
+            Ok(Command::Nop),
+            "the tag is not a reserved bit"
         );
         let mut p = Command::Nop.encode();
         p.args[6] = 1;
