@@ -10,15 +10,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use userq::{Device, ErrorCode, ExportedFence, OpenMode, WaitError};
 
-#[test]
-fn several_clients_with_several_queues_complete_in_order_in_daemon_mode() {
-    let daemon = Daemon::start();
-    // 400 packets through 16-entry rings: 25 wrap-arounds per queue, with back-pressure.
-    let clients: Vec<_> = (0..3)
-        .map(|_| client(&daemon.socket, &["worker", "4", "400", "16"]))
-        .collect();
+/// Runs `n` clients with `args` at once; each must print `ok`.
+fn all_ok(socket: &std::path::Path, n: usize, args: &[&str]) {
+    let clients: Vec<_> = (0..n).map(|_| client(socket, args)).collect();
     for c in clients {
-        let out = c.output_within(Duration::from_secs(60));
+        let out = c.output_within(Duration::from_secs(120));
         assert!(
             out.status.success(),
             "{}",
@@ -26,6 +22,13 @@ fn several_clients_with_several_queues_complete_in_order_in_daemon_mode() {
         );
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
     }
+}
+
+#[test]
+fn several_clients_with_several_queues_complete_in_order_in_daemon_mode() {
+    let daemon = Daemon::start();
+    // 400 packets through 16-entry rings: 25 wrap-arounds per queue, with back-pressure.
+    all_ok(&daemon.socket, 3, &["worker", "4", "400", "16"]);
     daemon.stop();
 }
 
@@ -317,18 +320,7 @@ fn pipeline_example_shares_buffers_and_fences_between_processes_in_both_modes() 
 #[test]
 fn sixty_four_queues_from_four_processes_all_complete() {
     let daemon = Daemon::start();
-    let clients: Vec<_> = (0..4)
-        .map(|_| client(&daemon.socket, &["compute", "16", "10"]))
-        .collect();
-    for c in clients {
-        let out = c.output_within(Duration::from_secs(120));
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
-    }
+    all_ok(&daemon.socket, 4, &["compute", "16", "10"]);
     daemon.stop();
 }
 

@@ -112,6 +112,21 @@ struct Table {
     memory_used: u64,
 }
 
+impl ContextRecord {
+    /// Places a buffer of `bytes` (whole pages) in the context's VM, 64 KiB-aligned with an
+    /// unmapped guard range after it, and records it.
+    fn map_buffer(&mut self, bytes: u64, record: BufferRecord) -> Result<u64, KmdStatus> {
+        let va = self.next_va;
+        let next = (va + bytes).div_ceil(VA_ALIGN) * VA_ALIGN + VA_ALIGN;
+        if next > userq_uapi::VA_END {
+            return Err(KmdStatus::OutOfMemory);
+        }
+        self.next_va = next;
+        self.buffers.insert(va, record);
+        Ok(va)
+    }
+}
+
 impl Table {
     /// Uncharges a buffer mapping and drops the memfd when no context maps it any more.
     fn release_buffer(&mut self, b: BufferRecord) {
@@ -535,20 +550,13 @@ impl Device {
                 return Err(KmdStatus::LimitExceeded);
             }
             let c = t.contexts.get_mut(&ctx).ok_or(KmdStatus::NoContext)?;
-            let va = c.next_va;
-            // Leave an unmapped guard range after every buffer.
-            let next = (va + size).div_ceil(VA_ALIGN) * VA_ALIGN + VA_ALIGN;
-            if next > userq_uapi::VA_END {
-                return Err(KmdStatus::OutOfMemory);
-            }
-            c.next_va = next;
-            c.buffers.insert(
-                va,
+            let va = c.map_buffer(
+                size,
                 BufferRecord {
                     object: None,
                     charged: size,
                 },
-            );
+            )?;
             t.memory_used += size;
             va
         };
@@ -627,19 +635,13 @@ impl Device {
             let ours = obj.fd.try_clone().map_err(|_| KmdStatus::Internal)?;
             let c = t.contexts.get_mut(&ctx).ok_or(KmdStatus::NoContext)?;
             let pages = size.div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
-            let va = c.next_va;
-            let next = (va + pages).div_ceil(VA_ALIGN) * VA_ALIGN + VA_ALIGN;
-            if next > userq_uapi::VA_END {
-                return Err(KmdStatus::OutOfMemory);
-            }
-            c.next_va = next;
-            c.buffers.insert(
-                va,
+            let va = c.map_buffer(
+                pages,
                 BufferRecord {
                     object: Some(identity),
                     charged: 0,
                 },
-            );
+            )?;
             if let Some(o) = t.buffer_objects.get_mut(&identity) {
                 o.refs += 1;
             }

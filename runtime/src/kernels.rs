@@ -109,20 +109,21 @@ pub fn add(
     b: &Buffer<f32>,
     c: &Buffer<f32>,
 ) -> Result<Command, LaunchError> {
-    let args = [
-        check(1, a, n as usize)?,
-        check(2, b, n as usize)?,
-        check(3, c, n as usize)?,
-    ];
-    linear(
-        ADD_F32,
-        n,
-        &[KernelArg::U64(n as u64), args[0], args[1], args[2]],
-    )
+    binary(ADD_F32, n, a, b, c)
 }
 
 /// `c[i] = a[i] · b[i]` for `i < n`.
 pub fn mul(
+    n: u32,
+    a: &Buffer<f32>,
+    b: &Buffer<f32>,
+    c: &Buffer<f32>,
+) -> Result<Command, LaunchError> {
+    binary(MUL_F32, n, a, b, c)
+}
+
+fn binary(
+    kernel: u32,
     n: u32,
     a: &Buffer<f32>,
     b: &Buffer<f32>,
@@ -134,7 +135,7 @@ pub fn mul(
         check(3, c, n as usize)?,
     ];
     linear(
-        MUL_F32,
+        kernel,
         n,
         &[KernelArg::U64(n as u64), args[0], args[1], args[2]],
     )
