@@ -95,3 +95,78 @@ fn a_suspended_context_runs_nothing_until_resumed() {
     drop((q, q2, q3, out, buf, other, dev));
     kmd.shutdown();
 }
+
+#[test]
+fn a_kernel_that_never_yields_fails_the_suspend_and_only_its_queue() {
+    let dir = TempDir::new("suspend-stuck");
+    let kmd = device(&dir);
+    let dev = Device::connect(kmd.socket_path()).expect("connect");
+    let mut stuck = dev.create_queue().expect("queue");
+    let never = stuck
+        .submit(Command::dispatch(
+            kernels::NO_PROGRESS,
+            [1, 1, 1],
+            [1, 1, 1],
+            &[],
+        ))
+        .expect("submit");
+    std::thread::sleep(Duration::from_millis(30));
+    let t = Instant::now();
+    let r = kmd.suspend(dev.context_id(), None);
+    let took = t.elapsed();
+    assert_eq!(
+        r,
+        Err(userq::KmdStatus::FirmwareTimeout),
+        "the suspend could not complete"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "bounded by the firmware's preemption timeout: {took:?}"
+    );
+    match never.wait(Duration::from_secs(10)) {
+        Err(userq::WaitError::Faulted(f)) => {
+            assert_eq!(f.code, Some(userq::ErrorCode::PreemptTimeout))
+        }
+        other => panic!("expected the stuck queue to be reset, got {other:?}"),
+    }
+    assert!(
+        !kmd.is_lost(),
+        "one queue's kernel must not cost the device"
+    );
+    kmd.resume(dev.context_id(), None).expect("resume");
+    let other = Device::connect(kmd.socket_path()).expect("connect");
+    let mut q = other.create_queue().expect("queue");
+    q.submit(Command::nop())
+        .expect("submit")
+        .wait(Duration::from_secs(10))
+        .expect("the device still works");
+    drop((stuck, q, other, dev));
+    kmd.shutdown();
+}
+
+#[test]
+fn a_queue_in_a_reused_slot_starts_with_a_clean_doorbell() {
+    let dir = TempDir::new("slot-reuse");
+    let kmd = device(&dir);
+    let dev = Device::connect(kmd.socket_path()).expect("connect");
+    let mut first = dev.create_queue().expect("queue");
+    let slot = first.slot();
+    for _ in 0..10 {
+        first.submit(Command::nop()).expect("submit");
+    }
+    first.finish(Duration::from_secs(10)).expect("finish");
+    drop(first);
+    let mut second = dev.create_queue().expect("queue");
+    assert_eq!(second.slot(), slot, "the lowest free slot is reused");
+    // A resume services every queue of the context, the new one before its first submit.
+    kmd.suspend(dev.context_id(), None).expect("suspend");
+    kmd.resume(dev.context_id(), None).expect("resume");
+    second
+        .submit(Command::nop())
+        .expect("submit")
+        .wait(Duration::from_secs(10))
+        .expect("a fresh queue in a reused slot runs");
+    assert_eq!(second.timeline().value(), 1);
+    drop((second, dev));
+    kmd.shutdown();
+}

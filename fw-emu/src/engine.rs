@@ -113,9 +113,17 @@ impl Job {
         self.running.load(SeqCst) != 0
     }
 
-    fn exhausted(&self) -> bool {
-        self.cancelled.load(Relaxed)
-            || (self.next.load(Relaxed) >= self.total && self.pending_yields.load(Acquire) == 0)
+    /// Finished or cancelled: it may leave the ready lists. A job whose last workgroups
+    /// are still on engines stays listed, since one of them may yield and need resuming.
+    fn finished(&self) -> bool {
+        self.cancelled.load(Relaxed) || self.done.load(Acquire) >= self.total
+    }
+
+    /// Whether an engine could take work from it now.
+    fn claimable(&self) -> bool {
+        !self.cancelled.load(Relaxed)
+            && !self.suspended.load(Relaxed)
+            && (self.next.load(Relaxed) < self.total || self.pending_yields.load(Acquire) > 0)
     }
 
     fn take_yielded(&self) -> Option<Workgroup> {
@@ -135,6 +143,11 @@ impl Job {
             .push(wg);
         self.pending_yields.fetch_add(1, Release);
     }
+
+    /// Workgroups of this job that an engine has not finished.
+    pub fn unfinished(&self) -> bool {
+        self.done.load(Acquire) < self.total
+    }
 }
 
 struct Lists {
@@ -146,9 +159,9 @@ impl Lists {
     /// Takes the next job by priority and round robin, dropping exhausted ones.
     fn pick(&mut self) -> Option<Arc<Job>> {
         for list in self.ready.iter_mut().rev() {
-            list.retain(|j| !j.exhausted());
-            // Round robin: the first runnable job goes to the back.
-            if let Some(i) = list.iter().position(|j| !j.suspended.load(SeqCst)) {
+            list.retain(|j| !j.finished());
+            // Round robin: the first job with work to hand out goes to the back.
+            if let Some(i) = list.iter().position(|j| j.claimable()) {
                 let job = list.remove(i).expect("index from position");
                 list.push_back(job.clone());
                 return Some(job);
@@ -160,11 +173,7 @@ impl Lists {
     fn top(&self) -> u32 {
         (0..3)
             .rev()
-            .find(|&p| {
-                self.ready[p]
-                    .iter()
-                    .any(|j| !j.exhausted() && !j.suspended.load(Relaxed))
-            })
+            .find(|&p| self.ready[p].iter().any(|j| j.claimable()))
             .map_or(0, |p| p as u32 + 1)
     }
 }
@@ -214,16 +223,20 @@ impl Engines {
             time_slice,
             wake_command_processor: wake,
         });
-        let mut threads = Vec::with_capacity(count);
+        let mut engines = Engines {
+            shared,
+            threads: Vec::with_capacity(count),
+        };
         for i in 0..count.max(1) {
-            let s = shared.clone();
-            threads.push(
+            let s = engines.shared.clone();
+            // On failure, dropping `engines` stops and joins the ones already started.
+            engines.threads.push(
                 std::thread::Builder::new()
                     .name(format!("fw-engine-{i}"))
                     .spawn(move || engine(&s))?,
             );
         }
-        Ok(Engines { shared, threads })
+        Ok(engines)
     }
 
     /// Wakes the engines after a job was resumed.
@@ -332,6 +345,10 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
         match job.kernel.run(&job.args, &mut wg, &cp) {
             WorkgroupStatus::Yielded => {
                 job.put_yielded(wg);
+                // The job is still listed (it is not finished): make sure a parked engine
+                // sees the work it can take again.
+                let _l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
+                s.work.notify_one();
                 return;
             }
             WorkgroupStatus::Done => {}

@@ -83,6 +83,19 @@ impl KernelLibrary {
     }
 }
 
+/// Requires a 1-D dispatch (grid and workgroup of extent 1 in y and z): the element-wise
+/// kernels and reductions index by x alone, and rows in y or z would run the same items
+/// twice at once.
+pub fn one_dimensional(d: &Dispatch) -> Result<(), ArgError> {
+    if d.grid[1..] != [1, 1] || d.workgroup[1..] != [1, 1] {
+        return Err(ArgError {
+            index: u32::MAX,
+            value: d.grid[1] as u64 * d.grid[2] as u64,
+        });
+    }
+    Ok(())
+}
+
 /// Requires buffer argument `i` to hold `count` elements of `size` bytes.
 pub fn need(args: &Args, i: usize, count: u64, size: u64) -> Result<(), ArgError> {
     let b = args.buffer(i);
@@ -114,7 +127,8 @@ impl Kernel for Fill {
     fn signature(&self) -> &[ArgKind] {
         &[U64, U64, B]
     }
-    fn validate(&self, a: &Args, _: &Dispatch) -> Result<(), ArgError> {
+    fn validate(&self, a: &Args, d: &Dispatch) -> Result<(), ArgError> {
+        one_dimensional(d)?;
         if a.u64(1) > u32::MAX as u64 {
             return Err(ArgError::at(1, a.u64(1)));
         }
@@ -138,7 +152,8 @@ impl Kernel for Copy {
     fn signature(&self) -> &[ArgKind] {
         &[U64, B, B]
     }
-    fn validate(&self, a: &Args, _: &Dispatch) -> Result<(), ArgError> {
+    fn validate(&self, a: &Args, d: &Dispatch) -> Result<(), ArgError> {
+        one_dimensional(d)?;
         need(a, 1, a.u64(0), 4)?;
         need(a, 2, a.u64(0), 4)
     }
@@ -159,7 +174,8 @@ impl Kernel for Axpy {
     fn signature(&self) -> &[ArgKind] {
         &[U64, F32, B, B]
     }
-    fn validate(&self, a: &Args, _: &Dispatch) -> Result<(), ArgError> {
+    fn validate(&self, a: &Args, d: &Dispatch) -> Result<(), ArgError> {
+        one_dimensional(d)?;
         need(a, 2, a.u64(0), 4)?;
         need(a, 3, a.u64(0), 4)
     }
@@ -180,7 +196,8 @@ impl Kernel for Scale {
     fn signature(&self) -> &[ArgKind] {
         &[U64, F32, B]
     }
-    fn validate(&self, a: &Args, _: &Dispatch) -> Result<(), ArgError> {
+    fn validate(&self, a: &Args, d: &Dispatch) -> Result<(), ArgError> {
+        one_dimensional(d)?;
         need(a, 2, a.u64(0), 4)
     }
     fn run(&self, a: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
@@ -203,7 +220,8 @@ impl Kernel for Binary {
     fn signature(&self) -> &[ArgKind] {
         &[U64, B, B, B]
     }
-    fn validate(&self, a: &Args, _: &Dispatch) -> Result<(), ArgError> {
+    fn validate(&self, a: &Args, d: &Dispatch) -> Result<(), ArgError> {
+        one_dimensional(d)?;
         (1..4).try_for_each(|i| need(a, i, a.u64(0), 4))
     }
     fn run(&self, a: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
@@ -233,6 +251,7 @@ impl Kernel for ReduceSumF32 {
         &[U64, B, B]
     }
     fn validate(&self, a: &Args, d: &Dispatch) -> Result<(), ArgError> {
+        one_dimensional(d)?;
         need(a, 1, a.u64(0), 4)?;
         need_partials(a, 2, d, 4)
     }
@@ -253,6 +272,7 @@ impl Kernel for ReduceSumU64 {
         &[U64, B, B]
     }
     fn validate(&self, a: &Args, d: &Dispatch) -> Result<(), ArgError> {
+        one_dimensional(d)?;
         need(a, 1, a.u64(0), 8)?;
         need_partials(a, 2, d, 8)
     }
@@ -273,6 +293,7 @@ impl Kernel for Dot {
         &[U64, B, B, B]
     }
     fn validate(&self, a: &Args, d: &Dispatch) -> Result<(), ArgError> {
+        one_dimensional(d)?;
         need(a, 1, a.u64(0), 4)?;
         need(a, 2, a.u64(0), 4)?;
         need_partials(a, 3, d, 4)
@@ -307,7 +328,7 @@ impl Kernel for Gemm {
         need(a, 4, k * n, 4)?;
         need(a, 5, m * n, 4)
     }
-    fn run(&self, a: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
+    fn run(&self, a: &Args, wg: &mut Workgroup, cp: &Checkpoint<'_>) -> WorkgroupStatus {
         let (m, n, k) = (a.u64(0) as usize, a.u64(1) as usize, a.u64(2) as usize);
         let (ma, mb, mc) = (
             a.buffer(3).words32(),
@@ -325,8 +346,27 @@ impl Kernel for Gemm {
         // that the A and B panels stay in cache.
         let (w, h) = (cols.len(), rows.len());
         let mut acc = vec![0f32; w * h];
+        // Resuming after a checkpoint: the partial sums were parked in C itself, and the
+        // state word says which K-tile comes next (0: a fresh start).
+        let first_k = wg.state as usize;
+        if first_k > 0 {
+            for (i, r) in rows.clone().enumerate() {
+                for (j, c) in cols.clone().enumerate() {
+                    acc[i * w + j] = f(&mc[r * n + c]);
+                }
+            }
+        }
         let mut bt = vec![0f32; TILE * w];
-        for k0 in (0..k).step_by(TILE) {
+        for k0 in (first_k..k).step_by(TILE) {
+            if k0 > first_k && cp.should_yield() {
+                for (i, r) in rows.clone().enumerate() {
+                    for (j, c) in cols.clone().enumerate() {
+                        set(&mc[r * n + c], acc[i * w + j]);
+                    }
+                }
+                wg.state = k0 as u64;
+                return WorkgroupStatus::Yielded;
+            }
             let kt = TILE.min(k - k0);
             for kk in 0..kt {
                 for (j, c) in cols.clone().enumerate() {
@@ -365,16 +405,27 @@ impl Kernel for ExclusiveScan {
         if d.workgroup_count() != 1 {
             return Err(ArgError::at(0, d.workgroup_count()));
         }
+        // The index and the running sum must fit the workgroup's state word.
+        if a.u64(0) > u32::MAX as u64 {
+            return Err(ArgError::at(0, a.u64(0)));
+        }
         need(a, 1, a.u64(0), 4)?;
         need(a, 2, a.u64(0), 4)
     }
-    fn run(&self, a: &Args, _: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
+    fn run(&self, a: &Args, wg: &mut Workgroup, cp: &Checkpoint<'_>) -> WorkgroupStatus {
         let (input, out) = (a.buffer(1).words32(), a.buffer(2).words32());
-        let mut acc = 0u32;
-        for i in 0..a.u64(0) as usize {
+        let n = a.u64(0) as usize;
+        // Saved state: next index in the high half, running sum in the low half.
+        let (mut i, mut acc) = ((wg.state >> 32) as usize, wg.state as u32);
+        while i < n {
             let v = input[i].load(Relaxed);
             out[i].store(acc, Relaxed);
             acc = acc.wrapping_add(v);
+            i += 1;
+            if i % 4096 == 0 && i < n && cp.should_yield() {
+                wg.state = (i as u64) << 32 | acc as u64;
+                return WorkgroupStatus::Yielded;
+            }
         }
         WorkgroupStatus::Done
     }
@@ -388,7 +439,8 @@ impl Kernel for Histogram {
     fn signature(&self) -> &[ArgKind] {
         &[U64, U64, B, B]
     }
-    fn validate(&self, a: &Args, _: &Dispatch) -> Result<(), ArgError> {
+    fn validate(&self, a: &Args, d: &Dispatch) -> Result<(), ArgError> {
+        one_dimensional(d)?;
         if a.u64(1) == 0 {
             return Err(ArgError::at(1, 0));
         }
@@ -414,6 +466,7 @@ impl Kernel for Checksum {
         &[U64, B, B]
     }
     fn validate(&self, a: &Args, d: &Dispatch) -> Result<(), ArgError> {
+        one_dimensional(d)?;
         need(a, 1, a.u64(0), 4)?;
         need_partials(a, 2, d, 4)
     }
@@ -520,12 +573,13 @@ impl Kernel for Persistent {
                 let v = m[mailbox::REQUEST_VALUE].load(Relaxed);
                 m[mailbox::RESPONSE_VALUE].store(v.wrapping_mul(3).wrapping_add(1), Relaxed);
                 m[mailbox::RESPONSE_SEQ].store(req, Release);
-                continue;
+            } else {
+                std::hint::spin_loop();
             }
+            // Every iteration: a stream of requests must not keep the engine forever.
             if cp.should_yield() {
                 return WorkgroupStatus::Yielded;
             }
-            std::hint::spin_loop();
         }
     }
 }

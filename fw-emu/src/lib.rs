@@ -79,6 +79,11 @@ impl Default for FirmwareConfig {
     }
 }
 
+/// How long a suspend waits for running workgroups to yield before the firmware resets
+/// their queues: well inside kmd-shim's ack timeout, so a kernel that never reaches a
+/// checkpoint costs its own queue, not the device.
+pub const PREEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Environment variable that sets the number of engine threads (1 to 256).
 pub const ENGINES_ENV: &str = "USERQ_FW_ENGINES";
 
@@ -131,8 +136,9 @@ pub struct Firmware {
     can_poll: bool,
     /// Events kmd-shim's ring had no room for yet.
     backlog: VecDeque<[u64; 8]>,
-    /// Suspend requests acknowledged once their jobs have no workgroup on an engine.
-    pending_suspends: Vec<(u32, Vec<Arc<engine::Job>>)>,
+    /// Suspend requests acknowledged once their jobs have no workgroup on an engine, or
+    /// failed at their deadline (see [`PREEMPT_TIMEOUT`]).
+    pending_suspends: Vec<(u32, Vec<Arc<engine::Job>>, Instant)>,
     last_heartbeat: Instant,
     shutdown: bool,
 }
@@ -368,7 +374,11 @@ impl Firmware {
                     match self.suspend(ctx, slot, true) {
                         Ok(jobs) if jobs.iter().any(|j| j.is_running()) => {
                             // Acknowledged once their workgroups have left the engines.
-                            self.pending_suspends.push((seq, jobs));
+                            self.pending_suspends.push((
+                                seq,
+                                jobs,
+                                Instant::now() + PREEMPT_TIMEOUT,
+                            ));
                             continue;
                         }
                         Ok(_) => (seq, FwStatus::Ok),
@@ -462,6 +472,11 @@ impl Firmware {
                     return FwStatus::BadObject;
                 }
                 let suspended = c.suspended;
+                // A slot may have served an earlier queue: its doorbell and pending bit
+                // start clean (the client gets the queue only after this request's ack).
+                let page = c.doorbell.head::<DoorbellPage>();
+                page.doorbells[slot as usize].value.store(0, Relaxed);
+                page.pending.words[slot as usize / 64].fetch_and(!(1u64 << (slot % 64)), Relaxed);
                 c.queues[slot as usize] = Some(Queue::new(
                     slot,
                     map,
@@ -641,21 +656,41 @@ impl Firmware {
         Ok(jobs)
     }
 
-    /// Acknowledges suspends whose jobs no longer run a workgroup.
+    /// Acknowledges suspends whose jobs no longer run a workgroup; at a suspend's deadline,
+    /// resets the queues whose workgroups still run and fails the suspend.
     fn ack_suspends(&mut self) -> bool {
         if self.pending_suspends.is_empty() {
             return false;
         }
-        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_suspends)
-            .into_iter()
-            .partition(|(_, jobs)| jobs.iter().all(|j| !j.is_running()));
-        self.pending_suspends = waiting;
-        let any = !done.is_empty();
-        for (seq, _) in done {
-            self.emit(FwEvent::Ack {
-                seq,
-                status: FwStatus::Ok,
-            });
+        let now = Instant::now();
+        let mut any = false;
+        for (seq, jobs, deadline) in std::mem::take(&mut self.pending_suspends) {
+            if jobs.iter().all(|j| !j.is_running()) {
+                self.emit(FwEvent::Ack {
+                    seq,
+                    status: FwStatus::Ok,
+                });
+                any = true;
+            } else if now >= deadline {
+                for job in jobs.iter().filter(|j| j.is_running()) {
+                    let q = self
+                        .contexts
+                        .get_mut(&job.ctx)
+                        .and_then(|c| c.queues[job.slot as usize].as_mut());
+                    if let Some(q) = q {
+                        if let Outcome::Faulted(f) = q.fail(ErrorCode::PreemptTimeout) {
+                            self.report_fault(job.ctx, job.slot, f);
+                        }
+                    }
+                }
+                self.emit(FwEvent::Ack {
+                    seq,
+                    status: FwStatus::PreemptTimeout,
+                });
+                any = true;
+            } else {
+                self.pending_suspends.push((seq, jobs, deadline));
+            }
         }
         any
     }
@@ -874,7 +909,11 @@ impl Firmware {
                     q.queued = true;
                     self.run_list.push_back((ctx, slot));
                 }
-                Outcome::Parked => self.parked.push((ctx, slot)),
+                Outcome::Parked => {
+                    if !self.parked.contains(&(ctx, slot)) {
+                        self.parked.push((ctx, slot));
+                    }
+                }
                 Outcome::Faulted(f) => self.report_fault(ctx, slot, f),
                 Outcome::Dispatched(job) => self.engines.submit(job),
             }

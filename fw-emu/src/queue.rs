@@ -315,6 +315,10 @@ impl Queue {
                         packet_index: index,
                     };
                     outcome = Outcome::Dispatched(job);
+                    // As when parking: the read index moves while the timeline does not,
+                    // so a producer blocked on a full ring must look again.
+                    self.publish(kicked_parked);
+                    sync::wake_waiters(self.timeline.state(), self.timeline.waiters());
                     break;
                 }
                 Ok(Step::Park(wait)) => {
@@ -469,6 +473,9 @@ impl Queue {
         let RunState::Parked(wait) = &self.state else {
             return None;
         };
+        if self.suspended {
+            return None; // a suspended queue completes nothing, not even a wait
+        }
         match wait_status(wait) {
             WaitStatus::Pending => None,
             WaitStatus::Satisfied => {
@@ -533,6 +540,21 @@ impl Queue {
         st.queue.state.store(QueueState::Error as u32, Release);
         sync::poison_fence(st, t.waiters(), f.code, f.packet_index, f.address, f.detail);
         Outcome::Faulted(f)
+    }
+
+    /// Stops the queue with `code` (a reset decided by the firmware): its running dispatch
+    /// is cancelled and its timeline poisoned.
+    pub fn fail(&mut self, code: ErrorCode) -> Outcome {
+        let packet_index = match &self.state {
+            RunState::Dispatching { packet_index, .. } => *packet_index,
+            _ => self.rptr,
+        };
+        self.fault(Fault {
+            code,
+            packet_index,
+            address: 0,
+            detail: 0,
+        })
     }
 
     /// Tears the queue down: poisons its timeline for values it never reached.

@@ -38,7 +38,8 @@ pub struct Limits {
     /// Fences on the device. Each costs two mappings in kmd-shim and two in the firmware,
     /// so this stays well below the kernel's `vm.max_map_count` (65530 by default).
     pub max_fences: usize,
-    /// Buffers on the device (kmd-shim keeps a descriptor of each, for imports).
+    /// Buffer mappings on the device, allocations and imports together (each is a mapping
+    /// in the firmware; kmd-shim keeps a descriptor of each buffer, for imports).
     pub max_buffers: usize,
     /// Bytes of buffers and rings all contexts together may allocate.
     pub memory_budget: u64,
@@ -61,17 +62,21 @@ impl Default for Limits {
 struct BufferRecord {
     /// (device, inode) of its memfd, once created.
     object: Option<(u64, u64)>,
-    /// Bytes charged to the budget for this mapping (zero for an import).
-    charged: u64,
+    /// Bytes reserved in the budget before the memfd existed (moved to the object once it
+    /// does; zero for an import).
+    reserved: u64,
 }
 
 /// A buffer memfd any context may import.
 struct BufferObject {
     /// Bytes the VM maps (as asked at allocation).
     size: u64,
+    /// Bytes charged to the budget: the memory lives, and stays charged, until the last
+    /// mapping of it goes, whoever allocated it.
+    charged: u64,
     /// The memfd, kept to map it into importers.
     fd: OwnedFd,
-    /// Contexts that have it mapped.
+    /// Mappings of it, in all contexts.
     refs: usize,
 }
 
@@ -107,6 +112,9 @@ struct Table {
     by_identity: HashMap<Identity, FenceId>,
     /// Buffer memfds by identity, for IMPORT_BUFFER.
     buffer_objects: HashMap<(u64, u64), BufferObject>,
+    /// Buffer mappings in all contexts (allocations and imports): each is a mapping in the
+    /// firmware, so they count against `Limits::max_buffers` too.
+    buffer_mappings: usize,
     next_ctx: u32,
     next_fence: FenceId,
     memory_used: u64,
@@ -128,13 +136,15 @@ impl ContextRecord {
 }
 
 impl Table {
-    /// Uncharges a buffer mapping and drops the memfd when no context maps it any more.
+    /// Removes a buffer mapping; the memfd and its charge go with the last mapping.
     fn release_buffer(&mut self, b: BufferRecord) {
-        self.memory_used -= b.charged;
+        self.buffer_mappings -= 1;
+        self.memory_used -= b.reserved;
         if let Some(id) = b.object {
             if let Some(o) = self.buffer_objects.get_mut(&id) {
                 o.refs -= 1;
                 if o.refs == 0 {
+                    self.memory_used -= o.charged;
                     self.buffer_objects.remove(&id);
                 }
             }
@@ -546,7 +556,7 @@ impl Device {
             if t.memory_used + size > self.limits.memory_budget {
                 return Err(KmdStatus::OutOfMemory);
             }
-            if t.buffer_objects.len() >= self.limits.max_buffers {
+            if t.buffer_mappings >= self.limits.max_buffers {
                 return Err(KmdStatus::LimitExceeded);
             }
             let c = t.contexts.get_mut(&ctx).ok_or(KmdStatus::NoContext)?;
@@ -554,10 +564,11 @@ impl Device {
                 size,
                 BufferRecord {
                     object: None,
-                    charged: size,
+                    reserved: size,
                 },
             )?;
             t.memory_used += size;
+            t.buffer_mappings += 1;
             va
         };
         let made = (|| {
@@ -598,6 +609,7 @@ impl Device {
                     identity,
                     BufferObject {
                         size: requested,
+                        charged: size,
                         fd: kept,
                         refs: 1,
                     },
@@ -608,14 +620,14 @@ impl Device {
                     .and_then(|c| c.buffers.get_mut(&va))
                 {
                     b.object = Some(identity);
+                    b.reserved = 0; // the object carries the charge now
                 }
                 Ok((vec![va, requested], vec![fd]))
             }
             Err(e) => {
                 let mut t = self.table();
-                t.memory_used -= size;
-                if let Some(c) = t.contexts.get_mut(&ctx) {
-                    c.buffers.remove(&va);
+                if let Some(b) = t.contexts.get_mut(&ctx).and_then(|c| c.buffers.remove(&va)) {
+                    t.release_buffer(b);
                 }
                 Err(e)
             }
@@ -630,6 +642,9 @@ impl Device {
         let identity = os::object_identity(fd.as_fd()).map_err(|_| KmdStatus::BadFd)?;
         let (va, size, ours) = {
             let mut t = self.table();
+            if t.buffer_mappings >= self.limits.max_buffers {
+                return Err(KmdStatus::LimitExceeded);
+            }
             let obj = t.buffer_objects.get(&identity).ok_or(KmdStatus::BadFd)?;
             let size = obj.size;
             let ours = obj.fd.try_clone().map_err(|_| KmdStatus::Internal)?;
@@ -639,9 +654,10 @@ impl Device {
                 pages,
                 BufferRecord {
                     object: Some(identity),
-                    charged: 0,
+                    reserved: 0,
                 },
             )?;
+            t.buffer_mappings += 1;
             if let Some(o) = t.buffer_objects.get_mut(&identity) {
                 o.refs += 1;
             }

@@ -320,6 +320,7 @@ impl FirmwareLink {
                     FwStatus::NotFound => Err(KmdStatus::NotFound),
                     FwStatus::Exists => Err(KmdStatus::InvalidArgument),
                     FwStatus::BadObject | FwStatus::Malformed => Err(KmdStatus::Internal),
+                    FwStatus::PreemptTimeout => Err(KmdStatus::FirmwareTimeout),
                 };
             }
             let now = Instant::now();

@@ -33,6 +33,7 @@ pub struct DeviceBuilder {
     socket: Option<PathBuf>,
     mode: OpenMode,
     kernels: Vec<(u32, Arc<dyn fw_emu::kernel::Kernel>)>,
+    engines: Option<usize>,
 }
 
 impl std::fmt::Debug for DeviceBuilder {
@@ -65,6 +66,13 @@ impl DeviceBuilder {
         self
     }
 
+    /// Engine threads of an embedded device this builder starts (default: one fewer than
+    /// the cores, at least one; or `$USERQ_FW_ENGINES`).
+    pub fn engines(mut self, engines: usize) -> Self {
+        self.engines = Some(engines.clamp(1, 256));
+        self
+    }
+
     /// Adds a custom kernel under `id` (use ids from
     /// [`crate::kernels::FIRST_CUSTOM`] on) to the firmware of an embedded device this
     /// builder starts. A device that is already running, in this process or in a daemon,
@@ -88,13 +96,13 @@ impl DeviceBuilder {
         match mode {
             OpenMode::Connect => Device::attach(&path, None),
             OpenMode::Embedded => {
-                let kmd = embedded(&path, &self.kernels)?;
+                let kmd = embedded(&path, &self.kernels, self.engines)?;
                 Device::attach(&path, Some(kmd))
             }
             OpenMode::Auto => match Device::attach(&path, None) {
                 Ok(d) => Ok(d),
                 Err(OpenError::Connect { .. }) => {
-                    match embedded(&path, &self.kernels) {
+                    match embedded(&path, &self.kernels, self.engines) {
                         Ok(kmd) => Device::attach(&path, Some(kmd)),
                         // Another process won the race to serve this socket: join it.
                         Err(OpenError::Start(kmd_shim::StartError::Bind(
@@ -124,12 +132,16 @@ fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<kmd_shim::Kmd>>> {
 fn embedded(
     path: &Path,
     kernels: &[(u32, Arc<dyn fw_emu::kernel::Kernel>)],
+    engines: Option<usize>,
 ) -> Result<Arc<kmd_shim::Kmd>, OpenError> {
     let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
     if let Some(k) = reg.get(path).and_then(Weak::upgrade) {
         return Ok(k);
     }
     let mut config = fw_emu::FirmwareConfig::default();
+    if let Some(n) = engines {
+        config.engines = n;
+    }
     for (id, k) in kernels {
         config.kernels.register(*id, k.clone());
     }
@@ -423,7 +435,9 @@ impl Device {
 
     /// Maps a buffer another context exported (possibly in another process) into this
     /// context's device address space and this process: both see the same memory. Its
-    /// length is the exported size in elements of `T`.
+    /// length is the exported size in elements of `T`. The buffer must still be mapped
+    /// somewhere (by its exporter or another importer) when the import arrives; the
+    /// memory lives, and stays charged to the device budget, until its last mapping goes.
     pub fn import_buffer<T: bytemuck::Pod>(
         &self,
         exported: ExportedBuffer,
@@ -441,7 +455,14 @@ impl Device {
             let _ = self.inner.call(Request::FreeBuffer { va: v[0] }, &[]);
             return Err(AllocError::BadSize);
         }
-        let map = Mapping::map(fd.as_fd(), size, true).map_err(|e| ControlError::Map(e.into()))?;
+        let map = match Mapping::map(fd.as_fd(), size, true) {
+            Ok(m) => m,
+            Err(e) => {
+                // Give the mapping back: nobody else knows its address.
+                let _ = self.inner.call(Request::FreeBuffer { va: v[0] }, &[]);
+                return Err(ControlError::Map(e.into()).into());
+            }
+        };
         Ok(Buffer::new(self.inner.clone(), v[0], size / elem, map, fd))
     }
 }

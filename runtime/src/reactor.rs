@@ -65,12 +65,13 @@ impl Reactor {
             let pts: Vec<FencePoint> = points.iter().map(|(p, _)| p.clone()).collect();
             let targets: Vec<_> = pts.iter().map(FencePoint::target).collect();
             let _registered = Registered::new(&targets);
-            let mut words: Vec<(&AtomicU32, u32)> = pts
-                .iter()
-                .map(|p| {
+            // The kick word first: with more points than one futex_waitv takes, the fallback
+            // waits on the first word (in short slices), and new futures must still wake us.
+            let words: Vec<(&AtomicU32, u32)> = std::iter::once((&self.kick, kick_seen))
+                .chain(pts.iter().map(|p| {
                     let w = p.wake_word();
                     (w, w.load(SeqCst))
-                })
+                }))
                 .collect();
             let mut woke = false;
             for (p, slot) in &points {
@@ -86,7 +87,6 @@ impl Reactor {
                 e.retain(|(_, slot)| slot.lock().unwrap_or_else(|e| e.into_inner()).is_some());
                 continue;
             }
-            words.push((&self.kick, kick_seen));
             // Bounded, so a lost device is noticed even if nobody wakes the reactor.
             sync::futex_wait_any(&words, Some(Duration::from_millis(200)));
             if pts.iter().any(|p| p.device_gone()) {

@@ -280,3 +280,46 @@ fn a_longer_time_slice_buys_a_proportionally_larger_share() {
         "3 ms vs 1 ms slices gave {x} vs {y} workgroups"
     );
 }
+
+#[test]
+fn with_two_engines_a_yielding_workgroup_is_always_resumed() {
+    use userq::firmware::mailbox;
+    let (dev, dir) = device_with("two-engines", Device::builder().engines(2));
+    let mut server = dev.create_queue().unwrap();
+    let mut churn = dev.create_queue().unwrap();
+    let mbox = dev.alloc::<u64>(mailbox::WORDS).unwrap();
+    let running = server
+        .submit(Command::dispatch(
+            kernels::PERSISTENT,
+            [1, 1, 1],
+            [1, 1, 1],
+            &[KernelArg::Address(mbox.device_address())],
+        ))
+        .unwrap();
+    let buf = dev.alloc::<f32>(256).unwrap();
+    // Other jobs come and go (each makes an engine look at the lists) while the persistent
+    // workgroup yields slice after slice; every request must still be answered.
+    for i in 1..=300u64 {
+        churn.submit(kernels::spin(3, 300_000).unwrap()).unwrap();
+        churn
+            .submit(kernels::scale(256, 1.0, &buf).unwrap())
+            .unwrap();
+        mbox.atomic(mailbox::REQUEST_VALUE)
+            .store(i, Ordering::Relaxed);
+        mbox.atomic(mailbox::REQUEST_SEQ)
+            .store(i, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mbox.atomic(mailbox::RESPONSE_SEQ).load(Ordering::Acquire) != i {
+            assert!(
+                Instant::now() < deadline,
+                "request {i} never answered: the job was lost"
+            );
+            std::thread::yield_now();
+        }
+    }
+    mbox.atomic(mailbox::STOP).store(1, Ordering::Release);
+    running.wait(Duration::from_secs(10)).unwrap();
+    churn.finish(Duration::from_secs(10)).unwrap();
+    drop((server, churn, mbox, buf, dev));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -40,6 +40,9 @@ pub enum ErrorCode {
     BadKernelArgs = 14,
     /// DISPATCH with an empty or oversized grid or workgroup, or too many arguments.
     BadGrid = 15,
+    /// A running workgroup did not yield within the preemption timeout when its queue had
+    /// to stop (suspend): the queue was reset.
+    PreemptTimeout = 16,
 }
 
 impl ErrorCode {
@@ -62,6 +65,7 @@ impl ErrorCode {
             13 => UnknownKernel,
             14 => BadKernelArgs,
             15 => BadGrid,
+            16 => PreemptTimeout,
             _ => return None,
         })
     }
@@ -85,6 +89,7 @@ impl ErrorCode {
             UnknownKernel => "unknown kernel",
             BadKernelArgs => "kernel arguments do not fit the kernel",
             BadGrid => "bad dispatch grid",
+            PreemptTimeout => "a workgroup did not yield in time to be preempted",
         }
     }
 }

@@ -195,6 +195,10 @@ pub enum FwStatus {
     /// The request could not be decoded.
     #[error("malformed request")]
     Malformed = 4,
+    /// A suspend could not be completed in time: a workgroup did not yield. Its queue was
+    /// reset ([`ErrorCode::PreemptTimeout`]).
+    #[error("preemption timed out")]
+    PreemptTimeout = 5,
 }
 
 impl FwStatus {
@@ -204,6 +208,7 @@ impl FwStatus {
             1 => Self::BadObject,
             2 => Self::NotFound,
             3 => Self::Exists,
+            5 => Self::PreemptTimeout,
             _ => Self::Malformed,
         }
     }

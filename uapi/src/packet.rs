@@ -240,8 +240,13 @@ impl Dispatch {
         if self.grid.contains(&0) || self.workgroup.contains(&0) {
             return Err(PacketError::BadGrid);
         }
-        let items: u64 = self.workgroup.iter().map(|&w| w as u64).product();
-        if items > MAX_WORKGROUP_ITEMS || self.workgroup_count() > MAX_WORKGROUPS {
+        // Client-supplied sizes: never multiply them unchecked.
+        let items = self
+            .workgroup
+            .iter()
+            .try_fold(1u64, |acc, &w| acc.checked_mul(w as u64));
+        if items.is_none_or(|n| n > MAX_WORKGROUP_ITEMS) || self.workgroup_count() > MAX_WORKGROUPS
+        {
             return Err(PacketError::BadGrid);
         }
         if self.arg_count > MAX_KERNEL_ARGS {
@@ -487,6 +492,16 @@ mod dispatch_tests {
             Command::decode(&dispatch([u32::MAX, u32::MAX, 2], [1, 1, 1], 2)),
             Err(PacketError::BadGrid),
             "too many workgroups"
+        );
+        assert_eq!(
+            Command::decode(&dispatch([8, 8, 8], [u32::MAX, u32::MAX, 2], 2)),
+            Err(PacketError::BadGrid),
+            "a workgroup size whose product overflows"
+        );
+        assert_eq!(
+            Command::decode(&dispatch([8, 8, 8], [1 << 31, 1 << 31, 4], 2)),
+            Err(PacketError::BadGrid),
+            "a workgroup size whose product wraps to zero"
         );
         assert_eq!(
             Command::decode(&dispatch([10, 1, 1], [4, 1, 1], 17)),
