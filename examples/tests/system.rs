@@ -59,51 +59,19 @@ fn clients_join_a_device_embedded_in_another_process() {
 
 #[test]
 fn ping_pong_example_runs_across_processes_in_daemon_and_embedded_mode() {
-    let example = bin_dir().join("examples").join("ping_pong");
-    assert!(example.exists(), "examples are built by `cargo test`");
     let daemon = Daemon::start();
-    let out = Proc::spawn(
-        "ping_pong (daemon)",
-        Command::new(&example)
-            .env("USERQ_DEVICE", &daemon.socket)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    )
-    .output_within(Duration::from_secs(60));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = run_example("ping_pong", Some(&daemon.socket));
     assert!(
         text.contains("daemon mode") && text.contains("order verified"),
         "{text}"
     );
     daemon.stop();
-
     // Embedded: the parent starts the device in its runtime directory, the child joins it.
-    let runtime_dir = TempDir::new("xdg");
-    let out = Proc::spawn(
-        "ping_pong (embedded)",
-        Command::new(&example)
-            .env_remove("USERQ_DEVICE")
-            .env("XDG_RUNTIME_DIR", runtime_dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    )
-    .output_within(Duration::from_secs(60));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = run_example("ping_pong", None);
     assert!(
         text.contains("embedded mode") && text.contains("order verified"),
         "{text}"
     );
-    assert!(!runtime_dir.path().join("userq/dev0.sock").exists());
 }
 
 #[test]
@@ -246,32 +214,41 @@ fn waiters_get_device_lost_when_the_process_serving_the_device_is_killed() {
     assert!(dev.is_lost());
 }
 
-/// Runs an example with a device embedded in it and returns its stdout; fails on error.
-fn run_embedded_example(name: &str) -> String {
+/// Runs an example against a daemon (`Some(socket)`) or with a device embedded in it
+/// (`None`, in a private runtime directory that must be left clean), and returns its
+/// stdout; fails on error.
+fn run_example(name: &str, daemon: Option<&std::path::Path>) -> String {
     let example = bin_dir().join("examples").join(name);
-    assert!(example.exists(), "examples are built by `cargo test`");
+    assert!(
+        example.exists(),
+        "examples are built by `cargo test --workspace`"
+    );
     let runtime_dir = TempDir::new(name);
-    let out = Proc::spawn(
-        name,
-        Command::new(&example)
+    let mut cmd = Command::new(&example);
+    match daemon {
+        Some(socket) => cmd.env("USERQ_DEVICE", socket),
+        None => cmd
             .env_remove("USERQ_DEVICE")
-            .env("XDG_RUNTIME_DIR", runtime_dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    )
-    .output_within(Duration::from_secs(60));
+            .env("XDG_RUNTIME_DIR", runtime_dir.path()),
+    };
+    let out = Proc::spawn(name, cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))
+        .output_within(Duration::from_secs(60));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "{text}{}",
+        "{name}: {text}{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !runtime_dir.path().join("userq/dev0.sock").exists(),
+        "{name} left its socket behind"
     );
     text
 }
 
 #[test]
 fn persistent_example_serves_its_mailbox_and_stops() {
-    let text = run_embedded_example("persistent");
+    let text = run_example("persistent", None);
     assert!(
         text.contains("2000 requests answered") && text.contains("stopped when asked"),
         "{text}"
@@ -280,38 +257,18 @@ fn persistent_example_serves_its_mailbox_and_stops() {
 
 #[test]
 fn saxpy_example_verifies_against_the_cpu() {
-    let text = run_embedded_example("saxpy");
+    let text = run_example("saxpy", None);
     assert!(text.contains("max |error| vs CPU = 0"), "{text}");
 }
 
 #[test]
 fn pipeline_example_shares_buffers_and_fences_between_processes_in_both_modes() {
-    let example = bin_dir().join("examples").join("pipeline");
-    assert!(example.exists(), "examples are built by `cargo test`");
     let daemon = Daemon::start();
-    let runtime_dir = TempDir::new("pipeline");
-    for (mode, env) in [("daemon", Some(&daemon.socket)), ("embedded", None)] {
-        let mut cmd = Command::new(&example);
-        match env {
-            Some(sock) => cmd.env("USERQ_DEVICE", sock),
-            None => cmd
-                .env_remove("USERQ_DEVICE")
-                .env("XDG_RUNTIME_DIR", runtime_dir.path()),
-        };
-        let out = Proc::spawn(
-            &format!("pipeline ({mode})"),
-            cmd.stdout(Stdio::piped()).stderr(Stdio::piped()),
-        )
-        .output_within(Duration::from_secs(60));
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{mode}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    for socket in [Some(daemon.socket.as_path()), None] {
+        let text = run_example("pipeline", socket);
         assert!(
             text.contains("consumer verified 5000000 elements"),
-            "{mode}: {text}"
+            "{text}"
         );
     }
     daemon.stop();
@@ -327,7 +284,7 @@ fn sixty_four_queues_from_four_processes_all_complete() {
 #[test]
 fn a_custom_firmware_program_serves_its_own_kernel_in_daemon_layout() {
     // The example's own demo: kmd-shim's library with the example as firmware process.
-    let text = run_embedded_example("custom_firmware");
+    let text = run_example("custom_firmware", None);
     assert!(text.contains("10000 results match the CPU"), "{text}");
     // And with the kmd-shim daemon, as the example's documentation says.
     let fw = bin_dir().join("examples").join("custom_firmware");

@@ -1,57 +1,16 @@
 //! The runtime API against an embedded device: ordering, back-pressure, waits, fences across
 //! contexts, and how errors reach the caller.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use userq::{
-    wait_all, wait_any, Command, Device, ErrorCode, OpenMode, Packet, QueueStatus, SignalError,
-    SubmitError, WaitError, WaitMode,
+    wait_all, wait_any, Command, ErrorCode, Packet, QueueStatus, SignalError, SubmitError,
+    WaitError, WaitMode,
 };
 
+mod common;
+use common::Env;
+
 const LONG: Duration = Duration::from_secs(10);
-
-/// An embedded device on a private socket; the directory goes when the test ends.
-struct Env {
-    dev: Option<Device>,
-    dir: PathBuf,
-}
-
-impl Env {
-    fn new() -> Env {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "userq-api-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let dev = Device::builder()
-            .socket(dir.join("dev.sock"))
-            .mode(OpenMode::Embedded)
-            .open()
-            .expect("embedded device");
-        Env {
-            dev: Some(dev),
-            dir,
-        }
-    }
-
-    fn dev(&self) -> &Device {
-        self.dev.as_ref().expect("open")
-    }
-
-    /// A second context on the same device, as another process would have.
-    fn second(&self) -> Device {
-        Device::connect(self.dev().socket_path()).expect("second context")
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        self.dev.take();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn fault_code(r: Result<(), WaitError>) -> ErrorCode {
     match r {

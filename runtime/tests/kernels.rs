@@ -1,52 +1,16 @@
 //! Every built-in kernel against a CPU reference, with sizes that are not multiples of the
 //! workgroup; bad dispatches; custom kernels; engines running queues side by side.
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use userq::firmware::{ArgError, ArgKind, Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
-use userq::{kernels, Command, Device, ErrorCode, KernelArg, OpenMode, WaitError};
+use userq::{kernels, Command, Device, ErrorCode, KernelArg, WaitError};
+
+mod common;
+use common::Env;
 
 const LONG: Duration = Duration::from_secs(20);
-
-struct Env {
-    dev: Option<Device>,
-    dir: PathBuf,
-}
-
-impl Env {
-    fn with(builder: userq::DeviceBuilder) -> Env {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "userq-kernels-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let dev = builder
-            .socket(dir.join("dev.sock"))
-            .mode(OpenMode::Embedded)
-            .open()
-            .expect("embedded device");
-        Env {
-            dev: Some(dev),
-            dir,
-        }
-    }
-    fn new() -> Env {
-        Env::with(Device::builder())
-    }
-    fn dev(&self) -> &Device {
-        self.dev.as_ref().expect("open")
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        self.dev.take();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A deterministic pseudo-random sequence (xorshift), so the references are reproducible.
 fn data(n: usize, seed: u64) -> Vec<f32> {

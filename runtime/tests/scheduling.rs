@@ -3,30 +3,13 @@
 //! Bounds are generous (tens of percent, tens of milliseconds): the precise figures are the
 //! benchmark's business.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+mod common;
+use common::Env;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use userq::firmware::{ArgError, ArgKind, Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
-use userq::{kernels, Command, Device, KernelArg, OpenMode, Priority, WaitMode};
-
-fn device(tag: &str) -> (Device, std::path::PathBuf) {
-    device_with(tag, Device::builder())
-}
-
-fn device_with(tag: &str, builder: userq::DeviceBuilder) -> (Device, std::path::PathBuf) {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "userq-sched-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let dev = builder
-        .socket(dir.join("dev.sock"))
-        .mode(OpenMode::Embedded)
-        .open()
-        .expect("embedded device");
-    (dev, dir)
-}
+use userq::{kernels, Command, Device, KernelArg, Priority, WaitMode};
 
 /// Spins `ns` per workgroup, then counts the workgroup in `counter[0]`: engine time made
 /// visible to the host.
@@ -54,7 +37,8 @@ impl Kernel for CountedSpin {
 #[test]
 fn two_equal_queues_running_endless_spin_kernels_share_engine_time() {
     let id = kernels::FIRST_CUSTOM + 7;
-    let (dev, dir) = device_with("fair", Device::builder().kernel(id, Arc::new(CountedSpin)));
+    let env = Env::with(Device::builder().kernel(id, Arc::new(CountedSpin)));
+    let dev = env.dev();
     let counters = [dev.alloc::<u64>(1).unwrap(), dev.alloc::<u64>(1).unwrap()];
     let mut queues: Vec<_> = (0..2).map(|_| dev.create_queue().unwrap()).collect();
     for (q, c) in queues.iter_mut().zip(&counters) {
@@ -78,7 +62,6 @@ fn two_equal_queues_running_endless_spin_kernels_share_engine_time() {
     drop(queues);
     let (x, y) = ((after[0] - before[0]) as f64, (after[1] - before[1]) as f64);
     drop((counters, dev));
-    let _ = std::fs::remove_dir_all(dir);
     assert!(
         x + y >= 1000.0,
         "too little progress to judge: {x} and {y} workgroups"
@@ -93,7 +76,8 @@ fn two_equal_queues_running_endless_spin_kernels_share_engine_time() {
 
 #[test]
 fn a_high_priority_queue_gets_through_saturating_low_priority_work() {
-    let (dev, dir) = device("prio");
+    let env = Env::new();
+    let dev = env.dev();
     let mut low: Vec<_> = (0..8)
         .map(|_| dev.queue().priority(Priority::Low).create().unwrap())
         .collect();
@@ -117,7 +101,6 @@ fn a_high_priority_queue_gets_through_saturating_low_priority_work() {
     assert!(low.iter().all(|q| q.timeline().value() == 0));
     drop(low);
     drop((high, buf, dev));
-    let _ = std::fs::remove_dir_all(dir);
     // A time slice is 1 ms; the bound is generous for a shared 2-core machine.
     assert!(
         worst < Duration::from_millis(200),
@@ -127,7 +110,8 @@ fn a_high_priority_queue_gets_through_saturating_low_priority_work() {
 
 #[test]
 fn one_long_workgroup_is_preempted_at_its_checkpoints() {
-    let (dev, dir) = device("checkpoint");
+    let env = Env::new();
+    let dev = env.dev();
     let mut long = dev.create_queue().unwrap();
     let mut short = dev.create_queue().unwrap();
     // A single workgroup spinning for 2 s: only checkpoints can share its engine.
@@ -154,13 +138,13 @@ fn one_long_workgroup_is_preempted_at_its_checkpoints() {
     );
     busy.wait(Duration::from_secs(20)).unwrap();
     drop((long, short, buf, dev));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn the_persistent_kernel_serves_its_mailbox_until_told_to_stop() {
     use userq::firmware::mailbox;
-    let (dev, dir) = device("persistent");
+    let env = Env::new();
+    let dev = env.dev();
     let mut server = dev.create_queue().unwrap();
     let mut other = dev.create_queue().unwrap();
     let mbox = dev.alloc::<u64>(mailbox::WORDS).unwrap();
@@ -200,12 +184,12 @@ fn the_persistent_kernel_serves_its_mailbox_until_told_to_stop() {
     mbox.atomic(mailbox::STOP).store(1, Ordering::Release);
     running.wait(Duration::from_secs(10)).unwrap();
     drop((server, other, mbox, buf, dev));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn destroying_the_queue_of_a_no_progress_kernel_frees_its_engine() {
-    let (dev, dir) = device("noprogress");
+    let env = Env::new();
+    let dev = env.dev();
     let mut stuck = dev.create_queue().unwrap();
     let never = stuck
         .submit(Command::dispatch(
@@ -229,16 +213,13 @@ fn destroying_the_queue_of_a_no_progress_kernel_frees_its_engine() {
         .wait(Duration::from_secs(10))
         .unwrap();
     drop((q, buf, dev));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn a_longer_time_slice_buys_a_proportionally_larger_share() {
     let id = kernels::FIRST_CUSTOM + 8;
-    let (dev, dir) = device_with(
-        "slices",
-        Device::builder().kernel(id, Arc::new(CountedSpin)),
-    );
+    let env = Env::with(Device::builder().kernel(id, Arc::new(CountedSpin)));
+    let dev = env.dev();
     assert!(matches!(
         dev.queue().time_slice(Duration::ZERO).create(),
         Err(userq::QueueCreateError::BadTimeSlice(_))
@@ -273,7 +254,6 @@ fn a_longer_time_slice_buys_a_proportionally_larger_share() {
     drop(queues);
     let (x, y) = ((after[0] - before[0]) as f64, (after[1] - before[1]) as f64);
     drop((counters, dev));
-    let _ = std::fs::remove_dir_all(dir);
     let ratio = x / y.max(1.0);
     assert!(
         (2.0..=4.0).contains(&ratio),
@@ -284,7 +264,8 @@ fn a_longer_time_slice_buys_a_proportionally_larger_share() {
 #[test]
 fn with_two_engines_a_yielding_workgroup_is_always_resumed() {
     use userq::firmware::mailbox;
-    let (dev, dir) = device_with("two-engines", Device::builder().engines(2));
+    let env = Env::with(Device::builder().engines(2));
+    let dev = env.dev();
     let mut server = dev.create_queue().unwrap();
     let mut churn = dev.create_queue().unwrap();
     let mbox = dev.alloc::<u64>(mailbox::WORDS).unwrap();
@@ -321,5 +302,4 @@ fn with_two_engines_a_yielding_workgroup_is_always_resumed() {
     running.wait(Duration::from_secs(10)).unwrap();
     churn.finish(Duration::from_secs(10)).unwrap();
     drop((server, churn, mbox, buf, dev));
-    let _ = std::fs::remove_dir_all(dir);
 }
