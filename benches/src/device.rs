@@ -126,12 +126,7 @@ pub fn fw_role(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     };
     // SAFETY: kmd-shim passed this descriptor to this process for the firmware alone.
     let channel = unsafe { <rustix::fd::OwnedFd as rustix::fd::FromRawFd>::from_raw_fd(fd) };
-    let mut config = fw_emu::FirmwareConfig::default();
-    config.kernels.register(
-        crate::sched::COUNTED_SPIN,
-        std::sync::Arc::new(crate::sched::CountedSpin),
-    );
-    fw_emu::Firmware::boot(channel, config)?.run();
+    fw_emu::Firmware::boot(channel, fw_emu::FirmwareConfig::default())?.run();
     Ok(())
 }
 

@@ -1,42 +1,14 @@
-//! The firmware scheduler's bounds, measured against a daemon-mode device whose firmware
-//! (this executable's `__fw` role) also has [`COUNTED_SPIN`]: fairness between equal
-//! queues, a high-priority round trip through saturating low-priority work, and many
-//! queues from several processes.
+//! The firmware scheduler's bounds, measured against a daemon-mode device: fairness
+//! between equal queues (engine time counted by the built-in `SPIN_COUNTED` kernel), a
+//! high-priority round trip through saturating low-priority work, and many queues from
+//! several processes.
 
 use crate::device::DeviceProcs;
 use crate::proc::Role;
 use crate::stats::{time_each, Latency};
 use std::process::Stdio;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
-use userq::firmware::{ArgError, ArgKind, Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
 use userq::{kernels, Command, Device, KernelArg, Priority, WaitMode};
-
-/// Id of the counting spin kernel in the bench's firmware.
-pub const COUNTED_SPIN: u32 = kernels::FIRST_CUSTOM + 1;
-
-/// Spins `ns` per workgroup, then counts it in `counter[0]`: engine time made visible.
-pub struct CountedSpin;
-
-impl Kernel for CountedSpin {
-    fn name(&self) -> &str {
-        "counted_spin"
-    }
-    fn signature(&self) -> &[ArgKind] {
-        &[ArgKind::U64, ArgKind::Buffer]
-    }
-    fn validate(&self, a: &Args, _: &userq::uapi::packet::Dispatch) -> Result<(), ArgError> {
-        userq::firmware::need(a, 1, 1, 8)
-    }
-    fn run(&self, a: &Args, _: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
-        let until = Instant::now() + Duration::from_nanos(a.u64(0));
-        while Instant::now() < until {
-            std::hint::spin_loop();
-        }
-        a.buffer(1).words64()[0].fetch_add(1, Relaxed);
-        WorkgroupStatus::Done
-    }
-}
 
 /// Engine time of two equal-priority queues running endless spin kernels, over `window`.
 pub fn fairness(dev: &Device, window: Duration) -> Result<(u64, u64), Box<dyn std::error::Error>> {
@@ -44,7 +16,7 @@ pub fn fairness(dev: &Device, window: Duration) -> Result<(u64, u64), Box<dyn st
     let mut queues = vec![dev.create_queue()?, dev.create_queue()?];
     for (q, c) in queues.iter_mut().zip(&counters) {
         q.submit(Command::dispatch(
-            COUNTED_SPIN,
+            kernels::SPIN_COUNTED,
             [1_000_000_000, 1, 1],
             [1, 1, 1],
             &[

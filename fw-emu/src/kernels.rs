@@ -36,7 +36,7 @@ impl KernelLibrary {
     /// The built-in kernels.
     pub fn builtin() -> Self {
         let mut l = KernelLibrary::default();
-        let all: [(u32, Arc<dyn Kernel>); 16] = [
+        let all: [(u32, Arc<dyn Kernel>); 17] = [
             (id::FILL_U32, Arc::new(Fill)),
             (id::COPY_U32, Arc::new(Copy)),
             (id::AXPY_F32, Arc::new(Axpy)),
@@ -65,6 +65,7 @@ impl KernelLibrary {
             (id::SPIN, Arc::new(Spin)),
             (id::PERSISTENT, Arc::new(Persistent)),
             (id::NO_PROGRESS, Arc::new(NoProgress)),
+            (id::SPIN_COUNTED, Arc::new(SpinCounted)),
         ];
         for (i, k) in all {
             l.kernels.insert(i, k);
@@ -602,6 +603,32 @@ impl Kernel for NoProgress {
         while !cp.cancelled() {
             std::hint::spin_loop();
         }
+        WorkgroupStatus::Done
+    }
+}
+
+/// Spins `ns` per workgroup, then counts the workgroup in `counter[0]`: engine time made
+/// visible to the host, for fairness probes.
+struct SpinCounted;
+impl Kernel for SpinCounted {
+    fn name(&self) -> &str {
+        "spin_counted"
+    }
+    fn signature(&self) -> &[ArgKind] {
+        &[U64, B]
+    }
+    fn validate(&self, a: &Args, _: &Dispatch) -> Result<(), ArgError> {
+        if a.u64(0) > 1_000_000_000 {
+            return Err(ArgError::at(0, a.u64(0)));
+        }
+        need(a, 1, 1, 8)
+    }
+    fn run(&self, a: &Args, _: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
+        let until = Instant::now() + std::time::Duration::from_nanos(a.u64(0));
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        a.buffer(1).words64()[0].fetch_add(1, Relaxed);
         WorkgroupStatus::Done
     }
 }

@@ -6,62 +6,42 @@
 mod common;
 use common::Env;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use userq::firmware::{ArgError, ArgKind, Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
 use userq::{kernels, Command, Device, KernelArg, Priority, WaitMode};
 
-/// Spins `ns` per workgroup, then counts the workgroup in `counter[0]`: engine time made
-/// visible to the host.
-struct CountedSpin;
-impl Kernel for CountedSpin {
-    fn name(&self) -> &str {
-        "counted_spin"
-    }
-    fn signature(&self) -> &[ArgKind] {
-        &[ArgKind::U64, ArgKind::Buffer]
-    }
-    fn validate(&self, a: &Args, _: &userq::uapi::packet::Dispatch) -> Result<(), ArgError> {
-        userq::firmware::need(a, 1, 1, 8)
-    }
-    fn run(&self, a: &Args, _: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
-        let until = Instant::now() + Duration::from_nanos(a.u64(0));
-        while Instant::now() < until {
-            std::hint::spin_loop();
-        }
-        a.buffer(1).words64()[0].fetch_add(1, Ordering::Relaxed);
-        WorkgroupStatus::Done
-    }
-}
-
-#[test]
-fn two_equal_queues_running_endless_spin_kernels_share_engine_time() {
-    let id = kernels::FIRST_CUSTOM + 7;
-    let env = Env::with(Device::builder().kernel(id, Arc::new(CountedSpin)));
-    let dev = env.dev();
+/// Workgroups of the counting spin kernel (`ns` each) that two queues run over `window`,
+/// both with an endless dispatch; the queues are destroyed (cancelling them) afterwards.
+fn engine_shares(
+    dev: &Device,
+    mut queues: Vec<userq::Queue>,
+    ns: u64,
+    window: Duration,
+) -> (f64, f64) {
     let counters = [dev.alloc::<u64>(1).unwrap(), dev.alloc::<u64>(1).unwrap()];
-    let mut queues: Vec<_> = (0..2).map(|_| dev.create_queue().unwrap()).collect();
     for (q, c) in queues.iter_mut().zip(&counters) {
-        // A billion 100 µs workgroups: endless for this test.
+        // A billion workgroups: endless for these tests.
         q.submit(Command::dispatch(
-            id,
+            kernels::SPIN_COUNTED,
             [1_000_000_000, 1, 1],
             [1, 1, 1],
-            &[
-                KernelArg::U64(100_000),
-                KernelArg::Address(c.device_address()),
-            ],
+            &[KernelArg::U64(ns), KernelArg::Address(c.device_address())],
         ))
         .unwrap();
     }
     std::thread::sleep(Duration::from_millis(100));
     let before = [counters[0].read(0), counters[1].read(0)];
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(window);
     let after = [counters[0].read(0), counters[1].read(0)];
-    // Destroying the queues cancels their endless dispatches.
     drop(queues);
-    let (x, y) = ((after[0] - before[0]) as f64, (after[1] - before[1]) as f64);
-    drop((counters, dev));
+    ((after[0] - before[0]) as f64, (after[1] - before[1]) as f64)
+}
+
+#[test]
+fn two_equal_queues_running_endless_spin_kernels_share_engine_time() {
+    let env = Env::new();
+    let dev = env.dev();
+    let queues = (0..2).map(|_| dev.create_queue().unwrap()).collect();
+    let (x, y) = engine_shares(dev, queues, 100_000, Duration::from_secs(2));
     assert!(
         x + y >= 1000.0,
         "too little progress to judge: {x} and {y} workgroups"
@@ -217,15 +197,13 @@ fn destroying_the_queue_of_a_no_progress_kernel_frees_its_engine() {
 
 #[test]
 fn a_longer_time_slice_buys_a_proportionally_larger_share() {
-    let id = kernels::FIRST_CUSTOM + 8;
-    let env = Env::with(Device::builder().kernel(id, Arc::new(CountedSpin)));
+    let env = Env::new();
     let dev = env.dev();
     assert!(matches!(
         dev.queue().time_slice(Duration::ZERO).create(),
         Err(userq::QueueCreateError::BadTimeSlice(_))
     ));
-    let counters = [dev.alloc::<u64>(1).unwrap(), dev.alloc::<u64>(1).unwrap()];
-    let mut queues = vec![
+    let queues = vec![
         dev.queue()
             .time_slice(Duration::from_millis(3))
             .create()
@@ -235,25 +213,7 @@ fn a_longer_time_slice_buys_a_proportionally_larger_share() {
             .create()
             .unwrap(),
     ];
-    for (q, c) in queues.iter_mut().zip(&counters) {
-        q.submit(Command::dispatch(
-            id,
-            [1_000_000_000, 1, 1],
-            [1, 1, 1],
-            &[
-                KernelArg::U64(50_000),
-                KernelArg::Address(c.device_address()),
-            ],
-        ))
-        .unwrap();
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    let before = [counters[0].read(0), counters[1].read(0)];
-    std::thread::sleep(Duration::from_secs(1));
-    let after = [counters[0].read(0), counters[1].read(0)];
-    drop(queues);
-    let (x, y) = ((after[0] - before[0]) as f64, (after[1] - before[1]) as f64);
-    drop((counters, dev));
+    let (x, y) = engine_shares(dev, queues, 50_000, Duration::from_secs(1));
     let ratio = x / y.max(1.0);
     assert!(
         (2.0..=4.0).contains(&ratio),

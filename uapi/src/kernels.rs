@@ -25,6 +25,7 @@
 //! | 14 | spin: every workgroup busy-waits `ns` nanoseconds, yielding at checkpoints | ns |
 //! | 15 | persistent: one workgroup serving a mailbox until told to stop (see below) | mailbox |
 //! | 16 | no progress: spins without a checkpoint until its queue is destroyed | |
+//! | 17 | counted spin: every workgroup spins `ns`, then adds 1 to `counter[0]` (u64): engine time made visible, for fairness probes | ns, counter |
 //!
 //! The persistent kernel's mailbox is five u64 words: request sequence, request value,
 //! response sequence, response value (`3·value + 1`), stop. The host writes the value, then
@@ -63,6 +64,8 @@ pub const SPIN: u32 = 14;
 pub const PERSISTENT: u32 = 15;
 /// A kernel that never reports progress (for hang handling).
 pub const NO_PROGRESS: u32 = 16;
+/// Busy work that counts its finished workgroups.
+pub const SPIN_COUNTED: u32 = 17;
 
 /// First id free for custom kernels.
 pub const FIRST_CUSTOM: u32 = 1 << 16;
