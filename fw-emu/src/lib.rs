@@ -889,7 +889,6 @@ impl Firmware {
                 continue;
             };
             q.queued = false;
-            let mut kicked = false;
             let db = &doorbell.head::<DoorbellPage>().doorbells[slot as usize].value;
             let res = queue::Resources {
                 bindings,
@@ -897,7 +896,7 @@ impl Firmware {
                 kernels: &self.config.kernels,
                 ctx: *id,
             };
-            let outcome = q.service(db, &res, self.config.packets_per_turn, &mut kicked);
+            let outcome = q.service(db, &res, self.config.packets_per_turn);
             any = true;
             if self.can_poll && !q.is_polled() && matches!(outcome, Outcome::Idle | Outcome::More) {
                 q.set_polled(true);

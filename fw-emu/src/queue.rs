@@ -261,14 +261,7 @@ impl Queue {
     }
 
     /// Runs up to `budget` packets. `doorbell` is the client's write index for this queue.
-    /// Sets `*kicked_parked` when a SIGNAL_FENCE hit a fence that firmware queues wait on.
-    pub fn service(
-        &mut self,
-        doorbell: &AtomicU64,
-        res: &Resources<'_>,
-        budget: u32,
-        kicked_parked: &mut bool,
-    ) -> Outcome {
+    pub fn service(&mut self, doorbell: &AtomicU64, res: &Resources<'_>, budget: u32) -> Outcome {
         if !self.is_active() {
             return if self.is_parked() && !self.suspended {
                 Outcome::Parked
@@ -307,7 +300,7 @@ impl Queue {
             let index = self.rptr;
             let packet = self.copy_packet(index);
             self.rptr += 1;
-            match self.execute(&packet, index, res, kicked_parked) {
+            match self.execute(&packet, index, res) {
                 Ok(Step::Done) => self.completed = index + 1,
                 Ok(Step::Dispatch(job)) => {
                     self.state = RunState::Dispatching {
@@ -315,20 +308,13 @@ impl Queue {
                         packet_index: index,
                     };
                     outcome = Outcome::Dispatched(job);
-                    // As when parking: the read index moves while the timeline does not,
-                    // so a producer blocked on a full ring must look again.
-                    self.publish(kicked_parked);
-                    sync::wake_waiters(self.timeline.state(), self.timeline.waiters());
                     break;
                 }
                 Ok(Step::Park(wait)) => {
                     wait.fence.waiters().line.firmware.fetch_add(1, SeqCst);
                     self.state = RunState::Parked(wait);
                     outcome = Outcome::Parked;
-                    // The read index moved past the wait packet while the timeline did not:
-                    // a producer blocked on a full ring must look again.
-                    self.publish(kicked_parked);
-                    sync::wake_waiters(self.timeline.state(), self.timeline.waiters());
+                    self.publish();
                     // The condition may have become true between the check and the
                     // registration above: look once more now that host signallers will
                     // see the registration.
@@ -340,7 +326,7 @@ impl Queue {
                 Err(f) => return self.fault(f),
             }
         }
-        self.publish(kicked_parked);
+        self.publish();
         outcome
     }
 
@@ -353,13 +339,7 @@ impl Queue {
         Packet::from_words(words)
     }
 
-    fn execute(
-        &self,
-        packet: &Packet,
-        index: u64,
-        res: &Resources<'_>,
-        kicked_parked: &mut bool,
-    ) -> Result<Step, Fault> {
+    fn execute(&self, packet: &Packet, index: u64, res: &Resources<'_>) -> Result<Step, Fault> {
         let (bindings, vm) = (res.bindings, res.vm);
         let fault = |code, address, detail| Fault {
             code,
@@ -399,9 +379,8 @@ impl Queue {
                 if !b.writable {
                     return Err(fault(ErrorCode::FenceNotWritable, 0, fence.0));
                 }
-                if sync::signal_fence(b.fence.state(), b.fence.waiters(), value) {
-                    *kicked_parked = true;
-                }
+                // Queues parked on the fence are re-checked every turn; no kick needed.
+                sync::signal_fence(b.fence.state(), b.fence.waiters(), value);
                 Ok(Step::Done)
             }
             Command::WaitFence {
@@ -462,8 +441,7 @@ impl Queue {
         self.completed = packet_index + 1;
         self.state = RunState::Active;
         self.last_active = Instant::now();
-        let mut ignored = false;
-        self.publish(&mut ignored);
+        self.publish();
         true
     }
 
@@ -483,8 +461,7 @@ impl Queue {
                 wait.fence.waiters().line.firmware.fetch_sub(1, SeqCst);
                 self.state = RunState::Active;
                 self.completed = index + 1;
-                let mut ignored = false;
-                self.publish(&mut ignored);
+                self.publish();
                 Some(Outcome::More)
             }
             WaitStatus::Poisoned(code) => {
@@ -499,9 +476,13 @@ impl Queue {
         }
     }
 
-    /// Publishes the read index and the timeline value if they moved.
-    fn publish(&mut self, kicked_parked: &mut bool) {
-        if self.rptr != self.published_rptr {
+    /// Publishes the read index and the timeline value if they moved. A read index that
+    /// moved without a completion (a packet taken but not finished: a parked WAIT_FENCE, a
+    /// DISPATCH on the engines) still wakes the timeline's waiters, since a producer
+    /// blocked on a full ring waits there for room.
+    fn publish(&mut self) {
+        let consumed = self.rptr != self.published_rptr;
+        if consumed {
             self.published_rptr = self.rptr;
             self.ring
                 .head::<RingHeader>()
@@ -509,12 +490,12 @@ impl Queue {
                 .value
                 .store(self.rptr, Release);
         }
+        let t = &self.timeline;
         if self.completed != self.published_completed {
             self.published_completed = self.completed;
-            let t = &self.timeline;
-            if sync::signal_fence(t.state(), t.waiters(), self.completed) {
-                *kicked_parked = true;
-            }
+            sync::signal_fence(t.state(), t.waiters(), self.completed);
+        } else if consumed {
+            sync::wake_waiters(t.state(), t.waiters());
         }
     }
 
@@ -531,8 +512,7 @@ impl Queue {
     /// Stops the queue: completed work is published first, then the error record, then
     /// the state word, then the poison word and the wake.
     fn fault(&mut self, f: Fault) -> Outcome {
-        let mut ignored = false;
-        self.publish(&mut ignored);
+        self.publish();
         self.leave_parked();
         self.state = RunState::Faulted;
         let t = &self.timeline;
@@ -559,8 +539,7 @@ impl Queue {
 
     /// Tears the queue down: poisons its timeline for values it never reached.
     pub fn destroy(mut self, code: ErrorCode) {
-        let mut ignored = false;
-        self.publish(&mut ignored);
+        self.publish();
         self.leave_parked();
         let t = &self.timeline;
         let st = t.state();

@@ -174,7 +174,7 @@ pub fn ring_doorbell(
 #[inline]
 pub fn signal_fence(state: &FenceState, waiters: &FenceWaiters, value: u64) -> bool {
     state.slot.value.store(value, Release);
-    wake_fence_waiters(state, waiters)
+    wake_waiters(state, waiters)
 }
 
 /// Poisons a fence: writes the error record, then the poison word, then wakes. A fence is
@@ -202,19 +202,15 @@ pub fn poison_fence(
     r.last_completed
         .store(state.slot.value.load(Relaxed), Relaxed);
     state.slot.poison.store(code as u32, Release); // record before status word
-    wake_fence_waiters(state, waiters) // status word before wake
+    wake_waiters(state, waiters) // status word before wake
 }
 
+/// Wakes a fence's registered host waiters (bumping its wake word first). Signal and
+/// poison end with it; on its own it tells waiters to re-check what else they wait for
+/// (a producer blocked on a full ring re-reads the read index). Returns whether firmware
+/// queues are parked on the fence.
 #[inline]
-/// Wakes a fence's registered host waiters without changing its value, so that they
-/// re-check what else they wait for (a producer blocked on a full ring re-reads the read
-/// index). Returns as [`signal_fence`] does.
 pub fn wake_waiters(state: &FenceState, waiters: &FenceWaiters) -> bool {
-    wake_fence_waiters(state, waiters)
-}
-
-#[inline]
-fn wake_fence_waiters(state: &FenceState, waiters: &FenceWaiters) -> bool {
     fence(SeqCst); // pairs with `FenceWaiters::line.host` registration + fence in waiters
     if waiters.line.host.load(Relaxed) != 0 {
         state.slot.wake.fetch_add(1, Release);
