@@ -395,21 +395,23 @@ impl Queue {
     }
 
     fn push(&mut self, cmds: &[Command], timeout: Duration) -> Result<u64, SubmitError> {
-        if cmds.iter().any(|c| {
-            c.fence
+        // One pass over the batch: refuse it before anything reaches the ring.
+        let mut dispatches = false;
+        for c in cmds {
+            if c.fence
                 .as_ref()
                 .is_some_and(|f| !Arc::ptr_eq(f.device(), &self.dev))
-        }) {
-            return Err(SubmitError::ForeignFence);
+            {
+                return Err(SubmitError::ForeignFence);
+            }
+            if let Some(args) = &c.kernel_args {
+                if args.len() > MAX_KERNEL_ARGS as usize {
+                    return Err(SubmitError::TooManyKernelArgs);
+                }
+                dispatches = true;
+            }
         }
-        if cmds.iter().any(|c| {
-            c.kernel_args
-                .as_ref()
-                .is_some_and(|a| a.len() > MAX_KERNEL_ARGS as usize)
-        }) {
-            return Err(SubmitError::TooManyKernelArgs);
-        }
-        if self.kernel_args.is_none() && cmds.iter().any(|c| c.kernel_args.is_some()) {
+        if dispatches && self.kernel_args.is_none() {
             let words = self.entries as usize * MAX_KERNEL_ARGS as usize;
             let dev = Device {
                 inner: self.dev.clone(),

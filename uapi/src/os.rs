@@ -54,7 +54,6 @@ unsafe impl Shared for [AtomicU64; 8] {}
 pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
-    writable: bool,
 }
 
 // SAFETY: the mapping is plain shared memory; all access goes through `Shared` types,
@@ -84,7 +83,7 @@ impl Mapping {
         let ptr =
             unsafe { rustix::mm::mmap(core::ptr::null_mut(), len, prot, MapFlags::SHARED, fd, 0)? };
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(io::Errno::NOMEM)?;
-        Ok(Mapping { ptr, len, writable })
+        Ok(Mapping { ptr, len })
     }
 
     /// Maps the whole file.
@@ -102,11 +101,6 @@ impl Mapping {
     /// Whether the mapping is empty (never: zero-length mappings are refused).
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// Whether stores through this mapping are allowed.
-    pub fn writable(&self) -> bool {
-        self.writable
     }
 
     /// Base address, for byte copies that go through volatile or atomic accesses.
@@ -228,14 +222,6 @@ pub fn reopen_read_only(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 pub fn object_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     let st = rustix::fs::fstat(fd)?;
     Ok((st.st_dev, st.st_ino))
-}
-
-/// Whether the fd is a memfd sealed the way [`create_object`] seals.
-pub fn is_sealed_object(fd: BorrowedFd<'_>) -> bool {
-    match rustix::fs::fcntl_get_seals(fd) {
-        Ok(s) => s.contains(SealFlags::SHRINK | SealFlags::GROW),
-        Err(_) => false,
-    }
 }
 
 /// Sends one message with file descriptors attached.
