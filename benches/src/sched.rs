@@ -8,22 +8,14 @@ use crate::proc::Role;
 use crate::stats::{time_each, Latency};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use userq::{kernels, Command, Device, KernelArg, Priority, WaitMode};
+use userq::{kernels, Device, Priority, WaitMode};
 
 /// Engine time of two equal-priority queues running endless spin kernels, over `window`.
 pub fn fairness(dev: &Device, window: Duration) -> Result<(u64, u64), Box<dyn std::error::Error>> {
     let counters = [dev.alloc::<u64>(1)?, dev.alloc::<u64>(1)?];
     let mut queues = vec![dev.create_queue()?, dev.create_queue()?];
     for (q, c) in queues.iter_mut().zip(&counters) {
-        q.submit(Command::dispatch(
-            kernels::SPIN_COUNTED,
-            [1_000_000_000, 1, 1],
-            [1, 1, 1],
-            &[
-                KernelArg::U64(100_000),
-                KernelArg::Address(c.device_address()),
-            ],
-        ))?;
+        q.submit(kernels::spin_counted(1_000_000_000, 100_000, c)?)?;
     }
     std::thread::sleep(Duration::from_millis(100));
     let before = [counters[0].read(0), counters[1].read(0)];

@@ -5,22 +5,16 @@
 //!
 //! cargo run --release --example persistent
 
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::time::{Duration, Instant};
-use userq::firmware::mailbox;
-use userq::{kernels, Command, Device, KernelArg};
+use userq::kernels::{self, Mailbox};
+use userq::Device;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dev = Device::open_default()?;
     let mut server_queue = dev.queue().priority(userq::Priority::Low).create()?;
     let mut other = dev.create_queue()?;
-    let mbox = dev.alloc::<u64>(mailbox::WORDS)?;
-    let server = server_queue.submit(Command::dispatch(
-        kernels::PERSISTENT,
-        [1, 1, 1],
-        [1, 1, 1],
-        &[KernelArg::Address(mbox.device_address())],
-    ))?;
+    let mut mbox = Mailbox::new(&dev)?;
+    let server = server_queue.submit(mbox.launch())?;
 
     let requests = 2000u64;
     let mut served = Vec::with_capacity(requests as usize);
@@ -28,17 +22,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut other_latency = Vec::new();
     for i in 1..=requests {
         let t = Instant::now();
-        mbox.atomic(mailbox::REQUEST_VALUE).store(i, Relaxed);
-        mbox.atomic(mailbox::REQUEST_SEQ).store(i, Release);
-        let deadline = t + Duration::from_secs(10);
-        while mbox.atomic(mailbox::RESPONSE_SEQ).load(Acquire) != i {
-            if Instant::now() > deadline {
-                return Err(format!("request {i} was not answered").into());
-            }
-            std::hint::spin_loop();
-        }
+        let answer = mbox
+            .ask(i, Duration::from_secs(10))
+            .ok_or_else(|| format!("request {i} was not answered"))?;
         served.push(t.elapsed());
-        let answer = mbox.atomic(mailbox::RESPONSE_VALUE).load(Relaxed);
         if answer != 3 * i + 1 {
             return Err(format!("request {i}: answer {answer}, want {}", 3 * i + 1).into());
         }
@@ -53,7 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if server.poll()? {
         return Err("the persistent kernel ended on its own".into());
     }
-    mbox.atomic(mailbox::STOP).store(1, Release);
+    mbox.stop();
     server.wait(Duration::from_secs(10))?;
 
     let pct = |v: &mut Vec<Duration>, q: f64| {

@@ -102,14 +102,7 @@ fn a_kernel_that_never_yields_fails_the_suspend_and_only_its_queue() {
     let kmd = device(&dir);
     let dev = Device::connect(kmd.socket_path()).expect("connect");
     let mut stuck = dev.create_queue().expect("queue");
-    let never = stuck
-        .submit(Command::dispatch(
-            kernels::NO_PROGRESS,
-            [1, 1, 1],
-            [1, 1, 1],
-            &[],
-        ))
-        .expect("submit");
+    let never = stuck.submit(kernels::no_progress()).expect("submit");
     std::thread::sleep(Duration::from_millis(30));
     let t = Instant::now();
     let r = kmd.suspend(dev.context_id(), None);

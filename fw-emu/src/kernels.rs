@@ -529,21 +529,7 @@ impl Kernel for Spin {
     }
 }
 
-/// The mailbox words of the persistent kernel.
-pub mod mailbox {
-    /// Requests posted by the host (it writes the value first, then bumps this, release).
-    pub const REQUEST_SEQ: usize = 0;
-    /// The request's value.
-    pub const REQUEST_VALUE: usize = 1;
-    /// Requests answered (the kernel writes the answer first, then this, release).
-    pub const RESPONSE_SEQ: usize = 2;
-    /// The answer: `3·value + 1` (wrapping).
-    pub const RESPONSE_VALUE: usize = 3;
-    /// Non-zero: the kernel returns.
-    pub const STOP: usize = 4;
-    /// Words in a mailbox.
-    pub const WORDS: usize = 5;
-}
+pub use userq_uapi::kernels::mailbox;
 
 /// The classic persistent kernel: one workgroup that serves a mailbox in device memory
 /// until told to stop, yielding its engine at checkpoints while idle or when its slice is

@@ -11,8 +11,11 @@
 //! [`crate::DeviceBuilder::kernel`] (embedded mode) or built into a firmware program of
 //! one's own (daemon mode; see `examples/examples/custom_kernel.rs`).
 
-use crate::{Buffer, Command, KernelArg};
+use crate::{AllocError, Buffer, Command, Device, KernelArg};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::time::{Duration, Instant};
 pub use userq_uapi::kernels::*;
+use userq_uapi::sync::{Backoff, BackoffStep};
 
 /// Work-items per workgroup of the 1-D helpers.
 pub const WORKGROUP: u32 = 256;
@@ -270,4 +273,88 @@ pub fn spin(workgroups: u32, ns: u64) -> Result<Command, LaunchError> {
         [1, 1, 1],
         &[KernelArg::U64(ns)],
     ))
+}
+
+/// Busy work that counts itself: `workgroups` workgroups that each spin `ns` nanoseconds
+/// (at most 1 s) and then add 1 to `counter[0]`, so the host can see engine time.
+pub fn spin_counted(
+    workgroups: u32,
+    ns: u64,
+    counter: &Buffer<u64>,
+) -> Result<Command, LaunchError> {
+    let c = check(1, counter, 1)?;
+    if workgroups == 0 {
+        return Err(LaunchError::Empty);
+    }
+    Ok(Command::dispatch(
+        SPIN_COUNTED,
+        [workgroups, 1, 1],
+        [1, 1, 1],
+        &[KernelArg::U64(ns), c],
+    ))
+}
+
+/// A kernel that never reports progress: it holds its engine until its queue is destroyed.
+/// For testing hang handling.
+pub fn no_progress() -> Command {
+    Command::dispatch(NO_PROGRESS, [1, 1, 1], [1, 1, 1], &[])
+}
+
+/// The host side of the persistent kernel: a mailbox in device memory that one
+/// long-running workgroup serves (see [`mailbox`] for the words and the protocol).
+#[derive(Debug)]
+pub struct Mailbox {
+    words: Buffer<u64>,
+    seq: u64,
+}
+
+impl Mailbox {
+    /// A fresh mailbox in `dev`'s memory.
+    pub fn new(dev: &Device) -> Result<Mailbox, AllocError> {
+        Ok(Mailbox {
+            words: dev.alloc::<u64>(mailbox::WORDS)?,
+            seq: 0,
+        })
+    }
+
+    /// The DISPATCH that starts the persistent kernel on this mailbox. It runs until
+    /// [`Mailbox::stop`] (or its queue is destroyed).
+    pub fn launch(&self) -> Command {
+        Command::dispatch(
+            PERSISTENT,
+            [1, 1, 1],
+            [1, 1, 1],
+            &[KernelArg::Address(self.words.device_address())],
+        )
+    }
+
+    /// Posts `value` and waits (spinning, yielding, then sleeping in 50 µs slices) for the
+    /// kernel's answer; `None` if none came within `timeout`.
+    pub fn ask(&mut self, value: u64, timeout: Duration) -> Option<u64> {
+        self.seq += 1;
+        self.words
+            .atomic(mailbox::REQUEST_VALUE)
+            .store(value, Relaxed);
+        self.words
+            .atomic(mailbox::REQUEST_SEQ)
+            .store(self.seq, Release);
+        let deadline = Instant::now() + timeout;
+        // Spin, then yield, then sleep in short slices: the kernel answers in memory, with
+        // no futex to wait on.
+        let mut backoff = Backoff::new(Duration::from_micros(50), Duration::from_millis(1));
+        while self.words.atomic(mailbox::RESPONSE_SEQ).load(Acquire) != self.seq {
+            if Instant::now() >= deadline {
+                return None;
+            }
+            if backoff.step() == BackoffStep::Sleep {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        Some(self.words.atomic(mailbox::RESPONSE_VALUE).load(Relaxed))
+    }
+
+    /// Tells the kernel to return; its dispatch then completes.
+    pub fn stop(&self) {
+        self.words.atomic(mailbox::STOP).store(1, Release);
+    }
 }

@@ -48,7 +48,6 @@ pub mod firmware {
     pub use fw_emu::kernel::{
         Arg, ArgError, ArgKind, Args, BufferArg, Checkpoint, Kernel, Workgroup, WorkgroupStatus,
     };
-    pub use fw_emu::kernels::mailbox;
     pub use fw_emu::kernels::need;
 }
 

@@ -5,9 +5,8 @@
 
 mod common;
 use common::Env;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use userq::{kernels, Command, Device, KernelArg, Priority, WaitMode};
+use userq::{kernels, Device, Priority, WaitMode};
 
 /// Workgroups of the counting spin kernel (`ns` each) that two queues run over `window`,
 /// both with an endless dispatch; the queues are destroyed (cancelling them) afterwards.
@@ -20,13 +19,8 @@ fn engine_shares(
     let counters = [dev.alloc::<u64>(1).unwrap(), dev.alloc::<u64>(1).unwrap()];
     for (q, c) in queues.iter_mut().zip(&counters) {
         // A billion workgroups: endless for these tests.
-        q.submit(Command::dispatch(
-            kernels::SPIN_COUNTED,
-            [1_000_000_000, 1, 1],
-            [1, 1, 1],
-            &[KernelArg::U64(ns), KernelArg::Address(c.device_address())],
-        ))
-        .unwrap();
+        q.submit(kernels::spin_counted(1_000_000_000, ns, c).unwrap())
+            .unwrap();
     }
     std::thread::sleep(Duration::from_millis(100));
     let before = [counters[0].read(0), counters[1].read(0)];
@@ -122,35 +116,16 @@ fn one_long_workgroup_is_preempted_at_its_checkpoints() {
 
 #[test]
 fn the_persistent_kernel_serves_its_mailbox_until_told_to_stop() {
-    use userq::firmware::mailbox;
     let env = Env::new();
     let dev = env.dev();
     let mut server = dev.create_queue().unwrap();
     let mut other = dev.create_queue().unwrap();
-    let mbox = dev.alloc::<u64>(mailbox::WORDS).unwrap();
-    let running = server
-        .submit(Command::dispatch(
-            kernels::PERSISTENT,
-            [1, 1, 1],
-            [1, 1, 1],
-            &[KernelArg::Address(mbox.device_address())],
-        ))
-        .unwrap();
+    let mut mbox = kernels::Mailbox::new(dev).unwrap();
+    let running = server.submit(mbox.launch()).unwrap();
     let buf = dev.alloc::<f32>(100).unwrap();
     for i in 1..=200u64 {
-        mbox.atomic(mailbox::REQUEST_VALUE)
-            .store(i * 10, Ordering::Relaxed);
-        mbox.atomic(mailbox::REQUEST_SEQ)
-            .store(i, Ordering::Release);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while mbox.atomic(mailbox::RESPONSE_SEQ).load(Ordering::Acquire) != i {
-            assert!(Instant::now() < deadline, "request {i} not answered");
-            std::thread::yield_now();
-        }
-        assert_eq!(
-            mbox.atomic(mailbox::RESPONSE_VALUE).load(Ordering::Relaxed),
-            i * 30 + 1
-        );
+        let answer = mbox.ask(i * 10, Duration::from_secs(10));
+        assert_eq!(answer, Some(i * 30 + 1), "request {i}");
         if i % 50 == 0 {
             // Other queues keep running while the kernel persists.
             other
@@ -161,7 +136,7 @@ fn the_persistent_kernel_serves_its_mailbox_until_told_to_stop() {
         }
     }
     assert_eq!(running.poll(), Ok(false));
-    mbox.atomic(mailbox::STOP).store(1, Ordering::Release);
+    mbox.stop();
     running.wait(Duration::from_secs(10)).unwrap();
     drop((server, other, mbox, buf, dev));
 }
@@ -171,14 +146,7 @@ fn destroying_the_queue_of_a_no_progress_kernel_frees_its_engine() {
     let env = Env::new();
     let dev = env.dev();
     let mut stuck = dev.create_queue().unwrap();
-    let never = stuck
-        .submit(Command::dispatch(
-            kernels::NO_PROGRESS,
-            [1, 1, 1],
-            [1, 1, 1],
-            &[],
-        ))
-        .unwrap();
+    let never = stuck.submit(kernels::no_progress()).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(never.poll(), Ok(false));
     drop(stuck);
@@ -223,20 +191,12 @@ fn a_longer_time_slice_buys_a_proportionally_larger_share() {
 
 #[test]
 fn with_two_engines_a_yielding_workgroup_is_always_resumed() {
-    use userq::firmware::mailbox;
     let env = Env::with(Device::builder().engines(2));
     let dev = env.dev();
     let mut server = dev.create_queue().unwrap();
     let mut churn = dev.create_queue().unwrap();
-    let mbox = dev.alloc::<u64>(mailbox::WORDS).unwrap();
-    let running = server
-        .submit(Command::dispatch(
-            kernels::PERSISTENT,
-            [1, 1, 1],
-            [1, 1, 1],
-            &[KernelArg::Address(mbox.device_address())],
-        ))
-        .unwrap();
+    let mut mbox = kernels::Mailbox::new(dev).unwrap();
+    let running = server.submit(mbox.launch()).unwrap();
     let buf = dev.alloc::<f32>(256).unwrap();
     // Other jobs come and go (each makes an engine look at the lists) while the persistent
     // workgroup yields slice after slice; every request must still be answered.
@@ -245,20 +205,12 @@ fn with_two_engines_a_yielding_workgroup_is_always_resumed() {
         churn
             .submit(kernels::scale(256, 1.0, &buf).unwrap())
             .unwrap();
-        mbox.atomic(mailbox::REQUEST_VALUE)
-            .store(i, Ordering::Relaxed);
-        mbox.atomic(mailbox::REQUEST_SEQ)
-            .store(i, Ordering::Release);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while mbox.atomic(mailbox::RESPONSE_SEQ).load(Ordering::Acquire) != i {
-            assert!(
-                Instant::now() < deadline,
-                "request {i} never answered: the job was lost"
-            );
-            std::thread::yield_now();
-        }
+        assert!(
+            mbox.ask(i, Duration::from_secs(10)).is_some(),
+            "request {i} never answered: the job was lost"
+        );
     }
-    mbox.atomic(mailbox::STOP).store(1, Ordering::Release);
+    mbox.stop();
     running.wait(Duration::from_secs(10)).unwrap();
     churn.finish(Duration::from_secs(10)).unwrap();
     drop((server, churn, mbox, buf, dev));

@@ -69,3 +69,19 @@ pub const SPIN_COUNTED: u32 = 17;
 
 /// First id free for custom kernels.
 pub const FIRST_CUSTOM: u32 = 1 << 16;
+
+/// The mailbox words of the persistent kernel.
+pub mod mailbox {
+    /// Requests posted by the host (it writes the value first, then bumps this, release).
+    pub const REQUEST_SEQ: usize = 0;
+    /// The request's value.
+    pub const REQUEST_VALUE: usize = 1;
+    /// Requests answered (the kernel writes the answer first, then this, release).
+    pub const RESPONSE_SEQ: usize = 2;
+    /// The answer: `3·value + 1` (wrapping).
+    pub const RESPONSE_VALUE: usize = 3;
+    /// Non-zero: the kernel returns.
+    pub const STOP: usize = 4;
+    /// Words in a mailbox.
+    pub const WORDS: usize = 5;
+}
