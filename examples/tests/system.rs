@@ -14,13 +14,7 @@ use userq::{Device, ErrorCode, ExportedFence, OpenMode, WaitError};
 fn all_ok(socket: &std::path::Path, n: usize, args: &[&str]) {
     let clients: Vec<_> = (0..n).map(|_| client(socket, args)).collect();
     for c in clients {
-        let out = c.output_within(Duration::from_secs(120));
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+        assert_eq!(c.succeeded(Duration::from_secs(120)).trim(), "ok");
     }
 }
 
@@ -46,12 +40,7 @@ fn clients_join_a_device_embedded_in_another_process() {
         .map(|_| client(&sock, &["worker", "3", "200", "8"]))
         .collect();
     for c in clients {
-        let out = c.output_within(Duration::from_secs(60));
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        c.succeeded(Duration::from_secs(60));
     }
     drop(dev);
     assert!(!sock.exists(), "the embedded device left its socket behind");
@@ -106,12 +95,7 @@ fn client_killed_mid_stream_is_reclaimed_and_others_finish() {
             Err(WaitError::Faulted(f)) => assert_eq!(f.code, Some(ErrorCode::OwnerDied)),
             other => panic!("expected OwnerDied, got {other:?}"),
         }
-        let out = bystander.output_within(Duration::from_secs(60));
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bystander.succeeded(Duration::from_secs(60));
     }
     // The device still serves new clients.
     assert_eq!(
@@ -146,12 +130,7 @@ fn each_bad_input_stops_only_the_offending_queue() {
         );
     }
     assert!(alive(daemon.fw_pid), "fw-emu must survive bad input");
-    let out = bystander.output_within(Duration::from_secs(60));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    bystander.succeeded(Duration::from_secs(60));
     assert_eq!(
         run_client(&daemon.socket, &["worker", "1", "20", "4"]).trim(),
         "ok"
@@ -231,14 +210,8 @@ fn run_example(name: &str, daemon: Option<&std::path::Path>) -> String {
             .env_remove("USERQ_DEVICE")
             .env("XDG_RUNTIME_DIR", runtime_dir.path()),
     };
-    let out = Proc::spawn(name, cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))
-        .output_within(Duration::from_secs(60));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{name}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = Proc::spawn(name, cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))
+        .succeeded(Duration::from_secs(60));
     assert!(
         !runtime_dir.path().join("userq/dev0.sock").exists(),
         "{name} left its socket behind"

@@ -121,6 +121,21 @@ impl Proc {
         reader.join().expect("reader").expect("wait_with_output")
     }
 
+    /// Waits for exit within `limit`, fails the test unless it succeeded, and returns its
+    /// stdout (the child must have been spawned with piped output).
+    pub fn succeeded(self, limit: Duration) -> String {
+        let name = self.name.clone();
+        let out = self.output_within(limit);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{name} failed ({}): {stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
     pub fn signal(&self, sig: rustix::process::Signal) {
         if let Some(c) = &self.child {
             let _ = rustix::process::kill_process(
@@ -257,14 +272,5 @@ pub fn client(socket: &Path, args: &[&str]) -> Proc {
 
 /// Runs a client to completion and returns its stdout; fails on a non-zero exit.
 pub fn run_client(socket: &Path, args: &[&str]) -> String {
-    let out = client(socket, args).output_within(Duration::from_secs(60));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "client {args:?} failed ({}): {}{}",
-        out.status,
-        stdout,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    client(socket, args).succeeded(Duration::from_secs(60))
 }
