@@ -146,8 +146,6 @@ pub struct Context {
     pub bindings: HashMap<FenceHandle, Binding>,
     /// Its VM.
     pub vm: Vm,
-    /// Doorbells rung for slots with no queue (garbage), for diagnostics.
-    pub stray_doorbells: u64,
     /// The whole context is suspended (queues created meanwhile start suspended).
     pub suspended: bool,
 }
@@ -163,7 +161,6 @@ impl Context {
                 .collect(),
             bindings: HashMap::new(),
             vm: Vm::default(),
-            stray_doorbells: 0,
             suspended: false,
         }
     }

@@ -647,9 +647,8 @@ impl Firmware {
         for s in slots {
             if let Some(q) = c.queues[s as usize].as_mut() {
                 jobs.extend(q.set_suspended(on));
-                if !on && !q.queued {
-                    q.queued = true;
-                    self.run_list.push_back((ctx, s));
+                if !on {
+                    schedule(&mut self.run_list, q, ctx, s);
                 }
             }
         }
@@ -718,14 +717,11 @@ impl Firmware {
                     bits &= bits - 1;
                     match c.queues[slot].as_mut() {
                         Some(q) if q.is_active() => {
-                            if !q.queued {
-                                q.queued = true;
-                                self.run_list.push_back((c.id, slot as u32));
-                            }
+                            schedule(&mut self.run_list, q, c.id, slot as u32);
                             any = true;
                         }
-                        Some(_) => {} // parked or stopped: the doorbell is a hint only
-                        None => c.stray_doorbells += 1,
+                        // Parked, stopped or no queue at all: the doorbell is a hint only.
+                        _ => {}
                     }
                 }
             }
@@ -745,10 +741,8 @@ impl Firmware {
             let Some(q) = c.queues[slot as usize].as_mut() else {
                 return false;
             };
-            if q.is_active() && !q.queued && q.has_unread(db) {
-                q.queued = true;
-                run_list.push_back((ctx, slot));
-                any = true;
+            if q.is_active() && q.has_unread(db) {
+                any |= schedule(run_list, q, ctx, slot);
             }
             true
         });
@@ -800,10 +794,8 @@ impl Firmware {
             };
             let db = &c.doorbell.head::<DoorbellPage>().doorbells[slot as usize].value;
             if let Some(q) = c.queues[slot as usize].as_mut() {
-                if q.is_active() && !q.queued && q.has_unread(db) {
-                    q.queued = true;
-                    self.run_list.push_back((ctx, slot));
-                    any = true;
+                if q.is_active() && q.has_unread(db) {
+                    any |= schedule(&mut self.run_list, q, ctx, slot);
                 }
             }
         }
@@ -822,9 +814,8 @@ impl Firmware {
             else {
                 continue; // the queue went away meanwhile
             };
-            if q.finish_dispatch(&job) && !q.queued {
-                q.queued = true;
-                self.run_list.push_back((job.ctx, job.slot));
+            if q.finish_dispatch(&job) {
+                schedule(&mut self.run_list, q, job.ctx, job.slot);
             }
         }
         any
@@ -854,10 +845,7 @@ impl Firmware {
                     match outcome {
                         Outcome::Faulted(f) => self.report_fault(ctx, slot, f),
                         _ => {
-                            if !q.queued {
-                                q.queued = true;
-                                self.run_list.push_back((ctx, slot));
-                            }
+                            schedule(&mut self.run_list, q, ctx, slot);
                         }
                     }
                 }
@@ -905,8 +893,7 @@ impl Firmware {
             match outcome {
                 Outcome::Idle => {}
                 Outcome::More => {
-                    q.queued = true;
-                    self.run_list.push_back((ctx, slot));
+                    schedule(&mut self.run_list, q, ctx, slot);
                 }
                 Outcome::Parked => {
                     if !self.parked.contains(&(ctx, slot)) {
@@ -930,4 +917,15 @@ impl Firmware {
             address: f.address,
         });
     }
+}
+
+/// Puts a queue on the run list unless it is on it already. `Queue::queued` mirrors
+/// membership, so a queue is never listed twice; returns whether it was added.
+fn schedule(run_list: &mut VecDeque<(u32, u32)>, q: &mut Queue, ctx: u32, slot: u32) -> bool {
+    if q.queued {
+        return false;
+    }
+    q.queued = true;
+    run_list.push_back((ctx, slot));
+    true
 }

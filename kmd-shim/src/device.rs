@@ -101,7 +101,6 @@ struct ContextRecord {
     /// Buffers by device address.
     buffers: HashMap<u64, BufferRecord>,
     next_va: u64,
-    queue_errors: u64,
 }
 
 #[derive(Default)]
@@ -786,9 +785,6 @@ impl EventSink for Device {
             address,
         } = ev
         {
-            if let Some(c) = self.table().contexts.get_mut(&ctx) {
-                c.queue_errors += 1;
-            }
             if self.verbose {
                 eprintln!(
                     "kmd-shim: context {ctx} queue {slot} stopped at packet {packet_index}: {} (address/index {address:#x})",
