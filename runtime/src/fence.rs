@@ -312,11 +312,6 @@ impl FencePoint {
         &self.fence.inner.state().slot.wake
     }
 
-    /// Whether the device behind the point was lost or its server is gone.
-    pub(crate) fn device_gone(&self) -> bool {
-        self.fence.inner.dev.is_lost_or_gone()
-    }
-
     /// Waits (adaptively) until the fence reaches the value; `Duration::MAX` waits forever.
     pub fn wait(&self, timeout: Duration) -> Result<(), WaitError> {
         self.wait_with(WaitMode::Adaptive, timeout)

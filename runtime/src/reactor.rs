@@ -89,7 +89,7 @@ impl Reactor {
             }
             // Bounded, so a lost device is noticed even if nobody wakes the reactor.
             sync::futex_wait_any(&words, Some(Duration::from_millis(200)));
-            if pts.iter().any(|p| p.device_gone()) {
+            if pts.iter().any(|p| p.fence().device_gone()) {
                 for (_, slot) in &points {
                     if let Some(w) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
                         w.wake();
