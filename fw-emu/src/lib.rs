@@ -356,13 +356,7 @@ impl Firmware {
 
     fn wake_kmd(&self) {
         let c = self.control();
-        let flag = &c.kmd_sleeping.value;
-        // The flag is a 64-bit word; its low half is the announcement.
-        fence(SeqCst);
-        if flag.load(Relaxed) != 0 {
-            c.kmd_kick.word.fetch_add(1, Release);
-            sync::futex_wake_all(&c.kmd_kick.word);
-        }
+        sync::wake_if_announced(&c.kmd_sleep.sleeping, &c.kmd_kick.word);
     }
 
     fn process_requests(&mut self) -> bool {

@@ -13,15 +13,14 @@ use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::{Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use userq_uapi::fwmsg::{boot, FwEvent, FwRequest, FwStatus, ObjectId};
-use userq_uapi::layout::{
-    magic, ControlRegion, DeviceKick, DeviceState, DeviceStatus, CONTROL_REGION_SIZE, PAGE_SIZE,
-};
-use userq_uapi::os::{self, Mapping};
+use userq_uapi::layout::{ControlRegion, DeviceKick, DeviceState, DeviceStatus};
+use userq_uapi::os;
+use userq_uapi::shm::{Sealing, Shm};
 use userq_uapi::sync::{self, Backoff, BackoffStep};
 use userq_uapi::KmdStatus;
 
@@ -107,9 +106,9 @@ struct Sender {
 
 /// kmd-shim's link to the firmware.
 pub struct FirmwareLink {
-    control: Mapping,
-    status: Mapping,
-    kick: Mapping,
+    control: Shm<ControlRegion>,
+    status: Shm<DeviceStatus>,
+    kick: Shm<DeviceKick>,
     status_fd: OwnedFd,
     status_ro: OwnedFd,
     kick_fd: OwnedFd,
@@ -149,23 +148,19 @@ impl FirmwareLink {
     ) -> Result<FirmwareLink, FirmwareStartError> {
         let obj = FirmwareStartError::Objects;
         let (control_fd, control) =
-            os::create_object("userq-control", CONTROL_REGION_SIZE).map_err(obj)?;
-        control
-            .head::<ControlRegion>()
-            .header
-            .init(magic::CONTROL, 0, 0);
+            Shm::<ControlRegion>::create("userq-control", Sealing::Final, 0, 0).map_err(obj)?;
         // Only kmd-shim and the firmware write the status page: sealed read-only for
         // everyone else once the firmware has mapped it (see `wait_ready`).
         let (status_fd, status) =
-            os::create_firmware_object("userq-status", PAGE_SIZE).map_err(obj)?;
-        let st = status.head::<DeviceStatus>();
-        st.header.init(magic::DEVICE_STATUS, 0, generation);
-        st.health.state.store(DeviceState::Running as u32, Relaxed);
-        st.health.generation.store(generation, Relaxed);
-        let (kick_fd, kick) = os::create_object("userq-kick", PAGE_SIZE).map_err(obj)?;
-        kick.head::<DeviceKick>()
-            .header
-            .init(magic::DEVICE_KICK, 0, 0);
+            Shm::<DeviceStatus>::create("userq-status", Sealing::FirmwareWritable, 0, generation)
+                .map_err(obj)?;
+        status
+            .health
+            .state
+            .store(DeviceState::Running as u32, Relaxed);
+        status.health.generation.store(generation, Relaxed);
+        let (kick_fd, kick) =
+            Shm::<DeviceKick>::create("userq-kick", Sealing::Final, 0, 0).map_err(obj)?;
         let status_ro = os::reopen_read_only(status_fd.as_fd()).map_err(obj)?;
 
         let (ours, theirs) = rustix::net::socketpair(
@@ -259,7 +254,7 @@ impl FirmwareLink {
 
     /// The device status page.
     pub fn status(&self) -> &DeviceStatus {
-        self.status.head()
+        &self.status
     }
 
     /// Whether the device is lost.
@@ -294,7 +289,7 @@ impl FirmwareLink {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(seq, None);
             let words = req.encode(seq);
-            let ring = &self.control.head::<ControlRegion>().to_fw;
+            let ring = &self.control.to_fw;
             let deadline = Instant::now() + self.ack_timeout;
             let mut backoff = Backoff::new(Duration::from_micros(20), Duration::from_millis(1));
             while !ring.push(&words) {
@@ -360,17 +355,12 @@ impl FirmwareLink {
     }
 
     fn kick_firmware(&self) {
-        sync::wake_if_announced(
-            &self.status().sleep.sleeping,
-            &self.kick.head::<DeviceKick>().kick.word,
-        );
+        sync::wake_if_announced(&self.status().sleep.sleeping, &self.kick.kick.word);
     }
 
     /// The event thread's body: runs until [`FirmwareLink::stop`].
     pub fn run_events(&self, sink: &dyn EventSink) {
-        let c = self.control.head::<ControlRegion>();
-        let sleeping = &c.kmd_sleeping.value;
-        let word: &AtomicU32 = &c.kmd_kick.word;
+        let c = &*self.control;
         let mut backoff = Backoff::new(Duration::from_micros(20), Duration::from_micros(500));
         let mut last_beat = (self.status().health.heartbeat.load(Relaxed), Instant::now());
         while !self.stop.load(Acquire) {
@@ -402,17 +392,12 @@ impl FirmwareLink {
                 continue;
             }
             // NEED_WAKEUP on the to_kmd ring, with the heartbeat period as a bound.
-            sleeping.store(1, Relaxed);
-            fence(SeqCst);
-            let seen = word.load(Relaxed);
-            if !c.to_kmd.has_message() && !self.stop.load(Acquire) {
-                sync::futex_wait(
-                    word,
-                    seen,
-                    Some(Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS)),
-                );
-            }
-            sleeping.store(0, Relaxed);
+            sync::announce_and_sleep(
+                &c.kmd_sleep,
+                &c.kmd_kick.word,
+                || c.to_kmd.has_message() || self.stop.load(Acquire),
+                Some(Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS)),
+            );
             backoff.reset();
             if !self.is_lost()
                 && !self.stopping.load(Acquire)
@@ -465,7 +450,7 @@ impl FirmwareLink {
         }
         self.mark_lost();
         self.stop.store(true, Release);
-        let c = self.control.head::<ControlRegion>();
+        let c = &*self.control;
         c.kmd_kick.word.fetch_add(1, Release);
         sync::futex_wake_all(&c.kmd_kick.word);
         // Closing our end of the channel tells a firmware that missed Shutdown to exit.

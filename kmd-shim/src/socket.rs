@@ -29,33 +29,7 @@ pub enum BindError {
     },
 }
 
-/// The default socket path, as described in the module docs.
-pub fn default_socket_path() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        Some(dir) => PathBuf::from(dir).join("userq").join("dev0.sock"),
-        None => {
-            let uid = rustix::process::getuid().as_raw();
-            PathBuf::from(format!("/tmp/userq-{uid}")).join("dev0.sock")
-        }
-    }
-}
-
-/// Connects to a device socket served by this user (or root): a server run by anyone
-/// else is refused with `EPERM`, since it would hand this process memory to map.
-pub fn connect(path: &Path) -> rustix::io::Result<OwnedFd> {
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
-    rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
-    let server = rustix::net::sockopt::socket_peercred(&fd)?;
-    if server.uid != rustix::process::getuid() && !server.uid.is_root() {
-        return Err(rustix::io::Errno::PERM);
-    }
-    Ok(fd)
-}
+pub use userq_uapi::socket::{connect, default_socket_path};
 
 /// A bound, listening device socket; the file is removed on drop if it is still ours.
 #[derive(Debug)]

@@ -3,23 +3,25 @@
 use crate::device::DeviceInner;
 use rustix::fd::{AsFd, OwnedFd};
 use std::marker::PhantomData;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use userq_uapi::ioctl::Request;
-use userq_uapi::os::Mapping;
+use userq_uapi::shm::{AtomicInt, ShmBytes};
 
 /// A buffer of `len` elements of `T`, visible to the device at
 /// [`Buffer::device_address`] and to the host through the accessors.
 ///
-/// The device may write the buffer at any time while work that names it runs, so host
-/// access goes through single volatile copies ([`Buffer::read`], [`Buffer::to_vec`]) or
-/// atomics ([`Buffer::atomic`] for `u64` words), never through references that another
-/// writer could change underneath.
+/// The device (an engine thread, in this process or another) may write the buffer at any
+/// time while work that names it runs, so every host access is atomic: an element is
+/// copied with relaxed atomic loads or stores of the widest integer its alignment allows
+/// (as the firmware's kernels access it: 32- and 64-bit words), never through references
+/// that another writer could change underneath. Ordering with the device comes from the
+/// fences: waiting for a fence point acquires what the packets before it wrote.
 pub struct Buffer<T> {
     dev: Arc<DeviceInner>,
     va: u64,
     len: usize,
-    map: Mapping,
+    map: ShmBytes,
     fd: OwnedFd,
     _t: PhantomData<T>,
 }
@@ -38,7 +40,7 @@ impl<T: bytemuck::Pod> Buffer<T> {
         dev: Arc<DeviceInner>,
         va: u64,
         len: usize,
-        map: Mapping,
+        map: ShmBytes,
         fd: OwnedFd,
     ) -> Self {
         debug_assert!(map.len() >= len * std::mem::size_of::<T>());
@@ -80,31 +82,57 @@ impl<T: bytemuck::Pod> Buffer<T> {
         (index < self.len).then(|| self.va + (index * std::mem::size_of::<T>()) as u64)
     }
 
-    fn ptr(&self, index: usize) -> *mut T {
+    fn check_index(&self, index: usize) {
         assert!(
             index < self.len,
             "index {index} out of bounds for buffer of {}",
             self.len
         );
-        // In bounds (asserted): the mapping holds at least `len` elements.
-        self.map.as_ptr().cast::<T>().wrapping_add(index)
     }
 
-    /// Reads element `index` with one volatile copy.
+    /// Reads element `index` (atomically, word by word; see the type's docs).
     pub fn read(&self, index: usize) -> T {
-        let p = self.ptr(index);
-        // SAFETY: `p` is in bounds and aligned (the mapping is page-aligned and `T: Pod`
-        // sits at multiples of its size); every bit pattern is a valid `T: Pod`. Volatile:
-        // the device may write this memory concurrently, so the compiler must copy it once.
-        unsafe { p.read_volatile() }
+        self.check_index(index);
+        let mut out = T::zeroed();
+        let bytes = bytemuck::bytes_of_mut(&mut out);
+        let offset = index * std::mem::size_of::<T>();
+        match chunk_of::<T>() {
+            8 => load_into::<AtomicU64, 8>(&self.map, offset, bytes, |a| {
+                a.load(Relaxed).to_ne_bytes()
+            }),
+            4 => load_into::<AtomicU32, 4>(&self.map, offset, bytes, |a| {
+                a.load(Relaxed).to_ne_bytes()
+            }),
+            2 => load_into::<AtomicU16, 2>(&self.map, offset, bytes, |a| {
+                a.load(Relaxed).to_ne_bytes()
+            }),
+            _ => load_into::<AtomicU8, 1>(&self.map, offset, bytes, |a| {
+                a.load(Relaxed).to_ne_bytes()
+            }),
+        }
+        out
     }
 
-    /// Writes element `index` with one volatile store. Takes `&mut self`: two host threads
-    /// writing one buffer at once would be a data race.
+    /// Writes element `index` (atomically, word by word). Takes `&mut self`: the host side
+    /// of a buffer has one writer at a time.
     pub fn write(&mut self, index: usize, value: T) {
-        let p = self.ptr(index);
-        // SAFETY: as in `read`; the mapping is writable and owned by this buffer.
-        unsafe { p.write_volatile(value) }
+        self.check_index(index);
+        let bytes = bytemuck::bytes_of(&value);
+        let offset = index * std::mem::size_of::<T>();
+        match chunk_of::<T>() {
+            8 => store_from::<AtomicU64, 8>(&self.map, offset, bytes, |a, b| {
+                a.store(u64::from_ne_bytes(b), Relaxed)
+            }),
+            4 => store_from::<AtomicU32, 4>(&self.map, offset, bytes, |a, b| {
+                a.store(u32::from_ne_bytes(b), Relaxed)
+            }),
+            2 => store_from::<AtomicU16, 2>(&self.map, offset, bytes, |a, b| {
+                a.store(u16::from_ne_bytes(b), Relaxed)
+            }),
+            _ => store_from::<AtomicU8, 1>(&self.map, offset, bytes, |a, b| {
+                a.store(u8::from_ne_bytes(b), Relaxed)
+            }),
+        }
     }
 
     /// Copies the whole buffer out.
@@ -130,8 +158,50 @@ impl Buffer<u64> {
             self.len
         );
         self.map
-            .get::<AtomicU64>(index * 8)
-            .expect("in bounds and aligned")
+            .word64(index * 8)
+            .expect("in bounds (asserted) and aligned (page-aligned base)")
+    }
+}
+
+/// The width in bytes of the atomics one element of `T` is copied with: the widest integer
+/// (up to 8 bytes) that divides both its size and its alignment, so every element starts
+/// on a chunk boundary.
+fn chunk_of<T>() -> usize {
+    let (size, align) = (std::mem::size_of::<T>(), std::mem::align_of::<T>());
+    [8, 4, 2]
+        .into_iter()
+        .find(|&w| size % w == 0 && align % w == 0)
+        .unwrap_or(1)
+}
+
+/// Copies the element at byte `offset` out of `map` into `out`, one `W` (of `N` bytes) at a
+/// time.
+fn load_into<W: AtomicInt, const N: usize>(
+    map: &ShmBytes,
+    offset: usize,
+    out: &mut [u8],
+    load: impl Fn(&W) -> [u8; N],
+) {
+    let words = map
+        .atomics::<W>(offset, out.len() / N)
+        .expect("element inside the mapping and aligned to its chunk");
+    for (chunk, w) in out.chunks_exact_mut(N).zip(words) {
+        chunk.copy_from_slice(&load(w));
+    }
+}
+
+/// Copies `src` into the element at byte `offset` of `map`, one `W` at a time.
+fn store_from<W: AtomicInt, const N: usize>(
+    map: &ShmBytes,
+    offset: usize,
+    src: &[u8],
+    store: impl Fn(&W, [u8; N]),
+) {
+    let words = map
+        .atomics::<W>(offset, src.len() / N)
+        .expect("element inside the mapping and aligned to its chunk");
+    for (chunk, w) in src.chunks_exact(N).zip(words) {
+        store(w, chunk.try_into().expect("chunks_exact gives N bytes"));
     }
 }
 

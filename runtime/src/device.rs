@@ -7,11 +7,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use userq_uapi::ioctl::{RawReply, Request, MESSAGE_SIZE};
-use userq_uapi::layout::{
-    magic, DeviceKick, DeviceState, DeviceStatus, DoorbellPage, FenceKind, DOORBELL_PAGE_SIZE,
-    PAGE_SIZE,
-};
-use userq_uapi::os::{self, Mapping};
+use userq_uapi::layout::{DeviceKick, DeviceState, DeviceStatus, DoorbellPage, FenceKind};
+use userq_uapi::os;
+use userq_uapi::shm::{ReadOnly, Shm, ShmBytes};
 use userq_uapi::{KmdStatus, ABI_VERSION};
 
 /// How [`DeviceBuilder::open`] finds its device.
@@ -165,9 +163,10 @@ pub(crate) struct DeviceInner {
     control: Mutex<OwnedFd>,
     pub(crate) ctx: u32,
     generation: u64,
-    pub(crate) doorbells: Mapping,
-    pub(crate) status: Mapping,
-    pub(crate) kick: Mapping,
+    pub(crate) doorbells: Shm<DoorbellPage>,
+    /// Written only by the firmware and kmd-shim: mapped read-only.
+    pub(crate) status: Shm<DeviceStatus<ReadOnly>>,
+    pub(crate) kick: Shm<DeviceKick>,
     /// This process is registered for the firmware's membarrier, so its queues may use the
     /// doorbell fast path (see `userq_uapi::layout::RingPoll`).
     pub(crate) fast_doorbell: bool,
@@ -190,24 +189,8 @@ impl DeviceInner {
         exchange(&sock, req, fds)
     }
 
-    pub(crate) fn doorbell_page(&self) -> &DoorbellPage {
-        self.doorbells.head()
-    }
-
-    pub(crate) fn status_page(&self) -> &DeviceStatus {
-        self.status.head()
-    }
-
-    pub(crate) fn kick_page(&self) -> &DeviceKick {
-        self.kick.head()
-    }
-
     pub(crate) fn is_lost(&self) -> bool {
-        self.status_page()
-            .health
-            .state
-            .load(std::sync::atomic::Ordering::Acquire)
-            == DeviceState::Lost as u32
+        self.status.health.state.load_acquire() == DeviceState::Lost as u32
             || self.gone.load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -324,12 +307,9 @@ impl Device {
         )?;
         let [db, status, kick] = <[OwnedFd; 3]>::try_from(fds)
             .map_err(|_| ControlError::Protocol("OPEN_CONTEXT returned the wrong fds"))?;
-        let doorbells = os::map_object(db.as_fd(), DOORBELL_PAGE_SIZE, true, magic::DOORBELL)
-            .map_err(ControlError::from)?;
-        let status = os::map_object(status.as_fd(), PAGE_SIZE, false, magic::DEVICE_STATUS)
-            .map_err(ControlError::from)?;
-        let kick = os::map_object(kick.as_fd(), PAGE_SIZE, true, magic::DEVICE_KICK)
-            .map_err(ControlError::from)?;
+        let doorbells = Shm::map(db.as_fd()).map_err(ControlError::from)?;
+        let status = Shm::map(status.as_fd()).map_err(ControlError::from)?;
+        let kick = Shm::map(kick.as_fd()).map_err(ControlError::from)?;
         Ok(Device {
             inner: Arc::new(DeviceInner {
                 control: Mutex::new(sock),
@@ -428,8 +408,7 @@ impl Device {
         };
         let [fd] = <[OwnedFd; 1]>::try_from(fds)
             .map_err(|_| ControlError::Protocol("ALLOC_BUFFER returned the wrong fds"))?;
-        let map = Mapping::map(fd.as_fd(), v[1] as usize, true)
-            .map_err(|e| ControlError::Map(e.into()))?;
+        let map = ShmBytes::map(fd.as_fd(), v[1] as usize).map_err(ControlError::from)?;
         Ok(Buffer::new(self.inner.clone(), v[0], len, map, fd))
     }
 
@@ -455,12 +434,12 @@ impl Device {
             let _ = self.inner.call(Request::FreeBuffer { va: v[0] }, &[]);
             return Err(AllocError::BadSize);
         }
-        let map = match Mapping::map(fd.as_fd(), size, true) {
+        let map = match ShmBytes::map(fd.as_fd(), size) {
             Ok(m) => m,
             Err(e) => {
                 // Give the mapping back: nobody else knows its address.
                 let _ = self.inner.call(Request::FreeBuffer { va: v[0] }, &[]);
-                return Err(ControlError::Map(e.into()).into());
+                return Err(ControlError::Map(e).into());
             }
         };
         Ok(Buffer::new(self.inner.clone(), v[0], size / elem, map, fd))

@@ -13,55 +13,87 @@
 use crate::device::DeviceInner;
 use crate::error::{ControlError, FenceError, FenceFault, SignalError, WaitError};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, Ordering::*};
+use std::sync::atomic::Ordering::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use userq_uapi::error::ErrorCode;
 use userq_uapi::ioctl::Request;
-use userq_uapi::layout::{magic, FenceKind, FenceState, FenceWaiters, PAGE_SIZE};
-use userq_uapi::os::{self, Mapping};
+use userq_uapi::layout::{FenceKind, FenceState, FenceWaiters};
+use userq_uapi::os;
 use userq_uapi::packet::FenceHandle;
+use userq_uapi::shm::{ReadOnly, RoU32, Shm, Word32};
 use userq_uapi::sync::{self, Backoff, BackoffStep};
+
+/// A fence's value side as this process may map it: read-only for a queue's timeline
+/// (only the firmware writes it), writable for a user fence (any holder signals it).
+enum StateMap {
+    ReadOnly(Shm<FenceState<ReadOnly>>),
+    Writable(Shm<FenceState>),
+}
+
+impl StateMap {
+    /// The state as every reader sees it: loads only.
+    #[inline]
+    fn view(&self) -> &FenceState<ReadOnly> {
+        match self {
+            StateMap::ReadOnly(s) => s,
+            StateMap::Writable(s) => s.read_only(),
+        }
+    }
+
+    /// The state for a signaller, if this process may write it.
+    fn writable(&self) -> Option<&FenceState> {
+        match self {
+            StateMap::ReadOnly(_) => None,
+            StateMap::Writable(s) => Some(s),
+        }
+    }
+}
 
 pub(crate) struct FenceInner {
     dev: Arc<DeviceInner>,
     pub(crate) handle: FenceHandle,
     kind: FenceKind,
-    state: Mapping,
-    waiters: Mapping,
+    state: StateMap,
+    waiters: Shm<FenceWaiters>,
     state_fd: OwnedFd,
     waiters_fd: OwnedFd,
 }
 
 impl FenceInner {
-    fn state(&self) -> &FenceState {
-        self.state.head()
+    #[inline]
+    fn state(&self) -> &FenceState<ReadOnly> {
+        self.state.view()
     }
 
     fn waiters(&self) -> &FenceWaiters {
-        self.waiters.head()
+        &self.waiters
     }
 
     fn fault(&self) -> Option<FenceFault> {
         let st = self.state();
-        if st.slot.poison.load(Acquire) == 0 {
+        // Acquire (a relaxed load and a fence: the page may be read-only): pairs with the
+        // poisoner's release store, so the record written before it is visible.
+        if st.slot.poison.load_acquire() == 0 {
             return None;
         }
         let r = &st.record;
         Some(FenceFault {
-            code: ErrorCode::from_u32(r.code.load(Relaxed)),
-            packet_index: r.packet_index.load(Relaxed),
-            address: r.address.load(Relaxed),
-            detail: r.detail.load(Relaxed),
-            last_completed: r.last_completed.load(Relaxed),
+            code: ErrorCode::from_u32(r.code.load()),
+            packet_index: r.packet_index.load(),
+            address: r.address.load(),
+            detail: r.detail.load(),
+            last_completed: r.last_completed.load(),
         })
     }
 
-    /// `Some` once a wait for `target` is decided.
+    /// `Some` once a wait for `target` is decided. In the blocking phase the caller's
+    /// SeqCst fence after its waiter registration orders these loads after it (see
+    /// `userq_uapi::sync::sleep_unless`).
     fn check(&self, target: u64) -> Option<Result<(), WaitError>> {
-        // SeqCst: in the blocking phase these loads must not move before the waiter
-        // registration (see userq_uapi::sync). On x86 a SeqCst load is a plain load.
-        if self.state().slot.value.load(SeqCst) >= target {
+        // Acquire: pairs with the signaller's release store of the value, so what it wrote
+        // before signalling is visible to the waiter.
+        if self.state().slot.value.load_acquire() >= target {
             return Some(Ok(()));
         }
         if let Some(f) = self.fault() {
@@ -114,11 +146,15 @@ impl Fence {
         state_fd: OwnedFd,
         waiters_fd: OwnedFd,
     ) -> Result<Fence, FenceError> {
-        let writable = kind == FenceKind::User;
-        let state = os::map_object(state_fd.as_fd(), PAGE_SIZE, writable, magic::FENCE_STATE)
-            .map_err(ControlError::from)?;
-        let waiters = os::map_object(waiters_fd.as_fd(), PAGE_SIZE, true, magic::FENCE_WAITERS)
-            .map_err(ControlError::from)?;
+        let state = match kind {
+            FenceKind::User => {
+                StateMap::Writable(Shm::map(state_fd.as_fd()).map_err(ControlError::from)?)
+            }
+            FenceKind::Timeline => {
+                StateMap::ReadOnly(Shm::map(state_fd.as_fd()).map_err(ControlError::from)?)
+            }
+        };
+        let waiters = Shm::map(waiters_fd.as_fd()).map_err(ControlError::from)?;
         Ok(Fence {
             inner: Arc::new(FenceInner {
                 dev: dev.clone(),
@@ -134,7 +170,7 @@ impl Fence {
 
     /// The current value.
     pub fn value(&self) -> u64 {
-        self.inner.state().slot.value.load(Acquire)
+        self.inner.state().slot.value.load_acquire()
     }
 
     /// Whether this is a queue's timeline fence (signalled only by the firmware).
@@ -158,19 +194,16 @@ impl Fence {
     /// Sets a user fence to `value` from the host and wakes its waiters, in any process,
     /// and any queue parked on it.
     pub fn signal(&self, value: u64) -> Result<(), SignalError> {
-        if self.inner.kind != FenceKind::User {
+        let i = &self.inner;
+        let Some(state) = i.state.writable() else {
             return Err(SignalError::ReadOnly);
-        }
-        if let Some(f) = self.inner.fault() {
+        };
+        if let Some(f) = i.fault() {
             return Err(SignalError::Poisoned(f));
         }
-        let i = &self.inner;
-        if sync::signal_fence(i.state(), i.waiters(), value) {
+        if sync::signal_fence(state, i.waiters(), value) {
             // Queues are parked on this fence: make sure the firmware looks.
-            sync::wake_if_announced(
-                &i.dev.status_page().sleep.sleeping,
-                &i.dev.kick_page().kick.word,
-            );
+            sync::wake_if_announced(&i.dev.status.sleep.sleeping, &i.dev.kick.kick.word);
         }
         Ok(())
     }
@@ -308,7 +341,7 @@ impl FencePoint {
     }
 
     /// The fence's futex wake word.
-    pub(crate) fn wake_word(&self) -> &AtomicU32 {
+    pub(crate) fn wake_word(&self) -> &RoU32 {
         &self.fence.inner.state().slot.wake
     }
 
@@ -431,25 +464,31 @@ fn wait_many(
         }
     }
     let _registered = Registered::new(points);
-    let mut words: Vec<(&AtomicU32, u32)> = Vec::with_capacity(points.len());
+    let words: Vec<&dyn Word32> = points
+        .iter()
+        .map(|(f, _)| &f.state().slot.wake as &dyn Word32)
+        .collect();
     loop {
-        words.clear();
-        for (f, _) in points {
-            let w = &f.state().slot.wake;
-            words.push((w, w.load(SeqCst)));
-        }
-        if let Some(r) = decide(points, all) {
-            return r;
-        }
         let left = match deadline {
             Some(d) => match d.checked_duration_since(Instant::now()) {
                 Some(l) if !l.is_zero() => l,
-                _ => return Err(WaitError::Timeout),
+                _ => return decide(points, all).unwrap_or(Err(WaitError::Timeout)),
             },
             None => Duration::MAX,
         };
+        let mut decided = None;
         // Bounded so that a lost device is noticed even if nobody wakes this waiter.
-        sync::futex_wait_any(&words, Some(left.min(Duration::from_millis(200))));
+        sync::sleep_unless(
+            &words,
+            || {
+                decided = decide(points, all);
+                decided.is_some()
+            },
+            Some(left.min(Duration::from_millis(200))),
+        );
+        if let Some(r) = decided {
+            return r;
+        }
         if points.iter().any(|(f, _)| f.dev.is_lost_or_gone()) {
             return Err(WaitError::DeviceLost);
         }
@@ -463,11 +502,7 @@ impl Fence {
         let i = &self.inner;
         let me = [(&**i, 0)];
         let _registered = Registered::new(&me);
-        let word = &i.state().slot.wake;
-        let seen = word.load(SeqCst);
-        if still_waiting() {
-            sync::futex_wait(word, seen, Some(timeout));
-        }
+        sync::sleep_unless(&[&i.state().slot.wake], || !still_waiting(), Some(timeout));
     }
 
     /// The connection this fence belongs to.

@@ -12,16 +12,13 @@ use crate::fence::{Fence, FencePoint, WaitMode};
 use crate::Buffer;
 use rustix::fd::{AsFd, OwnedFd};
 use std::collections::VecDeque;
-use std::sync::atomic::{compiler_fence, AtomicU64, Ordering::*};
+use std::sync::atomic::{compiler_fence, Ordering::*};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use userq_uapi::ioctl::{Priority, Request};
-use userq_uapi::layout::{
-    magic, ring_object_size, FenceKind, RingHeader, MAX_RING_ENTRIES, MIN_RING_ENTRIES,
-    RING_PACKETS_OFFSET,
-};
-use userq_uapi::os::{self, Mapping};
+use userq_uapi::layout::{FenceKind, MAX_RING_ENTRIES, MIN_RING_ENTRIES};
 use userq_uapi::packet::{self, Packet, WaitCondition, MAX_KERNEL_ARGS};
+use userq_uapi::shm::RingShm;
 use userq_uapi::sync::{Backoff, BackoffStep};
 use userq_uapi::{sync, KmdStatus};
 
@@ -228,8 +225,7 @@ impl<'d> QueueBuilder<'d> {
             dev: inner,
             slot: Some(slot),
         };
-        let ring = os::map_object(ring_fd.as_fd(), ring_object_size(e), true, magic::RING)
-            .map_err(ControlError::from)?;
+        let ring = RingShm::map(ring_fd.as_fd(), e).map_err(ControlError::from)?;
         let timeline = Fence::from_parts(inner, v[1] as u32, FenceKind::Timeline, state, waiters)
             .map_err(|e| match e {
             crate::FenceError::Control(c) => c,
@@ -241,8 +237,6 @@ impl<'d> QueueBuilder<'d> {
             dev: inner.clone(),
             slot,
             ring,
-            mask: e as u64 - 1,
-            entries: e as u64,
             wptr: 0,
             cached_rptr: 0,
             timeline,
@@ -283,12 +277,14 @@ pub enum QueueStatus {
 pub struct Queue {
     dev: Arc<DeviceInner>,
     slot: u32,
-    ring: Mapping,
-    mask: u64,
-    entries: u64,
-    /// Packets written so far; the doorbell holds the published copy.
+    /// The ring: packets written here, the firmware's read index read back.
+    ring: RingShm,
+    /// Packets written so far, never wrapping; the doorbell holds the published copy.
+    /// `wptr - cached_rptr ≤ entries`: a slot is written only once the firmware has copied
+    /// the packet that was in it before.
     wptr: u64,
-    /// A copy of the ring's read index; stale, refreshed only when the ring looks full.
+    /// A copy of the ring's read index: `cached_rptr ≤ read_index ≤ wptr`. Can be stale;
+    /// re-read only when the ring *possibly* looks full.
     cached_rptr: u64,
     timeline: Fence,
     priority: Priority,
@@ -308,7 +304,7 @@ impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Queue")
             .field("slot", &self.slot)
-            .field("entries", &self.entries)
+            .field("entries", &self.ring.entries())
             .field("submitted", &self.wptr)
             .field("priority", &self.priority)
             .finish()
@@ -328,7 +324,7 @@ impl Queue {
 
     /// Ring size in packets.
     pub fn ring_entries(&self) -> u64 {
-        self.entries
+        self.ring.entries()
     }
 
     /// The queue's doorbell slot in its context.
@@ -412,7 +408,7 @@ impl Queue {
             }
         }
         if dispatches && self.kernel_args.is_none() {
-            let words = self.entries as usize * MAX_KERNEL_ARGS as usize;
+            let words = self.ring.entries() as usize * MAX_KERNEL_ARGS as usize;
             let dev = Device {
                 inner: self.dev.clone(),
             };
@@ -450,7 +446,7 @@ impl Queue {
         else {
             return c.cmd.encode();
         };
-        let base = (index & self.mask) as usize * MAX_KERNEL_ARGS as usize;
+        let base = (index & (self.ring.entries() - 1)) as usize * MAX_KERNEL_ARGS as usize;
         for (i, w) in words.iter().enumerate() {
             area.write(base + i, *w);
         }
@@ -490,13 +486,11 @@ impl Queue {
 
     /// Makes room for `n` packets.
     fn reserve(&mut self, n: usize, timeout: Duration) -> Result<(), SubmitError> {
-        if n as u64 > self.entries {
-            return Err(SubmitError::BatchTooLarge {
-                batch: n,
-                entries: self.entries,
-            });
+        let entries = self.ring.entries();
+        if n as u64 > entries {
+            return Err(SubmitError::BatchTooLarge { batch: n, entries });
         }
-        let need = (self.wptr + n as u64).saturating_sub(self.entries);
+        let need = (self.wptr + n as u64).saturating_sub(entries);
         if self.cached_rptr >= need {
             return Ok(()); // fast path: the cached index says there is room
         }
@@ -529,7 +523,7 @@ impl Queue {
             // and when it parks the queue (consuming a packet without completing it), which
             // are the moments the read index can move.
             let ring = &self.ring;
-            let still_full = || ring.head::<RingHeader>().read_index.value.load(SeqCst) < need;
+            let still_full = || ring.header().read_index.value.load(Acquire) < need;
             self.timeline.sleep_until_woken(still_full, left);
             if self.timeline.device_gone() {
                 return Err(SubmitError::DeviceLost);
@@ -541,12 +535,7 @@ impl Queue {
     fn refresh_read_index(&mut self) -> u64 {
         // Acquire: pairs with the firmware's release store after copying the packets out,
         // so their slots may be overwritten now.
-        let r = self
-            .ring
-            .head::<RingHeader>()
-            .read_index
-            .value
-            .load(Acquire);
+        let r = self.ring.header().read_index.value.load(Acquire);
         // Beyond the write index only a corrupted ring (or a firmware bug) shows this.
         self.cached_rptr = r.min(self.wptr);
         self.cached_rptr
@@ -557,11 +546,7 @@ impl Queue {
     /// sees the whole packet once it sees the tag.
     #[inline]
     fn write(&mut self, p: Packet) {
-        let offset = RING_PACKETS_OFFSET + (self.wptr & self.mask) as usize * packet::PACKET_SIZE;
-        let slot = self
-            .ring
-            .get::<[AtomicU64; 8]>(offset)
-            .expect("ring mapping covers its slots (checked at create)");
+        let slot = self.ring.slot(self.wptr);
         let words = p.tagged(self.wptr).to_words();
         for (w, v) in slot[1..].iter().zip(&words[1..]) {
             w.store(*v, Relaxed);
@@ -572,7 +557,7 @@ impl Queue {
 
     /// Publishes the write index and rings the doorbell.
     fn ring_doorbell(&mut self) {
-        let page = self.dev.doorbell_page();
+        let page = &*self.dev.doorbells;
         let slot = self.slot as usize;
         // Release: the packet stores above happen-before the firmware's acquire load.
         page.doorbells[slot].value.store(self.wptr, Release);
@@ -582,14 +567,14 @@ impl Queue {
         // Fast path: the firmware polls this queue's write index, so the store above is the
         // whole doorbell. A stale "polled" is safe: the firmware clears the flag, then makes
         // every registered thread run a full barrier (membarrier), then looks once more.
-        if self.dev.fast_doorbell && self.ring.head::<RingHeader>().poll.polled.load(Relaxed) != 0 {
+        if self.dev.fast_doorbell && self.ring.header().poll.polled.load(Relaxed) != 0 {
             return;
         }
         if sync::ring_doorbell(
             &page.pending.words[slot / 64],
             1 << (slot % 64),
-            &self.dev.status_page().sleep.sleeping,
-            &self.dev.kick_page().kick.word,
+            &self.dev.status.sleep.sleeping,
+            &self.dev.kick.kick.word,
         ) {
             self.wakes += 1;
         }

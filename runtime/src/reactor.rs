@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering::*};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+use userq_uapi::shm::Word32;
 use userq_uapi::sync;
 
 /// The waker slot a future shares with the reactor; `None` once the reactor woke it.
@@ -51,13 +52,15 @@ impl Reactor {
 
     fn run(&self) {
         loop {
+            // The kick word before the entries: a future added after this load bumps it,
+            // so the sleep below cannot miss it.
+            let kick_seen = self.kick.load(Acquire);
             // Drop entries whose future is gone (only the reactor holds the slot).
             let points: Vec<(FencePoint, Slot)> = {
                 let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
                 e.retain(|(_, slot)| Arc::strong_count(slot) > 1);
                 e.clone()
             };
-            let kick_seen = self.kick.load(SeqCst);
             if points.is_empty() {
                 sync::futex_wait(&self.kick, kick_seen, None);
                 continue;
@@ -67,28 +70,31 @@ impl Reactor {
             let _registered = Registered::new(&targets);
             // The kick word first: with more points than one futex_waitv takes, the fallback
             // waits on the first word (in short slices), and new futures must still wake us.
-            let words: Vec<(&AtomicU32, u32)> = std::iter::once((&self.kick, kick_seen))
-                .chain(pts.iter().map(|p| {
-                    let w = p.wake_word();
-                    (w, w.load(SeqCst))
-                }))
+            let words: Vec<&dyn Word32> = std::iter::once(&self.kick as &dyn Word32)
+                .chain(pts.iter().map(|p| p.wake_word() as &dyn Word32))
                 .collect();
             let mut woke = false;
-            for (p, slot) in &points {
-                if p.poll_decided().is_some() {
-                    if let Some(w) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                        w.wake();
+            // Bounded, so a lost device is noticed even if nobody wakes the reactor.
+            sync::sleep_unless(
+                &words,
+                || {
+                    for (p, slot) in &points {
+                        if p.poll_decided().is_some() {
+                            if let Some(w) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                                w.wake();
+                            }
+                            woke = true;
+                        }
                     }
-                    woke = true;
-                }
-            }
+                    woke || self.kick.load(Relaxed) != kick_seen
+                },
+                Some(Duration::from_millis(200)),
+            );
             if woke {
                 let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
                 e.retain(|(_, slot)| slot.lock().unwrap_or_else(|e| e.into_inner()).is_some());
                 continue;
             }
-            // Bounded, so a lost device is noticed even if nobody wakes the reactor.
-            sync::futex_wait_any(&words, Some(Duration::from_millis(200)));
             if pts.iter().any(|p| p.fence().device_gone()) {
                 for (_, slot) in &points {
                     if let Some(w) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {

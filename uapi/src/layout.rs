@@ -3,10 +3,12 @@
 //! Every page that crosses a process boundary is described here and nowhere else. Each
 //! object is its own memfd, mapped at offset 0, and starts with an [`ObjectHeader`] whose
 //! magic and ABI version are checked by every side when it maps the object
-//! ([`ObjectHeader::check`]).
+//! ([`ObjectHeader::check`]), through the typed handles of [`crate::shm`].
 //!
 //! Every field is an atomic: the memory is shared with processes that may write it at any
-//! time, so it is never read through a plain reference. Fields written by different
+//! time, so it is never read through a plain reference. The layouts clients map read-only
+//! take an [`Access`] parameter; in their `ReadOnly` form every field is a load-only
+//! [`crate::shm::RoU32`]/[`crate::shm::RoU64`]. Fields written by different
 //! parties sit on different cache lines ([`CACHE_LINE`]); the offset assertions at the
 //! bottom of this file pin that down at compile time.
 //!
@@ -20,10 +22,11 @@
 //! | [`DeviceKick`] (one per device) | any client, kmd | fw | read-write |
 //! | [`ControlRegion`] (kmd ↔ fw only) | kmd, fw | kmd, fw | never |
 
+use crate::shm::{Access, Layout, ReadWrite};
 use core::sync::atomic::{AtomicU32, AtomicU64};
 
 /// The ABI version. Bumped on any change to a layout, packet or message in this crate.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Size of a cache line on the machines userq targets. Fields written by different
 /// parties are at least this far apart.
@@ -91,6 +94,14 @@ pub enum HeaderError {
         /// Version written in the object.
         theirs: u32,
     },
+    /// The object's parameter (a ring's entry count) is not the one expected.
+    #[error("object parameter mismatch: expected {expected}, found {found}")]
+    BadParam {
+        /// The parameter the mapper expected.
+        expected: u32,
+        /// The parameter found in the object.
+        found: u32,
+    },
     /// The object is smaller than its layout needs.
     #[error("object too small: {len} bytes, layout needs {needed}")]
     TooSmall {
@@ -105,17 +116,17 @@ pub enum HeaderError {
 /// the object is shared; read by each mapper once, at map time, and never trusted after.
 #[repr(C, align(64))]
 #[derive(Debug)]
-pub struct ObjectHeader {
+pub struct ObjectHeader<A: Access = ReadWrite> {
     /// One of [`magic`].
-    pub magic: AtomicU32,
+    pub magic: A::U32,
     /// [`ABI_VERSION`] of the creator.
-    pub abi_version: AtomicU32,
+    pub abi_version: A::U32,
     /// Object-specific parameter (ring: entry count; fence: [`FenceKind`]).
-    pub param: AtomicU32,
+    pub param: A::U32,
     /// Reserved, zero.
-    pub reserved: AtomicU32,
+    pub reserved: A::U32,
     /// Object-specific identifier (fence: global fence id; ring: queue slot).
-    pub id: AtomicU64,
+    pub id: A::U64,
 }
 
 impl ObjectHeader {
@@ -196,7 +207,9 @@ pub struct RingHeader {
     pub header: ObjectHeader,
     /// Count of packets the firmware has copied out of the ring, never wrapping. Written
     /// (release) by the firmware after each copy; the producer reads it only when its cached
-    /// copy says the ring looks full. The firmware never reads it back.
+    /// copy says the ring looks full. The firmware never reads it back. With the queue's
+    /// timeline value and doorbell: `completed ≤ read_index ≤ doorbell`; the producer keeps
+    /// `wptr − cached_read_index ≤ entries`.
     pub read_index: PaddedU64,
     /// The firmware's "I am polling this queue" flag (the doorbell fast path).
     pub poll: RingPoll,
@@ -245,53 +258,57 @@ impl FenceKind {
 /// Signal protocol ([`crate::sync`]): store `value` (release), then if a waiter is
 /// registered in the fence's [`FenceWaiters`], bump `wake` and futex-wake it. Poison
 /// protocol: write `record`, then `poison` (release), then bump `wake` and wake.
+///
+/// Clients map a queue's timeline read-only (`FenceState<ReadOnly>`): its words can only be
+/// loaded there.
 #[repr(C, align(4096))]
 #[derive(Debug)]
-pub struct FenceState {
+pub struct FenceState<A: Access = ReadWrite> {
     /// [`magic::FENCE_STATE`]; `param` is a [`FenceKind`], `id` the global fence id.
-    pub header: ObjectHeader,
+    pub header: ObjectHeader<A>,
     /// The hot line.
-    pub slot: FenceSlot,
+    pub slot: FenceSlot<A>,
     /// Why the fence was poisoned; valid once `slot.poison` is non-zero.
-    pub record: ErrorRecord,
+    pub record: ErrorRecord<A>,
     /// For timeline fences: the owning queue's status.
-    pub queue: QueueStatus,
+    pub queue: QueueStatus<A>,
 }
 
 /// The hot line of a fence.
 #[repr(C, align(64))]
-#[derive(Debug, Default)]
-pub struct FenceSlot {
-    /// The 64-bit payload. Timeline fences: the number of packets the queue has completed.
-    pub value: AtomicU64,
+#[derive(Debug)]
+pub struct FenceSlot<A: Access = ReadWrite> {
+    /// The 64-bit payload. Timeline fences: the number of packets the queue has completed,
+    /// `value ≤ read_index ≤ doorbell` of its ring; it never decreases.
+    pub value: A::U64,
     /// 32-bit futex word beside the 64-bit value; bumped before every wake.
-    pub wake: AtomicU32,
+    pub wake: A::U32,
     /// Zero while healthy; an [`crate::ErrorCode`] once poisoned. Never cleared.
-    pub poison: AtomicU32,
+    pub poison: A::U32,
 }
 
 /// What went wrong, written before the word that announces it.
 #[repr(C, align(64))]
-#[derive(Debug, Default)]
-pub struct ErrorRecord {
+#[derive(Debug)]
+pub struct ErrorRecord<A: Access = ReadWrite> {
     /// An [`crate::ErrorCode`].
-    pub code: AtomicU32,
+    pub code: A::U32,
     /// Code-specific detail (bad opcode, wait condition, …).
-    pub detail: AtomicU32,
+    pub detail: A::U32,
     /// Index of the offending packet (its fence value is `packet_index + 1`).
-    pub packet_index: AtomicU64,
+    pub packet_index: A::U64,
     /// Offending address or write index, when there is one.
-    pub address: AtomicU64,
+    pub address: A::U64,
     /// The last value that completed before the error.
-    pub last_completed: AtomicU64,
+    pub last_completed: A::U64,
 }
 
 /// State word of a queue, in its timeline fence page.
 #[repr(C, align(64))]
-#[derive(Debug, Default)]
-pub struct QueueStatus {
+#[derive(Debug)]
+pub struct QueueStatus<A: Access = ReadWrite> {
     /// A [`QueueState`].
-    pub state: AtomicU32,
+    pub state: A::U32,
 }
 
 /// Life cycle of a queue as the firmware sees it.
@@ -354,37 +371,39 @@ pub enum DeviceState {
     Lost = 2,
 }
 
-/// Per-device status, written by the firmware and kmd-shim, read-only in clients.
+/// Per-device status, written by the firmware and kmd-shim, read-only in clients
+/// (`DeviceStatus<ReadOnly>`).
 #[repr(C, align(4096))]
 #[derive(Debug)]
-pub struct DeviceStatus {
+pub struct DeviceStatus<A: Access = ReadWrite> {
     /// [`magic::DEVICE_STATUS`]; `id` is the device generation.
-    pub header: ObjectHeader,
-    /// Read by every submitter after its doorbell; changes only when the firmware sleeps or
-    /// wakes.
-    pub sleep: FirmwareSleep,
+    pub header: ObjectHeader<A>,
+    /// The firmware's NEED_WAKEUP flag: set while it is in (or entering) its futex sleep on
+    /// [`DeviceKick::kick`]. Read by every submitter after its doorbell; changes only when
+    /// the firmware sleeps or wakes.
+    pub sleep: SleepFlag<A>,
     /// Written periodically; on its own line so it does not disturb `sleep`.
-    pub health: DeviceHealth,
+    pub health: DeviceHealth<A>,
 }
 
-/// The firmware's NEED_WAKEUP flag.
+/// A sleeper's NEED_WAKEUP flag, alone on its cache line (see [`crate::sync`]).
 #[repr(C, align(64))]
-#[derive(Debug, Default)]
-pub struct FirmwareSleep {
-    /// 1 while the firmware is in (or entering) its futex sleep on [`DeviceKick::kick`].
-    pub sleeping: AtomicU32,
+#[derive(Debug)]
+pub struct SleepFlag<A: Access = ReadWrite> {
+    /// 1 while the sleeper is in (or entering) its futex sleep.
+    pub sleeping: A::U32,
 }
 
 /// Liveness of the device.
 #[repr(C, align(64))]
-#[derive(Debug, Default)]
-pub struct DeviceHealth {
+#[derive(Debug)]
+pub struct DeviceHealth<A: Access = ReadWrite> {
     /// A [`DeviceState`].
-    pub state: AtomicU32,
+    pub state: A::U32,
     /// Device generation; bumped by kmd-shim each time it (re)starts the firmware.
-    pub generation: AtomicU64,
+    pub generation: A::U64,
     /// Incremented by the firmware at least every [`crate::HEARTBEAT_PERIOD_MS`].
-    pub heartbeat: AtomicU64,
+    pub heartbeat: A::U64,
 }
 
 /// The futex word the firmware sleeps on. Writable by every client: a waker must change
@@ -423,7 +442,7 @@ pub struct ControlRegion {
     /// firmware → kmd events and acknowledgements.
     pub to_kmd: MsgRing,
     /// kmd's NEED_WAKEUP flag for the `to_kmd` ring.
-    pub kmd_sleeping: PaddedU64,
+    pub kmd_sleep: SleepFlag,
     /// kmd's wake word.
     pub kmd_kick: KickLine,
 }
@@ -432,7 +451,8 @@ pub struct ControlRegion {
 #[repr(C, align(64))]
 #[derive(Debug)]
 pub struct MsgRing {
-    /// Messages ever pushed; written by the producer only.
+    /// Messages ever pushed; written by the producer only. `head ≤ tail ≤ head + entries`;
+    /// a consumer that sees otherwise treats the ring as empty.
     pub tail: PaddedU64,
     /// Messages ever popped; written by the consumer only.
     pub head: PaddedU64,
@@ -443,9 +463,63 @@ pub struct MsgRing {
 /// Size of the control object.
 pub const CONTROL_REGION_SIZE: usize = page_round_up(core::mem::size_of::<ControlRegion>());
 
+// SAFETY (this and each impl below): repr(C) structs of atomics (RoU32/RoU64 in the
+// ReadOnly forms), every bit pattern valid, aligned to at most a page, starting with an
+// ObjectHeader (asserted below); WRITABLE is false exactly for the read-only forms.
+unsafe impl Layout for DoorbellPage {
+    const MAGIC: u32 = magic::DOORBELL;
+    const WRITABLE: bool = true;
+}
+// SAFETY: as above.
+unsafe impl<A: Access> Layout for FenceState<A> {
+    const MAGIC: u32 = magic::FENCE_STATE;
+    const WRITABLE: bool = A::WRITABLE;
+}
+// SAFETY: as above.
+unsafe impl Layout for FenceWaiters {
+    const MAGIC: u32 = magic::FENCE_WAITERS;
+    const WRITABLE: bool = true;
+}
+// SAFETY: as above.
+unsafe impl<A: Access> Layout for DeviceStatus<A> {
+    const MAGIC: u32 = magic::DEVICE_STATUS;
+    const WRITABLE: bool = A::WRITABLE;
+}
+// SAFETY: as above.
+unsafe impl Layout for DeviceKick {
+    const MAGIC: u32 = magic::DEVICE_KICK;
+    const WRITABLE: bool = true;
+}
+// SAFETY: as above.
+unsafe impl Layout for ControlRegion {
+    const MAGIC: u32 = magic::CONTROL;
+    const WRITABLE: bool = true;
+}
+
 // ---- compile-time layout assertions -------------------------------------------------
 const _: () = {
+    use crate::shm::{ReadOnly, RoU32, RoU64};
     use core::mem::{offset_of, size_of};
+    assert!(size_of::<RoU32>() == 4 && size_of::<RoU64>() == 8);
+    assert!(offset_of!(FenceState<ReadOnly>, slot) == offset_of!(FenceState, slot));
+    assert!(offset_of!(FenceState<ReadOnly>, record) == offset_of!(FenceState, record));
+    assert!(offset_of!(FenceState<ReadOnly>, queue) == offset_of!(FenceState, queue));
+    assert!(offset_of!(FenceSlot<ReadOnly>, poison) == offset_of!(FenceSlot, poison));
+    assert!(
+        offset_of!(ErrorRecord<ReadOnly>, last_completed)
+            == offset_of!(ErrorRecord, last_completed)
+    );
+    assert!(offset_of!(DeviceStatus<ReadOnly>, health) == offset_of!(DeviceStatus, health));
+    assert!(offset_of!(DeviceHealth<ReadOnly>, heartbeat) == offset_of!(DeviceHealth, heartbeat));
+    assert!(offset_of!(ObjectHeader<ReadOnly>, id) == offset_of!(ObjectHeader, id));
+    assert!(offset_of!(ObjectHeader, id) == 16);
+    assert!(offset_of!(DoorbellPage, header) == 0 && offset_of!(FenceState, header) == 0);
+    assert!(offset_of!(FenceWaiters, header) == 0 && offset_of!(DeviceStatus, header) == 0);
+    assert!(offset_of!(DeviceKick, header) == 0 && offset_of!(ControlRegion, header) == 0);
+    assert!(offset_of!(RingHeader, header) == 0);
+    assert!(
+        offset_of!(ControlRegion, kmd_kick) == offset_of!(ControlRegion, kmd_sleep) + CACHE_LINE
+    );
     assert!(size_of::<ObjectHeader>() == CACHE_LINE);
     assert!(size_of::<PaddedU64>() == CACHE_LINE);
 
@@ -475,6 +549,7 @@ const _: () = {
     assert!(offset_of!(DeviceStatus, sleep) == CACHE_LINE);
     assert!(offset_of!(DeviceStatus, health) == 2 * CACHE_LINE);
     assert!(size_of::<DeviceStatus>() == PAGE_SIZE);
+    assert!(size_of::<SleepFlag>() == CACHE_LINE);
     assert!(offset_of!(DeviceKick, kick) == CACHE_LINE);
     assert!(size_of::<DeviceKick>() == PAGE_SIZE);
 

@@ -5,7 +5,8 @@
 //! ([`packet`]), the built-in kernel ids ([`kernels`]), the client ↔ kmd-shim control messages ([`ioctl`]), the kmd-shim ↔
 //! firmware messages ([`fwmsg`]), error codes ([`error`]), and the wait/wake protocols on
 //! shared futexes ([`sync`]). [`os`] is the small platform layer underneath: memfds,
-//! mappings with typed views, and fd passing.
+//! mappings with typed views, and fd passing; [`shm`] the typed handles on shared objects;
+//! [`socket`] where a device is reached.
 //!
 //! The other crates never compute an offset by hand; they name a field of a layout here.
 //!
@@ -23,6 +24,8 @@ pub mod kernels;
 pub mod layout;
 pub mod os;
 pub mod packet;
+pub mod shm;
+pub mod socket;
 pub mod sync;
 
 pub use error::{ErrorCode, KmdStatus};

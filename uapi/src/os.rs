@@ -179,6 +179,19 @@ pub fn map_object(
     Ok(map)
 }
 
+/// Creates a memfd of `size` bytes (zero-filled), sealed against shrinking and growing,
+/// and, with [`crate::shm::Sealing::Final`], against further seals.
+pub fn create_memfd(name: &str, size: u64, sealing: crate::shm::Sealing) -> io::Result<OwnedFd> {
+    let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    rustix::fs::ftruncate(&fd, size)?;
+    let mut seals = SealFlags::SHRINK | SealFlags::GROW;
+    if sealing == crate::shm::Sealing::Final {
+        seals |= SealFlags::SEAL;
+    }
+    rustix::fs::fcntl_add_seals(&fd, seals)?;
+    Ok(fd)
+}
+
 /// Creates a memfd of `size` bytes (zero-filled), sealed against shrinking, growing and
 /// further seals, and maps it read-write. For objects clients may write.
 pub fn create_object(name: &str, size: usize) -> io::Result<(OwnedFd, Mapping)> {

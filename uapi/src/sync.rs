@@ -1,8 +1,11 @@
 //! DOC: the wait/wake protocols on shared memory, written once.
 //!
-//! All three sleeping parties (a host thread waiting on a fence, the firmware idling, kmd's
-//! event thread) use the same announce/re-check/sleep shape, which is the futex form of
-//! io_uring's SQPOLL `NEED_WAKEUP` protocol:
+//! Every sleeping party (a host thread waiting on fences, a producer waiting for ring
+//! room, the async reactor, the firmware idling, kmd's event thread) uses the same
+//! announce/re-check/sleep shape, which is the futex form of io_uring's SQPOLL
+//! `NEED_WAKEUP` protocol. The sleeper's half after its announcement is [`sleep_unless`]
+//! (with a flag: [`announce_and_sleep`]); the waker's half is [`wake_if_announced`] (for a
+//! flag) or [`wake_waiters`] (for a fence's waiter counts).
 //!
 //! ```text
 //! sleeper                                   waker
@@ -20,9 +23,13 @@
 //! Every futex here is *shared* (no `FUTEX_PRIVATE_FLAG`): the words live in memfds mapped
 //! by several processes, and only a shared futex is keyed by the backing page, so only it
 //! can wake another process.
+//!
+//! Words the sleeper may only read ([`crate::shm::RoU32`]) are loaded `Relaxed`, with the
+//! SeqCst fence doing the ordering: relaxed loads are valid on read-only memory.
 
 use crate::error::ErrorCode;
-use crate::layout::{FenceState, FenceWaiters};
+use crate::layout::{FenceState, FenceWaiters, SleepFlag};
+use crate::shm::Word32;
 use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering::*};
 use rustix::thread::futex;
 use std::time::{Duration, Instant};
@@ -30,13 +37,13 @@ use std::time::{Duration, Instant};
 /// Sleeps on a shared futex word while it holds `expected`, for at most `timeout`.
 /// Returns early on a wake, a changed word, a signal or a spurious wake-up: callers
 /// re-check their condition in a loop.
-pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+pub fn futex_wait(word: &impl Word32, expected: u32, timeout: Option<Duration>) {
     let ts = timeout.map(|d| rustix::time::Timespec {
         tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
         tv_nsec: d.subsec_nanos() as _,
     });
     // Errors (EAGAIN: word changed; ETIMEDOUT; EINTR) all mean "go and re-check".
-    let _ = futex::wait(word, futex::Flags::empty(), expected, ts.as_ref());
+    let _ = futex::wait(word.futex(), futex::Flags::empty(), expected, ts.as_ref());
 }
 
 /// Wakes every thread, in any process, sleeping on a shared futex word.
@@ -47,7 +54,7 @@ pub fn futex_wake_all(word: &AtomicU32) {
 /// Sleeps until any of `words[i]` differs from `expected[i]` (or a wake, or `timeout`),
 /// with one `futex_waitv` (Linux 5.16+). Falls back to waiting on the first word for at
 /// most a millisecond where the kernel lacks `futex_waitv`, so callers still poll.
-pub fn futex_wait_any(words: &[(&AtomicU32, u32)], timeout: Option<Duration>) {
+pub fn futex_wait_any(words: &[(&dyn Word32, u32)], timeout: Option<Duration>) {
     const MAX: usize = 128;
     if words.is_empty() {
         return;
@@ -60,12 +67,12 @@ pub fn futex_wait_any(words: &[(&AtomicU32, u32)], timeout: Option<Duration>) {
                 t.min(Duration::from_millis(1))
             }))
         };
-        return futex_wait(words[0].0, words[0].1, t);
+        return futex_wait(&Dyn(words[0].0), words[0].1, t);
     }
     let mut waits = [futex::Wait::new(); MAX];
     for (w, &(word, expected)) in waits.iter_mut().zip(words) {
         w.val = expected as u64;
-        w.uaddr = futex::WaitPtr::new(word.as_ptr().cast());
+        w.uaddr = futex::WaitPtr::new(word.futex().as_ptr().cast());
         w.flags = futex::WaitFlags::SIZE_U32;
     }
     // futex_waitv takes an absolute timeout on the given clock.
@@ -97,7 +104,7 @@ pub fn futex_wait_any(words: &[(&AtomicU32, u32)], timeout: Option<Duration>) {
             // the first word in slices of a millisecond, so callers still re-check the rest.
             WAITV_BROKEN.store(true, Relaxed);
             futex_wait(
-                words[0].0,
+                &Dyn(words[0].0),
                 words[0].1,
                 Some(timeout.map_or(Duration::from_millis(1), |t| {
                     t.min(Duration::from_millis(1))
@@ -107,15 +114,59 @@ pub fn futex_wait_any(words: &[(&AtomicU32, u32)], timeout: Option<Duration>) {
     }
 }
 
+/// A `&dyn Word32` as an `impl Word32`.
+struct Dyn<'a>(&'a dyn Word32);
+
+impl crate::shm::sealed::Sealed for Dyn<'_> {}
+
+impl Word32 for Dyn<'_> {
+    fn relaxed(&self) -> u32 {
+        self.0.relaxed()
+    }
+    fn futex(&self) -> &AtomicU32 {
+        self.0.futex()
+    }
+}
+
 /// Set once `futex_waitv` failed with an error that means "not available".
 static WAITV_BROKEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Sleeper side, after the caller announced itself (set its flag, or registered in a
+/// fence's waiter count): a full fence, a snapshot of `words`, then the re-check
+/// `work_visible`; sleeps on the words (at most `timeout`) only if it saw no work. Returns
+/// early on any wake, signal or spurious wake-up: callers re-check in a loop.
+pub fn sleep_unless(
+    words: &[&dyn Word32],
+    work_visible: impl FnOnce() -> bool,
+    timeout: Option<Duration>,
+) {
+    fence(SeqCst); // pairs with the waker's fence after it published work
+    let seen: Vec<(&dyn Word32, u32)> = words.iter().map(|w| (*w, w.relaxed())).collect();
+    if work_visible() {
+        return;
+    }
+    futex_wait_any(&seen, timeout);
+}
+
+/// [`sleep_unless`] announced by a [`SleepFlag`] (the firmware's and kmd's NEED_WAKEUP):
+/// sets the flag, sleeps on `word` unless `work_visible`, clears the flag.
+pub fn announce_and_sleep(
+    flag: &SleepFlag,
+    word: &AtomicU32,
+    work_visible: impl FnOnce() -> bool,
+    timeout: Option<Duration>,
+) {
+    flag.sleeping.store(1, Relaxed);
+    sleep_unless(&[word], work_visible, timeout);
+    flag.sleeping.store(0, Relaxed);
+}
 
 /// Waker side: after publishing work, wakes a sleeper that announced itself with `flag`.
 /// Returns whether a wake was made.
 #[inline]
-pub fn wake_if_announced(flag: &AtomicU32, word: &AtomicU32) -> bool {
+pub fn wake_if_announced(flag: &impl Word32, word: &AtomicU32) -> bool {
     fence(SeqCst); // pairs with the sleeper's fence after its announcement
-    if flag.load(Relaxed) == 0 {
+    if flag.relaxed() == 0 {
         return false;
     }
     word.fetch_add(1, Release);
@@ -147,19 +198,20 @@ pub fn firmware_barrier_available() -> bool {
 }
 
 /// Client side of a doorbell: sets the queue's pending bit, then kicks the firmware if it
-/// announced that it sleeps. Both accesses are SeqCst, which orders the pending store
-/// before the flag load (Dekker with the firmware's store + fence + re-check); on x86 the
-/// RMW is a locked instruction and the load a plain `mov`, so no extra fence is issued.
+/// announced that it sleeps. The SeqCst fence orders the pending store before the flag
+/// load (Dekker with the firmware's flag store + fence + re-check in [`sleep_unless`]); the
+/// flag is in the read-only device status page, so it is loaded relaxed.
 /// Returns whether a wake syscall was made.
 #[inline]
 pub fn ring_doorbell(
     pending: &AtomicU64,
     bit: u64,
-    sleeping: &AtomicU32,
+    sleeping: &impl Word32,
     kick: &AtomicU32,
 ) -> bool {
     pending.fetch_or(bit, SeqCst);
-    if sleeping.load(SeqCst) == 0 {
+    fence(SeqCst);
+    if sleeping.relaxed() == 0 {
         return false;
     }
     kick.fetch_add(1, Release);

@@ -1,0 +1,541 @@
+//! DOC: typed handles on shared memory.
+//!
+//! Every shared object is a sealed memfd mapped with `memmap2::MmapRaw` (raw pointers
+//! only: never `Mmap`/`MmapMut`, which hand out `&[u8]` over memory that other processes
+//! write). On top of it sit three handles, each checked **once**, when the object is
+//! mapped; after that an access is a pointer dereference with no bounds check and no
+//! `expect`:
+//!
+//! - [`Shm<T>`]: one object laid out as `T` (a [`Layout`]: a `repr(C)` struct of atomics
+//!   that starts with an [`ObjectHeader`]). Mapping checks the size, the magic and the ABI
+//!   version; the handle derefs to `&T`. The access is part of the type: the layouts that
+//!   clients map read-only ([`FenceState`], [`DeviceStatus`]) take an [`Access`] parameter,
+//!   and their `ReadOnly` form is made of [`RoU32`]/[`RoU64`], which can only be loaded, so
+//!   a store to read-only memory does not compile.
+//! - [`RingShm`]: a queue's ring, a [`RingHeader`] followed by its packet slots; the slot
+//!   index is masked, so every index is in bounds.
+//! - [`ShmBytes`]: the untyped bytes of a buffer, viewed as slices of atomics.
+//!
+//! Loads from read-only mappings are `Relaxed` (with a separate fence where ordering is
+//! needed): the standard library documents relaxed loads of word size as valid on
+//! read-only memory, and no stronger access is ever made there.
+
+use crate::layout::{
+    magic, page_round_up, ring_object_size, DeviceStatus, FenceState, HeaderError, ObjectHeader,
+    RingHeader, RING_PACKETS_OFFSET,
+};
+use crate::os::{self, MapError};
+use crate::packet::PACKET_SIZE;
+use core::marker::PhantomData;
+use core::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use memmap2::{MmapOptions, MmapRaw};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use rustix::io;
+
+pub(crate) mod sealed {
+    /// Keeps the access traits closed to other crates.
+    pub trait Sealed {}
+}
+
+/// How a layout is mapped: [`ReadWrite`] or [`ReadOnly`]. Sealed.
+pub trait Access: sealed::Sealed + core::fmt::Debug + Send + Sync + 'static {
+    /// Whether the mapping is writable.
+    const WRITABLE: bool;
+    /// A 32-bit field: [`AtomicU32`] when writable, [`RoU32`] when read-only.
+    type U32: Word32 + core::fmt::Debug;
+    /// A 64-bit field: [`AtomicU64`] when writable, [`RoU64`] when read-only.
+    type U64: Word64 + core::fmt::Debug;
+}
+
+/// Mapped read-write: fields are atomics.
+#[derive(Debug)]
+pub enum ReadWrite {}
+
+/// Mapped read-only: fields can only be loaded (relaxed).
+#[derive(Debug)]
+pub enum ReadOnly {}
+
+impl sealed::Sealed for ReadWrite {}
+impl sealed::Sealed for ReadOnly {}
+
+impl Access for ReadWrite {
+    const WRITABLE: bool = true;
+    type U32 = AtomicU32;
+    type U64 = AtomicU64;
+}
+
+impl Access for ReadOnly {
+    const WRITABLE: bool = false;
+    type U32 = RoU32;
+    type U64 = RoU64;
+}
+
+/// A 32-bit word in shared memory that this side may only read.
+#[repr(transparent)]
+#[derive(Debug)]
+pub struct RoU32(AtomicU32);
+
+/// A 64-bit word in shared memory that this side may only read.
+#[repr(transparent)]
+#[derive(Debug)]
+pub struct RoU64(AtomicU64);
+
+impl RoU32 {
+    /// Relaxed load (valid on read-only memory).
+    #[inline]
+    pub fn load(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Relaxed load followed by an acquire fence: what an acquire load would give, made of
+    /// accesses that are valid on read-only memory.
+    #[inline]
+    pub fn load_acquire(&self) -> u32 {
+        let v = self.0.load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        v
+    }
+}
+
+impl RoU64 {
+    /// Relaxed load (valid on read-only memory).
+    #[inline]
+    pub fn load(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Relaxed load followed by an acquire fence (see [`RoU32::load_acquire`]).
+    #[inline]
+    pub fn load_acquire(&self) -> u64 {
+        let v = self.0.load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        v
+    }
+}
+
+/// A 32-bit shared word, writable ([`AtomicU32`]) or not ([`RoU32`]): what the wait/wake
+/// protocols of [`crate::sync`] read. Sealed.
+pub trait Word32: sealed::Sealed + Sync {
+    /// Relaxed load.
+    fn relaxed(&self) -> u32;
+    /// The word as the futex syscalls take it. The syscalls only read it.
+    #[doc(hidden)]
+    fn futex(&self) -> &AtomicU32;
+}
+
+/// A 64-bit shared word, writable ([`AtomicU64`]) or not ([`RoU64`]). Sealed.
+pub trait Word64: sealed::Sealed + Sync {
+    /// Relaxed load.
+    fn relaxed(&self) -> u64;
+}
+
+impl sealed::Sealed for AtomicU32 {}
+impl sealed::Sealed for RoU32 {}
+impl sealed::Sealed for AtomicU64 {}
+impl sealed::Sealed for RoU64 {}
+
+impl Word32 for AtomicU32 {
+    #[inline]
+    fn relaxed(&self) -> u32 {
+        self.load(Ordering::Relaxed)
+    }
+    fn futex(&self) -> &AtomicU32 {
+        self
+    }
+}
+
+impl Word32 for RoU32 {
+    #[inline]
+    fn relaxed(&self) -> u32 {
+        self.load()
+    }
+    fn futex(&self) -> &AtomicU32 {
+        &self.0
+    }
+}
+
+impl Word64 for AtomicU64 {
+    #[inline]
+    fn relaxed(&self) -> u64 {
+        self.load(Ordering::Relaxed)
+    }
+}
+
+impl Word64 for RoU64 {
+    #[inline]
+    fn relaxed(&self) -> u64 {
+        self.load()
+    }
+}
+
+/// A shared object's layout: what [`Shm`] maps.
+///
+/// # Safety
+/// The type must be `repr(C)`, made only of atomics and [`RoU32`]/[`RoU64`] (so every bit
+/// pattern is valid and any process may write it at any time), aligned to at most a page,
+/// and start with an [`ObjectHeader`] at offset 0. `WRITABLE` must be false whenever a
+/// field is a read-only word, so that such a layout is only ever mapped read-only.
+pub unsafe trait Layout: Sync + Sized {
+    /// The magic in its header ([`magic`]).
+    const MAGIC: u32;
+    /// Whether it is mapped read-write.
+    const WRITABLE: bool;
+    /// Bytes of the object: the layout rounded up to whole pages.
+    const SIZE: usize = page_round_up(core::mem::size_of::<Self>());
+}
+
+/// How a memfd kmd-shim creates is sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sealing {
+    /// Size and seals final: for objects clients may write.
+    Final,
+    /// Size final, one more seal allowed: for objects only kmd-shim and the firmware may
+    /// write. Once both hold their writable mappings, [`os::seal_read_only`] makes every
+    /// further mapping read-only; only then may the fd reach a client.
+    FirmwareWritable,
+}
+
+fn map_raw(fd: BorrowedFd<'_>, len: usize, writable: bool) -> Result<MmapRaw, MapError> {
+    if len == 0 {
+        return Err(MapError::Io(io::Errno::INVAL));
+    }
+    let st = rustix::fs::fstat(fd)?;
+    if (st.st_size as u64) < len as u64 {
+        return Err(MapError::Io(io::Errno::INVAL));
+    }
+    let mut opts = MmapOptions::new();
+    opts.len(len);
+    let map = if writable {
+        opts.map_raw(&fd)
+    } else {
+        opts.map_raw_read_only(&fd)
+    };
+    map.map_err(|e| MapError::Io(io::Errno::from_io_error(&e).unwrap_or(io::Errno::IO)))
+}
+
+/// The header at offset 0 of a mapping, for its one check at map time and its one
+/// initialisation at creation.
+fn header(map: &MmapRaw) -> &ObjectHeader {
+    // SAFETY: every mapping passed here is at least a page (a layout's size, or a ring
+    // object), page-aligned, and begins with an ObjectHeader, a repr(C) struct of atomics
+    // for which every bit pattern is valid. On a read-only mapping only `check` is called,
+    // which makes relaxed loads only: valid on read-only memory.
+    unsafe { &*map.as_ptr().cast::<ObjectHeader>() }
+}
+
+fn check_header(map: &MmapRaw, want: u32) -> Result<(), HeaderError> {
+    header(map).check(want)
+}
+
+/// One shared object of layout `T`, mapped whole; checked once at map time.
+pub struct Shm<T: Layout> {
+    map: MmapRaw,
+    _t: PhantomData<T>,
+}
+
+// SAFETY: the mapping is plain shared memory reached only as `&T`, and `T: Sync` (atomics).
+unsafe impl<T: Layout> Send for Shm<T> {}
+// SAFETY: as above.
+unsafe impl<T: Layout> Sync for Shm<T> {}
+
+impl<T: Layout> core::fmt::Debug for Shm<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Shm")
+            .field("layout", &core::any::type_name::<T>())
+            .field("len", &self.map.len())
+            .finish()
+    }
+}
+
+impl<T: Layout> Shm<T> {
+    /// Maps the object behind `fd` (read-write or read-only as `T` says) and checks its
+    /// size, magic and ABI version.
+    pub fn map(fd: BorrowedFd<'_>) -> Result<Shm<T>, MapError> {
+        const { assert!(core::mem::align_of::<T>() <= crate::layout::PAGE_SIZE) };
+        let map = map_raw(fd, T::SIZE, T::WRITABLE)?;
+        check_header(&map, T::MAGIC)?;
+        Ok(Shm {
+            map,
+            _t: PhantomData,
+        })
+    }
+
+    /// Creates the object: a zero-filled memfd of [`Layout::SIZE`] bytes sealed as
+    /// `sealing` says, mapped read-write, its header written with `param` and `id`.
+    pub fn create(
+        name: &str,
+        sealing: Sealing,
+        param: u32,
+        id: u64,
+    ) -> io::Result<(OwnedFd, Shm<T>)> {
+        const { assert!(T::WRITABLE, "only writable layouts are created") };
+        let fd = os::create_memfd(name, T::SIZE as u64, sealing)?;
+        let map = map_raw(fd.as_fd(), T::SIZE, true).map_err(|_| io::Errno::NOMEM)?;
+        header(&map).init(T::MAGIC, param, id);
+        Ok((
+            fd,
+            Shm {
+                map,
+                _t: PhantomData,
+            },
+        ))
+    }
+}
+
+impl<T: Layout> core::ops::Deref for Shm<T> {
+    type Target = T;
+
+    #[inline]
+    fn deref(&self) -> &T {
+        // SAFETY: the mapping is `T::SIZE >= size_of::<T>()` bytes, page-aligned (T's
+        // alignment is at most a page, asserted in `map`), and T is a `Layout`: atomics
+        // only, every bit pattern valid, so a shared reference is sound while other
+        // processes write the memory. A read-only mapping is only ever a `T` whose fields
+        // can only be loaded (`Layout::WRITABLE`). The reference borrows `self`, so it
+        // cannot outlive the mapping.
+        unsafe { &*self.map.as_ptr().cast::<T>() }
+    }
+}
+
+macro_rules! read_only_view {
+    ($ty:ident) => {
+        impl $ty<ReadWrite> {
+            /// The same object seen read-only: what a client that may not write it sees.
+            #[inline]
+            pub fn read_only(&self) -> &$ty<ReadOnly> {
+                // SAFETY: `$ty<ReadOnly>` has the layout of `$ty<ReadWrite>` (RoU32/RoU64 are
+                // repr(transparent) over the atomics; asserted in layout.rs), and a view that
+                // can only load is weaker than the writable one it borrows from.
+                unsafe { &*(self as *const Self).cast::<$ty<ReadOnly>>() }
+            }
+        }
+    };
+}
+
+read_only_view!(FenceState);
+read_only_view!(DeviceStatus);
+
+/// A queue's ring: its [`RingHeader`] and `entries` packet slots of [`PACKET_SIZE`] bytes,
+/// mapped read-write by the client (packets) and the firmware (read index).
+pub struct RingShm {
+    map: MmapRaw,
+    mask: u64,
+}
+
+// SAFETY: shared memory reached only through atomics.
+unsafe impl Send for RingShm {}
+// SAFETY: as above.
+unsafe impl Sync for RingShm {}
+
+impl core::fmt::Debug for RingShm {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("RingShm")
+            .field("entries", &(self.mask + 1))
+            .finish()
+    }
+}
+
+/// One packet slot: eight 64-bit words.
+pub type PacketSlot = [AtomicU64; PACKET_SIZE / 8];
+
+impl RingShm {
+    /// Creates a ring of `entries` (a power of two) packets for queue slot `slot`.
+    pub fn create(entries: u32, slot: u32) -> io::Result<(OwnedFd, RingShm)> {
+        if !entries.is_power_of_two() {
+            return Err(io::Errno::INVAL);
+        }
+        let size = ring_object_size(entries);
+        let fd = os::create_memfd("userq-ring", size as u64, Sealing::Final)?;
+        let map = map_raw(fd.as_fd(), size, true).map_err(|_| io::Errno::NOMEM)?;
+        header(&map).init(magic::RING, entries, slot as u64);
+        Ok((
+            fd,
+            RingShm {
+                map,
+                mask: entries as u64 - 1,
+            },
+        ))
+    }
+
+    /// Maps a ring that must hold `entries` (a power of two) packets, checking its size,
+    /// magic, ABI version and entry count.
+    pub fn map(fd: BorrowedFd<'_>, entries: u32) -> Result<RingShm, MapError> {
+        if !entries.is_power_of_two() {
+            return Err(MapError::Io(io::Errno::INVAL));
+        }
+        let map = map_raw(fd, ring_object_size(entries), true)?;
+        check_header(&map, magic::RING)?;
+        let found = header(&map).param.load(Ordering::Relaxed);
+        if found != entries {
+            return Err(HeaderError::BadParam {
+                expected: entries,
+                found,
+            }
+            .into());
+        }
+        Ok(RingShm {
+            map,
+            mask: entries as u64 - 1,
+        })
+    }
+
+    /// Entries (packets) in the ring.
+    #[inline]
+    pub fn entries(&self) -> u64 {
+        self.mask + 1
+    }
+
+    /// The header.
+    #[inline]
+    pub fn header(&self) -> &RingHeader {
+        // SAFETY: the mapping starts with a RingHeader (checked at map time), a repr(C)
+        // struct of atomics; the reference borrows `self`.
+        unsafe { &*self.map.as_ptr().cast::<RingHeader>() }
+    }
+
+    /// The slot of packet `index` (any index: it is masked into the ring).
+    #[inline]
+    pub fn slot(&self, index: u64) -> &PacketSlot {
+        let offset = RING_PACKETS_OFFSET + (index & self.mask) as usize * PACKET_SIZE;
+        // SAFETY: `index & mask < entries`, and the mapping is `ring_object_size(entries)`
+        // bytes, so the slot is inside it; it is 64-byte aligned (page-aligned base, offset
+        // a multiple of 64) and made of atomics. The reference borrows `self`.
+        unsafe { &*self.map.as_ptr().add(offset).cast::<PacketSlot>() }
+    }
+}
+
+/// An atomic integer a byte range can be viewed as ([`ShmBytes::atomics`]). Sealed.
+pub trait AtomicInt: sealed::Sealed + Sync + Sized {}
+impl sealed::Sealed for AtomicU8 {}
+impl sealed::Sealed for AtomicU16 {}
+impl AtomicInt for AtomicU8 {}
+impl AtomicInt for AtomicU16 {}
+impl AtomicInt for AtomicU32 {}
+impl AtomicInt for AtomicU64 {}
+
+/// The untyped bytes of a buffer, mapped read-write, seen only as atomics.
+pub struct ShmBytes {
+    map: MmapRaw,
+}
+
+// SAFETY: shared memory reached only through atomics.
+unsafe impl Send for ShmBytes {}
+// SAFETY: as above.
+unsafe impl Sync for ShmBytes {}
+
+impl core::fmt::Debug for ShmBytes {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ShmBytes")
+            .field("len", &self.map.len())
+            .finish()
+    }
+}
+
+impl ShmBytes {
+    /// Maps the first `len` bytes of `fd` read-write (the object must be at least that
+    /// long; a sealed memfd cannot shrink afterwards).
+    pub fn map(fd: BorrowedFd<'_>, len: usize) -> Result<ShmBytes, MapError> {
+        Ok(ShmBytes {
+            map: map_raw(fd, len, true)?,
+        })
+    }
+
+    /// Length in bytes.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether it is empty (never: empty mappings are refused).
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    /// `count` atomics of type `W` from byte `offset`, if they fit and are aligned.
+    #[inline]
+    pub fn atomics<W: AtomicInt>(&self, offset: usize, count: usize) -> Option<&[W]> {
+        let bytes = core::mem::size_of::<W>().checked_mul(count)?;
+        let end = offset.checked_add(bytes)?;
+        if end > self.map.len() || offset % core::mem::align_of::<W>() != 0 {
+            return None;
+        }
+        // SAFETY: in bounds and aligned (checked above; the base is page-aligned). `W` is
+        // an atomic integer: every bit pattern valid, shared access sound while others
+        // write. The slice borrows `self`, so it cannot outlive the mapping.
+        Some(unsafe {
+            core::slice::from_raw_parts(self.map.as_ptr().add(offset).cast::<W>(), count)
+        })
+    }
+
+    /// The 64-bit word at byte `offset`, if it fits and is aligned.
+    #[inline]
+    pub fn word64(&self, offset: usize) -> Option<&AtomicU64> {
+        self.atomics::<AtomicU64>(offset, 1).map(|s| &s[0])
+    }
+}
+
+/// Checks that a layout's read-only form is its writable form with loads only.
+macro_rules! same_layout {
+    ($($ty:ident),*) => {
+        const _: () = {
+            $(
+                assert!(core::mem::size_of::<$ty<ReadOnly>>() == core::mem::size_of::<$ty<ReadWrite>>());
+                assert!(core::mem::align_of::<$ty<ReadOnly>>() == core::mem::align_of::<$ty<ReadWrite>>());
+            )*
+        };
+    };
+}
+
+same_layout!(FenceState, DeviceStatus);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{DeviceKick, FenceWaiters, ABI_VERSION};
+
+    #[test]
+    fn typed_objects_check_magic_abi_and_size_once() {
+        let (fd, kick) = Shm::<DeviceKick>::create("t", Sealing::Final, 0, 7).unwrap();
+        kick.kick.word.store(5, Ordering::Relaxed);
+        let again = Shm::<DeviceKick>::map(fd.as_fd()).unwrap();
+        assert_eq!(again.kick.word.load(Ordering::Relaxed), 5);
+        assert!(matches!(
+            Shm::<FenceWaiters>::map(fd.as_fd()),
+            Err(MapError::Header(HeaderError::BadMagic { .. }))
+        ));
+        header(&kick.map)
+            .abi_version
+            .store(ABI_VERSION + 1, Ordering::Relaxed);
+        assert!(matches!(
+            Shm::<DeviceKick>::map(fd.as_fd()),
+            Err(MapError::Header(HeaderError::AbiMismatch { .. }))
+        ));
+    }
+
+    #[test]
+    fn read_only_views_see_the_writer_and_the_ring_masks_its_index() {
+        let (fd, st) = Shm::<FenceState>::create("t", Sealing::FirmwareWritable, 2, 1).unwrap();
+        os::seal_read_only(fd.as_fd()).unwrap();
+        let ro = Shm::<FenceState<ReadOnly>>::map(fd.as_fd()).unwrap();
+        assert!(
+            Shm::<FenceState>::map(fd.as_fd()).is_err(),
+            "sealed read-only"
+        );
+        st.slot.value.store(9, Ordering::Release);
+        assert_eq!(ro.slot.value.load_acquire(), 9);
+        assert_eq!(st.read_only().slot.value.load(), 9);
+
+        let (rfd, ring) = RingShm::create(4, 0).unwrap();
+        ring.slot(5)[0].store(1, Ordering::Relaxed);
+        assert_eq!(ring.slot(1)[0].load(Ordering::Relaxed), 1);
+        assert!(
+            RingShm::map(rfd.as_fd(), 8).is_err(),
+            "too small for 8 entries"
+        );
+        assert!(matches!(
+            RingShm::map(rfd.as_fd(), 2),
+            Err(MapError::Header(HeaderError::BadParam { .. }))
+        ));
+        assert_eq!(RingShm::map(rfd.as_fd(), 4).unwrap().entries(), 4);
+    }
+}
