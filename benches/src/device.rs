@@ -120,12 +120,10 @@ pub fn kmd_role(socket: &str) -> Result<(), Box<dyn std::error::Error>> {
 
 /// Role `__fw --channel-fd N`: the firmware process.
 pub fn fw_role(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
-    let fd: i32 = match args {
-        [flag, n] if flag == "--channel-fd" => n.parse()?,
+    let channel = match args {
+        [flag, n] if flag == "--channel-fd" => fw_emu::channel::inherited_channel(n)?,
         _ => return Err("usage: __fw --channel-fd N".into()),
     };
-    // SAFETY: kmd-shim passed this descriptor to this process for the firmware alone.
-    let channel = unsafe { <rustix::fd::OwnedFd as rustix::fd::FromRawFd>::from_raw_fd(fd) };
     fw_emu::Firmware::boot(channel, fw_emu::FirmwareConfig::default())?.run();
     Ok(())
 }

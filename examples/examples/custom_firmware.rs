@@ -57,10 +57,7 @@ fn collatz(mut n: u64) -> u32 {
 
 /// Firmware mode: boot fw-emu with the extra kernel on the channel kmd-shim passed.
 fn firmware(fd: &str) -> Result<(), Box<dyn std::error::Error>> {
-    use rustix::fd::FromRawFd;
-    let raw: i32 = fd.parse()?;
-    // SAFETY: kmd-shim passed this descriptor to this process for the firmware alone.
-    let channel = unsafe { rustix::fd::OwnedFd::from_raw_fd(raw) };
+    let channel = fw_emu::channel::inherited_channel(fd)?;
     let mut config = fw_emu::FirmwareConfig::default();
     config.kernels.register(COLLATZ, Arc::new(Collatz));
     fw_emu::Firmware::boot(channel, config)?.run();

@@ -80,3 +80,58 @@ impl ObjectChannel {
         )
     }
 }
+
+/// Why a `--channel-fd N` argument does not name this process's object channel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelFdError {
+    /// The argument is not a descriptor number.
+    #[error("--channel-fd {0:?}: not a descriptor number")]
+    NotANumber(String),
+    /// 0, 1 and 2 are the standard streams, never the channel.
+    #[error("--channel-fd {0}: a standard stream, not the channel")]
+    StandardStream(i32),
+    /// No such open descriptor, or not a Unix `SOCK_SEQPACKET` socket.
+    #[error("--channel-fd {0}: not an inherited SOCK_SEQPACKET socket")]
+    NotAChannel(i32),
+    /// The channel was taken already: it has one owner per process.
+    #[error("--channel-fd: the channel was taken already")]
+    Taken,
+}
+
+/// Takes ownership of the object channel this process inherited from kmd-shim, named by
+/// the value of its `--channel-fd` argument. The descriptor must be above the standard
+/// streams, open, and a Unix `SOCK_SEQPACKET` socket; it is taken at most once per process,
+/// so no two owners of it can exist through this function. The one way a firmware program
+/// (`fw-emu`, a custom firmware, a benchmark's firmware role) turns the number into a
+/// descriptor.
+pub fn inherited_channel(arg: &str) -> Result<OwnedFd, ChannelFdError> {
+    use rustix::fd::{BorrowedFd, FromRawFd, RawFd};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    let fd: RawFd = arg
+        .parse()
+        .map_err(|_| ChannelFdError::NotANumber(arg.to_owned()))?;
+    if (0..=2).contains(&fd) {
+        return Err(ChannelFdError::StandardStream(fd));
+    }
+    if fd < 0 {
+        return Err(ChannelFdError::NotAChannel(fd));
+    }
+    // SAFETY: the borrow is used only for the two probes below and ends with this block;
+    // a descriptor that is not open makes both fail with EBADF, which is what they check.
+    let is_channel = unsafe {
+        let probe = BorrowedFd::borrow_raw(fd);
+        rustix::io::fcntl_getfd(probe).is_ok()
+            && rustix::net::sockopt::socket_type(probe) == Ok(rustix::net::SocketType::SEQPACKET)
+    };
+    if !is_channel {
+        return Err(ChannelFdError::NotAChannel(fd));
+    }
+    if TAKEN.swap(true, Ordering::AcqRel) {
+        return Err(ChannelFdError::Taken);
+    }
+    // SAFETY: `fd` is open and a SEQPACKET socket (checked above), inherited from kmd-shim
+    // for the firmware; this function hands it out once per process, so the OwnedFd is its
+    // only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

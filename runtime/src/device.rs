@@ -1,11 +1,11 @@
 //! A connection to a userq device: one context, its doorbell page, and the control socket.
 
+use crate::embedded;
 use crate::error::{AllocError, ControlError, FenceError, OpenError, QueueCreateError};
 use crate::{Buffer, ExportedBuffer, ExportedFence, Fence, Queue, QueueBuilder};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
 use userq_uapi::ioctl::{RawReply, Request, MESSAGE_SIZE};
 use userq_uapi::layout::{DeviceKick, DeviceState, DeviceStatus, DoorbellPage, FenceKind};
 use userq_uapi::os;
@@ -30,7 +30,7 @@ pub enum OpenMode {
 pub struct DeviceBuilder {
     socket: Option<PathBuf>,
     mode: OpenMode,
-    kernels: Vec<(u32, Arc<dyn fw_emu::kernel::Kernel>)>,
+    kernels: Vec<embedded::KernelEntry>,
     engines: Option<usize>,
 }
 
@@ -44,7 +44,7 @@ impl std::fmt::Debug for DeviceBuilder {
                 &self
                     .kernels
                     .iter()
-                    .map(|(i, k)| (*i, k.name().to_owned()))
+                    .map(embedded::describe)
                     .collect::<Vec<_>>(),
             )
             .finish()
@@ -66,6 +66,7 @@ impl DeviceBuilder {
 
     /// Engine threads of an embedded device this builder starts (default: one fewer than
     /// the cores, at least one; or `$USERQ_FW_ENGINES`).
+    #[cfg(feature = "embedded")]
     pub fn engines(mut self, engines: usize) -> Self {
         self.engines = Some(engines.clamp(1, 256));
         self
@@ -76,6 +77,7 @@ impl DeviceBuilder {
     /// builder starts. A device that is already running, in this process or in a daemon,
     /// keeps the kernels it started with: submitting an unknown id stops the queue with
     /// `UnknownKernel`.
+    #[cfg(feature = "embedded")]
     pub fn kernel(mut self, id: u32, kernel: Arc<dyn fw_emu::kernel::Kernel>) -> Self {
         self.kernels.push((id, kernel));
         self
@@ -94,18 +96,16 @@ impl DeviceBuilder {
         match mode {
             OpenMode::Connect => Device::attach(&path, None),
             OpenMode::Embedded => {
-                let kmd = embedded(&path, &self.kernels, self.engines)?;
+                let kmd = embedded::start(&path, &self.kernels, self.engines)?;
                 Device::attach(&path, Some(kmd))
             }
             OpenMode::Auto => match Device::attach(&path, None) {
                 Ok(d) => Ok(d),
-                Err(OpenError::Connect { .. }) => {
-                    match embedded(&path, &self.kernels, self.engines) {
+                Err(OpenError::Connect { .. }) if cfg!(feature = "embedded") => {
+                    match embedded::start(&path, &self.kernels, self.engines) {
                         Ok(kmd) => Device::attach(&path, Some(kmd)),
                         // Another process won the race to serve this socket: join it.
-                        Err(OpenError::Start(kmd_shim::StartError::Bind(
-                            kmd_shim::BindError::InUse(_),
-                        ))) => Device::attach(&path, None),
+                        Err(e) if embedded::lost_race(&e) => Device::attach(&path, None),
                         Err(e) => Err(e),
                     }
                 }
@@ -118,44 +118,7 @@ impl DeviceBuilder {
 /// The default device socket: `$XDG_RUNTIME_DIR/userq/dev0.sock`, or
 /// `/tmp/userq-$UID/dev0.sock`.
 pub fn default_socket_path() -> PathBuf {
-    kmd_shim::default_socket_path()
-}
-
-/// Embedded devices this process serves, by socket path.
-fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<kmd_shim::Kmd>>> {
-    static R: OnceLock<Mutex<HashMap<PathBuf, Weak<kmd_shim::Kmd>>>> = OnceLock::new();
-    R.get_or_init(Default::default)
-}
-
-fn embedded(
-    path: &Path,
-    kernels: &[(u32, Arc<dyn fw_emu::kernel::Kernel>)],
-    engines: Option<usize>,
-) -> Result<Arc<kmd_shim::Kmd>, OpenError> {
-    let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(k) = reg.get(path).and_then(Weak::upgrade) {
-        return Ok(k);
-    }
-    let mut config = fw_emu::FirmwareConfig::default();
-    if let Some(n) = engines {
-        config.engines = n;
-    }
-    for (id, k) in kernels {
-        config.kernels.register(*id, k.clone());
-    }
-    let launcher = kmd_shim::FirmwareLauncher::Thread(Box::new(move |channel| {
-        std::thread::Builder::new().name("fw-emu".into()).spawn(
-            move || match fw_emu::Firmware::boot(channel, config) {
-                Ok(fw) => fw.run(),
-                Err(e) => eprintln!("userq: embedded firmware failed to boot: {e}"),
-            },
-        )
-    }));
-    let kmd = Arc::new(kmd_shim::Kmd::start(kmd_shim::KmdConfig::new(
-        path, launcher,
-    ))?);
-    reg.insert(path.to_owned(), Arc::downgrade(&kmd));
-    Ok(kmd)
+    userq_uapi::socket::default_socket_path()
 }
 
 /// The state every object of one connection shares.
@@ -175,7 +138,7 @@ pub(crate) struct DeviceInner {
     socket: PathBuf,
     /// Keeps an embedded device alive while this process uses it. Declared last: it is
     /// dropped after the control socket closes, so the device reclaims this context first.
-    embedded: Option<Arc<kmd_shim::Kmd>>,
+    embedded: Option<embedded::Host>,
 }
 
 impl DeviceInner {
@@ -293,8 +256,8 @@ impl Device {
         Device::attach(socket.as_ref(), None)
     }
 
-    fn attach(path: &Path, embedded: Option<Arc<kmd_shim::Kmd>>) -> Result<Device, OpenError> {
-        let sock = kmd_shim::socket::connect(path).map_err(|source| OpenError::Connect {
+    fn attach(path: &Path, embedded: Option<embedded::Host>) -> Result<Device, OpenError> {
+        let sock = userq_uapi::socket::connect(path).map_err(|source| OpenError::Connect {
             path: path.to_owned(),
             source,
         })?;

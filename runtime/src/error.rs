@@ -33,8 +33,13 @@ pub enum OpenError {
         source: rustix::io::Errno,
     },
     /// An embedded device could not be started.
+    #[cfg(feature = "embedded")]
     #[error("cannot start an embedded device: {0}")]
     Start(#[from] kmd_shim::StartError),
+    /// This build of userq has no embedded mode (cargo feature `embedded` off): only a
+    /// running device can be opened.
+    #[error("no device is running and this build has no embedded mode (feature `embedded`)")]
+    EmbeddedUnavailable,
     /// The device refused or failed the context.
     #[error(transparent)]
     Control(#[from] ControlError),

@@ -36,6 +36,7 @@
 
 mod buffer;
 mod device;
+mod embedded;
 mod error;
 mod fence;
 pub mod kernels;
@@ -43,7 +44,8 @@ mod queue;
 mod reactor;
 
 /// The firmware's kernel interface, for custom kernels registered with
-/// [`DeviceBuilder::kernel`].
+/// [`DeviceBuilder::kernel`] (embedded mode).
+#[cfg(feature = "embedded")]
 pub mod firmware {
     pub use fw_emu::kernel::{
         Arg, ArgError, ArgKind, Args, BufferArg, Checkpoint, Kernel, Workgroup, WorkgroupStatus,
