@@ -17,12 +17,14 @@
 //!
 //! Several engines may run workgroups of one job at once; the one that finishes the last
 //! workgroup reports the job complete to the command processor and kicks it. Idle engines
-//! park on a condition variable (a private futex: they never wait on shared memory).
+//! park on an in-process futex word (`atomic-wait`, private futexes: engines never wait on
+//! shared memory), bumped by whoever adds claimable work.
 
 use crate::kernel::{Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
 use std::collections::VecDeque;
+use crossbeam_utils::CachePadded;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use userq_uapi::ioctl::Priority;
@@ -180,14 +182,35 @@ impl Lists {
 
 struct Shared {
     lists: Mutex<Lists>,
-    work: Condvar,
-    /// Highest priority with ready work, plus one (0: none). A hint for preemption.
-    top: AtomicU32,
+    /// Idle engines sleep on this word; bumped (under the lists lock) whenever work an
+    /// engine could take appears, so an engine that found nothing under the lock and then
+    /// waits for the value it saw there cannot miss it.
+    work: CachePadded<AtomicU32>,
+    /// Highest priority with ready work, plus one (0: none). A hint for preemption, read by
+    /// every engine between workgroups: on its own line.
+    top: CachePadded<AtomicU32>,
     stop: AtomicBool,
     completed: Mutex<Vec<Arc<Job>>>,
-    has_completed: AtomicBool,
+    /// Written by the engine that finishes a job, polled by the command processor every
+    /// loop turn: on its own line.
+    has_completed: CachePadded<AtomicBool>,
     time_slice: Duration,
     wake_command_processor: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Shared {
+    /// Wakes every idle engine. Called with the lists lock held, after the change that
+    /// made work claimable.
+    fn notify_engines(&self) {
+        self.work.fetch_add(1, Release);
+        atomic_wait::wake_all(&*self.work);
+    }
+
+    /// Wakes one idle engine (a yielded workgroup is one piece of work).
+    fn notify_one_engine(&self) {
+        self.work.fetch_add(1, Release);
+        atomic_wait::wake_one(&*self.work);
+    }
 }
 
 /// The engine threads.
@@ -215,11 +238,11 @@ impl Engines {
             lists: Mutex::new(Lists {
                 ready: Default::default(),
             }),
-            work: Condvar::new(),
-            top: AtomicU32::new(0),
+            work: CachePadded::new(AtomicU32::new(0)),
+            top: CachePadded::new(AtomicU32::new(0)),
             stop: AtomicBool::new(false),
             completed: Mutex::new(Vec::new()),
-            has_completed: AtomicBool::new(false),
+            has_completed: CachePadded::new(AtomicBool::new(false)),
             time_slice,
             wake_command_processor: wake,
         });
@@ -243,7 +266,7 @@ impl Engines {
     pub fn kick(&self) {
         let l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
         self.shared.top.store(l.top(), Release);
-        self.shared.work.notify_all();
+        self.shared.notify_engines();
     }
 
     /// Queues a job.
@@ -251,7 +274,7 @@ impl Engines {
         let mut l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
         l.ready[job.priority as usize].push_back(job);
         self.shared.top.store(l.top(), Release);
-        self.shared.work.notify_all();
+        self.shared.notify_engines();
     }
 
     /// Whether completed jobs wait to be collected.
@@ -282,7 +305,7 @@ impl Drop for Engines {
             for list in &l.ready {
                 list.iter().for_each(|j| j.cancel());
             }
-            self.shared.work.notify_all();
+            self.shared.notify_engines();
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -303,7 +326,12 @@ fn engine(s: &Shared) {
                     break j;
                 }
                 s.top.store(0, Release);
-                l = s.work.wait(l).unwrap_or_else(|e| e.into_inner());
+                // Read under the lock: work added after it bumps the word, so the wait
+                // returns at once instead of missing it.
+                let seen = s.work.load(Acquire);
+                drop(l);
+                atomic_wait::wait(&s.work, seen);
+                l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
             }
         };
         run_slice(s, &job);
@@ -348,7 +376,7 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
                 // The job is still listed (it is not finished): make sure a parked engine
                 // sees the work it can take again.
                 let _l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
-                s.work.notify_one();
+                s.notify_one_engine();
                 return;
             }
             WorkgroupStatus::Done => {}
