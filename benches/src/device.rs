@@ -340,7 +340,7 @@ pub fn submit_syscalls(
     dev: &DeviceProcs,
     n: usize,
 ) -> Result<Option<u64>, Box<dyn std::error::Error>> {
-    use std::sync::atomic::{AtomicU64, Ordering::*};
+    use std::sync::atomic::Ordering::*;
     let Some(strace) = which("strace") else {
         return Ok(None);
     };
@@ -352,7 +352,7 @@ pub fn submit_syscalls(
         Some(&fd),
         Stdio::null(),
     )?;
-    let word = |off| map.get::<AtomicU64>(off).expect("probe word");
+    let word = |off| map.word64(off).expect("probe word");
     let deadline = Instant::now() + Duration::from_secs(20);
     while word(PROBE_TID).load(Acquire) == 0 {
         if Instant::now() > deadline {
@@ -424,9 +424,9 @@ pub fn submit_probe_role(
     fd: &str,
     n: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    use std::sync::atomic::{AtomicU64, Ordering::*};
+    use std::sync::atomic::Ordering::*;
     let map = crate::proc::inherited_memory(fd)?;
-    let word = |off| map.get::<AtomicU64>(off).expect("probe word");
+    let word = |off| map.word64(off).expect("probe word");
     let dev = Device::connect(socket)?;
     let mut q = dev.queue().ring_entries(65536).create()?;
     for _ in 0..1000 {

@@ -5,7 +5,7 @@
 use crate::proc::{inherited_memory, shared_memory, Role};
 use crate::stats::{time_each, Latency};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+use std::sync::atomic::Ordering::*;
 use userq::uapi::sync::{futex_wait, futex_wake_all};
 
 /// Offsets of the two lines (two lines apart, so the adjacent-line prefetcher does not
@@ -24,8 +24,8 @@ pub fn poll_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
         Some(&fd),
         Stdio::null(),
     )?;
-    let a = map.get::<AtomicU64>(A).expect("line a");
-    let b = map.get::<AtomicU64>(B).expect("line b");
+    let a = map.word64(A).expect("line a");
+    let b = map.word64(B).expect("line b");
     let mut i = 0u64;
     let lat = time_each(warmup, iters, || {
         i += 1;
@@ -42,8 +42,8 @@ pub fn poll_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
 /// Child side of the cache-line ping-pong.
 pub fn poll_floor_child(fd: &str) -> std::io::Result<()> {
     let map = inherited_memory(fd)?;
-    let a = map.get::<AtomicU64>(A).expect("line a");
-    let b = map.get::<AtomicU64>(B).expect("line b");
+    let a = map.word64(A).expect("line a");
+    let b = map.word64(B).expect("line b");
     let mut seen = 0;
     loop {
         let v = a.load(Acquire);
@@ -68,8 +68,8 @@ pub fn futex_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
         Some(&fd),
         Stdio::null(),
     )?;
-    let a = map.get::<AtomicU32>(A).expect("word a");
-    let b = map.get::<AtomicU32>(B).expect("word b");
+    let a = map.word32(A).expect("word a");
+    let b = map.word32(B).expect("word b");
     let mut i = 0u32;
     let lat = time_each(warmup, iters, || {
         i += 1;
@@ -92,8 +92,8 @@ pub fn futex_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
 /// Child side of the shared-futex ping-pong.
 pub fn futex_floor_child(fd: &str) -> std::io::Result<()> {
     let map = inherited_memory(fd)?;
-    let a = map.get::<AtomicU32>(A).expect("word a");
-    let b = map.get::<AtomicU32>(B).expect("word b");
+    let a = map.word32(A).expect("word a");
+    let b = map.word32(B).expect("word b");
     let mut seen = 0;
     loop {
         let v = a.load(Acquire);

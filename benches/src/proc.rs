@@ -2,10 +2,11 @@
 //! `__echo-unix`, …). Every child is registered so that a Ctrl-C (or any exit of the
 //! parent through [`Children`]'s drop) kills and reaps all of them.
 
-use rustix::fd::{AsRawFd, OwnedFd};
+use rustix::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use userq::uapi::shm::{Sealing, ShmBytes};
 
 fn registry() -> &'static Mutex<Vec<u32>> {
     static R: OnceLock<Mutex<Vec<u32>>> = OnceLock::new();
@@ -134,17 +135,20 @@ pub fn reap_on_interrupt() {
 }
 
 /// A zero-filled shared memfd of `len` bytes, mapped here.
-pub fn shared_memory(len: usize) -> std::io::Result<(OwnedFd, userq::uapi::os::Mapping)> {
-    userq::uapi::os::create_object("userq-bench", len).map_err(std::io::Error::from)
+pub fn shared_memory(len: usize) -> std::io::Result<(OwnedFd, ShmBytes)> {
+    let fd = userq::uapi::os::create_memfd("userq-bench", len as u64, Sealing::Final)?;
+    let map = ShmBytes::map(fd.as_fd(), len).map_err(std::io::Error::other)?;
+    Ok((fd, map))
 }
 
 /// Maps an inherited shared memfd given by its number on the command line.
-pub fn inherited_memory(arg: &str) -> std::io::Result<userq::uapi::os::Mapping> {
+pub fn inherited_memory(arg: &str) -> std::io::Result<ShmBytes> {
     let raw: i32 = arg
         .parse()
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "fd number"))?;
     // SAFETY: the parent passed this descriptor to us for this purpose; mapping does not
     // take ownership, and the borrow lasts only for this call.
     let fd = unsafe { rustix::fd::BorrowedFd::borrow_raw(raw) };
-    userq::uapi::os::Mapping::map_all(fd, true).map_err(std::io::Error::from)
+    let len = rustix::fs::fstat(fd)?.st_size as usize;
+    ShmBytes::map(fd, len).map_err(std::io::Error::other)
 }

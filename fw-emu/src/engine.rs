@@ -21,8 +21,8 @@
 //! shared memory), bumped by whoever adds claimable work.
 
 use crate::kernel::{Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
-use std::collections::VecDeque;
 use crossbeam_utils::CachePadded;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;

@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use userq_uapi::fwmsg::boot;
 use userq_uapi::os;
+use userq_uapi::shm::Sealing;
 
 fn fw_emu_with_channel(channel: &OwnedFd) -> std::process::Child {
     use std::os::unix::process::CommandExt;
@@ -82,7 +83,7 @@ fn boot_objects_of_the_wrong_kind_are_refused() {
     let mut child = fw_emu_with_channel(&theirs);
     drop(theirs);
     // A zeroed object where the control region belongs: no magic, so boot must fail.
-    let (fd, _map) = os::create_object("garbage", 64 << 10).expect("memfd");
+    let fd = os::create_memfd("garbage", 64 << 10, Sealing::Final).expect("memfd");
     os::send_with_fds(ours.as_fd(), &boot::CONTROL.to_le_bytes(), &[fd.as_fd()]).expect("send");
     let status = exit_within(&mut child, Duration::from_secs(10));
     let mut err = String::new();

@@ -467,6 +467,12 @@ impl ShmBytes {
         })
     }
 
+    /// The 32-bit word at byte `offset`, if it fits and is aligned.
+    #[inline]
+    pub fn word32(&self, offset: usize) -> Option<&AtomicU32> {
+        self.atomics::<AtomicU32>(offset, 1).map(|s| &s[0])
+    }
+
     /// The 64-bit word at byte `offset`, if it fits and is aligned.
     #[inline]
     pub fn word64(&self, offset: usize) -> Option<&AtomicU64> {
