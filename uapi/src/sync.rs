@@ -142,6 +142,10 @@ pub fn sleep_unless(
 ) {
     fence(SeqCst); // pairs with the waker's fence after it published work
     let seen: Vec<(&dyn Word32, u32)> = words.iter().map(|w| (*w, w.relaxed())).collect();
+    // Pairs with the waker's release bump of a word: a snapshot that already holds the
+    // bump also sees the work published before it, so the re-check cannot miss that work
+    // and then sleep past the wake that announced it.
+    fence(Acquire);
     if work_visible() {
         return;
     }
