@@ -19,7 +19,10 @@ use std::sync::atomic::Ordering::*;
 use std::sync::Mutex;
 use userq_uapi::error::ErrorCode;
 use userq_uapi::fwmsg::{FenceId, FwEvent, FwRequest};
-use userq_uapi::ioctl::{Priority, MAX_BUFFER_SIZE};
+use userq_uapi::ioctl::{
+    BufferReply, CreateFenceReply, CreateQueueReply, ImportFenceReply, OpenContextReply, Priority,
+    MAX_BUFFER_SIZE,
+};
 use userq_uapi::layout::{
     magic, ring_object_size, DoorbellPage, FenceKind, FenceState, FenceWaiters, RingHeader,
     DOORBELL_PAGE_SIZE, MAX_QUEUES_PER_CONTEXT, MAX_RING_ENTRIES, MIN_RING_ENTRIES, PAGE_SIZE,
@@ -157,9 +160,6 @@ impl Table {
     }
 }
 
-/// A created object and the fds to return.
-pub type Reply = (Vec<u64>, Vec<OwnedFd>);
-
 /// The device: firmware link plus table.
 pub struct Device {
     link: FirmwareLink,
@@ -202,8 +202,9 @@ impl Device {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// OPEN_CONTEXT.
-    pub fn open_context(&self) -> Result<(u32, Reply), KmdStatus> {
+    /// OPEN_CONTEXT: the reply, and the doorbell page (rw), the device status (ro) and the
+    /// device kick (rw).
+    pub fn open_context(&self) -> Result<(OpenContextReply, [OwnedFd; 3]), KmdStatus> {
         let ctx = {
             let mut t = self.table();
             if t.contexts.len() >= self.limits.max_contexts {
@@ -246,10 +247,10 @@ impl Device {
                 .try_clone_to_owned()
                 .map_err(|_| KmdStatus::Internal)?;
             let generation = self.link.status().health.generation.load(Relaxed);
-            Ok((vec![ctx as u64, generation], vec![fd, status, kick]))
+            Ok((OpenContextReply { ctx, generation }, [fd, status, kick]))
         })();
         match made {
-            Ok(r) => Ok((ctx, r)),
+            Ok(r) => Ok(r),
             Err(e) => {
                 self.table().contexts.remove(&ctx);
                 Err(e)
@@ -379,7 +380,7 @@ impl Device {
         entries: u32,
         priority: Priority,
         time_slice_us: u32,
-    ) -> Result<Reply, KmdStatus> {
+    ) -> Result<(CreateQueueReply, [OwnedFd; 3]), KmdStatus> {
         if !entries.is_power_of_two()
             || !(MIN_RING_ENTRIES..=MAX_RING_ENTRIES).contains(&entries)
             || time_slice_us > userq_uapi::ioctl::MAX_TIME_SLICE_US
@@ -455,8 +456,12 @@ impl Device {
                     c.queues.insert(slot, (fence, ring_bytes));
                 }
                 Ok((
-                    vec![slot as u64, handle.0 as u64, fence],
-                    vec![rfd, state_ro, wfd],
+                    CreateQueueReply {
+                        slot,
+                        timeline: handle,
+                        fence,
+                    },
+                    [rfd, state_ro, wfd],
                 ))
             }
             Err(e) => {
@@ -469,7 +474,7 @@ impl Device {
     }
 
     /// DESTROY_QUEUE. The timeline fence stays held by its handle until released.
-    pub fn destroy_queue(&self, ctx: u32, slot: u32) -> Result<Reply, KmdStatus> {
+    pub fn destroy_queue(&self, ctx: u32, slot: u32) -> Result<(), KmdStatus> {
         {
             let t = self.table();
             let c = t.contexts.get(&ctx).ok_or(KmdStatus::NoContext)?;
@@ -486,17 +491,21 @@ impl Device {
         {
             t.memory_used -= bytes;
         }
-        Ok((vec![], vec![]))
+        Ok(())
     }
 
-    /// CREATE_FENCE.
-    pub fn create_fence(&self, ctx: u32, initial: u64) -> Result<Reply, KmdStatus> {
+    /// CREATE_FENCE: the reply, and the fence's state (rw) and waiters (rw).
+    pub fn create_fence(
+        &self,
+        ctx: u32,
+        initial: u64,
+    ) -> Result<(CreateFenceReply, [OwnedFd; 2]), KmdStatus> {
         if !self.table().contexts.contains_key(&ctx) {
             return Err(KmdStatus::NoContext);
         }
         let (fence, sfd, wfd) = self.new_fence(FenceKind::User, ctx, initial)?;
         match self.bind(ctx, fence) {
-            Ok(handle) => Ok((vec![handle.0 as u64, fence], vec![sfd, wfd])),
+            Ok(handle) => Ok((CreateFenceReply { handle, fence }, [sfd, wfd])),
             Err(e) => {
                 let _ = self.link.call(FwRequest::DropFence { fence }, &[]);
                 self.table().forget_fence(fence);
@@ -506,7 +515,7 @@ impl Device {
     }
 
     /// IMPORT_FENCE: the fds must be the state and waiter objects of one live fence.
-    pub fn import_fence(&self, ctx: u32, fds: &[OwnedFd]) -> Result<Reply, KmdStatus> {
+    pub fn import_fence(&self, ctx: u32, fds: &[OwnedFd]) -> Result<ImportFenceReply, KmdStatus> {
         let [sfd, wfd] = fds else {
             return Err(KmdStatus::BadFd);
         };
@@ -523,11 +532,15 @@ impl Device {
             (id, t.fences.get(&id).ok_or(KmdStatus::BadFd)?.kind)
         };
         let handle = self.bind(ctx, fence)?;
-        Ok((vec![handle.0 as u64, fence, kind as u64], vec![]))
+        Ok(ImportFenceReply {
+            handle,
+            fence,
+            kind,
+        })
     }
 
     /// RELEASE_FENCE.
-    pub fn release_fence(&self, ctx: u32, handle: FenceHandle) -> Result<Reply, KmdStatus> {
+    pub fn release_fence(&self, ctx: u32, handle: FenceHandle) -> Result<(), KmdStatus> {
         {
             let t = self.table();
             let c = t.contexts.get(&ctx).ok_or(KmdStatus::NoContext)?;
@@ -538,11 +551,15 @@ impl Device {
         self.link
             .call(FwRequest::UnbindFence { ctx, handle }, &[])?;
         self.drop_hold(ctx, handle);
-        Ok((vec![], vec![]))
+        Ok(())
     }
 
-    /// ALLOC_BUFFER.
-    pub fn alloc_buffer(&self, ctx: u32, size: u64) -> Result<Reply, KmdStatus> {
+    /// ALLOC_BUFFER: the reply, and the buffer's memfd (rw).
+    pub fn alloc_buffer(
+        &self,
+        ctx: u32,
+        size: u64,
+    ) -> Result<(BufferReply, [OwnedFd; 1]), KmdStatus> {
         if size == 0 || size > MAX_BUFFER_SIZE {
             return Err(KmdStatus::InvalidArgument);
         }
@@ -621,7 +638,13 @@ impl Device {
                     b.object = Some(identity);
                     b.reserved = 0; // the object carries the charge now
                 }
-                Ok((vec![va, requested], vec![fd]))
+                Ok((
+                    BufferReply {
+                        va,
+                        size: requested,
+                    },
+                    [fd],
+                ))
             }
             Err(e) => {
                 let mut t = self.table();
@@ -634,7 +657,7 @@ impl Device {
     }
 
     /// IMPORT_BUFFER: the fd must be a buffer of this device.
-    pub fn import_buffer(&self, ctx: u32, fds: &[OwnedFd]) -> Result<Reply, KmdStatus> {
+    pub fn import_buffer(&self, ctx: u32, fds: &[OwnedFd]) -> Result<BufferReply, KmdStatus> {
         let [fd] = fds else {
             return Err(KmdStatus::BadFd);
         };
@@ -673,7 +696,7 @@ impl Device {
             &[(id, ours.as_fd())],
         );
         match r {
-            Ok(()) => Ok((vec![va, size], vec![])),
+            Ok(()) => Ok(BufferReply { va, size }),
             Err(e) => {
                 let mut t = self.table();
                 if let Some(b) = t.contexts.get_mut(&ctx).and_then(|c| c.buffers.remove(&va)) {
@@ -685,7 +708,7 @@ impl Device {
     }
 
     /// FREE_BUFFER.
-    pub fn free_buffer(&self, ctx: u32, va: u64) -> Result<Reply, KmdStatus> {
+    pub fn free_buffer(&self, ctx: u32, va: u64) -> Result<(), KmdStatus> {
         {
             let t = self.table();
             let c = t.contexts.get(&ctx).ok_or(KmdStatus::NoContext)?;
@@ -698,7 +721,7 @@ impl Device {
         if let Some(b) = t.contexts.get_mut(&ctx).and_then(|c| c.buffers.remove(&va)) {
             t.release_buffer(b);
         }
-        Ok((vec![], vec![]))
+        Ok(())
     }
 
     /// Suspends one queue (`slot`) or every queue of a context: when this returns, none of

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{compiler_fence, AtomicU64, Ordering::*};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use userq_uapi::ioctl::{Priority, Request};
+use userq_uapi::ioctl::{CreateQueueReply, Priority, Reply, Request};
 use userq_uapi::layout::{
     magic, ring_object_size, FenceKind, RingHeader, MAX_RING_ENTRIES, MIN_RING_ENTRIES,
     RING_PACKETS_OFFSET,
@@ -222,7 +222,9 @@ impl<'d> QueueBuilder<'d> {
         };
         let [ring_fd, state, waiters] = <[OwnedFd; 3]>::try_from(fds)
             .map_err(|_| ControlError::Protocol("CREATE_QUEUE returned the wrong fds"))?;
-        let slot = v[0] as u32;
+        let reply =
+            CreateQueueReply::decode(&v).map_err(|e| ControlError::Protocol(e.describe()))?;
+        let slot = reply.slot;
         // From here on, a failure must still destroy the queue: build the guard first.
         let destroy = DestroyOnError {
             dev: inner,
@@ -230,11 +232,12 @@ impl<'d> QueueBuilder<'d> {
         };
         let ring = os::map_object(ring_fd.as_fd(), ring_object_size(e), true, magic::RING)
             .map_err(ControlError::from)?;
-        let timeline = Fence::from_parts(inner, v[1] as u32, FenceKind::Timeline, state, waiters)
-            .map_err(|e| match e {
-            crate::FenceError::Control(c) => c,
-            _ => ControlError::Protocol("timeline fence"),
-        })?;
+        let timeline =
+            Fence::from_parts(inner, reply.timeline.0, FenceKind::Timeline, state, waiters)
+                .map_err(|e| match e {
+                    crate::FenceError::Control(c) => c,
+                    _ => ControlError::Protocol("timeline fence"),
+                })?;
         let mut destroy = destroy;
         destroy.slot = None;
         Ok(Queue {
