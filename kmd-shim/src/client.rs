@@ -6,9 +6,9 @@
 //! connection closes, for whatever reason (including SIGKILL of the client), the context
 //! and everything it owned are reclaimed.
 
-use crate::device::{Device, Reply};
+use crate::device::Device;
 use rustix::fd::{AsFd, OwnedFd};
-use userq_uapi::ioctl::{RawReply, Request, MESSAGE_SIZE};
+use userq_uapi::ioctl::{EmptyReply, RawReply, Reply, Request, MESSAGE_SIZE};
 use userq_uapi::{os, KmdStatus, ABI_VERSION};
 
 /// Whether the peer may use the device: the same user as kmd-shim, or root.
@@ -46,7 +46,7 @@ pub fn serve(dev: &Device, sock: OwnedFd) {
             handle(dev, &mut ctx, &buf[..got.len], got.fds)
         };
         let (reply, fds) = match result {
-            Ok((values, fds)) => (RawReply::new(KmdStatus::Ok, &values), fds),
+            Ok(answer) => (RawReply::new(KmdStatus::Ok, &answer.values), answer.fds),
             Err(status) => (RawReply::new(status, &[]), Vec::new()),
         };
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
@@ -59,12 +59,27 @@ pub fn serve(dev: &Device, sock: OwnedFd) {
     }
 }
 
+/// A successful reply as it goes on the socket: its values and descriptors.
+struct Answer {
+    values: [u64; 7],
+    fds: Vec<OwnedFd>,
+}
+
+impl Answer {
+    fn new<R: Reply, const N: usize>(reply: R, fds: [OwnedFd; N]) -> Answer {
+        Answer {
+            values: reply.encode(),
+            fds: fds.into(),
+        }
+    }
+}
+
 fn handle(
     dev: &Device,
     ctx: &mut Option<u32>,
     bytes: &[u8],
     fds: Vec<OwnedFd>,
-) -> Result<Reply, KmdStatus> {
+) -> Result<Answer, KmdStatus> {
     let req = Request::decode(bytes)?;
     if fds.len() != req.fds_in() {
         return Err(KmdStatus::BadFd);
@@ -74,27 +89,38 @@ fn handle(
             if abi_version != ABI_VERSION {
                 return Err(KmdStatus::AbiMismatch);
             }
-            let (id, reply) = dev.open_context()?;
-            *ctx = Some(id);
-            return Ok(reply);
+            let (reply, fds) = dev.open_context()?;
+            *ctx = Some(reply.ctx);
+            return Ok(Answer::new(reply, fds));
         }
         (Request::OpenContext { .. }, Some(_)) => return Err(KmdStatus::ContextExists),
         (_, None) => return Err(KmdStatus::NoContext),
         (_, Some(c)) => c,
     };
+    let empty = |()| Answer::new(EmptyReply, []);
     match req {
         Request::OpenContext { .. } => Err(KmdStatus::ContextExists),
         Request::CreateQueue {
             ring_entries,
             priority,
             time_slice_us,
-        } => dev.create_queue(c, ring_entries, priority, time_slice_us),
-        Request::DestroyQueue { slot } => dev.destroy_queue(c, slot),
-        Request::CreateFence { initial } => dev.create_fence(c, initial),
-        Request::ImportFence => dev.import_fence(c, &fds),
-        Request::ReleaseFence { handle } => dev.release_fence(c, handle),
-        Request::AllocBuffer { size } => dev.alloc_buffer(c, size),
-        Request::FreeBuffer { va } => dev.free_buffer(c, va),
-        Request::ImportBuffer => dev.import_buffer(c, &fds),
+        } => dev
+            .create_queue(c, ring_entries, priority, time_slice_us)
+            .map(|(reply, fds)| Answer::new(reply, fds)),
+        Request::DestroyQueue { slot } => dev.destroy_queue(c, slot).map(empty),
+        Request::CreateFence { initial } => dev
+            .create_fence(c, initial)
+            .map(|(reply, fds)| Answer::new(reply, fds)),
+        Request::ImportFence => dev
+            .import_fence(c, &fds)
+            .map(|reply| Answer::new(reply, [])),
+        Request::ReleaseFence { handle } => dev.release_fence(c, handle).map(empty),
+        Request::AllocBuffer { size } => dev
+            .alloc_buffer(c, size)
+            .map(|(reply, fds)| Answer::new(reply, fds)),
+        Request::FreeBuffer { va } => dev.free_buffer(c, va).map(empty),
+        Request::ImportBuffer => dev
+            .import_buffer(c, &fds)
+            .map(|reply| Answer::new(reply, [])),
     }
 }

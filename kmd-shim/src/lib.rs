@@ -6,7 +6,8 @@
 //! - listens on a Unix socket and serves the ioctls of [`userq_uapi::ioctl`], one context
 //!   per connection, after checking the peer with `SO_PEERCRED` ([`client`]);
 //! - creates every memory object (sealed memfds) and hands clients the fds, read-only where
-//!   only the firmware may write ([`device`]);
+//!   only the firmware may write: the device table ([`device`]) and, one module per object,
+//!   [`context`], [`queue`], [`fence`] and [`buffer`];
 //! - starts the firmware, a child `fw-emu` process or a thread, and talks to it through the
 //!   shared-memory message rings and the object channel ([`firmware`]);
 //! - reclaims a context and everything it owned when its connection closes, however the
@@ -17,9 +18,13 @@
 //! on a job: it waits only on the firmware's acks, which are bounded.
 #![deny(missing_docs)]
 
+pub mod buffer;
 pub mod client;
+pub mod context;
 pub mod device;
+pub mod fence;
 pub mod firmware;
+pub mod queue;
 pub mod socket;
 
 pub use device::Limits;

@@ -4,7 +4,9 @@ use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use userq_uapi::ioctl::{op, Priority, RawReply, RawRequest, Request};
+use userq_uapi::ioctl::{
+    op, BufferReply, CreateQueueReply, Priority, RawReply, RawRequest, Reply, Request,
+};
 use userq_uapi::{os, KmdStatus, ABI_VERSION};
 
 /// A daemon on a private socket, killed and reaped on drop even if the test fails.
@@ -219,13 +221,18 @@ fn malformed_messages_get_typed_errors_and_the_connection_goes_on() {
     // After all that, the connection still works.
     let (st, v, fds) = send(&s, queue, &[]);
     assert_eq!((st, fds.len()), (KmdStatus::Ok, 3));
+    let created = CreateQueueReply::decode(&v).expect("CREATE_QUEUE reply");
     assert_eq!(
-        status(&s, Request::DestroyQueue { slot: v[0] as u32 }),
+        status(&s, Request::DestroyQueue { slot: created.slot }),
         KmdStatus::Ok
     );
     let (st, v, fds) = send(&s, Request::AllocBuffer { size: 100 }, &[]);
-    assert_eq!((st, fds.len(), v[1]), (KmdStatus::Ok, 1, 100));
-    assert_eq!(status(&s, Request::FreeBuffer { va: v[0] }), KmdStatus::Ok);
+    let buffer = BufferReply::decode(&v).expect("ALLOC_BUFFER reply");
+    assert_eq!((st, fds.len(), buffer.size), (KmdStatus::Ok, 1, 100));
+    assert_eq!(
+        status(&s, Request::FreeBuffer { va: buffer.va }),
+        KmdStatus::Ok
+    );
 }
 
 #[test]

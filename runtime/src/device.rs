@@ -6,7 +6,10 @@ use crate::{Buffer, ExportedBuffer, ExportedFence, Fence, Queue, QueueBuilder};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use userq_uapi::ioctl::{RawReply, Request, MESSAGE_SIZE};
+use userq_uapi::ioctl::{
+    BufferReply, CreateFenceReply, ImportFenceReply, OpenContextReply, RawReply, Reply, Request,
+    MESSAGE_SIZE,
+};
 use userq_uapi::layout::{DeviceKick, DeviceState, DeviceStatus, DoorbellPage, FenceKind};
 use userq_uapi::os;
 use userq_uapi::shm::{ReadOnly, Shm, ShmBytes};
@@ -268,6 +271,8 @@ impl Device {
             },
             &[],
         )?;
+        let reply =
+            OpenContextReply::decode(&values).map_err(|e| ControlError::Protocol(e.describe()))?;
         let [db, status, kick] = <[OwnedFd; 3]>::try_from(fds)
             .map_err(|_| ControlError::Protocol("OPEN_CONTEXT returned the wrong fds"))?;
         let doorbells = Shm::map(db.as_fd()).map_err(ControlError::from)?;
@@ -276,8 +281,8 @@ impl Device {
         Ok(Device {
             inner: Arc::new(DeviceInner {
                 control: Mutex::new(sock),
-                ctx: values[0] as u32,
-                generation: values[1],
+                ctx: reply.ctx,
+                generation: reply.generation,
                 doorbells,
                 status,
                 kick,
@@ -328,9 +333,11 @@ impl Device {
     /// or from a queue; it can be exported to other processes.
     pub fn create_fence(&self, initial: u64) -> Result<Fence, FenceError> {
         let (v, fds) = self.inner.call(Request::CreateFence { initial }, &[])?;
+        let reply =
+            CreateFenceReply::decode(&v).map_err(|e| ControlError::Protocol(e.describe()))?;
         let [state, waiters] = <[OwnedFd; 2]>::try_from(fds)
             .map_err(|_| ControlError::Protocol("CREATE_FENCE returned the wrong fds"))?;
-        Fence::from_parts(&self.inner, v[0] as u32, FenceKind::User, state, waiters)
+        Fence::from_parts(&self.inner, reply.handle.0, FenceKind::User, state, waiters)
     }
 
     /// Imports a fence another context exported (possibly from another process).
@@ -344,9 +351,9 @@ impl Device {
             Err(ControlError::Rejected(KmdStatus::BadFd)) => return Err(FenceError::NotAFence),
             Err(e) => return Err(e.into()),
         };
-        let kind =
-            FenceKind::from_u32(v[2] as u32).ok_or(ControlError::Protocol("unknown fence kind"))?;
-        Fence::from_parts(&self.inner, v[0] as u32, kind, state, waiters)
+        let reply =
+            ImportFenceReply::decode(&v).map_err(|e| ControlError::Protocol(e.describe()))?;
+        Fence::from_parts(&self.inner, reply.handle.0, reply.kind, state, waiters)
     }
 
     /// Allocates a buffer of `len` elements of `T`, zero-filled, mapped both into this
@@ -371,8 +378,9 @@ impl Device {
         };
         let [fd] = <[OwnedFd; 1]>::try_from(fds)
             .map_err(|_| ControlError::Protocol("ALLOC_BUFFER returned the wrong fds"))?;
-        let map = ShmBytes::map(fd.as_fd(), v[1] as usize).map_err(ControlError::from)?;
-        Ok(Buffer::new(self.inner.clone(), v[0], len, map, fd))
+        let reply = BufferReply::decode(&v).map_err(|e| ControlError::Protocol(e.describe()))?;
+        let map = ShmBytes::map(fd.as_fd(), reply.size as usize).map_err(ControlError::from)?;
+        Ok(Buffer::new(self.inner.clone(), reply.va, len, map, fd))
     }
 
     /// Maps a buffer another context exported (possibly in another process) into this
@@ -391,20 +399,27 @@ impl Device {
             Err(ControlError::Rejected(KmdStatus::BadFd)) => return Err(AllocError::NotABuffer),
             Err(e) => return Err(e.into()),
         };
-        let size = v[1] as usize;
+        let reply = BufferReply::decode(&v).map_err(|e| ControlError::Protocol(e.describe()))?;
+        let size = reply.size as usize;
         let elem = std::mem::size_of::<T>().max(1);
         if size % elem != 0 {
-            let _ = self.inner.call(Request::FreeBuffer { va: v[0] }, &[]);
+            let _ = self.inner.call(Request::FreeBuffer { va: reply.va }, &[]);
             return Err(AllocError::BadSize);
         }
         let map = match ShmBytes::map(fd.as_fd(), size) {
             Ok(m) => m,
             Err(e) => {
                 // Give the mapping back: nobody else knows its address.
-                let _ = self.inner.call(Request::FreeBuffer { va: v[0] }, &[]);
+                let _ = self.inner.call(Request::FreeBuffer { va: reply.va }, &[]);
                 return Err(ControlError::Map(e).into());
             }
         };
-        Ok(Buffer::new(self.inner.clone(), v[0], size / elem, map, fd))
+        Ok(Buffer::new(
+            self.inner.clone(),
+            reply.va,
+            size / elem,
+            map,
+            fd,
+        ))
     }
 }

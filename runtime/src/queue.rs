@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{compiler_fence, Ordering::*};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use userq_uapi::ioctl::{Priority, Request};
+use userq_uapi::ioctl::{CreateQueueReply, Priority, Reply, Request};
 use userq_uapi::layout::{FenceKind, MAX_RING_ENTRIES, MIN_RING_ENTRIES};
 use userq_uapi::packet::{self, Packet, WaitCondition, MAX_KERNEL_ARGS};
 use userq_uapi::shm::RingShm;
@@ -219,18 +219,21 @@ impl<'d> QueueBuilder<'d> {
         };
         let [ring_fd, state, waiters] = <[OwnedFd; 3]>::try_from(fds)
             .map_err(|_| ControlError::Protocol("CREATE_QUEUE returned the wrong fds"))?;
-        let slot = v[0] as u32;
+        let reply =
+            CreateQueueReply::decode(&v).map_err(|e| ControlError::Protocol(e.describe()))?;
+        let slot = reply.slot;
         // From here on, a failure must still destroy the queue: build the guard first.
         let destroy = DestroyOnError {
             dev: inner,
             slot: Some(slot),
         };
         let ring = RingShm::map(ring_fd.as_fd(), e).map_err(ControlError::from)?;
-        let timeline = Fence::from_parts(inner, v[1] as u32, FenceKind::Timeline, state, waiters)
-            .map_err(|e| match e {
-            crate::FenceError::Control(c) => c,
-            _ => ControlError::Protocol("timeline fence"),
-        })?;
+        let timeline =
+            Fence::from_parts(inner, reply.timeline.0, FenceKind::Timeline, state, waiters)
+                .map_err(|e| match e {
+                    crate::FenceError::Control(c) => c,
+                    _ => ControlError::Protocol("timeline fence"),
+                })?;
         let mut destroy = destroy;
         destroy.slot = None;
         Ok(Queue {

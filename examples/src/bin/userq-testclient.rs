@@ -14,7 +14,9 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering::*;
 use std::time::{Duration, Instant};
-use userq::uapi::ioctl::{Priority, RawReply, Request, MESSAGE_SIZE};
+use userq::uapi::ioctl::{
+    BufferReply, CreateQueueReply, Priority, RawReply, Reply, Request, MESSAGE_SIZE,
+};
 use userq::uapi::layout::{
     magic, ring_object_size, DeviceKick, DeviceStatus, DoorbellPage, FenceState,
     DOORBELL_PAGE_SIZE, PAGE_SIZE, RING_PACKETS_OFFSET,
@@ -166,13 +168,14 @@ impl Raw {
             },
             &[],
         )?;
+        let reply = CreateQueueReply::decode(&v)?;
         let ring = os::map_object(fds[0].as_fd(), ring_object_size(entries), true, magic::RING)?;
         let state = os::map_object(fds[1].as_fd(), PAGE_SIZE, false, magic::FENCE_STATE)?;
         let state_fd = fds.into_iter().nth(1).ok_or("no state fd")?;
         Ok(RawQueue {
             state_fd,
-            slot: v[0] as usize,
-            handle: FenceHandle(v[1] as u32),
+            slot: reply.slot as usize,
+            handle: reply.timeline,
             entries: entries as u64,
             ring,
             state,
@@ -182,7 +185,7 @@ impl Raw {
 
     fn buffer(&self, size: u64) -> Res<u64> {
         let (v, _) = call(&self.sock, Request::AllocBuffer { size }, &[])?;
-        Ok(v[0])
+        Ok(BufferReply::decode(&v)?.va)
     }
 
     fn doorbell(&self, slot: usize, write_index: u64) {

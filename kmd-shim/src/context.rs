@@ -1,0 +1,157 @@
+//! DOC: contexts: OPEN_CONTEXT, and reclaim when the connection closes.
+//!
+//! A context is one connection's share of the device: its doorbell page, its queues, its
+//! handles on fences and its buffer mappings in its own device address space. It lives
+//! exactly as long as the connection. OPEN_CONTEXT reserves an id under the table lock (a
+//! `ContextReservation`), has the firmware map the doorbell page, and hands the client
+//! the doorbell page, a read-only descriptor of the device status and the device kick.
+//!
+//! When the connection closes, however the client ended, [`Device::close_context`] has the
+//! firmware unmap the context (it destroys the queues, poisoning their timelines with
+//! `OwnerDied`, drops the bindings and unmaps the VM), returns the context's ring and buffer
+//! bytes to the budget, drops its fence holds (the firmware forgets fences nobody holds any
+//! more), and poisons the user fences it owned that others still hold.
+
+use crate::buffer::BufferRecord;
+use crate::device::Device;
+use crate::queue::QueueRecord;
+use rustix::fd::{AsFd, OwnedFd};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use userq_uapi::error::ErrorCode;
+use userq_uapi::fwmsg::{FenceId, FwRequest};
+use userq_uapi::ioctl::OpenContextReply;
+use userq_uapi::layout::{magic, DoorbellPage, DOORBELL_PAGE_SIZE};
+use userq_uapi::os;
+use userq_uapi::packet::FenceHandle;
+use userq_uapi::KmdStatus;
+
+/// What a context holds, as kmd-shim records it.
+#[derive(Default)]
+pub(crate) struct ContextRecord {
+    /// Queues by slot, reserved ones included.
+    pub(crate) queues: HashMap<u32, QueueRecord>,
+    /// The fences the context holds, by its handles on them.
+    pub(crate) handles: HashMap<FenceHandle, FenceId>,
+    /// The next handle to give out: handles are never reused within a context.
+    pub(crate) next_handle: u32,
+    /// Buffers by device address, reserved ones included.
+    pub(crate) buffers: HashMap<u64, BufferRecord>,
+    /// Where the next buffer goes in the VM: from `VA_BASE` up, 64 KiB-aligned.
+    pub(crate) next_va: u64,
+}
+
+/// A context id reserved in the table, with an empty record. Until
+/// [`ContextReservation::commit`], dropping it removes the record.
+struct ContextReservation<'a> {
+    dev: &'a Device,
+    ctx: u32,
+    armed: bool,
+}
+
+impl ContextReservation<'_> {
+    /// Keeps the context: the connection owns it from now on.
+    fn commit(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ContextReservation<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.dev.table().contexts.remove(&self.ctx);
+        }
+    }
+}
+
+impl Device {
+    /// Reserves a context id and an empty record for it.
+    fn reserve_context(&self) -> Result<ContextReservation<'_>, KmdStatus> {
+        let mut t = self.table();
+        if t.contexts.len() >= self.limits.max_contexts {
+            return Err(KmdStatus::LimitExceeded);
+        }
+        // Skip ids still in use (after wrapping around u32).
+        let mut ctx = t.next_ctx;
+        while ctx == 0 || t.contexts.contains_key(&ctx) {
+            ctx = ctx.wrapping_add(1);
+        }
+        t.next_ctx = ctx.wrapping_add(1);
+        t.contexts.insert(
+            ctx,
+            ContextRecord {
+                next_va: userq_uapi::VA_BASE,
+                ..ContextRecord::default()
+            },
+        );
+        drop(t);
+        Ok(ContextReservation {
+            dev: self,
+            ctx,
+            armed: true,
+        })
+    }
+
+    /// OPEN_CONTEXT: the reply, and the doorbell page (rw), the device status (ro) and the
+    /// device kick (rw).
+    pub fn open_context(&self) -> Result<(OpenContextReply, [OwnedFd; 3]), KmdStatus> {
+        let context = self.reserve_context()?;
+        let ctx = context.ctx;
+        let (doorbell_fd, doorbell) = os::create_object("userq-doorbell", DOORBELL_PAGE_SIZE)
+            .map_err(|_| KmdStatus::Internal)?;
+        doorbell
+            .head::<DoorbellPage>()
+            .header
+            .init(magic::DOORBELL, 0, ctx as u64);
+        let id = self.link.new_object_id();
+        self.link.call(
+            FwRequest::MapContext { ctx, doorbell: id },
+            &[(id, doorbell_fd.as_fd())],
+        )?;
+        let status = self
+            .link
+            .status_fd_read_only()
+            .try_clone_to_owned()
+            .map_err(|_| KmdStatus::Internal)?;
+        let kick = self
+            .link
+            .kick_fd()
+            .try_clone_to_owned()
+            .map_err(|_| KmdStatus::Internal)?;
+        let generation = self.link.status().health.generation.load(Relaxed);
+        context.commit();
+        Ok((
+            OpenContextReply { ctx, generation },
+            [doorbell_fd, status, kick],
+        ))
+    }
+
+    /// Reclaims everything a context owned: called when its connection closes, however
+    /// the client ended.
+    pub fn close_context(&self, ctx: u32) {
+        let _ = self.link.call(FwRequest::UnmapContext { ctx }, &[]);
+        let mut t = self.table();
+        let Some(c) = t.contexts.remove(&ctx) else {
+            return;
+        };
+        for b in c.buffers.values() {
+            t.release_buffer(*b);
+        }
+        t.memory_used -= c.queues.values().map(|q| q.ring_bytes).sum::<u64>();
+        let unheld = t.release_holds(c.handles.values());
+        let orphaned = t.user_fences_owned_by(ctx);
+        drop(t);
+        for fence in orphaned {
+            let _ = self.link.call(
+                FwRequest::PoisonFence {
+                    fence,
+                    code: ErrorCode::OwnerDied,
+                },
+                &[],
+            );
+        }
+        for fence in unheld {
+            let _ = self.link.call(FwRequest::DropFence { fence }, &[]);
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! DOC: queues: CREATE_QUEUE, DESTROY_QUEUE, suspend and resume.
+//!
+//! A queue is a ring in a context's slot plus a timeline fence only the firmware signals.
+//! CREATE_QUEUE reserves, in this order, a slot and its ring bytes in the budget (a
+//! `QueueSlotReservation`), a timeline fence registered with the firmware, and the
+//! context's hold on it (bound in the firmware), then creates the ring and has the firmware
+//! map the queue. Should a step fail, the steps before it are undone latest first: unbind
+//! and drop the hold (the firmware forgets the fence with it), free the slot and its bytes.
+//!
+//! DESTROY_QUEUE unmaps the queue in the firmware (which poisons its timeline for the values
+//! it never reached) and returns the ring bytes; the timeline stays held by its handle until
+//! the client releases it.
+
+use crate::device::Device;
+use rustix::fd::{AsFd, OwnedFd};
+use userq_uapi::fwmsg::FwRequest;
+use userq_uapi::ioctl::{CreateQueueReply, Priority, MAX_TIME_SLICE_US};
+use userq_uapi::layout::{
+    magic, ring_object_size, FenceKind, RingHeader, MAX_QUEUES_PER_CONTEXT, MAX_RING_ENTRIES,
+    MIN_RING_ENTRIES,
+};
+use userq_uapi::os;
+use userq_uapi::KmdStatus;
+
+/// A queue of a context, as kmd-shim records it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueRecord {
+    /// Bytes of its ring charged to the budget.
+    pub(crate) ring_bytes: u64,
+}
+
+/// A queue slot of a context and its ring bytes, reserved in the table. Until
+/// [`QueueSlotReservation::commit`], dropping it frees the slot and returns the bytes.
+struct QueueSlotReservation<'a> {
+    dev: &'a Device,
+    ctx: u32,
+    slot: u32,
+    ring_bytes: u64,
+    armed: bool,
+}
+
+impl QueueSlotReservation<'_> {
+    /// Keeps the slot: the queue exists now.
+    fn commit(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for QueueSlotReservation<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut t = self.dev.table();
+        t.memory_used -= self.ring_bytes;
+        if let Some(c) = t.contexts.get_mut(&self.ctx) {
+            c.queues.remove(&self.slot);
+        }
+    }
+}
+
+impl Device {
+    /// Reserves the lowest free slot of `ctx` and `ring_bytes` of the budget.
+    fn reserve_queue_slot(
+        &self,
+        ctx: u32,
+        ring_bytes: u64,
+    ) -> Result<QueueSlotReservation<'_>, KmdStatus> {
+        let mut t = self.table();
+        if t.memory_used + ring_bytes > self.limits.memory_budget {
+            return Err(KmdStatus::OutOfMemory);
+        }
+        let c = t.contexts.get_mut(&ctx).ok_or(KmdStatus::NoContext)?;
+        let slot = (0..MAX_QUEUES_PER_CONTEXT as u32)
+            .find(|s| !c.queues.contains_key(s))
+            .ok_or(KmdStatus::LimitExceeded)?;
+        c.queues.insert(slot, QueueRecord { ring_bytes });
+        t.memory_used += ring_bytes;
+        drop(t);
+        Ok(QueueSlotReservation {
+            dev: self,
+            ctx,
+            slot,
+            ring_bytes,
+            armed: true,
+        })
+    }
+
+    /// CREATE_QUEUE: the reply, and the ring (rw), the timeline's state (ro) and its
+    /// waiters (rw).
+    pub fn create_queue(
+        &self,
+        ctx: u32,
+        entries: u32,
+        priority: Priority,
+        time_slice_us: u32,
+    ) -> Result<(CreateQueueReply, [OwnedFd; 3]), KmdStatus> {
+        if !entries.is_power_of_two()
+            || !(MIN_RING_ENTRIES..=MAX_RING_ENTRIES).contains(&entries)
+            || time_slice_us > MAX_TIME_SLICE_US
+        {
+            return Err(KmdStatus::InvalidArgument);
+        }
+        let ring_size = ring_object_size(entries);
+        let queue_slot = self.reserve_queue_slot(ctx, ring_size as u64)?;
+        let slot = queue_slot.slot;
+        let (timeline, state_fd, waiters_fd) = self.register_fence(FenceKind::Timeline, ctx, 0)?;
+        let hold = self.bind(ctx, timeline.fence)?;
+        // From here on the hold keeps the fence: undoing it drops the fence too.
+        let fence = timeline.commit();
+        let (ring_fd, ring) =
+            os::create_object("userq-ring", ring_size).map_err(|_| KmdStatus::Internal)?;
+        ring.head::<RingHeader>()
+            .header
+            .init(magic::RING, entries, slot as u64);
+        let ring_id = self.link.new_object_id();
+        self.link.call(
+            FwRequest::MapQueue {
+                ctx,
+                slot,
+                ring: ring_id,
+                entries,
+                priority,
+                timeline: fence,
+                time_slice_us,
+            },
+            &[(ring_id, ring_fd.as_fd())],
+        )?;
+        let state_ro = os::reopen_read_only(state_fd.as_fd()).map_err(|_| KmdStatus::Internal)?;
+        let handle = hold.commit();
+        queue_slot.commit();
+        Ok((
+            CreateQueueReply {
+                slot,
+                timeline: handle,
+                fence,
+            },
+            [ring_fd, state_ro, waiters_fd],
+        ))
+    }
+
+    /// DESTROY_QUEUE. The timeline fence stays held by its handle until released.
+    pub fn destroy_queue(&self, ctx: u32, slot: u32) -> Result<(), KmdStatus> {
+        {
+            let t = self.table();
+            let c = t.contexts.get(&ctx).ok_or(KmdStatus::NoContext)?;
+            if !c.queues.contains_key(&slot) {
+                return Err(KmdStatus::NotFound);
+            }
+        }
+        self.link.call(FwRequest::UnmapQueue { ctx, slot }, &[])?;
+        let mut t = self.table();
+        if let Some(q) = t
+            .contexts
+            .get_mut(&ctx)
+            .and_then(|c| c.queues.remove(&slot))
+        {
+            t.memory_used -= q.ring_bytes;
+        }
+        Ok(())
+    }
+
+    /// Suspends one queue (`slot`) or every queue of a context: when this returns, none of
+    /// its packets runs and no workgroup of its dispatches is on an engine (the firmware
+    /// acknowledges once running workgroups have yielded). The memory stays mapped.
+    pub fn suspend(&self, ctx: u32, slot: Option<u32>) -> Result<(), KmdStatus> {
+        self.link.call(FwRequest::Suspend { ctx, slot }, &[])
+    }
+
+    /// Undoes [`Device::suspend`].
+    pub fn resume(&self, ctx: u32, slot: Option<u32>) -> Result<(), KmdStatus> {
+        self.link.call(FwRequest::Resume { ctx, slot }, &[])
+    }
+}

@@ -1,0 +1,146 @@
+//! An ioctl that fails halfway gives back everything it had reserved, and a closed context
+//! gives back everything it held: the limits prove it, as a device with room for exactly
+//! one more of something accepts it again afterwards.
+
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+use userq_uapi::ioctl::{CreateFenceReply, Priority, RawReply, Reply, Request};
+use userq_uapi::layout::{ring_object_size, PAGE_SIZE};
+use userq_uapi::{os, KmdStatus, ABI_VERSION};
+
+/// A device with `limits`, its firmware the `fw-emu` built next to the `kmd-shim` binary.
+fn device(tag: &str, limits: kmd_shim::Limits) -> (kmd_shim::Kmd, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("userq-rollback-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let fw = std::path::Path::new(env!("CARGO_BIN_EXE_kmd-shim")).with_file_name("fw-emu");
+    let launcher = kmd_shim::FirmwareLauncher::Process {
+        program: fw,
+        args: Vec::new(),
+    };
+    let mut config = kmd_shim::KmdConfig::new(dir.join("dev.sock"), launcher);
+    config.limits = limits;
+    config.verbose = false;
+    (kmd_shim::Kmd::start(config).expect("device"), dir)
+}
+
+fn send(sock: &OwnedFd, req: Request, fds: &[BorrowedFd<'_>]) -> (KmdStatus, [u64; 7]) {
+    os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&req.encode()), fds).expect("send");
+    let mut buf = [0u8; 64];
+    let got = os::recv_with_fds(sock.as_fd(), &mut buf).expect("recv");
+    let r = RawReply::decode(&buf[..got.len]).expect("reply");
+    (KmdStatus::from_u32(r.status), r.values)
+}
+
+fn status(sock: &OwnedFd, req: Request) -> KmdStatus {
+    send(sock, req, &[]).0
+}
+
+fn open(kmd: &kmd_shim::Kmd) -> OwnedFd {
+    let s = kmd_shim::socket::connect(kmd.socket_path()).expect("connect");
+    let open = Request::OpenContext {
+        abi_version: ABI_VERSION,
+    };
+    assert_eq!(status(&s, open), KmdStatus::Ok);
+    s
+}
+
+fn fence(sock: &OwnedFd) -> Result<CreateFenceReply, KmdStatus> {
+    match send(sock, Request::CreateFence { initial: 0 }, &[]) {
+        (KmdStatus::Ok, v) => Ok(CreateFenceReply::decode(&v).expect("CREATE_FENCE reply")),
+        (s, _) => Err(s),
+    }
+}
+
+const QUEUE: Request = Request::CreateQueue {
+    ring_entries: 8,
+    priority: Priority::Normal,
+    time_slice_us: 0,
+};
+
+fn one_ring() -> u64 {
+    ring_object_size(8) as u64
+}
+
+#[test]
+fn a_queue_without_room_for_its_timeline_gives_back_its_slot_and_bytes() {
+    let (kmd, dir) = device(
+        "timeline",
+        kmd_shim::Limits {
+            max_fences: 1,
+            memory_budget: one_ring(),
+            ..kmd_shim::Limits::default()
+        },
+    );
+    let s = open(&kmd);
+    let user = fence(&s).expect("the device's one fence");
+    assert_eq!(status(&s, QUEUE), KmdStatus::LimitExceeded);
+    let release = Request::ReleaseFence {
+        handle: user.handle,
+    };
+    assert_eq!(status(&s, release), KmdStatus::Ok);
+    // The budget holds exactly one ring: the failed queue returned its bytes.
+    assert_eq!(status(&s, QUEUE), KmdStatus::Ok);
+    drop(kmd);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_queue_its_context_cannot_hold_drops_its_timeline_and_gives_back_its_slot() {
+    let (kmd, dir) = device(
+        "hold",
+        kmd_shim::Limits {
+            max_fences_per_context: 1,
+            max_fences: 2,
+            memory_budget: one_ring(),
+            ..kmd_shim::Limits::default()
+        },
+    );
+    let a = open(&kmd);
+    let held = fence(&a).expect("a's one handle");
+    // The timeline is registered, then the context cannot hold it.
+    assert_eq!(status(&a, QUEUE), KmdStatus::LimitExceeded);
+    // The timeline was forgotten: another context gets the device's second fence.
+    let b = open(&kmd);
+    assert!(
+        fence(&b).is_ok(),
+        "the failed queue's timeline still counts"
+    );
+    let release = Request::ReleaseFence {
+        handle: held.handle,
+    };
+    assert_eq!(status(&a, release), KmdStatus::Ok);
+    assert_eq!(status(&a, QUEUE), KmdStatus::Ok);
+    drop(kmd);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_closed_context_gives_back_its_rings_buffers_and_fences() {
+    let (kmd, dir) = device(
+        "close",
+        kmd_shim::Limits {
+            max_fences: 2,
+            memory_budget: one_ring() + PAGE_SIZE as u64,
+            ..kmd_shim::Limits::default()
+        },
+    );
+    let a = open(&kmd);
+    assert_eq!(status(&a, QUEUE), KmdStatus::Ok);
+    assert_eq!(status(&a, Request::AllocBuffer { size: 1 }), KmdStatus::Ok);
+    assert!(fence(&a).is_ok());
+    let b = open(&kmd);
+    assert_eq!(status(&b, QUEUE), KmdStatus::OutOfMemory);
+    assert_eq!(fence(&b).err(), Some(KmdStatus::LimitExceeded));
+    drop(a);
+    // Reclaim runs on a's connection thread once it sees the close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&b, QUEUE) != KmdStatus::Ok {
+        assert!(Instant::now() < deadline, "a's ring bytes never came back");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(status(&b, Request::AllocBuffer { size: 1 }), KmdStatus::Ok);
+    assert!(fence(&b).is_ok());
+    drop(kmd);
+    let _ = std::fs::remove_dir_all(dir);
+}
