@@ -18,11 +18,11 @@
 use crate::context::ContextRecord;
 use crate::device::{Device, Table};
 use rustix::fd::{AsFd, OwnedFd};
-use rustix::fs::{MemfdFlags, SealFlags};
 use userq_uapi::fwmsg::FwRequest;
 use userq_uapi::ioctl::{BufferReply, MAX_BUFFER_SIZE};
 use userq_uapi::layout::PAGE_SIZE;
 use userq_uapi::os;
+use userq_uapi::shm::Sealing;
 use userq_uapi::KmdStatus;
 
 /// (device, inode) of a memfd: how kmd-shim recognises an object a client hands back.
@@ -220,14 +220,10 @@ impl Device {
         let pages = whole_pages(size);
         let mapping = self.reserve_allocation(ctx, pages)?;
         let va = mapping.va;
-        let fd = rustix::fs::memfd_create(
-            "userq-buffer",
-            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-        )
-        .map_err(|_| KmdStatus::Internal)?;
-        rustix::fs::ftruncate(&fd, pages).map_err(|_| KmdStatus::OutOfMemory)?;
-        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
-            .map_err(|_| KmdStatus::Internal)?;
+        let fd = os::create_memfd("userq-buffer", pages, Sealing::Final).map_err(|e| match e {
+            rustix::io::Errno::NOSPC | rustix::io::Errno::NOMEM => KmdStatus::OutOfMemory,
+            _ => KmdStatus::Internal,
+        })?;
         let id = self.link.new_object_id();
         self.link.call(
             FwRequest::MapBuffer {

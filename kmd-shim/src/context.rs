@@ -21,9 +21,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use userq_uapi::error::ErrorCode;
 use userq_uapi::fwmsg::{FenceId, FwRequest};
 use userq_uapi::ioctl::OpenContextReply;
-use userq_uapi::layout::{magic, DoorbellPage, DOORBELL_PAGE_SIZE};
-use userq_uapi::os;
+use userq_uapi::layout::DoorbellPage;
 use userq_uapi::packet::FenceHandle;
+use userq_uapi::shm::{Sealing, Shm};
 use userq_uapi::KmdStatus;
 
 /// What a context holds, as kmd-shim records it.
@@ -97,12 +97,9 @@ impl Device {
     pub fn open_context(&self) -> Result<(OpenContextReply, [OwnedFd; 3]), KmdStatus> {
         let context = self.reserve_context()?;
         let ctx = context.ctx;
-        let (doorbell_fd, doorbell) = os::create_object("userq-doorbell", DOORBELL_PAGE_SIZE)
-            .map_err(|_| KmdStatus::Internal)?;
-        doorbell
-            .head::<DoorbellPage>()
-            .header
-            .init(magic::DOORBELL, 0, ctx as u64);
+        let (doorbell_fd, _doorbell) =
+            Shm::<DoorbellPage>::create("userq-doorbell", Sealing::Final, 0, ctx as u64)
+                .map_err(|_| KmdStatus::Internal)?;
         let id = self.link.new_object_id();
         self.link.call(
             FwRequest::MapContext { ctx, doorbell: id },

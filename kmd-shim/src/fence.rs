@@ -24,9 +24,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use userq_uapi::error::ErrorCode;
 use userq_uapi::fwmsg::{FenceId, FwRequest};
 use userq_uapi::ioctl::{CreateFenceReply, ImportFenceReply};
-use userq_uapi::layout::{magic, FenceKind, FenceState, FenceWaiters, PAGE_SIZE};
-use userq_uapi::os::{self, Mapping};
+use userq_uapi::layout::{FenceKind, FenceState, FenceWaiters};
+use userq_uapi::os;
 use userq_uapi::packet::FenceHandle;
+use userq_uapi::shm::{Sealing, Shm};
 use userq_uapi::{sync, KmdStatus};
 
 /// The identities of a fence's state object and of its waiter object, in that order: how
@@ -45,9 +46,9 @@ pub(crate) struct FenceRecord {
     identity: FenceIdentity,
     /// kmd-shim's own mapping of the state object, to poison the fence when the firmware
     /// is lost.
-    state: Mapping,
+    state: Shm<FenceState>,
     /// kmd-shim's own mapping of the waiter object, for the wake that goes with a poison.
-    waiters: Mapping,
+    waiters: Shm<FenceWaiters>,
 }
 
 /// A fence registered with the firmware and recorded in the table, not held by anyone yet.
@@ -176,20 +177,16 @@ impl Device {
         };
         // A timeline's value side is written only by the firmware (and kmd-shim): sealed
         // read-only once the firmware has mapped it, below.
-        let (state_fd, state) = match kind {
-            FenceKind::Timeline => os::create_firmware_object("userq-timeline", PAGE_SIZE),
-            FenceKind::User => os::create_object("userq-fence", PAGE_SIZE),
-        }
-        .map_err(internal)?;
-        let st = state.head::<FenceState>();
-        st.header.init(magic::FENCE_STATE, kind as u32, id);
-        st.slot.value.store(initial, Relaxed);
+        let (name, sealing) = match kind {
+            FenceKind::Timeline => ("userq-timeline", Sealing::FirmwareWritable),
+            FenceKind::User => ("userq-fence", Sealing::Final),
+        };
+        let (state_fd, state) =
+            Shm::<FenceState>::create(name, sealing, kind as u32, id).map_err(internal)?;
+        state.slot.value.store(initial, Relaxed);
         let (waiters_fd, waiters) =
-            os::create_object("userq-fence-waiters", PAGE_SIZE).map_err(internal)?;
-        waiters
-            .head::<FenceWaiters>()
-            .header
-            .init(magic::FENCE_WAITERS, kind as u32, id);
+            Shm::<FenceWaiters>::create("userq-fence-waiters", Sealing::Final, kind as u32, id)
+                .map_err(internal)?;
         let identity = (
             os::object_identity(state_fd.as_fd()).map_err(internal)?,
             os::object_identity(waiters_fd.as_fd()).map_err(internal)?,
@@ -361,14 +358,7 @@ impl Device {
     pub fn poison_all(&self) {
         let t = self.table();
         for f in t.fences.values() {
-            sync::poison_fence(
-                f.state.head(),
-                f.waiters.head(),
-                ErrorCode::DeviceLost,
-                0,
-                0,
-                0,
-            );
+            sync::poison_fence(&f.state, &f.waiters, ErrorCode::DeviceLost, 0, 0, 0);
         }
     }
 }

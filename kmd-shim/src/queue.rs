@@ -16,10 +16,10 @@ use rustix::fd::{AsFd, OwnedFd};
 use userq_uapi::fwmsg::FwRequest;
 use userq_uapi::ioctl::{CreateQueueReply, Priority, MAX_TIME_SLICE_US};
 use userq_uapi::layout::{
-    magic, ring_object_size, FenceKind, RingHeader, MAX_QUEUES_PER_CONTEXT, MAX_RING_ENTRIES,
-    MIN_RING_ENTRIES,
+    ring_object_size, FenceKind, MAX_QUEUES_PER_CONTEXT, MAX_RING_ENTRIES, MIN_RING_ENTRIES,
 };
 use userq_uapi::os;
+use userq_uapi::shm::RingShm;
 use userq_uapi::KmdStatus;
 
 /// A queue of a context, as kmd-shim records it.
@@ -108,11 +108,7 @@ impl Device {
         let hold = self.bind(ctx, timeline.fence)?;
         // From here on the hold keeps the fence: undoing it drops the fence too.
         let fence = timeline.commit();
-        let (ring_fd, ring) =
-            os::create_object("userq-ring", ring_size).map_err(|_| KmdStatus::Internal)?;
-        ring.head::<RingHeader>()
-            .header
-            .init(magic::RING, entries, slot as u64);
+        let (ring_fd, _ring) = RingShm::create(entries, slot).map_err(|_| KmdStatus::Internal)?;
         let ring_id = self.link.new_object_id();
         self.link.call(
             FwRequest::MapQueue {

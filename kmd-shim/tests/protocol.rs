@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use userq_uapi::ioctl::{
     op, BufferReply, CreateQueueReply, Priority, RawReply, RawRequest, Reply, Request,
 };
+use userq_uapi::shm::Sealing;
 use userq_uapi::{os, KmdStatus, ABI_VERSION};
 
 /// A daemon on a private socket, killed and reaped on drop even if the test fails.
@@ -157,8 +158,8 @@ fn malformed_messages_get_typed_errors_and_the_connection_goes_on() {
         send(&s, Request::ImportFence, &[pr.as_fd()]).0,
         KmdStatus::BadFd
     );
-    let (m1, _map1) = os::create_object("not-a-fence", 4096).expect("memfd");
-    let (m2, _map2) = os::create_object("not-a-fence", 4096).expect("memfd");
+    let m1 = os::create_memfd("not-a-fence", 4096, Sealing::Final).expect("memfd");
+    let m2 = os::create_memfd("not-a-fence", 4096, Sealing::Final).expect("memfd");
     assert_eq!(
         send(&s, Request::ImportFence, &[m1.as_fd(), m2.as_fd()]).0,
         KmdStatus::BadFd

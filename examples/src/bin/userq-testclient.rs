@@ -17,12 +17,10 @@ use std::time::{Duration, Instant};
 use userq::uapi::ioctl::{
     BufferReply, CreateQueueReply, Priority, RawReply, Reply, Request, MESSAGE_SIZE,
 };
-use userq::uapi::layout::{
-    magic, ring_object_size, DeviceKick, DeviceStatus, DoorbellPage, FenceState,
-    DOORBELL_PAGE_SIZE, PAGE_SIZE, RING_PACKETS_OFFSET,
-};
-use userq::uapi::os::{self, Mapping};
+use userq::uapi::layout::{DeviceKick, DeviceStatus, DoorbellPage, FenceState, PAGE_SIZE};
+use userq::uapi::os;
 use userq::uapi::packet::{Command as Cmd, FenceHandle, Packet};
+use userq::uapi::shm::{ReadOnly, RingShm, Shm, ShmBytes};
 use userq::uapi::{sync, ErrorCode, KmdStatus, ABI_VERSION};
 use userq::{Command, Device};
 
@@ -122,9 +120,9 @@ fn victim(rendezvous: &str) -> Res<()> {
 /// A client that speaks the ABI directly, without the runtime's checks.
 struct Raw {
     sock: OwnedFd,
-    doorbells: Mapping,
-    status: Mapping,
-    kick: Mapping,
+    doorbells: Shm<DoorbellPage>,
+    status: Shm<DeviceStatus<ReadOnly>>,
+    kick: Shm<DeviceKick>,
     status_fd: OwnedFd,
 }
 
@@ -145,9 +143,9 @@ impl Raw {
             },
             &[],
         )?;
-        let doorbells = os::map_object(fds[0].as_fd(), DOORBELL_PAGE_SIZE, true, magic::DOORBELL)?;
-        let status = os::map_object(fds[1].as_fd(), PAGE_SIZE, false, magic::DEVICE_STATUS)?;
-        let kick = os::map_object(fds[2].as_fd(), PAGE_SIZE, true, magic::DEVICE_KICK)?;
+        let doorbells = Shm::map(fds[0].as_fd())?;
+        let status = Shm::map(fds[1].as_fd())?;
+        let kick = Shm::map(fds[2].as_fd())?;
         let status_fd = fds.swap_remove(1);
         Ok(Raw {
             sock,
@@ -169,8 +167,8 @@ impl Raw {
             &[],
         )?;
         let reply = CreateQueueReply::decode(&v)?;
-        let ring = os::map_object(fds[0].as_fd(), ring_object_size(entries), true, magic::RING)?;
-        let state = os::map_object(fds[1].as_fd(), PAGE_SIZE, false, magic::FENCE_STATE)?;
+        let ring = RingShm::map(fds[0].as_fd(), entries)?;
+        let state = Shm::map(fds[1].as_fd())?;
         let state_fd = fds.into_iter().nth(1).ok_or("no state fd")?;
         Ok(RawQueue {
             state_fd,
@@ -189,17 +187,17 @@ impl Raw {
     }
 
     fn doorbell(&self, slot: usize, write_index: u64) {
-        let page = self.doorbells.head::<DoorbellPage>();
+        let page = &*self.doorbells;
         page.doorbells[slot].value.store(write_index, Release);
         self.kick_all_pending(slot / 64, 1 << (slot % 64));
     }
 
     fn kick_all_pending(&self, word: usize, bits: u64) {
         sync::ring_doorbell(
-            &self.doorbells.head::<DoorbellPage>().pending.words[word],
+            &self.doorbells.pending.words[word],
             bits,
-            &self.status.head::<DeviceStatus>().sleep.sleeping,
-            &self.kick.head::<DeviceKick>().kick.word,
+            &self.status.sleep.sleeping,
+            &self.kick.kick.word,
         );
     }
 }
@@ -209,19 +207,17 @@ struct RawQueue {
     slot: usize,
     handle: FenceHandle,
     entries: u64,
-    ring: Mapping,
-    state: Mapping,
+    ring: RingShm,
+    state: Shm<FenceState<ReadOnly>>,
     wptr: u64,
 }
 
 impl RawQueue {
     fn push(&mut self, raw: &Raw, packets: &[Packet]) {
         for p in packets {
-            let off = RING_PACKETS_OFFSET + ((self.wptr % self.entries) as usize) * 64;
-            let slot = self
-                .ring
-                .get::<[std::sync::atomic::AtomicU64; 8]>(off)
-                .expect("slot");
+            // Raw: the slot of write index `wptr` with no sequence tag; the doorbell alone
+            // publishes it.
+            let slot = self.ring.slot(self.wptr);
             for (w, v) in slot.iter().zip(p.to_words()) {
                 w.store(v, Relaxed);
             }
@@ -230,8 +226,8 @@ impl RawQueue {
         raw.doorbell(self.slot, self.wptr);
     }
 
-    fn fence(&self) -> &FenceState {
-        self.state.head()
+    fn fence(&self) -> &FenceState<ReadOnly> {
+        &self.state
     }
 
     /// Polls for completion or poison.
@@ -239,10 +235,10 @@ impl RawQueue {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             let f = self.fence();
-            if f.slot.poison.load(Acquire) != 0 {
-                return ErrorCode::from_u32(f.record.code.load(Relaxed));
+            if f.slot.poison.load_acquire() != 0 {
+                return ErrorCode::from_u32(f.record.code.load());
             }
-            if f.slot.value.load(Acquire) >= value {
+            if f.slot.value.load_acquire() >= value {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -346,7 +342,7 @@ fn hostile(case: &str) -> Res<()> {
                 ("status", raw.status_fd.as_fd()),
                 ("timeline", q.state_fd.as_fd()),
             ] {
-                if Mapping::map(fd, PAGE_SIZE, true).is_ok() {
+                if ShmBytes::map(fd, PAGE_SIZE).is_ok() {
                     writable.push(name);
                 }
                 let path = format!("/proc/self/fd/{}", rustix::fd::AsRawFd::as_raw_fd(&fd));
@@ -355,7 +351,7 @@ fn hostile(case: &str) -> Res<()> {
                     rustix::fs::OFlags::RDWR,
                     rustix::fs::Mode::empty(),
                 ) {
-                    if Mapping::map(rw.as_fd(), PAGE_SIZE, true).is_ok() {
+                    if ShmBytes::map(rw.as_fd(), PAGE_SIZE).is_ok() {
                         writable.push(name);
                     }
                     if rustix::io::write(&rw, &[1]).is_ok() {
@@ -371,7 +367,7 @@ fn hostile(case: &str) -> Res<()> {
             return Ok(());
         }
         "garbage-doorbell" => {
-            let page = raw.doorbells.head::<DoorbellPage>();
+            let page = &*raw.doorbells;
             for (i, d) in page.doorbells.iter().enumerate() {
                 if i != q.slot {
                     d.value.store(0xdead_beef_0000 + i as u64, Release);
@@ -397,11 +393,11 @@ fn hostile(case: &str) -> Res<()> {
     match outcome {
         Some(code) => println!(
             "fault {code:?} packet={} address={:#x} last_completed={}",
-            r.packet_index.load(Relaxed),
-            r.address.load(Relaxed),
-            r.last_completed.load(Relaxed)
+            r.packet_index.load(),
+            r.address.load(),
+            r.last_completed.load()
         ),
-        None => println!("completed {}", q.fence().slot.value.load(Acquire)),
+        None => println!("completed {}", q.fence().slot.value.load_acquire()),
     }
     Ok(())
 }
