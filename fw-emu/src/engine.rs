@@ -21,6 +21,7 @@
 //! shared memory), bumped by whoever adds claimable work.
 
 use crate::kernel::{Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
+use crate::QueueId;
 use crossbeam_utils::CachePadded;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
@@ -32,10 +33,8 @@ use userq_uapi::packet::Dispatch;
 
 /// A dispatch on its way through the engines.
 pub struct Job {
-    /// Context of the queue it came from.
-    pub ctx: u32,
-    /// Slot of that queue.
-    pub slot: u32,
+    /// The queue it came from.
+    pub queue: QueueId,
     kernel: Arc<dyn Kernel>,
     args: Args,
     dispatch: Dispatch,
@@ -62,7 +61,7 @@ impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Job")
             .field("kernel", &self.kernel.name())
-            .field("queue", &(self.ctx, self.slot))
+            .field("queue", &self.queue)
             .field("done", &self.done.load(Relaxed))
             .field("total", &self.total)
             .finish()
@@ -72,8 +71,7 @@ impl std::fmt::Debug for Job {
 impl Job {
     /// A job for a validated dispatch with resolved arguments.
     pub fn new(
-        ctx: u32,
-        slot: u32,
+        queue: QueueId,
         kernel: Arc<dyn Kernel>,
         args: Args,
         dispatch: Dispatch,
@@ -86,8 +84,7 @@ impl Job {
             yielded: Mutex::new(Vec::new()),
             pending_yields: AtomicU64::new(0),
             time_slice,
-            ctx,
-            slot,
+            queue,
             kernel,
             args,
             total: dispatch.workgroup_count(),

@@ -14,10 +14,8 @@
 //! therefore make each workgroup independent, and write results that do not depend on the
 //! order (reductions write one partial per workgroup; see `kernels`).
 
-use crate::context::Vm;
-use std::sync::atomic::{AtomicU32, AtomicU64};
-use std::sync::Arc;
-use userq_uapi::os::Mapping;
+pub use crate::vm::BufferArg;
+use crate::vm::Vm;
 use userq_uapi::packet::Dispatch;
 
 /// The kind of one argument word.
@@ -40,52 +38,6 @@ pub enum Arg {
     F32(f32),
     /// [`ArgKind::Buffer`].
     Buffer(BufferArg),
-}
-
-/// Device memory from an address to the end of its buffer, kept mapped while the dispatch
-/// runs even if the buffer is freed meanwhile.
-#[derive(Debug, Clone)]
-pub struct BufferArg {
-    map: Arc<Mapping>,
-    offset: usize,
-    len: usize,
-    /// The device address it was given as.
-    pub address: u64,
-}
-
-impl BufferArg {
-    pub(crate) fn new(map: Arc<Mapping>, offset: usize, len: usize, address: u64) -> Self {
-        BufferArg {
-            map,
-            offset,
-            len,
-            address,
-        }
-    }
-
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the view is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The memory as 32-bit words (u32 or f32 bit patterns).
-    pub fn words32(&self) -> &[AtomicU32] {
-        self.map
-            .get_slice::<AtomicU32>(self.offset, self.len / 4)
-            .expect("buffer view inside its mapping and 8-aligned")
-    }
-
-    /// The memory as 64-bit words.
-    pub fn words64(&self) -> &[AtomicU64] {
-        self.map
-            .get_slice::<AtomicU64>(self.offset, self.len / 8)
-            .expect("buffer view inside its mapping and 8-aligned")
-    }
 }
 
 /// The resolved arguments of one dispatch.

@@ -15,20 +15,21 @@
 //! [`userq_uapi::layout::WaiterLine::firmware`] count so that host signallers kick the
 //! firmware.
 
-use crate::context::{Binding, FenceObject, Vm};
 use crate::engine::Job;
+use crate::fence::{Binding, FenceObject, WaitStatus};
 use crate::kernels::KernelLibrary;
+use crate::sched::Membership;
+use crate::vm::Vm;
+use crate::QueueId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use userq_uapi::error::ErrorCode;
 use userq_uapi::ioctl::Priority;
-use userq_uapi::layout::{QueueState, RingHeader, RING_PACKETS_OFFSET};
-use userq_uapi::os::Mapping;
-use userq_uapi::packet::{
-    sequence_tag, Command, FenceHandle, Packet, PacketError, WaitCondition, PACKET_SIZE,
-};
+use userq_uapi::layout::QueueState;
+use userq_uapi::packet::{sequence_tag, Command, FenceHandle, Packet, PacketError, WaitCondition};
+use userq_uapi::shm::{PacketSlot, RingShm};
 use userq_uapi::sync;
 
 /// A WAIT_FENCE the queue is parked on.
@@ -96,33 +97,31 @@ pub struct Resources<'a> {
     pub vm: &'a Vm,
     /// The kernels DISPATCH may name.
     pub kernels: &'a KernelLibrary,
-    /// The context id (recorded in jobs).
-    pub ctx: u32,
 }
 
 /// A queue mapped by the firmware.
 #[derive(Debug)]
 pub struct Queue {
-    /// Doorbell slot.
-    pub slot: u32,
+    /// Its context and doorbell slot.
+    pub id: QueueId,
     /// Scheduling priority of its dispatches on the engines.
     pub priority: Priority,
     /// Time slice of its dispatches on the engines (`None`: the firmware's default).
     pub time_slice: Option<Duration>,
     /// The timeline fence; only the firmware writes it.
     pub timeline: Arc<FenceObject>,
-    /// Whether the queue is on the run list.
-    pub queued: bool,
-    ring: Mapping,
-    mask: u64,
-    entries: u64,
+    /// Its place in the scheduler's lists; only [`crate::sched`] changes it.
+    pub(crate) membership: Membership,
+    ring: RingShm,
     /// Packets copied out of the ring. Private: never read back from shared memory.
+    /// `completed ≤ rptr ≤ doorbell_floor + entries`.
     rptr: u64,
     /// The largest write index the client has published in its doorbell so far: a
     /// doorbell below it moved backwards. (A doorbell may lag `rptr`, since polled queues
     /// also consume packets by their sequence tags.)
     doorbell_floor: u64,
-    /// Value of the last completed packet. Private copy of the timeline.
+    /// Value of the last completed packet. Private copy of the timeline; `completed ≤
+    /// rptr` (a packet completes only after it was copied out).
     completed: u64,
     /// Last value of `rptr` stored into the ring's read index.
     published_rptr: u64,
@@ -138,11 +137,10 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// A queue over a checked ring mapping of `entries` (a power of two) packets.
+    /// A queue over a checked ring mapping.
     pub fn new(
-        slot: u32,
-        ring: Mapping,
-        entries: u32,
+        id: QueueId,
+        ring: RingShm,
         priority: Priority,
         time_slice: Option<Duration>,
         timeline: Arc<FenceObject>,
@@ -153,14 +151,12 @@ impl Queue {
             .state
             .store(QueueState::Active as u32, Release);
         Queue {
-            slot,
+            id,
             priority,
             time_slice,
             timeline,
-            queued: false,
+            membership: Membership::default(),
             ring,
-            mask: entries as u64 - 1,
-            entries: entries as u64,
             rptr: 0,
             doorbell_floor: 0,
             completed: 0,
@@ -195,11 +191,7 @@ impl Queue {
     /// caller must then run the membarrier and look at the write index once more.
     pub fn set_polled(&mut self, on: bool) {
         self.polled = on;
-        self.ring
-            .head::<RingHeader>()
-            .poll
-            .polled
-            .store(on as u32, Release);
+        self.ring.header().poll.polled.store(on as u32, Release);
     }
 
     /// Whether the client published packets the firmware has not copied yet, by its
@@ -210,11 +202,9 @@ impl Queue {
         self.next_tagged() || d > self.rptr || d < self.doorbell_floor
     }
 
-    fn slot(&self, index: u64) -> &[AtomicU64; 8] {
-        let offset = RING_PACKETS_OFFSET + ((index & self.mask) as usize) * PACKET_SIZE;
-        self.ring
-            .get::<[AtomicU64; 8]>(offset)
-            .expect("ring mapping covers every slot (checked at map time)")
+    #[inline]
+    fn slot(&self, index: u64) -> &PacketSlot {
+        self.ring.slot(index)
     }
 
     /// Whether the next slot holds the packet the firmware expects (its sequence tag).
@@ -225,7 +215,7 @@ impl Queue {
 
     /// Consecutive tagged packets from `rptr`, at most `budget` and a ring.
     fn tagged_run(&self, budget: u64) -> u64 {
-        let limit = budget.min(self.entries);
+        let limit = budget.min(self.ring.entries());
         let mut n = 0;
         while n < limit {
             let i = self.rptr + n;
@@ -278,7 +268,7 @@ impl Queue {
             // Acquire: pairs with the client's release store of its write index, so the
             // packet words it wrote before are visible to the loads below.
             let wptr = doorbell.load(Acquire);
-            if wptr < self.doorbell_floor || wptr > self.rptr + self.entries {
+            if wptr < self.doorbell_floor || wptr > self.rptr + self.ring.entries() {
                 return self.fault(Fault {
                     code: ErrorCode::BadWriteIndex,
                     packet_index: self.rptr,
@@ -414,8 +404,7 @@ impl Queue {
                 let args = crate::kernel::resolve(kernel.as_ref(), &d, vm)
                     .map_err(|e| fault(ErrorCode::BadKernelArgs, e.value, e.index))?;
                 Ok(Step::Dispatch(Arc::new(Job::new(
-                    res.ctx,
-                    self.slot,
+                    self.id,
                     kernel.clone(),
                     args,
                     d,
@@ -485,7 +474,7 @@ impl Queue {
         if consumed {
             self.published_rptr = self.rptr;
             self.ring
-                .head::<RingHeader>()
+                .header()
                 .read_index
                 .value
                 .store(self.rptr, Release);
@@ -550,24 +539,9 @@ impl Queue {
     }
 }
 
-enum WaitStatus {
-    Satisfied,
-    Pending,
-    Poisoned(u32),
-}
-
+/// Where the queue's parked wait stands.
 fn wait_status(w: &ParkedWait) -> WaitStatus {
-    let st = w.fence.state();
-    // Acquire: pairs with the signaller's release store, so what it wrote before
-    // signalling is visible to the packets after this wait.
-    let current = st.slot.value.load(Acquire);
-    if w.condition.holds(current, w.value, w.mask) {
-        return WaitStatus::Satisfied;
-    }
-    match st.slot.poison.load(Acquire) {
-        0 => WaitStatus::Pending,
-        code => WaitStatus::Poisoned(code),
-    }
+    w.fence.wait_status(w.value, w.mask, w.condition)
 }
 
 /// The device clock: CLOCK_MONOTONIC in nanoseconds, comparable across processes.

@@ -1,0 +1,289 @@
+//! DOC: kmd-shim's requests, one method each.
+//!
+//! [`Firmware::process_requests`] drains the `to_fw` ring: each request is decoded once and
+//! applied, and acknowledged with its status, at once. The exception is a suspend whose
+//! workgroups are still on the engines: its ack waits (a bounded time, see
+//! [`crate::suspend`]) until they have left. Objects a request names were sent on the
+//! object channel before the request; a refused request still takes its objects off the
+//! channel, so none is left behind.
+
+use crate::context::Context;
+use crate::fence::{Binding, FenceObject};
+use crate::queue::Queue;
+use crate::{Firmware, QueueId};
+use rustix::fd::AsFd;
+use std::sync::atomic::Ordering::*;
+use std::sync::Arc;
+use std::time::Duration;
+use userq_uapi::error::ErrorCode;
+use userq_uapi::fwmsg::{FenceId, FwRequest, FwStatus, ObjectId};
+use userq_uapi::ioctl::Priority;
+use userq_uapi::layout::{
+    FenceKind, FenceState, FenceWaiters, MAX_QUEUES_PER_CONTEXT, MAX_RING_ENTRIES, MIN_RING_ENTRIES,
+};
+use userq_uapi::packet::FenceHandle;
+use userq_uapi::shm::{Layout, RingShm, Shm, ShmBytes};
+use userq_uapi::sync;
+
+impl Firmware {
+    /// Applies every waiting request. Returns whether there was one.
+    pub(crate) fn process_requests(&mut self) -> bool {
+        let mut any = false;
+        while let Some(w) = self.control.next_request() {
+            any = true;
+            let (seq, status) = match FwRequest::decode(&w) {
+                Ok((seq, FwRequest::Suspend { ctx, slot })) => match self.suspend(seq, ctx, slot) {
+                    Some(status) => (seq, status),
+                    None => continue, // acknowledged once its workgroups have left
+                },
+                Ok((seq, FwRequest::Resume { ctx, slot })) => (seq, self.resume(ctx, slot)),
+                Ok((seq, req)) => (seq, self.apply(req)),
+                Err(e) => ((w[0] >> 32) as u32, e),
+            };
+            self.control.ack(seq, status);
+            if self.shutdown {
+                break;
+            }
+        }
+        any
+    }
+
+    fn apply(&mut self, req: FwRequest) -> FwStatus {
+        match req {
+            FwRequest::MapContext { ctx, doorbell } => self.map_context(ctx, doorbell),
+            FwRequest::UnmapContext { ctx } => self.unmap_context(ctx),
+            FwRequest::MapQueue {
+                ctx,
+                slot,
+                ring,
+                entries,
+                priority,
+                timeline,
+                time_slice_us,
+            } => self.map_queue(
+                QueueId { ctx, slot },
+                ring,
+                entries,
+                priority,
+                timeline,
+                time_slice_us,
+            ),
+            FwRequest::UnmapQueue { ctx, slot } => self.unmap_queue(QueueId { ctx, slot }),
+            FwRequest::RegisterFence {
+                fence,
+                state,
+                waiters,
+            } => self.register_fence(fence, state, waiters),
+            FwRequest::BindFence {
+                ctx,
+                handle,
+                fence,
+                writable,
+            } => self.bind_fence(ctx, handle, fence, writable),
+            FwRequest::UnbindFence { ctx, handle } => {
+                match self
+                    .contexts
+                    .get_mut(ctx)
+                    .map(|c| c.bindings.remove(&handle))
+                {
+                    Some(Some(_)) => FwStatus::Ok,
+                    _ => FwStatus::NotFound,
+                }
+            }
+            FwRequest::PoisonFence { fence, code } => match self.fences.get(&fence) {
+                Some(f) => {
+                    sync::poison_fence(f.state(), f.waiters(), code, 0, 0, 0);
+                    FwStatus::Ok
+                }
+                None => FwStatus::NotFound,
+            },
+            // Parked queues and bindings hold their own references; the mapping goes when
+            // the last one does.
+            FwRequest::DropFence { fence } => match self.fences.remove(&fence) {
+                Some(_) => FwStatus::Ok,
+                None => FwStatus::NotFound,
+            },
+            FwRequest::MapBuffer {
+                ctx,
+                va,
+                size,
+                object,
+            } => self.map_buffer(ctx, va, size, object),
+            FwRequest::UnmapBuffer { ctx, va } => {
+                match self.contexts.get_mut(ctx).map(|c| c.vm.unmap(va)) {
+                    Some(true) => FwStatus::Ok,
+                    _ => FwStatus::NotFound,
+                }
+            }
+            FwRequest::Shutdown => {
+                self.shutdown = true;
+                FwStatus::Ok
+            }
+            // Handled in `process_requests` (their ack may be deferred).
+            FwRequest::Suspend { .. } | FwRequest::Resume { .. } => FwStatus::Malformed,
+        }
+    }
+
+    /// Takes object `id` off the channel and maps it as a `T`.
+    fn map_object<T: Layout>(&mut self, id: ObjectId) -> Result<Shm<T>, FwStatus> {
+        let fd = self.channel.take(id, false).ok_or(FwStatus::BadObject)?;
+        Shm::map(fd.as_fd()).map_err(|_| FwStatus::BadObject)
+    }
+
+    fn map_context(&mut self, ctx: u32, doorbell: ObjectId) -> FwStatus {
+        if self.contexts.contains(ctx) {
+            self.channel.discard(doorbell);
+            return FwStatus::Exists;
+        }
+        match self.map_object(doorbell) {
+            Ok(page) => {
+                self.contexts.insert(Context::new(ctx, page));
+                FwStatus::Ok
+            }
+            Err(e) => e,
+        }
+    }
+
+    fn unmap_context(&mut self, ctx: u32) -> FwStatus {
+        let Some(mut c) = self.contexts.remove(ctx) else {
+            return FwStatus::NotFound;
+        };
+        for q in c.queues.iter_mut().filter_map(Option::take) {
+            q.destroy(ErrorCode::OwnerDied);
+        }
+        self.sched.forget(ctx, None);
+        FwStatus::Ok
+    }
+
+    fn map_queue(
+        &mut self,
+        id: QueueId,
+        ring: ObjectId,
+        entries: u32,
+        priority: Priority,
+        timeline: FenceId,
+        time_slice_us: u32,
+    ) -> FwStatus {
+        let valid = entries.is_power_of_two()
+            && (MIN_RING_ENTRIES..=MAX_RING_ENTRIES).contains(&entries)
+            && (id.slot as usize) < MAX_QUEUES_PER_CONTEXT;
+        let (Some(c), Some(t), true) = (
+            self.contexts.get_mut(id.ctx),
+            self.fences.get(&timeline),
+            valid,
+        ) else {
+            self.channel.discard(ring);
+            return FwStatus::NotFound;
+        };
+        if c.queues[id.slot as usize].is_some() {
+            self.channel.discard(ring);
+            return FwStatus::Exists;
+        }
+        let Some(fd) = self.channel.take(ring, false) else {
+            return FwStatus::BadObject;
+        };
+        // Checks the entry count in the ring's header too.
+        let Ok(map) = RingShm::map(fd.as_fd(), entries) else {
+            return FwStatus::BadObject;
+        };
+        // A slot may have served an earlier queue: its doorbell and pending bit start clean
+        // (the client gets the queue only after this request's ack).
+        let page = &*c.doorbell;
+        page.doorbells[id.slot as usize].value.store(0, Relaxed);
+        page.pending.words[id.slot as usize / 64].fetch_and(!(1u64 << (id.slot % 64)), Relaxed);
+        let mut q = Queue::new(
+            id,
+            map,
+            priority,
+            (time_slice_us > 0).then(|| Duration::from_micros(time_slice_us as u64)),
+            t.clone(),
+        );
+        if c.suspended {
+            q.set_suspended(true);
+        }
+        c.queues[id.slot as usize] = Some(q);
+        FwStatus::Ok
+    }
+
+    fn unmap_queue(&mut self, id: QueueId) -> FwStatus {
+        let q = self
+            .contexts
+            .get_mut(id.ctx)
+            .and_then(|c| c.queues.get_mut(id.slot as usize))
+            .and_then(Option::take);
+        match q {
+            Some(q) => {
+                q.destroy(ErrorCode::QueueDestroyed);
+                self.sched.forget(id.ctx, Some(id.slot));
+                FwStatus::Ok
+            }
+            None => FwStatus::NotFound,
+        }
+    }
+
+    fn register_fence(&mut self, fence: FenceId, state: ObjectId, waiters: ObjectId) -> FwStatus {
+        if self.fences.contains_key(&fence) {
+            self.channel.discard(state);
+            self.channel.discard(waiters);
+            return FwStatus::Exists;
+        }
+        let s = self.map_object::<FenceState>(state);
+        let w = self.map_object::<FenceWaiters>(waiters);
+        let (Ok(s), Ok(w)) = (s, w) else {
+            return FwStatus::BadObject;
+        };
+        let kind = s.header.param.load(Relaxed);
+        if FenceKind::from_u32(kind).is_none() {
+            return FwStatus::BadObject;
+        }
+        self.fences
+            .insert(fence, Arc::new(FenceObject::new(fence, s, w)));
+        FwStatus::Ok
+    }
+
+    fn bind_fence(
+        &mut self,
+        ctx: u32,
+        handle: FenceHandle,
+        fence: FenceId,
+        writable: bool,
+    ) -> FwStatus {
+        let (Some(c), Some(f)) = (self.contexts.get_mut(ctx), self.fences.get(&fence)) else {
+            return FwStatus::NotFound;
+        };
+        if c.bindings.contains_key(&handle) {
+            return FwStatus::Exists;
+        }
+        c.bindings.insert(
+            handle,
+            Binding {
+                fence: f.clone(),
+                writable,
+            },
+        );
+        FwStatus::Ok
+    }
+
+    fn map_buffer(&mut self, ctx: u32, va: u64, size: u64, object: ObjectId) -> FwStatus {
+        let Some(c) = self.contexts.get_mut(ctx) else {
+            self.channel.discard(object);
+            return FwStatus::NotFound;
+        };
+        let Some(fd) = self.channel.take(object, false) else {
+            return FwStatus::BadObject;
+        };
+        let Ok(len) = usize::try_from(size) else {
+            return FwStatus::BadObject;
+        };
+        match ShmBytes::map(fd.as_fd(), len) {
+            Ok(map) => {
+                if c.vm.map(va, size, map) {
+                    FwStatus::Ok
+                } else {
+                    FwStatus::Exists
+                }
+            }
+            Err(_) => FwStatus::BadObject,
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! DOC: the command processor's scheduler: which queues it looks at, and in what order.
+//!
+//! Three lists, owned here and changed nowhere else:
+//!
+//! - the **run list**: queues with (possibly) work, serviced round robin, a bounded number
+//!   of packets per turn ([`Scheduler::run`]); a queue is on it at most once, which its
+//!   [`Membership`] records;
+//! - the **parked** list: queues stopped on a WAIT_FENCE, re-checked every loop turn and
+//!   costing nothing else ([`Scheduler::check_parked`]);
+//! - the **polled** list: queues whose write index and next slot the firmware polls on its
+//!   own (the doorbell fast path, [`Scheduler::poll_queues`]), handed back to the doorbell
+//!   protocol after 1 ms idle or before the firmware sleeps ([`Scheduler::stop_polling`]).
+//!
+//! Queues get onto the run list from their doorbells' pending bits
+//! ([`Scheduler::collect_doorbells`]), from polling, from an ended wait, from a completed
+//! dispatch ([`Scheduler::complete`]) and on resume. What a service ends with (a fault, a
+//! dispatch for the engines) goes back to the caller.
+
+use crate::context::Contexts;
+use crate::engine::Job;
+use crate::kernels::KernelLibrary;
+use crate::queue::{Outcome, Queue, Resources};
+use crate::QueueId;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering::*;
+use std::sync::Arc;
+use std::time::Duration;
+use userq_uapi::sync;
+
+/// A queue's membership in the run list. Only the scheduler reads or changes it.
+#[derive(Debug, Default)]
+pub struct Membership {
+    /// On the run list (so it is never listed twice).
+    queued: bool,
+}
+
+/// The run, parked and polled lists.
+#[derive(Debug)]
+pub struct Scheduler {
+    run_list: VecDeque<QueueId>,
+    parked: Vec<QueueId>,
+    polled: Vec<QueueId>,
+    /// Whether `membarrier(GLOBAL_EXPEDITED)` works here; without it no queue is polled.
+    can_poll: bool,
+}
+
+/// How long a polled queue may stay idle before it goes back to the doorbell protocol.
+const POLL_IDLE: Duration = Duration::from_millis(1);
+
+impl Scheduler {
+    /// Empty lists; polling only if the kernel has the membarrier it needs.
+    pub fn new() -> Self {
+        Scheduler {
+            run_list: VecDeque::new(),
+            parked: Vec::new(),
+            polled: Vec::new(),
+            can_poll: sync::firmware_barrier_available(),
+        }
+    }
+
+    /// Puts a queue on the run list unless it is on it already; returns whether it was
+    /// added.
+    pub fn schedule(&mut self, q: &mut Queue) -> bool {
+        enqueue(&mut self.run_list, q)
+    }
+
+    /// Whether a queue waits for its turn.
+    pub fn has_runnable(&self) -> bool {
+        !self.run_list.is_empty()
+    }
+
+    /// Drops every list entry of context `ctx` (or only of its queue `slot`).
+    pub fn forget(&mut self, ctx: u32, slot: Option<u32>) {
+        let gone = |id: &QueueId| id.ctx == ctx && slot.is_none_or(|s| s == id.slot);
+        self.run_list.retain(|id| !gone(id));
+        self.parked.retain(|id| !gone(id));
+        self.polled.retain(|id| !gone(id));
+    }
+
+    /// Swaps every context's non-zero pending-doorbell words to zero and schedules the rung
+    /// queues that can run. Returns whether any was scheduled.
+    pub fn collect_doorbells(&mut self, contexts: &mut Contexts) -> bool {
+        let mut any = false;
+        for c in contexts.iter_mut() {
+            let page = &*c.doorbell;
+            for (wi, word) in page.pending.words.iter().enumerate() {
+                if word.load(Relaxed) == 0 {
+                    continue;
+                }
+                // Acquire: pairs with the client's release fetch_or after its doorbell.
+                let mut bits = word.swap(0, Acquire);
+                while bits != 0 {
+                    let slot = wi * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    match c.queues[slot].as_mut() {
+                        Some(q) if q.is_active() => {
+                            self.schedule(q);
+                            any = true;
+                        }
+                        // Parked, stopped or no queue at all: the doorbell is a hint only.
+                        _ => {}
+                    }
+                }
+            }
+        }
+        any
+    }
+
+    /// Whether a context has a pending-doorbell bit set.
+    pub fn doorbell_pending(contexts: &Contexts) -> bool {
+        contexts.iter().any(|c| {
+            c.doorbell
+                .pending
+                .words
+                .iter()
+                .any(|w| w.load(Relaxed) != 0)
+        })
+    }
+
+    /// Schedules polled queues with unread packets.
+    pub fn poll_queues(&mut self, contexts: &mut Contexts) -> bool {
+        let mut any = false;
+        let run_list = &mut self.run_list;
+        self.polled.retain(|&id| {
+            let Some(c) = contexts.get_mut(id.ctx) else {
+                return false;
+            };
+            let db = &c.doorbell.doorbells[id.slot as usize].value;
+            let Some(q) = c.queues[id.slot as usize].as_mut() else {
+                return false;
+            };
+            if q.is_active() && q.has_unread(db) {
+                any |= enqueue(run_list, q);
+            }
+            true
+        });
+        any
+    }
+
+    /// Stops polling queues idle for [`POLL_IDLE`] (or all of them): clear their flags,
+    /// barrier every registered client (membarrier), then look at each write index once
+    /// more. Returns whether one of them had work.
+    pub fn stop_polling(&mut self, contexts: &mut Contexts, all: bool) -> bool {
+        let mut cooled = Vec::new();
+        self.polled.retain(|&id| match contexts.queue_mut(id) {
+            Some(q) if all || q.idle_for() > POLL_IDLE => {
+                q.set_polled(false);
+                cooled.push(id);
+                false
+            }
+            Some(_) => true,
+            None => false,
+        });
+        if cooled.is_empty() {
+            return false;
+        }
+        if !sync::barrier_on_registered_clients() {
+            // Without the barrier no queue may stay polled.
+            self.can_poll = false;
+            for id in std::mem::take(&mut self.polled) {
+                if let Some(q) = contexts.queue_mut(id) {
+                    q.set_polled(false);
+                    cooled.push(id);
+                }
+            }
+        }
+        let mut any = false;
+        for id in cooled {
+            let Some(c) = contexts.get_mut(id.ctx) else {
+                continue;
+            };
+            let db = &c.doorbell.doorbells[id.slot as usize].value;
+            if let Some(q) = c.queues[id.slot as usize].as_mut() {
+                if q.is_active() && q.has_unread(db) {
+                    any |= self.schedule(q);
+                }
+            }
+        }
+        any
+    }
+
+    /// Continues the queues whose dispatches the engines completed.
+    pub fn complete(&mut self, contexts: &mut Contexts, jobs: Vec<Arc<Job>>) -> bool {
+        let any = !jobs.is_empty();
+        for job in jobs {
+            // The queue may have gone away meanwhile.
+            if let Some(q) = contexts.queue_mut(job.queue) {
+                if q.finish_dispatch(&job) {
+                    self.schedule(q);
+                }
+            }
+        }
+        any
+    }
+
+    /// Puts a queue on the parked list (once).
+    fn park(&mut self, id: QueueId) {
+        if !self.parked.contains(&id) {
+            self.parked.push(id);
+        }
+    }
+
+    /// Re-checks parked queues: a satisfied wait puts its queue back on the run list; a
+    /// poisoned one goes to `out` as a fault. Returns whether a wait ended.
+    pub fn check_parked(
+        &mut self,
+        contexts: &mut Contexts,
+        mut out: impl FnMut(QueueId, Outcome),
+    ) -> bool {
+        let mut any = false;
+        let mut i = 0;
+        while i < self.parked.len() {
+            let id = self.parked[i];
+            let Some(q) = contexts.queue_mut(id) else {
+                self.parked.swap_remove(i);
+                continue;
+            };
+            match q.try_unpark() {
+                None if q.is_parked() => i += 1,
+                None => {
+                    self.parked.swap_remove(i);
+                }
+                Some(outcome) => {
+                    self.parked.swap_remove(i);
+                    any = true;
+                    match outcome {
+                        Outcome::Faulted(_) => out(id, outcome),
+                        _ => {
+                            self.schedule(q);
+                        }
+                    }
+                }
+            }
+        }
+        any
+    }
+
+    /// Whether a parked queue's wait can end now.
+    pub fn parked_ready(&self, contexts: &Contexts) -> bool {
+        self.parked
+            .iter()
+            .any(|&id| contexts.queue(id).is_some_and(Queue::parked_ready))
+    }
+
+    /// Gives each queue on the run list one turn of up to `budget` packets. Faults and
+    /// dispatches for the engines go to `out`. Returns whether a queue ran.
+    pub fn run(
+        &mut self,
+        contexts: &mut Contexts,
+        kernels: &KernelLibrary,
+        budget: u32,
+        mut out: impl FnMut(QueueId, Outcome),
+    ) -> bool {
+        let turns = self.run_list.len();
+        let mut any = false;
+        let mut newly_polled = Vec::new();
+        for _ in 0..turns {
+            let Some(id) = self.run_list.pop_front() else {
+                break;
+            };
+            let Some(c) = contexts.get_mut(id.ctx) else {
+                continue;
+            };
+            let db = &c.doorbell.doorbells[id.slot as usize].value;
+            let Some(q) = c.queues[id.slot as usize].as_mut() else {
+                continue;
+            };
+            q.membership.queued = false;
+            let res = Resources {
+                bindings: &c.bindings,
+                vm: &c.vm,
+                kernels,
+            };
+            let outcome = q.service(db, &res, budget);
+            any = true;
+            if self.can_poll && !q.is_polled() && matches!(outcome, Outcome::Idle | Outcome::More) {
+                q.set_polled(true);
+                newly_polled.push(id);
+            }
+            match outcome {
+                Outcome::Idle => {}
+                Outcome::More => {
+                    self.schedule(q);
+                }
+                Outcome::Parked => self.park(id),
+                Outcome::Faulted(_) | Outcome::Dispatched(_) => out(id, outcome),
+            }
+        }
+        self.polled.extend(newly_polled);
+        any
+    }
+}
+
+/// Puts `q` on `run_list` unless its membership says it is there already.
+fn enqueue(run_list: &mut VecDeque<QueueId>, q: &mut Queue) -> bool {
+    if q.membership.queued {
+        return false;
+    }
+    q.membership.queued = true;
+    run_list.push_back(q.id);
+    true
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
