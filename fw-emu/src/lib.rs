@@ -1,16 +1,26 @@
 //! # fw-emu: the userq firmware emulator
 //!
-//! DOC: the firmware is one polling loop (the "command processor") that
+//! DOC: the firmware is one polling loop (the "command processor", [`Firmware::run`]) that
 //!
-//! 1. drains kmd-shim's requests from the [`ControlRegion`] (map/unmap contexts, queues,
-//!    fences and buffers) and acknowledges each one;
-//! 2. swaps every context's pending-doorbell words to zero and puts the rung queues on
-//!    the run list;
-//! 3. re-checks the queues parked on WAIT_FENCE;
-//! 4. services the run list round-robin, a bounded number of packets per queue per turn;
-//! 5. backs off when there is nothing to do: spin, then yield, then sleep on the device's
+//! 1. checks the queues it polls (the doorbell fast path) and runs those with packets;
+//! 2. drains kmd-shim's requests from the [`ControlRegion`] (map/unmap contexts, queues,
+//!    fences and buffers, suspend/resume; `request.rs`, `suspend.rs`) and acknowledges
+//!    each one through the kmd transport ([`control`]);
+//! 3. swaps every context's pending-doorbell words to zero and puts the rung queues on
+//!    the run list ([`sched`]);
+//! 4. re-checks the queues parked on WAIT_FENCE and continues those whose dispatches the
+//!    engines ([`engine`]) completed;
+//! 5. services the run list round-robin, a bounded number of packets per queue per turn
+//!    ([`queue`]: copy once, validate, execute);
+//! 6. backs off when there is nothing to do: spin, then yield, then sleep on the device's
 //!    kick futex after announcing it in [`DeviceStatus`] (the NEED_WAKEUP protocol of
 //!    [`userq_uapi::sync`]).
+//!
+//! The files read top-down: [`id`] (how a queue is named), [`vm`] and [`fence`] (device
+//! memory, fences), [`kernel`],
+//! [`kernels`] and [`engine`] (what runs and where), [`queue`], [`context`] and [`sched`]
+//! (the objects and their scheduling), then [`control`], the requests and suspend, and this
+//! loop. Dependencies only point down that list.
 //!
 //! It bumps the device heartbeat at least every [`userq_uapi::HEARTBEAT_PERIOD_MS`], and
 //! exits when kmd-shim asks or closes the object channel.
@@ -26,18 +36,30 @@
 
 // Top-down: device memory and fences; kernels and the engines that run them; queues,
 // contexts and the scheduler; the kmd transport, requests and suspend; then the loop here.
-pub mod channel;
-pub mod context;
-pub mod control;
-pub mod engine;
+// How a queue is named.
+pub mod id;
+
+// Device memory and fences.
 pub mod fence;
+pub mod vm;
+
+// What runs, and where.
+pub mod engine;
 pub mod kernel;
 pub mod kernels;
+
+// The objects and their scheduling.
+pub mod context;
 pub mod queue;
-mod request;
 pub mod sched;
+
+// kmd-shim's side: objects, messages, requests, suspend.
+pub mod channel;
+pub mod control;
+mod request;
 mod suspend;
-pub mod vm;
+
+pub use id::QueueId;
 
 use channel::ObjectChannel;
 use context::Contexts;
@@ -121,15 +143,6 @@ pub enum BootError {
     /// The engine threads could not be started.
     #[error("cannot start engines: {0}")]
     Engines(std::io::Error),
-}
-
-/// A queue: its context and its doorbell slot there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct QueueId {
-    /// The context id kmd-shim assigned.
-    pub ctx: u32,
-    /// The queue's doorbell slot in its context (`< MAX_QUEUES_PER_CONTEXT`).
-    pub slot: u32,
 }
 
 /// The firmware: everything it owns, all private.

@@ -18,7 +18,6 @@
 use crate::engine::Job;
 use crate::fence::{Binding, FenceObject, WaitStatus};
 use crate::kernels::KernelLibrary;
-use crate::sched::Membership;
 use crate::vm::Vm;
 use crate::QueueId;
 use std::collections::HashMap;
@@ -110,8 +109,6 @@ pub struct Queue {
     pub time_slice: Option<Duration>,
     /// The timeline fence; only the firmware writes it.
     pub timeline: Arc<FenceObject>,
-    /// Its place in the scheduler's lists; only [`crate::sched`] changes it.
-    pub(crate) membership: Membership,
     ring: RingShm,
     /// Packets copied out of the ring. Private: never read back from shared memory.
     /// `completed ≤ rptr ≤ doorbell_floor + entries`.
@@ -155,7 +152,6 @@ impl Queue {
             priority,
             time_slice,
             timeline,
-            membership: Membership::default(),
             ring,
             rptr: 0,
             doorbell_floor: 0,

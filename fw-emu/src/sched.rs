@@ -3,8 +3,8 @@
 //! Three lists, owned here and changed nowhere else:
 //!
 //! - the **run list**: queues with (possibly) work, serviced round robin, a bounded number
-//!   of packets per turn ([`Scheduler::run`]); a queue is on it at most once, which its
-//!   [`Membership`] records;
+//!   of packets per turn ([`Scheduler::run`]); a queue is on it at most once (the list
+//!   keeps the set of its members beside the order);
 //! - the **parked** list: queues stopped on a WAIT_FENCE, re-checked every loop turn and
 //!   costing nothing else ([`Scheduler::check_parked`]);
 //! - the **polled** list: queues whose write index and next slot the firmware polls on its
@@ -21,23 +21,17 @@ use crate::engine::Job;
 use crate::kernels::KernelLibrary;
 use crate::queue::{Outcome, Queue, Resources};
 use crate::QueueId;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::Ordering::*;
 use std::sync::Arc;
 use std::time::Duration;
 use userq_uapi::sync;
 
-/// A queue's membership in the run list. Only the scheduler reads or changes it.
-#[derive(Debug, Default)]
-pub struct Membership {
-    /// On the run list (so it is never listed twice).
-    queued: bool,
-}
-
 /// The run, parked and polled lists.
 #[derive(Debug)]
 pub struct Scheduler {
-    run_list: VecDeque<QueueId>,
+    run_list: RunList,
     parked: Vec<QueueId>,
     polled: Vec<QueueId>,
     /// Whether `membarrier(GLOBAL_EXPEDITED)` works here; without it no queue is polled.
@@ -51,7 +45,7 @@ impl Scheduler {
     /// Empty lists; polling only if the kernel has the membarrier it needs.
     pub fn new() -> Self {
         Scheduler {
-            run_list: VecDeque::new(),
+            run_list: RunList::default(),
             parked: Vec::new(),
             polled: Vec::new(),
             can_poll: sync::firmware_barrier_available(),
@@ -60,8 +54,8 @@ impl Scheduler {
 
     /// Puts a queue on the run list unless it is on it already; returns whether it was
     /// added.
-    pub fn schedule(&mut self, q: &mut Queue) -> bool {
-        enqueue(&mut self.run_list, q)
+    pub fn schedule(&mut self, q: &Queue) -> bool {
+        self.run_list.push(q.id)
     }
 
     /// Whether a queue waits for its turn.
@@ -72,7 +66,7 @@ impl Scheduler {
     /// Drops every list entry of context `ctx` (or only of its queue `slot`).
     pub fn forget(&mut self, ctx: u32, slot: Option<u32>) {
         let gone = |id: &QueueId| id.ctx == ctx && slot.is_none_or(|s| s == id.slot);
-        self.run_list.retain(|id| !gone(id));
+        self.run_list.remove_where(gone);
         self.parked.retain(|id| !gone(id));
         self.polled.retain(|id| !gone(id));
     }
@@ -130,14 +124,14 @@ impl Scheduler {
                 return false;
             };
             if q.is_active() && q.has_unread(db) {
-                any |= enqueue(run_list, q);
+                any |= run_list.push(q.id);
             }
             true
         });
         any
     }
 
-    /// Stops polling queues idle for [`POLL_IDLE`] (or all of them): clear their flags,
+    /// Stops polling queues idle for 1 ms (or all of them): clear their flags,
     /// barrier every registered client (membarrier), then look at each write index once
     /// more. Returns whether one of them had work.
     pub fn stop_polling(&mut self, contexts: &mut Contexts, all: bool) -> bool {
@@ -255,7 +249,7 @@ impl Scheduler {
         let mut any = false;
         let mut newly_polled = Vec::new();
         for _ in 0..turns {
-            let Some(id) = self.run_list.pop_front() else {
+            let Some(id) = self.run_list.pop() else {
                 break;
             };
             let Some(c) = contexts.get_mut(id.ctx) else {
@@ -265,7 +259,6 @@ impl Scheduler {
             let Some(q) = c.queues[id.slot as usize].as_mut() else {
                 continue;
             };
-            q.membership.queued = false;
             let res = Resources {
                 bindings: &c.bindings,
                 vm: &c.vm,
@@ -291,14 +284,67 @@ impl Scheduler {
     }
 }
 
-/// Puts `q` on `run_list` unless its membership says it is there already.
-fn enqueue(run_list: &mut VecDeque<QueueId>, q: &mut Queue) -> bool {
-    if q.membership.queued {
-        return false;
+/// Queues with work, in turn order, each at most once.
+#[derive(Debug, Default)]
+struct RunList {
+    order: VecDeque<QueueId>,
+    /// Exactly the ids in `order`.
+    members: HashSet<QueueId, BuildHasherDefault<QueueIdHasher>>,
+}
+
+impl RunList {
+    /// Appends `id` unless it is listed already; returns whether it was added.
+    #[inline]
+    fn push(&mut self, id: QueueId) -> bool {
+        if !self.members.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        true
     }
-    q.membership.queued = true;
-    run_list.push_back(q.id);
-    true
+
+    /// Takes the queue whose turn it is.
+    #[inline]
+    fn pop(&mut self) -> Option<QueueId> {
+        let id = self.order.pop_front()?;
+        self.members.remove(&id);
+        Some(id)
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn remove_where(&mut self, gone: impl Fn(&QueueId) -> bool) {
+        self.order.retain(|id| !gone(id));
+        self.members.retain(|id| !gone(id));
+    }
+}
+
+/// Hashes a [`QueueId`] with one multiplication (Fibonacci hashing of its 64 bits): the ids
+/// are small integers chosen by kmd-shim, not by clients, so no DoS-resistant hash is
+/// needed on this per-packet path.
+#[derive(Debug, Default)]
+struct QueueIdHasher(u64);
+
+impl Hasher for QueueIdHasher {
+    fn finish(&self) -> u64 {
+        self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ *b as u64;
+        }
+    }
+
+    fn write_u32(&mut self, v: u32) {
+        self.0 = self.0 << 32 | v as u64;
+    }
 }
 
 impl Default for Scheduler {
