@@ -286,84 +286,88 @@ impl Report {
 
     /// The run as JSON.
     pub fn json(&self) -> String {
-        let q = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
-        let mut parts = Vec::new();
-        let lat: Vec<String> = self
+        use serde_json::{json, Value};
+        let ratio = |a: u64, b: u64| round3(a as f64 / b.max(1) as f64);
+        let latency: Vec<Value> = self
             .latency
             .iter()
             .map(|r| {
                 let s = r.latency.summary();
                 let floor = r.floor.and_then(|f| self.floor(f));
-                format!(
-                    "{{\"name\":{},\"p50_ns\":{},\"p99_ns\":{},\"p999_ns\":{},\"samples\":{},\"ratio_p50\":{},\"ratio_p99\":{}}}",
-                    q(&r.name),
-                    s.p50,
-                    s.p99,
-                    s.p999,
-                    s.count,
-                    floor.map_or("null".into(), |f| format!("{:.3}", s.p50 as f64 / f.p50.max(1) as f64)),
-                    floor.map_or("null".into(), |f| format!("{:.3}", s.p99 as f64 / f.p99.max(1) as f64)),
-                )
+                json!({
+                    "name": r.name,
+                    "p50_ns": s.p50,
+                    "p99_ns": s.p99,
+                    "p999_ns": s.p999,
+                    "samples": s.count,
+                    "ratio_p50": floor.map(|f| ratio(s.p50, f.p50)),
+                    "ratio_p99": floor.map(|f| ratio(s.p99, f.p99)),
+                })
             })
             .collect();
-        parts.push(format!("\"latency\":[{}]", lat.join(",")));
-        let thr: Vec<String> = self
+        let throughput: Vec<Value> = self
             .throughput
             .iter()
-            .map(|r| {
-                format!(
-                    "{{\"system\":{},\"batch\":{},\"ops_per_sec\":{:.0}}}",
-                    q(r.system),
-                    r.batch,
-                    r.ops_per_sec
-                )
-            })
+            .map(|r| json!({"system": r.system, "batch": r.batch, "ops_per_sec": r.ops_per_sec.round()}))
             .collect();
-        parts.push(format!("\"throughput\":[{}]", thr.join(",")));
-        let sc: Vec<String> = self
+        let scaling: Vec<Value> = self
             .scaling
             .iter()
             .map(|r| {
-                format!(
-                    "{{\"queues\":{},\"procs\":{},\"packets_per_sec\":{:.0},\"p50_ns\":{},\"p99_ns\":{}}}",
-                    r.queues, r.procs, r.packets_per_sec, r.summary.p50, r.summary.p99
-                )
+                json!({
+                    "queues": r.queues,
+                    "procs": r.procs,
+                    "packets_per_sec": r.packets_per_sec.round(),
+                    "p50_ns": r.summary.p50,
+                    "p99_ns": r.summary.p99,
+                })
             })
             .collect();
-        parts.push(format!("\"scaling\":[{}]", sc.join(",")));
-        parts.push(format!(
-            "\"idle_cpu\":{}",
-            self.idle_cpu.map_or("null".into(), |v| format!("{v:.5}"))
-        ));
-        parts.push(format!(
-            "\"submit\":{}",
-            self.submit.map_or("null".into(), |(c, w)| {
-                format!(
-                    "{{\"median_ns\":{c:.2},\"futex_wakes\":{w},\"syscalls_traced\":{}}}",
-                    self.submit_syscalls
-                        .map_or("null".into(), |n| n.to_string())
-                )
-            })
-        ));
-        let tg: Vec<String> = self
+        let targets: Vec<Value> = self
             .targets()
             .iter()
-            .map(|t| {
-                format!(
-                    "{{\"target\":{},\"measured\":{},\"pass\":{}}}",
-                    q(&t.what),
-                    q(&t.measured),
-                    t.verdict.map_or("null".into(), |v| v.to_string())
-                )
-            })
+            .map(|t| json!({"target": t.what, "measured": t.measured, "pass": t.verdict}))
             .collect();
-        parts.push(format!("\"targets\":[{}]", tg.join(",")));
-        let sk: Vec<String> = self
+        let skipped: Vec<Value> = self
             .skipped
             .iter()
-            .map(|(w, y)| format!("{{\"what\":{},\"why\":{}}}", q(w), q(y)))
+            .map(|(what, why)| json!({"what": what, "why": why}))
             .collect();
-        parts.push(format!("\"skipped\":[{}]", sk.join(",")));
-        format!("{{{}}}", parts.join(","))
+        json!({
+            "latency": latency,
+            "throughput": throughput,
+            "scaling": scaling,
+            "idle_cpu": self.idle_cpu,
+            "submit": self.submit.map(|(median, wakes)| json!({
+                "median_ns": (median * 100.0).round() / 100.0,
+                "futex_wakes": wakes,
+                "syscalls_traced": self.submit_syscalls,
+            })),
+            "targets": targets,
+            "skipped": skipped,
+        })
+        .to_string()
+    }
+}
+
+/// Rounds a ratio to three decimals for printing.
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_escapes_every_string() {
+        let mut r = Report::default();
+        r.skipped.push((
+            "a \"quoted\"\tname\\".into(),
+            "line one\nline two \u{1} end".into(),
+        ));
+        let v: serde_json::Value = serde_json::from_str(&r.json()).expect("valid JSON");
+        assert_eq!(v["skipped"][0]["why"], "line one\nline two \u{1} end");
+        assert_eq!(v["skipped"][0]["what"], "a \"quoted\"\tname\\");
     }
 }

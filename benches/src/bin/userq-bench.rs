@@ -1,10 +1,17 @@
 //! `userq-bench`: userq against the machine's floors and against peers, in one run.
 //!
 //! ```text
-//! userq-bench [compare|floors|latency|peers|throughput|scaling|idle|submit]
+//! userq-bench [compare|floors|latency|peers|throughput|scaling|idle|submit|sched]
 //!             [--iters N] [--quick] [--json] [--plot DIR]
 //! ```
+//!
+//! `userq-bench --help` lists them. The tool re-executes itself in hidden roles (first
+//! argument `__…`) for the processes it measures; those are not part of the CLI.
+//!
+//! ```text
+//! ```
 
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,72 +20,72 @@ use userq_benches::device::{self, DeviceProcs, Mode};
 use userq_benches::report::{LatencyRow, Report, ScalingRow, ThroughputRow};
 use userq_benches::{floors, peers, plot, proc};
 
-const USAGE: &str = "usage: userq-bench [SUBCOMMAND] [--iters N] [--quick] [--json] [--plot DIR]
+/// userq against the machine's floors and against peers, measured in one run.
+#[derive(Debug, Parser)]
+#[command(name = "userq-bench", version, about)]
+struct Cli {
+    /// What to measure (default: compare, which runs all of them in one process tree).
+    #[command(subcommand)]
+    what: Option<What>,
+    /// Round trips per latency measurement (blocking ones use N/5) [default: 50000, or
+    /// 5000 with --quick].
+    #[arg(long, global = true, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
+    iters: Option<u64>,
+    /// A short run: N = 5000, smaller throughput and scaling runs.
+    #[arg(long, global = true)]
+    quick: bool,
+    /// Print the results as JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Write latency-cdf.png, throughput.png and scaling.png into DIR.
+    #[arg(long, global = true, value_name = "DIR")]
+    plot: Option<PathBuf>,
+}
 
-subcommands (default: compare, which runs all of them in one process tree):
-  floors      cache-line and shared-futex ping-pong between two processes
-  latency     userq NOP round trips, daemon and embedded mode, spinning and blocking
-  peers       Unix-socket daemon, io_uring NOP, iceoryx2 pub/sub ping-pong
-  throughput  NOPs/s on one queue vs batch size, and io_uring batched NOPs
-  scaling     1, 16, 256 queues across 1, 4, 16 client processes
-  idle        fw-emu CPU use 10 ms after the last work
-  submit      host-side submit cost and the syscalls it makes
-  sched       engine scheduler: fairness, priority under load, 64 queues from 4 processes
-
-options:
-  --iters N   round trips per latency measurement (default 50000; blocking ones use N/5)
-  --quick     a short run (N = 5000, smaller throughput and scaling runs)
-  --json      print the results as JSON instead of tables
-  --plot DIR  write latency-cdf.png, throughput.png and scaling.png into DIR";
+/// One part of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+enum What {
+    /// Everything below, one part after the other.
+    Compare,
+    /// Cache-line and shared-futex ping-pong between two processes.
+    Floors,
+    /// userq NOP round trips, daemon and embedded mode, spinning and blocking.
+    Latency,
+    /// Unix-socket daemon, io_uring NOP, iceoryx2 pub/sub ping-pong.
+    Peers,
+    /// NOPs/s on one queue vs batch size, and io_uring batched NOPs.
+    Throughput,
+    /// 1, 16, 256 queues across 1, 4, 16 client processes.
+    Scaling,
+    /// fw-emu CPU use 10 ms after the last work.
+    Idle,
+    /// Host-side submit cost and the syscalls it makes.
+    Submit,
+    /// Engine scheduler: fairness, priority under load, 64 queues from 4 processes.
+    Sched,
+}
 
 struct Opts {
-    what: String,
+    what: What,
     iters: usize,
     quick: bool,
     json: bool,
     plot: Option<PathBuf>,
 }
 
-fn parse(args: &[String]) -> Result<Opts, String> {
-    let mut o = Opts {
-        what: "compare".into(),
-        iters: 50_000,
-        quick: false,
-        json: false,
-        plot: None,
-    };
-    let mut iters_set = false;
-    let mut what_set = false;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "compare" | "floors" | "latency" | "peers" | "throughput" | "scaling" | "idle"
-            | "submit" | "sched"
-                if !what_set =>
-            {
-                o.what = a.clone();
-                what_set = true;
-            }
-            "--iters" => {
-                let v = it.next().ok_or("--iters needs a number")?;
-                o.iters = v
-                    .parse()
-                    .map_err(|_| format!("--iters: {v:?} is not a number"))?;
-                if !(100..=10_000_000).contains(&o.iters) {
-                    return Err(format!("--iters: {} is outside 100..=10000000", o.iters));
-                }
-                iters_set = true;
-            }
-            "--quick" => o.quick = true,
-            "--json" => o.json = true,
-            "--plot" => o.plot = Some(it.next().ok_or("--plot needs a directory")?.into()),
-            other => return Err(format!("unknown argument {other:?}")),
+impl From<Cli> for Opts {
+    fn from(c: Cli) -> Opts {
+        Opts {
+            what: c.what.unwrap_or(What::Compare),
+            iters: c
+                .iters
+                .map_or(if c.quick { 5_000 } else { 50_000 }, |n| n as usize),
+            quick: c.quick,
+            json: c.json,
+            plot: c.plot,
         }
     }
-    if o.quick && !iters_set {
-        o.iters = 5_000;
-    }
-    Ok(o)
 }
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -108,7 +115,7 @@ fn role(name: &str, args: &[String]) -> Res<()> {
 }
 
 fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
-    let all = o.what == "compare";
+    let all = o.what == What::Compare;
     let (n, nb) = (o.iters, (o.iters / 5).max(100));
     let warm = (n / 10).max(100);
     let say = |s: &str| {
@@ -116,7 +123,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
             eprintln!("userq-bench: {s}");
         }
     };
-    if all || o.what == "floors" || o.what == "latency" {
+    if all || o.what == What::Floors || o.what == What::Latency {
         say("floors");
         r.latency.push(LatencyRow {
             name: "floor: cache-line ping-pong".into(),
@@ -129,7 +136,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
             latency: floors::futex_floor(warm / 5, nb)?,
         });
     }
-    if all || o.what == "latency" {
+    if all || o.what == What::Latency {
         for mode in [Mode::Daemon, Mode::Embedded] {
             say(&format!("userq NOP round trips, {} mode", mode.name()));
             let procs = DeviceProcs::start(mode, dir)?;
@@ -148,7 +155,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
             });
         }
     }
-    if all || o.what == "peers" {
+    if all || o.what == What::Peers {
         say("peers");
         r.latency.push(LatencyRow {
             name: "unix-socket daemon request/response".into(),
@@ -172,7 +179,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
             Err(e) => r.skipped.push(("iceoryx2".into(), e.to_string())),
         }
     }
-    if all || o.what == "throughput" {
+    if all || o.what == What::Throughput {
         say("throughput");
         let total = if o.quick { 200_000 } else { 2_000_000 };
         let procs = DeviceProcs::start(Mode::Daemon, dir)?;
@@ -195,7 +202,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
             }
         }
     }
-    if all || o.what == "submit" {
+    if all || o.what == What::Submit {
         say("submit cost");
         let procs = DeviceProcs::start(Mode::Daemon, dir)?;
         let dev = procs.connect()?;
@@ -208,7 +215,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
             ));
         }
     }
-    if all || o.what == "scaling" {
+    if all || o.what == What::Scaling {
         say("scaling");
         let procs = DeviceProcs::start(Mode::Daemon, dir)?;
         let rounds_total = if o.quick { 2_000 } else { 20_000 };
@@ -228,7 +235,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
             }
         }
     }
-    if all || o.what == "sched" {
+    if all || o.what == What::Sched {
         say("scheduler");
         let procs = DeviceProcs::start(Mode::Daemon, dir)?;
         let dev = procs.connect()?;
@@ -244,7 +251,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
         let d = userq_benches::sched::oversubscription(&procs, 4, 16, 20)?;
         r.oversubscription = Some((4, 16, d));
     }
-    if all || o.what == "idle" {
+    if all || o.what == What::Idle {
         say("idle");
         let procs = DeviceProcs::start(Mode::Daemon, dir)?;
         let dev = procs.connect()?;
@@ -269,15 +276,17 @@ fn main() -> ExitCode {
             }
         };
     }
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
-    }
-    let o = match parse(&args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("userq-bench: {e}\n{USAGE}");
+    let o: Opts = match Cli::try_parse() {
+        Ok(c) => c.into(),
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            eprintln!("userq-bench: usage error (see `userq-bench --help`)");
             return ExitCode::from(2);
+        }
+        Err(e) => {
+            // --help or --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
         }
     };
     proc::reap_on_interrupt();
