@@ -22,6 +22,7 @@ pub mod fwmsg;
 pub mod ioctl;
 pub mod kernels;
 pub mod layout;
+pub mod msgring;
 pub mod os;
 pub mod packet;
 pub mod shm;
