@@ -307,12 +307,7 @@ impl Firmware {
             Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS)
         };
         let (status, kick) = (self.status.clone(), self.kick.clone());
-        sync::announce_and_sleep(
-            &status.sleep,
-            &kick.kick.word,
-            || self.has_work(),
-            Some(bound),
-        );
+        sync::announce_and_sleep(&status.sleep, &kick.kick.word, || self.has_work(), bound);
         self.tick();
     }
 

@@ -109,6 +109,10 @@ pub struct Queue {
     pub time_slice: Option<Duration>,
     /// The timeline fence; only the firmware writes it.
     pub timeline: Arc<FenceObject>,
+    /// Whether the queue is on the scheduler's run list (so it is never listed twice).
+    /// Kept here so the check is one load on the per-packet path; only [`crate::sched`]
+    /// reads or changes it.
+    pub(crate) on_run_list: bool,
     ring: RingShm,
     /// Packets copied out of the ring. Private: never read back from shared memory.
     /// `completed ≤ rptr ≤ doorbell_floor + entries`.
@@ -152,6 +156,7 @@ impl Queue {
             priority,
             time_slice,
             timeline,
+            on_run_list: false,
             ring,
             rptr: 0,
             doorbell_floor: 0,

@@ -21,8 +21,7 @@ use crate::engine::Job;
 use crate::kernels::KernelLibrary;
 use crate::queue::{Outcome, Queue, Resources};
 use crate::QueueId;
-use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering::*;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,8 +53,8 @@ impl Scheduler {
 
     /// Puts a queue on the run list unless it is on it already; returns whether it was
     /// added.
-    pub fn schedule(&mut self, q: &Queue) -> bool {
-        self.run_list.push(q.id)
+    pub fn schedule(&mut self, q: &mut Queue) -> bool {
+        self.run_list.push(q)
     }
 
     /// Whether a queue waits for its turn.
@@ -124,7 +123,7 @@ impl Scheduler {
                 return false;
             };
             if q.is_active() && q.has_unread(db) {
-                any |= run_list.push(q.id);
+                any |= run_list.push(q);
             }
             true
         });
@@ -259,6 +258,7 @@ impl Scheduler {
             let Some(q) = c.queues[id.slot as usize].as_mut() else {
                 continue;
             };
+            q.on_run_list = false;
             let res = Resources {
                 bindings: &c.bindings,
                 vm: &c.vm,
@@ -284,31 +284,29 @@ impl Scheduler {
     }
 }
 
-/// Queues with work, in turn order, each at most once.
+/// Queues with work, in turn order, each at most once (each queue's `on_run_list` says
+/// whether it is here).
 #[derive(Debug, Default)]
 struct RunList {
     order: VecDeque<QueueId>,
-    /// Exactly the ids in `order`.
-    members: HashSet<QueueId, BuildHasherDefault<QueueIdHasher>>,
 }
 
 impl RunList {
-    /// Appends `id` unless it is listed already; returns whether it was added.
+    /// Appends `q` unless it is listed already; returns whether it was added.
     #[inline]
-    fn push(&mut self, id: QueueId) -> bool {
-        if !self.members.insert(id) {
+    fn push(&mut self, q: &mut Queue) -> bool {
+        if q.on_run_list {
             return false;
         }
-        self.order.push_back(id);
+        q.on_run_list = true;
+        self.order.push_back(q.id);
         true
     }
 
-    /// Takes the queue whose turn it is.
+    /// Takes the queue whose turn it is; the caller clears its `on_run_list`.
     #[inline]
     fn pop(&mut self) -> Option<QueueId> {
-        let id = self.order.pop_front()?;
-        self.members.remove(&id);
-        Some(id)
+        self.order.pop_front()
     }
 
     fn len(&self) -> usize {
@@ -319,31 +317,9 @@ impl RunList {
         self.order.is_empty()
     }
 
+    /// Drops entries of queues that are gone (their `on_run_list` goes with them).
     fn remove_where(&mut self, gone: impl Fn(&QueueId) -> bool) {
         self.order.retain(|id| !gone(id));
-        self.members.retain(|id| !gone(id));
-    }
-}
-
-/// Hashes a [`QueueId`] with one multiplication (Fibonacci hashing of its 64 bits): the ids
-/// are small integers chosen by kmd-shim, not by clients, so no DoS-resistant hash is
-/// needed on this per-packet path.
-#[derive(Debug, Default)]
-struct QueueIdHasher(u64);
-
-impl Hasher for QueueIdHasher {
-    fn finish(&self) -> u64 {
-        self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ *b as u64;
-        }
-    }
-
-    fn write_u32(&mut self, v: u32) {
-        self.0 = self.0 << 32 | v as u64;
     }
 }
 

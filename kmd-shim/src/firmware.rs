@@ -396,7 +396,7 @@ impl FirmwareLink {
                 &c.kmd_sleep,
                 &c.kmd_kick.word,
                 || c.to_kmd.has_message() || self.stop.load(Acquire),
-                Some(Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS)),
+                Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS),
             );
             backoff.reset();
             if !self.is_lost()

@@ -469,25 +469,29 @@ fn wait_many(
         .map(|(f, _)| &f.state().slot.wake as &dyn Word32)
         .collect();
     loop {
-        let left = match deadline {
-            Some(d) => match d.checked_duration_since(Instant::now()) {
-                Some(l) if !l.is_zero() => l,
-                _ => return decide(points, all).unwrap_or(Err(WaitError::Timeout)),
-            },
-            None => Duration::MAX,
-        };
         let mut decided = None;
-        // Bounded so that a lost device is noticed even if nobody wakes this waiter.
+        let mut expired = false;
         sync::sleep_unless(
             &words,
             || {
                 decided = decide(points, all);
                 decided.is_some()
             },
-            Some(left.min(Duration::from_millis(200))),
+            // Bounded so that a lost device is noticed even if nobody wakes this waiter.
+            || {
+                let left = deadline.map_or(Some(Duration::MAX), |d| {
+                    d.checked_duration_since(Instant::now())
+                        .filter(|l| !l.is_zero())
+                });
+                expired = left.is_none();
+                left.map(|l| l.min(Duration::from_millis(200)))
+            },
         );
         if let Some(r) = decided {
             return r;
+        }
+        if expired {
+            return Err(WaitError::Timeout);
         }
         if points.iter().any(|(f, _)| f.dev.is_lost_or_gone()) {
             return Err(WaitError::DeviceLost);
@@ -502,7 +506,11 @@ impl Fence {
         let i = &self.inner;
         let me = [(&**i, 0)];
         let _registered = Registered::new(&me);
-        sync::sleep_unless(&[&i.state().slot.wake], || !still_waiting(), Some(timeout));
+        sync::sleep_unless(
+            &[&i.state().slot.wake],
+            || !still_waiting(),
+            || Some(timeout),
+        );
     }
 
     /// The connection this fence belongs to.

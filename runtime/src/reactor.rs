@@ -88,7 +88,7 @@ impl Reactor {
                     }
                     woke || self.kick.load(Relaxed) != kick_seen
                 },
-                Some(Duration::from_millis(200)),
+                || Some(Duration::from_millis(200)),
             );
             if woke {
                 let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());

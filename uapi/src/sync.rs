@@ -133,15 +133,30 @@ static WAITV_BROKEN: core::sync::atomic::AtomicBool = core::sync::atomic::Atomic
 
 /// Sleeper side, after the caller announced itself (set its flag, or registered in a
 /// fence's waiter count): a full fence, a snapshot of `words`, then the re-check
-/// `work_visible`; sleeps on the words (at most `timeout`) only if it saw no work. Returns
+/// `work_visible`; only if it saw no work, sleeps on the words for at most `timeout()` (not
+/// at all if that is `None`: the caller's deadline has passed). The timeout is computed
+/// only when it is needed, so a re-check that finds the work costs no clock read. Returns
 /// early on any wake, signal or spurious wake-up: callers re-check in a loop.
 pub fn sleep_unless(
     words: &[&dyn Word32],
     work_visible: impl FnOnce() -> bool,
-    timeout: Option<Duration>,
+    timeout: impl FnOnce() -> Option<Duration>,
 ) {
+    /// Snapshots of up to this many words live on the stack (no allocation per sleep).
+    const INLINE: usize = 8;
+    static UNUSED: AtomicU32 = AtomicU32::new(0);
+    let mut inline = [(&UNUSED as &dyn Word32, 0u32); INLINE];
+    let mut heap = Vec::new();
     fence(SeqCst); // pairs with the waker's fence after it published work
-    let seen: Vec<(&dyn Word32, u32)> = words.iter().map(|w| (*w, w.relaxed())).collect();
+    let seen: &[(&dyn Word32, u32)] = if words.len() <= INLINE {
+        for (s, w) in inline.iter_mut().zip(words) {
+            *s = (*w, w.relaxed());
+        }
+        &inline[..words.len()]
+    } else {
+        heap.extend(words.iter().map(|w| (*w, w.relaxed())));
+        &heap
+    };
     // Pairs with the waker's release bump of a word: a snapshot that already holds the
     // bump also sees the work published before it, so the re-check cannot miss that work
     // and then sleep past the wake that announced it.
@@ -149,19 +164,22 @@ pub fn sleep_unless(
     if work_visible() {
         return;
     }
-    futex_wait_any(&seen, timeout);
+    if let Some(t) = timeout() {
+        futex_wait_any(seen, Some(t));
+    }
 }
 
 /// [`sleep_unless`] announced by a [`SleepFlag`] (the firmware's and kmd's NEED_WAKEUP):
-/// sets the flag, sleeps on `word` unless `work_visible`, clears the flag.
+/// sets the flag, sleeps on `word` (at most `timeout`) unless `work_visible`, clears the
+/// flag.
 pub fn announce_and_sleep(
     flag: &SleepFlag,
     word: &AtomicU32,
     work_visible: impl FnOnce() -> bool,
-    timeout: Option<Duration>,
+    timeout: Duration,
 ) {
     flag.sleeping.store(1, Relaxed);
-    sleep_unless(&[word], work_visible, timeout);
+    sleep_unless(&[word], work_visible, || Some(timeout));
     flag.sleeping.store(0, Relaxed);
 }
 
