@@ -221,19 +221,12 @@ impl Device {
         let mapping = self.reserve_allocation(ctx, pages)?;
         let va = mapping.va;
         let fd = os::create_memfd("userq-buffer", pages, Sealing::Final).map_err(|e| match e {
-            rustix::io::Errno::NOSPC | rustix::io::Errno::NOMEM => KmdStatus::OutOfMemory,
+            rustix::io::Errno::NOSPC | rustix::io::Errno::NOMEM | rustix::io::Errno::FBIG => {
+                KmdStatus::OutOfMemory
+            }
             _ => KmdStatus::Internal,
         })?;
-        let id = self.link.new_object_id();
-        self.link.call(
-            FwRequest::MapBuffer {
-                ctx,
-                va,
-                size,
-                object: id,
-            },
-            &[(id, fd.as_fd())],
-        )?;
+        self.map_in_firmware(ctx, va, size, fd.as_fd())?;
         let identity = os::object_identity(fd.as_fd()).map_err(|_| KmdStatus::Internal)?;
         let kept = fd.try_clone().map_err(|_| KmdStatus::Internal)?;
         mapping.commit_object(
@@ -248,14 +241,15 @@ impl Device {
         Ok((BufferReply { va, size }, [fd]))
     }
 
-    /// IMPORT_BUFFER: the fd must be a buffer of this device.
-    pub fn import_buffer(&self, ctx: u32, fds: &[OwnedFd]) -> Result<BufferReply, KmdStatus> {
-        let [fd] = fds else {
-            return Err(KmdStatus::BadFd);
-        };
-        let identity = os::object_identity(fd.as_fd()).map_err(|_| KmdStatus::BadFd)?;
-        let (mapping, size, ours) = self.reserve_import(ctx, identity)?;
-        let va = mapping.va;
+    /// Sends the buffer's memfd to the firmware and has it map `size` bytes at `va` in
+    /// `ctx`'s VM.
+    fn map_in_firmware(
+        &self,
+        ctx: u32,
+        va: u64,
+        size: u64,
+        fd: rustix::fd::BorrowedFd<'_>,
+    ) -> Result<(), KmdStatus> {
         let id = self.link.new_object_id();
         self.link.call(
             FwRequest::MapBuffer {
@@ -264,8 +258,19 @@ impl Device {
                 size,
                 object: id,
             },
-            &[(id, ours.as_fd())],
-        )?;
+            &[(id, fd)],
+        )
+    }
+
+    /// IMPORT_BUFFER: the fd must be a buffer of this device.
+    pub fn import_buffer(&self, ctx: u32, fds: &[OwnedFd]) -> Result<BufferReply, KmdStatus> {
+        let [fd] = fds else {
+            return Err(KmdStatus::BadFd);
+        };
+        let identity = os::object_identity(fd.as_fd()).map_err(|_| KmdStatus::BadFd)?;
+        let (mapping, size, ours) = self.reserve_import(ctx, identity)?;
+        let va = mapping.va;
+        self.map_in_firmware(ctx, va, size, ours.as_fd())?;
         mapping.commit();
         Ok(BufferReply { va, size })
     }
