@@ -11,6 +11,7 @@ use crate::queue::Queue;
 use crate::vm::Vm;
 use crate::QueueId;
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use userq_uapi::layout::{DoorbellPage, MAX_QUEUES_PER_CONTEXT};
 use userq_uapi::packet::FenceHandle;
 use userq_uapi::shm::Shm;
@@ -95,6 +96,13 @@ impl Contexts {
     /// Queue `id`, if its context and slot exist.
     pub fn queue_mut(&mut self, id: QueueId) -> Option<&mut Queue> {
         self.map.get_mut(&id.ctx)?.queue_mut(id.slot)
+    }
+
+    /// Queue `id` and its doorbell (the client's published write index), if both exist.
+    pub fn queue_and_doorbell(&mut self, id: QueueId) -> Option<(&mut Queue, &AtomicU64)> {
+        let c = self.map.get_mut(&id.ctx)?;
+        let q = c.queues.get_mut(id.slot as usize)?.as_mut()?;
+        Some((q, &c.doorbell.doorbells[id.slot as usize].value))
     }
 
     /// Every context.

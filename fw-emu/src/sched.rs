@@ -115,11 +115,7 @@ impl Scheduler {
         let mut any = false;
         let run_list = &mut self.run_list;
         self.polled.retain(|&id| {
-            let Some(c) = contexts.get_mut(id.ctx) else {
-                return false;
-            };
-            let db = &c.doorbell.doorbells[id.slot as usize].value;
-            let Some(q) = c.queues[id.slot as usize].as_mut() else {
+            let Some((q, db)) = contexts.queue_and_doorbell(id) else {
                 return false;
             };
             if q.is_active() && q.has_unread(db) {
@@ -159,11 +155,7 @@ impl Scheduler {
         }
         let mut any = false;
         for id in cooled {
-            let Some(c) = contexts.get_mut(id.ctx) else {
-                continue;
-            };
-            let db = &c.doorbell.doorbells[id.slot as usize].value;
-            if let Some(q) = c.queues[id.slot as usize].as_mut() {
+            if let Some((q, db)) = contexts.queue_and_doorbell(id) {
                 if q.is_active() && q.has_unread(db) {
                     any |= self.schedule(q);
                 }

@@ -21,7 +21,10 @@ type Slot = Arc<Mutex<Option<Waker>>>;
 
 struct Reactor {
     entries: Mutex<Vec<(FencePoint, Slot)>>,
-    /// Bumped whenever an entry is added, so the reactor's sleep ends.
+    /// Bumped whenever an entry is added, so the reactor's sleep ends. In-process memory,
+    /// but waited on with rustix's (shared) futex rather than `atomic-wait`: the reactor
+    /// sleeps on it and on the fences' shared wake words in one `futex_waitv`, which
+    /// `atomic-wait` cannot do, and a private wait would not match a shared wake.
     kick: AtomicU32,
 }
 
