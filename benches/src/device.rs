@@ -184,7 +184,7 @@ pub fn nop_throughput(
 /// Median cost of one [`userq::Queue::enqueue`] of a NOP while the firmware is awake, measured over
 /// blocks of 256 submits (so the clock is read once per block), and how many of those
 /// submits made the one syscall the submit path has (a futex wake of a sleeping firmware).
-pub fn submit_cost(dev: &Device, blocks: usize) -> Result<(f64, u64), Box<dyn std::error::Error>> {
+pub fn submit_cost(dev: &Device, blocks: usize) -> Result<SubmitCost, Box<dyn std::error::Error>> {
     const BLOCK: usize = 256;
     let mut q = dev.queue().ring_entries(65536).create()?;
     let mut per_submit = Vec::with_capacity(blocks);
@@ -203,7 +203,23 @@ pub fn submit_cost(dev: &Device, blocks: usize) -> Result<(f64, u64), Box<dyn st
     let wakes = q.firmware_wakes() - wakes_before;
     q.finish(Duration::from_secs(10))?;
     per_submit.sort_by(f64::total_cmp);
-    Ok((per_submit[per_submit.len() / 2], wakes))
+    let at = |q: f64| per_submit[((per_submit.len() - 1) as f64 * q).round() as usize];
+    Ok(SubmitCost {
+        median_ns: at(0.5),
+        p99_ns: at(0.99),
+        futex_wakes: wakes,
+    })
+}
+
+/// What one round of [`submit_cost`] measured: ns per submit over blocks of 256.
+#[derive(Debug, Clone, Copy)]
+pub struct SubmitCost {
+    /// Median over the blocks.
+    pub median_ns: f64,
+    /// 99th percentile over the blocks.
+    pub p99_ns: f64,
+    /// Futex wakes the submits made (doorbells that found the firmware asleep).
+    pub futex_wakes: u64,
 }
 
 /// Role `__scale SOCKET QUEUES ROUNDS`: round trips over several queues of one context;

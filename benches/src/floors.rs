@@ -5,7 +5,7 @@
 use crate::proc::{inherited_memory, shared_memory, Role};
 use crate::stats::{time_each, Latency};
 use std::process::Stdio;
-use std::sync::atomic::Ordering::*;
+use std::sync::atomic::{AtomicU64, Ordering::*};
 use userq::uapi::sync::{futex_wait, futex_wake_all};
 
 /// Offsets of the two lines (two lines apart, so the adjacent-line prefetcher does not
@@ -107,5 +107,72 @@ pub fn futex_floor_child(fd: &str) -> std::io::Result<()> {
         seen = v;
         b.store(v, Release);
         futex_wake_all(b);
+    }
+}
+
+/// Offsets of the minimal exchange's three lines: a 64-byte packet, a doorbell, a fence
+/// (two lines apart, like the ping-pong's).
+const PACKET: usize = 0;
+const DOORBELL: usize = 128;
+const FENCE: usize = 256;
+
+/// Parent side of the minimal packet + doorbell + fence exchange: the least any user
+/// queue can do per round trip. The parent writes a 64-byte packet (words 1..7, then word 0
+/// with release), stores the doorbell (release) and spins on the fence; the child spins on
+/// the doorbell (acquire), copies the packet's eight words once, and stores the fence
+/// (release). Three cache lines, each written by one side: what userq's NOP round trip
+/// carries, with nothing else.
+pub fn exchange_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
+    let (fd, map) = shared_memory(4096)?;
+    let child = Role::spawn(
+        "__floor-exchange",
+        &[rustix::fd::AsRawFd::as_raw_fd(&fd).to_string()],
+        Some(&fd),
+        Stdio::null(),
+    )?;
+    let packet = map.atomics::<AtomicU64>(PACKET, 8).expect("packet line");
+    let doorbell = map.word64(DOORBELL).expect("doorbell line");
+    let fence = map.word64(FENCE).expect("fence line");
+    let mut i = 0u64;
+    let lat = time_each(warmup, iters, || {
+        i += 1;
+        for (k, w) in packet[1..].iter().enumerate() {
+            w.store(i ^ k as u64, Relaxed);
+        }
+        packet[0].store(i, Release);
+        doorbell.store(i, Release);
+        while fence.load(Acquire) != i {
+            core::hint::spin_loop();
+        }
+    });
+    doorbell.store(STOP64, Release);
+    drop(child);
+    Ok(lat)
+}
+
+/// Child side of the minimal exchange.
+pub fn exchange_floor_child(fd: &str) -> std::io::Result<()> {
+    let map = inherited_memory(fd)?;
+    let packet = map.atomics::<AtomicU64>(PACKET, 8).expect("packet line");
+    let doorbell = map.word64(DOORBELL).expect("doorbell line");
+    let fence = map.word64(FENCE).expect("fence line");
+    let mut seen = 0;
+    loop {
+        let d = doorbell.load(Acquire);
+        if d == STOP64 {
+            return Ok(());
+        }
+        if d == seen {
+            core::hint::spin_loop();
+            continue;
+        }
+        seen = d;
+        // Copy the packet once, as a firmware does, and complete it.
+        let mut words = [0u64; 8];
+        for (o, w) in words.iter_mut().zip(packet) {
+            *o = w.load(Relaxed);
+        }
+        std::hint::black_box(&words);
+        fence.store(d, Release);
     }
 }

@@ -12,5 +12,6 @@ pub mod peers;
 pub mod plot;
 pub mod proc;
 pub mod report;
+pub mod rounds;
 pub mod sched;
 pub mod stats;

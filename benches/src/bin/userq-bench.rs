@@ -18,7 +18,10 @@ use std::time::Duration;
 use userq::WaitMode;
 use userq_benches::device::{self, DeviceProcs, Mode};
 use userq_benches::report::{LatencyRow, Report, ScalingRow, ThroughputRow};
-use userq_benches::{floors, peers, plot, proc};
+use userq_benches::{floors, peers, plot, proc, rounds};
+
+/// The name of the minimal-exchange floor row.
+const EXCHANGE_FLOOR: &str = "floor: minimal packet + doorbell + fence exchange";
 
 /// userq against the machine's floors and against peers, measured in one run.
 #[derive(Debug, Parser)]
@@ -99,6 +102,7 @@ fn role(name: &str, args: &[String]) -> Res<()> {
     match name {
         "__floor-poll" => floors::poll_floor_child(arg(0)?)?,
         "__floor-futex" => floors::futex_floor_child(arg(0)?)?,
+        "__floor-exchange" => floors::exchange_floor_child(arg(0)?)?,
         "__echo-unix" => peers::unix_echo_server(arg(0)?)?,
         "__iceoryx2" => peers::iceoryx2_echo(arg(0)?, arg(1)?)?,
         "__kmd" => device::kmd_role(arg(0)?)?,
@@ -135,16 +139,44 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
             floor: Some("futex"),
             latency: floors::futex_floor(warm / 5, nb)?,
         });
+        if !(all || o.what == What::Latency) {
+            // With `latency`, this floor is measured in rounds paired with userq's.
+            r.latency.push(LatencyRow {
+                name: EXCHANGE_FLOOR.into(),
+                floor: Some("poll"),
+                latency: floors::exchange_floor(warm, n)?,
+            });
+        }
     }
     if all || o.what == What::Latency {
+        // Paired rounds: the minimal exchange and userq's spin round trip alternately, so a
+        // placement change between two measurements cannot flatter or sink the ratio.
+        let rounds = if o.quick { 3 } else { 7 };
+        let per_round = (n / rounds).max(100);
+        let warm_round = (per_round / 10).max(100);
         for mode in [Mode::Daemon, Mode::Embedded] {
             say(&format!("userq NOP round trips, {} mode", mode.name()));
             let procs = DeviceProcs::start(mode, dir)?;
             let dev = procs.connect()?;
-            let spin = device::nop_round_trip(&dev, WaitMode::Spin, warm, n)?;
+            let name = format!("userq NOP, {}, spin", mode.name());
+            let (paired, exchange, spin) = rounds::interleave(
+                &name,
+                EXCHANGE_FLOOR,
+                rounds,
+                || -> Res<_> { Ok(floors::exchange_floor(warm_round, per_round)?) },
+                || device::nop_round_trip(&dev, WaitMode::Spin, warm_round, per_round),
+            )?;
+            r.paired.push(paired);
+            if mode == Mode::Daemon {
+                r.latency.push(LatencyRow {
+                    name: EXCHANGE_FLOOR.into(),
+                    floor: Some("poll"),
+                    latency: exchange,
+                });
+            }
             r.latency.push(LatencyRow {
-                name: format!("userq NOP, {}, spin", mode.name()),
-                floor: Some("poll"),
+                name,
+                floor: Some("exchange"),
                 latency: spin,
             });
             let block = device::nop_round_trip(&dev, WaitMode::Block, warm / 5, nb)?;
@@ -206,7 +238,11 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
         say("submit cost");
         let procs = DeviceProcs::start(Mode::Daemon, dir)?;
         let dev = procs.connect()?;
-        r.submit = Some(device::submit_cost(&dev, if o.quick { 200 } else { 2000 })?);
+        let rounds = if o.quick { 3 } else { 7 };
+        for _ in 0..rounds {
+            r.submit_rounds
+                .push(device::submit_cost(&dev, if o.quick { 100 } else { 300 })?);
+        }
         r.submit_syscalls = device::submit_syscalls(&procs, 50_000)?;
         if r.submit_syscalls.is_none() {
             r.skipped.push((
