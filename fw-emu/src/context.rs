@@ -7,6 +7,7 @@
 //! its [`QueueId`].
 
 use crate::fence::Binding;
+use crate::id::IdMap;
 use crate::queue::Queue;
 use crate::vm::Vm;
 use crate::QueueId;
@@ -60,7 +61,7 @@ impl Context {
 /// Every context the firmware serves, by id.
 #[derive(Debug, Default)]
 pub struct Contexts {
-    map: HashMap<u32, Context>,
+    map: IdMap<u32, Context>,
 }
 
 impl Contexts {

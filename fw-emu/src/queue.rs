@@ -199,8 +199,12 @@ impl Queue {
     /// doorbell or by the next slot's sequence tag (or moved its doorbell backwards, which
     /// `service` reports).
     pub fn has_unread(&self, doorbell: &AtomicU64) -> bool {
-        let d = doorbell.load(Relaxed);
-        self.next_tagged() || d > self.rptr || d < self.doorbell_floor
+        // The tag first: while the client streams tagged packets the doorbell's line is not
+        // read at all, so the client's next doorbell store finds it still owned.
+        self.next_tagged() || {
+            let d = doorbell.load(Relaxed);
+            d > self.rptr || d < self.doorbell_floor
+        }
     }
 
     #[inline]
@@ -283,9 +287,6 @@ impl Queue {
             let n = ahead.min(budget as u64);
             (n, ahead > n)
         };
-        if n > 0 {
-            self.last_active = Instant::now();
-        }
         let mut outcome = if more { Outcome::More } else { Outcome::Idle };
         for _ in 0..n {
             let index = self.rptr;
@@ -318,6 +319,10 @@ impl Queue {
             }
         }
         self.publish();
+        if n > 0 {
+            // After the completion is published: the clock read stays off the round trip.
+            self.last_active = Instant::now();
+        }
         outcome
     }
 
