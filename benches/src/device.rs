@@ -181,6 +181,33 @@ pub fn nop_throughput(
     Ok((rounds * batch) as f64 / t.elapsed().as_secs_f64())
 }
 
+/// Round trips of a one-workgroup DISPATCH (fill of 64 u32) on an otherwise idle device:
+/// the packet, the command processor handing the job to an engine, the workgroup, the
+/// completion back through the command processor, the fence. `mode` is how the host waits.
+pub fn kernel_launch(
+    dev: &Device,
+    mode: WaitMode,
+    warmup: usize,
+    iters: usize,
+) -> Result<Latency, Box<dyn std::error::Error>> {
+    let mut q = dev.queue().ring_entries(1024).create()?;
+    let out = dev.alloc::<u32>(64)?;
+    let timeline = q.timeline().clone();
+    let cmd = [userq::kernels::fill_u32(64, 7, &out)?];
+    // The first dispatch allocates the queue's argument area: outside the timing.
+    q.submit_batch(&cmd)?.wait(Duration::from_secs(10))?;
+    let lat = time_each(warmup, iters, || {
+        let v = q.enqueue(&cmd).expect("submit");
+        timeline
+            .wait_with(v, mode, Duration::from_secs(10))
+            .expect("wait");
+    });
+    if out.read(63) != 7 {
+        return Err("the fill kernel did not run".into());
+    }
+    Ok(lat)
+}
+
 /// Median cost of one [`userq::Queue::enqueue`] of a NOP while the firmware is awake, measured over
 /// blocks of 256 submits (so the clock is read once per block), and how many of those
 /// submits made the one syscall the submit path has (a futex wake of a sleeping firmware).

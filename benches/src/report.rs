@@ -147,6 +147,13 @@ impl Report {
                 verdict: Some(ratio(u.p99, f.p99) <= 2.5),
             });
         }
+        if let Some(k) = self.summary("userq 1-workgroup DISPATCH, daemon, spin") {
+            t.push(Target {
+                what: "small kernel launch: 1-workgroup DISPATCH round trip on an idle device p50 ≤ 2 µs".into(),
+                measured: format!("p50 {}, p99 {}", ns(k.p50), ns(k.p99)),
+                verdict: Some(k.p50 <= 2_000),
+            });
+        }
         if let (Some(f), Some(u)) = (futex, self.summary("userq NOP, daemon, block")) {
             t.push(Target {
                 what: "blocking round trip p50 ≤ 1.3× blocking floor".into(),

@@ -20,6 +20,9 @@ use userq_benches::device::{self, DeviceProcs, Mode};
 use userq_benches::report::{LatencyRow, Report, ScalingRow, ThroughputRow};
 use userq_benches::{floors, peers, plot, proc, rounds};
 
+/// The name of the kernel-launch row.
+const KERNEL_LAUNCH: &str = "userq 1-workgroup DISPATCH, daemon, spin";
+
 /// The name of the minimal-exchange floor row.
 const EXCHANGE_FLOOR: &str = "floor: minimal packet + doorbell + fence exchange";
 
@@ -179,6 +182,13 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
                 floor: Some("exchange"),
                 latency: spin,
             });
+            if mode == Mode::Daemon {
+                r.latency.push(LatencyRow {
+                    name: KERNEL_LAUNCH.into(),
+                    floor: None,
+                    latency: device::kernel_launch(&dev, WaitMode::Spin, warm / 5, nb)?,
+                });
+            }
             let block = device::nop_round_trip(&dev, WaitMode::Block, warm / 5, nb)?;
             r.latency.push(LatencyRow {
                 name: format!("userq NOP, {}, block", mode.name()),
