@@ -215,6 +215,10 @@ pub fn submit_cost(dev: &Device, blocks: usize) -> Result<SubmitCost, Box<dyn st
     const BLOCK: usize = 256;
     let mut q = dev.queue().ring_entries(65536).create()?;
     let mut per_submit = Vec::with_capacity(blocks);
+    // Wake the firmware and let it poll the new queue first: this measures submits while
+    // it is awake (a doorbell that finds it asleep makes a futex wake, counted below).
+    q.submit(Command::nop())?
+        .wait_with(WaitMode::Spin, Duration::from_secs(10))?;
     let wakes_before = q.firmware_wakes();
     for _ in 0..blocks {
         if q.ring_entries() - (q.last_submitted().value() - q.timeline().value()) < BLOCK as u64 * 2

@@ -251,7 +251,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
         let rounds = if o.quick { 3 } else { 7 };
         for _ in 0..rounds {
             r.submit_rounds
-                .push(device::submit_cost(&dev, if o.quick { 100 } else { 300 })?);
+                .push(device::submit_cost(&dev, if o.quick { 200 } else { 2000 })?);
         }
         r.submit_syscalls = device::submit_syscalls(&procs, 50_000)?;
         if r.submit_syscalls.is_none() {
