@@ -181,6 +181,27 @@ pub fn nop_throughput(
     Ok((rounds * batch) as f64 / t.elapsed().as_secs_f64())
 }
 
+/// Cold NOP round trips: before each one the device is left idle long enough for the
+/// firmware to go to sleep, so the doorbell must wake it (a futex wake) and the completion
+/// must wake the blocked client (another): the same two wake-ups as the shared-futex
+/// ping-pong. The idle time is not timed.
+pub fn cold_round_trip(dev: &Device, iters: usize) -> Result<Latency, Box<dyn std::error::Error>> {
+    /// Longer than the firmware's spin-and-yield before it sleeps (2 ms).
+    const IDLE: Duration = Duration::from_millis(4);
+    let mut q = dev.queue().create()?;
+    let timeline = q.timeline().clone();
+    let nop = [Command::nop()];
+    let mut lat = Latency::new();
+    for _ in 0..iters {
+        std::thread::sleep(IDLE);
+        let t = Instant::now();
+        let v = q.enqueue(&nop)?;
+        timeline.wait_with(v, WaitMode::Block, Duration::from_secs(10))?;
+        lat.record(t.elapsed().as_nanos() as u64);
+    }
+    Ok(lat)
+}
+
 /// Round trips of a one-workgroup DISPATCH (fill of 64 u32) on an otherwise idle device:
 /// the packet, the command processor handing the job to an engine, the workgroup, the
 /// completion back through the command processor, the fence. `mode` is how the host waits.

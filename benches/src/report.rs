@@ -116,7 +116,18 @@ impl Report {
     pub fn targets(&self) -> Vec<Target> {
         let mut t = Vec::new();
         let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
-        for p in &self.paired {
+        for p in self.paired.iter().filter(|p| p.name.contains("cold")) {
+            let r50 = p.median_p50();
+            t.push(Target {
+                what: format!(
+                    "cold round trip (firmware asleep) p50 ≤ 1.3× the shared-futex ping-pong (median of {} paired rounds)",
+                    p.rounds.len()
+                ),
+                measured: format!("{r50:.2}× (rounds {})", fmt_ratios(&p.ratios_p50())),
+                verdict: Some(r50 <= 1.3),
+            });
+        }
+        for p in self.paired.iter().filter(|p| p.name.contains("spin")) {
             let (r50, r99) = (p.median_p50(), p.median_p99());
             t.push(Target {
                 what: format!(

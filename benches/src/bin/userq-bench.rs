@@ -20,6 +20,9 @@ use userq_benches::device::{self, DeviceProcs, Mode};
 use userq_benches::report::{LatencyRow, Report, ScalingRow, ThroughputRow};
 use userq_benches::{floors, peers, plot, proc, rounds};
 
+/// The name of the cold round-trip row.
+const COLD: &str = "userq NOP, daemon, cold (fw asleep), block";
+
 /// The name of the kernel-launch row.
 const KERNEL_LAUNCH: &str = "userq 1-workgroup DISPATCH, daemon, spin";
 
@@ -183,6 +186,23 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
                 latency: spin,
             });
             if mode == Mode::Daemon {
+                // Cold round trips against the futex ping-pong, paired the same way.
+                let cold_iters = if o.quick { 40 } else { 150 };
+                let (paired, _, cold) = rounds::interleave(
+                    COLD,
+                    "floor: shared-futex ping-pong",
+                    if o.quick { 3 } else { 5 },
+                    // The ping-pong needs a long run to settle into sleeping every time (a
+                    // short one mostly finds its partner still awake).
+                    || -> Res<_> { Ok(floors::futex_floor(warm / 5, nb)?) },
+                    || device::cold_round_trip(&dev, cold_iters),
+                )?;
+                r.paired.push(paired);
+                r.latency.push(LatencyRow {
+                    name: COLD.into(),
+                    floor: Some("futex"),
+                    latency: cold,
+                });
                 r.latency.push(LatencyRow {
                     name: KERNEL_LAUNCH.into(),
                     floor: None,
