@@ -323,6 +323,59 @@ pub struct ScalePoint {
     pub latency: Latency,
 }
 
+/// Role `__idle-queues SOCKET N`: a client process that opens `N` queues, says `ready` on
+/// stdout, and then leaves them idle until it is stopped (bounded: it exits by itself
+/// after ten minutes).
+pub fn idle_queues_role(socket: &str, queues: usize) -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::Write;
+    let dev = Device::connect(socket)?;
+    let mut qs = Vec::with_capacity(queues);
+    for _ in 0..queues {
+        qs.push(dev.queue().ring_entries(2).create()?);
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(b"ready\n")?;
+    out.flush()?;
+    std::thread::sleep(Duration::from_secs(600));
+    Ok(())
+}
+
+/// Attaches `procs` client processes with `per_proc` idle queues each to the device, runs
+/// `measure` while they are attached, and stops them.
+pub fn with_idle_queues<T>(
+    dev: &DeviceProcs,
+    procs: usize,
+    per_proc: usize,
+    measure: impl FnOnce() -> Result<T, Box<dyn std::error::Error>>,
+) -> Result<T, Box<dyn std::error::Error>> {
+    use std::io::Read;
+    let mut children = Vec::with_capacity(procs);
+    for _ in 0..procs {
+        children.push(Role::spawn(
+            "__idle-queues",
+            &[dev.socket.display().to_string(), per_proc.to_string()],
+            None,
+            Stdio::piped(),
+        )?);
+    }
+    for c in &mut children {
+        let mut ready = [0u8; 6];
+        c.child()
+            .stdout
+            .as_mut()
+            .expect("piped")
+            .read_exact(&mut ready)?;
+        if &ready != b"ready\n" {
+            return Err("an idle-queue client did not come up".into());
+        }
+    }
+    let result = measure();
+    for c in children {
+        c.stop(Duration::from_secs(2));
+    }
+    result
+}
+
 /// Runs one scaling point against a device.
 pub fn scaling_point(
     dev: &DeviceProcs,

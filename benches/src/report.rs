@@ -57,6 +57,8 @@ pub struct Report {
     pub scaling: Vec<ScalingRow>,
     /// Idle CPU share of the firmware process.
     pub idle_cpu: Option<f64>,
+    /// Idle CPU share of the firmware process with 4096 idle queues attached.
+    pub idle_cpu_with_idle_queues: Option<f64>,
     /// Submit cost, one entry per round.
     pub submit_rounds: Vec<SubmitCost>,
     /// Subjects measured against a floor in paired, interleaved rounds.
@@ -127,7 +129,33 @@ impl Report {
                 verdict: Some(r50 <= 1.3),
             });
         }
-        for p in self.paired.iter().filter(|p| p.name.contains("spin")) {
+        for p in self
+            .paired
+            .iter()
+            .filter(|p| p.name.contains("idle queues"))
+        {
+            let r50 = p.median_p50();
+            t.push(Target {
+                what: format!(
+                    "idle queues cost nothing: hot queue p50 with 4096 idle queues from 64 processes ≤ 1.1× alone (median of {} paired rounds)",
+                    p.rounds.len()
+                ),
+                measured: format!("{r50:.2}× (rounds {})", fmt_ratios(&p.ratios_p50())),
+                verdict: Some(r50 <= 1.1),
+            });
+        }
+        if let Some(idle) = self.idle_cpu_with_idle_queues {
+            t.push(Target {
+                what: "idle fw-emu < 2% of a core with 4096 idle queues attached".into(),
+                measured: format!("{:.2}%", idle * 100.0),
+                verdict: Some(idle < 0.02),
+            });
+        }
+        for p in self
+            .paired
+            .iter()
+            .filter(|p| p.name.contains("spin") && !p.name.contains("idle queues"))
+        {
             let (r50, r99) = (p.median_p50(), p.median_p99());
             t.push(Target {
                 what: format!(

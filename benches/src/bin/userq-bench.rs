@@ -20,6 +20,9 @@ use userq_benches::device::{self, DeviceProcs, Mode};
 use userq_benches::report::{LatencyRow, Report, ScalingRow, ThroughputRow};
 use userq_benches::{floors, peers, plot, proc, rounds};
 
+/// The name of the idle-queues row.
+const IDLE_QUEUES: &str = "userq NOP, daemon, spin, 4096 idle queues from 64 processes";
+
 /// The name of the cold round-trip row.
 const COLD: &str = "userq NOP, daemon, cold (fw asleep), block";
 
@@ -118,6 +121,7 @@ fn role(name: &str, args: &[String]) -> Res<()> {
         "__sched-client" => {
             userq_benches::sched::client_role(arg(0)?, arg(1)?.parse()?, arg(2)?.parse()?)?
         }
+        "__idle-queues" => device::idle_queues_role(arg(0)?, arg(1)?.parse()?)?,
         "__submit-probe" => device::submit_probe_role(arg(0)?, arg(1)?, arg(2)?.parse()?)?,
         _ => return Err(format!("unknown role {name}").into()),
     }
@@ -300,6 +304,39 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
                 });
             }
         }
+    }
+    if all || o.what == What::Scaling {
+        say("idle queues");
+        // 4096 idle queues from 64 processes must cost the hot queue nothing.
+        let (procs_n, per_proc) = (64, 64);
+        let procs = DeviceProcs::start(Mode::Daemon, dir)?;
+        let dev = procs.connect()?;
+        let per_round = (n / 5).max(100);
+        let mut idle_fw = None;
+        let (paired, _, attached) = rounds::interleave(
+            IDLE_QUEUES,
+            "the same queue alone",
+            if o.quick { 2 } else { 3 },
+            || device::nop_round_trip(&dev, WaitMode::Spin, warm, per_round),
+            || {
+                device::with_idle_queues(&procs, procs_n, per_proc, || {
+                    let l = device::nop_round_trip(&dev, WaitMode::Spin, warm, per_round)?;
+                    idle_fw = Some(device::idle_cpu(
+                        procs.firmware_pid(),
+                        Duration::from_millis(10),
+                        Duration::from_secs(1),
+                    )?);
+                    Ok(l)
+                })
+            },
+        )?;
+        r.paired.push(paired);
+        r.latency.push(LatencyRow {
+            name: IDLE_QUEUES.into(),
+            floor: Some("exchange"),
+            latency: attached,
+        });
+        r.idle_cpu_with_idle_queues = idle_fw;
     }
     if all || o.what == What::Sched {
         say("scheduler");
