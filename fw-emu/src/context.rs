@@ -13,7 +13,7 @@ use crate::vm::Vm;
 use crate::QueueId;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use userq_uapi::layout::{DoorbellPage, MAX_QUEUES_PER_CONTEXT};
+use userq_uapi::layout::{DoorbellPage, CONTEXT_SUMMARY_BITS, MAX_QUEUES_PER_CONTEXT};
 use userq_uapi::packet::FenceHandle;
 use userq_uapi::shm::Shm;
 
@@ -58,10 +58,22 @@ impl Context {
     }
 }
 
-/// Every context the firmware serves, by id.
-#[derive(Debug, Default)]
+/// Every context the firmware serves, by id, and by their bit in the device's
+/// [`userq_uapi::layout::ContextSummary`].
+#[derive(Debug)]
 pub struct Contexts {
     map: IdMap<u32, Context>,
+    /// `buckets[b]`: the ids of the contexts whose summary bit is `b`.
+    buckets: Vec<Vec<u32>>,
+}
+
+impl Default for Contexts {
+    fn default() -> Self {
+        Contexts {
+            map: IdMap::default(),
+            buckets: vec![Vec::new(); CONTEXT_SUMMARY_BITS],
+        }
+    }
 }
 
 impl Contexts {
@@ -72,12 +84,20 @@ impl Contexts {
 
     /// Adds a context (its id must be new).
     pub fn insert(&mut self, c: Context) {
+        self.buckets[c.id as usize % CONTEXT_SUMMARY_BITS].push(c.id);
         self.map.insert(c.id, c);
     }
 
     /// Removes context `ctx`.
     pub fn remove(&mut self, ctx: u32) -> Option<Context> {
-        self.map.remove(&ctx)
+        let c = self.map.remove(&ctx)?;
+        self.buckets[ctx as usize % CONTEXT_SUMMARY_BITS].retain(|&id| id != ctx);
+        Some(c)
+    }
+
+    /// The ids of the contexts whose summary bit is `bit`.
+    pub fn bucket(&self, bit: usize) -> &[u32] {
+        self.buckets.get(bit).map_or(&[], Vec::as_slice)
     }
 
     /// Context `ctx`.

@@ -224,7 +224,9 @@ impl Firmware {
                 progress |= self.run_queues();
             }
             progress |= self.process_requests();
-            progress |= self.sched.collect_doorbells(&mut self.contexts);
+            progress |= self
+                .sched
+                .collect_doorbells(&mut self.contexts, &self.kick.contexts);
             progress |= self.check_parked();
             progress |= self
                 .sched
@@ -315,7 +317,7 @@ impl Firmware {
         self.control.has_request()
             || self.sched.has_runnable()
             || self.engines.has_completed()
-            || Scheduler::doorbell_pending(&self.contexts)
+            || Scheduler::doorbell_pending(&self.kick.contexts)
             || self.sched.parked_ready(&self.contexts)
     }
 }

@@ -16,7 +16,7 @@
 //! dispatch ([`Scheduler::complete`]) and on resume. What a service ends with (a fault, a
 //! dispatch for the engines) goes back to the caller.
 
-use crate::context::Contexts;
+use crate::context::{Context, Contexts};
 use crate::engine::Job;
 use crate::kernels::KernelLibrary;
 use crate::queue::{Outcome, Queue, Resources};
@@ -25,6 +25,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering::*;
 use std::sync::Arc;
 use std::time::Duration;
+use userq_uapi::layout::ContextSummary;
 use userq_uapi::sync;
 
 /// The run, parked and polled lists.
@@ -70,11 +71,37 @@ impl Scheduler {
         self.polled.retain(|id| !gone(id));
     }
 
-    /// Swaps every context's non-zero pending-doorbell words to zero and schedules the rung
-    /// queues that can run. Returns whether any was scheduled.
-    pub fn collect_doorbells(&mut self, contexts: &mut Contexts) -> bool {
+    /// Takes the device summary's set bits (swapping each non-zero word to zero), and for
+    /// each, the pending-doorbell words of the contexts behind it; schedules the rung queues
+    /// that can run. Idle contexts are never looked at. Returns whether any was scheduled.
+    pub fn collect_doorbells(&mut self, contexts: &mut Contexts, summary: &ContextSummary) -> bool {
         let mut any = false;
-        for c in contexts.iter_mut() {
+        for (wi, word) in summary.words.iter().enumerate() {
+            if word.load(Relaxed) == 0 {
+                continue;
+            }
+            // Acquire: pairs with the client's fetch_or of this bit, which comes after its
+            // queue's bit in its own page, so the loads below see that bit.
+            let mut bits = word.swap(0, Acquire);
+            while bits != 0 {
+                let bit = wi * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                for i in 0..contexts.bucket(bit).len() {
+                    let ctx = contexts.bucket(bit)[i];
+                    if let Some(c) = contexts.get_mut(ctx) {
+                        any |= self.collect_context(c);
+                    }
+                }
+            }
+        }
+        any
+    }
+
+    /// Swaps a context's non-zero pending-doorbell words to zero and schedules the rung
+    /// queues that can run.
+    fn collect_context(&mut self, c: &mut Context) -> bool {
+        let mut any = false;
+        {
             let page = &*c.doorbell;
             for (wi, word) in page.pending.words.iter().enumerate() {
                 if word.load(Relaxed) == 0 {
@@ -100,14 +127,8 @@ impl Scheduler {
     }
 
     /// Whether a context has a pending-doorbell bit set.
-    pub fn doorbell_pending(contexts: &Contexts) -> bool {
-        contexts.iter().any(|c| {
-            c.doorbell
-                .pending
-                .words
-                .iter()
-                .any(|w| w.load(Relaxed) != 0)
-        })
+    pub fn doorbell_pending(summary: &ContextSummary) -> bool {
+        summary.words.iter().any(|w| w.load(Relaxed) != 0)
     }
 
     /// Schedules polled queues with unread packets.

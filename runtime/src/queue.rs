@@ -574,8 +574,8 @@ impl Queue {
             return;
         }
         if sync::ring_doorbell(
-            &page.pending.words[slot / 64],
-            1 << (slot % 64),
+            (&page.pending.words[slot / 64], 1 << (slot % 64)),
+            sync::context_bit(&self.dev.kick.contexts, self.dev.ctx),
             &self.dev.status.sleep.sleeping,
             &self.dev.kick.kick.word,
         ) {

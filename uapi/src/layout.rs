@@ -406,10 +406,10 @@ pub struct DeviceHealth<A: Access = ReadWrite> {
     pub heartbeat: A::U64,
 }
 
-/// The futex word the firmware sleeps on. Writable by every client: a waker must change
-/// the word it wakes, or a wake landing between the firmware's last check and its
-/// `futex_wait` is lost. Writing garbage here only causes spurious wake-ups, which are
-/// harmless.
+/// The futex word the firmware sleeps on, and the device-wide summary of rung contexts.
+/// Writable by every client: a waker must change the word it wakes, or a wake landing
+/// between the firmware's last check and its `futex_wait` is lost. Writing garbage here
+/// only causes spurious wake-ups or extra looks at doorbell pages, which are harmless.
 #[repr(C, align(4096))]
 #[derive(Debug)]
 pub struct DeviceKick {
@@ -417,6 +417,23 @@ pub struct DeviceKick {
     pub header: ObjectHeader,
     /// The wake word.
     pub kick: KickLine,
+    /// Which contexts have a pending doorbell bit set (a hint, like every bit here).
+    pub contexts: ContextSummary,
+}
+
+/// Bits in the [`ContextSummary`]: context `c` uses bit `c % CONTEXT_SUMMARY_BITS`.
+pub const CONTEXT_SUMMARY_BITS: usize = 1024;
+
+/// The device-wide second level of the pending-doorbell bitmaps: a client sets its
+/// context's bit (`ctx % CONTEXT_SUMMARY_BITS`, release) after setting a queue's bit in its
+/// [`PendingSummary`], so the firmware finds rung queues by looking at this summary instead
+/// of every context's doorbell page: idle contexts cost it nothing. Contexts whose ids share
+/// a bit share it harmlessly (the firmware looks at each of them).
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct ContextSummary {
+    /// One bit per context bucket.
+    pub words: [AtomicU64; CONTEXT_SUMMARY_BITS / 64],
 }
 
 /// The firmware's wake word.
@@ -552,6 +569,8 @@ const _: () = {
     assert!(size_of::<SleepFlag>() == CACHE_LINE);
     assert!(offset_of!(DeviceKick, kick) == CACHE_LINE);
     assert!(size_of::<DeviceKick>() == PAGE_SIZE);
+    assert!(offset_of!(DeviceKick, contexts) == 2 * CACHE_LINE);
+    assert!(size_of::<ContextSummary>() == 2 * CACHE_LINE);
 
     assert!(offset_of!(MsgRing, head) == CACHE_LINE);
     assert!(offset_of!(MsgRing, slots) == 2 * CACHE_LINE);

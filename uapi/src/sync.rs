@@ -219,19 +219,22 @@ pub fn firmware_barrier_available() -> bool {
     membarrier_query().contains_command(MembarrierCommand::GlobalExpedited)
 }
 
-/// Client side of a doorbell: sets the queue's pending bit, then kicks the firmware if it
-/// announced that it sleeps. The SeqCst fence orders the pending store before the flag
-/// load (Dekker with the firmware's flag store + fence + re-check in [`sleep_unless`]); the
-/// flag is in the read-only device status page, so it is loaded relaxed.
-/// Returns whether a wake syscall was made.
+/// Client side of a doorbell: sets the queue's bit in its context's pending summary, then
+/// the context's bit in the device-wide summary, then kicks the firmware if it announced
+/// that it sleeps. The queue's bit is set before the context's (release), so a firmware
+/// that takes the context's bit (acquire) finds the queue's. The SeqCst fence orders the
+/// summary store before the flag load (Dekker with the firmware's flag store + fence +
+/// re-check in [`sleep_unless`]); the flag is in the read-only device status page, so it is
+/// loaded relaxed. Returns whether a wake syscall was made.
 #[inline]
 pub fn ring_doorbell(
-    pending: &AtomicU64,
-    bit: u64,
+    pending: (&AtomicU64, u64),
+    context: (&AtomicU64, u64),
     sleeping: &impl Word32,
     kick: &AtomicU32,
 ) -> bool {
-    pending.fetch_or(bit, SeqCst);
+    pending.0.fetch_or(pending.1, Release);
+    context.0.fetch_or(context.1, SeqCst);
     fence(SeqCst);
     if sleeping.relaxed() == 0 {
         return false;
@@ -239,6 +242,13 @@ pub fn ring_doorbell(
     kick.fetch_add(1, Release);
     futex_wake_all(kick);
     true
+}
+
+/// The device-summary word and bit of context `ctx`.
+#[inline]
+pub fn context_bit(summary: &crate::layout::ContextSummary, ctx: u32) -> (&AtomicU64, u64) {
+    let b = ctx as usize % crate::layout::CONTEXT_SUMMARY_BITS;
+    (&summary.words[b / 64], 1u64 << (b % 64))
 }
 
 /// Signals a fence: stores `value`, then wakes host waiters if any registered.

@@ -15,7 +15,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering::*;
 use std::time::{Duration, Instant};
 use userq::uapi::ioctl::{
-    BufferReply, CreateQueueReply, Priority, RawReply, Reply, Request, MESSAGE_SIZE,
+    BufferReply, CreateQueueReply, OpenContextReply, Priority, RawReply, Reply, Request,
+    MESSAGE_SIZE,
 };
 use userq::uapi::layout::{DeviceKick, DeviceStatus, DoorbellPage, FenceState, PAGE_SIZE};
 use userq::uapi::os;
@@ -120,6 +121,7 @@ fn victim(rendezvous: &str) -> Res<()> {
 /// A client that speaks the ABI directly, without the runtime's checks.
 struct Raw {
     sock: OwnedFd,
+    ctx: u32,
     doorbells: Shm<DoorbellPage>,
     status: Shm<DeviceStatus<ReadOnly>>,
     kick: Shm<DeviceKick>,
@@ -136,19 +138,21 @@ impl Raw {
             None,
         )?;
         rustix::net::connect(&sock, &rustix::net::SocketAddrUnix::new(path.as_str())?)?;
-        let (_, mut fds) = call(
+        let (v, mut fds) = call(
             &sock,
             Request::OpenContext {
                 abi_version: ABI_VERSION,
             },
             &[],
         )?;
+        let ctx = OpenContextReply::decode(&v)?.ctx;
         let doorbells = Shm::map(fds[0].as_fd())?;
         let status = Shm::map(fds[1].as_fd())?;
         let kick = Shm::map(fds[2].as_fd())?;
         let status_fd = fds.swap_remove(1);
         Ok(Raw {
             sock,
+            ctx,
             doorbells,
             status,
             kick,
@@ -194,8 +198,8 @@ impl Raw {
 
     fn kick_all_pending(&self, word: usize, bits: u64) {
         sync::ring_doorbell(
-            &self.doorbells.pending.words[word],
-            bits,
+            (&self.doorbells.pending.words[word], bits),
+            sync::context_bit(&self.kick.contexts, self.ctx),
             &self.status.sleep.sleeping,
             &self.kick.kick.word,
         );
