@@ -149,14 +149,25 @@ pub fn nop_round_trip(
     iters: usize,
 ) -> Result<Latency, Box<dyn std::error::Error>> {
     let mut q = dev.queue().ring_entries(1024).create()?;
+    Ok(round_trips(&mut q, &[Command::nop()], mode, warmup, iters))
+}
+
+/// Times `iters` round trips of `cmds` on `q` (enqueue, then wait for their timeline value
+/// with `mode`), after `warmup` untimed ones.
+fn round_trips(
+    q: &mut userq::Queue,
+    cmds: &[Command],
+    mode: WaitMode,
+    warmup: usize,
+    iters: usize,
+) -> Latency {
     let timeline = q.timeline().clone();
-    let nop = [Command::nop()];
-    Ok(time_each(warmup, iters, || {
-        let v = q.enqueue(&nop).expect("submit");
+    time_each(warmup, iters, || {
+        let v = q.enqueue(cmds).expect("submit");
         timeline
             .wait_with(v, mode, Duration::from_secs(10))
             .expect("wait");
-    }))
+    })
 }
 
 /// NOP packets per second on one queue, `batch` packets per doorbell.
@@ -213,16 +224,10 @@ pub fn kernel_launch(
 ) -> Result<Latency, Box<dyn std::error::Error>> {
     let mut q = dev.queue().ring_entries(1024).create()?;
     let out = dev.alloc::<u32>(64)?;
-    let timeline = q.timeline().clone();
     let cmd = [userq::kernels::fill_u32(64, 7, &out)?];
     // The first dispatch allocates the queue's argument area: outside the timing.
     q.submit_batch(&cmd)?.wait(Duration::from_secs(10))?;
-    let lat = time_each(warmup, iters, || {
-        let v = q.enqueue(&cmd).expect("submit");
-        timeline
-            .wait_with(v, mode, Duration::from_secs(10))
-            .expect("wait");
-    });
+    let lat = round_trips(&mut q, &cmd, mode, warmup, iters);
     if out.read(63) != 7 {
         return Err("the fill kernel did not run".into());
     }

@@ -6,6 +6,7 @@ use crate::proc::{inherited_memory, shared_memory, Role};
 use crate::stats::{time_each, Latency};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering::*};
+use userq::uapi::shm::ShmBytes;
 use userq::uapi::sync::{futex_wait, futex_wake_all};
 
 /// Offsets of the two lines (two lines apart, so the adjacent-line prefetcher does not
@@ -15,15 +16,21 @@ const B: usize = 128;
 const STOP64: u64 = u64::MAX;
 const STOP32: u32 = u32::MAX;
 
-/// Parent side of the cache-line ping-pong.
-pub fn poll_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
+/// A fresh shared page and a child running floor role `role` over it.
+fn floor_child(role: &str) -> std::io::Result<(ShmBytes, Role)> {
     let (fd, map) = shared_memory(4096)?;
     let child = Role::spawn(
-        "__floor-poll",
+        role,
         &[rustix::fd::AsRawFd::as_raw_fd(&fd).to_string()],
         Some(&fd),
         Stdio::null(),
     )?;
+    Ok((map, child))
+}
+
+/// Parent side of the cache-line ping-pong.
+pub fn poll_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
+    let (map, child) = floor_child("__floor-poll")?;
     let a = map.word64(A).expect("line a");
     let b = map.word64(B).expect("line b");
     let mut i = 0u64;
@@ -61,13 +68,7 @@ pub fn poll_floor_child(fd: &str) -> std::io::Result<()> {
 
 /// Parent side of the shared-futex ping-pong: both sides sleep every time.
 pub fn futex_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
-    let (fd, map) = shared_memory(4096)?;
-    let child = Role::spawn(
-        "__floor-futex",
-        &[rustix::fd::AsRawFd::as_raw_fd(&fd).to_string()],
-        Some(&fd),
-        Stdio::null(),
-    )?;
+    let (map, child) = floor_child("__floor-futex")?;
     let a = map.word32(A).expect("word a");
     let b = map.word32(B).expect("word b");
     let mut i = 0u32;
@@ -123,13 +124,7 @@ const FENCE: usize = 256;
 /// (release). Three cache lines, each written by one side: what userq's NOP round trip
 /// carries, with nothing else.
 pub fn exchange_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
-    let (fd, map) = shared_memory(4096)?;
-    let child = Role::spawn(
-        "__floor-exchange",
-        &[rustix::fd::AsRawFd::as_raw_fd(&fd).to_string()],
-        Some(&fd),
-        Stdio::null(),
-    )?;
+    let (map, child) = floor_child("__floor-exchange")?;
     let packet = map.atomics::<AtomicU64>(PACKET, 8).expect("packet line");
     let doorbell = map.word64(DOORBELL).expect("doorbell line");
     let fence = map.word64(FENCE).expect("fence line");
