@@ -35,6 +35,7 @@
 #![deny(missing_docs)]
 
 mod buffer;
+mod command;
 mod device;
 mod embedded;
 mod error;
@@ -54,13 +55,14 @@ pub mod firmware {
 }
 
 pub use buffer::{Buffer, ExportedBuffer};
+pub use command::{Command, KernelArg};
 pub use device::{default_socket_path, Device, DeviceBuilder, OpenMode};
 pub use error::{
     AllocError, ControlError, ErrorCode, FenceError, FenceFault, KmdStatus, OpenError,
     QueueCreateError, SignalError, SubmitError, WaitError,
 };
 pub use fence::{wait_all, wait_any, ExportedFence, Fence, FencePoint, WaitMode};
-pub use queue::{Command, KernelArg, Queue, QueueBuilder, QueueStatus, DEFAULT_RING_ENTRIES};
+pub use queue::{Queue, QueueBuilder, QueueStatus, DEFAULT_RING_ENTRIES};
 pub use reactor::FenceFuture;
 pub use userq_uapi::ioctl::Priority;
 pub use userq_uapi::packet::{Packet, WaitCondition};

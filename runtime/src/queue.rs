@@ -6,6 +6,7 @@
 //! (one futex wake) or the ring looks full (one read of the shared read index, and a wait
 //! only if it really is full).
 
+use crate::command::Command;
 use crate::device::{Device, DeviceInner};
 use crate::error::{ControlError, FenceFault, QueueCreateError, SubmitError, WaitError};
 use crate::fence::{Fence, FencePoint, WaitMode};
@@ -17,135 +18,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use userq_uapi::ioctl::{CreateQueueReply, Priority, Reply, Request};
 use userq_uapi::layout::{FenceKind, MAX_RING_ENTRIES, MIN_RING_ENTRIES};
-use userq_uapi::packet::{self, Packet, WaitCondition, MAX_KERNEL_ARGS};
+use userq_uapi::packet::{self, Packet, MAX_KERNEL_ARGS};
 use userq_uapi::shm::RingShm;
 use userq_uapi::sync::{Backoff, BackoffStep};
 use userq_uapi::{sync, KmdStatus};
 
 /// Ring size of [`Device::create_queue`].
 pub const DEFAULT_RING_ENTRIES: u32 = 256;
-
-/// One packet for a queue. Build with the constructors; fences named must belong to the
-/// same [`Device`] (context) as the queue. A command that names a fence holds it: once
-/// submitted, the queue keeps the fence alive until the packet has completed.
-#[derive(Debug, Clone)]
-pub struct Command {
-    cmd: packet::Command,
-    /// The fence the command names, if any.
-    fence: Option<Fence>,
-    /// A DISPATCH's argument words; written into the queue's argument area at submit.
-    kernel_args: Option<Box<[u64]>>,
-}
-
-/// One kernel argument word.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum KernelArg {
-    /// An integer.
-    U64(u64),
-    /// A float (its bit pattern travels in the low half of the word).
-    F32(f32),
-    /// A device address, e.g. [`crate::Buffer::device_address`].
-    Address(u64),
-}
-
-impl KernelArg {
-    fn word(self) -> u64 {
-        match self {
-            KernelArg::U64(v) | KernelArg::Address(v) => v,
-            KernelArg::F32(f) => f.to_bits() as u64,
-        }
-    }
-}
-
-impl Command {
-    /// Does nothing; completes in order like every command.
-    pub fn nop() -> Self {
-        Command {
-            cmd: packet::Command::Nop,
-            fence: None,
-            kernel_args: None,
-        }
-    }
-
-    /// Stores `value` at device address `addr` (8-aligned, in this context's VM; see
-    /// [`crate::Buffer::address_of`]).
-    pub fn write_value(addr: u64, value: u64) -> Self {
-        Command {
-            cmd: packet::Command::WriteValue { addr, value },
-            fence: None,
-            kernel_args: None,
-        }
-    }
-
-    /// Stores the device clock (CLOCK_MONOTONIC nanoseconds) at device address `addr`.
-    pub fn timestamp(addr: u64) -> Self {
-        Command {
-            cmd: packet::Command::Timestamp { addr },
-            fence: None,
-            kernel_args: None,
-        }
-    }
-
-    /// Runs kernel `kernel` (see [`crate::kernels`]) over `grid` work-items in workgroups
-    /// of `workgroup` items, with `args`. The packet completes when every workgroup has.
-    pub fn dispatch(kernel: u32, grid: [u32; 3], workgroup: [u32; 3], args: &[KernelArg]) -> Self {
-        Command {
-            cmd: packet::Command::Dispatch(packet::Dispatch {
-                kernel,
-                grid,
-                workgroup,
-                args: 0, // set at submit: the argument area slot of this packet
-                arg_count: args.len() as u32,
-            }),
-            fence: None,
-            kernel_args: Some(args.iter().map(|a| a.word()).collect()),
-        }
-    }
-
-    /// The packet this command encodes to (a DISPATCH's argument address is filled in
-    /// at submit).
-    pub fn packet(&self) -> Packet {
-        self.cmd.encode()
-    }
-
-    /// Sets a user fence to `value` and wakes its waiters.
-    pub fn signal(fence: &Fence, value: u64) -> Self {
-        Command {
-            cmd: packet::Command::SignalFence {
-                fence: fence.inner.handle,
-                value,
-            },
-            fence: Some(fence.clone()),
-            kernel_args: None,
-        }
-    }
-
-    /// Holds the queue until the point is reached (fence ≥ value). The queue is parked
-    /// meanwhile and costs the firmware nothing.
-    pub fn wait(point: &FencePoint) -> Self {
-        Self::wait_fence(
-            point.fence(),
-            point.value(),
-            WaitCondition::GreaterOrEqual,
-            u64::MAX,
-        )
-    }
-
-    /// Holds the queue until `fence & mask` compares with `value & mask` as `condition`
-    /// says.
-    pub fn wait_fence(fence: &Fence, value: u64, condition: WaitCondition, mask: u64) -> Self {
-        Command {
-            cmd: packet::Command::WaitFence {
-                fence: fence.inner.handle,
-                value,
-                mask,
-                condition,
-            },
-            fence: Some(fence.clone()),
-            kernel_args: None,
-        }
-    }
-}
 
 /// Builds a [`Queue`].
 #[derive(Debug)]
