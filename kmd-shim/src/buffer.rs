@@ -226,9 +226,11 @@ impl Device {
             }
             _ => KmdStatus::Internal,
         })?;
-        self.map_in_firmware(ctx, va, size, fd.as_fd())?;
+        // Everything that can fail on this side first: once the firmware has mapped the
+        // buffer, only the commit remains.
         let identity = os::object_identity(fd.as_fd()).map_err(|_| KmdStatus::Internal)?;
         let kept = fd.try_clone().map_err(|_| KmdStatus::Internal)?;
+        self.map_in_firmware(ctx, va, size, fd.as_fd())?;
         mapping.commit_object(
             identity,
             BufferObject {

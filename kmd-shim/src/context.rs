@@ -100,11 +100,8 @@ impl Device {
         let (doorbell_fd, _doorbell) =
             Shm::<DoorbellPage>::create("userq-doorbell", Sealing::Final, 0, ctx as u64)
                 .map_err(|_| KmdStatus::Internal)?;
-        let id = self.link.new_object_id();
-        self.link.call(
-            FwRequest::MapContext { ctx, doorbell: id },
-            &[(id, doorbell_fd.as_fd())],
-        )?;
+        // Everything that can fail on this side first: once the firmware has mapped the
+        // context, nothing but the reply remains.
         let status = self
             .link
             .status_fd_read_only()
@@ -115,6 +112,11 @@ impl Device {
             .kick_fd()
             .try_clone_to_owned()
             .map_err(|_| KmdStatus::Internal)?;
+        let id = self.link.new_object_id();
+        self.link.call(
+            FwRequest::MapContext { ctx, doorbell: id },
+            &[(id, doorbell_fd.as_fd())],
+        )?;
         let generation = self.link.status().health.generation.load(Relaxed);
         context.commit();
         Ok((

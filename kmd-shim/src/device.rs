@@ -76,6 +76,9 @@ pub(crate) struct Table {
     pub(crate) next_ctx: u32,
     /// The next fence id; ids are never reused.
     pub(crate) next_fence: FenceId,
+    /// Fences being registered (counted against `Limits::max_fences` with `fences`, so
+    /// creations on several connections at once cannot pass the limit).
+    pub(crate) fences_registering: usize,
     /// Bytes charged to `Limits::memory_budget`: rings, buffer reservations and buffer
     /// objects.
     pub(crate) memory_used: u64,

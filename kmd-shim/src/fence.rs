@@ -79,6 +79,16 @@ impl Drop for FenceRegistration<'_> {
     }
 }
 
+/// One fence counted against the limit while it is being registered; the count goes when
+/// this does (the fence is then in the table, or failed).
+struct Registering<'a>(&'a Device);
+
+impl Drop for Registering<'_> {
+    fn drop(&mut self) {
+        self.0.table().fences_registering -= 1;
+    }
+}
+
 /// A context's hold on a fence: its handle in the context's record and one count in the
 /// fence's holds, bound in the firmware or not yet. Until [`FenceHold::commit`], dropping
 /// it unbinds the handle in the firmware if it was bound, then drops the hold (and the
@@ -166,14 +176,15 @@ impl Device {
         initial: u64,
     ) -> Result<(FenceRegistration<'_>, OwnedFd, OwnedFd), KmdStatus> {
         let internal = |_| KmdStatus::Internal;
-        let id = {
+        let (id, _registering) = {
             let mut t = self.table();
-            if t.fences.len() >= self.limits.max_fences {
+            if t.fences.len() + t.fences_registering >= self.limits.max_fences {
                 return Err(KmdStatus::LimitExceeded);
             }
             let id = t.next_fence;
             t.next_fence += 1; // u64: does not wrap in practice
-            id
+            t.fences_registering += 1;
+            (id, Registering(self))
         };
         // A timeline's value side is written only by the firmware (and kmd-shim): sealed
         // read-only once the firmware has mapped it, below.
@@ -204,7 +215,11 @@ impl Device {
             ],
         )?;
         if kind == FenceKind::Timeline {
-            os::seal_read_only(state_fd.as_fd()).map_err(internal)?;
+            if let Err(e) = os::seal_read_only(state_fd.as_fd()) {
+                // The firmware has the fence: take it back before failing.
+                let _ = self.link.call(FwRequest::DropFence { fence: id }, &[]);
+                return Err(internal(e));
+            }
         }
         let mut t = self.table();
         t.by_identity.insert(identity, id);

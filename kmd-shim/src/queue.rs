@@ -108,7 +108,10 @@ impl Device {
         let hold = self.bind(ctx, timeline.fence)?;
         // From here on the hold keeps the fence: undoing it drops the fence too.
         let fence = timeline.commit();
+        // Everything that can fail on this side first: once the firmware has mapped the
+        // queue, only the commits remain.
         let (ring_fd, _ring) = RingShm::create(entries, slot).map_err(|_| KmdStatus::Internal)?;
+        let state_ro = os::reopen_read_only(state_fd.as_fd()).map_err(|_| KmdStatus::Internal)?;
         let ring_id = self.link.new_object_id();
         self.link.call(
             FwRequest::MapQueue {
@@ -122,7 +125,6 @@ impl Device {
             },
             &[(ring_id, ring_fd.as_fd())],
         )?;
-        let state_ro = os::reopen_read_only(state_fd.as_fd()).map_err(|_| KmdStatus::Internal)?;
         let handle = hold.commit();
         queue_slot.commit();
         Ok((

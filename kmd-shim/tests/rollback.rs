@@ -144,3 +144,40 @@ fn a_closed_context_gives_back_its_rings_buffers_and_fences() {
     drop(kmd);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn fences_created_on_many_connections_at_once_never_pass_the_device_limit() {
+    const LIMIT: usize = 24;
+    let (kmd, dir) = device(
+        "fence-race",
+        kmd_shim::Limits {
+            max_fences: LIMIT,
+            ..kmd_shim::Limits::default()
+        },
+    );
+    // Eight connections race to create fences until the device says no.
+    let socks: Vec<OwnedFd> = (0..8).map(|_| open(&kmd)).collect();
+    let made: usize = std::thread::scope(|s| {
+        let runs: Vec<_> = socks
+            .iter()
+            .map(|sock| {
+                s.spawn(move || {
+                    let mut n = 0;
+                    while n < LIMIT {
+                        match fence(sock) {
+                            Ok(_) => n += 1,
+                            Err(KmdStatus::LimitExceeded) => break,
+                            Err(e) => panic!("unexpected {e:?}"),
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().expect("thread")).sum()
+    });
+    assert_eq!(made, LIMIT, "exactly the limit was created");
+    drop(socks);
+    drop(kmd);
+    let _ = std::fs::remove_dir_all(&dir);
+}
