@@ -20,11 +20,11 @@
 use crate::buffer::ObjectIdentity;
 use crate::device::{Device, Table};
 use rustix::fd::{AsFd, OwnedFd};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, Release};
 use userq_uapi::error::ErrorCode;
 use userq_uapi::fwmsg::{FenceId, FwRequest};
 use userq_uapi::ioctl::{CreateFenceReply, ImportFenceReply};
-use userq_uapi::layout::{FenceKind, FenceState, FenceWaiters};
+use userq_uapi::layout::{FenceKind, FenceState, FenceWaiters, QueueState};
 use userq_uapi::os;
 use userq_uapi::packet::FenceHandle;
 use userq_uapi::shm::{Sealing, Shm};
@@ -373,6 +373,16 @@ impl Device {
     pub fn poison_all(&self) {
         let t = self.table();
         for f in t.fences.values() {
+            if f.kind == FenceKind::Timeline {
+                // The queue's state word first (as the firmware does when a queue stops), so
+                // a submitter sees at once that nothing will run.
+                let _ = f.state.queue.state.compare_exchange(
+                    QueueState::Active as u32,
+                    QueueState::Destroyed as u32,
+                    Release,
+                    Relaxed,
+                );
+            }
             sync::poison_fence(&f.state, &f.waiters, ErrorCode::DeviceLost, 0, 0, 0);
         }
     }

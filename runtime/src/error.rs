@@ -80,9 +80,13 @@ pub enum SubmitError {
     /// to this queue's context. Import the fence into this device first.
     #[error("command names a fence that belongs to another device connection")]
     ForeignFence,
-    /// The queue stopped on an error; nothing submitted now would run.
+    /// The queue stopped on an error; nothing submitted now would run. Returned by the
+    /// first submit after the firmware marked the queue stopped, not a ring later.
     #[error("queue stopped: {0}")]
     QueueFaulted(FenceFault),
+    /// A command signals a fence this context may not write (a queue's timeline).
+    #[error("command signals a fence that only the firmware may write")]
+    FenceNotWritable,
     /// Waiting for room timed out.
     #[error("timed out waiting for room in the ring")]
     Timeout,

@@ -173,6 +173,11 @@ impl Fence {
         self.inner.state().slot.value.load_acquire()
     }
 
+    /// The state word of the queue whose timeline this is (see `QueueState`); relaxed.
+    pub(crate) fn queue_state(&self) -> u32 {
+        self.inner.state().queue.state.load()
+    }
+
     /// Whether this is a queue's timeline fence (signalled only by the firmware).
     pub fn is_timeline(&self) -> bool {
         self.inner.kind == FenceKind::Timeline

@@ -273,14 +273,26 @@ impl Queue {
     }
 
     fn push(&mut self, cmds: &[Command], timeout: Duration) -> Result<u64, SubmitError> {
+        // A stopped queue refuses at once. The state word sits on its own line of the
+        // timeline page and changes only when the queue stops, so this load stays cached.
+        if self.timeline.queue_state() != userq_uapi::layout::QueueState::Active as u32 {
+            match self.status() {
+                QueueStatus::Faulted(f) => return Err(SubmitError::QueueFaulted(f)),
+                QueueStatus::Destroyed => return Err(SubmitError::DeviceLost),
+                // Stopping, its record not published yet: the ring decides below.
+                QueueStatus::Active => {}
+            }
+        }
         // One pass over the batch: refuse it before anything reaches the ring.
         let mut dispatches = false;
         for c in cmds {
-            if c.fence
-                .as_ref()
-                .is_some_and(|f| !Arc::ptr_eq(f.device(), &self.dev))
-            {
-                return Err(SubmitError::ForeignFence);
+            if let Some(f) = &c.fence {
+                if !Arc::ptr_eq(f.device(), &self.dev) {
+                    return Err(SubmitError::ForeignFence);
+                }
+                if f.is_timeline() && matches!(c.cmd, packet::Command::SignalFence { .. }) {
+                    return Err(SubmitError::FenceNotWritable);
+                }
             }
             if let Some(args) = &c.kernel_args {
                 if args.len() > MAX_KERNEL_ARGS as usize {

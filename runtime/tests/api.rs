@@ -499,3 +499,41 @@ fn a_buffer_exported_to_another_context_is_the_same_memory() {
         Err(userq::AllocError::NotABuffer)
     ));
 }
+
+#[test]
+fn a_stopped_queue_refuses_the_very_next_submit() {
+    let env = Env::new();
+    let dev = env.dev();
+    let mut q = dev.create_queue().unwrap();
+    let mut garbage = Packet::from_words([0; 8]);
+    garbage.header = 0xee;
+    let p = q.submit_packets(&[garbage], LONG).unwrap();
+    assert!(matches!(p.wait(LONG), Err(WaitError::Faulted(_))));
+    // Not a ring's worth of Ok first: the first submit after the fault is refused.
+    match q.try_submit(Command::nop()) {
+        Err(SubmitError::QueueFaulted(f)) => assert_eq!(f.code, Some(ErrorCode::UnknownOpcode)),
+        other => panic!("expected QueueFaulted, got {other:?}"),
+    }
+    assert!(matches!(
+        q.enqueue(&[Command::nop()]),
+        Err(SubmitError::QueueFaulted(_))
+    ));
+}
+
+#[test]
+fn signalling_a_timeline_from_a_queue_is_refused_at_submit() {
+    let env = Env::new();
+    let dev = env.dev();
+    let mut a = dev.create_queue().unwrap();
+    let mut b = dev.create_queue().unwrap();
+    let theirs = a.timeline().clone();
+    assert_eq!(
+        b.submit(Command::signal(&theirs, 7)).err(),
+        Some(SubmitError::FenceNotWritable)
+    );
+    // Nothing reached either ring, and both queues still work.
+    assert_eq!(b.timeline().value(), 0);
+    a.submit(Command::nop()).unwrap().wait(LONG).unwrap();
+    b.submit(Command::nop()).unwrap().wait(LONG).unwrap();
+    assert_eq!(theirs.value(), 1);
+}
