@@ -139,6 +139,30 @@ fn each_bad_input_stops_only_the_offending_queue() {
 }
 
 #[test]
+fn rings_full_of_random_bytes_and_wild_indices_stop_only_their_queues() {
+    let daemon = Daemon::start();
+    let bystander = client(&daemon.socket, &["worker", "2", "2000", "32"]);
+    for seed in [1u64, 0x5eed, 0xdead_beef] {
+        let out = run_client(
+            &daemon.socket,
+            &["hostile", &format!("random-rings:{seed}")],
+        );
+        assert!(
+            out.starts_with("survived 40 rounds")
+                && out.trim_end().ends_with("a fresh queue completed"),
+            "seed {seed}: {out:?}"
+        );
+    }
+    assert!(alive(daemon.fw_pid), "fw-emu must survive ring garbage");
+    bystander.succeeded(Duration::from_secs(60));
+    assert_eq!(
+        run_client(&daemon.socket, &["worker", "1", "20", "4"]).trim(),
+        "ok"
+    );
+    daemon.stop();
+}
+
+#[test]
 fn idle_firmware_process_uses_under_two_percent_of_a_core() {
     let daemon = Daemon::start();
     run_client(&daemon.socket, &["worker", "2", "500", "64"]);

@@ -235,6 +235,36 @@ impl RawQueue {
     }
 
     /// Polls for completion or poison.
+    /// Writes `packets` as they are (no tags added) and publishes `doorbell` as the write
+    /// index, whatever it is.
+    fn push_raw(&mut self, raw: &Raw, packets: &[Packet], doorbell: u64) {
+        for p in packets {
+            let slot = self.ring.slot(self.wptr);
+            for (w, v) in slot.iter().zip(p.to_words()) {
+                w.store(v, Relaxed);
+            }
+            self.wptr += 1;
+        }
+        raw.doorbell(self.slot, doorbell);
+    }
+
+    /// Like `settle`, within `limit`: `None` if the queue neither completed `value` nor
+    /// faulted by then.
+    fn settle_within(&self, value: u64, limit: Duration) -> Option<Option<ErrorCode>> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let f = self.fence();
+            if f.slot.poison.load_acquire() != 0 {
+                return Some(ErrorCode::from_u32(f.record.code.load()));
+            }
+            if f.slot.value.load_acquire() >= value {
+                return Some(None);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        None
+    }
+
     fn settle(&self, value: u64) -> Option<ErrorCode> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -266,8 +296,72 @@ fn call(
     }
 }
 
+/// Rounds of ring garbage: each on a fresh queue, random words in every slot (word 0 often
+/// carrying the tag the firmware expects, so garbage is really consumed and decoded), a
+/// random or wild doorbell, with a seeded generator so a failure can be replayed. Prints
+/// how the rounds ended, then proves a fresh queue still works.
+fn random_rings(raw: &Raw, seed: u64, rounds: usize) -> Res<()> {
+    let mut s = seed | 1;
+    let mut next = move || {
+        // xorshift64*
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        s.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let (mut faulted, mut completed, mut idle) = (0, 0, 0);
+    for _ in 0..rounds {
+        let mut q = raw.queue(8)?;
+        let n = 1 + next() % 8;
+        let mut packets = Vec::new();
+        for i in 0..n {
+            let mut words = [0u64; 8];
+            for w in words.iter_mut() {
+                *w = next();
+            }
+            if next() % 2 == 0 {
+                // The expected sequence tag in the high half of word 0.
+                words[0] = (words[0] & 0xffff_ffff) | ((i + 1) << 32);
+            }
+            packets.push(Packet::from_words(words));
+        }
+        q.push_raw(
+            raw,
+            &packets,
+            match next() % 4 {
+                0 => next(), // wild
+                1 => 0,      // nothing published
+                _ => n,      // as many as written
+            },
+        );
+        match q.settle_within(n, Duration::from_millis(300)) {
+            Some(Some(_)) => faulted += 1,
+            Some(None) => completed += 1,
+            None => idle += 1,
+        }
+    }
+    let mut fresh = raw.queue(8)?;
+    let buf = raw.buffer(4096)?;
+    fresh.push(
+        raw,
+        &[Cmd::WriteValue {
+            addr: buf,
+            value: 5,
+        }
+        .encode()],
+    );
+    match fresh.settle(1) {
+        None => println!("survived {rounds} rounds ({faulted} faulted, {completed} completed, {idle} idle); a fresh queue completed"),
+        Some(code) => println!("fresh queue failed: {code:?}"),
+    }
+    Ok(())
+}
+
 fn hostile(case: &str) -> Res<()> {
     let raw = Raw::open()?;
+    if let Some(seed) = case.strip_prefix("random-rings:") {
+        return random_rings(&raw, seed.parse()?, 40);
+    }
     let mut q = raw.queue(8)?;
     let buf = raw.buffer(4096)?;
     let bad = |words: [u64; 8]| Packet::from_words(words);
