@@ -18,7 +18,7 @@
 //!
 //! The files read top-down: [`id`] (how a queue is named), [`vm`] and [`fence`] (device
 //! memory, fences), [`kernel`],
-//! [`kernels`] and [`engine`] (what runs and where), [`queue`], [`context`] and [`sched`]
+//! [`kernels`] and [`engine`] (what runs and where), [`exec`], [`queue`], [`context`] and [`sched`]
 //! (the objects and their scheduling), then [`control`], the requests and suspend, and this
 //! loop. Dependencies only point down that list.
 //!
@@ -50,6 +50,7 @@ pub mod kernels;
 
 // The objects and their scheduling.
 pub mod context;
+pub mod exec;
 pub mod queue;
 pub mod sched;
 

@@ -7,7 +7,7 @@
 //! [`ErrorCode::BadWriteIndex`].
 //!
 //! Each packet is copied out of its slot once, through atomic loads, into a private
-//! [`Packet`]; then decoded, validated and executed. Packet `i` (0-based) completes with
+//! [`Packet`]; then decoded, validated and executed ([`crate::exec`]). Packet `i` (0-based) completes with
 //! timeline value `i + 1`. Packets of one queue complete in order.
 //!
 //! A WAIT_FENCE whose condition does not hold parks the queue: it is taken off the run
@@ -15,31 +15,21 @@
 //! [`userq_uapi::layout::WaiterLine::firmware`] count so that host signallers kick the
 //! firmware.
 
+pub use crate::exec::{Fault, Resources};
+
 use crate::engine::Job;
-use crate::fence::{Binding, FenceObject, WaitStatus};
-use crate::kernels::KernelLibrary;
-use crate::vm::Vm;
+use crate::exec::{execute, ParkedWait, Step};
+use crate::fence::{FenceObject, WaitStatus};
 use crate::QueueId;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use userq_uapi::error::ErrorCode;
 use userq_uapi::ioctl::Priority;
 use userq_uapi::layout::QueueState;
-use userq_uapi::packet::{sequence_tag, Command, FenceHandle, Packet, PacketError, WaitCondition};
+use userq_uapi::packet::{sequence_tag, Packet};
 use userq_uapi::shm::{PacketSlot, RingShm};
 use userq_uapi::sync;
-
-/// A WAIT_FENCE the queue is parked on.
-#[derive(Debug)]
-struct ParkedWait {
-    fence: Arc<FenceObject>,
-    value: u64,
-    mask: u64,
-    condition: WaitCondition,
-    packet_index: u64,
-}
 
 #[derive(Debug)]
 enum RunState {
@@ -51,19 +41,6 @@ enum RunState {
         packet_index: u64,
     },
     Faulted,
-}
-
-/// Why a queue stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fault {
-    /// What happened.
-    pub code: ErrorCode,
-    /// Index of the offending packet.
-    pub packet_index: u64,
-    /// Offending address or index.
-    pub address: u64,
-    /// Code-specific detail.
-    pub detail: u32,
 }
 
 /// What one service of a queue ended with.
@@ -79,23 +56,6 @@ pub enum Outcome {
     Faulted(Fault),
     /// A DISPATCH was handed to the engines: the caller submits the job; the queue waits.
     Dispatched(Arc<Job>),
-}
-
-/// What executing one packet did.
-enum Step {
-    Done,
-    Park(ParkedWait),
-    Dispatch(Arc<Job>),
-}
-
-/// What a queue's packets may use besides its own ring.
-pub struct Resources<'a> {
-    /// The context's fence bindings.
-    pub bindings: &'a HashMap<FenceHandle, Binding>,
-    /// The context's VM.
-    pub vm: &'a Vm,
-    /// The kernels DISPATCH may name.
-    pub kernels: &'a KernelLibrary,
 }
 
 /// A queue mapped by the firmware.
@@ -245,7 +205,7 @@ impl Queue {
     /// Whether the queue is parked and its wait can now end (satisfied or poisoned).
     pub fn parked_ready(&self) -> bool {
         match &self.state {
-            RunState::Parked(w) => !matches!(wait_status(w), WaitStatus::Pending),
+            RunState::Parked(w) => !matches!(w.status(), WaitStatus::Pending),
             _ => false,
         }
     }
@@ -292,7 +252,7 @@ impl Queue {
             let index = self.rptr;
             let packet = self.copy_packet(index);
             self.rptr += 1;
-            match self.execute(&packet, index, res) {
+            match execute(&packet, index, res, self.id, self.priority, self.time_slice) {
                 Ok(Step::Done) => self.completed = index + 1,
                 Ok(Step::Dispatch(job)) => {
                     self.state = RunState::Dispatching {
@@ -335,92 +295,6 @@ impl Queue {
         Packet::from_words(words)
     }
 
-    fn execute(&self, packet: &Packet, index: u64, res: &Resources<'_>) -> Result<Step, Fault> {
-        let (bindings, vm) = (res.bindings, res.vm);
-        let fault = |code, address, detail| Fault {
-            code,
-            packet_index: index,
-            address,
-            detail,
-        };
-        let cmd = Command::decode(packet).map_err(|e| match e {
-            PacketError::UnknownOpcode(op) => fault(ErrorCode::UnknownOpcode, 0, op as u32),
-            PacketError::ReservedNotZero { word } => {
-                fault(ErrorCode::ReservedField, 0, word as u32)
-            }
-            PacketError::BadCondition(c) => fault(ErrorCode::BadWaitCondition, 0, c as u32),
-            PacketError::BadHandle(h) => fault(ErrorCode::BadFenceHandle, h, u32::MAX),
-            PacketError::BadGrid => fault(ErrorCode::BadGrid, 0, 0),
-            PacketError::TooManyArgs(n) => fault(ErrorCode::BadGrid, 0, n),
-        })?;
-        let binding = |h: FenceHandle| {
-            bindings
-                .get(&h)
-                .ok_or(fault(ErrorCode::BadFenceHandle, 0, h.0))
-        };
-        match cmd {
-            Command::Nop => Ok(Step::Done),
-            Command::WriteValue { addr, value } => {
-                let word = vm.word(addr).map_err(|c| fault(c, addr, 0))?;
-                word.store(value, Release);
-                Ok(Step::Done)
-            }
-            Command::Timestamp { addr } => {
-                let word = vm.word(addr).map_err(|c| fault(c, addr, 0))?;
-                word.store(now_ns(), Release);
-                Ok(Step::Done)
-            }
-            Command::SignalFence { fence, value } => {
-                let b = binding(fence)?;
-                if !b.writable {
-                    return Err(fault(ErrorCode::FenceNotWritable, 0, fence.0));
-                }
-                // Queues parked on the fence are re-checked every turn; no kick needed.
-                sync::signal_fence(b.fence.state(), b.fence.waiters(), value);
-                Ok(Step::Done)
-            }
-            Command::WaitFence {
-                fence,
-                value,
-                mask,
-                condition,
-            } => {
-                let b = binding(fence)?;
-                let wait = ParkedWait {
-                    fence: b.fence.clone(),
-                    value,
-                    mask,
-                    condition,
-                    packet_index: index,
-                };
-                match wait_status(&wait) {
-                    WaitStatus::Satisfied => Ok(Step::Done),
-                    WaitStatus::Poisoned(code) => {
-                        Err(fault(ErrorCode::DependencyFailed, b.fence.id, code))
-                    }
-                    WaitStatus::Pending => Ok(Step::Park(wait)),
-                }
-            }
-            Command::Dispatch(d) => {
-                let kernel = res.kernels.get(d.kernel).ok_or(fault(
-                    ErrorCode::UnknownKernel,
-                    0,
-                    d.kernel,
-                ))?;
-                let args = crate::kernel::resolve(kernel.as_ref(), &d, vm)
-                    .map_err(|e| fault(ErrorCode::BadKernelArgs, e.value, e.index))?;
-                Ok(Step::Dispatch(Arc::new(Job::new(
-                    self.id,
-                    kernel.clone(),
-                    args,
-                    d,
-                    self.priority,
-                    self.time_slice,
-                ))))
-            }
-        }
-    }
-
     /// Ends the queue's DISPATCH if `job` is it: the packet completes and the queue runs on.
     pub fn finish_dispatch(&mut self, job: &Arc<Job>) -> bool {
         let RunState::Dispatching {
@@ -449,7 +323,7 @@ impl Queue {
         if self.suspended {
             return None; // a suspended queue completes nothing, not even a wait
         }
-        match wait_status(wait) {
+        match wait.status() {
             WaitStatus::Pending => None,
             WaitStatus::Satisfied => {
                 let index = wait.packet_index;
@@ -543,15 +417,4 @@ impl Queue {
         }
         sync::poison_fence(st, t.waiters(), code, self.rptr, 0, 0);
     }
-}
-
-/// Where the queue's parked wait stands.
-fn wait_status(w: &ParkedWait) -> WaitStatus {
-    w.fence.wait_status(w.value, w.mask, w.condition)
-}
-
-/// The device clock: CLOCK_MONOTONIC in nanoseconds, comparable across processes.
-pub fn now_ns() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }

@@ -1,0 +1,171 @@
+//! DOC: executing one packet.
+//!
+//! The queue copies a packet out of its ring once; `execute` decodes the copy
+//! (`Command::decode`, the one validation of packet structure), resolves its addresses in
+//! the context's VM and its fence handles in the context's bindings, and runs it:
+//! WRITE_VALUE and TIMESTAMP store into device memory, SIGNAL_FENCE signals (where the
+//! binding is writable), WAIT_FENCE completes or parks, DISPATCH resolves the kernel's
+//! arguments and becomes a job for the engines. Every failure is a [`Fault`] for this queue
+//! only, with the packet index, the offending address or word, and a detail.
+
+use crate::engine::Job;
+use crate::fence::{Binding, FenceObject, WaitStatus};
+use crate::kernels::KernelLibrary;
+use crate::vm::Vm;
+use crate::QueueId;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Release;
+use std::sync::Arc;
+use std::time::Duration;
+use userq_uapi::error::ErrorCode;
+use userq_uapi::ioctl::Priority;
+use userq_uapi::packet::{Command, FenceHandle, Packet, PacketError, WaitCondition};
+use userq_uapi::sync;
+
+/// Why a queue stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    /// What happened.
+    pub code: ErrorCode,
+    /// Index of the offending packet.
+    pub packet_index: u64,
+    /// Offending address or index.
+    pub address: u64,
+    /// Code-specific detail.
+    pub detail: u32,
+}
+
+/// A WAIT_FENCE the queue is parked on.
+#[derive(Debug)]
+pub(crate) struct ParkedWait {
+    pub(crate) fence: Arc<FenceObject>,
+    pub(crate) value: u64,
+    pub(crate) mask: u64,
+    pub(crate) condition: WaitCondition,
+    /// Index of the WAIT_FENCE packet (its timeline value is `packet_index + 1`).
+    pub(crate) packet_index: u64,
+}
+
+impl ParkedWait {
+    /// Where the wait stands.
+    pub(crate) fn status(&self) -> WaitStatus {
+        self.fence
+            .wait_status(self.value, self.mask, self.condition)
+    }
+}
+
+/// What executing one packet did.
+pub(crate) enum Step {
+    Done,
+    Park(ParkedWait),
+    Dispatch(Arc<Job>),
+}
+
+/// What a queue's packets may use besides its own ring.
+pub struct Resources<'a> {
+    /// The context's fence bindings.
+    pub bindings: &'a HashMap<FenceHandle, Binding>,
+    /// The context's VM.
+    pub vm: &'a Vm,
+    /// The kernels DISPATCH may name.
+    pub kernels: &'a KernelLibrary,
+}
+
+/// Decodes and executes packet `index` of queue `id` (copied out of its ring once, by the
+/// caller). A DISPATCH becomes a job for the engines with the queue's `priority` and
+/// `time_slice`; a WAIT_FENCE whose condition does not hold yet becomes a park.
+pub(crate) fn execute(
+    packet: &Packet,
+    index: u64,
+    res: &Resources<'_>,
+    id: QueueId,
+    priority: Priority,
+    time_slice: Option<Duration>,
+) -> Result<Step, Fault> {
+    let (bindings, vm) = (res.bindings, res.vm);
+    let fault = |code, address, detail| Fault {
+        code,
+        packet_index: index,
+        address,
+        detail,
+    };
+    let cmd = Command::decode(packet).map_err(|e| match e {
+        PacketError::UnknownOpcode(op) => fault(ErrorCode::UnknownOpcode, 0, op as u32),
+        PacketError::ReservedNotZero { word } => fault(ErrorCode::ReservedField, 0, word as u32),
+        PacketError::BadCondition(c) => fault(ErrorCode::BadWaitCondition, 0, c as u32),
+        PacketError::BadHandle(h) => fault(ErrorCode::BadFenceHandle, h, u32::MAX),
+        PacketError::BadGrid => fault(ErrorCode::BadGrid, 0, 0),
+        PacketError::TooManyArgs(n) => fault(ErrorCode::BadGrid, 0, n),
+    })?;
+    let binding = |h: FenceHandle| {
+        bindings
+            .get(&h)
+            .ok_or(fault(ErrorCode::BadFenceHandle, 0, h.0))
+    };
+    match cmd {
+        Command::Nop => Ok(Step::Done),
+        Command::WriteValue { addr, value } => {
+            let word = vm.word(addr).map_err(|c| fault(c, addr, 0))?;
+            word.store(value, Release);
+            Ok(Step::Done)
+        }
+        Command::Timestamp { addr } => {
+            let word = vm.word(addr).map_err(|c| fault(c, addr, 0))?;
+            word.store(now_ns(), Release);
+            Ok(Step::Done)
+        }
+        Command::SignalFence { fence, value } => {
+            let b = binding(fence)?;
+            if !b.writable {
+                return Err(fault(ErrorCode::FenceNotWritable, 0, fence.0));
+            }
+            // Queues parked on the fence are re-checked every turn; no kick needed.
+            sync::signal_fence(b.fence.state(), b.fence.waiters(), value);
+            Ok(Step::Done)
+        }
+        Command::WaitFence {
+            fence,
+            value,
+            mask,
+            condition,
+        } => {
+            let b = binding(fence)?;
+            let wait = ParkedWait {
+                fence: b.fence.clone(),
+                value,
+                mask,
+                condition,
+                packet_index: index,
+            };
+            match wait.status() {
+                WaitStatus::Satisfied => Ok(Step::Done),
+                WaitStatus::Poisoned(code) => {
+                    Err(fault(ErrorCode::DependencyFailed, b.fence.id, code))
+                }
+                WaitStatus::Pending => Ok(Step::Park(wait)),
+            }
+        }
+        Command::Dispatch(d) => {
+            let kernel =
+                res.kernels
+                    .get(d.kernel)
+                    .ok_or(fault(ErrorCode::UnknownKernel, 0, d.kernel))?;
+            let args = crate::kernel::resolve(kernel.as_ref(), &d, vm)
+                .map_err(|e| fault(ErrorCode::BadKernelArgs, e.value, e.index))?;
+            Ok(Step::Dispatch(Arc::new(Job::new(
+                id,
+                kernel.clone(),
+                args,
+                d,
+                priority,
+                time_slice,
+            ))))
+        }
+    }
+}
+
+/// The device clock: CLOCK_MONOTONIC in nanoseconds, comparable across processes.
+pub fn now_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
