@@ -48,10 +48,14 @@ pub mod engine;
 pub mod kernel;
 pub mod kernels;
 
-// The objects and their scheduling.
-pub mod context;
+// The objects and their scheduling, each using the ones above it (blank lines keep rustfmt
+// from sorting them).
 pub mod exec;
+
 pub mod queue;
+
+pub mod context;
+
 pub mod sched;
 
 // kmd-shim's side: objects, messages, requests, suspend.
