@@ -17,19 +17,44 @@ use userq_uapi::shm::{AtomicInt, ShmBytes};
 /// (as the firmware's kernels access it: 32- and 64-bit words), never through references
 /// that another writer could change underneath. Ordering with the device comes from the
 /// fences: waiting for a fence point acquires what the packets before it wrote.
+///
+/// Commands built from a buffer (the launchers of [`crate::kernels`], or
+/// [`crate::Command::holding`]) hold its memory: dropping the `Buffer` while such a command
+/// is pending frees the memory only once the command's packet has completed.
 pub struct Buffer<T> {
+    memory: Arc<BufferMemory>,
+    len: usize,
+    _t: PhantomData<T>,
+}
+
+/// A buffer's memory in the device and in this process: freed (FREE_BUFFER) when the
+/// [`Buffer`] and every command holding it are gone.
+pub(crate) struct BufferMemory {
     dev: Arc<DeviceInner>,
     va: u64,
-    len: usize,
     map: ShmBytes,
     fd: OwnedFd,
-    _t: PhantomData<T>,
+}
+
+impl std::fmt::Debug for BufferMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BufferMemory")
+            .field("device_address", &format_args!("{:#x}", self.va))
+            .field("bytes", &self.map.len())
+            .finish()
+    }
+}
+
+impl Drop for BufferMemory {
+    fn drop(&mut self) {
+        let _ = self.dev.call(Request::FreeBuffer { va: self.va }, &[]);
+    }
 }
 
 impl<T> std::fmt::Debug for Buffer<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Buffer")
-            .field("device_address", &format_args!("{:#x}", self.va))
+            .field("device_address", &format_args!("{:#x}", self.memory.va))
             .field("len", &self.len)
             .finish()
     }
@@ -45,11 +70,8 @@ impl<T: bytemuck::Pod> Buffer<T> {
     ) -> Self {
         debug_assert!(map.len() >= len * std::mem::size_of::<T>());
         Buffer {
-            dev,
-            va,
+            memory: Arc::new(BufferMemory { dev, va, map, fd }),
             len,
-            map,
-            fd,
             _t: PhantomData,
         }
     }
@@ -58,7 +80,7 @@ impl<T: bytemuck::Pod> Buffer<T> {
     /// [`crate::Device::import_buffer`]: both then map the same memory.
     pub fn export(&self) -> std::io::Result<ExportedBuffer> {
         Ok(ExportedBuffer {
-            fd: self.fd.try_clone()?,
+            fd: self.memory.fd.try_clone()?,
         })
     }
 
@@ -74,12 +96,12 @@ impl<T: bytemuck::Pod> Buffer<T> {
 
     /// Device address of element 0.
     pub fn device_address(&self) -> u64 {
-        self.va
+        self.memory.va
     }
 
     /// Device address of element `index`, or `None` past the end.
     pub fn address_of(&self, index: usize) -> Option<u64> {
-        (index < self.len).then(|| self.va + (index * std::mem::size_of::<T>()) as u64)
+        (index < self.len).then(|| self.memory.va + (index * std::mem::size_of::<T>()) as u64)
     }
 
     fn check_index(&self, index: usize) {
@@ -97,16 +119,16 @@ impl<T: bytemuck::Pod> Buffer<T> {
         let bytes = bytemuck::bytes_of_mut(&mut out);
         let offset = index * std::mem::size_of::<T>();
         match chunk_of::<T>() {
-            8 => load_into::<AtomicU64, 8>(&self.map, offset, bytes, |a| {
+            8 => load_into::<AtomicU64, 8>(&self.memory.map, offset, bytes, |a| {
                 a.load(Relaxed).to_ne_bytes()
             }),
-            4 => load_into::<AtomicU32, 4>(&self.map, offset, bytes, |a| {
+            4 => load_into::<AtomicU32, 4>(&self.memory.map, offset, bytes, |a| {
                 a.load(Relaxed).to_ne_bytes()
             }),
-            2 => load_into::<AtomicU16, 2>(&self.map, offset, bytes, |a| {
+            2 => load_into::<AtomicU16, 2>(&self.memory.map, offset, bytes, |a| {
                 a.load(Relaxed).to_ne_bytes()
             }),
-            _ => load_into::<AtomicU8, 1>(&self.map, offset, bytes, |a| {
+            _ => load_into::<AtomicU8, 1>(&self.memory.map, offset, bytes, |a| {
                 a.load(Relaxed).to_ne_bytes()
             }),
         }
@@ -120,16 +142,16 @@ impl<T: bytemuck::Pod> Buffer<T> {
         let bytes = bytemuck::bytes_of(&value);
         let offset = index * std::mem::size_of::<T>();
         match chunk_of::<T>() {
-            8 => store_from::<AtomicU64, 8>(&self.map, offset, bytes, |a, b| {
+            8 => store_from::<AtomicU64, 8>(&self.memory.map, offset, bytes, |a, b| {
                 a.store(u64::from_ne_bytes(b), Relaxed)
             }),
-            4 => store_from::<AtomicU32, 4>(&self.map, offset, bytes, |a, b| {
+            4 => store_from::<AtomicU32, 4>(&self.memory.map, offset, bytes, |a, b| {
                 a.store(u32::from_ne_bytes(b), Relaxed)
             }),
-            2 => store_from::<AtomicU16, 2>(&self.map, offset, bytes, |a, b| {
+            2 => store_from::<AtomicU16, 2>(&self.memory.map, offset, bytes, |a, b| {
                 a.store(u16::from_ne_bytes(b), Relaxed)
             }),
-            _ => store_from::<AtomicU8, 1>(&self.map, offset, bytes, |a, b| {
+            _ => store_from::<AtomicU8, 1>(&self.memory.map, offset, bytes, |a, b| {
                 a.store(u8::from_ne_bytes(b), Relaxed)
             }),
         }
@@ -157,7 +179,8 @@ impl Buffer<u64> {
             "index {index} out of bounds for buffer of {}",
             self.len
         );
-        self.map
+        self.memory
+            .map
             .word64(index * 8)
             .expect("in bounds (asserted) and aligned (page-aligned base)")
     }
@@ -205,9 +228,10 @@ fn store_from<W: AtomicInt, const N: usize>(
     }
 }
 
-impl<T> Drop for Buffer<T> {
-    fn drop(&mut self) {
-        let _ = self.dev.call(Request::FreeBuffer { va: self.va }, &[]);
+impl<T> Buffer<T> {
+    /// A hold on the buffer's memory, for a command that names it.
+    pub(crate) fn hold(&self) -> Arc<BufferMemory> {
+        self.memory.clone()
     }
 }
 

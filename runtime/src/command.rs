@@ -4,7 +4,10 @@
 //! names (held by the queue until the packet completes) and a DISPATCH's argument words
 //! (written into the queue's argument area at submit).
 
+use crate::buffer::BufferMemory;
 use crate::fence::{Fence, FencePoint};
+use crate::Buffer;
+use std::sync::Arc;
 use userq_uapi::packet::{self, Packet, WaitCondition};
 
 /// One packet for a queue. Build with the constructors; fences named must belong to the
@@ -16,7 +19,19 @@ pub struct Command {
     /// The fence the command names, if any.
     pub(crate) fence: Option<Fence>,
     /// A DISPATCH's argument words; written into the queue's argument area at submit.
+    /// What few commands carry: a DISPATCH's argument words (written into the queue's
+    /// argument area at submit) and the buffers the queue keeps until the packet completes.
+    /// Boxed, so the common commands stay small and cheap to build, submit and drop.
+    pub(crate) extra: Option<Box<Extra>>,
+}
+
+/// The rarer parts of a [`Command`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Extra {
+    /// A DISPATCH's argument words.
     pub(crate) kernel_args: Option<Box<[u64]>>,
+    /// Buffers the command uses.
+    pub(crate) buffers: Vec<Arc<BufferMemory>>,
 }
 
 /// One kernel argument word.
@@ -45,7 +60,7 @@ impl Command {
         Command {
             cmd: packet::Command::Nop,
             fence: None,
-            kernel_args: None,
+            extra: None,
         }
     }
 
@@ -55,7 +70,7 @@ impl Command {
         Command {
             cmd: packet::Command::WriteValue { addr, value },
             fence: None,
-            kernel_args: None,
+            extra: None,
         }
     }
 
@@ -64,7 +79,7 @@ impl Command {
         Command {
             cmd: packet::Command::Timestamp { addr },
             fence: None,
-            kernel_args: None,
+            extra: None,
         }
     }
 
@@ -80,8 +95,33 @@ impl Command {
                 arg_count: args.len() as u32,
             }),
             fence: None,
-            kernel_args: Some(args.iter().map(|a| a.word()).collect()),
+            extra: Some(Box::new(Extra {
+                kernel_args: Some(args.iter().map(|a| a.word()).collect()),
+                buffers: Vec::new(),
+            })),
         }
+    }
+
+    /// Makes the command hold `buffer`: once submitted, the buffer's memory stays mapped (in
+    /// the device and here) until the packet has completed, even if the `Buffer` is dropped
+    /// meanwhile. The launchers of [`crate::kernels`] hold every buffer they name; use this
+    /// for commands built from raw addresses.
+    pub fn holding<T>(mut self, buffer: &Buffer<T>) -> Self {
+        self.extra
+            .get_or_insert_with(Default::default)
+            .buffers
+            .push(buffer.hold());
+        self
+    }
+
+    /// A DISPATCH's argument words, if this is one.
+    pub(crate) fn kernel_args(&self) -> Option<&[u64]> {
+        self.extra.as_ref()?.kernel_args.as_deref()
+    }
+
+    /// The buffers the command holds.
+    pub(crate) fn buffers(&self) -> &[Arc<BufferMemory>] {
+        self.extra.as_ref().map_or(&[], |e| &e.buffers)
     }
 
     /// The packet this command encodes to (a DISPATCH's argument address is filled in
@@ -98,7 +138,7 @@ impl Command {
                 value,
             },
             fence: Some(fence.clone()),
-            kernel_args: None,
+            extra: None,
         }
     }
 
@@ -124,7 +164,7 @@ impl Command {
                 condition,
             },
             fence: Some(fence.clone()),
-            kernel_args: None,
+            extra: None,
         }
     }
 }

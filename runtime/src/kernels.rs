@@ -77,12 +77,13 @@ pub fn fill_u32(n: u32, value: u32, out: &Buffer<u32>) -> Result<Command, Launch
         n,
         &[KernelArg::U64(n as u64), KernelArg::U64(value as u64), o],
     )
+    .map(|cmd| cmd.holding(out))
 }
 
 /// `dst[i] = src[i]` for `i < n`.
 pub fn copy_u32(n: u32, src: &Buffer<u32>, dst: &Buffer<u32>) -> Result<Command, LaunchError> {
     let (s, d) = (check(1, src, n as usize)?, check(2, dst, n as usize)?);
-    linear(COPY_U32, n, &[KernelArg::U64(n as u64), s, d])
+    linear(COPY_U32, n, &[KernelArg::U64(n as u64), s, d]).map(|cmd| cmd.holding(src).holding(dst))
 }
 
 /// `y[i] = a·x[i] + y[i]` for `i < n`.
@@ -93,6 +94,7 @@ pub fn axpy(n: u32, a: f32, x: &Buffer<f32>, y: &Buffer<f32>) -> Result<Command,
         n,
         &[KernelArg::U64(n as u64), KernelArg::F32(a), xa, ya],
     )
+    .map(|cmd| cmd.holding(x).holding(y))
 }
 
 /// `x[i] = a·x[i]` for `i < n`.
@@ -103,6 +105,7 @@ pub fn scale(n: u32, a: f32, x: &Buffer<f32>) -> Result<Command, LaunchError> {
         n,
         &[KernelArg::U64(n as u64), KernelArg::F32(a), xa],
     )
+    .map(|cmd| cmd.holding(x))
 }
 
 /// `c[i] = a[i] + b[i]` for `i < n`.
@@ -112,7 +115,7 @@ pub fn add(
     b: &Buffer<f32>,
     c: &Buffer<f32>,
 ) -> Result<Command, LaunchError> {
-    binary(ADD_F32, n, a, b, c)
+    binary(ADD_F32, n, a, b, c).map(|cmd| cmd.holding(a).holding(b).holding(c))
 }
 
 /// `c[i] = a[i] · b[i]` for `i < n`.
@@ -122,7 +125,7 @@ pub fn mul(
     b: &Buffer<f32>,
     c: &Buffer<f32>,
 ) -> Result<Command, LaunchError> {
-    binary(MUL_F32, n, a, b, c)
+    binary(MUL_F32, n, a, b, c).map(|cmd| cmd.holding(a).holding(b).holding(c))
 }
 
 fn binary(
@@ -152,6 +155,7 @@ pub fn reduce_sum_f32(
 ) -> Result<Command, LaunchError> {
     let (xa, p) = (check(1, x, n as usize)?, check(2, partials, workgroups(n))?);
     linear(REDUCE_SUM_F32, n, &[KernelArg::U64(n as u64), xa, p])
+        .map(|cmd| cmd.holding(x).holding(partials))
 }
 
 /// `partials[w]` = wrapping sum of `x` over workgroup `w`'s items.
@@ -162,6 +166,7 @@ pub fn reduce_sum_u64(
 ) -> Result<Command, LaunchError> {
     let (xa, p) = (check(1, x, n as usize)?, check(2, partials, workgroups(n))?);
     linear(REDUCE_SUM_U64, n, &[KernelArg::U64(n as u64), xa, p])
+        .map(|cmd| cmd.holding(x).holding(partials))
 }
 
 /// `partials[w]` = dot product of `x` and `y` over workgroup `w`'s items, in index order.
@@ -181,6 +186,7 @@ pub fn dot(
         n,
         &[KernelArg::U64(n as u64), args[0], args[1], args[2]],
     )
+    .map(|cmd| cmd.holding(x).holding(y).holding(partials))
 }
 
 /// Row-major `C(m×n) = A(m×k) · B(k×n)`, 16×16 tiles per workgroup.
@@ -214,6 +220,7 @@ pub fn gemm(
             args[2],
         ],
     ))
+    .map(|cmd| cmd.holding(a).holding(b).holding(c))
 }
 
 /// `out[i] = input[0] + … + input[i-1]` (wrapping), run as one workgroup.
@@ -232,6 +239,7 @@ pub fn exclusive_scan_u32(
         [1, 1, 1],
         &[KernelArg::U64(n as u64), i, o],
     ))
+    .map(|cmd| cmd.holding(input).holding(out))
 }
 
 /// `hist[input[i] % bins] += 1` for `i < n`.
@@ -247,6 +255,7 @@ pub fn histogram_u32(
         n,
         &[KernelArg::U64(n as u64), KernelArg::U64(bins as u64), i, h],
     )
+    .map(|cmd| cmd.holding(input).holding(hist))
 }
 
 /// `partials[w]` = FNV-1a over the bytes of workgroup `w`'s words.
@@ -260,6 +269,7 @@ pub fn checksum_u32(
         check(2, partials, workgroups(n))?,
     );
     linear(CHECKSUM_U32, n, &[KernelArg::U64(n as u64), i, p])
+        .map(|cmd| cmd.holding(input).holding(partials))
 }
 
 /// Busy work: `workgroups` workgroups that each spin for `ns` nanoseconds (at most 1 s).
@@ -292,6 +302,7 @@ pub fn spin_counted(
         [1, 1, 1],
         &[KernelArg::U64(ns), c],
     ))
+    .map(|cmd| cmd.holding(counter))
 }
 
 /// A kernel that never reports progress: it holds its engine until its queue is destroyed.
@@ -326,6 +337,7 @@ impl Mailbox {
             [1, 1, 1],
             &[KernelArg::Address(self.words.device_address())],
         )
+        .holding(&self.words)
     }
 
     /// Posts `value` and waits (spinning, yielding, then sleeping in 50 µs slices) for the

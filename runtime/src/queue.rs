@@ -6,6 +6,7 @@
 //! (one futex wake) or the ring looks full (one read of the shared read index, and a wait
 //! only if it really is full).
 
+use crate::buffer::BufferMemory;
 use crate::command::Command;
 use crate::device::{Device, DeviceInner};
 use crate::error::{ControlError, FenceFault, QueueCreateError, SubmitError, WaitError};
@@ -143,6 +144,17 @@ impl Drop for DestroyOnError<'_> {
     }
 }
 
+/// Something a submitted packet uses, kept alive until the packet completes. Held for its
+/// `Drop` only (which releases the fence handle or frees the buffer), never read.
+#[derive(Debug)]
+#[allow(dead_code)]
+enum Hold {
+    /// A fence it signals or waits on.
+    Fence(Fence),
+    /// A buffer it reads or writes.
+    Buffer(Arc<BufferMemory>),
+}
+
 /// What the firmware says about a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueStatus {
@@ -172,10 +184,11 @@ pub struct Queue {
     priority: Priority,
     /// Doorbells that found the firmware asleep and made a futex wake.
     wakes: u64,
-    /// Fences named by submitted packets, with the packet's timeline value: kept alive until
-    /// the timeline passes it, so a fence dropped by the caller cannot vanish under a
-    /// packet that still names it. Pruned only when it grows, to keep submits cheap.
-    holds: VecDeque<(u64, Fence)>,
+    /// Fences and buffers named by submitted packets, with the packet's timeline value:
+    /// kept alive until the timeline passes it, so a fence or buffer dropped by the caller
+    /// cannot vanish under a packet that still names it. Pruned at submits that add holds
+    /// (and whenever it grows past 64), so submits without any stay a few stores.
+    holds: VecDeque<(u64, Hold)>,
     /// DISPATCH argument area: [`MAX_KERNEL_ARGS`] words per ring slot, allocated at the
     /// first dispatch. A slot's words are reused only when the ring slot is: the firmware
     /// copies them when it takes the packet, before the read index passes it.
@@ -285,7 +298,9 @@ impl Queue {
         }
         // One pass over the batch: refuse it before anything reaches the ring.
         let mut dispatches = false;
+        let mut holds = false;
         for c in cmds {
+            holds |= c.fence.is_some() || !c.buffers().is_empty();
             if let Some(f) = &c.fence {
                 if !Arc::ptr_eq(f.device(), &self.dev) {
                     return Err(SubmitError::ForeignFence);
@@ -294,7 +309,7 @@ impl Queue {
                     return Err(SubmitError::FenceNotWritable);
                 }
             }
-            if let Some(args) = &c.kernel_args {
+            if let Some(args) = c.kernel_args() {
                 if args.len() > MAX_KERNEL_ARGS as usize {
                     return Err(SubmitError::TooManyKernelArgs);
                 }
@@ -314,29 +329,46 @@ impl Queue {
         self.reserve(cmds.len(), timeout)?;
         let first = self.wptr;
         for c in cmds {
-            let p = match c.kernel_args {
+            let p = match c.kernel_args() {
                 None => c.cmd.encode(),
                 Some(_) => self.encode_with_args(c, self.wptr),
             };
             self.write(p);
         }
         self.ring_doorbell();
-        for (i, c) in cmds.iter().enumerate() {
-            if let Some(f) = &c.fence {
-                self.holds.push_back((first + i as u64 + 1, f.clone()));
-            }
-        }
-        if self.holds.len() > 64 {
-            self.release_holds();
+        if holds {
+            self.hold(first, cmds);
         }
         Ok(self.wptr)
+    }
+
+    /// Keeps the fences and buffers of the commands submitted from ring index `first` until
+    /// their packets complete, and drops the holds of packets that have. Off the path of
+    /// submits that hold nothing (NOPs, writes, timestamps).
+    #[inline(never)]
+    fn hold(&mut self, first: u64, cmds: &[Command]) {
+        let held = self.holds.len();
+        for (i, c) in cmds.iter().enumerate() {
+            let value = first + i as u64 + 1;
+            if let Some(f) = &c.fence {
+                self.holds.push_back((value, Hold::Fence(f.clone())));
+            }
+            for b in c.buffers() {
+                self.holds.push_back((value, Hold::Buffer(b.clone())));
+            }
+        }
+        // What the caller dropped goes at the next submit that adds a hold after its packet
+        // completed, not only once 64 holds have piled up.
+        if held > 0 || self.holds.len() > 64 {
+            self.release_holds();
+        }
     }
 
     /// Encodes a command for ring position `index`, writing a DISPATCH's arguments into the
     /// argument area slot of that position.
     fn encode_with_args(&mut self, c: &Command, index: u64) -> Packet {
         let (packet::Command::Dispatch(mut d), Some(words), Some(area)) =
-            (c.cmd, c.kernel_args.as_ref(), self.kernel_args.as_mut())
+            (c.cmd, c.kernel_args(), self.kernel_args.as_mut())
         else {
             return c.cmd.encode();
         };

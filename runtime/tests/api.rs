@@ -537,3 +537,23 @@ fn signalling_a_timeline_from_a_queue_is_refused_at_submit() {
     b.submit(Command::nop()).unwrap().wait(LONG).unwrap();
     assert_eq!(theirs.value(), 1);
 }
+
+#[test]
+fn a_buffer_dropped_under_a_pending_dispatch_lives_until_it_completes() {
+    let env = Env::new();
+    let dev = env.dev();
+    let mut q = dev.create_queue().unwrap();
+    let gate = dev.create_fence(0).unwrap();
+    let out = dev.alloc::<u32>(4096).unwrap();
+    // A second mapping of the same memory, to read the result once `out` is gone.
+    let view = dev.import_buffer::<u32>(out.export().unwrap()).unwrap();
+    q.submit_batch(&[
+        Command::wait(&gate.point(1)),
+        userq::kernels::fill_u32(4096, 7, &out).unwrap(),
+    ])
+    .unwrap();
+    drop(out); // the dispatch, still parked behind the gate, holds its memory
+    gate.signal(1).unwrap();
+    q.finish(LONG).unwrap();
+    assert_eq!((view.read(0), view.read(4095)), (7, 7));
+}
