@@ -3,7 +3,7 @@
 //! process), and the client-side measurements against it.
 
 use crate::proc::Role;
-use crate::stats::{time_each, Latency};
+use crate::stats::Latency;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -140,36 +140,6 @@ pub fn embedded_role(socket: &str) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// NOP round trips: enqueue one NOP, wait for its timeline value (the reference-count-free
-/// path).
-pub fn nop_round_trip(
-    dev: &Device,
-    mode: WaitMode,
-    warmup: usize,
-    iters: usize,
-) -> Result<Latency, Box<dyn std::error::Error>> {
-    let mut q = dev.queue().ring_entries(1024).create()?;
-    Ok(round_trips(&mut q, &[Command::nop()], mode, warmup, iters))
-}
-
-/// Times `iters` round trips of `cmds` on `q` (enqueue, then wait for their timeline value
-/// with `mode`), after `warmup` untimed ones.
-fn round_trips(
-    q: &mut userq::Queue,
-    cmds: &[Command],
-    mode: WaitMode,
-    warmup: usize,
-    iters: usize,
-) -> Latency {
-    let timeline = q.timeline().clone();
-    time_each(warmup, iters, || {
-        let v = q.enqueue(cmds).expect("submit");
-        timeline
-            .wait_with(v, mode, Duration::from_secs(10))
-            .expect("wait");
-    })
-}
-
 /// NOP packets per second on one queue, `batch` packets per doorbell.
 pub fn nop_throughput(
     dev: &Device,
@@ -190,48 +160,6 @@ pub fn nop_throughput(
         p.wait_with(WaitMode::Spin, Duration::from_secs(30))?;
     }
     Ok((rounds * batch) as f64 / t.elapsed().as_secs_f64())
-}
-
-/// Cold NOP round trips: before each one the device is left idle long enough for the
-/// firmware to go to sleep, so the doorbell must wake it (a futex wake) and the completion
-/// must wake the blocked client (another): the same two wake-ups as the shared-futex
-/// ping-pong. The idle time is not timed.
-pub fn cold_round_trip(dev: &Device, iters: usize) -> Result<Latency, Box<dyn std::error::Error>> {
-    /// Longer than the firmware's spin-and-yield before it sleeps (2 ms).
-    const IDLE: Duration = Duration::from_millis(4);
-    let mut q = dev.queue().create()?;
-    let timeline = q.timeline().clone();
-    let nop = [Command::nop()];
-    let mut lat = Latency::new();
-    for _ in 0..iters {
-        std::thread::sleep(IDLE);
-        let t = Instant::now();
-        let v = q.enqueue(&nop)?;
-        timeline.wait_with(v, WaitMode::Block, Duration::from_secs(10))?;
-        lat.record(t.elapsed().as_nanos() as u64);
-    }
-    Ok(lat)
-}
-
-/// Round trips of a one-workgroup DISPATCH (fill of 64 u32) on an otherwise idle device:
-/// the packet, the command processor handing the job to an engine, the workgroup, the
-/// completion back through the command processor, the fence. `mode` is how the host waits.
-pub fn kernel_launch(
-    dev: &Device,
-    mode: WaitMode,
-    warmup: usize,
-    iters: usize,
-) -> Result<Latency, Box<dyn std::error::Error>> {
-    let mut q = dev.queue().ring_entries(1024).create()?;
-    let out = dev.alloc::<u32>(64)?;
-    let cmd = [userq::kernels::fill_u32(64, 7, &out)?];
-    // The first dispatch allocates the queue's argument area: outside the timing.
-    q.submit_batch(&cmd)?.wait(Duration::from_secs(10))?;
-    let lat = round_trips(&mut q, &cmd, mode, warmup, iters);
-    if out.read(63) != 7 {
-        return Err("the fill kernel did not run".into());
-    }
-    Ok(lat)
 }
 
 /// Median cost of one [`userq::Queue::enqueue`] of a NOP while the firmware is awake, measured over

@@ -18,7 +18,7 @@ use std::time::Duration;
 use userq::WaitMode;
 use userq_benches::device::{self, DeviceProcs, Mode};
 use userq_benches::report::{LatencyRow, Report, ScalingRow, ThroughputRow};
-use userq_benches::{floors, peers, plot, proc, rounds};
+use userq_benches::{floors, peers, plot, proc, round_trip, rounds};
 
 /// The name of the idle-queues row.
 const IDLE_QUEUES: &str = "userq NOP, daemon, spin, 4096 idle queues from 64 processes";
@@ -174,7 +174,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
                 EXCHANGE_FLOOR,
                 rounds,
                 || -> Res<_> { Ok(floors::exchange_floor(warm_round, per_round)?) },
-                || device::nop_round_trip(&dev, WaitMode::Spin, warm_round, per_round),
+                || round_trip::nop_round_trip(&dev, WaitMode::Spin, warm_round, per_round),
             )?;
             r.paired.push(paired);
             if mode == Mode::Daemon {
@@ -199,7 +199,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
                     // The ping-pong needs a long run to settle into sleeping every time (a
                     // short one mostly finds its partner still awake).
                     || -> Res<_> { Ok(floors::futex_floor(warm / 5, nb)?) },
-                    || device::cold_round_trip(&dev, cold_iters),
+                    || round_trip::cold_round_trip(&dev, cold_iters),
                 )?;
                 r.paired.push(paired);
                 r.latency.push(LatencyRow {
@@ -210,10 +210,10 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
                 r.latency.push(LatencyRow {
                     name: KERNEL_LAUNCH.into(),
                     floor: None,
-                    latency: device::kernel_launch(&dev, WaitMode::Spin, warm / 5, nb)?,
+                    latency: round_trip::kernel_launch(&dev, WaitMode::Spin, warm / 5, nb)?,
                 });
             }
-            let block = device::nop_round_trip(&dev, WaitMode::Block, warm / 5, nb)?;
+            let block = round_trip::nop_round_trip(&dev, WaitMode::Block, warm / 5, nb)?;
             r.latency.push(LatencyRow {
                 name: format!("userq NOP, {}, block", mode.name()),
                 floor: Some("futex"),
@@ -317,10 +317,10 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
             IDLE_QUEUES,
             "the same queue alone",
             if o.quick { 2 } else { 3 },
-            || device::nop_round_trip(&dev, WaitMode::Spin, warm, per_round),
+            || round_trip::nop_round_trip(&dev, WaitMode::Spin, warm, per_round),
             || {
                 device::with_idle_queues(&procs, procs_n, per_proc, || {
-                    let l = device::nop_round_trip(&dev, WaitMode::Spin, warm, per_round)?;
+                    let l = round_trip::nop_round_trip(&dev, WaitMode::Spin, warm, per_round)?;
                     idle_fw = Some(device::idle_cpu(
                         procs.firmware_pid(),
                         Duration::from_millis(10),
@@ -358,7 +358,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
         say("idle");
         let procs = DeviceProcs::start(Mode::Daemon, dir)?;
         let dev = procs.connect()?;
-        device::nop_round_trip(&dev, WaitMode::Spin, 0, 10_000)?;
+        round_trip::nop_round_trip(&dev, WaitMode::Spin, 0, 10_000)?;
         r.idle_cpu = Some(device::idle_cpu(
             procs.firmware_pid(),
             Duration::from_millis(10),
