@@ -13,7 +13,9 @@ use userq::{kernels, Device, Priority, WaitMode};
 /// Engine time of two equal-priority queues running endless spin kernels, over `window`.
 pub fn fairness(dev: &Device, window: Duration) -> Result<(u64, u64), Box<dyn std::error::Error>> {
     let counters = [dev.alloc::<u64>(1)?, dev.alloc::<u64>(1)?];
-    let mut queues = vec![dev.create_queue()?, dev.create_queue()?];
+    // Endless dispatches that finish workgroups all the time: long-running queues.
+    let lr = || dev.queue().long_running(Duration::from_secs(1)).create();
+    let mut queues = vec![lr()?, lr()?];
     for (q, c) in queues.iter_mut().zip(&counters) {
         q.submit(kernels::spin_counted(1_000_000_000, 100_000, c)?)?;
     }
@@ -30,7 +32,12 @@ pub fn fairness(dev: &Device, window: Duration) -> Result<(u64, u64), Box<dyn st
 /// a spinning client would take the core the command processor needs.
 pub fn priority(dev: &Device, iters: usize) -> Result<Latency, Box<dyn std::error::Error>> {
     let mut low: Vec<_> = (0..8)
-        .map(|_| dev.queue().priority(Priority::Low).create())
+        .map(|_| {
+            dev.queue()
+                .priority(Priority::Low)
+                .job_timeout(userq::uapi::watchdog::MAX_TIMEOUT)
+                .create()
+        })
         .collect::<Result<_, _>>()?;
     for q in &mut low {
         q.submit(kernels::spin(1_000_000, 1_000_000)?)?;

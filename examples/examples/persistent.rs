@@ -11,7 +11,13 @@ use userq::Device;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dev = Device::open_default()?;
-    let mut server_queue = dev.queue().priority(userq::Priority::Low).create()?;
+    // A persistent kernel runs as long as it is needed: a long-running queue, watched for
+    // progress (a second without a checkpoint is a hang) instead of a job timeout.
+    let mut server_queue = dev
+        .queue()
+        .priority(userq::Priority::Low)
+        .long_running(Duration::from_secs(1))
+        .create()?;
     let mut other = dev.create_queue()?;
     let mut mbox = Mailbox::new(&dev)?;
     let server = server_queue.submit(mbox.launch())?;

@@ -66,6 +66,7 @@ impl Transport {
             code: f.code,
             packet_index: f.packet_index,
             address: f.address,
+            detail: f.detail,
         });
     }
 

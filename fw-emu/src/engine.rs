@@ -19,12 +19,19 @@
 //! workgroup reports the job complete to the command processor and kicks it. Idle engines
 //! park on an in-process futex word (`atomic-wait`, private futexes: engines never wait on
 //! shared memory), bumped by whoever adds claimable work.
+//!
+//! For hang detection ([`crate::hang`]) a job records when its first workgroup started and
+//! counts progress: finished workgroups and checkpoints reached. A cancelled job's running
+//! workgroups return at their next checkpoint; one that never does keeps its engine
+//! thread, which the CPU cannot take back. [`Engines::replace`] then starts a new thread
+//! in its place, so the device keeps its engine count; the wedged thread leaves the pool
+//! when its workgroup finally returns.
 
 use crate::kernel::{Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
 use crate::QueueId;
 use crossbeam_utils::CachePadded;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -35,6 +42,8 @@ use userq_uapi::packet::Dispatch;
 pub struct Job {
     /// The queue it came from.
     pub queue: QueueId,
+    /// Index of its DISPATCH packet in the queue.
+    pub packet_index: u64,
     kernel: Arc<dyn Kernel>,
     args: Args,
     dispatch: Dispatch,
@@ -55,6 +64,13 @@ pub struct Job {
     suspended: AtomicBool,
     /// Workgroups of it running on engines right now.
     running: AtomicU32,
+    /// When the job was made; `started_ns` counts from here.
+    created: Instant,
+    /// Nanoseconds from `created` to its first workgroup's start, plus one (0: not
+    /// started).
+    started_ns: AtomicU64,
+    /// Changes whenever a workgroup finishes or a running one reaches a checkpoint.
+    progress: AtomicU64,
 }
 
 impl std::fmt::Debug for Job {
@@ -72,6 +88,7 @@ impl Job {
     /// A job for a validated dispatch with resolved arguments.
     pub fn new(
         queue: QueueId,
+        packet_index: u64,
         kernel: Arc<dyn Kernel>,
         args: Args,
         dispatch: Dispatch,
@@ -79,6 +96,10 @@ impl Job {
         time_slice: Option<Duration>,
     ) -> Self {
         Job {
+            packet_index,
+            created: Instant::now(),
+            started_ns: AtomicU64::new(0),
+            progress: AtomicU64::new(0),
             suspended: AtomicBool::new(false),
             running: AtomicU32::new(0),
             yielded: Mutex::new(Vec::new()),
@@ -99,6 +120,49 @@ impl Job {
     /// Stops handing out workgroups (its queue is gone); running ones finish.
     pub fn cancel(&self) {
         self.cancelled.store(true, Release);
+    }
+
+    /// Whether it was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Acquire)
+    }
+
+    /// Whether it is suspended.
+    pub fn is_suspended(&self) -> bool {
+        self.suspended.load(Relaxed)
+    }
+
+    /// When its first workgroup started on an engine.
+    pub fn started_at(&self) -> Option<Instant> {
+        match self.started_ns.load(Relaxed) {
+            0 => None,
+            ns => Some(self.created + Duration::from_nanos(ns - 1)),
+        }
+    }
+
+    /// A number that changes whenever a workgroup finishes or reaches a checkpoint.
+    pub fn progress(&self) -> u64 {
+        self.progress.load(Relaxed)
+    }
+
+    /// Workgroups of it on engines now.
+    pub fn running_count(&self) -> u32 {
+        self.running.load(SeqCst)
+    }
+
+    fn mark_started(&self) {
+        if self.started_ns.load(Relaxed) == 0 {
+            let ns = self.created.elapsed().as_nanos() as u64 + 1;
+            // The first engine wins; a later one keeps the earlier start.
+            let _ = self.started_ns.compare_exchange(0, ns, Relaxed, Relaxed);
+        }
+    }
+
+    fn bump_progress(&self) {
+        // A plain increment is enough: the watchdog only asks whether the number changed,
+        // and no locked instruction lands on the path of a kernel's checkpoint.
+        self.progress
+            .store(self.progress.load(Relaxed).wrapping_add(1), Relaxed);
     }
 
     /// Suspends or resumes the job (see `FwRequest::Suspend`).
@@ -193,6 +257,11 @@ struct Shared {
     has_completed: CachePadded<AtomicBool>,
     time_slice: Duration,
     wake_command_processor: Box<dyn Fn() + Send + Sync>,
+    /// Engine threads the device should have.
+    target: usize,
+    /// Engine threads in the pool, wedged ones included: above `target` after
+    /// [`Engines::replace`], until as many threads as were replaced have left.
+    live: AtomicUsize,
 }
 
 impl Shared {
@@ -213,16 +282,22 @@ impl Shared {
 /// The engine threads.
 pub struct Engines {
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// Names the next thread.
+    next_index: AtomicUsize,
 }
 
 impl std::fmt::Debug for Engines {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engines")
-            .field("threads", &self.threads.len())
+            .field("target", &self.shared.target)
+            .field("live", &self.shared.live.load(Relaxed))
             .finish()
     }
 }
+
+/// How long [`Engines`]' drop waits for engine threads before leaving wedged ones behind.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Engines {
     /// Starts `count` engines. `wake` kicks the command processor after a completion.
@@ -242,21 +317,56 @@ impl Engines {
             has_completed: CachePadded::new(AtomicBool::new(false)),
             time_slice,
             wake_command_processor: wake,
+            target: count.max(1),
+            live: AtomicUsize::new(0),
         });
-        let mut engines = Engines {
+        let engines = Engines {
             shared,
-            threads: Vec::with_capacity(count),
+            threads: std::sync::Mutex::new(Vec::with_capacity(count)),
+            next_index: AtomicUsize::new(0),
         };
-        for i in 0..count.max(1) {
-            let s = engines.shared.clone();
-            // On failure, dropping `engines` stops and joins the ones already started.
-            engines.threads.push(
-                std::thread::Builder::new()
-                    .name(format!("fw-engine-{i}"))
-                    .spawn(move || engine(&s))?,
-            );
-        }
+        // On failure, dropping `engines` stops and joins the ones already started.
+        engines.spawn(count.max(1))?;
         Ok(engines)
+    }
+
+    fn spawn(&self, n: usize) -> std::io::Result<()> {
+        for _ in 0..n {
+            let s = self.shared.clone();
+            let i = self.next_index.fetch_add(1, Relaxed);
+            s.live.fetch_add(1, AcqRel);
+            let t = std::thread::Builder::new()
+                .name(format!("fw-engine-{i}"))
+                .spawn(move || engine(&s));
+            match t {
+                Ok(t) => self
+                    .threads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(t),
+                Err(e) => {
+                    self.shared.live.fetch_sub(1, AcqRel);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts `n` engine threads in place of threads that cancelled workgroups hold and
+    /// will not give back soon; as many threads leave the pool later, as their workgroups
+    /// return. Returns how many started.
+    pub fn replace(&self, n: usize) -> usize {
+        let before = self.shared.live.load(Acquire);
+        let _ = self.spawn(n);
+        self.shared.live.load(Acquire).saturating_sub(before)
+    }
+
+    /// Engine threads the device has, and threads beyond those still held by wedged
+    /// workgroups.
+    pub fn counts(&self) -> (usize, usize) {
+        let live = self.shared.live.load(Acquire);
+        (self.shared.target, live.saturating_sub(self.shared.target))
     }
 
     /// Wakes the engines after a job was resumed.
@@ -304,8 +414,17 @@ impl Drop for Engines {
             }
             self.shared.notify_engines();
         }
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        // A thread a wedged workgroup holds may not return for a long time: wait a bounded
+        // time, then leave it (it holds its own references to what it uses).
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let deadline = Instant::now() + JOIN_TIMEOUT;
+        for t in threads {
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -332,6 +451,14 @@ fn engine(s: &Shared) {
             }
         };
         run_slice(s, &job);
+        // A replacement took this thread's place while it was held: leave the pool.
+        let mut live = s.live.load(Acquire);
+        while live > s.target {
+            match s.live.compare_exchange(live, live - 1, AcqRel, Acquire) {
+                Ok(_) => return,
+                Err(now) => live = now,
+            }
+        }
     }
 }
 
@@ -344,9 +471,11 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
     let wants_engine =
         || start.elapsed() >= slice || s.top.load(Acquire) > my_rank || s.stop.load(Relaxed);
     let wants_engine = || wants_engine() || job.suspended.load(Relaxed);
+    let bump = || job.bump_progress();
     let cp = Checkpoint {
         wants_engine: &wants_engine,
         cancelled: &job.cancelled,
+        reached: &bump,
     };
     loop {
         // Announce the workgroup before checking for suspension (SeqCst on both sides):
@@ -356,6 +485,7 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
         if job.cancelled.load(Acquire) || s.stop.load(Relaxed) || job.suspended.load(SeqCst) {
             return;
         }
+        job.mark_started();
         // A workgroup that yielded earlier resumes before new ones start.
         let mut wg = match job.take_yielded() {
             Some(wg) => wg,
@@ -376,7 +506,7 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
                 s.notify_one_engine();
                 return;
             }
-            WorkgroupStatus::Done => {}
+            WorkgroupStatus::Done => job.bump_progress(),
         }
         // AcqRel: the last finisher sees every other engine's writes before reporting.
         if job.done.fetch_add(1, AcqRel) + 1 == job.total {

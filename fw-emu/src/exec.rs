@@ -154,6 +154,7 @@ pub(crate) fn execute(
                 .map_err(|e| fault(ErrorCode::BadKernelArgs, e.value, e.index))?;
             Ok(Step::Dispatch(Arc::new(Job::new(
                 id,
+                index,
                 kernel.clone(),
                 args,
                 d,

@@ -144,6 +144,9 @@ pub enum WorkgroupStatus {
 pub struct Checkpoint<'a> {
     pub(crate) wants_engine: &'a dyn Fn() -> bool,
     pub(crate) cancelled: &'a std::sync::atomic::AtomicBool,
+    /// Records that the workgroup reached a checkpoint (progress, for the no-progress
+    /// watchdog).
+    pub(crate) reached: &'a dyn Fn(),
 }
 
 impl Checkpoint<'_> {
@@ -152,10 +155,12 @@ impl Checkpoint<'_> {
     /// progress (in [`Workgroup::state`] or device memory) and returns
     /// [`WorkgroupStatus::Yielded`].
     pub fn should_yield(&self) -> bool {
+        (self.reached)();
         self.cancelled() || (self.wants_engine)()
     }
 
-    /// Whether the dispatch was cancelled (its queue is gone): return at once.
+    /// Whether the dispatch was cancelled (its queue is gone or was reset): return at
+    /// once. Not a checkpoint: it does not count as progress.
     pub fn cancelled(&self) -> bool {
         self.cancelled.load(std::sync::atomic::Ordering::Relaxed)
     }

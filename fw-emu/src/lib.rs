@@ -61,6 +61,7 @@ pub mod sched;
 // kmd-shim's side: objects, messages, requests, suspend.
 pub mod channel;
 pub mod control;
+pub mod hang;
 mod request;
 mod suspend;
 
@@ -163,6 +164,10 @@ pub struct Firmware {
     sched: Scheduler,
     /// Suspends whose ack waits for workgroups to leave the engines (see [`suspend`]).
     pending_suspends: Vec<suspend::PendingSuspend>,
+    /// The dispatches on the engines, for hang detection ([`hang`]).
+    watch: hang::Watch,
+    /// Engine threads started in place of threads wedged workgroups held.
+    engines_replaced: u64,
     last_heartbeat: Instant,
     shutdown: bool,
 }
@@ -207,6 +212,8 @@ impl Firmware {
             fences: HashMap::new(),
             sched: Scheduler::new(),
             pending_suspends: Vec::new(),
+            watch: hang::Watch::default(),
+            engines_replaced: 0,
             last_heartbeat: Instant::now(),
             shutdown: false,
         };
@@ -261,33 +268,50 @@ impl Firmware {
     }
 
     /// One turn of every queue on the run list; faults go to kmd-shim, dispatches to the
-    /// engines.
+    /// engines and the watch.
     fn run_queues(&mut self) -> bool {
-        let (control, engines) = (&mut self.control, &self.engines);
-        self.sched.run(
+        let (control, engines, watch) = (&mut self.control, &self.engines, &mut self.watch);
+        let mut stopped = Vec::new();
+        let any = self.sched.run(
             &mut self.contexts,
             &self.config.kernels,
             self.config.packets_per_turn,
             |id, outcome| match outcome {
-                Outcome::Faulted(f) => control.report_fault(id, f),
-                Outcome::Dispatched(job) => engines.submit(job),
+                Outcome::Faulted(f) => {
+                    control.report_fault(id, f);
+                    stopped.push((id, f.code));
+                }
+                Outcome::Dispatched(job) => {
+                    watch.add(id, job.clone());
+                    engines.submit(job);
+                }
                 _ => {}
             },
-        )
+        );
+        for (id, code) in stopped {
+            self.poison_pending_signals(id, code);
+        }
+        any
     }
 
     /// Re-checks the parked queues; a wait that ended on a poisoned fence is reported.
     fn check_parked(&mut self) -> bool {
         let control = &mut self.control;
-        self.sched.check_parked(&mut self.contexts, |id, outcome| {
+        let mut stopped = Vec::new();
+        let any = self.sched.check_parked(&mut self.contexts, |id, outcome| {
             if let Outcome::Faulted(f) = outcome {
                 control.report_fault(id, f);
+                stopped.push((id, f.code));
             }
-        })
+        });
+        for (id, code) in stopped {
+            self.poison_pending_signals(id, code);
+        }
+        any
     }
 
-    /// Every 10 ms: bump the heartbeat, notice a vanished kmd-shim, and stop polling
-    /// queues that went idle. Returns whether a queue turned out to have work.
+    /// Every 10 ms: bump the heartbeat, notice a vanished kmd-shim, check the watchdogs of
+    /// running dispatches, and stop polling queues that went idle. Returns whether a queue turned out to have work.
     fn tick(&mut self) -> bool {
         if self.last_heartbeat.elapsed() < Duration::from_millis(10) {
             return false;
@@ -297,6 +321,7 @@ impl Firmware {
         if self.channel.peer_closed() {
             self.shutdown = true;
         }
+        self.check_hangs();
         self.sched.stop_polling(&mut self.contexts, false)
     }
 
@@ -310,6 +335,8 @@ impl Firmware {
         // every millisecond rather than only at the heartbeat.
         let bound = if self.suspends_pending() {
             Duration::from_millis(1)
+        } else if !self.watch.is_empty() {
+            hang::CHECK_PERIOD // dispatches run: their watchdogs are checked at each tick
         } else {
             Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS)
         };

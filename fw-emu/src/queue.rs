@@ -27,9 +27,10 @@ use std::time::{Duration, Instant};
 use userq_uapi::error::ErrorCode;
 use userq_uapi::ioctl::Priority;
 use userq_uapi::layout::QueueState;
-use userq_uapi::packet::{sequence_tag, Packet};
+use userq_uapi::packet::{sequence_tag, Command, FenceHandle, Packet};
 use userq_uapi::shm::{PacketSlot, RingShm};
 use userq_uapi::sync;
+use userq_uapi::watchdog::Watchdog;
 
 #[derive(Debug)]
 enum RunState {
@@ -67,6 +68,9 @@ pub struct Queue {
     pub priority: Priority,
     /// Time slice of its dispatches on the engines (`None`: the firmware's default).
     pub time_slice: Option<Duration>,
+    /// Hang detection of its dispatches (read at every check, so a change applies to the
+    /// running one).
+    pub watchdog: Watchdog,
     /// The timeline fence; only the firmware writes it.
     pub timeline: Arc<FenceObject>,
     /// Whether the queue is on the scheduler's run list (so it is never listed twice).
@@ -115,6 +119,7 @@ impl Queue {
             id,
             priority,
             time_slice,
+            watchdog: Watchdog::default(),
             timeline,
             on_run_list: false,
             ring,
@@ -286,6 +291,39 @@ impl Queue {
         outcome
     }
 
+    /// The SIGNAL_FENCE packets the client published but the queue never executed, as
+    /// (packet index, fence handle): after the queue stopped, nothing will signal those
+    /// fences. Published means tagged, or below the write index in `doorbell` (clamped to
+    /// one ring); each slot is copied once.
+    pub fn pending_signals(&self, doorbell: &AtomicU64) -> Vec<(u64, FenceHandle)> {
+        let end = self.rptr + self.ring.entries();
+        let published = doorbell.load(Acquire).clamp(self.rptr, end);
+        let mut out = Vec::new();
+        for i in self.rptr..end {
+            let tagged = (self.slot(i)[0].load(Acquire) >> 32) as u32 == sequence_tag(i);
+            if !tagged && i >= published {
+                break;
+            }
+            if let Ok(Command::SignalFence { fence, .. }) = Command::decode(&self.copy_packet(i)) {
+                out.push((i, fence));
+            }
+        }
+        out
+    }
+
+    /// The job of the queue's running DISPATCH.
+    pub fn running_job(&self) -> Option<&Arc<Job>> {
+        match &self.state {
+            RunState::Dispatching { job, .. } => Some(job),
+            _ => None,
+        }
+    }
+
+    /// Whether the queue stopped on an error (or was reset).
+    pub fn is_faulted(&self) -> bool {
+        matches!(self.state, RunState::Faulted)
+    }
+
     /// Copies packet `index` out of its slot once.
     fn copy_packet(&self, index: u64) -> Packet {
         let mut words = [0u64; 8];
@@ -391,19 +429,26 @@ impl Queue {
         Outcome::Faulted(f)
     }
 
-    /// Stops the queue with `code` (a reset decided by the firmware): its running dispatch
-    /// is cancelled and its timeline poisoned.
-    pub fn fail(&mut self, code: ErrorCode) -> Outcome {
+    /// Stops the queue with `code` (a reset): its running dispatch is cancelled and its
+    /// timeline poisoned, the error record naming the running DISPATCH (or the next
+    /// packet) and `detail`. A queue already stopped stays as it is (`None`).
+    pub fn fail(&mut self, code: ErrorCode, detail: u32) -> Option<Fault> {
+        if self.is_faulted() {
+            return None;
+        }
         let packet_index = match &self.state {
             RunState::Dispatching { packet_index, .. } => *packet_index,
             _ => self.rptr,
         };
-        self.fault(Fault {
+        match self.fault(Fault {
             code,
             packet_index,
             address: 0,
-            detail: 0,
-        })
+            detail,
+        }) {
+            Outcome::Faulted(f) => Some(f),
+            _ => None,
+        }
     }
 
     /// Tears the queue down: poisons its timeline for values it never reached.

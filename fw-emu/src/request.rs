@@ -119,6 +119,19 @@ impl Firmware {
                 self.shutdown = true;
                 FwStatus::Ok
             }
+            FwRequest::SetWatchdog {
+                ctx,
+                slot,
+                watchdog,
+            } => self.set_watchdog(QueueId { ctx, slot }, watchdog),
+            FwRequest::ResetQueue {
+                ctx,
+                slot,
+                code,
+                detail,
+                packet_index,
+            } => self.reset_queue(QueueId { ctx, slot }, code, detail, packet_index),
+            FwRequest::BanContext { ctx } => self.ban_context(ctx),
             // Handled in `process_requests` (their ack may be deferred).
             FwRequest::Suspend { .. } | FwRequest::Resume { .. } => FwStatus::Malformed,
         }
@@ -145,6 +158,13 @@ impl Firmware {
     }
 
     fn unmap_context(&mut self, ctx: u32) -> FwStatus {
+        let ids: Vec<QueueId> = match self.contexts.get_mut(ctx) {
+            Some(c) => c.queue_ids().collect(),
+            None => return FwStatus::NotFound,
+        };
+        for id in ids {
+            self.poison_pending_signals(id, ErrorCode::OwnerDied);
+        }
         let Some(mut c) = self.contexts.remove(ctx) else {
             return FwStatus::NotFound;
         };
@@ -206,6 +226,7 @@ impl Firmware {
     }
 
     fn unmap_queue(&mut self, id: QueueId) -> FwStatus {
+        self.poison_pending_signals(id, ErrorCode::QueueDestroyed);
         let q = self
             .contexts
             .get_mut(id.ctx)

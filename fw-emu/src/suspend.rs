@@ -9,7 +9,6 @@
 //! engines and puts the queues back on the run list.
 
 use crate::engine::Job;
-use crate::queue::Outcome;
 use crate::{Firmware, PREEMPT_TIMEOUT};
 use std::sync::Arc;
 use std::time::Instant;
@@ -102,8 +101,9 @@ impl Firmware {
             } else if now >= p.deadline {
                 for job in p.jobs.iter().filter(|j| j.is_running()) {
                     if let Some(q) = self.contexts.queue_mut(job.queue) {
-                        if let Outcome::Faulted(f) = q.fail(ErrorCode::PreemptTimeout) {
+                        if let Some(f) = q.fail(ErrorCode::PreemptTimeout, 0) {
                             self.control.report_fault(job.queue, f);
+                            self.poison_pending_signals(job.queue, f.code);
                         }
                     }
                 }

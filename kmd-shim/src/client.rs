@@ -98,14 +98,27 @@ fn handle(
         (_, Some(c)) => c,
     };
     let empty = |()| Answer::new(EmptyReply, []);
+    let creates = matches!(
+        req,
+        Request::CreateQueue { .. }
+            | Request::CreateFence { .. }
+            | Request::ImportFence
+            | Request::AllocBuffer { .. }
+            | Request::ImportBuffer
+            | Request::SetWatchdog { .. }
+    );
+    if creates && dev.is_banned(c) {
+        return Err(KmdStatus::Banned);
+    }
     match req {
         Request::OpenContext { .. } => Err(KmdStatus::ContextExists),
         Request::CreateQueue {
             ring_entries,
             priority,
             time_slice_us,
+            watchdog,
         } => dev
-            .create_queue(c, ring_entries, priority, time_slice_us)
+            .create_queue(c, ring_entries, priority, time_slice_us, watchdog)
             .map(|(reply, fds)| Answer::new(reply, fds)),
         Request::DestroyQueue { slot } => dev.destroy_queue(c, slot).map(empty),
         Request::CreateFence { initial } => dev
@@ -122,5 +135,7 @@ fn handle(
         Request::ImportBuffer => dev
             .import_buffer(c, &fds)
             .map(|reply| Answer::new(reply, [])),
+        Request::SetWatchdog { slot, watchdog } => dev.set_watchdog(c, slot, watchdog).map(empty),
+        Request::ResetStats => dev.reset_stats(c).map(|reply| Answer::new(reply, [])),
     }
 }

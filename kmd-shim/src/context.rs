@@ -39,6 +39,8 @@ pub(crate) struct ContextRecord {
     pub(crate) buffers: HashMap<u64, BufferRecord>,
     /// Where the next buffer goes in the VM: from `VA_BASE` up, 64 KiB-aligned.
     pub(crate) next_va: u64,
+    /// Its hangs, the resets it suffered, whether it is banned.
+    pub(crate) resets: crate::reset::ResetRecord,
 }
 
 /// A context id reserved in the table, with an empty record. Until

@@ -43,6 +43,10 @@ pub struct Limits {
     pub max_buffers: usize,
     /// Bytes of buffers and rings all contexts together may allocate.
     pub memory_budget: u64,
+    /// Hangs within [`Limits::ban_window`] after which a context is banned.
+    pub ban_after_hangs: u32,
+    /// The window of [`Limits::ban_after_hangs`].
+    pub ban_window: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -53,6 +57,8 @@ impl Default for Limits {
             max_fences: 12288,
             max_buffers: 4096,
             memory_budget: 8 << 30,
+            ban_after_hangs: 3,
+            ban_window: std::time::Duration::from_secs(120),
         }
     }
 }
@@ -89,7 +95,7 @@ pub struct Device {
     pub(crate) link: FirmwareLink,
     pub(crate) limits: Limits,
     table: Mutex<Table>,
-    verbose: bool,
+    pub(crate) verbose: bool,
 }
 
 impl std::fmt::Debug for Device {
@@ -135,8 +141,10 @@ impl EventSink for Device {
             code,
             packet_index,
             address,
+            detail,
         } = ev
         {
+            self.count_victim(ctx, code, detail);
             if self.verbose {
                 eprintln!(
                     "kmd-shim: context {ctx} queue {slot} stopped at packet {packet_index}: {} (address/index {address:#x})",
@@ -146,8 +154,13 @@ impl EventSink for Device {
         }
     }
 
+    fn hang(&self, ev: FwEvent) {
+        self.on_hang(ev);
+    }
+
     fn device_lost(&self) {
         eprintln!("kmd-shim: firmware lost; every fence is poisoned with DeviceLost");
+        self.count_device_loss();
         self.poison_all();
     }
 }

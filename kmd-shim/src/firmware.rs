@@ -95,6 +95,9 @@ pub enum FirmwareStartError {
 pub trait EventSink: Send + Sync {
     /// A queue stopped on an error.
     fn queue_error(&self, ev: FwEvent);
+    /// A queue's watchdog fired ([`FwEvent::Hang`]). Called on the event thread: it may
+    /// [`FirmwareLink::post`] requests but must not wait for an ack.
+    fn hang(&self, ev: FwEvent);
     /// The firmware died or stopped its heartbeat.
     fn device_lost(&self);
 }
@@ -288,21 +291,10 @@ impl FirmwareLink {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(seq, None);
-            let words = req.encode(seq);
-            let ring = &self.control.to_fw;
-            let deadline = Instant::now() + self.ack_timeout;
-            let mut backoff = Backoff::new(Duration::from_micros(20), Duration::from_millis(1));
-            while !ring.push(&words) {
-                self.kick_firmware();
-                if Instant::now() >= deadline || self.is_lost() {
-                    self.forget_ack(seq);
-                    return Err(self.timed_out());
-                }
-                if backoff.step() == BackoffStep::Sleep {
-                    std::thread::sleep(Duration::from_micros(200));
-                }
+            if !self.push_request(&req.encode(seq)) {
+                self.forget_ack(seq);
+                return Err(self.timed_out());
             }
-            self.kick_firmware();
             seq
         };
         let deadline = Instant::now() + self.ack_timeout;
@@ -334,6 +326,42 @@ impl FirmwareLink {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// Posts `req` without waiting for its ack (which is dropped when it comes): for the
+    /// event thread, which delivers acks and so must never wait for one. Requests that
+    /// name memory objects go through [`FirmwareLink::call`].
+    pub fn post(&self, req: FwRequest) -> Result<(), KmdStatus> {
+        if self.is_lost() {
+            return Err(KmdStatus::DeviceLost);
+        }
+        let mut s = self.sender.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = s.next_seq;
+        s.next_seq = s.next_seq.wrapping_add(1).max(1);
+        if self.push_request(&req.encode(seq)) {
+            Ok(())
+        } else {
+            Err(self.timed_out())
+        }
+    }
+
+    /// Pushes a request's words onto `to_fw` (waiting a bounded time for room) and kicks
+    /// the firmware. Called with the sender lock held, so requests keep their order.
+    fn push_request(&self, words: &[u64; 8]) -> bool {
+        let ring = &self.control.to_fw;
+        let deadline = Instant::now() + self.ack_timeout;
+        let mut backoff = Backoff::new(Duration::from_micros(20), Duration::from_millis(1));
+        while !ring.push(words) {
+            self.kick_firmware();
+            if Instant::now() >= deadline || self.is_lost() {
+                return false;
+            }
+            if backoff.step() == BackoffStep::Sleep {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        self.kick_firmware();
+        true
     }
 
     fn forget_ack(&self, seq: u32) {
@@ -381,6 +409,7 @@ impl FirmwareLink {
                         }
                     }
                     Some(ev @ FwEvent::QueueError { .. }) => sink.queue_error(ev),
+                    Some(ev @ FwEvent::Hang { .. }) => sink.hang(ev),
                     None => {}
                 }
             }

@@ -12,6 +12,8 @@
 //!   shared-memory message rings and the object channel ([`firmware`]);
 //! - reclaims a context and everything it owned when its connection closes, however the
 //!   client ended, and poisons the fences nobody can signal any more;
+//! - decides what a hang the firmware reports costs: the queue is reset, a context that
+//!   keeps hanging is banned ([`reset`]);
 //! - watches the firmware's heartbeat and declares the device lost when it stops.
 //!
 //! It is never on the submit or complete path, and no path in it waits on a user fence or
@@ -25,6 +27,7 @@ pub mod device;
 pub mod fence;
 pub mod firmware;
 pub mod queue;
+pub mod reset;
 pub mod socket;
 
 pub use device::Limits;

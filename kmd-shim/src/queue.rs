@@ -20,6 +20,7 @@ use userq_uapi::layout::{
 };
 use userq_uapi::os;
 use userq_uapi::shm::RingShm;
+use userq_uapi::watchdog::Watchdog;
 use userq_uapi::KmdStatus;
 
 /// A queue of a context, as kmd-shim records it.
@@ -94,10 +95,12 @@ impl Device {
         entries: u32,
         priority: Priority,
         time_slice_us: u32,
+        watchdog: Watchdog,
     ) -> Result<(CreateQueueReply, [OwnedFd; 3]), KmdStatus> {
         if !entries.is_power_of_two()
             || !(MIN_RING_ENTRIES..=MAX_RING_ENTRIES).contains(&entries)
             || time_slice_us > MAX_TIME_SLICE_US
+            || !watchdog.is_valid()
         {
             return Err(KmdStatus::InvalidArgument);
         }
@@ -125,6 +128,17 @@ impl Device {
             },
             &[(ring_id, ring_fd.as_fd())],
         )?;
+        if watchdog != Watchdog::default() {
+            let set = FwRequest::SetWatchdog {
+                ctx,
+                slot,
+                watchdog,
+            };
+            if let Err(e) = self.link.call(set, &[]) {
+                let _ = self.link.call(FwRequest::UnmapQueue { ctx, slot }, &[]);
+                return Err(e);
+            }
+        }
         let handle = hold.commit();
         queue_slot.commit();
         Ok((

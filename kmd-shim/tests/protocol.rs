@@ -89,6 +89,7 @@ fn malformed_messages_get_typed_errors_and_the_connection_goes_on() {
         ring_entries: 8,
         priority: Priority::Normal,
         time_slice_us: 0,
+        watchdog: Default::default(),
     };
 
     assert_eq!(send_raw(&s, &[1, 2, 3], &[]).0, KmdStatus::Malformed);
@@ -137,6 +138,7 @@ fn malformed_messages_get_typed_errors_and_the_connection_goes_on() {
             ring_entries: entries,
             priority: Priority::Low,
             time_slice_us: 0,
+            watchdog: Default::default(),
         };
         assert_eq!(
             status(&s, r),
@@ -250,6 +252,7 @@ fn a_client_that_vanishes_mid_request_does_not_disturb_another() {
             ring_entries: 64,
             priority: Priority::High,
             time_slice_us: 0,
+            watchdog: Default::default(),
         }
         .encode();
         os::send_with_fds(bad.as_fd(), bytemuck::bytes_of(&q), &[]).expect("send");
@@ -271,6 +274,7 @@ fn a_client_that_vanishes_mid_request_does_not_disturb_another() {
             ring_entries: 8,
             priority: Priority::Normal,
             time_slice_us: 0,
+            watchdog: Default::default(),
         },
         &[],
     );

@@ -56,6 +56,7 @@ const QUEUE: Request = Request::CreateQueue {
     ring_entries: 8,
     priority: Priority::Normal,
     time_slice_us: 0,
+    watchdog: userq_uapi::watchdog::Watchdog::JobTimeout(userq_uapi::watchdog::DEFAULT_JOB_TIMEOUT),
 };
 
 fn one_ring() -> u64 {

@@ -57,6 +57,12 @@ pub enum QueueCreateError {
     /// The time slice is not between 1 µs and 1 s.
     #[error("time slice {0:?} is not between 1 µs and 1 s")]
     BadTimeSlice(std::time::Duration),
+    /// The watchdog's timeout is not between 1 ms and 600 s.
+    #[error("watchdog {0:?}: its timeout is not between 1 ms and 600 s")]
+    BadWatchdog(userq_uapi::watchdog::Watchdog),
+    /// The context was banned after repeated hangs.
+    #[error("context banned after repeated hangs")]
+    Banned,
     /// Another control-plane failure.
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -99,6 +105,21 @@ pub enum SubmitError {
     /// The queue's DISPATCH argument area could not be allocated.
     #[error("out of device memory for the dispatch argument area")]
     OutOfMemory,
+    /// The context was banned after repeated hangs: its queues were stopped
+    /// ([`ErrorCode::ContextBanned`]) and take no more work.
+    #[error("context banned after repeated hangs")]
+    Banned,
+}
+
+impl SubmitError {
+    /// The error for a queue that stopped with `f`.
+    pub(crate) fn stopped(f: FenceFault) -> SubmitError {
+        if f.code == Some(ErrorCode::ContextBanned) {
+            SubmitError::Banned
+        } else {
+            SubmitError::QueueFaulted(f)
+        }
+    }
 }
 
 /// Why a fence was poisoned: the error record its signaller wrote.

@@ -41,6 +41,9 @@ pub enum LaunchError {
         /// What the launch needs.
         needed: usize,
     },
+    /// A busy-wait longer than the kernel accepts.
+    #[error("spin of {0:?} is longer than the kernel accepts")]
+    TooLong(Duration),
 }
 
 fn check<T>(arg: usize, b: &Buffer<T>, needed: usize) -> Result<KernelArg, LaunchError>
@@ -305,10 +308,34 @@ pub fn spin_counted(
     .map(|cmd| cmd.holding(counter))
 }
 
-/// A kernel that never reports progress: it holds its engine until its queue is destroyed.
-/// For testing hang handling.
+/// A kernel that never reports progress: it holds its engine until its queue is destroyed
+/// or reset (see [`crate::Watchdog`]). For testing hang handling.
 pub fn no_progress() -> Command {
-    Command::dispatch(NO_PROGRESS, [1, 1, 1], [1, 1, 1], &[])
+    no_progress_wide(1)
+}
+
+/// [`no_progress`] with `workgroups` workgroups: one on every engine, or more.
+pub fn no_progress_wide(workgroups: u32) -> Command {
+    Command::dispatch(NO_PROGRESS, [workgroups.max(1), 1, 1], [1, 1, 1], &[])
+}
+
+/// `workgroups` workgroups that each spin for `time` (at most 60 s) without a checkpoint and
+/// without looking at cancellation: a reset cannot take their engines back, so the
+/// firmware starts replacement engine threads. For testing engine recovery.
+pub fn runaway(workgroups: u32, time: Duration) -> Result<Command, LaunchError> {
+    let ns = u64::try_from(time.as_nanos()).unwrap_or(u64::MAX);
+    if workgroups == 0 {
+        return Err(LaunchError::Empty);
+    }
+    if ns > userq_uapi::kernels::RUNAWAY_MAX_NS {
+        return Err(LaunchError::TooLong(time));
+    }
+    Ok(Command::dispatch(
+        RUNAWAY,
+        [workgroups, 1, 1],
+        [1, 1, 1],
+        &[KernelArg::U64(ns)],
+    ))
 }
 
 /// The host side of the persistent kernel: a mailbox in device memory that one
@@ -329,7 +356,9 @@ impl Mailbox {
     }
 
     /// The DISPATCH that starts the persistent kernel on this mailbox. It runs until
-    /// [`Mailbox::stop`] (or its queue is destroyed).
+    /// [`Mailbox::stop`] (or its queue is destroyed). Submit it on a long-running queue
+    /// ([`crate::QueueBuilder::long_running`]): an ordinary queue's job timeout would
+    /// reset it.
     pub fn launch(&self) -> Command {
         Command::dispatch(
             PERSISTENT,

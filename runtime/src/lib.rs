@@ -43,6 +43,7 @@ mod fence;
 pub mod kernels;
 mod queue;
 mod reactor;
+mod reset;
 
 /// The firmware's kernel interface, for custom kernels registered with
 /// [`DeviceBuilder::kernel`] (embedded mode).
@@ -64,8 +65,10 @@ pub use error::{
 pub use fence::{wait_all, wait_any, ExportedFence, Fence, FencePoint, WaitMode};
 pub use queue::{Queue, QueueBuilder, QueueStatus, DEFAULT_RING_ENTRIES};
 pub use reactor::FenceFuture;
+pub use reset::{ResetStats, ResetStatus};
 pub use userq_uapi::ioctl::Priority;
 pub use userq_uapi::packet::{Packet, WaitCondition};
+pub use userq_uapi::watchdog::Watchdog;
 
 /// The raw ABI, for tools that need to speak it directly.
 pub use userq_uapi as uapi;

@@ -17,11 +17,12 @@ use std::collections::VecDeque;
 use std::sync::atomic::{compiler_fence, Ordering::*};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use userq_uapi::ioctl::{CreateQueueReply, Priority, Reply, Request};
+use userq_uapi::ioctl::{CreateQueueReply, EmptyReply, Priority, Reply, Request};
 use userq_uapi::layout::{FenceKind, MAX_RING_ENTRIES, MIN_RING_ENTRIES};
 use userq_uapi::packet::{self, Packet, MAX_KERNEL_ARGS};
 use userq_uapi::shm::RingShm;
 use userq_uapi::sync::{Backoff, BackoffStep};
+use userq_uapi::watchdog::Watchdog;
 use userq_uapi::{sync, KmdStatus};
 
 /// Ring size of [`Device::create_queue`].
@@ -34,6 +35,7 @@ pub struct QueueBuilder<'d> {
     entries: u32,
     priority: Priority,
     time_slice: Option<Duration>,
+    watchdog: Watchdog,
 }
 
 impl<'d> QueueBuilder<'d> {
@@ -43,7 +45,30 @@ impl<'d> QueueBuilder<'d> {
             entries: DEFAULT_RING_ENTRIES,
             priority: Priority::Normal,
             time_slice: None,
+            watchdog: Watchdog::default(),
         }
+    }
+
+    /// How the device decides that a dispatch of this queue hangs (default: a job timeout
+    /// of 2 s). A hung dispatch resets the queue: its timeline is poisoned with
+    /// [`ErrorCode::JobTimeout`](crate::ErrorCode::JobTimeout) or
+    /// [`ErrorCode::NoProgress`](crate::ErrorCode::NoProgress) and it takes no more work.
+    pub fn watchdog(mut self, watchdog: Watchdog) -> Self {
+        self.watchdog = watchdog;
+        self
+    }
+
+    /// An ordinary queue whose dispatches may each run for `timeout` (1 ms to 600 s) on the
+    /// engines.
+    pub fn job_timeout(self, timeout: Duration) -> Self {
+        self.watchdog(Watchdog::JobTimeout(timeout))
+    }
+
+    /// A long-running queue (persistent kernels): no job timeout, but a dispatch that
+    /// finishes no workgroup and reaches no checkpoint for `no_progress` (1 ms to 600 s)
+    /// hangs.
+    pub fn long_running(self, no_progress: Duration) -> Self {
+        self.watchdog(Watchdog::NoProgress(no_progress))
     }
 
     /// Ring size in packets: a power of two from 2 to 65536.
@@ -81,12 +106,16 @@ impl<'d> QueueBuilder<'d> {
                 us as u32
             }
         };
+        if !self.watchdog.is_valid() {
+            return Err(QueueCreateError::BadWatchdog(self.watchdog));
+        }
         let inner = &self.dev.inner;
         let r = inner.call(
             Request::CreateQueue {
                 ring_entries: e,
                 priority: self.priority,
                 time_slice_us,
+                watchdog: self.watchdog,
             },
             &[],
         );
@@ -95,6 +124,7 @@ impl<'d> QueueBuilder<'d> {
             Err(ControlError::Rejected(KmdStatus::LimitExceeded)) => {
                 return Err(QueueCreateError::TooManyQueues)
             }
+            Err(ControlError::Rejected(KmdStatus::Banned)) => return Err(QueueCreateError::Banned),
             Err(err) => return Err(err.into()),
         };
         let [ring_fd, state, waiters] = <[OwnedFd; 3]>::try_from(fds)
@@ -238,6 +268,22 @@ impl Queue {
         self.priority
     }
 
+    /// Changes how the device decides that this queue's dispatches hang; applies to the
+    /// dispatch running now too (lengthen the timeout of a queue whose work turned out
+    /// longer, or shorten it to have a stuck one reset sooner).
+    pub fn set_watchdog(&self, watchdog: Watchdog) -> Result<(), ControlError> {
+        if !watchdog.is_valid() {
+            return Err(ControlError::Rejected(KmdStatus::InvalidArgument));
+        }
+        let request = Request::SetWatchdog {
+            slot: self.slot,
+            watchdog,
+        };
+        let (v, _) = self.dev.call(request, &[])?;
+        EmptyReply::decode(&v).map_err(|e| ControlError::Protocol(e.describe()))?;
+        Ok(())
+    }
+
     /// The firmware's view of the queue.
     pub fn status(&self) -> QueueStatus {
         if let Some(f) = self.timeline.fault() {
@@ -290,7 +336,7 @@ impl Queue {
         // timeline page and changes only when the queue stops, so this load stays cached.
         if self.timeline.queue_state() != userq_uapi::layout::QueueState::Active as u32 {
             match self.status() {
-                QueueStatus::Faulted(f) => return Err(SubmitError::QueueFaulted(f)),
+                QueueStatus::Faulted(f) => return Err(SubmitError::stopped(f)),
                 QueueStatus::Destroyed => return Err(SubmitError::DeviceLost),
                 // Stopping, its record not published yet: the ring decides below.
                 QueueStatus::Active => {}
@@ -427,7 +473,7 @@ impl Queue {
                 return Ok(());
             }
             match self.status() {
-                QueueStatus::Faulted(f) => return Err(SubmitError::QueueFaulted(f)),
+                QueueStatus::Faulted(f) => return Err(SubmitError::stopped(f)),
                 QueueStatus::Destroyed => return Err(SubmitError::DeviceLost),
                 QueueStatus::Active => {}
             }

@@ -329,7 +329,12 @@ fn a_custom_kernel_registered_on_an_embedded_device_runs() {
 fn a_long_dispatch_does_not_hold_up_another_queue() {
     let env = Env::new();
     let dev = env.dev();
-    let mut long = dev.create_queue().unwrap();
+    // Seconds of work: more than the default job timeout allows.
+    let mut long = dev
+        .queue()
+        .job_timeout(Duration::from_secs(60))
+        .create()
+        .unwrap();
     let mut short = dev.create_queue().unwrap();
     // 400 workgroups of 5 ms: 2 s of work on one engine.
     let busy = long.submit(kernels::spin(400, 5_000_000).unwrap()).unwrap();

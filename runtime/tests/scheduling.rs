@@ -34,7 +34,15 @@ fn engine_shares(
 fn two_equal_queues_running_endless_spin_kernels_share_engine_time() {
     let env = Env::new();
     let dev = env.dev();
-    let queues = (0..2).map(|_| dev.create_queue().unwrap()).collect();
+    // Endless dispatches that finish workgroups all the time: long-running queues.
+    let queues = (0..2)
+        .map(|_| {
+            dev.queue()
+                .long_running(Duration::from_secs(1))
+                .create()
+                .unwrap()
+        })
+        .collect();
     let (x, y) = engine_shares(dev, queues, 100_000, Duration::from_secs(2));
     assert!(
         x + y >= 1000.0,
@@ -53,7 +61,13 @@ fn a_high_priority_queue_gets_through_saturating_low_priority_work() {
     let env = Env::new();
     let dev = env.dev();
     let mut low: Vec<_> = (0..8)
-        .map(|_| dev.queue().priority(Priority::Low).create().unwrap())
+        .map(|_| {
+            dev.queue()
+                .priority(Priority::Low)
+                .job_timeout(Duration::from_secs(60))
+                .create()
+                .unwrap()
+        })
         .collect();
     for q in &mut low {
         // 2000 workgroups of 1 ms each: seconds of work per queue, saturating every engine.
@@ -86,7 +100,11 @@ fn a_high_priority_queue_gets_through_saturating_low_priority_work() {
 fn one_long_workgroup_is_preempted_at_its_checkpoints() {
     let env = Env::new();
     let dev = env.dev();
-    let mut long = dev.create_queue().unwrap();
+    let mut long = dev
+        .queue()
+        .job_timeout(Duration::from_secs(60))
+        .create()
+        .unwrap();
     let mut short = dev.create_queue().unwrap();
     // A single workgroup spinning for 2 s: only checkpoints can share its engine.
     let busy = long
@@ -118,7 +136,11 @@ fn one_long_workgroup_is_preempted_at_its_checkpoints() {
 fn the_persistent_kernel_serves_its_mailbox_until_told_to_stop() {
     let env = Env::new();
     let dev = env.dev();
-    let mut server = dev.create_queue().unwrap();
+    let mut server = dev
+        .queue()
+        .long_running(Duration::from_secs(1))
+        .create()
+        .unwrap();
     let mut other = dev.create_queue().unwrap();
     let mut mbox = kernels::Mailbox::new(dev).unwrap();
     let running = server.submit(mbox.launch()).unwrap();
@@ -174,10 +196,12 @@ fn a_longer_time_slice_buys_a_proportionally_larger_share() {
     let queues = vec![
         dev.queue()
             .time_slice(Duration::from_millis(3))
+            .long_running(Duration::from_secs(1))
             .create()
             .unwrap(),
         dev.queue()
             .time_slice(Duration::from_millis(1))
+            .long_running(Duration::from_secs(1))
             .create()
             .unwrap(),
     ];
@@ -193,7 +217,11 @@ fn a_longer_time_slice_buys_a_proportionally_larger_share() {
 fn with_two_engines_a_yielding_workgroup_is_always_resumed() {
     let env = Env::with(Device::builder().engines(2));
     let dev = env.dev();
-    let mut server = dev.create_queue().unwrap();
+    let mut server = dev
+        .queue()
+        .long_running(Duration::from_secs(1))
+        .create()
+        .unwrap();
     let mut churn = dev.create_queue().unwrap();
     let mut mbox = kernels::Mailbox::new(dev).unwrap();
     let running = server.submit(mbox.launch()).unwrap();

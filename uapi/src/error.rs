@@ -43,6 +43,16 @@ pub enum ErrorCode {
     /// A running workgroup did not yield within the preemption timeout when its queue had
     /// to stop (suspend): the queue was reset.
     PreemptTimeout = 16,
+    /// A dispatch ran past its queue's job timeout: the queue was reset. `detail` is the
+    /// time it had run, in milliseconds.
+    JobTimeout = 17,
+    /// A dispatch of a long-running queue finished no workgroup and reached no checkpoint
+    /// for its queue's no-progress timeout: the queue was reset. `detail` is the time
+    /// without progress, in milliseconds.
+    NoProgress = 18,
+    /// The queue's context was banned after repeated hangs: its queues were stopped and
+    /// it may create no more.
+    ContextBanned = 19,
 }
 
 impl ErrorCode {
@@ -66,6 +76,9 @@ impl ErrorCode {
             14 => BadKernelArgs,
             15 => BadGrid,
             16 => PreemptTimeout,
+            17 => JobTimeout,
+            18 => NoProgress,
+            19 => ContextBanned,
             _ => return None,
         })
     }
@@ -90,7 +103,18 @@ impl ErrorCode {
             BadKernelArgs => "kernel arguments do not fit the kernel",
             BadGrid => "bad dispatch grid",
             PreemptTimeout => "a workgroup did not yield in time to be preempted",
+            JobTimeout => "hang: a dispatch ran past the queue's job timeout; the queue was reset",
+            NoProgress => "hang: a long-running dispatch made no progress; the queue was reset",
+            ContextBanned => "the context was banned after repeated hangs",
         }
+    }
+
+    /// Whether this code is a reset kmd-shim decided after a hang (the queue was guilty).
+    pub fn is_hang(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::JobTimeout | ErrorCode::NoProgress | ErrorCode::PreemptTimeout
+        )
     }
 }
 
@@ -143,6 +167,9 @@ pub enum KmdStatus {
     /// The peer is not allowed to use this device (SO_PEERCRED).
     #[error("permission denied")]
     PermissionDenied = 14,
+    /// The context was banned after repeated hangs: it may create nothing more.
+    #[error("context banned after repeated hangs")]
+    Banned = 15,
 }
 
 impl KmdStatus {
@@ -164,6 +191,7 @@ impl KmdStatus {
             11 => DeviceLost,
             12 => FirmwareTimeout,
             14 => PermissionDenied,
+            15 => Banned,
             _ => Internal,
         }
     }

@@ -18,6 +18,7 @@
 use crate::error::ErrorCode;
 use crate::ioctl::Priority;
 use crate::packet::FenceHandle;
+use crate::watchdog::Watchdog;
 
 /// Names a memory object sent on the object channel.
 pub type ObjectId = u64;
@@ -53,10 +54,14 @@ mod kind {
     pub const SHUTDOWN: u32 = 12;
     pub const SUSPEND: u32 = 13;
     pub const RESUME: u32 = 14;
+    pub const SET_WATCHDOG: u32 = 15;
+    pub const RESET_QUEUE: u32 = 16;
+    pub const BAN_CONTEXT: u32 = 17;
 
     pub const ACK: u32 = 0x100;
     pub const QUEUE_ERROR: u32 = 0x101;
     pub const READY: u32 = 0x102;
+    pub const HANG: u32 = 0x103;
 }
 
 /// A kmd → firmware request.
@@ -174,6 +179,38 @@ pub enum FwRequest {
         /// One queue, or the whole context.
         slot: Option<u32>,
     },
+    /// Sets a queue's hang detection (a new queue has [`Watchdog::default`]); applies to
+    /// its running dispatch too.
+    SetWatchdog {
+        /// Context id.
+        ctx: u32,
+        /// Queue slot.
+        slot: u32,
+        /// The watchdog.
+        watchdog: Watchdog,
+    },
+    /// Resets a queue kmd-shim found guilty of a hang: its running dispatch is cancelled,
+    /// its timeline poisoned with `code` (error record first, then the queue's state word,
+    /// then the poison and the wake), and the fences its pending SIGNAL_FENCE packets would
+    /// have signalled are poisoned too. Other queues are not touched.
+    ResetQueue {
+        /// Context id.
+        ctx: u32,
+        /// Queue slot.
+        slot: u32,
+        /// Why ([`ErrorCode::JobTimeout`], [`ErrorCode::NoProgress`]).
+        code: ErrorCode,
+        /// The error record's detail (for a hang, the milliseconds it was timed).
+        detail: u32,
+        /// The DISPATCH the hang report named: if the queue no longer runs it (it
+        /// completed meanwhile), nothing is reset. `u64::MAX`: whatever the queue runs.
+        packet_index: u64,
+    },
+    /// Stops every queue of a banned context with [`ErrorCode::ContextBanned`].
+    BanContext {
+        /// Context id.
+        ctx: u32,
+    },
 }
 
 /// Result of a request, in its ack.
@@ -239,6 +276,24 @@ pub enum FwEvent {
         packet_index: u64,
         /// Offending address or index, if any.
         address: u64,
+        /// The error record's detail (for [`ErrorCode::DependencyFailed`], the poison
+        /// code of the fence waited on).
+        detail: u32,
+    },
+    /// A queue's watchdog fired: its dispatch ran past the job timeout, or a
+    /// long-running dispatch made no progress. The queue keeps running until kmd-shim
+    /// decides ([`FwRequest::ResetQueue`]). Reported once per dispatch.
+    Hang {
+        /// Context id.
+        ctx: u32,
+        /// Queue slot.
+        slot: u32,
+        /// [`ErrorCode::JobTimeout`] or [`ErrorCode::NoProgress`].
+        code: ErrorCode,
+        /// Index of the DISPATCH packet.
+        packet_index: u64,
+        /// How long it ran (job timeout) or went without progress, in milliseconds.
+        elapsed_ms: u64,
     },
 }
 
@@ -349,6 +404,34 @@ impl FwRequest {
                     kind::RESUME
                 }
             }
+            FwRequest::SetWatchdog {
+                ctx,
+                slot,
+                watchdog,
+            } => {
+                w[1] = ctx as u64;
+                w[2] = slot as u64;
+                w[3] = watchdog.encode();
+                kind::SET_WATCHDOG
+            }
+            FwRequest::ResetQueue {
+                ctx,
+                slot,
+                code,
+                detail,
+                packet_index,
+            } => {
+                w[1] = ctx as u64;
+                w[2] = slot as u64;
+                w[3] = code as u64;
+                w[4] = detail as u64;
+                w[5] = packet_index;
+                kind::RESET_QUEUE
+            }
+            FwRequest::BanContext { ctx } => {
+                w[1] = ctx as u64;
+                kind::BAN_CONTEXT
+            }
         };
         w[0] = head(k, seq);
         w
@@ -421,6 +504,19 @@ impl FwRequest {
                     FwRequest::Resume { ctx, slot }
                 }
             }
+            kind::SET_WATCHDOG => FwRequest::SetWatchdog {
+                ctx: n32(w[1])?,
+                slot: n32(w[2])?,
+                watchdog: Watchdog::decode(w[3]).map_err(|_| FwStatus::Malformed)?,
+            },
+            kind::RESET_QUEUE => FwRequest::ResetQueue {
+                ctx: n32(w[1])?,
+                slot: n32(w[2])?,
+                code: ErrorCode::from_u32(n32(w[3])?).ok_or(FwStatus::Malformed)?,
+                detail: n32(w[4])?,
+                packet_index: w[5],
+            },
+            kind::BAN_CONTEXT => FwRequest::BanContext { ctx: n32(w[1])? },
             _ => return Err(FwStatus::Malformed),
         };
         Ok((seq, req))
@@ -443,6 +539,7 @@ impl FwEvent {
                 code,
                 packet_index,
                 address,
+                detail,
             } => {
                 w[0] = head(kind::QUEUE_ERROR, 0);
                 w[1] = ctx as u64;
@@ -450,6 +547,21 @@ impl FwEvent {
                 w[3] = code as u64;
                 w[4] = packet_index;
                 w[5] = address;
+                w[6] = detail as u64;
+            }
+            FwEvent::Hang {
+                ctx,
+                slot,
+                code,
+                packet_index,
+                elapsed_ms,
+            } => {
+                w[0] = head(kind::HANG, 0);
+                w[1] = ctx as u64;
+                w[2] = slot as u64;
+                w[3] = code as u64;
+                w[4] = packet_index;
+                w[5] = elapsed_ms;
             }
         }
         w
@@ -469,6 +581,14 @@ impl FwEvent {
                 code: ErrorCode::from_u32(u32::try_from(w[3]).ok()?)?,
                 packet_index: w[4],
                 address: w[5],
+                detail: u32::try_from(w[6]).ok()?,
+            },
+            kind::HANG => FwEvent::Hang {
+                ctx: u32::try_from(w[1]).ok()?,
+                slot: u32::try_from(w[2]).ok()?,
+                code: ErrorCode::from_u32(u32::try_from(w[3]).ok()?)?,
+                packet_index: w[4],
+                elapsed_ms: w[5],
             },
             _ => return None,
         })
@@ -534,6 +654,19 @@ mod tests {
                 slot: Some(7),
             },
             FwRequest::Resume { ctx: 3, slot: None },
+            FwRequest::SetWatchdog {
+                ctx: 3,
+                slot: 1,
+                watchdog: Watchdog::NoProgress(std::time::Duration::from_millis(40)),
+            },
+            FwRequest::ResetQueue {
+                ctx: 3,
+                slot: 1,
+                code: ErrorCode::JobTimeout,
+                detail: 2000,
+                packet_index: 12,
+            },
+            FwRequest::BanContext { ctx: 3 },
         ];
         for (i, r) in reqs.iter().enumerate() {
             assert_eq!(FwRequest::decode(&r.encode(i as u32)), Ok((i as u32, *r)));
@@ -550,6 +683,14 @@ mod tests {
                 code: ErrorCode::MemoryViolation,
                 packet_index: 4,
                 address: 0xdead_0000,
+                detail: 17,
+            },
+            FwEvent::Hang {
+                ctx: 2,
+                slot: 3,
+                code: ErrorCode::NoProgress,
+                packet_index: 9,
+                elapsed_ms: 2001,
             },
         ];
         for e in evs {

@@ -10,7 +10,7 @@
 //! | op | request args | reply values | fds in | fds out |
 //! |---|---|---|---|---|
 //! | OPEN_CONTEXT | abi version | [`OpenContextReply`]: ctx id, device generation | | doorbell page (rw), device status (ro), device kick (rw) |
-//! | CREATE_QUEUE | ring entries, [`Priority`], time slice µs (0: default) | [`CreateQueueReply`]: slot, timeline fence handle, global fence id | | ring (rw), fence state (ro), fence waiters (rw) |
+//! | CREATE_QUEUE | ring entries, [`Priority`], time slice µs (0: default), [`Watchdog`] word | [`CreateQueueReply`]: slot, timeline fence handle, global fence id | | ring (rw), fence state (ro), fence waiters (rw) |
 //! | DESTROY_QUEUE | slot | [`EmptyReply`] | | |
 //! | CREATE_FENCE | initial value | [`CreateFenceReply`]: handle, global fence id | | fence state (rw), fence waiters (rw) |
 //! | IMPORT_FENCE | | [`ImportFenceReply`]: handle, global fence id, [`crate::layout::FenceKind`] | fence state, fence waiters | |
@@ -18,18 +18,21 @@
 //! | ALLOC_BUFFER | size in bytes | [`BufferReply`]: device address, size (as asked; the memfd is whole pages) | | buffer memfd (rw) |
 //! | FREE_BUFFER | device address | [`EmptyReply`] | | |
 //! | IMPORT_BUFFER | | [`BufferReply`]: device address, size | buffer memfd (another context's) | |
+//! | SET_WATCHDOG | slot, [`Watchdog`] word | [`EmptyReply`] | | |
+//! | RESET_STATS | | [`ResetStatsReply`]: hangs (guilty), queues stopped by others' hangs or device loss (innocent), banned | | |
 //!
 //! Reply values sit in [`RawReply::values`] in the order the table lists them; the values an
 //! op does not use are zero. Each reply type's [`Reply::decode`] checks exactly that.
 
 use crate::error::KmdStatus;
 use crate::packet::FenceHandle;
+use crate::watchdog::Watchdog;
 use bytemuck::{Pod, Zeroable};
 
 mod reply;
 pub use reply::{
     BufferReply, CreateFenceReply, CreateQueueReply, EmptyReply, ImportFenceReply,
-    OpenContextReply, Reply, ReplyDecodeError,
+    OpenContextReply, Reply, ReplyDecodeError, ResetStatsReply,
 };
 
 /// Largest buffer one ALLOC_BUFFER may ask for (16 GiB).
@@ -61,6 +64,10 @@ pub mod op {
     pub const FREE_BUFFER: u32 = 8;
     /// See [`super::Request::ImportBuffer`].
     pub const IMPORT_BUFFER: u32 = 9;
+    /// See [`super::Request::SetWatchdog`].
+    pub const SET_WATCHDOG: u32 = 10;
+    /// See [`super::Request::ResetStats`].
+    pub const RESET_STATS: u32 = 11;
 }
 
 /// Scheduling priority of a queue.
@@ -135,6 +142,8 @@ pub enum Request {
         /// Engine time slice of its dispatches in microseconds, up to
         /// [`MAX_TIME_SLICE_US`]; 0 for the firmware's default.
         time_slice_us: u32,
+        /// Hang detection for its dispatches.
+        watchdog: Watchdog,
     },
     /// Destroys a queue; its timeline fence is poisoned for values it never reached.
     DestroyQueue {
@@ -166,6 +175,16 @@ pub enum Request {
     /// Maps a buffer another context allocated (its memfd attached) into this context's
     /// VM. The memory is shared; the allocating context's budget pays for it.
     ImportBuffer,
+    /// Changes a queue's hang detection; applies to the dispatch running now too.
+    SetWatchdog {
+        /// The queue's slot.
+        slot: u32,
+        /// The new watchdog.
+        watchdog: Watchdog,
+    },
+    /// Asks how resets touched this context (as `GL_ARB_robustness` and
+    /// `gem_reset_stats`).
+    ResetStats,
 }
 
 impl Request {
@@ -181,11 +200,13 @@ impl Request {
                 ring_entries,
                 priority,
                 time_slice_us,
+                watchdog,
             } => {
                 r.op = op::CREATE_QUEUE;
                 r.args[0] = ring_entries as u64;
                 r.args[1] = priority as u64;
                 r.args[2] = time_slice_us as u64;
+                r.args[3] = watchdog.encode();
             }
             Request::DestroyQueue { slot } => {
                 r.op = op::DESTROY_QUEUE;
@@ -209,6 +230,12 @@ impl Request {
                 r.args[0] = va;
             }
             Request::ImportBuffer => r.op = op::IMPORT_BUFFER,
+            Request::SetWatchdog { slot, watchdog } => {
+                r.op = op::SET_WATCHDOG;
+                r.args[0] = slot as u64;
+                r.args[1] = watchdog.encode();
+            }
+            Request::ResetStats => r.op = op::RESET_STATS,
         }
         r
     }
@@ -233,8 +260,9 @@ impl Request {
                     ring_entries: narrow(a[0])?,
                     priority: Priority::from_u64(a[1]).ok_or(KmdStatus::InvalidArgument)?,
                     time_slice_us: narrow(a[2])?,
+                    watchdog: watchdog(a[3])?,
                 },
-                3,
+                4,
             ),
             op::DESTROY_QUEUE => (
                 Request::DestroyQueue {
@@ -253,6 +281,14 @@ impl Request {
             op::ALLOC_BUFFER => (Request::AllocBuffer { size: a[0] }, 1),
             op::FREE_BUFFER => (Request::FreeBuffer { va: a[0] }, 1),
             op::IMPORT_BUFFER => (Request::ImportBuffer, 0),
+            op::SET_WATCHDOG => (
+                Request::SetWatchdog {
+                    slot: narrow(a[0])?,
+                    watchdog: watchdog(a[1])?,
+                },
+                2,
+            ),
+            op::RESET_STATS => (Request::ResetStats, 0),
             _ => return Err(KmdStatus::UnknownOp),
         };
         if a[used..].iter().any(|&w| w != 0) {
@@ -273,6 +309,10 @@ impl Request {
 
 fn narrow(v: u64) -> Result<u32, KmdStatus> {
     u32::try_from(v).map_err(|_| KmdStatus::InvalidArgument)
+}
+
+fn watchdog(v: u64) -> Result<Watchdog, KmdStatus> {
+    Watchdog::decode(v).map_err(|_| KmdStatus::InvalidArgument)
 }
 
 impl RawReply {
@@ -310,6 +350,7 @@ mod tests {
                 ring_entries: 64,
                 priority: Priority::High,
                 time_slice_us: 500,
+                watchdog: Watchdog::NoProgress(std::time::Duration::from_millis(300)),
             },
             Request::DestroyQueue { slot: 3 },
             Request::CreateFence { initial: 5 },
@@ -320,6 +361,11 @@ mod tests {
             Request::AllocBuffer { size: 4096 },
             Request::FreeBuffer { va: 1 << 32 },
             Request::ImportBuffer,
+            Request::SetWatchdog {
+                slot: 2,
+                watchdog: Watchdog::JobTimeout(std::time::Duration::from_millis(50)),
+            },
+            Request::ResetStats,
         ];
         for r in reqs {
             let raw = r.encode();
@@ -344,6 +390,19 @@ mod tests {
             Request::decode(bytemuck::bytes_of(&raw)),
             Err(KmdStatus::InvalidArgument)
         );
+        // A watchdog of 0 ms (of either kind) or over the maximum is refused.
+        let mut raw = Request::SetWatchdog {
+            slot: 1,
+            watchdog: Watchdog::default(),
+        }
+        .encode();
+        for bad in [0, 1 << 32, 10_000_000] {
+            raw.args[1] = bad;
+            assert_eq!(
+                Request::decode(bytemuck::bytes_of(&raw)),
+                Err(KmdStatus::InvalidArgument)
+            );
+        }
     }
 
     /// Encodes `reply`, checks the words against `wire` (the positions are ABI) and decodes
@@ -397,6 +456,14 @@ mod tests {
             &[crate::VA_BASE, 100],
         );
         round_trip(EmptyReply, &[]);
+        round_trip(
+            ResetStatsReply {
+                guilty: 3,
+                innocent: 1,
+                banned: true,
+            },
+            &[3, 1, 1],
+        );
     }
 
     #[test]

@@ -24,8 +24,9 @@
 //! | 13 | checksum (FNV-1a of the u32 words), partial per workgroup | n, in, partials |
 //! | 14 | spin: every workgroup busy-waits `ns` nanoseconds, yielding at checkpoints | ns |
 //! | 15 | persistent: one workgroup serving a mailbox until told to stop (see below) | mailbox |
-//! | 16 | no progress: spins without a checkpoint until its queue is destroyed | |
+//! | 16 | no progress: spins without a checkpoint until its dispatch is cancelled (queue destroyed or reset) | |
 //! | 17 | counted spin: every workgroup spins `ns`, then adds 1 to `counter[0]` (u64): engine time made visible, for fairness probes | ns, counter |
+//! | 18 | runaway: every workgroup spins `ns` (at most 60 s) ignoring checkpoints and cancellation: a workgroup the firmware cannot take back | ns |
 //!
 //! The persistent kernel's mailbox is five u64 words: request sequence, request value,
 //! response sequence, response value (`3·value + 1`), stop. The host writes the value, then
@@ -66,6 +67,11 @@ pub const PERSISTENT: u32 = 15;
 pub const NO_PROGRESS: u32 = 16;
 /// Busy work that counts its finished workgroups.
 pub const SPIN_COUNTED: u32 = 17;
+/// Busy work that ignores checkpoints and cancellation (for engine recovery).
+pub const RUNAWAY: u32 = 18;
+
+/// Longest spin the runaway kernel accepts, in nanoseconds.
+pub const RUNAWAY_MAX_NS: u64 = 60_000_000_000;
 
 /// First id free for custom kernels.
 pub const FIRST_CUSTOM: u32 = 1 << 16;

@@ -26,7 +26,7 @@ use crate::shm::{Access, Layout, ReadWrite};
 use core::sync::atomic::{AtomicU32, AtomicU64};
 
 /// The ABI version. Bumped on any change to a layout, packet or message in this crate.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Size of a cache line on the machines userq targets. Fields written by different
 /// parties are at least this far apart.

@@ -2,7 +2,7 @@
 //!
 //! This crate is the single source of truth for everything that crosses a process
 //! boundary in userq: the layouts of shared pages ([`layout`]), queue packets
-//! ([`packet`]), the built-in kernel ids ([`kernels`]), the client ↔ kmd-shim control messages ([`ioctl`]), the kmd-shim ↔
+//! ([`packet`]), the built-in kernel ids ([`kernels`]), the client ↔ kmd-shim control messages ([`ioctl`]), hang detection ([`watchdog`]), the kmd-shim ↔
 //! firmware messages ([`fwmsg`]), error codes ([`error`]), and the wait/wake protocols on
 //! shared futexes ([`sync`]). [`os`] is the small platform layer underneath: memfds,
 //! mappings with typed views, and fd passing; [`shm`] the typed handles on shared objects;
@@ -28,6 +28,7 @@ pub mod packet;
 pub mod shm;
 pub mod socket;
 pub mod sync;
+pub mod watchdog;
 
 pub use error::{ErrorCode, KmdStatus};
 pub use layout::ABI_VERSION;

@@ -8,6 +8,7 @@ use userq_uapi::ioctl::{
     Reply, Request,
 };
 use userq_uapi::packet::{Command, Packet};
+use userq_uapi::watchdog::Watchdog;
 
 /// xorshift64*: a seeded generator, so a failure can be replayed from its seed.
 struct Rng(u64);
@@ -38,12 +39,13 @@ impl Rng {
 const ROUNDS: usize = 200_000;
 
 /// One request of every kind, the seeds of the mutated ones.
-const VALID: [Request; 9] = [
-    Request::OpenContext { abi_version: 2 },
+const VALID: [Request; 11] = [
+    Request::OpenContext { abi_version: 3 },
     Request::CreateQueue {
         ring_entries: 64,
         priority: userq_uapi::ioctl::Priority::High,
         time_slice_us: 500,
+        watchdog: Watchdog::NoProgress(std::time::Duration::from_millis(250)),
     },
     Request::DestroyQueue { slot: 3 },
     Request::CreateFence { initial: 5 },
@@ -54,6 +56,11 @@ const VALID: [Request; 9] = [
     Request::AllocBuffer { size: 4096 },
     Request::FreeBuffer { va: 1 << 32 },
     Request::ImportBuffer,
+    Request::SetWatchdog {
+        slot: 1,
+        watchdog: Watchdog::JobTimeout(std::time::Duration::from_secs(3)),
+    },
+    Request::ResetStats,
 ];
 
 #[test]

@@ -167,6 +167,7 @@ impl Raw {
                 ring_entries: entries,
                 priority: Priority::Normal,
                 time_slice_us: 0,
+                watchdog: Default::default(),
             },
             &[],
         )?;

@@ -1,5 +1,6 @@
-//! DOC: long-running kernels: spin (and its counted form), the persistent mailbox server
-//! and `no_progress`, which never reaches a checkpoint (the hang test case).
+//! DOC: long-running kernels: spin (and its counted form), the persistent mailbox server,
+//! `no_progress`, which never reaches a checkpoint (the hang test case), and `runaway`,
+//! which ignores cancellation too (the engine-recovery test case).
 
 use super::need;
 use crate::kernel::{ArgError, ArgKind, Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
@@ -83,9 +84,9 @@ impl Kernel for Persistent {
     }
 }
 
-/// A cooperative kernel that never reaches a checkpoint of progress: it holds its engine
-/// until its dispatch is cancelled (its queue destroyed, or later reset). It exists to test
-/// hang handling.
+/// A kernel that never reaches a checkpoint: it holds its engine until its dispatch is
+/// cancelled (its queue destroyed or reset), as a GPU wave that loops forever holds its
+/// compute unit until the queue reset kills it. It exists to test hang handling.
 pub(super) struct NoProgress;
 impl Kernel for NoProgress {
     fn name(&self) -> &str {
@@ -127,6 +128,34 @@ impl Kernel for SpinCounted {
             std::hint::spin_loop();
         }
         a.buffer(1).words64()[0].fetch_add(1, Relaxed);
+        WorkgroupStatus::Done
+    }
+}
+
+/// Spins `ns` per workgroup without a checkpoint and without looking at cancellation: the
+/// CPU cannot stop it, so a reset leaves its engine thread held until it returns. It
+/// exists to test engine recovery ([`crate::engine::Engines::replace`]).
+pub(super) struct Runaway;
+impl Kernel for Runaway {
+    fn name(&self) -> &str {
+        "runaway"
+    }
+    fn signature(&self) -> &[ArgKind] {
+        &[U64]
+    }
+    fn validate(&self, a: &Args, _: &Dispatch) -> Result<(), ArgError> {
+        if a.u64(0) > userq_uapi::kernels::RUNAWAY_MAX_NS {
+            return Err(ArgError::at(0, a.u64(0)));
+        }
+        Ok(())
+    }
+    fn run(&self, a: &Args, _: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
+        let until = Instant::now() + std::time::Duration::from_nanos(a.u64(0));
+        while Instant::now() < until {
+            for _ in 0..64 {
+                std::hint::spin_loop();
+            }
+        }
         WorkgroupStatus::Done
     }
 }

@@ -18,7 +18,7 @@ pub use reduce::fnv1a;
 
 use crate::kernel::{ArgError, Args, Kernel, Workgroup};
 use elementwise::{Axpy, Binary, Copy, Fill, Scale};
-use long::{NoProgress, Persistent, Spin, SpinCounted};
+use long::{NoProgress, Persistent, Runaway, Spin, SpinCounted};
 use reduce::{Checksum, Dot, Histogram, ReduceSumF32, ReduceSumU64};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -49,7 +49,7 @@ impl KernelLibrary {
     /// The built-in kernels.
     pub fn builtin() -> Self {
         let mut l = KernelLibrary::default();
-        let all: [(u32, Arc<dyn Kernel>); 17] = [
+        let all: [(u32, Arc<dyn Kernel>); 18] = [
             (id::FILL_U32, Arc::new(Fill)),
             (id::COPY_U32, Arc::new(Copy)),
             (id::AXPY_F32, Arc::new(Axpy)),
@@ -79,6 +79,7 @@ impl KernelLibrary {
             (id::PERSISTENT, Arc::new(Persistent)),
             (id::NO_PROGRESS, Arc::new(NoProgress)),
             (id::SPIN_COUNTED, Arc::new(SpinCounted)),
+            (id::RUNAWAY, Arc::new(Runaway)),
         ];
         for (i, k) in all {
             l.kernels.insert(i, k);

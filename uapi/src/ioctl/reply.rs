@@ -239,7 +239,43 @@ impl Reply for BufferReply {
     }
 }
 
-/// The reply to DESTROY_QUEUE, RELEASE_FENCE and FREE_BUFFER: no values.
+/// The reply to RESET_STATS: how resets touched the context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResetStatsReply {
+    /// Hangs of this context's queues (each one reset): it was guilty.
+    pub guilty: u32,
+    /// Queues of this context stopped by something it did not do: a wait on a fence
+    /// that another context's hang poisoned, or the device lost.
+    pub innocent: u32,
+    /// Whether the context is banned.
+    pub banned: bool,
+}
+
+impl Reply for ResetStatsReply {
+    fn encode(&self) -> [u64; 7] {
+        reply_values(&[self.guilty as u64, self.innocent as u64, self.banned as u64])
+    }
+
+    fn decode(values: &[u64; 7]) -> Result<Self, ReplyDecodeError> {
+        let mut r = ReplyReader::new(values);
+        let guilty = r.narrow()?;
+        let innocent = r.narrow()?;
+        let index = r.next;
+        let banned = match r.word() {
+            0 => false,
+            1 => true,
+            value => return Err(ReplyDecodeError::ValueOutOfRange { index, value }),
+        };
+        r.finish()?;
+        Ok(ResetStatsReply {
+            guilty,
+            innocent,
+            banned,
+        })
+    }
+}
+
+/// The reply to DESTROY_QUEUE, RELEASE_FENCE, FREE_BUFFER and SET_WATCHDOG: no values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EmptyReply;
 
