@@ -252,8 +252,8 @@ impl Device {
         size: u64,
         fd: rustix::fd::BorrowedFd<'_>,
     ) -> Result<(), KmdStatus> {
-        let id = self.link.new_object_id();
-        self.link.call(
+        let id = self.link().new_object_id();
+        self.link().call(
             FwRequest::MapBuffer {
                 ctx,
                 va,
@@ -286,7 +286,7 @@ impl Device {
                 return Err(KmdStatus::NotFound);
             }
         }
-        self.link.call(FwRequest::UnmapBuffer { ctx, va }, &[])?;
+        self.link().call(FwRequest::UnmapBuffer { ctx, va }, &[])?;
         let mut t = self.table();
         if let Some(b) = t.contexts.get_mut(&ctx).and_then(|c| c.buffers.remove(&va)) {
             t.release_buffer(b);

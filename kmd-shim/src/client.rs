@@ -107,6 +107,10 @@ fn handle(
             | Request::ImportBuffer
             | Request::SetWatchdog { .. }
     );
+    if !dev.is_current(c) {
+        // Its firmware was lost (and perhaps restarted): none of its objects exist.
+        return Err(KmdStatus::DeviceLost);
+    }
     if creates && dev.is_banned(c) {
         return Err(KmdStatus::Banned);
     }

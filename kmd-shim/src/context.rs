@@ -17,7 +17,6 @@ use crate::device::Device;
 use crate::queue::QueueRecord;
 use rustix::fd::{AsFd, OwnedFd};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
 use userq_uapi::error::ErrorCode;
 use userq_uapi::fwmsg::{FenceId, FwRequest};
 use userq_uapi::ioctl::OpenContextReply;
@@ -41,6 +40,8 @@ pub(crate) struct ContextRecord {
     pub(crate) next_va: u64,
     /// Its hangs, the resets it suffered, whether it is banned.
     pub(crate) resets: crate::reset::ResetRecord,
+    /// The device generation it was opened on.
+    pub(crate) generation: u64,
 }
 
 /// A context id reserved in the table, with an empty record. Until
@@ -68,7 +69,7 @@ impl Drop for ContextReservation<'_> {
 
 impl Device {
     /// Reserves a context id and an empty record for it.
-    fn reserve_context(&self) -> Result<ContextReservation<'_>, KmdStatus> {
+    fn reserve_context(&self, generation: u64) -> Result<ContextReservation<'_>, KmdStatus> {
         let mut t = self.table();
         if t.contexts.len() >= self.limits.max_contexts {
             return Err(KmdStatus::LimitExceeded);
@@ -83,6 +84,7 @@ impl Device {
             ctx,
             ContextRecord {
                 next_va: userq_uapi::VA_BASE,
+                generation,
                 ..ContextRecord::default()
             },
         );
@@ -97,29 +99,33 @@ impl Device {
     /// OPEN_CONTEXT: the reply, and the doorbell page (rw), the device status (ro) and the
     /// device kick (rw).
     pub fn open_context(&self) -> Result<(OpenContextReply, [OwnedFd; 3]), KmdStatus> {
-        let context = self.reserve_context()?;
+        // One link for the whole call: the status and kick pages and the firmware that maps
+        // the context are of one generation.
+        let link = self.link();
+        if link.is_lost() {
+            return Err(KmdStatus::DeviceLost);
+        }
+        let generation = link.generation();
+        let context = self.reserve_context(generation)?;
         let ctx = context.ctx;
         let (doorbell_fd, _doorbell) =
             Shm::<DoorbellPage>::create("userq-doorbell", Sealing::Final, 0, ctx as u64)
                 .map_err(|_| KmdStatus::Internal)?;
         // Everything that can fail on this side first: once the firmware has mapped the
         // context, nothing but the reply remains.
-        let status = self
-            .link
+        let status = link
             .status_fd_read_only()
             .try_clone_to_owned()
             .map_err(|_| KmdStatus::Internal)?;
-        let kick = self
-            .link
+        let kick = link
             .kick_fd()
             .try_clone_to_owned()
             .map_err(|_| KmdStatus::Internal)?;
-        let id = self.link.new_object_id();
-        self.link.call(
+        let id = link.new_object_id();
+        link.call(
             FwRequest::MapContext { ctx, doorbell: id },
             &[(id, doorbell_fd.as_fd())],
         )?;
-        let generation = self.link.status().health.generation.load(Relaxed);
         context.commit();
         Ok((
             OpenContextReply { ctx, generation },
@@ -130,7 +136,12 @@ impl Device {
     /// Reclaims everything a context owned: called when its connection closes, however
     /// the client ended.
     pub fn close_context(&self, ctx: u32) {
-        let _ = self.link.call(FwRequest::UnmapContext { ctx }, &[]);
+        // A context of a lost generation has nothing in the current firmware: only its
+        // bookkeeping is returned.
+        let current = self.is_current(ctx);
+        if current {
+            let _ = self.link().call(FwRequest::UnmapContext { ctx }, &[]);
+        }
         let mut t = self.table();
         let Some(c) = t.contexts.remove(&ctx) else {
             return;
@@ -142,8 +153,11 @@ impl Device {
         let unheld = t.release_holds(c.handles.values());
         let orphaned = t.user_fences_owned_by(ctx);
         drop(t);
+        if !current {
+            return;
+        }
         for fence in orphaned {
-            let _ = self.link.call(
+            let _ = self.link().call(
                 FwRequest::PoisonFence {
                     fence,
                     code: ErrorCode::OwnerDied,
@@ -152,7 +166,7 @@ impl Device {
             );
         }
         for fence in unheld {
-            let _ = self.link.call(FwRequest::DropFence { fence }, &[]);
+            let _ = self.link().call(FwRequest::DropFence { fence }, &[]);
         }
     }
 }

@@ -25,7 +25,8 @@ use crate::context::ContextRecord;
 use crate::fence::{FenceIdentity, FenceRecord};
 use crate::firmware::{EventSink, FirmwareLink};
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use userq_uapi::fwmsg::{FenceId, FwEvent};
 
 /// Limits kmd-shim enforces.
@@ -92,7 +93,10 @@ pub(crate) struct Table {
 
 /// The device: firmware link plus table.
 pub struct Device {
-    pub(crate) link: FirmwareLink,
+    /// The firmware of the current generation; replaced on a restart ([`crate::restart`]).
+    link: RwLock<Arc<FirmwareLink>>,
+    /// Firmware restarts so far.
+    restarts: AtomicU64,
     pub(crate) limits: Limits,
     table: Mutex<Table>,
     pub(crate) verbose: bool,
@@ -101,7 +105,7 @@ pub struct Device {
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Device")
-            .field("link", &self.link)
+            .field("link", &self.link())
             .finish_non_exhaustive()
     }
 }
@@ -110,7 +114,8 @@ impl Device {
     /// A device over a started firmware link.
     pub fn new(link: FirmwareLink, limits: Limits, verbose: bool) -> Self {
         Device {
-            link,
+            link: RwLock::new(Arc::new(link)),
+            restarts: AtomicU64::new(0),
             limits,
             table: Mutex::new(Table {
                 next_ctx: 1,
@@ -121,9 +126,35 @@ impl Device {
         }
     }
 
-    /// The firmware link.
-    pub fn link(&self) -> &FirmwareLink {
-        &self.link
+    /// The firmware link of the current generation.
+    pub fn link(&self) -> Arc<FirmwareLink> {
+        self.link.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Makes a restarted firmware the device's.
+    pub(crate) fn replace_link(&self, link: Arc<FirmwareLink>) {
+        *self.link.write().unwrap_or_else(|e| e.into_inner()) = link;
+        self.restarts.fetch_add(1, Relaxed);
+    }
+
+    /// The current device generation (bumped by each firmware restart).
+    pub fn generation(&self) -> u64 {
+        self.link().generation()
+    }
+
+    /// Firmware restarts so far.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Relaxed)
+    }
+
+    /// Whether context `ctx` belongs to the current generation (a context of a lost
+    /// firmware stays lost).
+    pub(crate) fn is_current(&self, ctx: u32) -> bool {
+        let generation = self.generation();
+        self.table()
+            .contexts
+            .get(&ctx)
+            .is_some_and(|c| c.generation == generation)
     }
 
     /// Locks the table. Drop the guard before any firmware call, and before a reservation

@@ -73,7 +73,7 @@ impl Drop for FenceRegistration<'_> {
     fn drop(&mut self) {
         if self.armed {
             let fence = self.fence;
-            let _ = self.dev.link.call(FwRequest::DropFence { fence }, &[]);
+            let _ = self.dev.link().call(FwRequest::DropFence { fence }, &[]);
             self.dev.table().forget_fence(fence);
         }
     }
@@ -119,7 +119,7 @@ impl Drop for FenceHold<'_> {
         if self.bound {
             let _ = self
                 .dev
-                .link
+                .link()
                 .call(FwRequest::UnbindFence { ctx, handle }, &[]);
         }
         self.dev.drop_hold(ctx, handle);
@@ -202,8 +202,8 @@ impl Device {
             os::object_identity(state_fd.as_fd()).map_err(internal)?,
             os::object_identity(waiters_fd.as_fd()).map_err(internal)?,
         );
-        let (state_id, waiters_id) = (self.link.new_object_id(), self.link.new_object_id());
-        self.link.call(
+        let (state_id, waiters_id) = (self.link().new_object_id(), self.link().new_object_id());
+        self.link().call(
             FwRequest::RegisterFence {
                 fence: id,
                 state: state_id,
@@ -217,7 +217,7 @@ impl Device {
         if kind == FenceKind::Timeline {
             if let Err(e) = os::seal_read_only(state_fd.as_fd()) {
                 // The firmware has the fence: take it back before failing.
-                let _ = self.link.call(FwRequest::DropFence { fence: id }, &[]);
+                let _ = self.link().call(FwRequest::DropFence { fence: id }, &[]);
                 return Err(internal(e));
             }
         }
@@ -275,7 +275,7 @@ impl Device {
     /// Gives `ctx` a handle on `fence`, bound in the firmware.
     pub(crate) fn bind(&self, ctx: u32, fence: FenceId) -> Result<FenceHold<'_>, KmdStatus> {
         let (mut hold, writable) = self.reserve_hold(ctx, fence)?;
-        self.link.call(
+        self.link().call(
             FwRequest::BindFence {
                 ctx,
                 handle: hold.handle,
@@ -305,7 +305,7 @@ impl Device {
         if f.holds == 0 {
             t.forget_fence(fence);
             drop(t);
-            let _ = self.link.call(FwRequest::DropFence { fence }, &[]);
+            let _ = self.link().call(FwRequest::DropFence { fence }, &[]);
         }
     }
 
@@ -362,7 +362,7 @@ impl Device {
                 return Err(KmdStatus::NotFound);
             }
         }
-        self.link
+        self.link()
             .call(FwRequest::UnbindFence { ctx, handle }, &[])?;
         self.drop_hold(ctx, handle);
         Ok(())

@@ -37,8 +37,8 @@ pub enum FirmwareLauncher {
         args: Vec<std::ffi::OsString>,
     },
     /// Embedded mode: a function that starts the firmware on a thread of this process,
-    /// given the firmware's end of the object channel.
-    Thread(Box<dyn FnOnce(OwnedFd) -> std::io::Result<JoinHandle<()>> + Send>),
+    /// given the firmware's end of the object channel. Called again for each restart.
+    Thread(Box<dyn Fn(OwnedFd) -> std::io::Result<JoinHandle<()>> + Send + Sync>),
 }
 
 impl std::fmt::Debug for FirmwareLauncher {
@@ -145,7 +145,7 @@ fn errno(e: std::io::Error) -> rustix::io::Errno {
 impl FirmwareLink {
     /// Creates the boot objects and starts the firmware; does not wait for it yet.
     pub fn start(
-        launcher: FirmwareLauncher,
+        launcher: &FirmwareLauncher,
         generation: u64,
         ack_timeout: Duration,
     ) -> Result<FirmwareLink, FirmwareStartError> {
@@ -175,7 +175,7 @@ impl FirmwareLink {
         .map_err(obj)?;
         let running = match launcher {
             FirmwareLauncher::Process { program, args } => {
-                let child = spawn_process(&program, &args, theirs).map_err(|source| {
+                let child = spawn_process(program, args, theirs).map_err(|source| {
                     FirmwareStartError::Spawn {
                         path: program.clone(),
                         source,
@@ -225,24 +225,33 @@ impl FirmwareLink {
         Ok(link)
     }
 
-    /// Waits until the firmware announced [`FwEvent::Ready`] (the event thread must run),
-    /// then seals the status page read-only for everyone but kmd-shim and the firmware.
+    /// Waits until the firmware announced [`FwEvent::Ready`], reading the event ring
+    /// itself (call it before the event thread runs: nothing else is on the ring before
+    /// Ready), then seals the status page read-only for everyone but kmd-shim and the
+    /// firmware. A firmware that exits first fails at once.
     pub fn wait_ready(&self, timeout: Duration) -> Result<(), FirmwareStartError> {
         let deadline = Instant::now() + timeout;
-        let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut backoff = Backoff::new(Duration::from_micros(50), Duration::from_millis(1));
         while !self.ready.load(Acquire) {
-            let now = Instant::now();
-            if now >= deadline || self.lost.load(Acquire) {
-                return Err(FirmwareStartError::NoReady(timeout));
+            match self.control.to_kmd.pop().map(|w| FwEvent::decode(&w)) {
+                Some(Some(FwEvent::Ready)) => self.ready.store(true, Release),
+                Some(_) => {} // nothing else can come before Ready
+                None => {
+                    if Instant::now() >= deadline || self.exited() {
+                        return Err(FirmwareStartError::NoReady(timeout));
+                    }
+                    if backoff.step() == BackoffStep::Sleep {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
             }
-            acks = self
-                .acked
-                .wait_timeout(acks, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
         }
-        drop(acks);
         os::seal_read_only(self.status_fd.as_fd()).map_err(FirmwareStartError::Objects)
+    }
+
+    /// The device generation this firmware serves.
+    pub fn generation(&self) -> u64 {
+        self.status().health.generation.load(Relaxed)
     }
 
     /// The device status page, read-only, to hand to clients.
@@ -386,7 +395,8 @@ impl FirmwareLink {
         sync::wake_if_announced(&self.status().sleep.sleeping, &self.kick.kick.word);
     }
 
-    /// The event thread's body: runs until [`FirmwareLink::stop`].
+    /// The event thread's body: runs until [`FirmwareLink::stop`], or until it declared the
+    /// device lost (after telling `sink`).
     pub fn run_events(&self, sink: &dyn EventSink) {
         let c = &*self.control;
         let mut backoff = Backoff::new(Duration::from_micros(20), Duration::from_micros(500));
@@ -396,11 +406,7 @@ impl FirmwareLink {
             while let Some(w) = c.to_kmd.pop() {
                 got = true;
                 match FwEvent::decode(&w) {
-                    Some(FwEvent::Ready) => {
-                        self.ready.store(true, Release);
-                        let _g = self.acks.lock().unwrap_or_else(|e| e.into_inner());
-                        self.acked.notify_all();
-                    }
+                    Some(FwEvent::Ready) => {} // seen by `wait_ready` already
                     Some(FwEvent::Ack { seq, status }) => {
                         let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
                         if let Some(slot) = acks.get_mut(&seq) {
@@ -435,17 +441,23 @@ impl FirmwareLink {
             {
                 self.mark_lost();
                 sink.device_lost();
+                return;
             }
         }
     }
 
-    /// Whether the firmware exited or its heartbeat stalled for 20 periods.
+    /// Whether the firmware exited or its heartbeat stalled for [`HEARTBEAT_TIMEOUT`].
     fn firmware_dead(&self, last: &mut (u64, Instant)) -> bool {
         let beat = self.status().health.heartbeat.load(Relaxed);
         if beat != last.0 {
             *last = (beat, Instant::now());
         }
-        let exited = match self
+        self.exited() || last.1.elapsed() > HEARTBEAT_TIMEOUT
+    }
+
+    /// Whether the firmware process exited or its thread finished.
+    fn exited(&self) -> bool {
+        match self
             .running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -454,8 +466,35 @@ impl FirmwareLink {
             Some(Running::Process(child)) => !matches!(child.try_wait(), Ok(None)),
             Some(Running::Thread(t)) => t.is_finished(),
             None => true,
-        };
-        exited || last.1.elapsed() > Duration::from_millis(20 * userq_uapi::HEARTBEAT_PERIOD_MS)
+        }
+    }
+
+    /// Lets go of a lost firmware before a restart: kills its process (a frozen one too:
+    /// SIGKILL ends a stopped process) and reaps it, or leaves its thread (a thread cannot
+    /// be stopped; it exits once it notices the closed channel). Does not wait for acks.
+    pub fn abandon(&self) {
+        self.stopping.store(true, Release);
+        self.mark_lost();
+        self.stop.store(true, Release);
+        {
+            let s = self.sender.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = rustix::net::shutdown(s.channel.as_fd(), rustix::net::Shutdown::Both);
+        }
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match running {
+            Some(Running::Process(mut child)) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Some(Running::Thread(t)) if t.is_finished() => {
+                let _ = t.join();
+            }
+            Some(Running::Thread(_)) | None => {}
+        }
     }
 
     fn mark_lost(&self) {
@@ -522,6 +561,11 @@ impl FirmwareLink {
         }
     }
 }
+
+/// How long the heartbeat may stall before the firmware counts as hung (it beats at
+/// least every [`userq_uapi::HEARTBEAT_PERIOD_MS`]; the event thread looks at least that
+/// often, so a frozen firmware is declared lost within this plus one period).
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(20 * userq_uapi::HEARTBEAT_PERIOD_MS);
 
 fn spawn_process(
     path: &PathBuf,

@@ -14,7 +14,8 @@
 //!   client ended, and poisons the fences nobody can signal any more;
 //! - decides what a hang the firmware reports costs: the queue is reset, a context that
 //!   keeps hanging is banned ([`reset`]);
-//! - watches the firmware's heartbeat and declares the device lost when it stops.
+//! - watches the firmware's heartbeat and declares the device lost when it stops, then
+//!   restarts the firmware under a new device generation ([`restart`]).
 //!
 //! It is never on the submit or complete path, and no path in it waits on a user fence or
 //! on a job: it waits only on the firmware's acks, which are bounded.
@@ -28,10 +29,12 @@ pub mod fence;
 pub mod firmware;
 pub mod queue;
 pub mod reset;
+pub mod restart;
 pub mod socket;
 
 pub use device::Limits;
 pub use firmware::{FirmwareLauncher, FirmwareStartError};
+pub use restart::RestartPolicy;
 pub use socket::{default_socket_path, BindError};
 
 use device::Device;
@@ -60,6 +63,8 @@ pub struct KmdConfig {
     pub ack_timeout: Duration,
     /// Log queue errors and device events to stderr.
     pub verbose: bool,
+    /// When to restart a lost firmware.
+    pub restart: RestartPolicy,
 }
 
 impl KmdConfig {
@@ -71,6 +76,7 @@ impl KmdConfig {
             limits: Limits::default(),
             ack_timeout: Duration::from_secs(5),
             verbose: false,
+            restart: RestartPolicy::default(),
         }
     }
 }
@@ -124,7 +130,14 @@ impl Kmd {
     /// Binds the socket, starts the firmware and waits for it, then starts serving.
     pub fn start(config: KmdConfig) -> Result<Kmd, StartError> {
         let listener = Listener::bind(&config.socket)?;
-        let link = FirmwareLink::start(config.firmware, 1, config.ack_timeout)?;
+        let link = FirmwareLink::start(&config.firmware, 1, config.ack_timeout)?;
+        link.wait_ready(Duration::from_secs(10))?;
+        let mut restarter = restart::Restarter {
+            launcher: config.firmware,
+            policy: config.restart,
+            ack_timeout: config.ack_timeout,
+            recent: Default::default(),
+        };
         let inner = Arc::new(Inner {
             device: Device::new(link, config.limits, config.verbose),
             listener,
@@ -135,17 +148,13 @@ impl Kmd {
         let ev = inner.clone();
         let events = std::thread::Builder::new()
             .name("kmd-events".into())
-            .spawn(move || ev.device.link().run_events(&ev.device))
+            .spawn(move || restart::supervise(&ev.device, &mut restarter, &ev.stopping))
             .map_err(StartError::Thread)?;
         let mut kmd = Kmd {
             inner,
             acceptor: None,
             events: Some(events),
         };
-        kmd.inner
-            .device
-            .link()
-            .wait_ready(Duration::from_secs(10))?;
         let acc = kmd.inner.clone();
         kmd.acceptor = Some(
             std::thread::Builder::new()
@@ -177,9 +186,20 @@ impl Kmd {
         self.inner.device.resume(ctx, slot)
     }
 
-    /// Whether the firmware died or stopped its heartbeat.
+    /// Whether the firmware died or stopped its heartbeat, and has not been restarted
+    /// (yet).
     pub fn is_lost(&self) -> bool {
         self.inner.device.link().is_lost()
+    }
+
+    /// The device generation: 1, plus one per firmware restart.
+    pub fn generation(&self) -> u64 {
+        self.inner.device.generation()
+    }
+
+    /// Firmware restarts so far.
+    pub fn restarts(&self) -> u64 {
+        self.inner.device.restarts()
     }
 
     /// Stops serving: every fence is poisoned with DeviceLost, every connection closed and

@@ -115,8 +115,8 @@ impl Device {
         // queue, only the commits remain.
         let (ring_fd, _ring) = RingShm::create(entries, slot).map_err(|_| KmdStatus::Internal)?;
         let state_ro = os::reopen_read_only(state_fd.as_fd()).map_err(|_| KmdStatus::Internal)?;
-        let ring_id = self.link.new_object_id();
-        self.link.call(
+        let ring_id = self.link().new_object_id();
+        self.link().call(
             FwRequest::MapQueue {
                 ctx,
                 slot,
@@ -134,8 +134,8 @@ impl Device {
                 slot,
                 watchdog,
             };
-            if let Err(e) = self.link.call(set, &[]) {
-                let _ = self.link.call(FwRequest::UnmapQueue { ctx, slot }, &[]);
+            if let Err(e) = self.link().call(set, &[]) {
+                let _ = self.link().call(FwRequest::UnmapQueue { ctx, slot }, &[]);
                 return Err(e);
             }
         }
@@ -160,7 +160,7 @@ impl Device {
                 return Err(KmdStatus::NotFound);
             }
         }
-        self.link.call(FwRequest::UnmapQueue { ctx, slot }, &[])?;
+        self.link().call(FwRequest::UnmapQueue { ctx, slot }, &[])?;
         let mut t = self.table();
         if let Some(q) = t
             .contexts
@@ -176,11 +176,11 @@ impl Device {
     /// its packets runs and no workgroup of its dispatches is on an engine (the firmware
     /// acknowledges once running workgroups have yielded). The memory stays mapped.
     pub fn suspend(&self, ctx: u32, slot: Option<u32>) -> Result<(), KmdStatus> {
-        self.link.call(FwRequest::Suspend { ctx, slot }, &[])
+        self.link().call(FwRequest::Suspend { ctx, slot }, &[])
     }
 
     /// Undoes [`Device::suspend`].
     pub fn resume(&self, ctx: u32, slot: Option<u32>) -> Result<(), KmdStatus> {
-        self.link.call(FwRequest::Resume { ctx, slot }, &[])
+        self.link().call(FwRequest::Resume { ctx, slot }, &[])
     }
 }

@@ -86,7 +86,7 @@ impl Device {
                 code.describe()
             );
         }
-        let _ = self.link.post(FwRequest::ResetQueue {
+        let _ = self.link().post(FwRequest::ResetQueue {
             ctx,
             slot,
             code,
@@ -97,7 +97,7 @@ impl Device {
             if self.verbose {
                 eprintln!("kmd-shim: context {ctx} banned after repeated hangs");
             }
-            let _ = self.link.post(FwRequest::BanContext { ctx });
+            let _ = self.link().post(FwRequest::BanContext { ctx });
         }
     }
 
@@ -148,7 +148,7 @@ impl Device {
                 return Err(KmdStatus::NotFound);
             }
         }
-        self.link.call(
+        self.link().call(
             FwRequest::SetWatchdog {
                 ctx,
                 slot,

@@ -40,6 +40,8 @@ mod imp {
             config.kernels.register(*id, k.clone());
         }
         let launcher = kmd_shim::FirmwareLauncher::Thread(Box::new(move |channel| {
+            // Called again for each firmware restart: each boot gets its own config.
+            let config = config.clone();
             std::thread::Builder::new()
                 .name("fw-emu".into())
                 .spawn(move || match fw_emu::Firmware::boot(channel, config) {

@@ -1,44 +1,43 @@
 //! The `kmd-shim` daemon: serves a userq device on a Unix socket and runs `fw-emu` as its
-//! child process.
+//! child process, restarting it if it dies.
 
-use kmd_shim::{FirmwareLauncher, Kmd, KmdConfig};
+use clap::Parser;
+use kmd_shim::{FirmwareLauncher, Kmd, KmdConfig, Limits, RestartPolicy};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-const USAGE: &str = "usage: kmd-shim [--socket PATH] [--fw PATH] [--quiet]
-
-  --socket PATH  where to listen (default: $XDG_RUNTIME_DIR/userq/dev0.sock,
-                 or /tmp/userq-$UID/dev0.sock)
-  --fw PATH      the fw-emu executable (default: fw-emu next to kmd-shim)
-  --quiet        do not log queue errors";
+/// Serves a userq device: the control socket, the device table and the firmware.
+#[derive(Parser, Debug)]
+#[command(name = "kmd-shim", version)]
+struct Args {
+    /// Where to listen (default: $XDG_RUNTIME_DIR/userq/dev0.sock, or
+    /// /tmp/userq-$UID/dev0.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The fw-emu executable (default: fw-emu next to kmd-shim).
+    #[arg(long)]
+    fw: Option<PathBuf>,
+    /// Do not log queue errors, hangs and resets.
+    #[arg(long)]
+    quiet: bool,
+    /// Ban a context after this many hangs within --ban-window-secs.
+    #[arg(long, default_value_t = Limits::default().ban_after_hangs, value_parser = clap::value_parser!(u32).range(1..))]
+    ban_after_hangs: u32,
+    /// The window of --ban-after-hangs, in seconds.
+    #[arg(long, default_value_t = Limits::default().ban_window.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    ban_window_secs: u64,
+    /// Firmware restarts allowed within a minute; 0 leaves a lost device lost.
+    #[arg(long, default_value_t = RestartPolicy::default().max_restarts)]
+    max_restarts: u32,
+}
 
 fn main() -> ExitCode {
-    let mut socket = kmd_shim::default_socket_path();
-    let mut fw: Option<PathBuf> = None;
-    let mut verbose = true;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--socket" => match args.next() {
-                Some(p) => socket = p.into(),
-                None => return usage("--socket needs a path"),
-            },
-            "--fw" => match args.next() {
-                Some(p) => fw = Some(p.into()),
-                None => return usage("--fw needs a path"),
-            },
-            "--quiet" => verbose = false,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return ExitCode::SUCCESS;
-            }
-            other => return usage(&format!("unknown argument {other:?}")),
-        }
-    }
-    let launcher = match fw {
+    let args = Args::parse();
+    let socket = args.socket.unwrap_or_else(kmd_shim::default_socket_path);
+    let launcher = match args.fw {
         Some(program) => FirmwareLauncher::Process {
             program,
             args: Vec::new(),
@@ -62,7 +61,10 @@ fn main() -> ExitCode {
         }
     }
     let mut config = KmdConfig::new(&socket, launcher);
-    config.verbose = verbose;
+    config.verbose = !args.quiet;
+    config.limits.ban_after_hangs = args.ban_after_hangs;
+    config.limits.ban_window = Duration::from_secs(args.ban_window_secs);
+    config.restart.max_restarts = args.max_restarts;
     let kmd = match Kmd::start(config) {
         Ok(k) => k,
         Err(e) => {
@@ -75,20 +77,10 @@ fn main() -> ExitCode {
         kmd.socket_path().display(),
         kmd.firmware_pid().map_or("?".into(), |p| p.to_string())
     );
-    let mut reported_lost = false;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
-        if kmd.is_lost() && !reported_lost {
-            reported_lost = true;
-            eprintln!("kmd-shim: device lost; stop kmd-shim and start it again to recover");
-        }
     }
     eprintln!("kmd-shim: shutting down");
     kmd.shutdown();
     ExitCode::SUCCESS
-}
-
-fn usage(msg: &str) -> ExitCode {
-    eprintln!("kmd-shim: {msg}\n{USAGE}");
-    ExitCode::from(2)
 }
