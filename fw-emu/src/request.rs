@@ -132,6 +132,7 @@ impl Firmware {
                 packet_index,
             } => self.reset_queue(QueueId { ctx, slot }, code, detail, packet_index),
             FwRequest::BanContext { ctx } => self.ban_context(ctx),
+            FwRequest::Sync => FwStatus::Ok,
             // Handled in `process_requests` (their ack may be deferred).
             FwRequest::Suspend { .. } | FwRequest::Resume { .. } => FwStatus::Malformed,
         }

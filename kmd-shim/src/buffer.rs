@@ -39,6 +39,9 @@ pub(crate) struct BufferRecord {
     /// Bytes reserved in the budget before the memfd existed (moved to the object once it
     /// does; zero for an import).
     reserved: u64,
+    /// Bytes this context allocated for it (whole pages; zero for an import): what counts
+    /// against [`crate::Limits::max_bytes_per_context`].
+    allocated: u64,
 }
 
 /// A buffer memfd any context may import.
@@ -60,6 +63,11 @@ fn whole_pages(bytes: u64) -> u64 {
 }
 
 impl ContextRecord {
+    /// Bytes of buffers this context allocated and still maps.
+    fn allocated_bytes(&self) -> u64 {
+        self.buffers.values().map(|b| b.allocated).sum()
+    }
+
     /// Places a buffer of `bytes` (whole pages) in the context's VM, 64 KiB-aligned with an
     /// unmapped guard range after it, and records it.
     fn place_buffer(&mut self, bytes: u64, record: BufferRecord) -> Result<u64, KmdStatus> {
@@ -152,11 +160,18 @@ impl Device {
             return Err(KmdStatus::LimitExceeded);
         }
         let c = t.contexts.get_mut(&ctx).ok_or(KmdStatus::NoContext)?;
+        if c.buffers.len() >= self.limits.max_buffers_per_context {
+            return Err(KmdStatus::LimitExceeded);
+        }
+        if c.allocated_bytes() + pages > self.limits.max_bytes_per_context {
+            return Err(KmdStatus::OutOfMemory);
+        }
         let va = c.place_buffer(
             pages,
             BufferRecord {
                 object: None,
                 reserved: pages,
+                allocated: pages,
             },
         )?;
         t.memory_used += pages;
@@ -186,11 +201,15 @@ impl Device {
         let size = object.size;
         let fd = object.fd.try_clone().map_err(|_| KmdStatus::Internal)?;
         let c = t.contexts.get_mut(&ctx).ok_or(KmdStatus::NoContext)?;
+        if c.buffers.len() >= self.limits.max_buffers_per_context {
+            return Err(KmdStatus::LimitExceeded);
+        }
         let va = c.place_buffer(
             whole_pages(size),
             BufferRecord {
                 object: Some(identity),
                 reserved: 0,
+                allocated: 0,
             },
         )?;
         t.buffer_mappings += 1;

@@ -1,10 +1,11 @@
-//! DOC: one client connection: peer check, request loop, and cleanup on close.
+//! DOC: one client connection: peer check, one request and its reply at a time.
 //!
 //! Every message is untrusted. A message of the wrong size, an unknown op, the wrong
 //! number of file descriptors, or fds that are not userq objects get an error reply and
-//! the connection goes on; attached descriptors that are not used are closed. When the
-//! connection closes, for whatever reason (including SIGKILL of the client), the context
-//! and everything it owned are reclaimed.
+//! the connection goes on; attached descriptors that are not used are closed. The
+//! [`crate::server`] calls [`serve_one`] whenever a connection is readable; when the
+//! connection closes, for whatever reason (including SIGKILL of the client), the server
+//! reclaims the context and everything it owned.
 
 use crate::device::Device;
 use rustix::fd::{AsFd, OwnedFd};
@@ -12,7 +13,7 @@ use userq_uapi::ioctl::{EmptyReply, RawReply, Reply, Request, MESSAGE_SIZE};
 use userq_uapi::{os, KmdStatus, ABI_VERSION};
 
 /// Whether the peer may use the device: the same user as kmd-shim, or root.
-fn peer_allowed(sock: &OwnedFd) -> bool {
+pub(crate) fn peer_allowed(sock: &OwnedFd) -> bool {
     match rustix::net::sockopt::socket_peercred(sock) {
         Ok(cred) => {
             let me = rustix::process::getuid();
@@ -22,41 +23,38 @@ fn peer_allowed(sock: &OwnedFd) -> bool {
     }
 }
 
-/// Serves one connection until it closes, then reclaims its context.
-pub fn serve(dev: &Device, sock: OwnedFd) {
-    if !peer_allowed(&sock) {
-        let r = RawReply::new(KmdStatus::PermissionDenied, &[]);
-        let _ = os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&r), &[]);
-        return;
+/// Tells a peer that failed the check so, before its connection is closed.
+pub(crate) fn refuse(sock: &OwnedFd) {
+    let r = RawReply::new(KmdStatus::PermissionDenied, &[]);
+    let _ = os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&r), &[]);
+}
+
+/// Receives one request on a readable connection and sends its reply. `ctx` is the
+/// connection's context (set by OPEN_CONTEXT). Returns false when the connection is over:
+/// closed by the peer, broken, or not taking its replies within the socket's send
+/// timeout. The caller then reclaims the context.
+pub fn serve_one(dev: &Device, sock: &OwnedFd, ctx: &mut Option<u32>) -> bool {
+    let mut buf = [0u8; 2 * MESSAGE_SIZE];
+    let got = match os::recv_with_fds(sock.as_fd(), &mut buf) {
+        Ok(g) => g,
+        // Readiness said readable; a spurious wake-up or a signal is not the end.
+        Err(rustix::io::Errno::INTR) | Err(rustix::io::Errno::AGAIN) => return true,
+        Err(_) => return false,
+    };
+    if got.len == 0 && got.fds.is_empty() {
+        return false; // closed
     }
-    let mut ctx: Option<u32> = None;
-    loop {
-        let mut buf = [0u8; 2 * MESSAGE_SIZE];
-        let got = match os::recv_with_fds(sock.as_fd(), &mut buf) {
-            Ok(g) => g,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => break,
-        };
-        if got.len == 0 && got.fds.is_empty() {
-            break; // closed
-        }
-        let result = if got.truncated || got.len != MESSAGE_SIZE {
-            Err(KmdStatus::Malformed)
-        } else {
-            handle(dev, &mut ctx, &buf[..got.len], got.fds)
-        };
-        let (reply, fds) = match result {
-            Ok(answer) => (RawReply::new(KmdStatus::Ok, &answer.values), answer.fds),
-            Err(status) => (RawReply::new(status, &[]), Vec::new()),
-        };
-        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-        if os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&reply), &borrowed).is_err() {
-            break;
-        }
-    }
-    if let Some(c) = ctx {
-        dev.close_context(c);
-    }
+    let result = if got.truncated || got.len != MESSAGE_SIZE {
+        Err(KmdStatus::Malformed)
+    } else {
+        handle(dev, ctx, &buf[..got.len], got.fds)
+    };
+    let (reply, fds) = match result {
+        Ok(answer) => (RawReply::new(KmdStatus::Ok, &answer.values), answer.fds),
+        Err(status) => (RawReply::new(status, &[]), Vec::new()),
+    };
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&reply), &borrowed).is_ok()
 }
 
 /// A successful reply as it goes on the socket: its values and descriptors.

@@ -44,6 +44,13 @@ pub struct Limits {
     pub max_buffers: usize,
     /// Bytes of buffers and rings all contexts together may allocate.
     pub memory_budget: u64,
+    /// Bytes of buffers one context may have allocated at once (so one client cannot take
+    /// the whole budget).
+    pub max_bytes_per_context: u64,
+    /// Buffer mappings (allocations and imports) one context may have.
+    pub max_buffers_per_context: usize,
+    /// Queues one context may have (at most the 256 slots of a doorbell page).
+    pub max_queues_per_context: usize,
     /// Hangs within [`Limits::ban_window`] after which a context is banned.
     pub ban_after_hangs: u32,
     /// The window of [`Limits::ban_after_hangs`].
@@ -58,6 +65,9 @@ impl Default for Limits {
             max_fences: 12288,
             max_buffers: 4096,
             memory_budget: 8 << 30,
+            max_bytes_per_context: 2 << 30,
+            max_buffers_per_context: 1024,
+            max_queues_per_context: userq_uapi::layout::MAX_QUEUES_PER_CONTEXT,
             ban_after_hangs: 3,
             ban_window: std::time::Duration::from_secs(120),
         }

@@ -4,7 +4,9 @@
 //! real one. It
 //!
 //! - listens on a Unix socket and serves the ioctls of [`userq_uapi::ioctl`], one context
-//!   per connection, after checking the peer with `SO_PEERCRED` ([`client`]);
+//!   per connection, after checking the peer with `SO_PEERCRED` ([`client`]), every
+//!   connection from one epoll set with a small pool of workers, bounded in number and
+//!   in how long they may stay without a context ([`server`]);
 //! - creates every memory object (sealed memfds) and hands clients the fds, read-only where
 //!   only the firmware may write: the device table ([`device`]) and, one module per object,
 //!   [`context`], [`queue`], [`fence`] and [`buffer`];
@@ -30,25 +32,24 @@ pub mod firmware;
 pub mod queue;
 pub mod reset;
 pub mod restart;
+pub mod server;
 pub mod socket;
 
 pub use device::Limits;
 pub use firmware::{FirmwareLauncher, FirmwareStartError};
 pub use restart::RestartPolicy;
+pub use server::ServerLimits;
 pub use socket::{default_socket_path, BindError};
 
 use device::Device;
 use firmware::FirmwareLink;
+use server::Server;
 use socket::Listener;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering::*};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-
-/// Connections served at once; one more is closed at accept. Each costs a thread.
-pub const MAX_CONNECTIONS: usize = 1024;
 
 /// How to start a device.
 #[derive(Debug)]
@@ -59,6 +60,8 @@ pub struct KmdConfig {
     pub firmware: FirmwareLauncher,
     /// Resource limits.
     pub limits: Limits,
+    /// Bounds of the connection server: connections, handshake timeout, workers.
+    pub server: ServerLimits,
     /// How long to wait for a firmware ack before failing the ioctl.
     pub ack_timeout: Duration,
     /// Log queue errors and device events to stderr.
@@ -74,6 +77,7 @@ impl KmdConfig {
             socket: socket.into(),
             firmware,
             limits: Limits::default(),
+            server: ServerLimits::default(),
             ack_timeout: Duration::from_secs(5),
             verbose: false,
             restart: RestartPolicy::default(),
@@ -90,31 +94,22 @@ pub enum StartError {
     /// The firmware did not start.
     #[error(transparent)]
     Firmware(#[from] FirmwareStartError),
-    /// A service thread could not be spawned.
-    #[error("cannot spawn a kmd-shim thread: {0}")]
+    /// A service thread (or the epoll set) could not be created.
+    #[error("cannot start a kmd-shim thread: {0}")]
     Thread(std::io::Error),
 }
-
-/// Live connections: a duplicate of each socket (to shut it down on stop) and its thread.
-/// Kept apart from [`Inner`] so that a finishing client thread can deregister after it
-/// dropped its reference to `Inner`: then `Inner` (and with it the socket file) is gone by
-/// the time [`Kmd`] is dropped, never later on a detached thread.
-type Clients = Arc<Mutex<HashMap<u64, (OwnedFd, Option<JoinHandle<()>>)>>>;
 
 struct Inner {
     device: Device,
     listener: Listener,
-    clients: Clients,
-    next_client: AtomicU64,
+    server: Server,
     stopping: AtomicBool,
 }
-
-use rustix::fd::{AsFd, OwnedFd};
 
 /// A running device: socket server, device table and firmware. Stops on drop.
 pub struct Kmd {
     inner: Arc<Inner>,
-    acceptor: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
     events: Option<JoinHandle<()>>,
 }
 
@@ -138,11 +133,11 @@ impl Kmd {
             ack_timeout: config.ack_timeout,
             recent: Default::default(),
         };
+        let server = Server::new(&listener, config.server).map_err(StartError::Thread)?;
         let inner = Arc::new(Inner {
             device: Device::new(link, config.limits, config.verbose),
             listener,
-            clients: Arc::new(Mutex::new(HashMap::new())),
-            next_client: AtomicU64::new(1),
+            server,
             stopping: AtomicBool::new(false),
         });
         let ev = inner.clone();
@@ -150,18 +145,21 @@ impl Kmd {
             .name("kmd-events".into())
             .spawn(move || restart::supervise(&ev.device, &mut restarter, &ev.stopping))
             .map_err(StartError::Thread)?;
+        // From here on, dropping `kmd` on an error stops what started.
         let mut kmd = Kmd {
             inner,
-            acceptor: None,
+            workers: Vec::new(),
             events: Some(events),
         };
-        let acc = kmd.inner.clone();
-        kmd.acceptor = Some(
-            std::thread::Builder::new()
-                .name("kmd-accept".into())
-                .spawn(move || accept_loop(acc))
-                .map_err(StartError::Thread)?,
-        );
+        for i in 0..kmd.inner.server.workers() {
+            let w = kmd.inner.clone();
+            kmd.workers.push(
+                std::thread::Builder::new()
+                    .name(format!("kmd-worker-{i}"))
+                    .spawn(move || w.server.work(&w.device, &w.listener))
+                    .map_err(StartError::Thread)?,
+            );
+        }
         Ok(kmd)
     }
 
@@ -202,6 +200,11 @@ impl Kmd {
         self.inner.device.restarts()
     }
 
+    /// Client connections open now.
+    pub fn connections(&self) -> usize {
+        self.inner.server.connections()
+    }
+
     /// Stops serving: every fence is poisoned with DeviceLost, every connection closed and
     /// reclaimed, the firmware stopped, the socket file removed.
     pub fn shutdown(mut self) {
@@ -220,20 +223,12 @@ impl Kmd {
             .store(userq_uapi::layout::DeviceState::Lost as u32, Release);
         dev.poison_all();
         self.inner.listener.stop();
-        if let Some(t) = self.acceptor.take() {
+        self.inner.server.stop();
+        for t in self.workers.drain(..) {
             let _ = t.join();
         }
-        let clients: Vec<_> = {
-            let mut c = self.inner.clients.lock().unwrap_or_else(|e| e.into_inner());
-            c.drain().collect()
-        };
-        for (_, (sock, _)) in &clients {
-            let _ = rustix::net::shutdown(sock.as_fd(), rustix::net::Shutdown::Both);
-        }
-        for (_, (_, t)) in clients {
-            if let Some(t) = t {
-                let _ = t.join();
-            }
+        for ctx in self.inner.server.close_all() {
+            dev.close_context(ctx);
         }
         dev.link().stop();
         if let Some(t) = self.events.take() {
@@ -245,52 +240,5 @@ impl Kmd {
 impl Drop for Kmd {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-fn accept_loop(inner: Arc<Inner>) {
-    loop {
-        let sock = match inner.listener.accept() {
-            Ok(s) => s,
-            Err(rustix::io::Errno::INTR) | Err(rustix::io::Errno::CONNABORTED) => continue,
-            Err(rustix::io::Errno::MFILE) | Err(rustix::io::Errno::NFILE) => {
-                // Out of descriptors: back off instead of spinning on the error.
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-            Err(_) => return,
-        };
-        if inner.stopping.load(Acquire) {
-            return;
-        }
-        if inner
-            .clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
-            >= MAX_CONNECTIONS
-        {
-            continue; // dropping the socket closes it: the client sees a closed connection
-        }
-        let Ok(dup) = sock.try_clone() else {
-            continue;
-        };
-        let id = inner.next_client.fetch_add(1, Relaxed);
-        let me = inner.clone();
-        let registry = inner.clients.clone();
-        let mut clients = inner.clients.lock().unwrap_or_else(|e| e.into_inner());
-        let t = std::thread::Builder::new()
-            .name(format!("kmd-client-{id}"))
-            .spawn(move || {
-                client::serve(&me.device, sock);
-                drop(me);
-                registry
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-            });
-        if let Ok(t) = t {
-            clients.insert(id, (dup, Some(t)));
-        }
     }
 }

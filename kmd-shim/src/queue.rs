@@ -72,6 +72,9 @@ impl Device {
             return Err(KmdStatus::OutOfMemory);
         }
         let c = t.contexts.get_mut(&ctx).ok_or(KmdStatus::NoContext)?;
+        if c.queues.len() >= self.limits.max_queues_per_context {
+            return Err(KmdStatus::LimitExceeded);
+        }
         let slot = (0..MAX_QUEUES_PER_CONTEXT as u32)
             .find(|s| !c.queues.contains_key(s))
             .ok_or(KmdStatus::LimitExceeded)?;

@@ -128,8 +128,12 @@ impl Device {
             .is_some_and(|c| c.resets.banned)
     }
 
-    /// RESET_STATS.
+    /// RESET_STATS. First a [`FwRequest::Sync`] round trip: by its ack every queue error
+    /// the firmware reported before is counted, so a client that saw its queue fail
+    /// finds the failure in its statistics.
     pub fn reset_stats(&self, ctx: u32) -> Result<ResetStatsReply, KmdStatus> {
+        // A lost device answers with what was counted: the loss is counted already.
+        let _ = self.link().call(FwRequest::Sync, &[]);
         let t = self.table();
         let r = &t.contexts.get(&ctx).ok_or(KmdStatus::NoContext)?.resets;
         Ok(ResetStatsReply {

@@ -8,7 +8,7 @@
 //! [`BindError::InUse`]; if the file is left over from a dead server, it is replaced. So two
 //! processes racing to start an embedded device end with one server and one client.
 
-use rustix::fd::{AsFd, OwnedFd};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{FlockOperation, Mode, OFlags};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 use std::path::{Path, PathBuf};
@@ -107,6 +107,8 @@ impl Listener {
         rustix::net::bind(&fd, &SocketAddrUnix::new(path).map_err(io)?).map_err(io)?;
         let _ = rustix::fs::chmod(path, Mode::RUSR | Mode::WUSR);
         rustix::net::listen(&fd, 128).map_err(io)?;
+        // Connections are taken when the socket is readable: accept must never block.
+        rustix::fs::fcntl_setfl(&fd, OFlags::NONBLOCK).map_err(io)?;
         let st = rustix::fs::stat(path).map_err(io)?;
         // The directory lock is released when `dirfd` closes here.
         drop(dirfd);
@@ -122,9 +124,15 @@ impl Listener {
         &self.path
     }
 
-    /// Waits for a connection; fails once [`Listener::stop`] was called.
+    /// Takes a waiting connection (a blocking socket); `AGAIN` when there is none (the
+    /// listening socket does not block).
     pub fn accept(&self) -> rustix::io::Result<OwnedFd> {
         rustix::net::accept_with(&self.fd, SocketFlags::CLOEXEC)
+    }
+
+    /// The listening socket, to wait on it for connections.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 
     /// Makes a blocked and every later [`Listener::accept`] fail.

@@ -182,3 +182,44 @@ fn fences_created_on_many_connections_at_once_never_pass_the_device_limit() {
     drop(kmd);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn one_context_cannot_take_more_than_its_share_and_freeing_gives_it_back() {
+    let page = PAGE_SIZE as u64;
+    let (kmd, dir) = device(
+        "share",
+        kmd_shim::Limits {
+            max_bytes_per_context: 4 * page,
+            max_buffers_per_context: 3,
+            max_queues_per_context: 1,
+            ..kmd_shim::Limits::default()
+        },
+    );
+    let a = open(&kmd);
+    let alloc = |s: &OwnedFd, size: u64| send(s, Request::AllocBuffer { size }, &[]);
+    let (st, big) = alloc(&a, 3 * page);
+    assert_eq!(st, KmdStatus::Ok);
+    // Two more pages would pass the context's 4 pages, though the device has room.
+    assert_eq!(alloc(&a, 2 * page).0, KmdStatus::OutOfMemory);
+    assert_eq!(alloc(&a, page).0, KmdStatus::Ok);
+    // Another context has its own share.
+    let b = open(&kmd);
+    assert_eq!(alloc(&b, 4 * page).0, KmdStatus::Ok);
+    // Freeing gives the bytes back to the context that allocated them.
+    assert_eq!(
+        status(&a, Request::FreeBuffer { va: big[0] }),
+        KmdStatus::Ok
+    );
+    assert_eq!(alloc(&a, 3 * page).0, KmdStatus::Ok);
+    // Mappings per context are bounded too (small buffers, within the byte share).
+    let c = open(&kmd);
+    for _ in 0..3 {
+        assert_eq!(alloc(&c, 8).0, KmdStatus::Ok);
+    }
+    assert_eq!(alloc(&c, 8).0, KmdStatus::LimitExceeded);
+    // And queues.
+    assert_eq!(status(&c, QUEUE), KmdStatus::Ok);
+    assert_eq!(status(&c, QUEUE), KmdStatus::LimitExceeded);
+    drop(kmd);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -57,6 +57,7 @@ mod kind {
     pub const SET_WATCHDOG: u32 = 15;
     pub const RESET_QUEUE: u32 = 16;
     pub const BAN_CONTEXT: u32 = 17;
+    pub const SYNC: u32 = 18;
 
     pub const ACK: u32 = 0x100;
     pub const QUEUE_ERROR: u32 = 0x101;
@@ -211,6 +212,9 @@ pub enum FwRequest {
         /// Context id.
         ctx: u32,
     },
+    /// Does nothing but get acknowledged: since events and acks leave on one ring in
+    /// order, once its ack is in, kmd-shim has seen every event the firmware sent before.
+    Sync,
 }
 
 /// Result of a request, in its ack.
@@ -432,6 +436,7 @@ impl FwRequest {
                 w[1] = ctx as u64;
                 kind::BAN_CONTEXT
             }
+            FwRequest::Sync => kind::SYNC,
         };
         w[0] = head(k, seq);
         w
@@ -517,6 +522,7 @@ impl FwRequest {
                 packet_index: w[5],
             },
             kind::BAN_CONTEXT => FwRequest::BanContext { ctx: n32(w[1])? },
+            kind::SYNC => FwRequest::Sync,
             _ => return Err(FwStatus::Malformed),
         };
         Ok((seq, req))
@@ -667,6 +673,7 @@ mod tests {
                 packet_index: 12,
             },
             FwRequest::BanContext { ctx: 3 },
+            FwRequest::Sync,
         ];
         for (i, r) in reqs.iter().enumerate() {
             assert_eq!(FwRequest::decode(&r.encode(i as u32)), Ok((i as u32, *r)));

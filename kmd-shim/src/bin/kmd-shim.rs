@@ -34,8 +34,18 @@ struct Args {
     max_restarts: u32,
 }
 
+/// Raises the soft descriptor limit to the hard one: each connection is a descriptor, and
+/// the default soft limit (often 1024) is below the connection bound plus the objects.
+fn raise_nofile() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    l.current = l.maximum;
+    let _ = setrlimit(Resource::Nofile, l);
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    raise_nofile();
     let socket = args.socket.unwrap_or_else(kmd_shim::default_socket_path);
     let launcher = match args.fw {
         Some(program) => FirmwareLauncher::Process {

@@ -1,0 +1,101 @@
+//! A hostile client floods the daemon's socket with connections that never send a request;
+//! a well-behaved client still opens the device and runs work, and the daemon stays
+//! bounded in threads and descriptors (it serves connections from one epoll set with a
+//! fixed pool of workers, closes connections that never open a context, and makes room at
+//! its bound by closing the oldest such connection).
+
+mod common;
+
+use common::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use userq::{kernels, Device};
+
+/// Raises this process's descriptor limit to its hard limit (the flood needs thousands).
+fn raise_nofile() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    l.current = l.maximum;
+    let _ = setrlimit(Resource::Nofile, l);
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// `Threads:` of a process, from /proc.
+fn threads(pid: u32) -> usize {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    s.lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Threads line")
+}
+
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count()
+}
+
+#[test]
+fn thousands_of_idle_connections_do_not_lock_out_a_new_client() {
+    let limit = raise_nofile();
+    let idle_count = 3000.min(limit.saturating_sub(200) as usize);
+    let daemon = Daemon::start();
+    let kmd = daemon.proc.pid();
+    let baseline_threads = threads(kmd);
+    let mut idle = Vec::with_capacity(idle_count);
+    let t = Instant::now();
+    while idle.len() < idle_count {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "connecting took too long"
+        );
+        idle.push(userq::uapi::socket::connect(&daemon.socket).expect("connect"));
+    }
+    // The flood goes on while the good client comes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooding = stop.clone();
+    let socket = daemon.socket.clone();
+    let flood = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        let mut made = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !flooding.load(Ordering::Relaxed) && Instant::now() < deadline {
+            if let Ok(s) = userq::uapi::socket::connect(&socket) {
+                held.push(s);
+                made += 1;
+            }
+            if held.len() >= 1000 {
+                held.drain(..500);
+            }
+        }
+        made
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let dev = Device::connect(&daemon.socket).expect("a new client opens the device");
+    let n = 4096;
+    let mut buf = dev.alloc::<f32>(n).unwrap();
+    buf.copy_from_slice(&vec![1.5; n]);
+    let mut q = dev.create_queue().unwrap();
+    q.submit(kernels::scale(n as u32, 2.0, &buf).unwrap())
+        .unwrap()
+        .wait(Duration::from_secs(30))
+        .unwrap();
+    assert!(buf.to_vec().iter().all(|&x| x == 3.0));
+    stop.store(true, Ordering::Relaxed);
+    let made = flood.join().expect("flood thread");
+    assert!(made > 0, "the flood made no connection");
+    // No thread per connection, and descriptors stay near the connection bound.
+    assert!(
+        threads(kmd) <= baseline_threads + 2,
+        "kmd-shim grew from {baseline_threads} to {} threads",
+        threads(kmd)
+    );
+    let fds = descriptors(kmd);
+    assert!(
+        fds <= kmd_shim::ServerLimits::default().max_connections + 128,
+        "kmd-shim holds {fds} descriptors"
+    );
+    drop((q, buf, dev, idle));
+    daemon.stop();
+}
