@@ -253,6 +253,22 @@ fn persistent_example_serves_its_mailbox_and_stops() {
 }
 
 #[test]
+fn reset_example_resets_the_hung_queue_bans_and_restarts_the_firmware() {
+    let text = run_example("reset", None);
+    for want in [
+        "detected and its queue reset after",
+        "none lost",
+        "the guilty one Guilty",
+        "banned true",
+        "still runs verified work",
+        "restarted as generation 2",
+        "the old one reports lost: true",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
+
+#[test]
 fn saxpy_example_verifies_against_the_cpu() {
     let text = run_example("saxpy", None);
     assert!(text.contains("max |error| vs CPU = 0"), "{text}");
