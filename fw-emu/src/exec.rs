@@ -3,8 +3,8 @@
 //! The queue copies a packet out of its ring once; `execute` decodes the copy
 //! (`Command::decode`, the one validation of packet structure), resolves its addresses in
 //! the context's VM and its fence handles in the context's bindings, and runs it:
-//! WRITE_VALUE and TIMESTAMP store into device memory, SIGNAL_FENCE signals (where the
-//! binding is writable), WAIT_FENCE completes or parks, DISPATCH resolves the kernel's
+//! WRITE_VALUE and TIMESTAMP store into device memory, SIGNAL_FENCE advances a fence (never
+//! backwards) and SET_FENCE sets a flag word (where the binding is writable), WAIT_FENCE completes or parks, DISPATCH resolves the kernel's
 //! arguments and becomes a job for the engines. Every failure is a [`Fault`] for this queue
 //! only, with the packet index, the offending address or word, and a detail.
 
@@ -120,6 +120,15 @@ pub(crate) fn execute(
                 return Err(fault(ErrorCode::FenceNotWritable, 0, fence.0));
             }
             // Queues parked on the fence are re-checked every turn; no kick needed.
+            sync::advance_fence(b.fence.state(), b.fence.waiters(), value)
+                .map_err(|current| fault(ErrorCode::FenceBackwards, current, fence.0))?;
+            Ok(Step::Done)
+        }
+        Command::SetFence { fence, value } => {
+            let b = binding(fence)?;
+            if !b.writable {
+                return Err(fault(ErrorCode::FenceNotWritable, 0, fence.0));
+            }
             sync::signal_fence(b.fence.state(), b.fence.waiters(), value);
             Ok(Step::Done)
         }

@@ -304,8 +304,11 @@ impl Queue {
             if !tagged && i >= published {
                 break;
             }
-            if let Ok(Command::SignalFence { fence, .. }) = Command::decode(&self.copy_packet(i)) {
-                out.push((i, fence));
+            match Command::decode(&self.copy_packet(i)) {
+                Ok(Command::SignalFence { fence, .. }) | Ok(Command::SetFence { fence, .. }) => {
+                    out.push((i, fence))
+                }
+                _ => {}
             }
         }
         out

@@ -130,10 +130,26 @@ impl Command {
         self.cmd.encode()
     }
 
-    /// Sets a user fence to `value` and wakes its waiters.
+    /// Advances a user fence to `value` and wakes its waiters. Fences never go
+    /// backwards: if the fence is above `value` when the packet runs, the queue stops with
+    /// [`crate::ErrorCode::FenceBackwards`] and the fence stays as it is. For a fence used
+    /// as a flag word, see [`Command::set_fence`].
     pub fn signal(fence: &Fence, value: u64) -> Self {
         Command {
             cmd: packet::Command::SignalFence {
+                fence: fence.inner.handle,
+                value,
+            },
+            fence: Some(fence.clone()),
+            extra: None,
+        }
+    }
+
+    /// Stores `value` into a user fence used as a flag word (waited on with masked
+    /// `Equal`/`NotEqual` conditions), which may go down, and wakes its waiters.
+    pub fn set_fence(fence: &Fence, value: u64) -> Self {
+        Command {
+            cmd: packet::Command::SetFence {
                 fence: fence.inner.handle,
                 value,
             },

@@ -175,6 +175,14 @@ pub enum SignalError {
     /// The fence is poisoned.
     #[error("fence poisoned: {0}")]
     Poisoned(FenceFault),
+    /// The value is below the fence's current one: fences never go backwards.
+    #[error("fence is at {current}, above {requested}: fences never go backwards")]
+    Backwards {
+        /// The fence's value.
+        current: u64,
+        /// The value asked for.
+        requested: u64,
+    },
 }
 
 /// Creating, exporting or importing a fence failed.

@@ -196,8 +196,11 @@ impl Fence {
         }
     }
 
-    /// Sets a user fence to `value` from the host and wakes its waiters, in any process,
-    /// and any queue parked on it.
+    /// Advances a user fence to `value` from the host and wakes its waiters, in any
+    /// process, and any queue parked on it. Fences never go backwards, as Vulkan's
+    /// timeline semaphores: a value below the current one is refused
+    /// ([`SignalError::Backwards`]) and changes nothing; signalling the current value
+    /// again is allowed and changes nothing. For a flag word, see [`Fence::set`].
     pub fn signal(&self, value: u64) -> Result<(), SignalError> {
         let i = &self.inner;
         let Some(state) = i.state.writable() else {
@@ -206,8 +209,34 @@ impl Fence {
         if let Some(f) = i.fault() {
             return Err(SignalError::Poisoned(f));
         }
+        match sync::advance_fence(state, i.waiters(), value) {
+            Ok(parked) => {
+                if parked {
+                    // Queues are parked on this fence: make sure the firmware looks.
+                    sync::wake_if_announced(&i.dev.status.sleep.sleeping, &i.dev.kick.kick.word);
+                }
+                Ok(())
+            }
+            Err(current) => Err(SignalError::Backwards {
+                current,
+                requested: value,
+            }),
+        }
+    }
+
+    /// Stores `value` into a user fence used as a flag word (waited on with masked
+    /// `Equal`/`NotEqual` conditions): unlike [`Fence::signal`] it may go down. Do not use
+    /// it on a fence others wait on with `≥` (a [`FencePoint`]): their waits assume the
+    /// value only grows.
+    pub fn set(&self, value: u64) -> Result<(), SignalError> {
+        let i = &self.inner;
+        let Some(state) = i.state.writable() else {
+            return Err(SignalError::ReadOnly);
+        };
+        if let Some(f) = i.fault() {
+            return Err(SignalError::Poisoned(f));
+        }
         if sync::signal_fence(state, i.waiters(), value) {
-            // Queues are parked on this fence: make sure the firmware looks.
             sync::wake_if_announced(&i.dev.status.sleep.sleeping, &i.dev.kick.kick.word);
         }
         Ok(())

@@ -351,7 +351,11 @@ impl Queue {
                 if !Arc::ptr_eq(f.device(), &self.dev) {
                     return Err(SubmitError::ForeignFence);
                 }
-                if f.is_timeline() && matches!(c.cmd, packet::Command::SignalFence { .. }) {
+                let writes = matches!(
+                    c.cmd,
+                    packet::Command::SignalFence { .. } | packet::Command::SetFence { .. }
+                );
+                if f.is_timeline() && writes {
                     return Err(SubmitError::FenceNotWritable);
                 }
             }

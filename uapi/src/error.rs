@@ -53,6 +53,10 @@ pub enum ErrorCode {
     /// The queue's context was banned after repeated hangs: its queues were stopped and
     /// it may create no more.
     ContextBanned = 19,
+    /// SIGNAL_FENCE with a value below the fence's current one (fences never go
+    /// backwards; SET_FENCE sets flag words). `address` is the fence's value, `detail` the
+    /// handle.
+    FenceBackwards = 20,
 }
 
 impl ErrorCode {
@@ -79,6 +83,7 @@ impl ErrorCode {
             17 => JobTimeout,
             18 => NoProgress,
             19 => ContextBanned,
+            20 => FenceBackwards,
             _ => return None,
         })
     }
@@ -106,6 +111,7 @@ impl ErrorCode {
             JobTimeout => "hang: a dispatch ran past the queue's job timeout; the queue was reset",
             NoProgress => "hang: a long-running dispatch made no progress; the queue was reset",
             ContextBanned => "the context was banned after repeated hangs",
+            FenceBackwards => "SIGNAL_FENCE would have moved the fence backwards",
         }
     }
 

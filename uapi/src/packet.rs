@@ -42,7 +42,7 @@ pub mod opcode {
     pub const NOP: u8 = 1;
     /// Stores a 64-bit value at a device address.
     pub const WRITE_VALUE: u8 = 2;
-    /// Stores a value into a fence and wakes its waiters.
+    /// Advances a fence to a value (never backwards) and wakes its waiters.
     pub const SIGNAL_FENCE: u8 = 3;
     /// Parks the queue until a fence meets a condition.
     pub const WAIT_FENCE: u8 = 4;
@@ -50,6 +50,8 @@ pub mod opcode {
     pub const TIMESTAMP: u8 = 5;
     /// Runs a kernel over a grid of workgroups.
     pub const DISPATCH: u8 = 6;
+    /// Stores any value into a fence used as a flag word, and wakes its waiters.
+    pub const SET_FENCE: u8 = 7;
 }
 
 /// Most kernel arguments one DISPATCH may pass.
@@ -185,6 +187,15 @@ pub enum Command {
     SignalFence {
         /// Fence to signal; must be writable by this context.
         fence: FenceHandle,
+        /// Value to advance it to: a value below the fence's current one stops the queue
+        /// (`FenceBackwards`) and leaves the fence as it is.
+        value: u64,
+    },
+    /// [`opcode::SET_FENCE`]: a fence used as a flag word (masked `Equal`/`NotEqual`
+    /// waits) may go down.
+    SetFence {
+        /// Fence to set; must be writable by this context.
+        fence: FenceHandle,
         /// Value to store.
         value: u64,
     },
@@ -273,6 +284,11 @@ impl Command {
                 p.args[0] = fence.0 as u64;
                 p.args[1] = value;
             }
+            Command::SetFence { fence, value } => {
+                p.header = opcode::SET_FENCE as u64;
+                p.args[0] = fence.0 as u64;
+                p.args[1] = value;
+            }
             Command::WaitFence {
                 fence,
                 value,
@@ -321,6 +337,13 @@ impl Command {
             ),
             opcode::SIGNAL_FENCE => (
                 Command::SignalFence {
+                    fence: handle(p.args[0])?,
+                    value: p.args[1],
+                },
+                2,
+            ),
+            opcode::SET_FENCE => (
+                Command::SetFence {
                     fence: handle(p.args[0])?,
                     value: p.args[1],
                 },
@@ -383,6 +406,10 @@ mod tests {
                 fence: FenceHandle(3),
                 value: u64::MAX,
             },
+            Command::SetFence {
+                fence: FenceHandle(4),
+                value: 0,
+            },
             Command::WaitFence {
                 fence: FenceHandle(1),
                 value: 9,
@@ -409,6 +436,8 @@ mod tests {
         let mut p = Packet::zeroed();
         p.header = 0x7f;
         assert_eq!(Command::decode(&p), Err(PacketError::UnknownOpcode(0x7f)));
+        p.header = 8;
+        assert_eq!(Command::decode(&p), Err(PacketError::UnknownOpcode(8)));
         p.header = opcode::NOP as u64 | 1 << 20;
         assert_eq!(
             Command::decode(&p),

@@ -251,7 +251,9 @@ pub fn context_bit(summary: &crate::layout::ContextSummary, ctx: u32) -> (&Atomi
     (&summary.words[b / 64], 1u64 << (b % 64))
 }
 
-/// Signals a fence: stores `value`, then wakes host waiters if any registered.
+/// Signals a fence: stores `value`, then wakes host waiters if any registered. For the
+/// firmware's timeline completions (monotonic by construction) and flag-word sets; a
+/// signal that must not move the fence backwards uses [`advance_fence`].
 ///
 /// Returns whether firmware queues are parked on the fence; the caller then kicks the
 /// firmware (host signallers) or re-checks its parked queues (the firmware itself).
@@ -259,6 +261,18 @@ pub fn context_bit(summary: &crate::layout::ContextSummary, ctx: u32) -> (&Atomi
 pub fn signal_fence(state: &FenceState, waiters: &FenceWaiters, value: u64) -> bool {
     state.slot.value.store(value, Release);
     wake_waiters(state, waiters)
+}
+
+/// Advances a fence to `value` unless it is above it already (one atomic max, so two
+/// signallers racing cannot move it backwards either), then wakes as [`signal_fence`]
+/// does. `Err(current)`: the fence is above `value`; nothing changed.
+#[inline]
+pub fn advance_fence(state: &FenceState, waiters: &FenceWaiters, value: u64) -> Result<bool, u64> {
+    let before = state.slot.value.fetch_max(value, Release);
+    if before > value {
+        return Err(before);
+    }
+    Ok(wake_waiters(state, waiters))
 }
 
 /// Poisons a fence: writes the error record, then the poison word, then wakes. A fence is
