@@ -13,7 +13,10 @@ use crate::vm::Vm;
 use crate::QueueId;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use userq_uapi::layout::{DoorbellPage, CONTEXT_SUMMARY_BITS, MAX_QUEUES_PER_CONTEXT};
+use std::sync::Arc;
+use userq_uapi::layout::{
+    ContextWaiters, DoorbellPage, CONTEXT_SUMMARY_BITS, MAX_QUEUES_PER_CONTEXT,
+};
 use userq_uapi::packet::FenceHandle;
 use userq_uapi::shm::Shm;
 
@@ -24,6 +27,9 @@ pub struct Context {
     pub id: u32,
     /// The doorbell page (client-writable: every word is a hint).
     pub doorbell: Shm<DoorbellPage>,
+    /// The context's waiter counts, one per fence it holds (client-writable; read when a
+    /// fence it holds is signalled).
+    pub waiters: Arc<Shm<ContextWaiters>>,
     /// Queues by slot; `queues.len() == MAX_QUEUES_PER_CONTEXT`.
     pub queues: Vec<Option<Queue>>,
     /// Fences this context may name.
@@ -36,10 +42,11 @@ pub struct Context {
 
 impl Context {
     /// A context with no queues, bindings or buffers.
-    pub fn new(id: u32, doorbell: Shm<DoorbellPage>) -> Self {
+    pub fn new(id: u32, doorbell: Shm<DoorbellPage>, waiters: Shm<ContextWaiters>) -> Self {
         Context {
             id,
             doorbell,
+            waiters: Arc::new(waiters),
             queues: (0..MAX_QUEUES_PER_CONTEXT).map(|_| None).collect(),
             bindings: HashMap::new(),
             vm: Vm::default(),

@@ -14,6 +14,7 @@ use crate::kernels::KernelLibrary;
 use crate::vm::Vm;
 use crate::QueueId;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::atomic::Ordering::Release;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,7 +39,7 @@ pub struct Fault {
 /// A WAIT_FENCE the queue is parked on.
 #[derive(Debug)]
 pub(crate) struct ParkedWait {
-    pub(crate) fence: Arc<FenceObject>,
+    pub(crate) fence: Rc<FenceObject>,
     pub(crate) value: u64,
     pub(crate) mask: u64,
     pub(crate) condition: WaitCondition,
@@ -120,7 +121,8 @@ pub(crate) fn execute(
                 return Err(fault(ErrorCode::FenceNotWritable, 0, fence.0));
             }
             // Queues parked on the fence are re-checked every turn; no kick needed.
-            sync::advance_fence(b.fence.state(), b.fence.waiters(), value)
+            let f = &b.fence;
+            sync::advance_fence(f.state(), f.waiters(), value, || f.host_waiting())
                 .map_err(|current| fault(ErrorCode::FenceBackwards, current, fence.0))?;
             Ok(Step::Done)
         }
@@ -129,7 +131,8 @@ pub(crate) fn execute(
             if !b.writable {
                 return Err(fault(ErrorCode::FenceNotWritable, 0, fence.0));
             }
-            sync::signal_fence(b.fence.state(), b.fence.waiters(), value);
+            let f = &b.fence;
+            sync::signal_fence(f.state(), f.waiters(), value, || f.host_waiting());
             Ok(Step::Done)
         }
         Command::WaitFence {

@@ -75,6 +75,7 @@ use queue::Outcome;
 use rustix::fd::{AsFd, OwnedFd};
 use sched::Scheduler;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::atomic::Ordering::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -160,7 +161,7 @@ pub struct Firmware {
     kick: Arc<Shm<DeviceKick>>,
     engines: engine::Engines,
     contexts: Contexts,
-    fences: HashMap<FenceId, Arc<FenceObject>>,
+    fences: HashMap<FenceId, Rc<FenceObject>>,
     sched: Scheduler,
     /// Suspends whose ack waits for workgroups to leave the engines (see [`suspend`]).
     pending_suspends: Vec<suspend::PendingSuspend>,

@@ -21,6 +21,7 @@ use crate::engine::Job;
 use crate::exec::{execute, ParkedWait, Step};
 use crate::fence::{FenceObject, WaitStatus};
 use crate::QueueId;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,7 +73,7 @@ pub struct Queue {
     /// running one).
     pub watchdog: Watchdog,
     /// The timeline fence; only the firmware writes it.
-    pub timeline: Arc<FenceObject>,
+    pub timeline: Rc<FenceObject>,
     /// Whether the queue is on the scheduler's run list (so it is never listed twice).
     /// Kept here so the check is one load on the per-packet path; only [`crate::sched`]
     /// reads or changes it.
@@ -108,7 +109,7 @@ impl Queue {
         ring: RingShm,
         priority: Priority,
         time_slice: Option<Duration>,
-        timeline: Arc<FenceObject>,
+        timeline: Rc<FenceObject>,
     ) -> Self {
         timeline
             .state()
@@ -403,9 +404,9 @@ impl Queue {
         let t = &self.timeline;
         if self.completed != self.published_completed {
             self.published_completed = self.completed;
-            sync::signal_fence(t.state(), t.waiters(), self.completed);
+            sync::signal_fence(t.state(), t.waiters(), self.completed, || t.host_waiting());
         } else if consumed {
-            sync::wake_waiters(t.state(), t.waiters());
+            sync::wake_waiters(t.state(), t.waiters(), || t.host_waiting());
         }
     }
 

@@ -12,14 +12,15 @@ use crate::fence::{Binding, FenceObject};
 use crate::queue::Queue;
 use crate::{Firmware, QueueId};
 use rustix::fd::AsFd;
+use std::rc::Rc;
 use std::sync::atomic::Ordering::*;
-use std::sync::Arc;
 use std::time::Duration;
 use userq_uapi::error::ErrorCode;
 use userq_uapi::fwmsg::{FenceId, FwRequest, FwStatus, ObjectId};
 use userq_uapi::ioctl::Priority;
 use userq_uapi::layout::{
-    FenceKind, FenceState, FenceWaiters, MAX_QUEUES_PER_CONTEXT, MAX_RING_ENTRIES, MIN_RING_ENTRIES,
+    ContextWaiters, DoorbellPage, FenceKind, FenceState, FenceWaiters, MAX_QUEUES_PER_CONTEXT,
+    MAX_RING_ENTRIES, MIN_RING_ENTRIES, WAITER_SLOTS,
 };
 use userq_uapi::packet::FenceHandle;
 use userq_uapi::shm::{Layout, RingShm, Shm, ShmBytes};
@@ -50,7 +51,11 @@ impl Firmware {
 
     fn apply(&mut self, req: FwRequest) -> FwStatus {
         match req {
-            FwRequest::MapContext { ctx, doorbell } => self.map_context(ctx, doorbell),
+            FwRequest::MapContext {
+                ctx,
+                doorbell,
+                waiters,
+            } => self.map_context(ctx, doorbell, waiters),
             FwRequest::UnmapContext { ctx } => self.unmap_context(ctx),
             FwRequest::MapQueue {
                 ctx,
@@ -79,14 +84,18 @@ impl Firmware {
                 handle,
                 fence,
                 writable,
-            } => self.bind_fence(ctx, handle, fence, writable),
+                waiter_slot,
+            } => self.bind_fence(ctx, handle, fence, writable, waiter_slot),
             FwRequest::UnbindFence { ctx, handle } => {
                 match self
                     .contexts
                     .get_mut(ctx)
                     .map(|c| c.bindings.remove(&handle))
                 {
-                    Some(Some(_)) => FwStatus::Ok,
+                    Some(Some(b)) => {
+                        b.fence.remove_holder(ctx, b.waiter_slot);
+                        FwStatus::Ok
+                    }
                     _ => FwStatus::NotFound,
                 }
             }
@@ -144,17 +153,20 @@ impl Firmware {
         Shm::map(fd.as_fd()).map_err(|_| FwStatus::BadObject)
     }
 
-    fn map_context(&mut self, ctx: u32, doorbell: ObjectId) -> FwStatus {
+    fn map_context(&mut self, ctx: u32, doorbell: ObjectId, waiters: ObjectId) -> FwStatus {
         if self.contexts.contains(ctx) {
             self.channel.discard(doorbell);
+            self.channel.discard(waiters);
             return FwStatus::Exists;
         }
-        match self.map_object(doorbell) {
-            Ok(page) => {
-                self.contexts.insert(Context::new(ctx, page));
+        let page = self.map_object::<DoorbellPage>(doorbell);
+        let counts = self.map_object::<ContextWaiters>(waiters);
+        match (page, counts) {
+            (Ok(page), Ok(counts)) => {
+                self.contexts.insert(Context::new(ctx, page, counts));
                 FwStatus::Ok
             }
-            Err(e) => e,
+            (Err(e), _) | (_, Err(e)) => e,
         }
     }
 
@@ -171,6 +183,10 @@ impl Firmware {
         };
         for q in c.queues.iter_mut().filter_map(Option::take) {
             q.destroy(ErrorCode::OwnerDied);
+        }
+        // Its waiters are gone: signals no longer look at its counts.
+        for b in c.bindings.values() {
+            b.fence.remove_holder(ctx, b.waiter_slot);
         }
         self.sched.forget(ctx, None);
         FwStatus::Ok
@@ -259,7 +275,7 @@ impl Firmware {
             return FwStatus::BadObject;
         }
         self.fences
-            .insert(fence, Arc::new(FenceObject::new(fence, s, w)));
+            .insert(fence, Rc::new(FenceObject::new(fence, s, w)));
         FwStatus::Ok
     }
 
@@ -269,6 +285,7 @@ impl Firmware {
         handle: FenceHandle,
         fence: FenceId,
         writable: bool,
+        waiter_slot: u32,
     ) -> FwStatus {
         let (Some(c), Some(f)) = (self.contexts.get_mut(ctx), self.fences.get(&fence)) else {
             return FwStatus::NotFound;
@@ -276,11 +293,16 @@ impl Firmware {
         if c.bindings.contains_key(&handle) {
             return FwStatus::Exists;
         }
+        if waiter_slot as usize >= WAITER_SLOTS {
+            return FwStatus::Malformed;
+        }
+        f.add_holder(ctx, waiter_slot, c.waiters.clone());
         c.bindings.insert(
             handle,
             Binding {
                 fence: f.clone(),
                 writable,
+                waiter_slot,
             },
         );
         FwStatus::Ok

@@ -17,10 +17,11 @@ use crate::device::Device;
 use crate::queue::QueueRecord;
 use rustix::fd::{AsFd, OwnedFd};
 use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
 use userq_uapi::error::ErrorCode;
 use userq_uapi::fwmsg::{FenceId, FwRequest};
 use userq_uapi::ioctl::OpenContextReply;
-use userq_uapi::layout::DoorbellPage;
+use userq_uapi::layout::{ContextWaiters, DoorbellPage, WaiterSlot, WAITER_SLOTS};
 use userq_uapi::packet::FenceHandle;
 use userq_uapi::shm::{Sealing, Shm};
 use userq_uapi::KmdStatus;
@@ -31,7 +32,14 @@ pub(crate) struct ContextRecord {
     /// Queues by slot, reserved ones included.
     pub(crate) queues: HashMap<u32, QueueRecord>,
     /// The fences the context holds, by its handles on them.
-    pub(crate) handles: HashMap<FenceHandle, FenceId>,
+    pub(crate) handles: HashMap<FenceHandle, Hold>,
+    /// Its waiter counts ([`ContextWaiters`]), one slot per fence held: kmd-shim's mapping,
+    /// to zero a slot given back.
+    pub(crate) waiters: Option<Shm<ContextWaiters>>,
+    /// Waiter slots given back, to reuse first.
+    pub(crate) free_slots: Vec<u32>,
+    /// The next never-used waiter slot.
+    pub(crate) next_slot: u32,
     /// The next handle to give out: handles are never reused within a context.
     pub(crate) next_handle: u32,
     /// Buffers by device address, reserved ones included.
@@ -42,6 +50,42 @@ pub(crate) struct ContextRecord {
     pub(crate) resets: crate::reset::ResetRecord,
     /// The device generation it was opened on.
     pub(crate) generation: u64,
+}
+
+/// One handle of a context on a fence.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hold {
+    /// The fence.
+    pub(crate) fence: FenceId,
+    /// Where the context registers its waiters on it.
+    pub(crate) waiter: WaiterSlot,
+}
+
+impl ContextRecord {
+    /// A waiter slot for a new handle.
+    pub(crate) fn take_slot(&mut self) -> Option<u32> {
+        if let Some(s) = self.free_slots.pop() {
+            return Some(s);
+        }
+        let s = self.next_slot;
+        if s as usize >= WAITER_SLOTS {
+            return None;
+        }
+        self.next_slot += 1;
+        Some(s)
+    }
+
+    /// Gives a handle's waiter slot back, its count zeroed.
+    pub(crate) fn give_slot(&mut self, slot: u32) {
+        if let Some(c) = self
+            .waiters
+            .as_ref()
+            .and_then(|w| w.counts.get(slot as usize))
+        {
+            c.store(0, Relaxed);
+        }
+        self.free_slots.push(slot);
+    }
 }
 
 /// A context id reserved in the table, with an empty record. Until
@@ -96,9 +140,9 @@ impl Device {
         })
     }
 
-    /// OPEN_CONTEXT: the reply, and the doorbell page (rw), the device status (ro) and the
-    /// device kick (rw).
-    pub fn open_context(&self) -> Result<(OpenContextReply, [OwnedFd; 3]), KmdStatus> {
+    /// OPEN_CONTEXT: the reply, and the doorbell page (rw), the device status (ro), the
+    /// device kick (rw) and the context's waiter counts (rw).
+    pub fn open_context(&self) -> Result<(OpenContextReply, [OwnedFd; 4]), KmdStatus> {
         // One link for the whole call: the status and kick pages and the firmware that maps
         // the context are of one generation.
         let link = self.link();
@@ -111,6 +155,9 @@ impl Device {
         let (doorbell_fd, _doorbell) =
             Shm::<DoorbellPage>::create("userq-doorbell", Sealing::Final, 0, ctx as u64)
                 .map_err(|_| KmdStatus::Internal)?;
+        let (waiters_fd, waiters) =
+            Shm::<ContextWaiters>::create("userq-waiters", Sealing::Final, 0, ctx as u64)
+                .map_err(|_| KmdStatus::Internal)?;
         // Everything that can fail on this side first: once the firmware has mapped the
         // context, nothing but the reply remains.
         let status = link
@@ -121,15 +168,22 @@ impl Device {
             .kick_fd()
             .try_clone_to_owned()
             .map_err(|_| KmdStatus::Internal)?;
-        let id = link.new_object_id();
+        let (id, waiters_id) = (link.new_object_id(), link.new_object_id());
         link.call(
-            FwRequest::MapContext { ctx, doorbell: id },
-            &[(id, doorbell_fd.as_fd())],
+            FwRequest::MapContext {
+                ctx,
+                doorbell: id,
+                waiters: waiters_id,
+            },
+            &[(id, doorbell_fd.as_fd()), (waiters_id, waiters_fd.as_fd())],
         )?;
+        if let Some(c) = self.table().contexts.get_mut(&ctx) {
+            c.waiters = Some(waiters);
+        }
         context.commit();
         Ok((
             OpenContextReply { ctx, generation },
-            [doorbell_fd, status, kick],
+            [doorbell_fd, status, kick, waiters_fd],
         ))
     }
 
@@ -151,6 +205,8 @@ impl Device {
         }
         t.memory_used -= c.queues.values().map(|q| q.ring_bytes).sum::<u64>();
         let unheld = t.release_holds(c.handles.values());
+        // (Its waiter slots go with the record; the firmware dropped its counts with the
+        // context, and `release_holds` cleared its holder bits.)
         let orphaned = t.user_fences_owned_by(ctx);
         drop(t);
         if !current {

@@ -61,7 +61,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_contexts: 1024,
-            max_fences_per_context: 4096,
+            max_fences_per_context: userq_uapi::layout::WAITER_SLOTS,
             max_fences: 12288,
             max_buffers: 4096,
             memory_budget: 8 << 30,

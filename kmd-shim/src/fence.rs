@@ -18,13 +18,16 @@
 //! keeps the fence and the registration is committed.
 
 use crate::buffer::ObjectIdentity;
+use crate::context::Hold;
 use crate::device::{Device, Table};
 use rustix::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering::{Relaxed, Release};
 use userq_uapi::error::ErrorCode;
 use userq_uapi::fwmsg::{FenceId, FwRequest};
 use userq_uapi::ioctl::{CreateFenceReply, ImportFenceReply};
-use userq_uapi::layout::{FenceKind, FenceState, FenceWaiters, QueueState};
+use userq_uapi::layout::{
+    FenceKind, FenceState, FenceWaiters, QueueState, WaiterSlot, HOLDER_BITS, WAITER_SLOTS,
+};
 use userq_uapi::os;
 use userq_uapi::packet::FenceHandle;
 use userq_uapi::shm::{Sealing, Shm};
@@ -47,8 +50,44 @@ pub(crate) struct FenceRecord {
     /// kmd-shim's own mapping of the state object, to poison the fence when the firmware
     /// is lost.
     state: Shm<FenceState>,
-    /// kmd-shim's own mapping of the waiter object, for the wake that goes with a poison.
+    /// kmd-shim's own mapping of the waiter object, for the wake that goes with a poison
+    /// and to clear the holder bit of a holder that lets go.
     waiters: Shm<FenceWaiters>,
+    /// Holder bits given out (bit 63 is shared by every holder beyond the first 63).
+    holder_bits: u64,
+    /// Holders sharing bit 63.
+    overflow_holders: u32,
+}
+
+impl FenceRecord {
+    /// A holder bit for a new holder.
+    fn take_bit(&mut self) -> u32 {
+        let last = HOLDER_BITS - 1;
+        let free = !self.holder_bits & ((1u64 << last) - 1);
+        if free != 0 {
+            let bit = free.trailing_zeros();
+            self.holder_bits |= 1 << bit;
+            return bit;
+        }
+        self.overflow_holders += 1;
+        self.holder_bits |= 1 << last;
+        last
+    }
+
+    /// Gives a holder's bit back and clears it in the shared waiter line: a holder that
+    /// lets go, or died with threads blocked on the fence, costs signallers nothing
+    /// afterwards.
+    fn give_bit(&mut self, bit: u32) {
+        let last = HOLDER_BITS - 1;
+        if bit == last {
+            self.overflow_holders = self.overflow_holders.saturating_sub(1);
+            if self.overflow_holders > 0 {
+                return;
+            }
+        }
+        self.holder_bits &= !(1u64 << bit);
+        self.waiters.line.holders.fetch_and(!(1u64 << bit), Relaxed);
+    }
 }
 
 /// A fence registered with the firmware and recorded in the table, not held by anyone yet.
@@ -97,6 +136,8 @@ pub(crate) struct FenceHold<'a> {
     dev: &'a Device,
     ctx: u32,
     handle: FenceHandle,
+    /// Where the context registers its waiters on the fence.
+    pub(crate) waiter: WaiterSlot,
     /// The firmware knows the handle.
     bound: bool,
     armed: bool,
@@ -134,18 +175,20 @@ impl Table {
         }
     }
 
-    /// Drops one hold on each of `fences` (a closing context's handles) and forgets the
-    /// fences nobody holds any more; returns those, for the firmware to drop.
+    /// Drops one hold on each of `holds` (a closing context's handles), clearing their
+    /// holder bits, and forgets the fences nobody holds any more; returns those, for the
+    /// firmware to drop.
     pub(crate) fn release_holds<'a>(
         &mut self,
-        fences: impl IntoIterator<Item = &'a FenceId>,
+        holds: impl IntoIterator<Item = &'a Hold>,
     ) -> Vec<FenceId> {
         let mut unheld = Vec::new();
-        for fence in fences {
-            if let Some(f) = self.fences.get_mut(fence) {
+        for hold in holds {
+            if let Some(f) = self.fences.get_mut(&hold.fence) {
+                f.give_bit(hold.waiter.bit);
                 f.holds -= 1;
                 if f.holds == 0 {
-                    unheld.push(*fence);
+                    unheld.push(hold.fence);
                 }
             }
         }
@@ -232,6 +275,8 @@ impl Device {
                 identity,
                 state,
                 waiters,
+                holder_bits: 0,
+                overflow_holders: 0,
             },
         );
         drop(t);
@@ -249,23 +294,31 @@ impl Device {
         let mut t = self.table();
         let kind = t.fences.get(&fence).ok_or(KmdStatus::NotFound)?.kind;
         let c = t.contexts.get_mut(&ctx).ok_or(KmdStatus::NoContext)?;
-        if c.handles.len() >= self.limits.max_fences_per_context {
+        if c.handles.len() >= self.limits.max_fences_per_context.min(WAITER_SLOTS) {
             return Err(KmdStatus::LimitExceeded);
         }
         let handle = FenceHandle(c.next_handle);
-        c.next_handle = c
+        let next = c
             .next_handle
             .checked_add(1)
             .ok_or(KmdStatus::LimitExceeded)?;
-        c.handles.insert(handle, fence);
-        if let Some(f) = t.fences.get_mut(&fence) {
-            f.holds += 1;
+        let slot = c.take_slot().ok_or(KmdStatus::LimitExceeded)?;
+        c.next_handle = next;
+        let f = t.fences.get_mut(&fence).ok_or(KmdStatus::NotFound)?;
+        f.holds += 1;
+        let waiter = WaiterSlot {
+            slot,
+            bit: f.take_bit(),
+        };
+        if let Some(c) = t.contexts.get_mut(&ctx) {
+            c.handles.insert(handle, Hold { fence, waiter });
         }
         drop(t);
         let hold = FenceHold {
             dev: self,
             ctx,
             handle,
+            waiter,
             bound: false,
             armed: true,
         };
@@ -281,6 +334,7 @@ impl Device {
                 handle: hold.handle,
                 fence,
                 writable,
+                waiter_slot: hold.waiter.slot,
             },
             &[],
         )?;
@@ -291,16 +345,17 @@ impl Device {
     /// Removes a hold from the table; tells the firmware to forget a fence nobody holds.
     fn drop_hold(&self, ctx: u32, handle: FenceHandle) {
         let mut t = self.table();
-        let Some(fence) = t
-            .contexts
-            .get_mut(&ctx)
-            .and_then(|c| c.handles.remove(&handle))
-        else {
+        let Some(c) = t.contexts.get_mut(&ctx) else {
             return;
         };
+        let Some(Hold { fence, waiter }) = c.handles.remove(&handle) else {
+            return;
+        };
+        c.give_slot(waiter.slot);
         let Some(f) = t.fences.get_mut(&fence) else {
             return;
         };
+        f.give_bit(waiter.bit);
         f.holds -= 1;
         if f.holds == 0 {
             t.forget_fence(fence);
@@ -321,9 +376,11 @@ impl Device {
         let (registration, state_fd, waiters_fd) =
             self.register_fence(FenceKind::User, ctx, initial)?;
         let hold = self.bind(ctx, registration.fence)?;
+        let waiter = hold.waiter;
         let reply = CreateFenceReply {
             handle: hold.commit(),
             fence: registration.commit(),
+            waiter,
         };
         Ok((reply, [state_fd, waiters_fd]))
     }
@@ -345,11 +402,13 @@ impl Device {
             let id = *t.by_identity.get(&identity).ok_or(KmdStatus::BadFd)?;
             (id, t.fences.get(&id).ok_or(KmdStatus::BadFd)?.kind)
         };
-        let handle = self.bind(ctx, fence)?.commit();
+        let hold = self.bind(ctx, fence)?;
+        let waiter = hold.waiter;
         Ok(ImportFenceReply {
-            handle,
+            handle: hold.commit(),
             fence,
             kind,
+            waiter,
         })
     }
 

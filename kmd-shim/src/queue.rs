@@ -142,6 +142,7 @@ impl Device {
                 return Err(e);
             }
         }
+        let waiter = hold.waiter;
         let handle = hold.commit();
         queue_slot.commit();
         Ok((
@@ -149,6 +150,7 @@ impl Device {
                 slot,
                 timeline: handle,
                 fence,
+                waiter,
             },
             [ring_fd, state_ro, waiters_fd],
         ))

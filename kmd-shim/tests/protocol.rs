@@ -122,7 +122,8 @@ fn malformed_messages_get_typed_errors_and_the_connection_goes_on() {
         },
         &[],
     );
-    assert_eq!((st, fds.len()), (KmdStatus::Ok, 3));
+    // Doorbell page, device status, device kick, the context's waiter counts.
+    assert_eq!((st, fds.len()), (KmdStatus::Ok, 4));
     assert_eq!(
         status(
             &s,

@@ -10,6 +10,7 @@ use userq_uapi::ioctl::{
     BufferReply, CreateFenceReply, ImportFenceReply, OpenContextReply, RawReply, Reply, Request,
     MESSAGE_SIZE,
 };
+use userq_uapi::layout::ContextWaiters;
 use userq_uapi::layout::{DeviceKick, DeviceState, DeviceStatus, DoorbellPage, FenceKind};
 use userq_uapi::os;
 use userq_uapi::shm::{ReadOnly, Shm, ShmBytes};
@@ -133,6 +134,8 @@ pub(crate) struct DeviceInner {
     /// Written only by the firmware and kmd-shim: mapped read-only.
     pub(crate) status: Shm<DeviceStatus<ReadOnly>>,
     pub(crate) kick: Shm<DeviceKick>,
+    /// This context's waiter counts, one per fence it holds (see `Fence` waits).
+    pub(crate) waiters: Shm<ContextWaiters>,
     /// This process is registered for the firmware's membarrier, so its queues may use the
     /// doorbell fast path (see `userq_uapi::layout::RingPoll`).
     pub(crate) fast_doorbell: bool,
@@ -273,11 +276,12 @@ impl Device {
         )?;
         let reply =
             OpenContextReply::decode(&values).map_err(|e| ControlError::Protocol(e.describe()))?;
-        let [db, status, kick] = <[OwnedFd; 3]>::try_from(fds)
+        let [db, status, kick, waiters] = <[OwnedFd; 4]>::try_from(fds)
             .map_err(|_| ControlError::Protocol("OPEN_CONTEXT returned the wrong fds"))?;
         let doorbells = Shm::map(db.as_fd()).map_err(ControlError::from)?;
         let status = Shm::map(status.as_fd()).map_err(ControlError::from)?;
         let kick = Shm::map(kick.as_fd()).map_err(ControlError::from)?;
+        let waiters = Shm::map(waiters.as_fd()).map_err(ControlError::from)?;
         Ok(Device {
             inner: Arc::new(DeviceInner {
                 control: Mutex::new(sock),
@@ -286,6 +290,7 @@ impl Device {
                 doorbells,
                 status,
                 kick,
+                waiters,
                 fast_doorbell: userq_uapi::sync::register_for_firmware_barrier(),
                 gone: std::sync::atomic::AtomicBool::new(false),
                 socket: path.to_owned(),
@@ -337,7 +342,14 @@ impl Device {
             CreateFenceReply::decode(&v).map_err(|e| ControlError::Protocol(e.describe()))?;
         let [state, waiters] = <[OwnedFd; 2]>::try_from(fds)
             .map_err(|_| ControlError::Protocol("CREATE_FENCE returned the wrong fds"))?;
-        Fence::from_parts(&self.inner, reply.handle.0, FenceKind::User, state, waiters)
+        Fence::from_parts(
+            &self.inner,
+            reply.handle.0,
+            FenceKind::User,
+            reply.waiter,
+            state,
+            waiters,
+        )
     }
 
     /// Imports a fence another context exported (possibly from another process).
@@ -353,7 +365,14 @@ impl Device {
         };
         let reply =
             ImportFenceReply::decode(&v).map_err(|e| ControlError::Protocol(e.describe()))?;
-        Fence::from_parts(&self.inner, reply.handle.0, reply.kind, state, waiters)
+        Fence::from_parts(
+            &self.inner,
+            reply.handle.0,
+            reply.kind,
+            reply.waiter,
+            state,
+            waiters,
+        )
     }
 
     /// Allocates a buffer of `len` elements of `T`, zero-filled, mapped both into this

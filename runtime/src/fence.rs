@@ -13,12 +13,11 @@
 use crate::device::DeviceInner;
 use crate::error::{ControlError, FenceError, FenceFault, SignalError, WaitError};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::Ordering::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use userq_uapi::error::ErrorCode;
 use userq_uapi::ioctl::Request;
-use userq_uapi::layout::{FenceKind, FenceState, FenceWaiters};
+use userq_uapi::layout::{FenceKind, FenceState, FenceWaiters, WaiterSlot};
 use userq_uapi::os;
 use userq_uapi::packet::FenceHandle;
 use userq_uapi::shm::{ReadOnly, RoU32, Shm, Word32};
@@ -54,6 +53,8 @@ pub(crate) struct FenceInner {
     dev: Arc<DeviceInner>,
     pub(crate) handle: FenceHandle,
     kind: FenceKind,
+    /// Where this context registers its waiters on the fence.
+    waiter: WaiterSlot,
     state: StateMap,
     waiters: Shm<FenceWaiters>,
     state_fd: OwnedFd,
@@ -68,6 +69,20 @@ impl FenceInner {
 
     fn waiters(&self) -> &FenceWaiters {
         &self.waiters
+    }
+
+    /// Registers this thread as a host waiter: its context's own count for the fence
+    /// (read by the firmware), and for a user fence its holder bit (read by host
+    /// signallers).
+    fn register(&self) {
+        let user = self.kind == FenceKind::User;
+        sync::register_waiter(&self.dev.waiters, &self.waiters, self.waiter, user);
+    }
+
+    /// Undoes [`FenceInner::register`].
+    fn unregister(&self) {
+        let user = self.kind == FenceKind::User;
+        sync::unregister_waiter(&self.dev.waiters, &self.waiters, self.waiter, user);
     }
 
     fn fault(&self) -> Option<FenceFault> {
@@ -143,6 +158,7 @@ impl Fence {
         dev: &Arc<DeviceInner>,
         handle: u32,
         kind: FenceKind,
+        waiter: WaiterSlot,
         state_fd: OwnedFd,
         waiters_fd: OwnedFd,
     ) -> Result<Fence, FenceError> {
@@ -160,6 +176,7 @@ impl Fence {
                 dev: dev.clone(),
                 handle: FenceHandle(handle),
                 kind,
+                waiter,
                 state,
                 waiters,
                 state_fd,
@@ -209,7 +226,8 @@ impl Fence {
         if let Some(f) = i.fault() {
             return Err(SignalError::Poisoned(f));
         }
-        match sync::advance_fence(state, i.waiters(), value) {
+        let waiters = i.waiters();
+        match sync::advance_fence(state, waiters, value, || sync::holders_waiting(waiters)) {
             Ok(parked) => {
                 if parked {
                     // Queues are parked on this fence: make sure the firmware looks.
@@ -236,7 +254,8 @@ impl Fence {
         if let Some(f) = i.fault() {
             return Err(SignalError::Poisoned(f));
         }
-        if sync::signal_fence(state, i.waiters(), value) {
+        let waiters = i.waiters();
+        if sync::signal_fence(state, waiters, value, || sync::holders_waiting(waiters)) {
             sync::wake_if_announced(&i.dev.status.sleep.sleeping, &i.dev.kick.kick.word);
         }
         Ok(())
@@ -437,7 +456,7 @@ pub(crate) struct Registered<'a, 'b>(&'a [Target<'b>]);
 impl<'a, 'b> Registered<'a, 'b> {
     pub(crate) fn new(points: &'a [Target<'b>]) -> Self {
         for (f, _) in points {
-            f.waiters().line.host.fetch_add(1, SeqCst);
+            f.register();
         }
         Registered(points)
     }
@@ -446,7 +465,7 @@ impl<'a, 'b> Registered<'a, 'b> {
 impl Drop for Registered<'_, '_> {
     fn drop(&mut self) {
         for (f, _) in self.0 {
-            f.waiters().line.host.fetch_sub(1, SeqCst);
+            f.unregister();
         }
     }
 }

@@ -138,12 +138,18 @@ impl<'d> QueueBuilder<'d> {
             slot: Some(slot),
         };
         let ring = RingShm::map(ring_fd.as_fd(), e).map_err(ControlError::from)?;
-        let timeline =
-            Fence::from_parts(inner, reply.timeline.0, FenceKind::Timeline, state, waiters)
-                .map_err(|e| match e {
-                    crate::FenceError::Control(c) => c,
-                    _ => ControlError::Protocol("timeline fence"),
-                })?;
+        let timeline = Fence::from_parts(
+            inner,
+            reply.timeline.0,
+            FenceKind::Timeline,
+            reply.waiter,
+            state,
+            waiters,
+        )
+        .map_err(|e| match e {
+            crate::FenceError::Control(c) => c,
+            _ => ControlError::Protocol("timeline fence"),
+        })?;
         let mut destroy = destroy;
         destroy.slot = None;
         Ok(Queue {

@@ -68,12 +68,14 @@ mod kind {
 /// A kmd → firmware request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FwRequest {
-    /// A new context and its doorbell page.
+    /// A new context, its doorbell page and its waiter counts.
     MapContext {
         /// Context id.
         ctx: u32,
         /// The [`crate::layout::DoorbellPage`] object.
         doorbell: ObjectId,
+        /// The [`crate::layout::ContextWaiters`] object.
+        waiters: ObjectId,
     },
     /// Tears down a context: every queue (timelines poisoned with
     /// [`ErrorCode::OwnerDied`]), binding and buffer.
@@ -124,6 +126,9 @@ pub enum FwRequest {
         fence: FenceId,
         /// Whether the context's queues may SIGNAL_FENCE it.
         writable: bool,
+        /// The context's waiter count for it, in its
+        /// [`crate::layout::ContextWaiters`] (below [`crate::layout::WAITER_SLOTS`]).
+        waiter_slot: u32,
     },
     /// Removes a context's handle.
     UnbindFence {
@@ -313,9 +318,14 @@ impl FwRequest {
     pub fn encode(&self, seq: u32) -> Words {
         let mut w = [0u64; 8];
         let k = match *self {
-            FwRequest::MapContext { ctx, doorbell } => {
+            FwRequest::MapContext {
+                ctx,
+                doorbell,
+                waiters,
+            } => {
                 w[1] = ctx as u64;
                 w[2] = doorbell;
+                w[3] = waiters;
                 kind::MAP_CONTEXT
             }
             FwRequest::UnmapContext { ctx } => {
@@ -360,11 +370,13 @@ impl FwRequest {
                 handle,
                 fence,
                 writable,
+                waiter_slot,
             } => {
                 w[1] = ctx as u64;
                 w[2] = handle.0 as u64;
                 w[3] = fence;
                 w[4] = writable as u64;
+                w[5] = waiter_slot as u64;
                 kind::BIND_FENCE
             }
             FwRequest::UnbindFence { ctx, handle } => {
@@ -450,6 +462,7 @@ impl FwRequest {
             kind::MAP_CONTEXT => FwRequest::MapContext {
                 ctx: n32(w[1])?,
                 doorbell: w[2],
+                waiters: w[3],
             },
             kind::UNMAP_CONTEXT => FwRequest::UnmapContext { ctx: n32(w[1])? },
             kind::MAP_QUEUE => FwRequest::MapQueue {
@@ -475,6 +488,7 @@ impl FwRequest {
                 handle: FenceHandle(n32(w[2])?),
                 fence: w[3],
                 writable: w[4] != 0,
+                waiter_slot: n32(w[5])?,
             },
             kind::UNBIND_FENCE => FwRequest::UnbindFence {
                 ctx: n32(w[1])?,
@@ -611,6 +625,7 @@ mod tests {
             FwRequest::MapContext {
                 ctx: 1,
                 doorbell: 20,
+                waiters: 21,
             },
             FwRequest::UnmapContext { ctx: 1 },
             FwRequest::MapQueue {
@@ -633,6 +648,7 @@ mod tests {
                 handle: FenceHandle(4),
                 fence: 7,
                 writable: true,
+                waiter_slot: 4079,
             },
             FwRequest::UnbindFence {
                 ctx: 1,

@@ -9,11 +9,11 @@
 //!
 //! | op | request args | reply values | fds in | fds out |
 //! |---|---|---|---|---|
-//! | OPEN_CONTEXT | abi version | [`OpenContextReply`]: ctx id, device generation | | doorbell page (rw), device status (ro), device kick (rw) |
-//! | CREATE_QUEUE | ring entries, [`Priority`], time slice µs (0: default), [`Watchdog`] word | [`CreateQueueReply`]: slot, timeline fence handle, global fence id | | ring (rw), fence state (ro), fence waiters (rw) |
+//! | OPEN_CONTEXT | abi version | [`OpenContextReply`]: ctx id, device generation | | doorbell page (rw), device status (ro), device kick (rw), context waiters (rw) |
+//! | CREATE_QUEUE | ring entries, [`Priority`], time slice µs (0: default), [`Watchdog`] word | [`CreateQueueReply`]: slot, timeline fence handle, global fence id, [`crate::layout::WaiterSlot`] | | ring (rw), fence state (ro), fence waiters (rw) |
 //! | DESTROY_QUEUE | slot | [`EmptyReply`] | | |
-//! | CREATE_FENCE | initial value | [`CreateFenceReply`]: handle, global fence id | | fence state (rw), fence waiters (rw) |
-//! | IMPORT_FENCE | | [`ImportFenceReply`]: handle, global fence id, [`crate::layout::FenceKind`] | fence state, fence waiters | |
+//! | CREATE_FENCE | initial value | [`CreateFenceReply`]: handle, global fence id, waiter slot | | fence state (rw), fence waiters (rw) |
+//! | IMPORT_FENCE | | [`ImportFenceReply`]: handle, global fence id, [`crate::layout::FenceKind`], waiter slot | fence state, fence waiters | |
 //! | RELEASE_FENCE | handle | [`EmptyReply`] | | |
 //! | ALLOC_BUFFER | size in bytes | [`BufferReply`]: device address, size (as asked; the memfd is whole pages) | | buffer memfd (rw) |
 //! | FREE_BUFFER | device address | [`EmptyReply`] | | |
@@ -42,7 +42,7 @@ pub const MAX_BUFFER_SIZE: u64 = 16 << 30;
 pub const MAX_TIME_SLICE_US: u32 = 1_000_000;
 
 /// Most file descriptors any message carries.
-pub const MAX_FDS_PER_MESSAGE: usize = 3;
+pub const MAX_FDS_PER_MESSAGE: usize = 4;
 
 /// Request op codes.
 pub mod op {
@@ -333,7 +333,7 @@ impl RawReply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::FenceKind;
+    use crate::layout::{FenceKind, WaiterSlot, WAITER_SLOTS};
 
     /// Reply values with `used` at the front and zeros after.
     fn reply_values(used: &[u64]) -> [u64; 7] {
@@ -428,15 +428,17 @@ mod tests {
                 slot: 5,
                 timeline: FenceHandle(9),
                 fence: 1 << 40,
+                waiter: WaiterSlot { slot: 3, bit: 63 },
             },
-            &[5, 9, 1 << 40],
+            &[5, 9, 1 << 40, 3 | 63 << 32],
         );
         round_trip(
             CreateFenceReply {
                 handle: FenceHandle(u32::MAX),
                 fence: 12,
+                waiter: WaiterSlot { slot: 0, bit: 1 },
             },
-            &[u32::MAX as u64, 12],
+            &[u32::MAX as u64, 12, 1 << 32],
         );
         for kind in [FenceKind::User, FenceKind::Timeline] {
             round_trip(
@@ -444,8 +446,9 @@ mod tests {
                     handle: FenceHandle(2),
                     fence: 8,
                     kind,
+                    waiter: WaiterSlot { slot: 7, bit: 2 },
                 },
-                &[2, 8, kind as u64],
+                &[2, 8, kind as u64, 7 | 2 << 32],
             );
         }
         round_trip(
@@ -496,6 +499,16 @@ mod tests {
                 Err(ReplyDecodeError::UnknownFenceKind(kind))
             );
         }
+        // A waiter slot beyond the context's counts, or a holder bit beyond 63.
+        for bad in [WAITER_SLOTS as u64, 64 << 32] {
+            assert_eq!(
+                CreateFenceReply::decode(&reply_values(&[1, 2, bad])),
+                Err(ReplyDecodeError::ValueOutOfRange {
+                    index: 2,
+                    value: bad
+                })
+            );
+        }
         let mut trailing = reply_values(&[1, 2, 1]);
         trailing[6] = 1;
         assert_eq!(
@@ -511,8 +524,8 @@ mod tests {
             Err(ReplyDecodeError::UnusedValueNotZero { index: 2 })
         );
         assert_eq!(
-            CreateQueueReply::decode(&reply_values(&[1, 2, 3, 4])),
-            Err(ReplyDecodeError::UnusedValueNotZero { index: 3 })
+            CreateQueueReply::decode(&reply_values(&[1, 2, 3, 4, 5])),
+            Err(ReplyDecodeError::UnusedValueNotZero { index: 4 })
         );
         assert_eq!(
             EmptyReply::decode(&reply_values(&[0, 0, 0, 0, 1])),
@@ -526,6 +539,7 @@ mod tests {
             slot: 1,
             timeline: FenceHandle(2),
             fence: 3,
+            waiter: WaiterSlot::default(),
         };
         let raw = RawReply::new(KmdStatus::Ok, &reply.encode());
         let bytes = bytemuck::bytes_of(&raw);

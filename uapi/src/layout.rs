@@ -17,7 +17,8 @@
 //! | [`DoorbellPage`] (one per context) | client | fw | read-write |
 //! | ring ([`RingHeader`] + packets, one per queue) | client (packets), fw (read index) | both | read-write |
 //! | [`FenceState`] (one per fence) | fw, kmd; host for user fences | all | read-only for queue timelines |
-//! | [`FenceWaiters`] (one per fence) | every holder, fw | signallers | read-write |
+//! | [`FenceWaiters`] (one per fence) | every holder (its own bit), fw, kmd | host signallers | read-write |
+//! | [`ContextWaiters`] (one per context) | that context, kmd | fw | read-write |
 //! | [`DeviceStatus`] (one per device) | fw, kmd | clients | read-only |
 //! | [`DeviceKick`] (one per device) | any client, kmd | fw | read-write |
 //! | [`ControlRegion`] (kmd ↔ fw only) | kmd, fw | kmd, fw | never |
@@ -26,7 +27,7 @@ use crate::shm::{Access, Layout, ReadWrite};
 use core::sync::atomic::{AtomicU32, AtomicU64};
 
 /// The ABI version. Bumped on any change to a layout, packet or message in this crate.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Size of a cache line on the machines userq targets. Fields written by different
 /// parties are at least this far apart.
@@ -67,6 +68,8 @@ pub mod magic {
     pub const FENCE_STATE: u32 = u32::from_be_bytes(*b"UQFS");
     /// [`super::FenceWaiters`].
     pub const FENCE_WAITERS: u32 = u32::from_be_bytes(*b"UQFW");
+    /// [`super::ContextWaiters`].
+    pub const CONTEXT_WAITERS: u32 = u32::from_be_bytes(*b"UQCW");
     /// [`super::DeviceStatus`].
     pub const DEVICE_STATUS: u32 = u32::from_be_bytes(*b"UQDS");
     /// [`super::DeviceKick`].
@@ -255,8 +258,9 @@ impl FenceKind {
 /// The signalled side of a fence: value, futex wake word and poison word on one cache line,
 /// then the error record.
 ///
-/// Signal protocol ([`crate::sync`]): store `value` (release), then if a waiter is
-/// registered in the fence's [`FenceWaiters`], bump `wake` and futex-wake it. Poison
+/// Signal protocol ([`crate::sync`]): store `value` (release), then if a host waiter is
+/// registered (the firmware reads each holder's [`ContextWaiters`] count; a host signaller
+/// reads the holder bits in [`FenceWaiters`]), bump `wake` and futex-wake it. Poison
 /// protocol: write `record`, then `poison` (release), then bump `wake` and wake.
 ///
 /// Clients map a queue's timeline read-only (`FenceState<ReadOnly>`): its words can only be
@@ -338,27 +342,77 @@ impl QueueState {
     }
 }
 
-/// The waiter side of a fence, writable by every holder, on its own object so that a
-/// read-only timeline fence still has somewhere to register waiters.
+/// The shared waiter side of a fence, writable by every holder, on its own object so that
+/// a read-only timeline fence still has somewhere for its parked queues to be counted.
 #[repr(C, align(4096))]
 #[derive(Debug)]
 pub struct FenceWaiters {
     /// [`magic::FENCE_WAITERS`]; `id` is the global fence id.
     pub header: ObjectHeader,
-    /// Registration counts.
+    /// Holder bits and the parked-queue count.
     pub line: WaiterLine,
 }
 
-/// Registration counts of a fence.
+/// Who waits on a fence, as host signallers see it.
 #[repr(C, align(64))]
 #[derive(Debug, Default)]
 pub struct WaiterLine {
-    /// Host threads (any process) inside the blocking phase of a wait. A signaller makes
-    /// the futex wake only when this is non-zero.
-    pub host: AtomicU32,
+    /// One bit per holder of a user fence ([`WaiterSlot::bit`]): set while that holder has
+    /// host threads in the blocking phase of a wait on it. A host signaller makes the
+    /// futex wake only when a bit is set. Each holder sets and clears only its own bit;
+    /// kmd-shim clears a holder's bit when the holder lets go of the fence or dies, so a
+    /// waiter killed while blocked costs nothing afterwards. (Timeline waiters need no bit:
+    /// only the firmware signals timelines, and it reads every holder's
+    /// [`ContextWaiters`] count, which no other holder can write.)
+    pub holders: AtomicU64,
     /// Firmware queues parked on this fence by WAIT_FENCE. A host signaller kicks the
     /// firmware only when this is non-zero.
     pub firmware: AtomicU32,
+}
+
+/// Holder bits of a fence; the last one is shared by every holder beyond the first 63
+/// and is never cleared by a waiter (only by kmd-shim when no such holder is left).
+pub const HOLDER_BITS: u32 = 64;
+
+/// Waiter counts in a [`ContextWaiters`]: the most fences a context can hold.
+pub const WAITER_SLOTS: usize = (4 * PAGE_SIZE - CACHE_LINE) / 4;
+
+/// A context's registrations as host waiter, one count per fence it holds: its own
+/// object, writable only by that context (and kmd-shim), read by the firmware when it
+/// signals. No other holder of a fence can change whether this context's waiters are
+/// woken, and when the context goes its object goes with it.
+#[repr(C, align(4096))]
+#[derive(Debug)]
+pub struct ContextWaiters {
+    /// [`magic::CONTEXT_WAITERS`]; `id` is the context id.
+    pub header: ObjectHeader,
+    /// Host threads of this context in the blocking phase of a wait, per fence (by the
+    /// [`WaiterSlot::slot`] kmd-shim gave the context's handle on it).
+    pub counts: [AtomicU32; WAITER_SLOTS],
+}
+
+/// Where a context registers its waiters on one fence it holds: its count in the
+/// context's [`ContextWaiters`] and its bit in the fence's [`WaiterLine::holders`].
+/// Travels in one reply word: `slot | bit << 32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct WaiterSlot {
+    /// Index into [`ContextWaiters::counts`], below [`WAITER_SLOTS`].
+    pub slot: u32,
+    /// Bit in [`WaiterLine::holders`], below [`HOLDER_BITS`].
+    pub bit: u32,
+}
+
+impl WaiterSlot {
+    /// The reply word.
+    pub fn encode(&self) -> u64 {
+        self.slot as u64 | (self.bit as u64) << 32
+    }
+
+    /// Decodes an untrusted word; `None` if a part is out of range.
+    pub fn decode(word: u64) -> Option<WaiterSlot> {
+        let (slot, bit) = (word as u32, (word >> 32) as u32);
+        ((slot as usize) < WAITER_SLOTS && bit < HOLDER_BITS).then_some(WaiterSlot { slot, bit })
+    }
 }
 
 /// Device state word.
@@ -498,6 +552,11 @@ unsafe impl Layout for FenceWaiters {
     const WRITABLE: bool = true;
 }
 // SAFETY: as above.
+unsafe impl Layout for ContextWaiters {
+    const MAGIC: u32 = magic::CONTEXT_WAITERS;
+    const WRITABLE: bool = true;
+}
+// SAFETY: as above.
 unsafe impl<A: Access> Layout for DeviceStatus<A> {
     const MAGIC: u32 = magic::DEVICE_STATUS;
     const WRITABLE: bool = A::WRITABLE;
@@ -562,6 +621,8 @@ const _: () = {
 
     assert!(offset_of!(FenceWaiters, line) == CACHE_LINE);
     assert!(size_of::<FenceWaiters>() == PAGE_SIZE);
+    assert!(offset_of!(ContextWaiters, counts) == CACHE_LINE);
+    assert!(size_of::<ContextWaiters>() == 4 * PAGE_SIZE);
 
     assert!(offset_of!(DeviceStatus, sleep) == CACHE_LINE);
     assert!(offset_of!(DeviceStatus, health) == 2 * CACHE_LINE);

@@ -28,7 +28,7 @@
 //! SeqCst fence doing the ordering: relaxed loads are valid on read-only memory.
 
 use crate::error::ErrorCode;
-use crate::layout::{FenceState, FenceWaiters, SleepFlag};
+use crate::layout::{ContextWaiters, FenceState, FenceWaiters, SleepFlag, WaiterSlot, HOLDER_BITS};
 use crate::shm::Word32;
 use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering::*};
 use rustix::thread::futex;
@@ -257,22 +257,35 @@ pub fn context_bit(summary: &crate::layout::ContextSummary, ctx: u32) -> (&Atomi
 ///
 /// Returns whether firmware queues are parked on the fence; the caller then kicks the
 /// firmware (host signallers) or re-checks its parked queues (the firmware itself).
+///
+/// `host_waiting` says whether a host thread waits: the firmware asks every holder's
+/// [`ContextWaiters`] count, a host signaller [`holders_waiting`].
 #[inline]
-pub fn signal_fence(state: &FenceState, waiters: &FenceWaiters, value: u64) -> bool {
+pub fn signal_fence(
+    state: &FenceState,
+    waiters: &FenceWaiters,
+    value: u64,
+    host_waiting: impl FnOnce() -> bool,
+) -> bool {
     state.slot.value.store(value, Release);
-    wake_waiters(state, waiters)
+    wake_waiters(state, waiters, host_waiting)
 }
 
 /// Advances a fence to `value` unless it is above it already (one atomic max, so two
 /// signallers racing cannot move it backwards either), then wakes as [`signal_fence`]
 /// does. `Err(current)`: the fence is above `value`; nothing changed.
 #[inline]
-pub fn advance_fence(state: &FenceState, waiters: &FenceWaiters, value: u64) -> Result<bool, u64> {
+pub fn advance_fence(
+    state: &FenceState,
+    waiters: &FenceWaiters,
+    value: u64,
+    host_waiting: impl FnOnce() -> bool,
+) -> Result<bool, u64> {
     let before = state.slot.value.fetch_max(value, Release);
     if before > value {
         return Err(before);
     }
-    Ok(wake_waiters(state, waiters))
+    Ok(wake_waiters(state, waiters, host_waiting))
 }
 
 /// Poisons a fence: writes the error record, then the poison word, then wakes. A fence is
@@ -300,7 +313,9 @@ pub fn poison_fence(
     r.last_completed
         .store(state.slot.value.load(Relaxed), Relaxed);
     state.slot.poison.store(code as u32, Release); // record before status word
-    wake_waiters(state, waiters) // status word before wake
+                                                   // Status word before wake. Poisons are rare, and the poisoner (kmd-shim at device
+                                                   // loss) may not see the waiter counts: wake whether or not anyone is registered.
+    wake_waiters(state, waiters, || true)
 }
 
 /// Wakes a fence's registered host waiters (bumping its wake word first). Signal and
@@ -308,13 +323,56 @@ pub fn poison_fence(
 /// (a producer blocked on a full ring re-reads the read index). Returns whether firmware
 /// queues are parked on the fence.
 #[inline]
-pub fn wake_waiters(state: &FenceState, waiters: &FenceWaiters) -> bool {
-    fence(SeqCst); // pairs with `FenceWaiters::line.host` registration + fence in waiters
-    if waiters.line.host.load(Relaxed) != 0 {
+pub fn wake_waiters(
+    state: &FenceState,
+    waiters: &FenceWaiters,
+    host_waiting: impl FnOnce() -> bool,
+) -> bool {
+    fence(SeqCst); // pairs with the waiter's registration (`register_waiter`) + its fence
+    if host_waiting() {
         state.slot.wake.fetch_add(1, Release);
         futex_wake_all(&state.slot.wake);
     }
     waiters.line.firmware.load(Relaxed) != 0
+}
+
+/// Whether a holder of a user fence has host threads waiting on it (its bit is set): what
+/// a host signaller checks. Relaxed: the caller's SeqCst fence orders it.
+#[inline]
+pub fn holders_waiting(waiters: &FenceWaiters) -> bool {
+    waiters.line.holders.load(Relaxed) != 0
+}
+
+/// Registers one host thread of a context as waiting on a fence: its count in the
+/// context's own [`ContextWaiters`] (what the firmware reads), then for a user fence its
+/// holder bit (what host signallers read). SeqCst, then the waiter's own fence and
+/// re-check (see [`sleep_unless`]): either the signaller sees the registration, or the
+/// waiter sees the value.
+pub fn register_waiter(mine: &ContextWaiters, fence: &FenceWaiters, at: WaiterSlot, user: bool) {
+    if let Some(c) = mine.counts.get(at.slot as usize) {
+        c.fetch_add(1, SeqCst);
+    }
+    if user {
+        fence.line.holders.fetch_or(1 << at.bit, SeqCst);
+    }
+}
+
+/// Undoes [`register_waiter`]. The last thread of the context to leave clears its bit,
+/// then sets it again if another thread of the context registered meanwhile (it
+/// re-checks its count after the clear), so a bit is never clear while its count is not.
+/// The shared last bit is left set: kmd-shim clears it.
+pub fn unregister_waiter(mine: &ContextWaiters, fence: &FenceWaiters, at: WaiterSlot, user: bool) {
+    let Some(c) = mine.counts.get(at.slot as usize) else {
+        return;
+    };
+    let before = c.fetch_sub(1, SeqCst);
+    if user && before == 1 && at.bit < HOLDER_BITS - 1 {
+        let bit = 1u64 << at.bit;
+        fence.line.holders.fetch_and(!bit, SeqCst);
+        if c.load(SeqCst) != 0 {
+            fence.line.holders.fetch_or(bit, SeqCst);
+        }
+    }
 }
 
 /// Spin, then yield, then sleep: the back-off every poller uses so that two pollers on a

@@ -8,6 +8,9 @@
 //! - `hostile CASE`: speaks the raw ABI and breaks one rule; prints what the firmware
 //!   reported for its queue.
 //! - `host SOCKET`: serves an embedded device on SOCKET, prints `ready`, runs until killed.
+//! - `blocked RENDEZVOUS`: receives two fences on the rendezvous socket, imports them, and
+//!   blocks a thread on each for a value they never reach; prints `ready` (to be
+//!   SIGKILLed while blocked).
 
 use rustix::fd::{AsFd, OwnedFd};
 use std::io::Write;
@@ -501,6 +504,28 @@ fn hostile(case: &str) -> Res<()> {
     Ok(())
 }
 
+/// Blocks one thread on each of two fences received on the rendezvous socket.
+fn blocked(rendezvous: &str) -> Res<()> {
+    let dev = Device::open_default()?;
+    let sock = UnixStream::connect(rendezvous)?;
+    let fences = [
+        dev.import_fence(userq::ExportedFence::recv(&sock)?)?,
+        dev.import_fence(userq::ExportedFence::recv(&sock)?)?,
+    ];
+    let waiters: Vec<_> = fences
+        .into_iter()
+        .map(|f| {
+            std::thread::spawn(move || f.wait_with(u64::MAX, userq::WaitMode::Block, Duration::MAX))
+        })
+        .collect();
+    println!("ready");
+    std::io::stdout().flush()?;
+    for w in waiters {
+        let _ = w.join();
+    }
+    Err("a wait that cannot end ended".into())
+}
+
 /// Serves an embedded device on `socket` until killed.
 fn host(socket: &str) -> Res<()> {
     let _dev = Device::builder()
@@ -523,6 +548,7 @@ fn main() {
         ["compute", q, r] => (|| compute(q.parse()?, r.parse()?))(),
         ["hostile", case] => hostile(case),
         ["host", socket] => host(socket),
+        ["blocked", rendezvous] => blocked(rendezvous),
         _ => Err(
             "usage: userq-testclient worker QUEUES PACKETS RING | victim SOCKET | hostile CASE"
                 .into(),

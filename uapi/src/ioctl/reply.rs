@@ -8,7 +8,7 @@
 //! [`ReplyDecodeError`], never a panic.
 
 use crate::fwmsg::FenceId;
-use crate::layout::FenceKind;
+use crate::layout::{FenceKind, WaiterSlot};
 use crate::packet::FenceHandle;
 
 /// Why the values of a reply could not be decoded: whoever answered broke the protocol.
@@ -92,6 +92,13 @@ impl<'a> ReplyReader<'a> {
             .ok_or(ReplyDecodeError::UnknownFenceKind(value))
     }
 
+    /// The next value, a [`WaiterSlot`].
+    fn waiter(&mut self) -> Result<WaiterSlot, ReplyDecodeError> {
+        let index = self.next;
+        let value = self.word();
+        WaiterSlot::decode(value).ok_or(ReplyDecodeError::ValueOutOfRange { index, value })
+    }
+
     /// Checks that the values not read are zero.
     fn finish(self) -> Result<(), ReplyDecodeError> {
         match (self.next..self.values.len()).find(|&i| self.values[i] != 0) {
@@ -142,11 +149,18 @@ pub struct CreateQueueReply {
     pub timeline: FenceHandle,
     /// The timeline fence's id on the device.
     pub fence: FenceId,
+    /// Where this context registers its waiters on the timeline.
+    pub waiter: WaiterSlot,
 }
 
 impl Reply for CreateQueueReply {
     fn encode(&self) -> [u64; 7] {
-        reply_values(&[self.slot as u64, self.timeline.0 as u64, self.fence])
+        reply_values(&[
+            self.slot as u64,
+            self.timeline.0 as u64,
+            self.fence,
+            self.waiter.encode(),
+        ])
     }
 
     fn decode(values: &[u64; 7]) -> Result<Self, ReplyDecodeError> {
@@ -155,6 +169,7 @@ impl Reply for CreateQueueReply {
             slot: r.narrow()?,
             timeline: FenceHandle(r.narrow()?),
             fence: r.word(),
+            waiter: r.waiter()?,
         };
         r.finish()?;
         Ok(reply)
@@ -168,11 +183,13 @@ pub struct CreateFenceReply {
     pub handle: FenceHandle,
     /// The fence's id on the device.
     pub fence: FenceId,
+    /// Where this context registers its waiters on it.
+    pub waiter: WaiterSlot,
 }
 
 impl Reply for CreateFenceReply {
     fn encode(&self) -> [u64; 7] {
-        reply_values(&[self.handle.0 as u64, self.fence])
+        reply_values(&[self.handle.0 as u64, self.fence, self.waiter.encode()])
     }
 
     fn decode(values: &[u64; 7]) -> Result<Self, ReplyDecodeError> {
@@ -180,6 +197,7 @@ impl Reply for CreateFenceReply {
         let reply = CreateFenceReply {
             handle: FenceHandle(r.narrow()?),
             fence: r.word(),
+            waiter: r.waiter()?,
         };
         r.finish()?;
         Ok(reply)
@@ -195,11 +213,18 @@ pub struct ImportFenceReply {
     pub fence: FenceId,
     /// What kind of fence it is: a timeline is read-only for its importers.
     pub kind: FenceKind,
+    /// Where this context registers its waiters on it.
+    pub waiter: WaiterSlot,
 }
 
 impl Reply for ImportFenceReply {
     fn encode(&self) -> [u64; 7] {
-        reply_values(&[self.handle.0 as u64, self.fence, self.kind as u64])
+        reply_values(&[
+            self.handle.0 as u64,
+            self.fence,
+            self.kind as u64,
+            self.waiter.encode(),
+        ])
     }
 
     fn decode(values: &[u64; 7]) -> Result<Self, ReplyDecodeError> {
@@ -208,6 +233,7 @@ impl Reply for ImportFenceReply {
             handle: FenceHandle(r.narrow()?),
             fence: r.word(),
             kind: r.fence_kind()?,
+            waiter: r.waiter()?,
         };
         r.finish()?;
         Ok(reply)
