@@ -340,3 +340,96 @@ fn a_custom_firmware_program_serves_its_own_kernel_in_daemon_layout() {
     kmd.signal(rustix::process::Signal::TERM);
     assert!(kmd.wait_for(Duration::from_secs(10)).success());
 }
+
+/// Open descriptors and resident kilobytes of a process.
+fn footprint(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0);
+    (fds, rss)
+}
+
+#[test]
+fn clients_killed_at_random_points_leave_the_daemon_at_baseline() {
+    let daemon = Daemon::start();
+    let observer = Device::connect(&daemon.socket).expect("connect");
+    let rv_dir = TempDir::new("kills");
+    let kmd = daemon.proc.pid();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut baseline = None;
+    for round in 0..24 {
+        let rv = rv_dir.path().join(format!("rv{round}.sock"));
+        let listener = UnixListener::bind(&rv).expect("bind rendezvous");
+        // A client submitting in a loop and holding an exported fence, or one blocked in
+        // waits on fences it imported.
+        let blocked = next(2) == 0;
+        let mode = if blocked { "blocked" } else { "victim" };
+        let mut c = client(&daemon.socket, &[mode, rv.to_str().expect("utf-8")]);
+        let (sock, _) = listener.accept().expect("client connects");
+        let mine = observer.create_fence(0).expect("fence");
+        let theirs = if blocked {
+            mine.export().unwrap().send(&sock).unwrap();
+            mine.export().unwrap().send(&sock).unwrap();
+            None
+        } else {
+            Some(
+                observer
+                    .import_fence(ExportedFence::recv(&sock).expect("victim's fence"))
+                    .expect("import"),
+            )
+        };
+        let out = c.child.as_mut().and_then(|c| c.stdout.take()).unwrap();
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line).expect("read");
+        assert_eq!(line.trim(), "ready");
+        std::thread::sleep(Duration::from_millis(next(30)));
+        c.signal(rustix::process::Signal::KILL);
+        c.wait_for(Duration::from_secs(10));
+        if let Some(f) = theirs {
+            // No waiter stuck: the dead owner's fence fails.
+            match f.wait(1, Duration::from_secs(10)) {
+                Err(WaitError::Faulted(e)) => assert_eq!(e.code, Some(ErrorCode::OwnerDied)),
+                other => panic!("round {round}: expected OwnerDied, got {other:?}"),
+            }
+        }
+        // Our own fence is still ours: a signal works and wakes.
+        mine.signal(1).unwrap();
+        assert_eq!(mine.wait(1, Duration::from_secs(10)), Ok(()));
+        if round == 3 {
+            // After a few rounds every table and pool has its working size.
+            std::thread::sleep(Duration::from_millis(200));
+            baseline = Some((footprint(kmd), footprint(daemon.fw_pid)));
+        }
+    }
+    let ((kfd, krss), (ffd, frss)) = baseline.expect("baseline");
+    // The last connections close asynchronously: give kmd-shim a moment to reclaim.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ((k, kr), (f, fr)) = (footprint(kmd), footprint(daemon.fw_pid));
+        let back = k <= kfd && f <= ffd && kr <= krss + 8192 && fr <= frss + 8192;
+        if back {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not back at baseline: kmd-shim {k} fds {kr} kB (was {kfd}, {krss}), fw-emu {f} fds {fr} kB (was {ffd}, {frss})"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(observer);
+    daemon.stop();
+}

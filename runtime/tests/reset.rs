@@ -291,3 +291,66 @@ fn an_engine_held_by_a_runaway_workgroup_is_replaced() {
         t.elapsed()
     );
 }
+
+#[test]
+fn reset_stress_loses_nothing_and_leaves_no_wait_hanging() {
+    // xe_exec_reset's gt-reset-stress, as this device has it: a hang (and its reset) every
+    // 250 ms from contexts that hang once each, while 4 threads of other contexts submit
+    // and check their work for 3 s.
+    let env = Env::new();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let socket = env.dev().socket_path().to_owned();
+    let submitters: Vec<_> = (0..4)
+        .map(|t| {
+            let stop = stop.clone();
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let dev = Device::connect(&socket).unwrap();
+                let mut q = dev.create_queue().unwrap();
+                let done = dev.create_fence(0).unwrap();
+                let mut rounds = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n = 256;
+                    let mut buf = dev.alloc::<f32>(n).unwrap();
+                    buf.copy_from_slice(&vec![t as f32 + 1.0; n]);
+                    rounds += 1;
+                    q.submit_batch(&[
+                        kernels::scale(n as u32, 3.0, &buf).unwrap(),
+                        Command::signal(&done, rounds),
+                    ])
+                    .unwrap();
+                    // Every fence completes (these queues never hang) within the bound.
+                    done.wait(rounds, LONG).unwrap();
+                    assert!(
+                        buf.to_vec().iter().all(|&x| x == 3.0 * (t as f32 + 1.0)),
+                        "thread {t} round {rounds}: wrong result"
+                    );
+                }
+                rounds
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    let mut resets = 0;
+    while t.elapsed() < Duration::from_secs(3) {
+        let guilty = Device::connect(&socket).unwrap();
+        let mut q = guilty
+            .queue()
+            .job_timeout(Duration::from_millis(50))
+            .create()
+            .unwrap();
+        let f = fault_of(q.submit(kernels::no_progress()).unwrap().wait(LONG));
+        assert_eq!(f.code, Some(ErrorCode::JobTimeout));
+        resets += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in submitters {
+        let rounds = s.join().expect("a submitter failed");
+        assert!(
+            rounds > 0,
+            "a submitter made no progress through the resets"
+        );
+    }
+    assert!(resets >= 5, "only {resets} resets in 3 s");
+}
