@@ -64,6 +64,11 @@ impl DeviceProcs {
         children_of(host).first().copied().unwrap_or(host)
     }
 
+    /// The process that serves the socket (kmd-shim in daemon mode).
+    pub fn host_pid(&self) -> u32 {
+        self.host.as_ref().map_or(0, Role::pid)
+    }
+
     /// Connects a client context.
     pub fn connect(&self) -> Result<Device, userq::OpenError> {
         Device::connect(&self.socket)

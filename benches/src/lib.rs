@@ -12,6 +12,7 @@ pub mod peers;
 pub mod plot;
 pub mod proc;
 pub mod report;
+pub mod resets;
 pub mod round_trip;
 pub mod rounds;
 pub mod sched;

@@ -73,6 +73,8 @@ pub struct Report {
     pub oversubscription: Option<(usize, usize, std::time::Duration)>,
     /// Peers that could not run here, with why.
     pub skipped: Vec<(String, String)>,
+    /// Hang detection, resets, kills and firmware restart.
+    pub resets: Option<crate::resets::ResetFigures>,
 }
 
 impl Report {
@@ -400,6 +402,9 @@ impl Report {
                 println!("  {v}  {:<62} {}", t.what, t.measured);
             }
         }
+        if let Some(r) = &self.resets {
+            r.print();
+        }
     }
 
     /// The run as JSON.
@@ -452,6 +457,7 @@ impl Report {
             .map(|(what, why)| json!({"what": what, "why": why}))
             .collect();
         json!({
+            "resets": self.resets.as_ref().map(|r| r.json()),
             "latency": latency,
             "throughput": throughput,
             "scaling": scaling,

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use userq_uapi::fwmsg::{boot, FwEvent, FwRequest, FwStatus, ObjectId};
@@ -126,6 +126,8 @@ pub struct FirmwareLink {
     stopping: AtomicBool,
     stop: AtomicBool,
     running: Mutex<Option<Running>>,
+    /// Set by the exit watcher when the firmware process has exited.
+    exit_seen: Arc<AtomicBool>,
     next_object: AtomicU64,
     ack_timeout: Duration,
 }
@@ -173,6 +175,7 @@ impl FirmwareLink {
             None,
         )
         .map_err(obj)?;
+        let exit_seen = Arc::new(AtomicBool::new(false));
         let running = match launcher {
             FirmwareLauncher::Process { program, args } => {
                 let child = spawn_process(program, args, theirs).map_err(|source| {
@@ -181,6 +184,7 @@ impl FirmwareLink {
                         source,
                     }
                 })?;
+                watch_exit(&child, control_fd.as_fd(), exit_seen.clone());
                 Running::Process(child)
             }
             FirmwareLauncher::Thread(start) => {
@@ -209,6 +213,7 @@ impl FirmwareLink {
             stopping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             running: Mutex::new(Some(running)),
+            exit_seen,
             next_object: AtomicU64::new(boot::FIRST_DYNAMIC),
             ack_timeout,
         };
@@ -430,7 +435,11 @@ impl FirmwareLink {
             sync::announce_and_sleep(
                 &c.kmd_sleep,
                 &c.kmd_kick.word,
-                || c.to_kmd.has_message() || self.stop.load(Acquire),
+                || {
+                    c.to_kmd.has_message()
+                        || self.stop.load(Acquire)
+                        || self.exit_seen.load(Acquire)
+                },
                 Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS),
             );
             backoff.reset();
@@ -560,6 +569,33 @@ impl FirmwareLink {
             _ => None,
         }
     }
+}
+
+/// Wakes the event thread the moment the firmware process exits (a thread blocked in
+/// `poll` on a pidfd), so a killed firmware is declared lost at once rather than at the
+/// event thread's next heartbeat check. The thread ends when the process does. Without
+/// pidfds (Linux < 5.3) the heartbeat check alone notices, within its period.
+fn watch_exit(child: &Child, control: BorrowedFd<'_>, seen: Arc<AtomicBool>) {
+    let pid = rustix::process::Pid::from_child(child);
+    let Ok(pidfd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) else {
+        return;
+    };
+    let Ok(control) = Shm::<ControlRegion>::map(control) else {
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("kmd-fw-exit".into())
+        .spawn(move || {
+            let mut fds = [rustix::event::PollFd::new(
+                &pidfd,
+                rustix::event::PollFlags::IN,
+            )];
+            while let Err(rustix::io::Errno::INTR) = rustix::event::poll(&mut fds, None) {}
+            // The flag first: the event thread's re-check before it sleeps looks at it.
+            seen.store(true, Release);
+            control.kmd_kick.word.fetch_add(1, Release);
+            sync::futex_wake_all(&control.kmd_kick.word);
+        });
 }
 
 /// How long the heartbeat may stall before the firmware counts as hung (it beats at

@@ -8,7 +8,7 @@
 //!
 //! 1. the lost firmware is let go ([`FirmwareLink::abandon`]: a process is killed and
 //!    reaped, frozen or not);
-//! 2. after a back-off, a new firmware starts with fresh boot objects under the next
+//! 2. at once the first time, after a doubling back-off the next ones, a new firmware starts with fresh boot objects under the next
 //!    device generation, and the device's link is swapped to it;
 //! 3. new contexts (OPEN_CONTEXT) run on it; contexts of an earlier generation stay lost,
 //!    as in Vulkan: every request of theirs answers `DeviceLost`, and closing them only
@@ -33,7 +33,8 @@ pub struct RestartPolicy {
     pub max_restarts: u32,
     /// The window of [`RestartPolicy::max_restarts`].
     pub window: Duration,
-    /// Wait before the first restart in the window; doubled for each further one.
+    /// Wait before the second restart in the window (the first is immediate); doubled for
+    /// each further one.
     pub backoff: Duration,
 }
 
@@ -71,7 +72,10 @@ impl Restarter {
         if n >= self.policy.max_restarts {
             return None;
         }
-        Some(self.policy.backoff.saturating_mul(1 << n.min(16)))
+        if n == 0 {
+            return Some(Duration::ZERO);
+        }
+        Some(self.policy.backoff.saturating_mul(1 << (n - 1).min(16)))
     }
 }
 

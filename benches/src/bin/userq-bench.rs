@@ -1,7 +1,7 @@
 //! `userq-bench`: userq against the machine's floors and against peers, in one run.
 //!
 //! ```text
-//! userq-bench [compare|floors|latency|peers|throughput|scaling|idle|submit|sched]
+//! userq-bench [compare|floors|latency|peers|throughput|scaling|idle|submit|sched|resets]
 //!             [--iters N] [--quick] [--json] [--plot DIR]
 //! ```
 //!
@@ -76,6 +76,9 @@ enum What {
     Submit,
     /// Engine scheduler: fairness, priority under load, 64 queues from 4 processes.
     Sched,
+    /// Hang detection and reset time, innocent round trips during a reset storm, client
+    /// kills, firmware kill and restart.
+    Resets,
 }
 
 struct Opts {
@@ -123,6 +126,8 @@ fn role(name: &str, args: &[String]) -> Res<()> {
         }
         "__idle-queues" => device::idle_queues_role(arg(0)?, arg(1)?.parse()?)?,
         "__submit-probe" => device::submit_probe_role(arg(0)?, arg(1)?, arg(2)?.parse()?)?,
+        "__victim" => userq_benches::resets::victim_role(arg(0)?)?,
+        "__lost-waiter" => userq_benches::resets::lost_waiter_role(arg(0)?)?,
         _ => return Err(format!("unknown role {name}").into()),
     }
     Ok(())
@@ -353,6 +358,10 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
         drop(dev);
         let d = userq_benches::sched::oversubscription(&procs, 4, 16, 20)?;
         r.oversubscription = Some((4, 16, d));
+    }
+    if all || o.what == What::Resets {
+        say("resets");
+        r.resets = Some(userq_benches::resets::measure(dir, o.quick)?);
     }
     if all || o.what == What::Idle {
         say("idle");
