@@ -103,7 +103,11 @@ fn waiters_killed_while_blocked_cost_no_wake_afterwards() {
     }
     let nops = vec![Command::nop(); 100];
     for _ in 0..10 {
-        q.submit_batch(&nops).unwrap().wait(LONG).unwrap();
+        // Spinning: this thread must not register as a waiter itself.
+        q.submit_batch(&nops)
+            .unwrap()
+            .wait_with(WaitMode::Spin, LONG)
+            .unwrap();
     }
     assert_eq!(
         user_peek.wakes(),

@@ -5,12 +5,12 @@
 //! [`Watchdog`](userq_uapi::watchdog::Watchdog), read afresh so that a change applies at
 //! once:
 //!
-//! - a job timeout counts the time the job has been on the engines since its first
-//!   workgroup started, leaving out time it spent suspended; a job still waiting for an
-//!   engine is not running, so it cannot hang (the innocent are never blamed for the
-//!   guilty holding the engines);
+//! - a job timeout counts the time the job has had a workgroup on an engine (sampled at
+//!   each check); time waiting for an engine, yielded between time slices or suspended is
+//!   not running, so it cannot hang (the innocent are never blamed for the guilty holding
+//!   the engines);
 //! - a no-progress watchdog counts the time since a workgroup last finished or reached a
-//!   checkpoint.
+//!   checkpoint, again only while one is on an engine.
 //!
 //! A watchdog that fires is reported once per dispatch ([`FwEvent::Hang`]); the firmware
 //! does not act on its own. kmd-shim decides: [`FwRequest::ResetQueue`] stops only that
@@ -55,7 +55,7 @@ pub const CHECK_PERIOD: Duration = Duration::from_millis(10);
 struct Watched {
     id: QueueId,
     job: Arc<Job>,
-    /// Time on the engines, counted while started and not suspended.
+    /// Time with a workgroup on an engine (sampled at each check).
     active: Duration,
     last_check: Instant,
     /// The job's progress number when it last changed, and when that was.
@@ -130,15 +130,14 @@ impl Firmware {
             };
             let delta = now.duration_since(w.last_check);
             w.last_check = now;
-            let Some(started) = job.started_at() else {
-                w.progress_at = now;
-                return true; // waiting for an engine: not running, cannot hang
-            };
-            if job.is_suspended() {
+            // Not on an engine (not started yet, between time slices, suspended): not
+            // running, so it cannot hang; its no-progress clock starts again.
+            let on_engine = job.started_at().is_some() && job.running_count() > 0;
+            if !on_engine || job.is_suspended() {
                 w.progress_at = now;
                 return true;
             }
-            w.active += delta.min(now.duration_since(started));
+            w.active += delta;
             let p = job.progress();
             if p != w.progress {
                 w.progress = p;

@@ -1,0 +1,48 @@
+//! Engine recovery: a workgroup that ignores its reset keeps its engine thread (the CPU
+//! cannot stop a thread), and the firmware starts a replacement so that other contexts'
+//! work runs. In its own test binary: its runaway threads burn two cores for seconds, which
+//! would distort the timing of tests running beside it.
+
+mod common;
+use common::Env;
+use std::time::{Duration, Instant};
+use userq::{kernels, Device, ErrorCode, WaitError};
+
+const LONG: Duration = Duration::from_secs(30);
+
+#[test]
+fn an_engine_held_by_a_runaway_workgroup_is_replaced() {
+    let env = Env::with(Device::builder().engines(2));
+    let dev = env.dev();
+    let other = env.second();
+    let mut stuck = dev
+        .queue()
+        .job_timeout(Duration::from_millis(100))
+        .create()
+        .unwrap();
+    // Two workgroups that ignore the reset, one on each engine, for 4 s.
+    let hung = stuck
+        .submit(kernels::runaway(2, Duration::from_secs(4)).unwrap())
+        .unwrap();
+    let f = match hung.wait(LONG) {
+        Err(WaitError::Faulted(f)) => f,
+        other => panic!("expected a reset, got {other:?}"),
+    };
+    assert_eq!(f.code, Some(ErrorCode::JobTimeout));
+    // Both engine threads are still held; replacements run the other context's work.
+    let t = Instant::now();
+    let mut q = other.create_queue().unwrap();
+    let n = 1000;
+    let mut buf = other.alloc::<f32>(n).unwrap();
+    buf.copy_from_slice(&vec![5.0; n]);
+    q.submit(kernels::scale(n as u32, 2.0, &buf).unwrap())
+        .unwrap()
+        .wait(LONG)
+        .unwrap();
+    assert!(buf.to_vec().iter().all(|&x| x == 10.0));
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "a small dispatch waited {:?} for the held engines",
+        t.elapsed()
+    );
+}
