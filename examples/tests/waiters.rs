@@ -66,7 +66,7 @@ fn waiters_killed_while_blocked_cost_no_wake_afterwards() {
     }
     // Their threads are in the blocking phase: signals wake them.
     let deadline = Instant::now() + LONG;
-    while user_peek.waiters.line.holders.load(Relaxed) == 0 {
+    while user_peek.waiters.line.host.load(Relaxed) < 3 {
         assert!(Instant::now() < deadline, "the waiters never registered");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -87,14 +87,11 @@ fn waiters_killed_while_blocked_cost_no_wake_afterwards() {
         c.signal(rustix::process::Signal::KILL);
         c.wait_for(Duration::from_secs(10));
     }
-    // kmd-shim reclaims their contexts: the firmware drops their counts, then their holder
-    // bits are cleared.
+    // kmd-shim reclaims their contexts: the firmware drops their own counts, then their
+    // waiters come off the user fence's shared count.
     let deadline = Instant::now() + LONG;
-    while user_peek.waiters.line.holders.load(Relaxed) != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the dead holders' bits stayed set"
-        );
+    while user_peek.waiters.line.host.load(Relaxed) != 0 {
+        assert!(Instant::now() < deadline, "the dead waiters stayed counted");
         std::thread::sleep(Duration::from_millis(5));
     }
     let (u1, t1) = (user_peek.wakes(), timeline_peek.wakes());
@@ -149,7 +146,7 @@ fn a_holder_scribbling_on_the_shared_page_cannot_stop_a_timeline_wake() {
         let stop = stop.clone();
         std::thread::spawn(move || {
             while !stop.load(Relaxed) {
-                scribbled.line.holders.store(0, Relaxed);
+                scribbled.line.host.store(0, Relaxed);
                 scribbled.line.firmware.store(0, Relaxed);
                 std::hint::spin_loop();
             }

@@ -204,9 +204,9 @@ impl Device {
             t.release_buffer(*b);
         }
         t.memory_used -= c.queues.values().map(|q| q.ring_bytes).sum::<u64>();
-        let unheld = t.release_holds(c.handles.values());
-        // (Its waiter slots go with the record; the firmware dropped its counts with the
-        // context, and `release_holds` cleared its holder bits.)
+        // Its waiters come off the shared counts (the firmware dropped its own counts with
+        // the context); its waiter slots go with the record.
+        let unheld = t.release_holds(&c);
         let orphaned = t.user_fences_owned_by(ctx);
         drop(t);
         if !current {

@@ -18,7 +18,7 @@
 //! keeps the fence and the registration is committed.
 
 use crate::buffer::ObjectIdentity;
-use crate::context::Hold;
+use crate::context::{ContextRecord, Hold};
 use crate::device::{Device, Table};
 use rustix::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering::{Relaxed, Release};
@@ -26,7 +26,7 @@ use userq_uapi::error::ErrorCode;
 use userq_uapi::fwmsg::{FenceId, FwRequest};
 use userq_uapi::ioctl::{CreateFenceReply, ImportFenceReply};
 use userq_uapi::layout::{
-    FenceKind, FenceState, FenceWaiters, QueueState, WaiterSlot, HOLDER_BITS, WAITER_SLOTS,
+    FenceKind, FenceState, FenceWaiters, QueueState, WaiterSlot, WAITER_SLOTS,
 };
 use userq_uapi::os;
 use userq_uapi::packet::FenceHandle;
@@ -51,42 +51,29 @@ pub(crate) struct FenceRecord {
     /// is lost.
     state: Shm<FenceState>,
     /// kmd-shim's own mapping of the waiter object, for the wake that goes with a poison
-    /// and to clear the holder bit of a holder that lets go.
+    /// and to take a departing holder's waiters off the shared count.
     waiters: Shm<FenceWaiters>,
-    /// Holder bits given out (bit 63 is shared by every holder beyond the first 63).
-    holder_bits: u64,
-    /// Holders sharing bit 63.
-    overflow_holders: u32,
 }
 
 impl FenceRecord {
-    /// A holder bit for a new holder.
-    fn take_bit(&mut self) -> u32 {
-        let last = HOLDER_BITS - 1;
-        let free = !self.holder_bits & ((1u64 << last) - 1);
-        if free != 0 {
-            let bit = free.trailing_zeros();
-            self.holder_bits |= 1 << bit;
-            return bit;
+    /// A holder lets go (or died): its waiters, as its own count says, come off the user
+    /// fence's shared count, so they cost signallers nothing afterwards. (A timeline's
+    /// waiters are only in the holders' own counts, which the firmware drops with the
+    /// binding.)
+    fn drop_holder(&self, own: u32) {
+        if self.kind == FenceKind::User {
+            sync::drop_holder_waiters(&self.waiters, own);
         }
-        self.overflow_holders += 1;
-        self.holder_bits |= 1 << last;
-        last
     }
+}
 
-    /// Gives a holder's bit back and clears it in the shared waiter line: a holder that
-    /// lets go, or died with threads blocked on the fence, costs signallers nothing
-    /// afterwards.
-    fn give_bit(&mut self, bit: u32) {
-        let last = HOLDER_BITS - 1;
-        if bit == last {
-            self.overflow_holders = self.overflow_holders.saturating_sub(1);
-            if self.overflow_holders > 0 {
-                return;
-            }
-        }
-        self.holder_bits &= !(1u64 << bit);
-        self.waiters.line.holders.fetch_and(!(1u64 << bit), Relaxed);
+impl ContextRecord {
+    /// The context's own waiter count at `slot`.
+    fn own_waiters(&self, slot: u32) -> u32 {
+        self.waiters
+            .as_ref()
+            .and_then(|w| w.counts.get(slot as usize))
+            .map_or(0, |c| c.load(Relaxed))
     }
 }
 
@@ -175,17 +162,14 @@ impl Table {
         }
     }
 
-    /// Drops one hold on each of `holds` (a closing context's handles), clearing their
-    /// holder bits, and forgets the fences nobody holds any more; returns those, for the
+    /// Drops one hold for each handle of a closing context, taking its waiters off the
+    /// shared counts, and forgets the fences nobody holds any more; returns those, for the
     /// firmware to drop.
-    pub(crate) fn release_holds<'a>(
-        &mut self,
-        holds: impl IntoIterator<Item = &'a Hold>,
-    ) -> Vec<FenceId> {
+    pub(crate) fn release_holds(&mut self, c: &ContextRecord) -> Vec<FenceId> {
         let mut unheld = Vec::new();
-        for hold in holds {
+        for hold in c.handles.values() {
             if let Some(f) = self.fences.get_mut(&hold.fence) {
-                f.give_bit(hold.waiter.bit);
+                f.drop_holder(c.own_waiters(hold.waiter.slot));
                 f.holds -= 1;
                 if f.holds == 0 {
                     unheld.push(hold.fence);
@@ -275,8 +259,6 @@ impl Device {
                 identity,
                 state,
                 waiters,
-                holder_bits: 0,
-                overflow_holders: 0,
             },
         );
         drop(t);
@@ -306,10 +288,7 @@ impl Device {
         c.next_handle = next;
         let f = t.fences.get_mut(&fence).ok_or(KmdStatus::NotFound)?;
         f.holds += 1;
-        let waiter = WaiterSlot {
-            slot,
-            bit: f.take_bit(),
-        };
+        let waiter = WaiterSlot { slot };
         if let Some(c) = t.contexts.get_mut(&ctx) {
             c.handles.insert(handle, Hold { fence, waiter });
         }
@@ -351,11 +330,12 @@ impl Device {
         let Some(Hold { fence, waiter }) = c.handles.remove(&handle) else {
             return;
         };
+        let own = c.own_waiters(waiter.slot);
         c.give_slot(waiter.slot);
         let Some(f) = t.fences.get_mut(&fence) else {
             return;
         };
-        f.give_bit(waiter.bit);
+        f.drop_holder(own);
         f.holds -= 1;
         if f.holds == 0 {
             t.forget_fence(fence);

@@ -72,7 +72,7 @@ impl FenceInner {
     }
 
     /// Registers this thread as a host waiter: its context's own count for the fence
-    /// (read by the firmware), and for a user fence its holder bit (read by host
+    /// (read by the firmware), and for a user fence the shared count (read by host
     /// signallers).
     fn register(&self) {
         let user = self.kind == FenceKind::User;
@@ -227,7 +227,7 @@ impl Fence {
             return Err(SignalError::Poisoned(f));
         }
         let waiters = i.waiters();
-        match sync::advance_fence(state, waiters, value, || sync::holders_waiting(waiters)) {
+        match sync::advance_fence(state, waiters, value, || sync::host_waiting(waiters)) {
             Ok(parked) => {
                 if parked {
                     // Queues are parked on this fence: make sure the firmware looks.
@@ -255,7 +255,7 @@ impl Fence {
             return Err(SignalError::Poisoned(f));
         }
         let waiters = i.waiters();
-        if sync::signal_fence(state, waiters, value, || sync::holders_waiting(waiters)) {
+        if sync::signal_fence(state, waiters, value, || sync::host_waiting(waiters)) {
             sync::wake_if_announced(&i.dev.status.sleep.sleeping, &i.dev.kick.kick.word);
         }
         Ok(())

@@ -17,7 +17,7 @@
 //! | [`DoorbellPage`] (one per context) | client | fw | read-write |
 //! | ring ([`RingHeader`] + packets, one per queue) | client (packets), fw (read index) | both | read-write |
 //! | [`FenceState`] (one per fence) | fw, kmd; host for user fences | all | read-only for queue timelines |
-//! | [`FenceWaiters`] (one per fence) | every holder (its own bit), fw, kmd | host signallers | read-write |
+//! | [`FenceWaiters`] (one per fence) | every holder, fw, kmd | host signallers | read-write |
 //! | [`ContextWaiters`] (one per context) | that context, kmd | fw | read-write |
 //! | [`DeviceStatus`] (one per device) | fw, kmd | clients | read-only |
 //! | [`DeviceKick`] (one per device) | any client, kmd | fw | read-write |
@@ -260,7 +260,7 @@ impl FenceKind {
 ///
 /// Signal protocol ([`crate::sync`]): store `value` (release), then if a host waiter is
 /// registered (the firmware reads each holder's [`ContextWaiters`] count; a host signaller
-/// reads the holder bits in [`FenceWaiters`]), bump `wake` and futex-wake it. Poison
+/// reads the shared count in [`FenceWaiters`]), bump `wake` and futex-wake it. Poison
 /// protocol: write `record`, then `poison` (release), then bump `wake` and wake.
 ///
 /// Clients map a queue's timeline read-only (`FenceState<ReadOnly>`): its words can only be
@@ -357,22 +357,19 @@ pub struct FenceWaiters {
 #[repr(C, align(64))]
 #[derive(Debug, Default)]
 pub struct WaiterLine {
-    /// One bit per holder of a user fence ([`WaiterSlot::bit`]): set while that holder has
-    /// host threads in the blocking phase of a wait on it. A host signaller makes the
-    /// futex wake only when a bit is set. Each holder sets and clears only its own bit;
-    /// kmd-shim clears a holder's bit when the holder lets go of the fence or dies, so a
-    /// waiter killed while blocked costs nothing afterwards. (Timeline waiters need no bit:
-    /// only the firmware signals timelines, and it reads every holder's
-    /// [`ContextWaiters`] count, which no other holder can write.)
-    pub holders: AtomicU64,
+    /// Host threads of every holder of a user fence in the blocking phase of a wait on it:
+    /// what a host signaller checks before it makes the futex wake. Each waiter adds itself
+    /// here before its own [`ContextWaiters`] count and removes itself after it, so its
+    /// own count never exceeds what it added here; when a holder lets go of the fence or
+    /// dies, kmd-shim subtracts the holder's own count, so a waiter killed while blocked
+    /// costs nothing afterwards. (Timeline waiters are not counted here: only the
+    /// firmware signals timelines, and it reads every holder's [`ContextWaiters`] count,
+    /// which no other holder can write.)
+    pub host: AtomicU32,
     /// Firmware queues parked on this fence by WAIT_FENCE. A host signaller kicks the
     /// firmware only when this is non-zero.
     pub firmware: AtomicU32,
 }
-
-/// Holder bits of a fence; the last one is shared by every holder beyond the first 63
-/// and is never cleared by a waiter (only by kmd-shim when no such holder is left).
-pub const HOLDER_BITS: u32 = 64;
 
 /// Waiter counts in a [`ContextWaiters`]: the most fences a context can hold.
 pub const WAITER_SLOTS: usize = (4 * PAGE_SIZE - CACHE_LINE) / 4;
@@ -392,26 +389,25 @@ pub struct ContextWaiters {
 }
 
 /// Where a context registers its waiters on one fence it holds: its count in the
-/// context's [`ContextWaiters`] and its bit in the fence's [`WaiterLine::holders`].
-/// Travels in one reply word: `slot | bit << 32`.
+/// context's [`ContextWaiters`]. Travels in one reply word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct WaiterSlot {
     /// Index into [`ContextWaiters::counts`], below [`WAITER_SLOTS`].
     pub slot: u32,
-    /// Bit in [`WaiterLine::holders`], below [`HOLDER_BITS`].
-    pub bit: u32,
 }
 
 impl WaiterSlot {
     /// The reply word.
     pub fn encode(&self) -> u64 {
-        self.slot as u64 | (self.bit as u64) << 32
+        self.slot as u64
     }
 
-    /// Decodes an untrusted word; `None` if a part is out of range.
+    /// Decodes an untrusted word; `None` if it is out of range.
     pub fn decode(word: u64) -> Option<WaiterSlot> {
-        let (slot, bit) = (word as u32, (word >> 32) as u32);
-        ((slot as usize) < WAITER_SLOTS && bit < HOLDER_BITS).then_some(WaiterSlot { slot, bit })
+        u32::try_from(word)
+            .ok()
+            .filter(|&slot| (slot as usize) < WAITER_SLOTS)
+            .map(|slot| WaiterSlot { slot })
     }
 }
 

@@ -28,7 +28,7 @@
 //! SeqCst fence doing the ordering: relaxed loads are valid on read-only memory.
 
 use crate::error::ErrorCode;
-use crate::layout::{ContextWaiters, FenceState, FenceWaiters, SleepFlag, WaiterSlot, HOLDER_BITS};
+use crate::layout::{ContextWaiters, FenceState, FenceWaiters, SleepFlag, WaiterSlot};
 use crate::shm::Word32;
 use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering::*};
 use rustix::thread::futex;
@@ -259,7 +259,7 @@ pub fn context_bit(summary: &crate::layout::ContextSummary, ctx: u32) -> (&Atomi
 /// firmware (host signallers) or re-checks its parked queues (the firmware itself).
 ///
 /// `host_waiting` says whether a host thread waits: the firmware asks every holder's
-/// [`ContextWaiters`] count, a host signaller [`holders_waiting`].
+/// [`ContextWaiters`] count, a host signaller [`host_waiting`].
 #[inline]
 pub fn signal_fence(
     state: &FenceState,
@@ -336,43 +336,52 @@ pub fn wake_waiters(
     waiters.line.firmware.load(Relaxed) != 0
 }
 
-/// Whether a holder of a user fence has host threads waiting on it (its bit is set): what
-/// a host signaller checks. Relaxed: the caller's SeqCst fence orders it.
+/// Whether a host thread waits on a user fence (its shared count): what a host signaller
+/// checks. Relaxed: the caller's SeqCst fence orders it.
 #[inline]
-pub fn holders_waiting(waiters: &FenceWaiters) -> bool {
-    waiters.line.holders.load(Relaxed) != 0
+pub fn host_waiting(waiters: &FenceWaiters) -> bool {
+    waiters.line.host.load(Relaxed) != 0
 }
 
-/// Registers one host thread of a context as waiting on a fence: its count in the
-/// context's own [`ContextWaiters`] (what the firmware reads), then for a user fence its
-/// holder bit (what host signallers read). SeqCst, then the waiter's own fence and
+/// Registers one host thread of a context as waiting on a fence: for a user fence the
+/// shared count first (what host signallers read), then its count in the context's own
+/// [`ContextWaiters`] (what the firmware reads). SeqCst, then the waiter's own fence and
 /// re-check (see [`sleep_unless`]): either the signaller sees the registration, or the
-/// waiter sees the value.
+/// waiter sees the value. The order keeps the context's own count at or below what it
+/// added to the shared one, even if the process dies between the two, so kmd-shim can
+/// subtract the own count when the holder goes without ever taking a live waiter's share.
 pub fn register_waiter(mine: &ContextWaiters, fence: &FenceWaiters, at: WaiterSlot, user: bool) {
-    if let Some(c) = mine.counts.get(at.slot as usize) {
-        c.fetch_add(1, SeqCst);
-    }
+    let Some(c) = mine.counts.get(at.slot as usize) else {
+        return;
+    };
     if user {
-        fence.line.holders.fetch_or(1 << at.bit, SeqCst);
+        fence.line.host.fetch_add(1, SeqCst);
     }
+    c.fetch_add(1, SeqCst);
 }
 
-/// Undoes [`register_waiter`]. The last thread of the context to leave clears its bit,
-/// then sets it again if another thread of the context registered meanwhile (it
-/// re-checks its count after the clear), so a bit is never clear while its count is not.
-/// The shared last bit is left set: kmd-shim clears it.
+/// Undoes [`register_waiter`], in the opposite order.
 pub fn unregister_waiter(mine: &ContextWaiters, fence: &FenceWaiters, at: WaiterSlot, user: bool) {
     let Some(c) = mine.counts.get(at.slot as usize) else {
         return;
     };
-    let before = c.fetch_sub(1, SeqCst);
-    if user && before == 1 && at.bit < HOLDER_BITS - 1 {
-        let bit = 1u64 << at.bit;
-        fence.line.holders.fetch_and(!bit, SeqCst);
-        if c.load(SeqCst) != 0 {
-            fence.line.holders.fetch_or(bit, SeqCst);
-        }
+    c.fetch_sub(1, SeqCst);
+    if user {
+        fence.line.host.fetch_sub(1, SeqCst);
     }
+}
+
+/// Takes a holder's waiters off a user fence's shared count when the holder lets go of it
+/// or dies: subtracts `own` (the holder's own count, which never exceeds what it added),
+/// never going below zero. kmd-shim calls it.
+pub fn drop_holder_waiters(fence: &FenceWaiters, own: u32) {
+    if own == 0 {
+        return;
+    }
+    let _ = fence
+        .line
+        .host
+        .fetch_update(SeqCst, SeqCst, |h| Some(h.saturating_sub(own)));
 }
 
 /// Spin, then yield, then sleep: the back-off every poller uses so that two pollers on a
@@ -447,5 +456,44 @@ impl Backoff {
         } else {
             BackoffStep::Sleep
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shm::{Sealing, Shm};
+
+    #[test]
+    fn a_departing_holder_takes_only_its_own_waiters_off_the_shared_count() {
+        let (_f, fence) = Shm::<FenceWaiters>::create("t-waiters", Sealing::Final, 0, 1).unwrap();
+        let (_a, mine) = Shm::<ContextWaiters>::create("t-mine", Sealing::Final, 0, 1).unwrap();
+        let (_b, theirs) = Shm::<ContextWaiters>::create("t-theirs", Sealing::Final, 0, 2).unwrap();
+        let (at_mine, at_theirs) = (WaiterSlot { slot: 3 }, WaiterSlot { slot: 0 });
+        register_waiter(&mine, &fence, at_mine, true);
+        register_waiter(&mine, &fence, at_mine, true);
+        register_waiter(&theirs, &fence, at_theirs, true);
+        assert_eq!(fence.line.host.load(Relaxed), 3);
+        assert_eq!(mine.counts[3].load(Relaxed), 2);
+        // "mine" dies with two waiters blocked: kmd-shim subtracts its own count.
+        drop_holder_waiters(&fence, mine.counts[3].load(Relaxed));
+        assert_eq!(
+            fence.line.host.load(Relaxed),
+            1,
+            "the live waiter stays counted"
+        );
+        assert!(host_waiting(&fence));
+        unregister_waiter(&theirs, &fence, at_theirs, true);
+        assert!(!host_waiting(&fence));
+        // Never below zero, whatever a holder's own page claims.
+        drop_holder_waiters(&fence, 1000);
+        assert_eq!(fence.line.host.load(Relaxed), 0);
+        // Timeline waiters (user = false) are only in the holder's own count.
+        register_waiter(&theirs, &fence, at_theirs, false);
+        assert_eq!(fence.line.host.load(Relaxed), 0);
+        assert_eq!(theirs.counts[0].load(Relaxed), 1);
+        // A slot outside the page is ignored, not a panic.
+        register_waiter(&theirs, &fence, WaiterSlot { slot: u32::MAX }, true);
+        assert_eq!(fence.line.host.load(Relaxed), 0);
     }
 }
