@@ -1,0 +1,175 @@
+//! loom models of the three protocols everything else rests on, each step with the
+//! ordering `uapi::sync` (and the firmware's ring consumer) uses, explored over every
+//! interleaving and every weak-memory outcome loom knows, with bounded preemption:
+//!
+//! - ring publish/consume: argument words, then word 0 with the sequence tag (release),
+//!   then the doorbell (release); the consumer takes a packet by its tag (acquire) or by
+//!   the doorbell (acquire) and must see the whole packet;
+//! - doorbell sleep/wake (`ring_doorbell` against `announce_and_sleep`): the client never
+//!   leaves its work unseen by a firmware that goes to sleep;
+//! - fence wait/wake (`register_waiter` + `sleep_unless` against `signal_fence`): a waiter
+//!   that sleeps is always woken, for a user fence (shared count) and for a timeline (the
+//!   holder's own count, read by the firmware).
+//!
+//! A sleep is modelled as futex_wait's rule: the sleeper blocks only if its word still
+//! holds the snapshot it took, so "no lost wake-up" is "a sleeper's snapshot is stale by
+//! the end, or it saw the work". Run with
+//! `RUSTFLAGS="--cfg loom" cargo test --release -p userq-uapi --test loom` (CI does).
+#![cfg(loom)]
+
+use loom::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering::*};
+use loom::sync::Arc;
+use loom::thread;
+
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = Some(3);
+    b.check(f);
+}
+
+/// A sequence tag as `packet::sequence_tag` makes it: the index plus one, high half.
+fn tag(index: u64) -> u64 {
+    (index + 1) << 32
+}
+
+#[test]
+fn a_packet_taken_by_its_tag_or_its_doorbell_is_seen_whole() {
+    model(|| {
+        // One slot of three words (word 0 carries the opcode and the tag), and a doorbell.
+        let slot = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+        let doorbell = Arc::new(AtomicU64::new(0));
+        let (s, d) = (slot.clone(), doorbell.clone());
+        let producer = thread::spawn(move || {
+            s[1].store(0xaaaa, Relaxed);
+            s[2].store(0xbbbb, Relaxed);
+            s[0].store(tag(0) | 7, Release); // word 0 last
+            d.store(1, Release); // then the write index
+        });
+        // The firmware: first by tag (the polled path), else by doorbell.
+        let by_tag = slot[0].load(Acquire) >> 32 == tag(0) >> 32;
+        let by_doorbell = !by_tag && doorbell.load(Acquire) >= 1;
+        if by_tag || by_doorbell {
+            let words: Vec<u64> = slot.iter().map(|w| w.load(Relaxed)).collect();
+            assert_eq!(words, vec![tag(0) | 7, 0xaaaa, 0xbbbb], "a torn packet");
+        }
+        producer.join().unwrap();
+    });
+}
+
+#[test]
+fn a_rung_doorbell_is_never_left_to_a_sleeping_firmware() {
+    model(|| {
+        let pending = Arc::new(AtomicU64::new(0)); // the queue's bit in its context page
+        let summary = Arc::new(AtomicU64::new(0)); // the context's bit, device-wide
+        let sleeping = Arc::new(AtomicU32::new(0)); // DeviceStatus.sleep
+        let kick = Arc::new(AtomicU32::new(0)); // DeviceKick.kick
+        let (p, s, sl, k) = (
+            pending.clone(),
+            summary.clone(),
+            sleeping.clone(),
+            kick.clone(),
+        );
+        let client = thread::spawn(move || {
+            // sync::ring_doorbell
+            p.fetch_or(1, Release);
+            s.fetch_or(1, SeqCst);
+            fence(SeqCst);
+            if sl.load(Relaxed) != 0 {
+                k.fetch_add(1, Release);
+            }
+        });
+        // sync::announce_and_sleep on the firmware side, with its `has_work` re-check.
+        sleeping.store(1, Relaxed);
+        fence(SeqCst);
+        let seen = kick.load(Relaxed);
+        fence(Acquire);
+        let work = summary.load(Relaxed) != 0;
+        client.join().unwrap();
+        if !work {
+            // It sleeps on `kick` with snapshot `seen`: the client must have bumped it.
+            assert_ne!(kick.load(Relaxed), seen, "lost doorbell: the firmware sleeps");
+        } else {
+            // The summary bit leads it to the queue's bit.
+            assert_ne!(pending.swap(0, Acquire), 0);
+        }
+    });
+}
+
+/// One waiter and one signaller on a fence. `user`: a user fence, whose host signaller
+/// reads the shared count; otherwise a timeline, whose signaller (the firmware) reads the
+/// holder's own count.
+fn wait_wake(user: bool) {
+    model(move || {
+        let value = Arc::new(AtomicU64::new(0));
+        let wake = Arc::new(AtomicU32::new(0));
+        let shared = Arc::new(AtomicU32::new(0)); // FenceWaiters.line.host
+        let own = Arc::new(AtomicU32::new(0)); // the holder's ContextWaiters count
+        let (v, w, sh, o) = (value.clone(), wake.clone(), shared.clone(), own.clone());
+        let signaller = thread::spawn(move || {
+            // sync::signal_fence, with the signaller's `host_waiting`
+            v.store(1, Release);
+            fence(SeqCst);
+            let waiting = if user {
+                sh.load(Relaxed) != 0
+            } else {
+                o.load(Relaxed) != 0
+            };
+            if waiting {
+                w.fetch_add(1, Release);
+            }
+        });
+        // sync::register_waiter, then sleep_unless's snapshot and re-check.
+        if user {
+            shared.fetch_add(1, SeqCst);
+        }
+        own.fetch_add(1, SeqCst);
+        fence(SeqCst);
+        let seen = wake.load(Relaxed);
+        fence(Acquire);
+        let done = value.load(Relaxed) >= 1;
+        signaller.join().unwrap();
+        if !done {
+            assert_ne!(wake.load(Relaxed), seen, "lost wake: the waiter sleeps");
+        }
+        // sync::unregister_waiter, in the opposite order.
+        own.fetch_sub(1, SeqCst);
+        if user {
+            shared.fetch_sub(1, SeqCst);
+        }
+        assert_eq!((own.load(Relaxed), shared.load(Relaxed)), (0, 0));
+    });
+}
+
+#[test]
+fn a_user_fence_waiter_is_never_left_asleep() {
+    wait_wake(true);
+}
+
+#[test]
+fn a_timeline_waiter_is_never_left_asleep() {
+    wait_wake(false);
+}
+
+#[test]
+fn a_waiter_that_saw_the_wake_sees_the_value() {
+    // sleep_unless's acquire fence after the snapshot: a snapshot that already holds the
+    // signaller's bump also sees the value published before it, so the re-check cannot
+    // miss the value and sleep past the wake that announced it.
+    model(|| {
+        let value = Arc::new(AtomicU64::new(0));
+        let wake = Arc::new(AtomicU32::new(0));
+        let (v, w) = (value.clone(), wake.clone());
+        let signaller = thread::spawn(move || {
+            v.store(1, Release);
+            fence(SeqCst);
+            w.fetch_add(1, Release);
+        });
+        fence(SeqCst);
+        let seen = wake.load(Relaxed);
+        fence(Acquire);
+        if seen == 1 {
+            assert_eq!(value.load(Relaxed), 1, "the snapshot holds the bump, not the value");
+        }
+        signaller.join().unwrap();
+    });
+}
