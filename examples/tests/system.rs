@@ -288,6 +288,34 @@ fn pipeline_example_shares_buffers_and_fences_between_processes_in_both_modes() 
 }
 
 #[test]
+fn a_no_progress_kernel_on_every_engine_does_not_stop_another_process() {
+    let daemon = Daemon::start();
+    let dev = Device::connect(&daemon.socket).expect("connect");
+    let mut stuck = dev
+        .queue()
+        .job_timeout(Duration::from_millis(300))
+        .create()
+        .expect("queue");
+    // More workgroups than any machine here has engines: every engine is held.
+    let hung = stuck
+        .submit(userq::kernels::no_progress_wide(64))
+        .expect("submit");
+    std::thread::sleep(Duration::from_millis(20));
+    // Another process's dependent dispatches complete (after the reset frees the engines)
+    // with correct results, within the client's own 30 s bounds.
+    assert_eq!(
+        run_client(&daemon.socket, &["compute", "2", "3"]).trim(),
+        "ok"
+    );
+    match hung.wait(Duration::from_secs(30)) {
+        Err(WaitError::Faulted(f)) => assert_eq!(f.code, Some(ErrorCode::JobTimeout)),
+        other => panic!("expected the hung queue reset, got {other:?}"),
+    }
+    drop((stuck, dev));
+    daemon.stop();
+}
+
+#[test]
 fn sixty_four_queues_from_four_processes_all_complete() {
     let daemon = Daemon::start();
     all_ok(&daemon.socket, 4, &["compute", "16", "10"]);

@@ -87,7 +87,11 @@ fn a_rung_doorbell_is_never_left_to_a_sleeping_firmware() {
         client.join().unwrap();
         if !work {
             // It sleeps on `kick` with snapshot `seen`: the client must have bumped it.
-            assert_ne!(kick.load(Relaxed), seen, "lost doorbell: the firmware sleeps");
+            assert_ne!(
+                kick.load(Relaxed),
+                seen,
+                "lost doorbell: the firmware sleeps"
+            );
         } else {
             // The summary bit leads it to the queue's bit.
             assert_ne!(pending.swap(0, Acquire), 0);
@@ -168,7 +172,11 @@ fn a_waiter_that_saw_the_wake_sees_the_value() {
         let seen = wake.load(Relaxed);
         fence(Acquire);
         if seen == 1 {
-            assert_eq!(value.load(Relaxed), 1, "the snapshot holds the bump, not the value");
+            assert_eq!(
+                value.load(Relaxed),
+                1,
+                "the snapshot holds the bump, not the value"
+            );
         }
         signaller.join().unwrap();
     });
