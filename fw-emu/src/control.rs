@@ -38,6 +38,11 @@ impl Transport {
         self.region.to_fw.pop()
     }
 
+    /// Whether events wait for room on kmd-shim's ring.
+    pub fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
     /// Whether a request is waiting.
     pub fn has_request(&self) -> bool {
         self.region.to_fw.has_message()

@@ -71,7 +71,16 @@ pub struct Job {
     started_ns: AtomicU64,
     /// Changes whenever a workgroup finishes or a running one reaches a checkpoint.
     progress: AtomicU64,
+    /// Engine threads started in place of threads this (cancelled) job's workgroups hold:
+    /// as many threads returning from it leave the pool. Only threads that ran its
+    /// workgroups can return from it (a cancelled job is never picked again).
+    owed: AtomicU32,
+    /// Unique per job, so a reset names exactly the dispatch that hung.
+    pub id: u64,
 }
+
+/// Ids of jobs, unique in this process.
+static NEXT_JOB: AtomicU64 = AtomicU64::new(1);
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,6 +109,8 @@ impl Job {
             created: Instant::now(),
             started_ns: AtomicU64::new(0),
             progress: AtomicU64::new(0),
+            owed: AtomicU32::new(0),
+            id: NEXT_JOB.fetch_add(1, Relaxed),
             suspended: AtomicBool::new(false),
             running: AtomicU32::new(0),
             yielded: Mutex::new(Vec::new()),
@@ -353,13 +364,15 @@ impl Engines {
         Ok(())
     }
 
-    /// Starts `n` engine threads in place of threads that cancelled workgroups hold and
-    /// will not give back soon; as many threads leave the pool later, as their workgroups
-    /// return. Returns how many started.
-    pub fn replace(&self, n: usize) -> usize {
+    /// Starts `n` engine threads in place of threads that `job`'s cancelled workgroups
+    /// hold and will not give back soon; as many of those threads leave the pool when
+    /// their workgroups return. Returns how many started.
+    pub fn replace(&self, job: &Job, n: usize) -> usize {
         let before = self.shared.live.load(Acquire);
         let _ = self.spawn(n);
-        self.shared.live.load(Acquire).saturating_sub(before)
+        let started = self.shared.live.load(Acquire).saturating_sub(before);
+        job.owed.fetch_add(started as u32, AcqRel);
+        started
     }
 
     /// Engine threads the device has, and threads beyond those still held by wedged
@@ -451,13 +464,12 @@ fn engine(s: &Shared) {
             }
         };
         run_slice(s, &job);
-        // A replacement took this thread's place while it was held: leave the pool.
-        let mut live = s.live.load(Acquire);
-        while live > s.target {
-            match s.live.compare_exchange(live, live - 1, AcqRel, Acquire) {
-                Ok(_) => return,
-                Err(now) => live = now,
-            }
+        // A replacement took this thread's place while it was held in this job: leave the
+        // pool (only threads that ran the job's workgroups can get here with it).
+        let owed = job.owed.fetch_update(AcqRel, Acquire, |n| n.checked_sub(1));
+        if owed.is_ok() {
+            s.live.fetch_sub(1, AcqRel);
+            return;
         }
     }
 }

@@ -106,7 +106,7 @@ impl Firmware {
         }
         let now = Instant::now();
         let mut hangs = Vec::new();
-        let mut replace = 0u32;
+        let mut replace = Vec::new();
         let contexts = &self.contexts;
         self.watch.jobs.retain_mut(|w| {
             let job = &w.job;
@@ -117,7 +117,7 @@ impl Firmware {
                 }
                 let since = *w.cancelled_at.get_or_insert(now);
                 if now.duration_since(since) >= ENGINE_GRACE && running > w.replaced {
-                    replace += running - w.replaced;
+                    replace.push((job.clone(), running - w.replaced));
                     w.replaced = running;
                 }
                 return true;
@@ -157,37 +157,38 @@ impl Firmware {
                     code,
                     packet_index: job.packet_index,
                     elapsed_ms: elapsed.as_millis() as u64,
+                    job: job.id,
                 });
             }
             true
         });
-        let any = !hangs.is_empty() || replace > 0;
+        let any = !hangs.is_empty() || !replace.is_empty();
         for h in hangs {
             self.control.emit(h);
         }
-        if replace > 0 {
-            let started = self.engines.replace(replace as usize);
+        for (job, n) in replace {
+            let started = self.engines.replace(&job, n as usize);
             self.engines_replaced += started as u64;
         }
         any
     }
 
-    /// Resets queue `id` if it still runs the DISPATCH at `packet_index` (`u64::MAX`:
-    /// whatever it runs, or nothing): its job is cancelled, its timeline poisoned with
-    /// `code`, and the fences of its pending SIGNAL_FENCE packets too.
+    /// Resets queue `id` if it still runs job `job` (`u64::MAX`: whatever it runs, or
+    /// nothing): its job is cancelled, its timeline poisoned with `code`, and the fences of
+    /// its pending SIGNAL_FENCE packets too.
     pub(crate) fn reset_queue(
         &mut self,
         id: QueueId,
         code: ErrorCode,
         detail: u32,
-        packet_index: u64,
+        job: u64,
     ) -> FwStatus {
         let Some(q) = self.contexts.queue_mut(id) else {
             return FwStatus::NotFound;
         };
-        if packet_index != u64::MAX && q.running_job().map(|j| j.packet_index) != Some(packet_index)
-        {
-            return FwStatus::NotFound; // that dispatch completed meanwhile: nothing to reset
+        if job != u64::MAX && q.running_job().map(|j| j.id) != Some(job) {
+            // That dispatch completed meanwhile, or the slot serves another queue now.
+            return FwStatus::NotFound;
         }
         if q.fail(code, detail).is_some() {
             self.poison_pending_signals(id, code);

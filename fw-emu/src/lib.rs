@@ -85,6 +85,18 @@ use userq_uapi::os;
 use userq_uapi::shm::{Layout, Shm};
 use userq_uapi::sync::{self, Backoff, BackoffStep};
 
+/// The code to poison a stopped queue's pending signal targets with: for a queue that
+/// failed on a poisoned fence, the poison code it waited on (the root cause travels along
+/// WAIT_FENCE chains, so every queue down the chain names it); otherwise the queue's own.
+fn root_cause((code, detail): (userq_uapi::error::ErrorCode, u32)) -> userq_uapi::error::ErrorCode {
+    match code {
+        userq_uapi::error::ErrorCode::DependencyFailed => {
+            userq_uapi::error::ErrorCode::from_u32(detail).unwrap_or(code)
+        }
+        _ => code,
+    }
+}
+
 /// Tunables of the firmware.
 #[derive(Debug, Clone)]
 pub struct FirmwareConfig {
@@ -280,7 +292,7 @@ impl Firmware {
             |id, outcome| match outcome {
                 Outcome::Faulted(f) => {
                     control.report_fault(id, f);
-                    stopped.push((id, f.code));
+                    stopped.push((id, (f.code, f.detail)));
                 }
                 Outcome::Dispatched(job) => {
                     watch.add(id, job.clone());
@@ -290,7 +302,7 @@ impl Firmware {
             },
         );
         for (id, code) in stopped {
-            self.poison_pending_signals(id, code);
+            self.poison_pending_signals(id, root_cause(code));
         }
         any
     }
@@ -302,11 +314,11 @@ impl Firmware {
         let any = self.sched.check_parked(&mut self.contexts, |id, outcome| {
             if let Outcome::Faulted(f) = outcome {
                 control.report_fault(id, f);
-                stopped.push((id, f.code));
+                stopped.push((id, (f.code, f.detail)));
             }
         });
         for (id, code) in stopped {
-            self.poison_pending_signals(id, code);
+            self.poison_pending_signals(id, root_cause(code));
         }
         any
     }
@@ -348,6 +360,7 @@ impl Firmware {
 
     fn has_work(&self) -> bool {
         self.control.has_request()
+            || self.control.has_backlog()
             || self.sched.has_runnable()
             || self.engines.has_completed()
             || Scheduler::doorbell_pending(&self.kick.contexts)

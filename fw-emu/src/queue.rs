@@ -298,7 +298,15 @@ impl Queue {
     /// one ring); each slot is copied once.
     pub fn pending_signals(&self, doorbell: &AtomicU64) -> Vec<(u64, FenceHandle)> {
         let end = self.rptr + self.ring.entries();
-        let published = doorbell.load(Acquire).clamp(self.rptr, end);
+        // A doorbell outside what the client may publish (backwards, or past a ring: the
+        // queue may have stopped for it) vouches for nothing: then only tags count, since
+        // slots below it could hold packets of the previous lap that already ran.
+        let d = doorbell.load(Acquire);
+        let published = if d < self.doorbell_floor || d > end {
+            self.rptr
+        } else {
+            d.max(self.rptr)
+        };
         let mut out = Vec::new();
         for i in self.rptr..end {
             let tagged = (self.slot(i)[0].load(Acquire) >> 32) as u32 == sequence_tag(i);
@@ -428,8 +436,12 @@ impl Queue {
         self.state = RunState::Faulted;
         let t = &self.timeline;
         let st = t.state();
+        // Record, then state word, then poison word and wake.
+        let claimed = sync::write_error_record(st, f.code, f.packet_index, f.address, f.detail);
         st.queue.state.store(QueueState::Error as u32, Release);
-        sync::poison_fence(st, t.waiters(), f.code, f.packet_index, f.address, f.detail);
+        if claimed {
+            sync::publish_poison(st, t.waiters(), f.code);
+        }
         Outcome::Faulted(f)
     }
 
@@ -461,9 +473,12 @@ impl Queue {
         self.leave_parked();
         let t = &self.timeline;
         let st = t.state();
+        let claimed = sync::write_error_record(st, code, self.rptr, 0, 0);
         if st.queue.state.load(Relaxed) != QueueState::Error as u32 {
             st.queue.state.store(QueueState::Destroyed as u32, Release);
         }
-        sync::poison_fence(st, t.waiters(), code, self.rptr, 0, 0);
+        if claimed {
+            sync::publish_poison(st, t.waiters(), code);
+        }
     }
 }

@@ -138,8 +138,9 @@ impl Firmware {
                 slot,
                 code,
                 detail,
-                packet_index,
-            } => self.reset_queue(QueueId { ctx, slot }, code, detail, packet_index),
+                job,
+                ..
+            } => self.reset_queue(QueueId { ctx, slot }, code, detail, job),
             FwRequest::BanContext { ctx } => self.ban_context(ctx),
             FwRequest::Sync => FwStatus::Ok,
             // Handled in `process_requests` (their ack may be deferred).

@@ -56,24 +56,14 @@ pub(crate) struct FenceRecord {
 }
 
 impl FenceRecord {
-    /// A holder lets go (or died): its waiters, as its own count says, come off the user
-    /// fence's shared count, so they cost signallers nothing afterwards. (A timeline's
-    /// waiters are only in the holders' own counts, which the firmware drops with the
-    /// binding.)
-    fn drop_holder(&self, own: u32) {
-        if self.kind == FenceKind::User {
-            sync::drop_holder_waiters(&self.waiters, own);
+    /// A holder lets go (or its connection closed): its waiters, as its own count says,
+    /// come off the user fence's shared count, so they cost signallers nothing afterwards,
+    /// and its own count goes to zero. (A timeline's waiters are only in the holders' own
+    /// counts, which the firmware stops reading with the binding.)
+    fn drop_holder(&self, c: &ContextRecord, at: WaiterSlot) {
+        if let (FenceKind::User, Some(mine)) = (self.kind, c.waiters.as_ref()) {
+            sync::take_holder_waiters(mine, &self.waiters, at);
         }
-    }
-}
-
-impl ContextRecord {
-    /// The context's own waiter count at `slot`.
-    fn own_waiters(&self, slot: u32) -> u32 {
-        self.waiters
-            .as_ref()
-            .and_then(|w| w.counts.get(slot as usize))
-            .map_or(0, |c| c.load(Relaxed))
     }
 }
 
@@ -169,7 +159,7 @@ impl Table {
         let mut unheld = Vec::new();
         for hold in c.handles.values() {
             if let Some(f) = self.fences.get_mut(&hold.fence) {
-                f.drop_holder(c.own_waiters(hold.waiter.slot));
+                f.drop_holder(c, hold.waiter);
                 f.holds -= 1;
                 if f.holds == 0 {
                     unheld.push(hold.fence);
@@ -330,12 +320,15 @@ impl Device {
         let Some(Hold { fence, waiter }) = c.handles.remove(&handle) else {
             return;
         };
-        let own = c.own_waiters(waiter.slot);
-        c.give_slot(waiter.slot);
+        if let (Some(c), Some(f)) = (t.contexts.get(&ctx), t.fences.get(&fence)) {
+            f.drop_holder(c, waiter);
+        }
+        if let Some(c) = t.contexts.get_mut(&ctx) {
+            c.give_slot(waiter.slot);
+        }
         let Some(f) = t.fences.get_mut(&fence) else {
             return;
         };
-        f.drop_holder(own);
         f.holds -= 1;
         if f.holds == 0 {
             t.forget_fence(fence);
@@ -412,9 +405,10 @@ impl Device {
     pub fn poison_all(&self) {
         let t = self.table();
         for f in t.fences.values() {
+            // As the firmware does when a queue stops: the record, then the queue's state
+            // word (a submitter sees at once that nothing will run), then poison and wake.
+            let claimed = sync::write_error_record(&f.state, ErrorCode::DeviceLost, 0, 0, 0);
             if f.kind == FenceKind::Timeline {
-                // The queue's state word first (as the firmware does when a queue stops), so
-                // a submitter sees at once that nothing will run.
                 let _ = f.state.queue.state.compare_exchange(
                     QueueState::Active as u32,
                     QueueState::Destroyed as u32,
@@ -422,7 +416,9 @@ impl Device {
                     Relaxed,
                 );
             }
-            sync::poison_fence(&f.state, &f.waiters, ErrorCode::DeviceLost, 0, 0, 0);
+            if claimed {
+                sync::publish_poison(&f.state, &f.waiters, ErrorCode::DeviceLost);
+            }
         }
     }
 }

@@ -11,7 +11,7 @@
 
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex};
@@ -178,13 +178,17 @@ impl FirmwareLink {
         let exit_seen = Arc::new(AtomicBool::new(false));
         let running = match launcher {
             FirmwareLauncher::Process { program, args } => {
-                let child = spawn_process(program, args, theirs).map_err(|source| {
-                    FirmwareStartError::Spawn {
+                let control = Shm::<ControlRegion>::map(control_fd.as_fd()).map_err(|e| {
+                    FirmwareStartError::Objects(match e {
+                        os::MapError::Io(e) => e,
+                        _ => rustix::io::Errno::INVAL,
+                    })
+                })?;
+                let child = spawn_watched(program, args, theirs, control, exit_seen.clone())
+                    .map_err(|source| FirmwareStartError::Spawn {
                         path: program.clone(),
                         source,
-                    }
-                })?;
-                watch_exit(&child, control_fd.as_fd(), exit_seen.clone());
+                    })?;
                 Running::Process(child)
             }
             FirmwareLauncher::Thread(start) => {
@@ -307,7 +311,7 @@ impl FirmwareLink {
                 .insert(seq, None);
             if !self.push_request(&req.encode(seq)) {
                 self.forget_ack(seq);
-                return Err(self.timed_out());
+                return Err(self.push_failed());
             }
             seq
         };
@@ -355,7 +359,17 @@ impl FirmwareLink {
         if self.push_request(&req.encode(seq)) {
             Ok(())
         } else {
-            Err(self.timed_out())
+            Err(self.push_failed())
+        }
+    }
+
+    /// Why a request could not even be posted: the device was lost meanwhile, or the
+    /// firmware left its ring full for the whole ack timeout (then it is hung).
+    fn push_failed(&self) -> KmdStatus {
+        if self.is_lost() {
+            KmdStatus::DeviceLost
+        } else {
+            self.timed_out()
         }
     }
 
@@ -551,7 +565,15 @@ impl FirmwareLink {
                 let _ = child.wait();
             }
             Some(Running::Thread(t)) => {
-                let _ = t.join();
+                // A firmware thread that is stuck cannot be stopped: wait a bounded time,
+                // then leave it (it exits once it notices the closed channel).
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while !t.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if t.is_finished() {
+                    let _ = t.join();
+                }
             }
             None => {}
         }
@@ -571,31 +593,55 @@ impl FirmwareLink {
     }
 }
 
-/// Wakes the event thread the moment the firmware process exits (a thread blocked in
-/// `poll` on a pidfd), so a killed firmware is declared lost at once rather than at the
-/// event thread's next heartbeat check. The thread ends when the process does. Without
-/// pidfds (Linux < 5.3) the heartbeat check alone notices, within its period.
-fn watch_exit(child: &Child, control: BorrowedFd<'_>, seen: Arc<AtomicBool>) {
-    let pid = rustix::process::Pid::from_child(child);
-    let Ok(pidfd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) else {
-        return;
-    };
-    let Ok(control) = Shm::<ControlRegion>::map(control) else {
-        return;
-    };
-    let _ = std::thread::Builder::new()
-        .name("kmd-fw-exit".into())
+impl Drop for FirmwareLink {
+    /// A link dropped without [`FirmwareLink::stop`] (a start that failed half-way, a
+    /// replaced link) lets its firmware go: a child process is killed and reaped.
+    fn drop(&mut self) {
+        self.abandon();
+    }
+}
+
+/// Starts the firmware process from a watcher thread that lives exactly as long as the
+/// process: the child's `PR_SET_PDEATHSIG` fires when the *thread* that forked it exits,
+/// so forking from the caller's thread would kill the firmware when that thread ends. The
+/// watcher waits for the child's exit without reaping it (`waitid` with `WNOWAIT`; the
+/// link reaps it) and then wakes the event thread, so a killed firmware is declared lost
+/// at once rather than at the event thread's next heartbeat check.
+fn spawn_watched(
+    path: &Path,
+    args: &[std::ffi::OsString],
+    channel: OwnedFd,
+    control: Shm<ControlRegion>,
+    seen: Arc<AtomicBool>,
+) -> std::io::Result<Child> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (path, args) = (path.to_owned(), args.to_vec());
+    std::thread::Builder::new()
+        .name("kmd-fw-watch".into())
         .spawn(move || {
-            let mut fds = [rustix::event::PollFd::new(
-                &pidfd,
-                rustix::event::PollFlags::IN,
-            )];
-            while let Err(rustix::io::Errno::INTR) = rustix::event::poll(&mut fds, None) {}
+            let child = match spawn_process(&path, &args, channel) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let pid = rustix::process::Pid::from_child(&child);
+            if tx.send(Ok(child)).is_err() {
+                return;
+            }
+            let options =
+                rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT;
+            while let Err(rustix::io::Errno::INTR) =
+                rustix::process::waitid(rustix::process::WaitId::Pid(pid), options)
+            {}
             // The flag first: the event thread's re-check before it sleeps looks at it.
             seen.store(true, Release);
             control.kmd_kick.word.fetch_add(1, Release);
             sync::futex_wake_all(&control.kmd_kick.word);
-        });
+        })?;
+    rx.recv()
+        .unwrap_or_else(|_| Err(std::io::Error::other("firmware watcher thread ended")))
 }
 
 /// How long the heartbeat may stall before the firmware counts as hung (it beats at
@@ -604,7 +650,7 @@ fn watch_exit(child: &Child, control: BorrowedFd<'_>, seen: Arc<AtomicBool>) {
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(20 * userq_uapi::HEARTBEAT_PERIOD_MS);
 
 fn spawn_process(
-    path: &PathBuf,
+    path: &Path,
     args: &[std::ffi::OsString],
     channel: OwnedFd,
 ) -> std::io::Result<Child> {

@@ -56,6 +56,7 @@ impl Device {
             code,
             packet_index,
             elapsed_ms,
+            job,
         } = ev
         else {
             return;
@@ -92,6 +93,7 @@ impl Device {
             code,
             detail: u32::try_from(elapsed_ms).unwrap_or(u32::MAX),
             packet_index,
+            job,
         });
         if ban {
             if self.verbose {

@@ -108,6 +108,9 @@ pub(crate) fn supervise(dev: &Device, restarter: &mut Restarter, stopping: &Atom
             }
             std::thread::sleep(Duration::from_millis(5).min(delay));
         }
+        if stopping.load(Acquire) {
+            return;
+        }
         restarter.recent.push_back(Instant::now());
         let t = Instant::now();
         match restart(dev, restarter, link.generation() + 1) {
@@ -119,8 +122,10 @@ pub(crate) fn supervise(dev: &Device, restarter: &mut Restarter, stopping: &Atom
             Err(e) => eprintln!("kmd-shim: firmware restart failed: {e}"),
         }
         if stopping.load(Acquire) {
-            // Kmd::stop may have stopped the link before the swap: stop the new one too.
-            dev.link().stop();
+            // Kmd::stop may have stopped the link before the swap: let the new one go too.
+            // Not `stop`: its Shutdown would wait for an ack that only this thread, the
+            // event thread, could deliver.
+            dev.link().abandon();
             return;
         }
     }

@@ -145,8 +145,21 @@ impl Server {
             let sock = match listener.accept() {
                 Ok(s) => s,
                 Err(rustix::io::Errno::INTR) | Err(rustix::io::Errno::CONNABORTED) => continue,
-                // AGAIN: none left. MFILE/NFILE: out of descriptors; the connections wait
-                // in the backlog until some close.
+                Err(rustix::io::Errno::MFILE) | Err(rustix::io::Errno::NFILE) => {
+                    // Out of descriptors before the connection bound: a flood of idle
+                    // connections must not keep the newcomers out, so the oldest one
+                    // without a context goes; with none to close, back off before the
+                    // listener (still readable) is looked at again.
+                    let evicted = {
+                        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+                        self.evict_oldest_idle(&mut conns)
+                    };
+                    if !evicted {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    break;
+                }
+                // AGAIN: none left.
                 Err(_) => break,
             };
             if !client::peer_allowed(&sock) {
@@ -180,20 +193,8 @@ impl Server {
     /// has no context yet; with no such connection, the new one is closed.
     fn admit(&self, sock: OwnedFd) {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        if conns.len() >= self.limits.max_connections {
-            let oldest = conns
-                .iter()
-                .filter(|(_, c)| c.ctx.is_none() && !c.busy)
-                .min_by_key(|(_, c)| c.since)
-                .map(|(&k, _)| k);
-            match oldest {
-                Some(k) => {
-                    if let Some(c) = conns.remove(&k) {
-                        let _ = epoll::delete(&self.epoll, &*c.sock);
-                    }
-                }
-                None => return, // dropping `sock` closes it
-            }
+        if conns.len() >= self.limits.max_connections && !self.evict_oldest_idle(&mut conns) {
+            return; // dropping `sock` closes it
         }
         let key = self.next_key.fetch_add(1, Relaxed);
         let sock = Arc::new(sock);
@@ -207,6 +208,23 @@ impl Server {
                     busy: false,
                 },
             );
+        }
+    }
+
+    /// Closes the oldest connection that has no context and no worker; returns whether
+    /// there was one.
+    fn evict_oldest_idle(&self, conns: &mut HashMap<u64, Conn>) -> bool {
+        let oldest = conns
+            .iter()
+            .filter(|(_, c)| c.ctx.is_none() && !c.busy)
+            .min_by_key(|(_, c)| c.since)
+            .map(|(&k, _)| k);
+        match oldest.and_then(|k| conns.remove(&k)) {
+            Some(c) => {
+                let _ = epoll::delete(&self.epoll, &*c.sock);
+                true
+            }
+            None => false,
         }
     }
 

@@ -34,15 +34,20 @@ fn an_engine_held_by_a_runaway_workgroup_is_replaced() {
     let mut q = other.create_queue().unwrap();
     let n = 1000;
     let mut buf = other.alloc::<f32>(n).unwrap();
-    buf.copy_from_slice(&vec![5.0; n]);
-    q.submit(kernels::scale(n as u32, 2.0, &buf).unwrap())
-        .unwrap()
-        .wait(LONG)
-        .unwrap();
-    assert!(buf.to_vec().iter().all(|&x| x == 10.0));
+    // Several dispatches one after another, with pauses that let the engines go idle:
+    // the replacements stay in the pool until the held threads come back.
+    for round in 0..5 {
+        buf.copy_from_slice(&vec![5.0; n]);
+        q.submit(kernels::scale(n as u32, 2.0, &buf).unwrap())
+            .unwrap()
+            .wait(LONG)
+            .unwrap();
+        assert!(buf.to_vec().iter().all(|&x| x == 10.0), "round {round}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
         t.elapsed() < Duration::from_secs(3),
-        "a small dispatch waited {:?} for the held engines",
+        "small dispatches waited {:?} for the held engines",
         t.elapsed()
     );
 }

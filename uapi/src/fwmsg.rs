@@ -208,9 +208,12 @@ pub enum FwRequest {
         code: ErrorCode,
         /// The error record's detail (for a hang, the milliseconds it was timed).
         detail: u32,
-        /// The DISPATCH the hang report named: if the queue no longer runs it (it
-        /// completed meanwhile), nothing is reset. `u64::MAX`: whatever the queue runs.
+        /// The DISPATCH's packet index, for the error record.
         packet_index: u64,
+        /// The job the hang report named: if the queue no longer runs it (it completed
+        /// meanwhile, or the slot holds another queue now), nothing is reset. `u64::MAX`:
+        /// whatever the queue runs.
+        job: u64,
     },
     /// Stops every queue of a banned context with [`ErrorCode::ContextBanned`].
     BanContext {
@@ -303,6 +306,8 @@ pub enum FwEvent {
         packet_index: u64,
         /// How long it ran (job timeout) or went without progress, in milliseconds.
         elapsed_ms: u64,
+        /// The firmware's id of the hung job, to name in [`FwRequest::ResetQueue`].
+        job: u64,
     },
 }
 
@@ -436,12 +441,14 @@ impl FwRequest {
                 code,
                 detail,
                 packet_index,
+                job,
             } => {
                 w[1] = ctx as u64;
                 w[2] = slot as u64;
                 w[3] = code as u64;
                 w[4] = detail as u64;
                 w[5] = packet_index;
+                w[6] = job;
                 kind::RESET_QUEUE
             }
             FwRequest::BanContext { ctx } => {
@@ -534,6 +541,7 @@ impl FwRequest {
                 code: ErrorCode::from_u32(n32(w[3])?).ok_or(FwStatus::Malformed)?,
                 detail: n32(w[4])?,
                 packet_index: w[5],
+                job: w[6],
             },
             kind::BAN_CONTEXT => FwRequest::BanContext { ctx: n32(w[1])? },
             kind::SYNC => FwRequest::Sync,
@@ -575,6 +583,7 @@ impl FwEvent {
                 code,
                 packet_index,
                 elapsed_ms,
+                job,
             } => {
                 w[0] = head(kind::HANG, 0);
                 w[1] = ctx as u64;
@@ -582,6 +591,7 @@ impl FwEvent {
                 w[3] = code as u64;
                 w[4] = packet_index;
                 w[5] = elapsed_ms;
+                w[6] = job;
             }
         }
         w
@@ -609,6 +619,7 @@ impl FwEvent {
                 code: ErrorCode::from_u32(u32::try_from(w[3]).ok()?)?,
                 packet_index: w[4],
                 elapsed_ms: w[5],
+                job: w[6],
             },
             _ => return None,
         })
@@ -687,6 +698,7 @@ mod tests {
                 code: ErrorCode::JobTimeout,
                 detail: 2000,
                 packet_index: 12,
+                job: 77,
             },
             FwRequest::BanContext { ctx: 3 },
             FwRequest::Sync,
@@ -714,6 +726,7 @@ mod tests {
                 code: ErrorCode::NoProgress,
                 packet_index: 9,
                 elapsed_ms: 2001,
+                job: 5,
             },
         ];
         for e in evs {

@@ -298,9 +298,24 @@ pub fn poison_fence(
     address: u64,
     detail: u32,
 ) -> bool {
+    if !write_error_record(state, code, packet_index, address, detail) {
+        return false;
+    }
+    publish_poison(state, waiters, code)
+}
+
+/// The first half of [`poison_fence`]: claims and writes the error record. Of two
+/// poisoners (the firmware and kmd-shim at device stop) only the first writes it, so it is
+/// never a mix of both; returns whether this call did. A queue that stops writes its state
+/// word between this and [`publish_poison`]: record, then state, then poison, then wake.
+pub fn write_error_record(
+    state: &FenceState,
+    code: ErrorCode,
+    packet_index: u64,
+    address: u64,
+    detail: u32,
+) -> bool {
     let r = &state.record;
-    // Claim the record: of two poisoners (the firmware and kmd-shim at device stop), only
-    // the first writes it, so it is never a mix of both.
     if r.code
         .compare_exchange(0, code as u32, Relaxed, Relaxed)
         .is_err()
@@ -312,9 +327,15 @@ pub fn poison_fence(
     r.address.store(address, Relaxed);
     r.last_completed
         .store(state.slot.value.load(Relaxed), Relaxed);
-    state.slot.poison.store(code as u32, Release); // record before status word
-                                                   // Status word before wake. Poisons are rare, and the poisoner (kmd-shim at device
-                                                   // loss) may not see the waiter counts: wake whether or not anyone is registered.
+    true
+}
+
+/// The second half of [`poison_fence`], after [`write_error_record`] claimed the record:
+/// the poison word (release: whoever sees it sees the record), then the wake. Poisons are
+/// rare, and a poisoner (kmd-shim at device loss) may not see the waiter counts: it wakes
+/// whether or not anyone is registered.
+pub fn publish_poison(state: &FenceState, waiters: &FenceWaiters, code: ErrorCode) -> bool {
+    state.slot.poison.store(code as u32, Release);
     wake_waiters(state, waiters, || true)
 }
 
@@ -360,28 +381,44 @@ pub fn register_waiter(mine: &ContextWaiters, fence: &FenceWaiters, at: WaiterSl
     c.fetch_add(1, SeqCst);
 }
 
-/// Undoes [`register_waiter`], in the opposite order.
+/// Undoes [`register_waiter`], in the opposite order. If kmd-shim already took this
+/// waiter off the counts (it closed the connection of a live client, see
+/// [`take_holder_waiters`]), the own count is zero and nothing is undone twice; neither
+/// count goes below zero.
 pub fn unregister_waiter(mine: &ContextWaiters, fence: &FenceWaiters, at: WaiterSlot, user: bool) {
     let Some(c) = mine.counts.get(at.slot as usize) else {
         return;
     };
-    c.fetch_sub(1, SeqCst);
+    if c.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+        .is_err()
+    {
+        return;
+    }
     if user {
-        fence.line.host.fetch_sub(1, SeqCst);
+        let _ = fence
+            .line
+            .host
+            .fetch_update(SeqCst, SeqCst, |h| h.checked_sub(1));
     }
 }
 
-/// Takes a holder's waiters off a user fence's shared count when the holder lets go of it
-/// or dies: subtracts `own` (the holder's own count, which never exceeds what it added),
-/// never going below zero. kmd-shim calls it.
-pub fn drop_holder_waiters(fence: &FenceWaiters, own: u32) {
-    if own == 0 {
-        return;
+/// Takes a holder's waiters off a user fence's counts when the holder lets go of it or
+/// its connection closes: swaps its own count to zero and subtracts what it held from the
+/// shared count (which it never exceeds), never below zero. Returns how many. kmd-shim
+/// calls it; a live waiter of that holder that unregisters later finds its own count at
+/// zero and subtracts nothing.
+pub fn take_holder_waiters(mine: &ContextWaiters, fence: &FenceWaiters, at: WaiterSlot) -> u32 {
+    let Some(c) = mine.counts.get(at.slot as usize) else {
+        return 0;
+    };
+    let own = c.swap(0, SeqCst);
+    if own > 0 {
+        let _ = fence
+            .line
+            .host
+            .fetch_update(SeqCst, SeqCst, |h| Some(h.saturating_sub(own)));
     }
-    let _ = fence
-        .line
-        .host
-        .fetch_update(SeqCst, SeqCst, |h| Some(h.saturating_sub(own)));
+    own
 }
 
 /// Spin, then yield, then sleep: the back-off every poller uses so that two pollers on a
@@ -475,18 +512,24 @@ mod tests {
         register_waiter(&theirs, &fence, at_theirs, true);
         assert_eq!(fence.line.host.load(Relaxed), 3);
         assert_eq!(mine.counts[3].load(Relaxed), 2);
-        // "mine" dies with two waiters blocked: kmd-shim subtracts its own count.
-        drop_holder_waiters(&fence, mine.counts[3].load(Relaxed));
+        // "mine" goes with two waiters blocked: kmd-shim takes its own count off.
+        assert_eq!(take_holder_waiters(&mine, &fence, at_mine), 2);
         assert_eq!(
             fence.line.host.load(Relaxed),
             1,
             "the live waiter stays counted"
         );
         assert!(host_waiting(&fence));
+        // Had "mine" still been alive, its waiters' unregistering subtracts nothing more.
+        unregister_waiter(&mine, &fence, at_mine, true);
+        assert_eq!(fence.line.host.load(Relaxed), 1);
         unregister_waiter(&theirs, &fence, at_theirs, true);
         assert!(!host_waiting(&fence));
         // Never below zero, whatever a holder's own page claims.
-        drop_holder_waiters(&fence, 1000);
+        mine.counts[3].store(1000, Relaxed);
+        assert_eq!(take_holder_waiters(&mine, &fence, at_mine), 1000);
+        assert_eq!(fence.line.host.load(Relaxed), 0);
+        unregister_waiter(&theirs, &fence, at_theirs, true);
         assert_eq!(fence.line.host.load(Relaxed), 0);
         // Timeline waiters (user = false) are only in the holder's own count.
         register_waiter(&theirs, &fence, at_theirs, false);
