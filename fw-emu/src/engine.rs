@@ -270,6 +270,9 @@ struct Shared {
     wake_command_processor: Box<dyn Fn() + Send + Sync>,
     /// Engine threads the device should have.
     target: usize,
+    /// Threads the pool has beyond `target` that no held workgroup will give back (see
+    /// [`Engines::replace`]); a thread that finishes a slice pays one by leaving.
+    surplus: AtomicUsize,
     /// Engine threads in the pool, wedged ones included: above `target` after
     /// [`Engines::replace`], until as many threads as were replaced have left.
     live: AtomicUsize,
@@ -329,6 +332,7 @@ impl Engines {
             time_slice,
             wake_command_processor: wake,
             target: count.max(1),
+            surplus: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
         });
         let engines = Engines {
@@ -368,10 +372,27 @@ impl Engines {
     /// hold and will not give back soon; as many of those threads leave the pool when
     /// their workgroups return. Returns how many started.
     pub fn replace(&self, job: &Job, n: usize) -> usize {
-        let before = self.shared.live.load(Acquire);
-        let _ = self.spawn(n);
-        let started = self.shared.live.load(Acquire).saturating_sub(before);
-        job.owed.fetch_add(started as u32, AcqRel);
+        // The debt first, so a held thread that returns from now on pays it.
+        job.owed.fetch_add(n as u32, AcqRel);
+        let mut started = 0;
+        for _ in 0..n {
+            if self.spawn(1).is_err() {
+                break;
+            }
+            started += 1;
+        }
+        // Not started: not owed. And a held thread that returned before the debt was
+        // visible did not pay: whatever the job owes beyond its workgroups still on
+        // engines goes to the pool-wide surplus, which any thread may pay.
+        let running = job.running_count();
+        let short = (n - started) as u32;
+        if let Ok(before) = job.owed.fetch_update(AcqRel, Acquire, |o| {
+            let o = o.saturating_sub(short);
+            Some(o.min(running))
+        }) {
+            let excess = before.saturating_sub(short).saturating_sub(running);
+            self.shared.surplus.fetch_add(excess as usize, AcqRel);
+        }
         started
     }
 
@@ -467,7 +488,12 @@ fn engine(s: &Shared) {
         // A replacement took this thread's place while it was held in this job: leave the
         // pool (only threads that ran the job's workgroups can get here with it).
         let owed = job.owed.fetch_update(AcqRel, Acquire, |n| n.checked_sub(1));
-        if owed.is_ok() {
+        let surplus = || {
+            s.surplus
+                .fetch_update(AcqRel, Acquire, |n| n.checked_sub(1))
+                .is_ok()
+        };
+        if owed.is_ok() || surplus() {
             s.live.fetch_sub(1, AcqRel);
             return;
         }

@@ -110,6 +110,15 @@ impl FenceObject {
         }
         match self.state.slot.poison.load(Acquire) {
             0 => WaitStatus::Pending,
+            // A fence poisoned because its own signaller failed on a dependency: name the
+            // root cause (the record's detail), so it travels along a chain of any length.
+            // Acquire on the poison word: the record written before it is visible.
+            code if code == userq_uapi::ErrorCode::DependencyFailed as u32 => {
+                match self.state.record.detail.load(Acquire) {
+                    0 => WaitStatus::Poisoned(code),
+                    root => WaitStatus::Poisoned(root),
+                }
+            }
             code => WaitStatus::Poisoned(code),
         }
     }

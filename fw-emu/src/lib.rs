@@ -344,9 +344,9 @@ impl Firmware {
         if self.sched.stop_polling(&mut self.contexts, true) {
             return; // a polled queue had work after all
         }
-        // A pending suspend is acknowledged when its workgroups have yielded: look again
-        // every millisecond rather than only at the heartbeat.
-        let bound = if self.suspends_pending() {
+        // A pending suspend is acknowledged once its workgroups have yielded, and events
+        // wait for room on kmd-shim's ring: look again every millisecond for either.
+        let bound = if self.suspends_pending() || self.control.has_backlog() {
             Duration::from_millis(1)
         } else if !self.watch.is_empty() {
             hang::CHECK_PERIOD // dispatches run: their watchdogs are checked at each tick
@@ -360,7 +360,6 @@ impl Firmware {
 
     fn has_work(&self) -> bool {
         self.control.has_request()
-            || self.control.has_backlog()
             || self.sched.has_runnable()
             || self.engines.has_completed()
             || Scheduler::doorbell_pending(&self.kick.contexts)

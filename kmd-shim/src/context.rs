@@ -17,7 +17,6 @@ use crate::device::Device;
 use crate::queue::QueueRecord;
 use rustix::fd::{AsFd, OwnedFd};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
 use userq_uapi::error::ErrorCode;
 use userq_uapi::fwmsg::{FenceId, FwRequest};
 use userq_uapi::ioctl::OpenContextReply;
@@ -75,15 +74,8 @@ impl ContextRecord {
         Some(s)
     }
 
-    /// Gives a handle's waiter slot back, its count zeroed.
+    /// Gives a handle's waiter slot back (its count is zero: the hold's release took it).
     pub(crate) fn give_slot(&mut self, slot: u32) {
-        if let Some(c) = self
-            .waiters
-            .as_ref()
-            .and_then(|w| w.counts.get(slot as usize))
-        {
-            c.store(0, Relaxed);
-        }
         self.free_slots.push(slot);
     }
 }

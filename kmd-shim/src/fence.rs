@@ -21,7 +21,7 @@ use crate::buffer::ObjectIdentity;
 use crate::context::{ContextRecord, Hold};
 use crate::device::{Device, Table};
 use rustix::fd::{AsFd, OwnedFd};
-use std::sync::atomic::Ordering::{Relaxed, Release};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use userq_uapi::error::ErrorCode;
 use userq_uapi::fwmsg::{FenceId, FwRequest};
 use userq_uapi::ioctl::{CreateFenceReply, ImportFenceReply};
@@ -60,9 +60,17 @@ impl FenceRecord {
     /// come off the user fence's shared count, so they cost signallers nothing afterwards,
     /// and its own count goes to zero. (A timeline's waiters are only in the holders' own
     /// counts, which the firmware stops reading with the binding.)
-    fn drop_holder(&self, c: &ContextRecord, at: WaiterSlot) {
-        if let (FenceKind::User, Some(mine)) = (self.kind, c.waiters.as_ref()) {
-            sync::take_holder_waiters(mine, &self.waiters, at);
+    /// Returns how many waiters the holder still had registered.
+    fn drop_holder(&self, c: &ContextRecord, at: WaiterSlot) -> u32 {
+        let Some(mine) = c.waiters.as_ref() else {
+            return 0;
+        };
+        match self.kind {
+            FenceKind::User => sync::take_holder_waiters(mine, &self.waiters, at),
+            FenceKind::Timeline => mine
+                .counts
+                .get(at.slot as usize)
+                .map_or(0, |n| n.swap(0, std::sync::atomic::Ordering::SeqCst)),
         }
     }
 }
@@ -320,11 +328,17 @@ impl Device {
         let Some(Hold { fence, waiter }) = c.handles.remove(&handle) else {
             return;
         };
-        if let (Some(c), Some(f)) = (t.contexts.get(&ctx), t.fences.get(&fence)) {
-            f.drop_holder(c, waiter);
-        }
-        if let Some(c) = t.contexts.get_mut(&ctx) {
-            c.give_slot(waiter.slot);
+        let still_waiting = match (t.contexts.get(&ctx), t.fences.get(&fence)) {
+            (Some(c), Some(f)) => f.drop_holder(c, waiter),
+            _ => 0,
+        };
+        // A slot whose waiters were still registered stays out of use until the context
+        // goes: one of them may yet unregister there, and must not take a count another
+        // fence's waiter put in the same slot.
+        if still_waiting == 0 {
+            if let Some(c) = t.contexts.get_mut(&ctx) {
+                c.give_slot(waiter.slot);
+            }
         }
         let Some(f) = t.fences.get_mut(&fence) else {
             return;
@@ -418,6 +432,12 @@ impl Device {
             }
             if claimed {
                 sync::publish_poison(&f.state, &f.waiters, ErrorCode::DeviceLost);
+            } else if f.state.slot.poison.load(Acquire) == 0 {
+                // The firmware claimed the record and died before publishing the poison:
+                // publish what it recorded, so the fence's waiters wake.
+                let code = ErrorCode::from_u32(f.state.record.code.load(Acquire))
+                    .unwrap_or(ErrorCode::DeviceLost);
+                sync::publish_poison(&f.state, &f.waiters, code);
             }
         }
     }

@@ -327,3 +327,36 @@ fn reset_stress_loses_nothing_and_leaves_no_wait_hanging() {
     }
     assert!(resets >= 5, "only {resets} resets in 3 s");
 }
+
+#[test]
+fn a_hang_is_named_all_along_a_chain_of_timeline_waits() {
+    let env = Env::new();
+    let (a, b, c) = (env.second(), env.second(), env.second());
+    let mut qa = a
+        .queue()
+        .job_timeout(Duration::from_millis(100))
+        .create()
+        .unwrap();
+    let (mut qb, mut qc) = (b.create_queue().unwrap(), c.create_queue().unwrap());
+    let a_there = b.import_fence(qa.timeline().export().unwrap()).unwrap();
+    let b_there = c.import_fence(qb.timeline().export().unwrap()).unwrap();
+    let hung = qa.submit(kernels::no_progress()).unwrap();
+    // B waits for A's hung dispatch; C waits for B's wait.
+    let pb = qb.submit(Command::wait(&a_there.point(1))).unwrap();
+    let pc = qc.submit(Command::wait(&b_there.point(1))).unwrap();
+    assert_eq!(fault_of(hung.wait(LONG)).code, Some(ErrorCode::JobTimeout));
+    for (name, p) in [("B", pb), ("C", pc)] {
+        let f = fault_of(p.wait(LONG));
+        assert_eq!(f.code, Some(ErrorCode::DependencyFailed), "{name}");
+        assert_eq!(
+            f.detail,
+            ErrorCode::JobTimeout as u32,
+            "{name} names the root cause"
+        );
+    }
+    for (name, dev) in [("B", &b), ("C", &c)] {
+        let s = dev.reset_stats().unwrap();
+        assert_eq!((s.guilty, s.innocent), (0, 1), "{name}");
+    }
+    assert_eq!(a.reset_stats().unwrap().status(), ResetStatus::Guilty);
+}
