@@ -2,7 +2,7 @@
 //!
 //! Every DISPATCH handed to the engines is watched until its job finishes. At each tick
 //! (every 10 ms while one runs) the firmware applies the queue's
-//! [`Watchdog`](userq_uapi::watchdog::Watchdog), read afresh so that a change applies at
+//! [`Watchdog`], read afresh so that a change applies at
 //! once:
 //!
 //! - a job timeout counts the time the job has had a workgroup on an engine (sampled at

@@ -9,10 +9,11 @@
 //! `to_kmd` ring: acks go to their callers, queue errors are recorded, and the heartbeat is
 //! watched. No path here waits on a user fence or a job.
 
-use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use crate::launch::{self, FirmwareLauncher};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::PathBuf;
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -23,47 +24,6 @@ use userq_uapi::os;
 use userq_uapi::shm::{Sealing, Shm};
 use userq_uapi::sync::{self, Backoff, BackoffStep};
 use userq_uapi::KmdStatus;
-
-/// How the firmware is started.
-pub enum FirmwareLauncher {
-    /// Daemon mode: run a firmware executable as a child process, as
-    /// `program [args…] --channel-fd N`. `fw-emu` takes no leading arguments; another
-    /// program that embeds `fw_emu::Firmware` (a custom firmware build, a benchmark) may
-    /// need some to select its firmware role.
-    Process {
-        /// The executable.
-        program: PathBuf,
-        /// Arguments placed before `--channel-fd N`.
-        args: Vec<std::ffi::OsString>,
-    },
-    /// Embedded mode: a function that starts the firmware on a thread of this process,
-    /// given the firmware's end of the object channel. Called again for each restart.
-    Thread(Box<dyn Fn(OwnedFd) -> std::io::Result<JoinHandle<()>> + Send + Sync>),
-}
-
-impl std::fmt::Debug for FirmwareLauncher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            FirmwareLauncher::Process { program, args } => f
-                .debug_struct("Process")
-                .field("program", program)
-                .field("args", args)
-                .finish(),
-            FirmwareLauncher::Thread(_) => f.write_str("Thread(..)"),
-        }
-    }
-}
-
-impl FirmwareLauncher {
-    /// The `fw-emu` binary next to the running executable (where cargo puts both).
-    pub fn sibling_process() -> FirmwareLauncher {
-        let exe = std::env::current_exe().unwrap_or_default();
-        FirmwareLauncher::Process {
-            program: exe.with_file_name("fw-emu"),
-            args: Vec::new(),
-        }
-    }
-}
 
 /// A running firmware.
 #[derive(Debug)]
@@ -140,10 +100,6 @@ impl std::fmt::Debug for FirmwareLink {
     }
 }
 
-fn errno(e: std::io::Error) -> rustix::io::Errno {
-    rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)
-}
-
 impl FirmwareLink {
     /// Creates the boot objects and starts the firmware; does not wait for it yet.
     pub fn start(
@@ -184,11 +140,12 @@ impl FirmwareLink {
                         _ => rustix::io::Errno::INVAL,
                     })
                 })?;
-                let child = spawn_watched(program, args, theirs, control, exit_seen.clone())
-                    .map_err(|source| FirmwareStartError::Spawn {
-                        path: program.clone(),
-                        source,
-                    })?;
+                let child =
+                    launch::spawn_watched(program, args, theirs, control, exit_seen.clone())
+                        .map_err(|source| FirmwareStartError::Spawn {
+                            path: program.clone(),
+                            source,
+                        })?;
                 Running::Process(child)
             }
             FirmwareLauncher::Thread(start) => {
@@ -497,26 +454,44 @@ impl FirmwareLink {
     /// be stopped; it exits once it notices the closed channel). Does not wait for acks.
     pub fn abandon(&self) {
         self.stopping.store(true, Release);
+        self.let_go(Duration::ZERO);
+    }
+
+    /// Marks the link lost and stopped, closes the object channel (a firmware that sees it
+    /// closed exits), and waits up to `grace` for the firmware to end: then a process is
+    /// killed and reaped, and a thread that has not finished is left (it cannot be
+    /// stopped).
+    fn let_go(&self, grace: Duration) {
         self.mark_lost();
         self.stop.store(true, Release);
         {
             let s = self.sender.lock().unwrap_or_else(|e| e.into_inner());
             let _ = rustix::net::shutdown(s.channel.as_fd(), rustix::net::Shutdown::Both);
         }
+        self.kick_firmware(); // so that it looks at its channel now
         let running = self
             .running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        let deadline = Instant::now() + grace;
         match running {
             Some(Running::Process(mut child)) => {
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            Some(Running::Thread(t)) if t.is_finished() => {
-                let _ = t.join();
+            Some(Running::Thread(t)) => {
+                while !t.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if t.is_finished() {
+                    let _ = t.join();
+                }
             }
-            Some(Running::Thread(_)) | None => {}
+            None => {}
         }
     }
 
@@ -539,44 +514,14 @@ impl FirmwareLink {
         if !self.is_lost() && self.ready.load(Acquire) {
             let _ = self.call(FwRequest::Shutdown, &[]);
         }
-        self.mark_lost();
+        // The event thread returns once it sees `stop`: wake it.
         self.stop.store(true, Release);
         let c = &*self.control;
         c.kmd_kick.word.fetch_add(1, Release);
         sync::futex_wake_all(&c.kmd_kick.word);
-        // Closing our end of the channel tells a firmware that missed Shutdown to exit.
-        {
-            let s = self.sender.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = rustix::net::shutdown(s.channel.as_fd(), rustix::net::Shutdown::Both);
-        }
-        self.kick_firmware();
-        let running = self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        match running {
-            Some(Running::Process(mut child)) => {
-                let deadline = Instant::now() + Duration::from_secs(2);
-                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            Some(Running::Thread(t)) => {
-                // A firmware thread that is stuck cannot be stopped: wait a bounded time,
-                // then leave it (it exits once it notices the closed channel).
-                let deadline = Instant::now() + Duration::from_secs(2);
-                while !t.is_finished() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                if t.is_finished() {
-                    let _ = t.join();
-                }
-            }
-            None => {}
-        }
+        // A firmware that missed Shutdown exits when its channel closes; a stuck one is
+        // killed (a process) or left (a thread) after 2 s.
+        self.let_go(Duration::from_secs(2));
     }
 
     /// The firmware's process id in daemon mode.
@@ -601,77 +546,7 @@ impl Drop for FirmwareLink {
     }
 }
 
-/// Starts the firmware process from a watcher thread that lives exactly as long as the
-/// process: the child's `PR_SET_PDEATHSIG` fires when the *thread* that forked it exits,
-/// so forking from the caller's thread would kill the firmware when that thread ends. The
-/// watcher waits for the child's exit without reaping it (`waitid` with `WNOWAIT`; the
-/// link reaps it) and then wakes the event thread, so a killed firmware is declared lost
-/// at once rather than at the event thread's next heartbeat check.
-fn spawn_watched(
-    path: &Path,
-    args: &[std::ffi::OsString],
-    channel: OwnedFd,
-    control: Shm<ControlRegion>,
-    seen: Arc<AtomicBool>,
-) -> std::io::Result<Child> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (path, args) = (path.to_owned(), args.to_vec());
-    std::thread::Builder::new()
-        .name("kmd-fw-watch".into())
-        .spawn(move || {
-            let child = match spawn_process(&path, &args, channel) {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            let pid = rustix::process::Pid::from_child(&child);
-            if tx.send(Ok(child)).is_err() {
-                return;
-            }
-            let options =
-                rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT;
-            while let Err(rustix::io::Errno::INTR) =
-                rustix::process::waitid(rustix::process::WaitId::Pid(pid), options)
-            {}
-            // The flag first: the event thread's re-check before it sleeps looks at it.
-            seen.store(true, Release);
-            control.kmd_kick.word.fetch_add(1, Release);
-            sync::futex_wake_all(&control.kmd_kick.word);
-        })?;
-    rx.recv()
-        .unwrap_or_else(|_| Err(std::io::Error::other("firmware watcher thread ended")))
-}
-
 /// How long the heartbeat may stall before the firmware counts as hung (it beats at
 /// least every [`userq_uapi::HEARTBEAT_PERIOD_MS`]; the event thread looks at least that
 /// often, so a frozen firmware is declared lost within this plus one period).
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(20 * userq_uapi::HEARTBEAT_PERIOD_MS);
-
-fn spawn_process(
-    path: &Path,
-    args: &[std::ffi::OsString],
-    channel: OwnedFd,
-) -> std::io::Result<Child> {
-    use std::os::unix::process::CommandExt;
-    let raw = channel.as_raw_fd();
-    let mut cmd = Command::new(path);
-    cmd.args(args).arg("--channel-fd").arg(raw.to_string());
-    // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe syscalls (fcntl, prctl) on a descriptor the child inherited.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = rustix::fd::BorrowedFd::borrow_raw(raw);
-            rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
-            // The firmware must not outlive kmd-shim.
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| std::io::Error::from_raw_os_error(errno(e).raw_os_error()))?;
-    drop(channel);
-    Ok(child)
-}

@@ -29,6 +29,7 @@ pub mod context;
 pub mod device;
 pub mod fence;
 pub mod firmware;
+pub mod launch;
 pub mod queue;
 pub mod reset;
 pub mod restart;
@@ -36,7 +37,8 @@ pub mod server;
 pub mod socket;
 
 pub use device::Limits;
-pub use firmware::{FirmwareLauncher, FirmwareStartError};
+pub use firmware::FirmwareStartError;
+pub use launch::FirmwareLauncher;
 pub use restart::RestartPolicy;
 pub use server::ServerLimits;
 pub use socket::{default_socket_path, BindError};

@@ -4,7 +4,7 @@
 //! The event thread declares the device lost when the firmware exits, its heartbeat
 //! stalls for [`HEARTBEAT_TIMEOUT`](crate::firmware::HEARTBEAT_TIMEOUT), or an ack never
 //! comes. Every fence is poisoned with `DeviceLost` at once (every waiter wakes), and the
-//! old status page says `Lost` for good. Then [`supervise`] restarts the firmware:
+//! old status page says `Lost` for good. Then the supervisor (`supervise`, the event thread's loop) restarts the firmware:
 //!
 //! 1. the lost firmware is let go ([`FirmwareLink::abandon`]: a process is killed and
 //!    reaped, frozen or not);
@@ -20,7 +20,8 @@
 //! device then stays lost until kmd-shim itself is restarted.
 
 use crate::device::Device;
-use crate::firmware::{FirmwareLauncher, FirmwareLink, FirmwareStartError};
+use crate::firmware::{FirmwareLink, FirmwareStartError};
+use crate::launch::FirmwareLauncher;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::sync::Arc;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use userq_uapi::packet::{self, Packet, WaitCondition};
 
 /// One packet for a queue. Build with the constructors; fences named must belong to the
-/// same [`Device`] (context) as the queue. A command that names a fence holds it: once
+/// same [`Device`](crate::Device) (context) as the queue. A command that names a fence holds it: once
 /// submitted, the queue keeps the fence alive until the packet has completed.
 #[derive(Debug, Clone)]
 pub struct Command {

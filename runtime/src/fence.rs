@@ -219,13 +219,7 @@ impl Fence {
     /// ([`SignalError::Backwards`]) and changes nothing; signalling the current value
     /// again is allowed and changes nothing. For a flag word, see [`Fence::set`].
     pub fn signal(&self, value: u64) -> Result<(), SignalError> {
-        let i = &self.inner;
-        let Some(state) = i.state.writable() else {
-            return Err(SignalError::ReadOnly);
-        };
-        if let Some(f) = i.fault() {
-            return Err(SignalError::Poisoned(f));
-        }
+        let (i, state) = (&self.inner, self.signallable()?);
         let waiters = i.waiters();
         match sync::advance_fence(state, waiters, value, || sync::host_waiting(waiters)) {
             Ok(parked) => {
@@ -242,18 +236,22 @@ impl Fence {
         }
     }
 
+    /// The state a host signaller writes: a user fence that is not poisoned.
+    fn signallable(&self) -> Result<&FenceState, SignalError> {
+        let i = &self.inner;
+        let state = i.state.writable().ok_or(SignalError::ReadOnly)?;
+        match i.fault() {
+            Some(f) => Err(SignalError::Poisoned(f)),
+            None => Ok(state),
+        }
+    }
+
     /// Stores `value` into a user fence used as a flag word (waited on with masked
     /// `Equal`/`NotEqual` conditions): unlike [`Fence::signal`] it may go down. Do not use
     /// it on a fence others wait on with `≥` (a [`FencePoint`]): their waits assume the
     /// value only grows.
     pub fn set(&self, value: u64) -> Result<(), SignalError> {
-        let i = &self.inner;
-        let Some(state) = i.state.writable() else {
-            return Err(SignalError::ReadOnly);
-        };
-        if let Some(f) = i.fault() {
-            return Err(SignalError::Poisoned(f));
-        }
+        let (i, state) = (&self.inner, self.signallable()?);
         let waiters = i.waiters();
         if sync::signal_fence(state, waiters, value, || sync::host_waiting(waiters)) {
             sync::wake_if_announced(&i.dev.status.sleep.sleeping, &i.dev.kick.kick.word);
