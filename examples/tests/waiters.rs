@@ -160,19 +160,38 @@ fn a_holder_scribbling_on_the_shared_page_cannot_stop_a_timeline_wake() {
             while !stop.load(Relaxed) {
                 scribbled.line.host.store(0, Relaxed);
                 scribbled.line.firmware.store(0, Relaxed);
-                std::hint::spin_loop();
+                std::thread::yield_now(); // hostile, but leaving the others a core
             }
         })
     };
-    let point = theirs.point(1);
+    const TARGET: u64 = 1000;
+    let point = theirs.point(TARGET);
     let blocked = std::thread::spawn(move || point.wait_with(WaitMode::Block, LONG));
-    std::thread::sleep(Duration::from_millis(100));
-    let before = peek.wakes();
-    q.submit(Command::nop()).unwrap().wait(LONG).unwrap();
-    assert!(
-        peek.wakes() > before,
-        "the firmware skipped the wake of a registered waiter"
-    );
+    // Completions, one at a time, until one wakes the blocked waiter (it registers on its
+    // own thread, unseen from here): with the shared page zeroed all along, only the
+    // waiter's own count can tell the firmware to wake it.
+    let deadline = Instant::now() + LONG;
+    let mut done = 0u64;
+    loop {
+        let before = peek.wakes();
+        q.submit(Command::nop())
+            .unwrap()
+            .wait_with(WaitMode::Spin, LONG)
+            .unwrap();
+        done += 1;
+        if peek.wakes() > before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && done < TARGET,
+            "the firmware never woke the registered waiter"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let rest: Vec<Command> = (done..TARGET).map(|_| Command::nop()).collect();
+    for chunk in rest.chunks(128) {
+        q.submit_batch(chunk).unwrap();
+    }
     assert_eq!(blocked.join().unwrap(), Ok(()));
     stop.store(true, Relaxed);
     scribbler.join().unwrap();
