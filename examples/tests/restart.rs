@@ -188,6 +188,15 @@ fn a_firmware_that_keeps_dying_is_not_restarted_past_the_policy() {
             rustix::process::Signal::KILL,
         );
     };
+    // Up and serving first (a firmware that dies while booting fails the start instead).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Device::connect(&socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "kmd-shim did not come up within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let first = firmware(None);
     kill(first);
     let second = firmware(Some(first));

@@ -212,7 +212,9 @@ impl Daemon {
         );
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if socket.exists() {
+            // Serving: a context opens (so the firmware has booted; one killed while it
+            // boots fails the start instead of being restarted).
+            if socket.exists() && userq::Device::connect(&socket).is_ok() {
                 let kids = children_of(proc.pid());
                 if let Some(&fw) = kids.first() {
                     return Daemon {
