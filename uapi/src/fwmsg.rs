@@ -20,6 +20,9 @@ use crate::ioctl::Priority;
 use crate::packet::FenceHandle;
 use crate::watchdog::Watchdog;
 
+mod event;
+pub use event::{FwEvent, FwStatus};
+
 /// Names a memory object sent on the object channel.
 pub type ObjectId = u64;
 
@@ -223,92 +226,6 @@ pub enum FwRequest {
     /// Does nothing but get acknowledged: since events and acks leave on one ring in
     /// order, once its ack is in, kmd-shim has seen every event the firmware sent before.
     Sync,
-}
-
-/// Result of a request, in its ack.
-#[repr(u32)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum FwStatus {
-    /// Done.
-    #[error("ok")]
-    Ok = 0,
-    /// A named object was missing from the channel or failed its map-time check.
-    #[error("bad memory object")]
-    BadObject = 1,
-    /// The context, queue, fence or mapping named does not exist.
-    #[error("not found")]
-    NotFound = 2,
-    /// The context, queue, handle or address is already in use.
-    #[error("already exists")]
-    Exists = 3,
-    /// The request could not be decoded.
-    #[error("malformed request")]
-    Malformed = 4,
-    /// A suspend could not be completed in time: a workgroup did not yield. Its queue was
-    /// reset ([`ErrorCode::PreemptTimeout`]).
-    #[error("preemption timed out")]
-    PreemptTimeout = 5,
-}
-
-impl FwStatus {
-    fn from_u64(v: u64) -> Self {
-        match v {
-            0 => Self::Ok,
-            1 => Self::BadObject,
-            2 => Self::NotFound,
-            3 => Self::Exists,
-            5 => Self::PreemptTimeout,
-            _ => Self::Malformed,
-        }
-    }
-}
-
-/// A firmware → kmd event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FwEvent {
-    /// The firmware mapped its boot objects and is polling.
-    Ready,
-    /// A request was processed.
-    Ack {
-        /// The request's sequence number.
-        seq: u32,
-        /// Its result.
-        status: FwStatus,
-    },
-    /// A queue stopped on an error (bad packet, memory violation, bad index, failed
-    /// dependency). Its timeline fence is poisoned already.
-    QueueError {
-        /// Context id.
-        ctx: u32,
-        /// Queue slot.
-        slot: u32,
-        /// What happened.
-        code: ErrorCode,
-        /// Index of the offending packet.
-        packet_index: u64,
-        /// Offending address or index, if any.
-        address: u64,
-        /// The error record's detail (for [`ErrorCode::DependencyFailed`], the poison
-        /// code of the fence waited on).
-        detail: u32,
-    },
-    /// A queue's watchdog fired: its dispatch ran past the job timeout, or a
-    /// long-running dispatch made no progress. The queue keeps running until kmd-shim
-    /// decides ([`FwRequest::ResetQueue`]). Reported once per dispatch.
-    Hang {
-        /// Context id.
-        ctx: u32,
-        /// Queue slot.
-        slot: u32,
-        /// [`ErrorCode::JobTimeout`] or [`ErrorCode::NoProgress`].
-        code: ErrorCode,
-        /// Index of the DISPATCH packet.
-        packet_index: u64,
-        /// How long it ran (job timeout) or went without progress, in milliseconds.
-        elapsed_ms: u64,
-        /// The firmware's id of the hung job, to name in [`FwRequest::ResetQueue`].
-        job: u64,
-    },
 }
 
 /// A message as eight words.
@@ -548,81 +465,6 @@ impl FwRequest {
             _ => return Err(FwStatus::Malformed),
         };
         Ok((seq, req))
-    }
-}
-
-impl FwEvent {
-    /// Encodes the event.
-    pub fn encode(&self) -> Words {
-        let mut w = [0u64; 8];
-        match *self {
-            FwEvent::Ready => w[0] = head(kind::READY, 0),
-            FwEvent::Ack { seq, status } => {
-                w[0] = head(kind::ACK, seq);
-                w[1] = status as u64;
-            }
-            FwEvent::QueueError {
-                ctx,
-                slot,
-                code,
-                packet_index,
-                address,
-                detail,
-            } => {
-                w[0] = head(kind::QUEUE_ERROR, 0);
-                w[1] = ctx as u64;
-                w[2] = slot as u64;
-                w[3] = code as u64;
-                w[4] = packet_index;
-                w[5] = address;
-                w[6] = detail as u64;
-            }
-            FwEvent::Hang {
-                ctx,
-                slot,
-                code,
-                packet_index,
-                elapsed_ms,
-                job,
-            } => {
-                w[0] = head(kind::HANG, 0);
-                w[1] = ctx as u64;
-                w[2] = slot as u64;
-                w[3] = code as u64;
-                w[4] = packet_index;
-                w[5] = elapsed_ms;
-                w[6] = job;
-            }
-        }
-        w
-    }
-
-    /// Decodes an event; `None` if it is not one this ABI defines.
-    pub fn decode(w: &Words) -> Option<FwEvent> {
-        Some(match w[0] as u32 {
-            kind::READY => FwEvent::Ready,
-            kind::ACK => FwEvent::Ack {
-                seq: (w[0] >> 32) as u32,
-                status: FwStatus::from_u64(w[1]),
-            },
-            kind::QUEUE_ERROR => FwEvent::QueueError {
-                ctx: u32::try_from(w[1]).ok()?,
-                slot: u32::try_from(w[2]).ok()?,
-                code: ErrorCode::from_u32(u32::try_from(w[3]).ok()?)?,
-                packet_index: w[4],
-                address: w[5],
-                detail: u32::try_from(w[6]).ok()?,
-            },
-            kind::HANG => FwEvent::Hang {
-                ctx: u32::try_from(w[1]).ok()?,
-                slot: u32::try_from(w[2]).ok()?,
-                code: ErrorCode::from_u32(u32::try_from(w[3]).ok()?)?,
-                packet_index: w[4],
-                elapsed_ms: w[5],
-                job: w[6],
-            },
-            _ => return None,
-        })
     }
 }
 
