@@ -110,6 +110,13 @@ fn a_firmware_killed_under_load_is_restarted_and_new_contexts_run() {
     small_dispatch(&fresh);
     assert!(old.create_queue().is_err(), "an old context stays lost");
     assert!(old.is_lost());
+    // It can still learn what happened to it: the loss counts as an innocent reset.
+    let stats = old.reset_stats().expect("reset stats of a lost context");
+    assert_eq!((stats.guilty, stats.innocent), (0, 1));
+    assert_eq!(
+        fresh.reset_stats().unwrap().status(),
+        userq::ResetStatus::Unaffected
+    );
     drop((q, old, fresh));
     assert!(alive(fw));
     daemon.stop();

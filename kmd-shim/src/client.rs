@@ -105,8 +105,9 @@ fn handle(
             | Request::ImportBuffer
             | Request::SetWatchdog { .. }
     );
-    if !dev.is_current(c) {
-        // Its firmware was lost (and perhaps restarted): none of its objects exist.
+    if !dev.is_current(c) && !matches!(req, Request::ResetStats) {
+        // Its firmware was lost (and perhaps restarted): none of its objects exist. (Its
+        // reset statistics still answer: the loss is counted there.)
         return Err(KmdStatus::DeviceLost);
     }
     if creates && dev.is_banned(c) {

@@ -105,8 +105,11 @@ pub enum SubmitError {
     /// The queue's DISPATCH argument area could not be allocated.
     #[error("out of device memory for the dispatch argument area")]
     OutOfMemory,
-    /// The context was banned after repeated hangs: its queues were stopped
-    /// ([`ErrorCode::ContextBanned`]) and take no more work.
+    /// The context was banned after repeated hangs: its queues that were still running
+    /// were stopped ([`ErrorCode::ContextBanned`]) and take no more work. (A queue that had
+    /// stopped before, such as the one whose hang brought the ban, keeps its own error:
+    /// [`SubmitError::QueueFaulted`]; `Device::reset_stats` tells whether the context is
+    /// banned.)
     #[error("context banned after repeated hangs")]
     Banned,
 }
@@ -194,9 +197,21 @@ pub enum FenceError {
     /// Duplicating a descriptor failed.
     #[error("cannot duplicate a fence descriptor: {0}")]
     Dup(rustix::io::Errno),
+    /// The context was banned after repeated hangs: it may create or import no fence.
+    #[error("context banned after repeated hangs")]
+    Banned,
     /// Another control-plane failure.
     #[error(transparent)]
-    Control(#[from] ControlError),
+    Control(ControlError),
+}
+
+impl From<ControlError> for FenceError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::Rejected(KmdStatus::Banned) => FenceError::Banned,
+            e => FenceError::Control(e),
+        }
+    }
 }
 
 /// Allocating a buffer failed.
@@ -211,7 +226,42 @@ pub enum AllocError {
     /// The descriptor given to import is not a buffer of this device.
     #[error("not a userq buffer of this device")]
     NotABuffer,
+    /// The context was banned after repeated hangs: it may allocate or import nothing.
+    #[error("context banned after repeated hangs")]
+    Banned,
     /// Another control-plane failure.
     #[error(transparent)]
-    Control(#[from] ControlError),
+    Control(ControlError),
+}
+
+impl From<ControlError> for AllocError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::Rejected(KmdStatus::Banned) => AllocError::Banned,
+            e => AllocError::Control(e),
+        }
+    }
+}
+
+/// [`crate::Queue::set_watchdog`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchdogError {
+    /// The watchdog's timeout is not between 1 ms and 600 s.
+    #[error("watchdog {0:?}: its timeout is not between 1 ms and 600 s")]
+    Invalid(userq_uapi::watchdog::Watchdog),
+    /// The context was banned after repeated hangs.
+    #[error("context banned after repeated hangs")]
+    Banned,
+    /// Another control-plane failure.
+    #[error(transparent)]
+    Control(ControlError),
+}
+
+impl From<ControlError> for WatchdogError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::Rejected(KmdStatus::Banned) => WatchdogError::Banned,
+            e => WatchdogError::Control(e),
+        }
+    }
 }

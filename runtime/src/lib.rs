@@ -60,7 +60,7 @@ pub use command::{Command, KernelArg};
 pub use device::{default_socket_path, Device, DeviceBuilder, OpenMode};
 pub use error::{
     AllocError, ControlError, ErrorCode, FenceError, FenceFault, KmdStatus, OpenError,
-    QueueCreateError, SignalError, SubmitError, WaitError,
+    QueueCreateError, SignalError, SubmitError, WaitError, WatchdogError,
 };
 pub use fence::{wait_all, wait_any, ExportedFence, Fence, FencePoint, WaitMode};
 pub use queue::{Queue, QueueBuilder, QueueStatus, DEFAULT_RING_ENTRIES};

@@ -9,7 +9,9 @@
 use crate::buffer::BufferMemory;
 use crate::command::Command;
 use crate::device::{Device, DeviceInner};
-use crate::error::{ControlError, FenceFault, QueueCreateError, SubmitError, WaitError};
+use crate::error::{
+    ControlError, FenceFault, QueueCreateError, SubmitError, WaitError, WatchdogError,
+};
 use crate::fence::{Fence, FencePoint, WaitMode};
 use crate::Buffer;
 use rustix::fd::{AsFd, OwnedFd};
@@ -277,9 +279,9 @@ impl Queue {
     /// Changes how the device decides that this queue's dispatches hang; applies to the
     /// dispatch running now too (lengthen the timeout of a queue whose work turned out
     /// longer, or shorten it to have a stuck one reset sooner).
-    pub fn set_watchdog(&self, watchdog: Watchdog) -> Result<(), ControlError> {
+    pub fn set_watchdog(&self, watchdog: Watchdog) -> Result<(), WatchdogError> {
         if !watchdog.is_valid() {
-            return Err(ControlError::Rejected(KmdStatus::InvalidArgument));
+            return Err(WatchdogError::Invalid(watchdog));
         }
         let request = Request::SetWatchdog {
             slot: self.slot,

@@ -11,8 +11,9 @@ use userq_uapi::ioctl::{Request, ResetStatsReply};
 pub struct ResetStats {
     /// Hangs of this context's queues; each reset its queue.
     pub guilty: u32,
-    /// This context's queues stopped by what it did not do: a wait on a fence another
-    /// queue's hang (or a ban) poisoned, or the loss of the device.
+    /// This context's queues stopped by what they did not do: a wait on a fence another
+    /// queue's hang (or a ban) poisoned; plus one for each loss of the device while the
+    /// context was open (still readable from a context the loss left behind).
     pub innocent: u32,
     /// Whether the context is banned: it may create nothing more, its queues take no work.
     pub banned: bool,

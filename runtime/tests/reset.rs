@@ -8,8 +8,8 @@ mod common;
 use common::Env;
 use std::time::{Duration, Instant};
 use userq::{
-    kernels, Command, Device, ErrorCode, QueueCreateError, ResetStatus, SubmitError, WaitCondition,
-    WaitError, Watchdog,
+    kernels, AllocError, Command, Device, ErrorCode, FenceError, QueueCreateError, ResetStatus,
+    SubmitError, WaitCondition, WaitError, Watchdog, WatchdogError,
 };
 
 const LONG: Duration = Duration::from_secs(30);
@@ -175,8 +175,12 @@ fn a_context_that_keeps_hanging_is_banned_and_the_others_go_on() {
     assert_eq!(stats.guilty, 3, "its reset count equals its hangs");
     assert!(stats.banned);
     assert!(matches!(bad.create_queue(), Err(QueueCreateError::Banned)));
-    assert!(bad.alloc::<u64>(1).is_err());
-    assert!(bad.create_fence(0).is_err());
+    assert!(matches!(bad.alloc::<u64>(1), Err(AllocError::Banned)));
+    assert!(matches!(bad.create_fence(0), Err(FenceError::Banned)));
+    assert!(matches!(
+        survivor.set_watchdog(Watchdog::JobTimeout(Duration::from_secs(1))),
+        Err(WatchdogError::Banned)
+    ));
     // Its queue that never hung is stopped too: the ban reaches it right after the reset.
     let deadline = Instant::now() + LONG;
     loop {

@@ -3,8 +3,9 @@
 //! Every queue has a [`Watchdog`], so that no dispatch can hold its queue (and the fences
 //! behind it) forever:
 //!
-//! - an ordinary queue has a **job timeout**, as amdgpu's lockup timeout: a dispatch whose
-//!   first workgroup started on an engine longer ago than the timeout hangs;
+//! - an ordinary queue has a **job timeout**, as amdgpu's lockup timeout: a dispatch that
+//!   has had a workgroup on an engine for longer than the timeout, added up (time waiting
+//!   for an engine, between time slices or suspended does not count), hangs;
 //! - a **long-running** queue (persistent kernels, as Intel Xe's long-running mode) has no
 //!   job timeout but a **no-progress watchdog**: a dispatch that went the whole time
 //!   without finishing a workgroup or reaching a checkpoint hangs.

@@ -270,8 +270,9 @@ impl Reply for BufferReply {
 pub struct ResetStatsReply {
     /// Hangs of this context's queues (each one reset): it was guilty.
     pub guilty: u32,
-    /// Queues of this context stopped by something it did not do: a wait on a fence
-    /// that another context's hang poisoned, or the device lost.
+    /// Queues of this context stopped by something they did not do: a wait on a fence
+    /// that another queue's hang or a ban poisoned; plus one for each loss of the device
+    /// while the context was open.
     pub innocent: u32,
     /// Whether the context is banned.
     pub banned: bool,
