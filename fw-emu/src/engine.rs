@@ -20,8 +20,8 @@
 //! park on an in-process futex word (`atomic-wait`, private futexes: engines never wait on
 //! shared memory), bumped by whoever adds claimable work.
 //!
-//! For hang detection ([`crate::hang`]) a job records when its first workgroup started and
-//! counts progress: finished workgroups and checkpoints reached. A cancelled job's running
+//! For hang detection ([`crate::hang`]) a job counts its workgroups on engines and its
+//! progress: finished workgroups and checkpoints reached. A cancelled job's running
 //! workgroups return at their next checkpoint; one that never does keeps its engine
 //! thread, which the CPU cannot take back. [`Engines::replace`] then starts a new thread
 //! in its place, so the device keeps its engine count; the wedged thread leaves the pool
@@ -64,11 +64,6 @@ pub struct Job {
     suspended: AtomicBool,
     /// Workgroups of it running on engines right now.
     running: AtomicU32,
-    /// When the job was made; `started_ns` counts from here.
-    created: Instant,
-    /// Nanoseconds from `created` to its first workgroup's start, plus one (0: not
-    /// started).
-    started_ns: AtomicU64,
     /// Changes whenever a workgroup finishes or a running one reaches a checkpoint.
     progress: AtomicU64,
     /// Engine threads started in place of threads this (cancelled) job's workgroups hold:
@@ -106,8 +101,6 @@ impl Job {
     ) -> Self {
         Job {
             packet_index,
-            created: Instant::now(),
-            started_ns: AtomicU64::new(0),
             progress: AtomicU64::new(0),
             owed: AtomicU32::new(0),
             id: NEXT_JOB.fetch_add(1, Relaxed),
@@ -143,14 +136,6 @@ impl Job {
         self.suspended.load(Relaxed)
     }
 
-    /// When its first workgroup started on an engine.
-    pub fn started_at(&self) -> Option<Instant> {
-        match self.started_ns.load(Relaxed) {
-            0 => None,
-            ns => Some(self.created + Duration::from_nanos(ns - 1)),
-        }
-    }
-
     /// A number that changes whenever a workgroup finishes or reaches a checkpoint.
     pub fn progress(&self) -> u64 {
         self.progress.load(Relaxed)
@@ -159,14 +144,6 @@ impl Job {
     /// Workgroups of it on engines now.
     pub fn running_count(&self) -> u32 {
         self.running.load(SeqCst)
-    }
-
-    fn mark_started(&self) {
-        if self.started_ns.load(Relaxed) == 0 {
-            let ns = self.created.elapsed().as_nanos() as u64 + 1;
-            // The first engine wins; a later one keeps the earlier start.
-            let _ = self.started_ns.compare_exchange(0, ns, Relaxed, Relaxed);
-        }
     }
 
     fn bump_progress(&self) {
@@ -396,13 +373,6 @@ impl Engines {
         started
     }
 
-    /// Engine threads the device has, and threads beyond those still held by wedged
-    /// workgroups.
-    pub fn counts(&self) -> (usize, usize) {
-        let live = self.shared.live.load(Acquire);
-        (self.shared.target, live.saturating_sub(self.shared.target))
-    }
-
     /// Wakes the engines after a job was resumed.
     pub fn kick(&self) {
         let l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
@@ -523,7 +493,6 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
         if job.cancelled.load(Acquire) || s.stop.load(Relaxed) || job.suspended.load(SeqCst) {
             return;
         }
-        job.mark_started();
         // A workgroup that yielded earlier resumes before new ones start.
         let mut wg = match job.take_yielded() {
             Some(wg) => wg,

@@ -132,8 +132,7 @@ impl Firmware {
             w.last_check = now;
             // Not on an engine (not started yet, between time slices, suspended): not
             // running, so it cannot hang; its no-progress clock starts again.
-            let on_engine = job.started_at().is_some() && job.running_count() > 0;
-            if !on_engine || job.is_suspended() {
+            if job.running_count() == 0 || job.is_suspended() {
                 w.progress_at = now;
                 return true;
             }
@@ -167,8 +166,7 @@ impl Firmware {
             self.control.emit(h);
         }
         for (job, n) in replace {
-            let started = self.engines.replace(&job, n as usize);
-            self.engines_replaced += started as u64;
+            self.engines.replace(&job, n as usize);
         }
         any
     }

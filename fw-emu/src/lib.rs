@@ -179,8 +179,6 @@ pub struct Firmware {
     pending_suspends: Vec<suspend::PendingSuspend>,
     /// The dispatches on the engines, for hang detection ([`hang`]).
     watch: hang::Watch,
-    /// Engine threads started in place of threads wedged workgroups held.
-    engines_replaced: u64,
     last_heartbeat: Instant,
     shutdown: bool,
 }
@@ -226,7 +224,6 @@ impl Firmware {
             sched: Scheduler::new(),
             pending_suspends: Vec::new(),
             watch: hang::Watch::default(),
-            engines_replaced: 0,
             last_heartbeat: Instant::now(),
             shutdown: false,
         };

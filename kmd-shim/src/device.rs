@@ -25,7 +25,6 @@ use crate::context::ContextRecord;
 use crate::fence::{FenceIdentity, FenceRecord};
 use crate::firmware::{EventSink, FirmwareLink};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use userq_uapi::fwmsg::{FenceId, FwEvent};
 
@@ -105,8 +104,6 @@ pub(crate) struct Table {
 pub struct Device {
     /// The firmware of the current generation; replaced on a restart ([`crate::restart`]).
     link: RwLock<Arc<FirmwareLink>>,
-    /// Firmware restarts so far.
-    restarts: AtomicU64,
     pub(crate) limits: Limits,
     table: Mutex<Table>,
     pub(crate) verbose: bool,
@@ -125,7 +122,6 @@ impl Device {
     pub fn new(link: FirmwareLink, limits: Limits, verbose: bool) -> Self {
         Device {
             link: RwLock::new(Arc::new(link)),
-            restarts: AtomicU64::new(0),
             limits,
             table: Mutex::new(Table {
                 next_ctx: 1,
@@ -144,17 +140,11 @@ impl Device {
     /// Makes a restarted firmware the device's.
     pub(crate) fn replace_link(&self, link: Arc<FirmwareLink>) {
         *self.link.write().unwrap_or_else(|e| e.into_inner()) = link;
-        self.restarts.fetch_add(1, Relaxed);
     }
 
     /// The current device generation (bumped by each firmware restart).
     pub fn generation(&self) -> u64 {
         self.link().generation()
-    }
-
-    /// Firmware restarts so far.
-    pub fn restarts(&self) -> u64 {
-        self.restarts.load(Relaxed)
     }
 
     /// Whether context `ctx` belongs to the current generation (a context of a lost

@@ -197,16 +197,6 @@ impl Kmd {
         self.inner.device.generation()
     }
 
-    /// Firmware restarts so far.
-    pub fn restarts(&self) -> u64 {
-        self.inner.device.restarts()
-    }
-
-    /// Client connections open now.
-    pub fn connections(&self) -> usize {
-        self.inner.server.connections()
-    }
-
     /// Stops serving: every fence is poisoned with DeviceLost, every connection closed and
     /// reclaimed, the firmware stopped, the socket file removed.
     pub fn shutdown(mut self) {

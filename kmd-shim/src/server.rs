@@ -107,11 +107,6 @@ impl Server {
         self.limits.workers.max(1)
     }
 
-    /// Connections open now.
-    pub(crate) fn connections(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
     /// A worker's body: serves events until [`Server::stop`].
     pub(crate) fn work(&self, dev: &Device, listener: &Listener) {
         let mut events = Vec::with_capacity(1);
