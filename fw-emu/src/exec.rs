@@ -103,6 +103,10 @@ pub(crate) fn execute(
             .get(&h)
             .ok_or(fault(ErrorCode::BadFenceHandle, 0, h.0))
     };
+    let writable = |h: FenceHandle| match binding(h)? {
+        b if b.writable => Ok(&b.fence),
+        _ => Err(fault(ErrorCode::FenceNotWritable, 0, h.0)),
+    };
     match cmd {
         Command::Nop => Ok(Step::Done),
         Command::WriteValue { addr, value } => {
@@ -115,23 +119,15 @@ pub(crate) fn execute(
             word.store(now_ns(), Release);
             Ok(Step::Done)
         }
+        // Queues parked on the fence are re-checked every turn; no kick needed.
         Command::SignalFence { fence, value } => {
-            let b = binding(fence)?;
-            if !b.writable {
-                return Err(fault(ErrorCode::FenceNotWritable, 0, fence.0));
-            }
-            // Queues parked on the fence are re-checked every turn; no kick needed.
-            let f = &b.fence;
+            let f = writable(fence)?;
             sync::advance_fence(f.state(), f.waiters(), value, || f.host_waiting())
                 .map_err(|current| fault(ErrorCode::FenceBackwards, current, fence.0))?;
             Ok(Step::Done)
         }
         Command::SetFence { fence, value } => {
-            let b = binding(fence)?;
-            if !b.writable {
-                return Err(fault(ErrorCode::FenceNotWritable, 0, fence.0));
-            }
-            let f = &b.fence;
+            let f = writable(fence)?;
             sync::signal_fence(f.state(), f.waiters(), value, || f.host_waiting());
             Ok(Step::Done)
         }
