@@ -20,6 +20,14 @@
 //! park on an in-process futex word (`atomic-wait`, private futexes: engines never wait on
 //! shared memory), bumped by whoever adds claimable work.
 //!
+//! **Page faults.** A job with on-demand buffers is *paged*: before each workgroup runs
+//! (or resumes), the engine pins the pages of its [`Kernel::footprint`]. If one is not
+//! resident, the workgroup goes back, state intact, with the yielded ones; the job is
+//! marked faulted (no engine takes it until kmd-shim replies) and a [`FaultNote`] goes to
+//! the command processor, which batches it to kmd-shim. Only that job stops: the engine
+//! moves on to other work. While an invalidation waits for pins to drain, workgroups of
+//! paged jobs yield at their next checkpoint (and refault if their pages went).
+//!
 //! For hang detection ([`crate::hang`]) a job counts its workgroups on engines and its
 //! progress: finished workgroups and checkpoints reached. A cancelled job's running
 //! workgroups return at their next checkpoint; one that never does keeps its engine
@@ -27,7 +35,8 @@
 //! in its place, so the device keeps its engine count; the wedged thread leaves the pool
 //! when its workgroup finally returns.
 
-use crate::kernel::{Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
+use crate::kernel::{Arg, Args, Checkpoint, Footprint, Kernel, Workgroup, WorkgroupStatus};
+use crate::window::Window;
 use crate::QueueId;
 use crossbeam_utils::CachePadded;
 use std::collections::VecDeque;
@@ -72,6 +81,25 @@ pub struct Job {
     owed: AtomicU32,
     /// Unique per job, so a reset names exactly the dispatch that hung.
     pub id: u64,
+    /// Whether any argument is an on-demand buffer: its workgroups pin their footprints.
+    paged: bool,
+    /// A workgroup faulted: no engine takes work from the job until kmd-shim's reply
+    /// ([`Job::resume_after_fault`]).
+    faulted: AtomicBool,
+}
+
+/// A workgroup's fault, for the command processor to batch to kmd-shim.
+#[derive(Debug, Clone)]
+pub struct FaultNote {
+    /// The faulting queue.
+    pub queue: QueueId,
+    /// Its job.
+    pub job: u64,
+    /// The pages missing: (device address of the page, access).
+    pub pages: Vec<(u64, userq_uapi::paging::Access)>,
+    /// The footprint needs more pages than the pool has: it can never run. The pages
+    /// needed, and the first one's address.
+    pub too_large: Option<(u64, u64)>,
 }
 
 /// Ids of jobs, unique in this process.
@@ -99,7 +127,13 @@ impl Job {
         priority: Priority,
         time_slice: Option<Duration>,
     ) -> Self {
+        let paged = args
+            .0
+            .iter()
+            .any(|a| matches!(a, Arg::Buffer(b) if b.window().is_some()));
         Job {
+            paged,
+            faulted: AtomicBool::new(false),
             packet_index,
             progress: AtomicU64::new(0),
             owed: AtomicU32::new(0),
@@ -124,6 +158,24 @@ impl Job {
     /// Stops handing out workgroups (its queue is gone); running ones finish.
     pub fn cancel(&self) {
         self.cancelled.store(true, Release);
+    }
+
+    /// Lets engines take the job's work again after kmd-shim serviced its faults.
+    pub fn resume_after_fault(&self) {
+        self.faulted.store(false, Release);
+    }
+
+    /// Whether it waits for a fault to be serviced.
+    pub fn is_faulted(&self) -> bool {
+        self.faulted.load(Acquire)
+    }
+
+    /// Whether any of its buffer arguments is `window`.
+    pub fn uses_window(&self, window: &Window) -> bool {
+        self.paged
+            && self.args.0.iter().any(
+                |a| matches!(a, Arg::Buffer(b) if b.window().is_some_and(|(w, _)| std::ptr::eq(&**w, window))),
+            )
     }
 
     /// Whether it was cancelled.
@@ -174,6 +226,7 @@ impl Job {
     fn claimable(&self) -> bool {
         !self.cancelled.load(Relaxed)
             && !self.suspended.load(Relaxed)
+            && !self.faulted.load(Relaxed)
             && (self.next.load(Relaxed) < self.total || self.pending_yields.load(Acquire) > 0)
     }
 
@@ -245,6 +298,13 @@ struct Shared {
     has_completed: CachePadded<AtomicBool>,
     time_slice: Duration,
     wake_command_processor: Box<dyn Fn() + Send + Sync>,
+    /// Faults for the command processor to batch.
+    faults: Mutex<Vec<FaultNote>>,
+    /// Polled by the command processor every loop turn: on its own line.
+    has_faults: CachePadded<AtomicBool>,
+    /// Invalidations waiting for pins to drain: while non-zero, workgroups of paged jobs
+    /// yield at their checkpoints.
+    invalidating: AtomicU32,
     /// Engine threads the device should have.
     target: usize,
     /// Threads the pool has beyond `target` that no held workgroup will give back (see
@@ -308,6 +368,9 @@ impl Engines {
             has_completed: CachePadded::new(AtomicBool::new(false)),
             time_slice,
             wake_command_processor: wake,
+            faults: Mutex::new(Vec::new()),
+            has_faults: CachePadded::new(AtomicBool::new(false)),
+            invalidating: AtomicU32::new(0),
             target: count.max(1),
             surplus: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
@@ -386,6 +449,31 @@ impl Engines {
         l.ready[job.priority as usize].push_back(job);
         self.shared.top.store(l.top(), Release);
         self.shared.notify_engines();
+    }
+
+    /// Whether faults wait to be batched.
+    pub fn has_faults(&self) -> bool {
+        self.shared.has_faults.load(Acquire)
+    }
+
+    /// Takes the faults noted since the last call.
+    pub fn take_faults(&self) -> Vec<FaultNote> {
+        if !self.has_faults() {
+            return Vec::new();
+        }
+        let mut f = self.shared.faults.lock().unwrap_or_else(|e| e.into_inner());
+        self.shared.has_faults.store(false, Release);
+        std::mem::take(&mut *f)
+    }
+
+    /// An invalidation starts (`true`) or ends: while any is pending, workgroups of
+    /// paged jobs yield at their checkpoints so that pins drain.
+    pub fn set_invalidating(&self, on: bool) {
+        if on {
+            self.shared.invalidating.fetch_add(1, SeqCst);
+        } else {
+            self.shared.invalidating.fetch_sub(1, SeqCst);
+        }
     }
 
     /// Whether completed jobs wait to be collected.
@@ -478,7 +566,11 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
     let slice = job.time_slice.unwrap_or(s.time_slice);
     let wants_engine =
         || start.elapsed() >= slice || s.top.load(Acquire) > my_rank || s.stop.load(Relaxed);
-    let wants_engine = || wants_engine() || job.suspended.load(Relaxed);
+    let wants_engine = || {
+        wants_engine()
+            || job.suspended.load(Relaxed)
+            || (job.paged && s.invalidating.load(Relaxed) > 0)
+    };
     let bump = || job.bump_progress();
     let cp = Checkpoint {
         wants_engine: &wants_engine,
@@ -504,7 +596,28 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
                 Workgroup::of(&job.dispatch, index)
             }
         };
-        match job.kernel.run(&job.args, &mut wg, &cp) {
+        // A paged job's workgroup pins its footprint first; unpinned when `_pins` drops.
+        let _pins = if job.paged {
+            match pin_footprint(job, &wg) {
+                Ok(p) => Some(p),
+                Err(note) => {
+                    job.put_yielded(wg);
+                    job.faulted.store(true, Release);
+                    s.faults
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(note);
+                    s.has_faults.store(true, Release);
+                    (s.wake_command_processor)();
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let status = job.kernel.run(&job.args, &mut wg, &cp);
+        drop(_pins);
+        match status {
             WorkgroupStatus::Yielded => {
                 job.put_yielded(wg);
                 // The job is still listed (it is not finished): make sure a parked engine
@@ -529,6 +642,80 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
             return;
         }
     }
+}
+
+/// Pages a workgroup pinned; unpinned on drop.
+struct Pins<'a>(Vec<(&'a Window, usize, u32)>);
+
+impl Drop for Pins<'_> {
+    fn drop(&mut self) {
+        for (w, page, gen) in &self.0 {
+            if let Some(e) = w.entry(*page) {
+                e.unpin(*gen);
+            }
+        }
+    }
+}
+
+/// Pins every page of the workgroup's footprint in on-demand buffers, or returns the
+/// fault: every page of it not resident (the pins taken are released).
+fn pin_footprint<'a>(job: &'a Job, wg: &Workgroup) -> Result<Pins<'a>, FaultNote> {
+    use userq_uapi::paging::DEVICE_PAGE;
+    let mut fp = Footprint::default();
+    job.kernel.footprint(&job.args, wg, &mut fp);
+    let mut pins = Pins(Vec::new());
+    let mut missing = Vec::new();
+    let mut needed = 0u64;
+    let mut first_needed = None;
+    let mut now = None;
+    for (arg, range, access) in &fp.ranges {
+        let Some(Arg::Buffer(b)) = job.args.0.get(*arg) else {
+            continue;
+        };
+        let Some((w, offset)) = b.window() else {
+            continue;
+        };
+        let end = range.end.min(b.len() as u64);
+        if range.start >= end {
+            continue;
+        }
+        let base_va = b.address - offset as u64;
+        let first = (offset as u64 + range.start) / DEVICE_PAGE;
+        let last = (offset as u64 + end - 1) / DEVICE_PAGE;
+        needed += last - first + 1;
+        first_needed.get_or_insert(base_va + first * DEVICE_PAGE);
+        for page in first..=last {
+            let Some(e) = w.entry(page as usize) else {
+                continue;
+            };
+            match e.pin() {
+                Some((gen, slot)) => {
+                    let t = *now.get_or_insert_with(|| w.pool().tick());
+                    w.pool().touch(slot, t);
+                    pins.0.push((&**w, page as usize, gen));
+                }
+                None => missing.push((base_va + page * DEVICE_PAGE, *access)),
+            }
+        }
+    }
+    let too_large = job.args.0.iter().find_map(|a| match a {
+        Arg::Buffer(b) => b.window().map(|(w, _)| w.pool().slots() as u64),
+        _ => None,
+    });
+    let too_large = too_large
+        .filter(|&slots| needed > slots)
+        .map(|_| (needed, first_needed.unwrap_or(0)));
+    if missing.is_empty() && too_large.is_none() {
+        return Ok(pins);
+    }
+    missing.sort_unstable_by_key(|m| m.0);
+    missing.dedup_by_key(|m| m.0);
+    Err(FaultNote {
+        queue: job.queue,
+        job: job.id,
+        pages: missing,
+        too_large,
+    })
 }
 
 /// Ends a workgroup's "running" announcement however the workgroup ends.

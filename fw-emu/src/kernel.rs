@@ -9,6 +9,14 @@
 //! the queue's VM. Views are made of atomics: the host may read or write the same memory
 //! while the kernel runs.
 //!
+//! On-demand buffers are paged: before a workgroup runs (and again whenever it resumes
+//! from a checkpoint), the engine asks the kernel for its [`Kernel::footprint`], the byte
+//! ranges of its buffers it will touch until its next checkpoint, and pins those pages. A
+//! page that is not resident makes the workgroup *fault before it starts*: it has done
+//! nothing since its last checkpoint, so replaying it after the fault is serviced is
+//! exact, for histograms and reductions as for anything else. A kernel must touch only
+//! what its footprint names; the default names every buffer argument whole.
+//!
 //! Workgroups are the unit of scheduling: engines run them in any order and in parallel,
 //! and the scheduler may switch to another queue's work between two of them. A kernel must
 //! therefore make each workgroup independent, and write results that do not depend on the
@@ -139,6 +147,43 @@ pub enum WorkgroupStatus {
     Yielded,
 }
 
+/// The byte ranges of its buffer arguments a workgroup touches before its next
+/// checkpoint, as [`Kernel::footprint`] reports them.
+#[derive(Debug, Default)]
+pub struct Footprint {
+    /// (argument index, byte range within the argument's view, access).
+    pub ranges: Vec<(usize, std::ops::Range<u64>, userq_uapi::paging::Access)>,
+}
+
+impl Footprint {
+    /// Buffer argument `arg`, bytes `range` of its view, touched as `access`.
+    pub fn add(
+        &mut self,
+        arg: usize,
+        range: std::ops::Range<u64>,
+        access: userq_uapi::paging::Access,
+    ) {
+        if range.start < range.end {
+            self.ranges.push((arg, range, access));
+        }
+    }
+
+    /// Elements `items` of `size` bytes of buffer argument `arg`.
+    pub fn items(
+        &mut self,
+        arg: usize,
+        items: std::ops::Range<usize>,
+        size: u64,
+        access: userq_uapi::paging::Access,
+    ) {
+        self.add(
+            arg,
+            items.start as u64 * size..items.end as u64 * size,
+            access,
+        );
+    }
+}
+
 /// A running workgroup's line to its engine: preemption and cancellation points inside a
 /// long kernel.
 pub struct Checkpoint<'a> {
@@ -184,6 +229,18 @@ pub trait Kernel: Send + Sync {
     /// one calls [`Checkpoint::should_yield`] now and then and yields when told to, so the
     /// scheduler can share its engine.
     fn run(&self, args: &Args, wg: &mut Workgroup, cp: &Checkpoint<'_>) -> WorkgroupStatus;
+
+    /// What the workgroup will touch, from its saved state, until its next checkpoint
+    /// (only on-demand buffers use it). The default: every buffer argument, whole,
+    /// written. A kernel that streams through a buffer larger than device memory names
+    /// only its current chunk, and yields at a checkpoint before it moves on.
+    fn footprint(&self, args: &Args, _wg: &Workgroup, out: &mut Footprint) {
+        for (i, a) in args.0.iter().enumerate() {
+            if let Arg::Buffer(b) = a {
+                out.add(i, 0..b.len() as u64, userq_uapi::paging::Access::Write);
+            }
+        }
+    }
 }
 
 /// Copies a dispatch's argument words out of the VM once and resolves them against the

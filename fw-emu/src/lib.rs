@@ -42,6 +42,7 @@ pub mod id;
 // Device memory and fences.
 pub mod fence;
 pub mod vm;
+pub mod window;
 
 // What runs, and where.
 pub mod engine;
@@ -62,6 +63,7 @@ pub mod sched;
 pub mod channel;
 pub mod control;
 pub mod hang;
+mod paging;
 mod request;
 mod suspend;
 
@@ -159,6 +161,9 @@ pub enum BootError {
     /// A boot object could not be mapped or failed its header check.
     #[error("boot object {0}: {1}")]
     Map(ObjectId, os::MapError),
+    /// The device-memory pool could not be mapped.
+    #[error("device-memory pool: {0}")]
+    Pool(std::io::Error),
     /// The engine threads could not be started.
     #[error("cannot start engines: {0}")]
     Engines(std::io::Error),
@@ -179,6 +184,8 @@ pub struct Firmware {
     pending_suspends: Vec<suspend::PendingSuspend>,
     /// The dispatches on the engines, for hang detection ([`hang`]).
     watch: hang::Watch,
+    /// The pool, fault batching and the paging acks that wait ([`paging`]).
+    paging: paging::Paging,
     last_heartbeat: Instant,
     shutdown: bool,
 }
@@ -206,6 +213,13 @@ impl Firmware {
         let control = boot_map::<ControlRegion>(&mut channel, boot::CONTROL)?;
         let status = Arc::new(boot_map::<DeviceStatus>(&mut channel, boot::STATUS)?);
         let kick = Arc::new(boot_map::<DeviceKick>(&mut channel, boot::KICK)?);
+        let pool_fd = channel
+            .take(boot::POOL, true)
+            .ok_or(BootError::MissingObject(boot::POOL))?;
+        let uses_fd = channel
+            .take(boot::POOL_USE, true)
+            .ok_or(BootError::MissingObject(boot::POOL_USE))?;
+        let pool = window::Pool::new(pool_fd, uses_fd).map_err(BootError::Pool)?;
         let (s2, k2) = (status.clone(), kick.clone());
         let wake = Box::new(move || {
             sync::wake_if_announced(&s2.sleep.sleeping, &k2.kick.word);
@@ -224,6 +238,7 @@ impl Firmware {
             sched: Scheduler::new(),
             pending_suspends: Vec::new(),
             watch: hang::Watch::default(),
+            paging: paging::Paging::new(Arc::new(pool)),
             last_heartbeat: Instant::now(),
             shutdown: false,
         };
@@ -256,6 +271,8 @@ impl Firmware {
             progress |= self.run_queues();
             progress |= self.control.flush_backlog();
             progress |= self.ack_suspends();
+            progress |= self.flush_faults();
+            progress |= self.ack_paging();
             // The clock decides, not the turn count (a busy turn can be long), but reading it
             // costs: every busy turn, and every 64th idle one.
             idle_turns = if progress {
@@ -343,13 +360,14 @@ impl Firmware {
         }
         // A pending suspend is acknowledged once its workgroups have yielded, and events
         // wait for room on kmd-shim's ring: look again every millisecond for either.
-        let bound = if self.suspends_pending() || self.control.has_backlog() {
-            Duration::from_millis(1)
-        } else if !self.watch.is_empty() {
-            hang::CHECK_PERIOD // dispatches run: their watchdogs are checked at each tick
-        } else {
-            Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS)
-        };
+        let bound =
+            if self.suspends_pending() || self.paging.pending() || self.control.has_backlog() {
+                Duration::from_millis(1)
+            } else if !self.watch.is_empty() {
+                hang::CHECK_PERIOD // dispatches run: their watchdogs are checked at each tick
+            } else {
+                Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS)
+            };
         let (status, kick) = (self.status.clone(), self.kick.clone());
         sync::announce_and_sleep(&status.sleep, &kick.kick.word, || self.has_work(), bound);
         self.tick();
@@ -359,6 +377,7 @@ impl Firmware {
         self.control.has_request()
             || self.sched.has_runnable()
             || self.engines.has_completed()
+            || self.engines.has_faults()
             || Scheduler::doorbell_pending(&self.kick.contexts)
             || self.sched.parked_ready(&self.contexts)
     }

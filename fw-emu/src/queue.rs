@@ -449,6 +449,11 @@ impl Queue {
     /// timeline poisoned, the error record naming the running DISPATCH (or the next
     /// packet) and `detail`. A queue already stopped stays as it is (`None`).
     pub fn fail(&mut self, code: ErrorCode, detail: u32) -> Option<Fault> {
+        self.fail_at(code, 0, detail)
+    }
+
+    /// [`Queue::fail`] with an address for the error record.
+    pub fn fail_at(&mut self, code: ErrorCode, address: u64, detail: u32) -> Option<Fault> {
         if self.is_faulted() {
             return None;
         }
@@ -459,7 +464,7 @@ impl Queue {
         match self.fault(Fault {
             code,
             packet_index,
-            address: 0,
+            address,
             detail,
         }) {
             Outcome::Faulted(f) => Some(f),

@@ -38,6 +38,23 @@ impl Firmware {
                     None => continue, // acknowledged once its workgroups have left
                 },
                 Ok((seq, FwRequest::Resume { ctx, slot })) => (seq, self.resume(ctx, slot)),
+                Ok((seq, FwRequest::Invalidate { ctx, va, count })) => {
+                    match self.invalidate(seq, ctx, va, count) {
+                        Some(status) => (seq, status),
+                        None => continue, // acknowledged once the pins have drained
+                    }
+                }
+                Ok((
+                    seq,
+                    FwRequest::WaitJobs {
+                        ctx,
+                        va,
+                        timeout_ms,
+                    },
+                )) => match self.wait_jobs(seq, ctx, va, timeout_ms) {
+                    Some(status) => (seq, status),
+                    None => continue, // acknowledged once the jobs finished, or timed out
+                },
                 Ok((seq, req)) => (seq, self.apply(req)),
                 Err(e) => ((w[0] >> 32) as u32, e),
             };
@@ -118,12 +135,21 @@ impl Firmware {
                 size,
                 object,
             } => self.map_buffer(ctx, va, size, object),
-            FwRequest::UnmapBuffer { ctx, va } => {
-                match self.contexts.get_mut(ctx).map(|c| c.vm.unmap(va)) {
-                    Some(true) => FwStatus::Ok,
-                    _ => FwStatus::NotFound,
-                }
-            }
+            FwRequest::UnmapBuffer { ctx, va } => self.unmap_buffer(ctx, va),
+            FwRequest::MapOnDemand { ctx, va, size } => self.map_on_demand(ctx, va, size),
+            FwRequest::MapPages {
+                ctx,
+                va,
+                slot,
+                count,
+            } => self.map_pages(ctx, va, slot, count),
+            FwRequest::FaultReply {
+                ctx,
+                slot,
+                job,
+                code,
+                address,
+            } => self.fault_reply(QueueId { ctx, slot }, job, code, address),
             FwRequest::Shutdown => {
                 self.shutdown = true;
                 FwStatus::Ok
@@ -144,7 +170,10 @@ impl Firmware {
             FwRequest::BanContext { ctx } => self.ban_context(ctx),
             FwRequest::Sync => FwStatus::Ok,
             // Handled in `process_requests` (their ack may be deferred).
-            FwRequest::Suspend { .. } | FwRequest::Resume { .. } => FwStatus::Malformed,
+            FwRequest::Suspend { .. }
+            | FwRequest::Resume { .. }
+            | FwRequest::Invalidate { .. }
+            | FwRequest::WaitJobs { .. } => FwStatus::Malformed,
         }
     }
 
@@ -182,6 +211,11 @@ impl Firmware {
         let Some(mut c) = self.contexts.remove(ctx) else {
             return FwStatus::NotFound;
         };
+        // Cancelled workgroups may still be on engines: from the ack on, kmd-shim reuses
+        // the context's pool slots, so its windows point at scratch first.
+        for (_, w) in c.vm.windows() {
+            w.unmap(0, w.page_count(), crate::window::state::FREED);
+        }
         for q in c.queues.iter_mut().filter_map(Option::take) {
             q.destroy(ErrorCode::OwnerDied);
         }

@@ -55,10 +55,13 @@ pub(crate) struct BufferObject {
     fd: OwnedFd,
     /// Mappings of it, in all contexts.
     refs: usize,
+    /// An on-demand buffer's host copy: not importable (its device pages belong to one
+    /// context's window).
+    on_demand: bool,
 }
 
 /// Whole pages for `bytes`.
-fn whole_pages(bytes: u64) -> u64 {
+pub(crate) fn whole_pages(bytes: u64) -> u64 {
     bytes.div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64
 }
 
@@ -198,6 +201,9 @@ impl Device {
             return Err(KmdStatus::LimitExceeded);
         }
         let object = t.buffer_objects.get(&identity).ok_or(KmdStatus::BadFd)?;
+        if object.on_demand {
+            return Err(KmdStatus::InvalidArgument);
+        }
         let size = object.size;
         let fd = object.fd.try_clone().map_err(|_| KmdStatus::Internal)?;
         let c = t.contexts.get_mut(&ctx).ok_or(KmdStatus::NoContext)?;
@@ -231,7 +237,9 @@ impl Device {
         &self,
         ctx: u32,
         size: u64,
+        flags: u64,
     ) -> Result<(BufferReply, [OwnedFd; 1]), KmdStatus> {
+        let on_demand = flags & userq_uapi::paging::ON_DEMAND != 0;
         if size == 0 || size > MAX_BUFFER_SIZE {
             return Err(KmdStatus::InvalidArgument);
         }
@@ -249,7 +257,11 @@ impl Device {
         // buffer, only the commit remains.
         let identity = os::object_identity(fd.as_fd()).map_err(|_| KmdStatus::Internal)?;
         let kept = fd.try_clone().map_err(|_| KmdStatus::Internal)?;
-        self.map_in_firmware(ctx, va, size, fd.as_fd())?;
+        if on_demand {
+            self.alloc_on_demand(ctx, size, va, &fd)?;
+        } else {
+            self.map_in_firmware(ctx, va, size, fd.as_fd())?;
+        }
         mapping.commit_object(
             identity,
             BufferObject {
@@ -257,6 +269,7 @@ impl Device {
                 charged: pages,
                 fd: kept,
                 refs: 1,
+                on_demand,
             },
         );
         Ok((BufferReply { va, size }, [fd]))
@@ -305,7 +318,11 @@ impl Device {
                 return Err(KmdStatus::NotFound);
             }
         }
-        self.link().call(FwRequest::UnmapBuffer { ctx, va }, &[])?;
+        if self.is_on_demand(ctx, va) {
+            self.free_on_demand(ctx, va)?;
+        } else {
+            self.link().call(FwRequest::UnmapBuffer { ctx, va }, &[])?;
+        }
         let mut t = self.table();
         if let Some(b) = t.contexts.get_mut(&ctx).and_then(|c| c.buffers.remove(&va)) {
             t.release_buffer(b);

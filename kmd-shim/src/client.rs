@@ -131,8 +131,8 @@ fn handle(
             .import_fence(c, &fds)
             .map(|reply| Answer::new(reply, [])),
         Request::ReleaseFence { handle } => dev.release_fence(c, handle).map(empty),
-        Request::AllocBuffer { size } => dev
-            .alloc_buffer(c, size)
+        Request::AllocBuffer { size, flags } => dev
+            .alloc_buffer(c, size, flags)
             .map(|(reply, fds)| Answer::new(reply, fds)),
         Request::FreeBuffer { va } => dev.free_buffer(c, va).map(empty),
         Request::ImportBuffer => dev
@@ -140,5 +140,13 @@ fn handle(
             .map(|reply| Answer::new(reply, [])),
         Request::SetWatchdog { slot, watchdog } => dev.set_watchdog(c, slot, watchdog).map(empty),
         Request::ResetStats => dev.reset_stats(c).map(|reply| Answer::new(reply, [])),
+        Request::Migrate { va, len, to } => dev.migrate(c, va, len, to).map(empty),
+        Request::PagingStats { part } => {
+            let parts = dev.paging_stats().parts();
+            Ok(Answer::new(
+                userq_uapi::ioctl::PagingStatsReply(parts[part.min(1) as usize]),
+                [],
+            ))
+        }
     }
 }

@@ -186,7 +186,11 @@ impl Device {
         // bookkeeping is returned.
         let current = self.is_current(ctx);
         if current {
-            let _ = self.link().call(FwRequest::UnmapContext { ctx }, &[]);
+            // Under the pager lock, so that no fault service maps into it meanwhile; its
+            // on-demand buffers' slots go back once the firmware has let go of them.
+            self.close_paging(ctx, || {
+                let _ = self.link().call(FwRequest::UnmapContext { ctx }, &[]);
+            });
         }
         let mut t = self.table();
         let Some(c) = t.contexts.remove(&ctx) else {

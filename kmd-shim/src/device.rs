@@ -107,6 +107,8 @@ pub struct Device {
     pub(crate) limits: Limits,
     table: Mutex<Table>,
     pub(crate) verbose: bool,
+    /// On-demand memory ([`crate::pager`]).
+    pub(crate) pager: crate::pager::Pager,
 }
 
 impl std::fmt::Debug for Device {
@@ -119,7 +121,12 @@ impl std::fmt::Debug for Device {
 
 impl Device {
     /// A device over a started firmware link.
-    pub fn new(link: FirmwareLink, limits: Limits, verbose: bool) -> Self {
+    pub fn new(
+        link: FirmwareLink,
+        limits: Limits,
+        verbose: bool,
+        eviction: crate::pager::EvictionPolicy,
+    ) -> Self {
         Device {
             link: RwLock::new(Arc::new(link)),
             limits,
@@ -129,6 +136,7 @@ impl Device {
                 ..Table::default()
             }),
             verbose,
+            pager: crate::pager::Pager::new(eviction),
         }
     }
 
@@ -187,6 +195,18 @@ impl EventSink for Device {
 
     fn hang(&self, ev: FwEvent) {
         self.on_hang(ev);
+    }
+
+    fn fault(&self, ev: FwEvent) {
+        self.pager.on_fault(ev);
+    }
+
+    fn busy(&self, ev: FwEvent) {
+        self.pager
+            .busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(ev);
     }
 
     fn device_lost(&self) {

@@ -10,6 +10,7 @@
 //! watched. No path here waits on a user fence or a job.
 
 use crate::launch::{self, FirmwareLauncher};
+use crate::pool::DevicePool;
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -60,6 +61,11 @@ pub trait EventSink: Send + Sync {
     fn hang(&self, ev: FwEvent);
     /// The firmware died or stopped its heartbeat.
     fn device_lost(&self);
+    /// A page fault ([`FwEvent::Fault`]); the last of a batch completes it. Called on the
+    /// event thread: it hands the batch to the pager and never waits.
+    fn fault(&self, ev: FwEvent);
+    /// A job that a timed-out `WaitJobs` still found using a buffer ([`FwEvent::Busy`]).
+    fn busy(&self, ev: FwEvent);
 }
 
 struct Sender {
@@ -90,6 +96,8 @@ pub struct FirmwareLink {
     exit_seen: Arc<AtomicBool>,
     next_object: AtomicU64,
     ack_timeout: Duration,
+    /// Device memory of this generation (sent at boot).
+    pool: Arc<DevicePool>,
 }
 
 impl std::fmt::Debug for FirmwareLink {
@@ -106,8 +114,10 @@ impl FirmwareLink {
         launcher: &FirmwareLauncher,
         generation: u64,
         ack_timeout: Duration,
+        vram: u64,
     ) -> Result<FirmwareLink, FirmwareStartError> {
         let obj = FirmwareStartError::Objects;
+        let pool = Arc::new(DevicePool::create(vram).map_err(obj)?);
         let (control_fd, control) =
             Shm::<ControlRegion>::create("userq-control", Sealing::Final, 0, 0).map_err(obj)?;
         // Only kmd-shim and the firmware write the status page: sealed read-only for
@@ -177,6 +187,7 @@ impl FirmwareLink {
             exit_seen,
             next_object: AtomicU64::new(boot::FIRST_DYNAMIC),
             ack_timeout,
+            pool,
         };
         {
             let s = link.sender.lock().unwrap_or_else(|e| e.into_inner());
@@ -184,6 +195,8 @@ impl FirmwareLink {
                 (boot::CONTROL, control_fd.as_fd()),
                 (boot::STATUS, link.status_fd.as_fd()),
                 (boot::KICK, link.kick_fd.as_fd()),
+                (boot::POOL, link.pool.fd()),
+                (boot::POOL_USE, link.pool.uses_fd()),
             ] {
                 os::send_with_fds(s.channel.as_fd(), &id.to_le_bytes(), &[fd]).map_err(obj)?;
             }
@@ -213,6 +226,11 @@ impl FirmwareLink {
             }
         }
         os::seal_read_only(self.status_fd.as_fd()).map_err(FirmwareStartError::Objects)
+    }
+
+    /// Device memory of this generation.
+    pub fn pool(&self) -> &Arc<DevicePool> {
+        &self.pool
     }
 
     /// The device generation this firmware serves.
@@ -283,6 +301,7 @@ impl FirmwareLink {
                     FwStatus::Exists => Err(KmdStatus::InvalidArgument),
                     FwStatus::BadObject | FwStatus::Malformed => Err(KmdStatus::Internal),
                     FwStatus::PreemptTimeout => Err(KmdStatus::FirmwareTimeout),
+                    FwStatus::Busy => Err(KmdStatus::Busy),
                 };
             }
             let now = Instant::now();
@@ -392,6 +411,8 @@ impl FirmwareLink {
                     }
                     Some(ev @ FwEvent::QueueError { .. }) => sink.queue_error(ev),
                     Some(ev @ FwEvent::Hang { .. }) => sink.hang(ev),
+                    Some(ev @ FwEvent::Fault { .. }) => sink.fault(ev),
+                    Some(ev @ FwEvent::Busy { .. }) => sink.busy(ev),
                     None => {}
                 }
             }

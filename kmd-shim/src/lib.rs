@@ -27,9 +27,14 @@ pub mod buffer;
 pub mod client;
 pub mod context;
 pub mod device;
+pub mod evict;
+pub mod evict_wait_jobs;
+pub mod fault;
 pub mod fence;
 pub mod firmware;
 pub mod launch;
+pub mod pager;
+pub mod pool;
 pub mod queue;
 pub mod reset;
 pub mod restart;
@@ -39,6 +44,7 @@ pub mod socket;
 pub use device::Limits;
 pub use firmware::FirmwareStartError;
 pub use launch::FirmwareLauncher;
+pub use pager::EvictionPolicy;
 pub use restart::RestartPolicy;
 pub use server::ServerLimits;
 pub use socket::{default_socket_path, BindError};
@@ -70,6 +76,10 @@ pub struct KmdConfig {
     pub verbose: bool,
     /// When to restart a lost firmware.
     pub restart: RestartPolicy,
+    /// Device memory for on-demand buffers, bytes (whole 64 KiB pages, at least one).
+    pub vram: u64,
+    /// How eviction treats pages jobs use (path 3 by default).
+    pub eviction: EvictionPolicy,
 }
 
 impl KmdConfig {
@@ -83,6 +93,8 @@ impl KmdConfig {
             ack_timeout: Duration::from_secs(5),
             verbose: false,
             restart: RestartPolicy::default(),
+            vram: userq_uapi::paging::DEFAULT_VRAM,
+            eviction: EvictionPolicy::default(),
         }
     }
 }
@@ -96,6 +108,9 @@ pub enum StartError {
     /// The firmware did not start.
     #[error(transparent)]
     Firmware(#[from] FirmwareStartError),
+    /// The device-memory budget is smaller than one device page or above the maximum.
+    #[error("device memory budget of {0} bytes: must be from one 64 KiB page to 64 GiB")]
+    BadVram(u64),
     /// A service thread (or the epoll set) could not be created.
     #[error("cannot start a kmd-shim thread: {0}")]
     Thread(std::io::Error),
@@ -113,6 +128,7 @@ pub struct Kmd {
     inner: Arc<Inner>,
     workers: Vec<JoinHandle<()>>,
     events: Option<JoinHandle<()>>,
+    pager: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Kmd {
@@ -126,18 +142,23 @@ impl std::fmt::Debug for Kmd {
 impl Kmd {
     /// Binds the socket, starts the firmware and waits for it, then starts serving.
     pub fn start(config: KmdConfig) -> Result<Kmd, StartError> {
+        if !(userq_uapi::paging::DEVICE_PAGE..=userq_uapi::paging::MAX_VRAM).contains(&config.vram)
+        {
+            return Err(StartError::BadVram(config.vram));
+        }
         let listener = Listener::bind(&config.socket)?;
-        let link = FirmwareLink::start(&config.firmware, 1, config.ack_timeout)?;
+        let link = FirmwareLink::start(&config.firmware, 1, config.ack_timeout, config.vram)?;
         link.wait_ready(Duration::from_secs(10))?;
         let mut restarter = restart::Restarter {
             launcher: config.firmware,
             policy: config.restart,
             ack_timeout: config.ack_timeout,
+            vram: config.vram,
             recent: Default::default(),
         };
         let server = Server::new(&listener, config.server).map_err(StartError::Thread)?;
         let inner = Arc::new(Inner {
-            device: Device::new(link, config.limits, config.verbose),
+            device: Device::new(link, config.limits, config.verbose, config.eviction),
             listener,
             server,
             stopping: AtomicBool::new(false),
@@ -152,7 +173,15 @@ impl Kmd {
             inner,
             workers: Vec::new(),
             events: Some(events),
+            pager: None,
         };
+        let p = kmd.inner.clone();
+        kmd.pager = Some(
+            std::thread::Builder::new()
+                .name("kmd-pager".into())
+                .spawn(move || p.device.run_pager(&p.stopping))
+                .map_err(StartError::Thread)?,
+        );
         for i in 0..kmd.inner.server.workers() {
             let w = kmd.inner.clone();
             kmd.workers.push(
@@ -179,6 +208,16 @@ impl Kmd {
     /// path eviction builds on. Returns when nothing of it runs any more.
     pub fn suspend(&self, ctx: u32, slot: Option<u32>) -> Result<(), userq_uapi::KmdStatus> {
         self.inner.device.suspend(ctx, slot)
+    }
+
+    /// The device's paging statistics.
+    pub fn paging_stats(&self) -> userq_uapi::paging::PagingStats {
+        self.inner.device.paging_stats()
+    }
+
+    /// Bytes of the device-memory pool the OS has allocated now.
+    pub fn pool_resident_bytes(&self) -> u64 {
+        self.inner.device.pool_resident_bytes()
     }
 
     /// Resumes what [`Kmd::suspend`] stopped.
@@ -224,6 +263,10 @@ impl Kmd {
         }
         dev.link().stop();
         if let Some(t) = self.events.take() {
+            let _ = t.join();
+        }
+        dev.pager.wake();
+        if let Some(t) = self.pager.take() {
             let _ = t.join();
         }
     }

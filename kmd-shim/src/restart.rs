@@ -54,6 +54,8 @@ pub(crate) struct Restarter {
     pub(crate) launcher: FirmwareLauncher,
     pub(crate) policy: RestartPolicy,
     pub(crate) ack_timeout: Duration,
+    /// Device memory of each generation.
+    pub(crate) vram: u64,
     /// Recent restarts, oldest first (within the policy's window).
     pub(crate) recent: VecDeque<Instant>,
 }
@@ -134,7 +136,7 @@ pub(crate) fn supervise(dev: &Device, restarter: &mut Restarter, stopping: &Atom
 
 /// Starts a new firmware under `generation` and makes it the device's.
 fn restart(dev: &Device, r: &Restarter, generation: u64) -> Result<(), FirmwareStartError> {
-    let link = FirmwareLink::start(&r.launcher, generation, r.ack_timeout)?;
+    let link = FirmwareLink::start(&r.launcher, generation, r.ack_timeout, r.vram)?;
     if let Err(e) = link.wait_ready(Duration::from_secs(10)) {
         link.abandon();
         // The device keeps the lost link: the next round of `supervise` finds it lost at

@@ -214,11 +214,17 @@ fn malformed_messages_get_typed_errors_and_the_connection_goes_on() {
         KmdStatus::NotFound
     );
     assert_eq!(
-        status(&s, Request::AllocBuffer { size: 0 }),
+        status(&s, Request::AllocBuffer { size: 0, flags: 0 }),
         KmdStatus::InvalidArgument
     );
     assert_eq!(
-        status(&s, Request::AllocBuffer { size: u64::MAX }),
+        status(
+            &s,
+            Request::AllocBuffer {
+                size: u64::MAX,
+                flags: 0
+            }
+        ),
         KmdStatus::InvalidArgument
     );
 
@@ -230,7 +236,14 @@ fn malformed_messages_get_typed_errors_and_the_connection_goes_on() {
         status(&s, Request::DestroyQueue { slot: created.slot }),
         KmdStatus::Ok
     );
-    let (st, v, fds) = send(&s, Request::AllocBuffer { size: 100 }, &[]);
+    let (st, v, fds) = send(
+        &s,
+        Request::AllocBuffer {
+            size: 100,
+            flags: 0,
+        },
+        &[],
+    );
     let buffer = BufferReply::decode(&v).expect("ALLOC_BUFFER reply");
     assert_eq!((st, fds.len(), buffer.size), (KmdStatus::Ok, 1, 100));
     assert_eq!(

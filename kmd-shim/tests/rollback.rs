@@ -128,7 +128,10 @@ fn a_closed_context_gives_back_its_rings_buffers_and_fences() {
     );
     let a = open(&kmd);
     assert_eq!(status(&a, QUEUE), KmdStatus::Ok);
-    assert_eq!(status(&a, Request::AllocBuffer { size: 1 }), KmdStatus::Ok);
+    assert_eq!(
+        status(&a, Request::AllocBuffer { size: 1, flags: 0 }),
+        KmdStatus::Ok
+    );
     assert!(fence(&a).is_ok());
     let b = open(&kmd);
     assert_eq!(status(&b, QUEUE), KmdStatus::OutOfMemory);
@@ -140,7 +143,10 @@ fn a_closed_context_gives_back_its_rings_buffers_and_fences() {
         assert!(Instant::now() < deadline, "a's ring bytes never came back");
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert_eq!(status(&b, Request::AllocBuffer { size: 1 }), KmdStatus::Ok);
+    assert_eq!(
+        status(&b, Request::AllocBuffer { size: 1, flags: 0 }),
+        KmdStatus::Ok
+    );
     assert!(fence(&b).is_ok());
     drop(kmd);
     let _ = std::fs::remove_dir_all(dir);
@@ -196,7 +202,7 @@ fn one_context_cannot_take_more_than_its_share_and_freeing_gives_it_back() {
         },
     );
     let a = open(&kmd);
-    let alloc = |s: &OwnedFd, size: u64| send(s, Request::AllocBuffer { size }, &[]);
+    let alloc = |s: &OwnedFd, size: u64| send(s, Request::AllocBuffer { size, flags: 0 }, &[]);
     let (st, big) = alloc(&a, 3 * page);
     assert_eq!(st, KmdStatus::Ok);
     // Two more pages would pass the context's 4 pages, though the device has room.

@@ -18,6 +18,16 @@ use userq_uapi::shm::{AtomicInt, ShmBytes};
 /// that another writer could change underneath. Ordering with the device comes from the
 /// fences: waiting for a fence point acquires what the packets before it wrote.
 ///
+/// **On-demand buffers** ([`crate::Device::alloc_on_demand`]) have no device memory until a
+/// kernel touches them: each device page is faulted in when a workgroup needs it and may
+/// be evicted back to host memory under pressure. What is mapped here is the host copy.
+/// The coherence rule, as for CUDA/HIP managed memory: every host access ([`Buffer::read`],
+/// [`Buffer::write`], [`Buffer::to_vec`], [`Buffer::copy_from_slice`]) first migrates the
+/// pages it touches back to host memory ([`Buffer::migrate_to_host`]), so the host never
+/// reads stale data; [`Buffer::prefetch`] moves pages to the device ahead of a kernel. Do
+/// not access a range from the host while a kernel that uses it runs (wait for its fence
+/// first): the device would keep computing on its own copy.
+///
 /// Commands built from a buffer (the launchers of [`crate::kernels`], or
 /// [`crate::Command::holding`]) hold its memory: dropping the `Buffer` while such a command
 /// is pending frees the memory only once the command's packet has completed.
@@ -34,6 +44,8 @@ pub(crate) struct BufferMemory {
     va: u64,
     map: ShmBytes,
     fd: OwnedFd,
+    /// An on-demand buffer: `map` is its host copy, and device pages come and go.
+    on_demand: bool,
 }
 
 impl std::fmt::Debug for BufferMemory {
@@ -68,11 +80,83 @@ impl<T: bytemuck::Pod> Buffer<T> {
         map: ShmBytes,
         fd: OwnedFd,
     ) -> Self {
+        Self::with_kind(dev, va, len, map, fd, false)
+    }
+
+    pub(crate) fn with_kind(
+        dev: Arc<DeviceInner>,
+        va: u64,
+        len: usize,
+        map: ShmBytes,
+        fd: OwnedFd,
+        on_demand: bool,
+    ) -> Self {
         debug_assert!(map.len() >= len * std::mem::size_of::<T>());
         Buffer {
-            memory: Arc::new(BufferMemory { dev, va, map, fd }),
+            memory: Arc::new(BufferMemory {
+                dev,
+                va,
+                map,
+                fd,
+                on_demand,
+            }),
             len,
             _t: PhantomData,
+        }
+    }
+
+    /// Whether this is an on-demand buffer.
+    pub fn is_on_demand(&self) -> bool {
+        self.memory.on_demand
+    }
+
+    /// Moves elements `range` of an on-demand buffer to host memory: their device pages
+    /// are invalidated (running workgroups leave them at their next checkpoint), copied
+    /// back and released. Nothing to do for an ordinary buffer.
+    pub fn migrate_to_host(
+        &self,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), crate::error::ControlError> {
+        self.migrate(range, userq_uapi::paging::MigrateTo::Host)
+    }
+
+    /// Moves elements `range` of an on-demand buffer into device memory now (a
+    /// prefetch), so that kernels do not fault on them (until they are evicted).
+    pub fn prefetch(
+        &self,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), crate::error::ControlError> {
+        self.migrate(range, userq_uapi::paging::MigrateTo::Device)
+    }
+
+    fn migrate(
+        &self,
+        range: std::ops::Range<usize>,
+        to: userq_uapi::paging::MigrateTo,
+    ) -> Result<(), crate::error::ControlError> {
+        let size = std::mem::size_of::<T>() as u64;
+        let end = range.end.min(self.len);
+        if !self.memory.on_demand || range.start >= end {
+            return Ok(());
+        }
+        self.memory
+            .dev
+            .call(
+                Request::Migrate {
+                    va: self.memory.va + range.start as u64 * size,
+                    len: (end - range.start) as u64 * size,
+                    to,
+                },
+                &[],
+            )
+            .map(|_| ())
+    }
+
+    /// The host copy of an on-demand buffer is made current for `range` before a host
+    /// access. If the device is gone, the host copy is all there is.
+    fn host_access(&self, range: std::ops::Range<usize>) {
+        if self.memory.on_demand {
+            let _ = self.migrate_to_host(range);
         }
     }
 
@@ -115,6 +199,11 @@ impl<T: bytemuck::Pod> Buffer<T> {
     /// Reads element `index` (atomically, word by word; see the type's docs).
     pub fn read(&self, index: usize) -> T {
         self.check_index(index);
+        self.host_access(index..index + 1);
+        self.read_host(index)
+    }
+
+    fn read_host(&self, index: usize) -> T {
         let mut out = T::zeroed();
         let bytes = bytemuck::bytes_of_mut(&mut out);
         let offset = index * std::mem::size_of::<T>();
@@ -139,6 +228,11 @@ impl<T: bytemuck::Pod> Buffer<T> {
     /// of a buffer has one writer at a time.
     pub fn write(&mut self, index: usize, value: T) {
         self.check_index(index);
+        self.host_access(index..index + 1);
+        self.write_host(index, value);
+    }
+
+    fn write_host(&mut self, index: usize, value: T) {
         let bytes = bytemuck::bytes_of(&value);
         let offset = index * std::mem::size_of::<T>();
         match chunk_of::<T>() {
@@ -159,21 +253,28 @@ impl<T: bytemuck::Pod> Buffer<T> {
 
     /// Copies the whole buffer out.
     pub fn to_vec(&self) -> Vec<T> {
-        (0..self.len).map(|i| self.read(i)).collect()
+        self.host_access(0..self.len);
+        (0..self.len).map(|i| self.read_host(i)).collect()
     }
 
     /// Copies `src` into the start of the buffer.
     pub fn copy_from_slice(&mut self, src: &[T]) {
         assert!(src.len() <= self.len, "source longer than the buffer");
+        self.host_access(0..src.len());
         for (i, v) in src.iter().enumerate() {
-            self.write(i, *v);
+            self.write_host(i, *v);
         }
     }
 }
 
 impl Buffer<u64> {
     /// Element `index` as an atomic, for values the device writes while the host polls.
+    /// Ordinary buffers only: an on-demand buffer's device copy is elsewhere (panics).
     pub fn atomic(&self, index: usize) -> &AtomicU64 {
+        assert!(
+            !self.memory.on_demand,
+            "Buffer::atomic on an on-demand buffer"
+        );
         assert!(
             index < self.len,
             "index {index} out of bounds for buffer of {}",

@@ -36,6 +36,9 @@ pub struct DeviceBuilder {
     mode: OpenMode,
     kernels: Vec<embedded::KernelEntry>,
     engines: Option<usize>,
+    vram: Option<u64>,
+    /// The counterfactual eviction policy's watchdog, if chosen.
+    wait_for_jobs: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for DeviceBuilder {
@@ -76,6 +79,26 @@ impl DeviceBuilder {
         self
     }
 
+    /// Device memory for on-demand buffers of an embedded device this builder starts
+    /// (default [`userq_uapi::paging::DEFAULT_VRAM`]; at least one 64 KiB page, else
+    /// opening fails with a typed error).
+    #[cfg(feature = "embedded")]
+    pub fn vram(mut self, bytes: u64) -> Self {
+        self.vram = Some(bytes);
+        self
+    }
+
+    /// Makes an embedded device this builder starts evict the way a dma-fence-backed
+    /// memory manager would: wait until no job uses a buffer before taking its pages. This
+    /// is the counterfactual that deadlocks with page faults and long-running jobs; the
+    /// wait gives up after `watchdog` (at most 3 s), prints the cycle, and stops the
+    /// faulting queues (`EvictionDeadlock`). Off by default.
+    #[cfg(feature = "embedded")]
+    pub fn eviction_waits_for_jobs(mut self, watchdog: std::time::Duration) -> Self {
+        self.wait_for_jobs = Some(watchdog);
+        self
+    }
+
     /// Adds a custom kernel under `id` (use ids from
     /// [`crate::kernels::FIRST_CUSTOM`] on) to the firmware of an embedded device this
     /// builder starts. A device that is already running, in this process or in a daemon,
@@ -100,13 +123,25 @@ impl DeviceBuilder {
         match mode {
             OpenMode::Connect => Device::attach(&path, None),
             OpenMode::Embedded => {
-                let kmd = embedded::start(&path, &self.kernels, self.engines)?;
+                let kmd = embedded::start(
+                    &path,
+                    &self.kernels,
+                    self.engines,
+                    self.vram,
+                    self.wait_for_jobs,
+                )?;
                 Device::attach(&path, Some(kmd))
             }
             OpenMode::Auto => match Device::attach(&path, None) {
                 Ok(d) => Ok(d),
                 Err(OpenError::Connect { .. }) if cfg!(feature = "embedded") => {
-                    match embedded::start(&path, &self.kernels, self.engines) {
+                    match embedded::start(
+                        &path,
+                        &self.kernels,
+                        self.engines,
+                        self.vram,
+                        self.wait_for_jobs,
+                    ) {
                         Ok(kmd) => Device::attach(&path, Some(kmd)),
                         // Another process won the race to serve this socket: join it.
                         Err(e) if embedded::lost_race(&e) => Device::attach(&path, None),
@@ -382,9 +417,48 @@ impl Device {
             .checked_mul(std::mem::size_of::<T>())
             .filter(|&b| b > 0)
             .ok_or(AllocError::BadSize)?;
-        let r = self
-            .inner
-            .call(Request::AllocBuffer { size: bytes as u64 }, &[]);
+        self.alloc_with(len, bytes, 0)
+    }
+
+    /// Allocates an on-demand buffer of `len` elements of `T`, zero-filled: it occupies no
+    /// device memory until a kernel touches it; pages fault in, and are evicted back to
+    /// host memory when the device-memory budget is full (see [`Buffer`] for the host
+    /// coherence rule). Its host copy is mapped into this process.
+    pub fn alloc_on_demand<T: bytemuck::Pod>(&self, len: usize) -> Result<Buffer<T>, AllocError> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .filter(|&b| b > 0)
+            .ok_or(AllocError::BadSize)?;
+        self.alloc_with(len, bytes, userq_uapi::paging::ON_DEMAND)
+    }
+
+    /// The device's paging counters (faults, batches, pages moved, evictions, residency).
+    pub fn paging_stats(&self) -> Result<userq_uapi::paging::PagingStats, ControlError> {
+        let mut parts = [[0u64; 6]; 2];
+        for (part, out) in parts.iter_mut().enumerate() {
+            let (v, _) = self
+                .inner
+                .call(Request::PagingStats { part: part as u32 }, &[])?;
+            *out = userq_uapi::ioctl::PagingStatsReply::decode(&v)
+                .map_err(|e| ControlError::Protocol(e.describe()))?
+                .0;
+        }
+        Ok(userq_uapi::paging::PagingStats::from_parts(parts))
+    }
+
+    fn alloc_with<T: bytemuck::Pod>(
+        &self,
+        len: usize,
+        bytes: usize,
+        flags: u64,
+    ) -> Result<Buffer<T>, AllocError> {
+        let r = self.inner.call(
+            Request::AllocBuffer {
+                size: bytes as u64,
+                flags,
+            },
+            &[],
+        );
         let (v, fds) = match r {
             Ok(x) => x,
             Err(ControlError::Rejected(KmdStatus::OutOfMemory)) => {
@@ -399,7 +473,14 @@ impl Device {
             .map_err(|_| ControlError::Protocol("ALLOC_BUFFER returned the wrong fds"))?;
         let reply = BufferReply::decode(&v).map_err(|e| ControlError::Protocol(e.describe()))?;
         let map = ShmBytes::map(fd.as_fd(), reply.size as usize).map_err(ControlError::from)?;
-        Ok(Buffer::new(self.inner.clone(), reply.va, len, map, fd))
+        Ok(Buffer::with_kind(
+            self.inner.clone(),
+            reply.va,
+            len,
+            map,
+            fd,
+            flags & userq_uapi::paging::ON_DEMAND != 0,
+        ))
     }
 
     /// Maps a buffer another context exported (possibly in another process) into this

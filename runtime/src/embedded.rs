@@ -27,6 +27,8 @@ mod imp {
         path: &Path,
         kernels: &[KernelEntry],
         engines: Option<usize>,
+        vram: Option<u64>,
+        wait_for_jobs: Option<std::time::Duration>,
     ) -> Result<Host, OpenError> {
         let mut reg = registry().lock().unwrap_or_else(|e| e.into_inner());
         if let Some(k) = reg.get(path).and_then(Weak::upgrade) {
@@ -49,9 +51,14 @@ mod imp {
                     Err(e) => eprintln!("userq: embedded firmware failed to boot: {e}"),
                 })
         }));
-        let kmd = Arc::new(kmd_shim::Kmd::start(kmd_shim::KmdConfig::new(
-            path, launcher,
-        ))?);
+        let mut kc = kmd_shim::KmdConfig::new(path, launcher);
+        if let Some(v) = vram {
+            kc.vram = v;
+        }
+        if let Some(watchdog) = wait_for_jobs {
+            kc.eviction = kmd_shim::EvictionPolicy::WaitForIdleJobs { watchdog };
+        }
+        let kmd = Arc::new(kmd_shim::Kmd::start(kc)?);
         reg.insert(path.to_owned(), Arc::downgrade(&kmd));
         Ok(kmd)
     }
@@ -86,6 +93,8 @@ mod imp {
         _path: &Path,
         _kernels: &[KernelEntry],
         _engines: Option<usize>,
+        _vram: Option<u64>,
+        _wait_for_jobs: Option<std::time::Duration>,
     ) -> Result<Host, OpenError> {
         Err(OpenError::EmbeddedUnavailable)
     }

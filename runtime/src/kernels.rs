@@ -399,3 +399,33 @@ impl Mailbox {
         self.words.atomic(mailbox::STOP).store(1, Release);
     }
 }
+
+/// A long-running streaming kernel: `passes` times over `x[..n]`, adding 1 to each word,
+/// in workgroups of `per_workgroup` words (one workgroup each runs its range as a
+/// persistent loop). It touches one device page at a time and checkpoints every 1024
+/// words, so on an on-demand buffer larger than device memory it streams, faulting and
+/// refaulting pages, and finishes with every word exactly `passes` higher. Run it on a
+/// long-running queue ([`crate::QueueBuilder::long_running`]).
+pub fn stream_add_u32(
+    n: u32,
+    passes: u32,
+    per_workgroup: u32,
+    x: &Buffer<u32>,
+) -> Result<Command, LaunchError> {
+    let xa = check(3, x, n as usize)?;
+    if n == 0 || passes == 0 || per_workgroup == 0 {
+        return Err(LaunchError::Empty);
+    }
+    Ok(Command::dispatch(
+        userq_uapi::kernels::STREAM_ADD_U32,
+        [n.div_ceil(per_workgroup), 1, 1],
+        [1, 1, 1],
+        &[
+            KernelArg::U64(n as u64),
+            KernelArg::U64(passes as u64),
+            KernelArg::U64(per_workgroup as u64),
+            xa,
+        ],
+    )
+    .holding(x))
+}

@@ -57,6 +57,17 @@ pub enum ErrorCode {
     /// backwards; SET_FENCE sets flag words). `address` is the fence's value, `detail` the
     /// handle.
     FenceBackwards = 20,
+    /// A workgroup's footprint needs more device pages at once than the whole
+    /// device-memory budget holds: it can never run. `address` is the first page it
+    /// needed, `detail` the pages it needed.
+    WorkingSetTooLarge = 21,
+    /// kmd-shim's `WaitForIdleJobs` eviction policy (the dma-fence way, off by default)
+    /// waited for a job that waits for this queue's fault: the cycle was caught by its
+    /// watchdog and the faulting queue stopped. `address` is the faulting address.
+    EvictionDeadlock = 22,
+    /// An on-demand buffer was freed while this queue's dispatch used it. `address` is
+    /// the buffer's device address.
+    BufferFreed = 23,
 }
 
 impl ErrorCode {
@@ -84,6 +95,9 @@ impl ErrorCode {
             18 => NoProgress,
             19 => ContextBanned,
             20 => FenceBackwards,
+            21 => WorkingSetTooLarge,
+            22 => EvictionDeadlock,
+            23 => BufferFreed,
             _ => return None,
         })
     }
@@ -112,6 +126,11 @@ impl ErrorCode {
             NoProgress => "hang: a long-running dispatch made no progress; the queue was reset",
             ContextBanned => "the context was banned after repeated hangs",
             FenceBackwards => "SIGNAL_FENCE would have moved the fence backwards",
+            WorkingSetTooLarge => "a workgroup needs more device pages than the budget holds",
+            EvictionDeadlock => {
+                "eviction waited for a job that waited for this fault (WaitForIdleJobs policy)"
+            }
+            BufferFreed => "an on-demand buffer was freed while a dispatch used it",
         }
     }
 
@@ -176,6 +195,9 @@ pub enum KmdStatus {
     /// The context was banned after repeated hangs: it may create nothing more.
     #[error("context banned after repeated hangs")]
     Banned = 15,
+    /// Jobs still use the memory (the `WaitForIdleJobs` eviction policy gave up waiting).
+    #[error("jobs still use the memory")]
+    Busy = 16,
 }
 
 impl KmdStatus {
@@ -198,6 +220,7 @@ impl KmdStatus {
             12 => FirmwareTimeout,
             14 => PermissionDenied,
             15 => Banned,
+            16 => Busy,
             _ => Internal,
         }
     }

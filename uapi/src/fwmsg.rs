@@ -38,6 +38,12 @@ pub mod boot {
     pub const STATUS: ObjectId = 2;
     /// The [`crate::layout::DeviceKick`].
     pub const KICK: ObjectId = 3;
+    /// The device-memory pool: a memfd of the budget's size whose slots hold resident
+    /// pages of on-demand buffers ([`crate::paging`]).
+    pub const POOL: ObjectId = 4;
+    /// The pool's use clock: one little-endian `u64` per slot, the firmware's clock at
+    /// the slot's last use by a workgroup (kmd-shim evicts the least recently used).
+    pub const POOL_USE: ObjectId = 5;
     /// First id kmd-shim assigns to other objects.
     pub const FIRST_DYNAMIC: ObjectId = 16;
 }
@@ -61,11 +67,18 @@ mod kind {
     pub const RESET_QUEUE: u32 = 16;
     pub const BAN_CONTEXT: u32 = 17;
     pub const SYNC: u32 = 18;
+    pub const MAP_ON_DEMAND: u32 = 19;
+    pub const MAP_PAGES: u32 = 20;
+    pub const INVALIDATE: u32 = 21;
+    pub const FAULT_REPLY: u32 = 22;
+    pub const WAIT_JOBS: u32 = 23;
 
     pub const ACK: u32 = 0x100;
     pub const QUEUE_ERROR: u32 = 0x101;
     pub const READY: u32 = 0x102;
     pub const HANG: u32 = 0x103;
+    pub const FAULT: u32 = 0x104;
+    pub const BUSY: u32 = 0x105;
 }
 
 /// A kmd → firmware request.
@@ -226,6 +239,69 @@ pub enum FwRequest {
     /// Does nothing but get acknowledged: since events and acks leave on one ring in
     /// order, once its ack is in, kmd-shim has seen every event the firmware sent before.
     Sync,
+    /// Maps an on-demand buffer into a context's VM: a device window of `size` bytes
+    /// with no page resident.
+    MapOnDemand {
+        /// Context id.
+        ctx: u32,
+        /// Device virtual address (page-aligned).
+        va: u64,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// Makes `count` pages resident: page `i` at `va + i * DEVICE_PAGE` now lives in pool
+    /// slot `slot + i`, whose data kmd-shim has copied in.
+    MapPages {
+        /// Context id.
+        ctx: u32,
+        /// Device address of the first page (page-aligned, inside one on-demand buffer).
+        va: u64,
+        /// Pool slot of the first page.
+        slot: u32,
+        /// Pages.
+        count: u32,
+    },
+    /// Takes `count` resident pages from `va` away from the device. Acknowledged once no
+    /// workgroup can touch them any more (running ones that pin them yield at their next
+    /// checkpoint, and refault when they run again), never after a job completes: after
+    /// the ack kmd-shim may copy the slots out and reuse them. A workgroup that does not
+    /// yield within [`crate::fwmsg`]'s preemption bound gets its queue reset
+    /// (`PreemptTimeout`) and the pages are taken anyway.
+    Invalidate {
+        /// Context id.
+        ctx: u32,
+        /// Device address of the first page.
+        va: u64,
+        /// Pages.
+        count: u32,
+    },
+    /// The answer to a queue's faults: `code` 0 resumes the job named (its faulted
+    /// workgroups run again from their last checkpoint); otherwise the queue stops with
+    /// that [`ErrorCode`] and `address`.
+    FaultReply {
+        /// Context id.
+        ctx: u32,
+        /// Queue slot.
+        slot: u32,
+        /// The job the faults named.
+        job: u64,
+        /// 0, or the [`ErrorCode`] to stop the queue with.
+        code: u32,
+        /// The address for the error record.
+        address: u64,
+    },
+    /// The counterfactual eviction policy's wait (`WaitForIdleJobs`, off by default):
+    /// acknowledged once no unfinished job of `ctx` uses the buffer holding `va`, or with
+    /// [`FwStatus::Busy`] after `timeout_ms` (the policy's deadlock watchdog), after one
+    /// [`FwEvent::Busy`] per job still using it.
+    WaitJobs {
+        /// Context id.
+        ctx: u32,
+        /// Device address inside the buffer.
+        va: u64,
+        /// How long to wait, milliseconds.
+        timeout_ms: u32,
+    },
 }
 
 /// A message as eight words.
@@ -373,6 +449,54 @@ impl FwRequest {
                 kind::BAN_CONTEXT
             }
             FwRequest::Sync => kind::SYNC,
+            FwRequest::MapOnDemand { ctx, va, size } => {
+                w[1] = ctx as u64;
+                w[2] = va;
+                w[3] = size;
+                kind::MAP_ON_DEMAND
+            }
+            FwRequest::MapPages {
+                ctx,
+                va,
+                slot,
+                count,
+            } => {
+                w[1] = ctx as u64;
+                w[2] = va;
+                w[3] = slot as u64;
+                w[4] = count as u64;
+                kind::MAP_PAGES
+            }
+            FwRequest::Invalidate { ctx, va, count } => {
+                w[1] = ctx as u64;
+                w[2] = va;
+                w[3] = count as u64;
+                kind::INVALIDATE
+            }
+            FwRequest::FaultReply {
+                ctx,
+                slot,
+                job,
+                code,
+                address,
+            } => {
+                w[1] = ctx as u64;
+                w[2] = slot as u64;
+                w[3] = job;
+                w[4] = code as u64;
+                w[5] = address;
+                kind::FAULT_REPLY
+            }
+            FwRequest::WaitJobs {
+                ctx,
+                va,
+                timeout_ms,
+            } => {
+                w[1] = ctx as u64;
+                w[2] = va;
+                w[3] = timeout_ms as u64;
+                kind::WAIT_JOBS
+            }
         };
         w[0] = head(k, seq);
         w
@@ -462,6 +586,34 @@ impl FwRequest {
             },
             kind::BAN_CONTEXT => FwRequest::BanContext { ctx: n32(w[1])? },
             kind::SYNC => FwRequest::Sync,
+            kind::MAP_ON_DEMAND => FwRequest::MapOnDemand {
+                ctx: n32(w[1])?,
+                va: w[2],
+                size: w[3],
+            },
+            kind::MAP_PAGES => FwRequest::MapPages {
+                ctx: n32(w[1])?,
+                va: w[2],
+                slot: n32(w[3])?,
+                count: n32(w[4])?,
+            },
+            kind::INVALIDATE => FwRequest::Invalidate {
+                ctx: n32(w[1])?,
+                va: w[2],
+                count: n32(w[3])?,
+            },
+            kind::FAULT_REPLY => FwRequest::FaultReply {
+                ctx: n32(w[1])?,
+                slot: n32(w[2])?,
+                job: w[3],
+                code: n32(w[4])?,
+                address: w[5],
+            },
+            kind::WAIT_JOBS => FwRequest::WaitJobs {
+                ctx: n32(w[1])?,
+                va: w[2],
+                timeout_ms: n32(w[3])?,
+            },
             _ => return Err(FwStatus::Malformed),
         };
         Ok((seq, req))
@@ -544,6 +696,34 @@ mod tests {
             },
             FwRequest::BanContext { ctx: 3 },
             FwRequest::Sync,
+            FwRequest::MapOnDemand {
+                ctx: 3,
+                va: 1 << 32,
+                size: 1 << 20,
+            },
+            FwRequest::MapPages {
+                ctx: 3,
+                va: 1 << 32,
+                slot: 9,
+                count: 4,
+            },
+            FwRequest::Invalidate {
+                ctx: 3,
+                va: 1 << 32,
+                count: 2,
+            },
+            FwRequest::FaultReply {
+                ctx: 3,
+                slot: 1,
+                job: 44,
+                code: ErrorCode::MemoryViolation as u32,
+                address: 0x1234_0000,
+            },
+            FwRequest::WaitJobs {
+                ctx: 3,
+                va: 1 << 32,
+                timeout_ms: 2000,
+            },
         ];
         for (i, r) in reqs.iter().enumerate() {
             assert_eq!(FwRequest::decode(&r.encode(i as u32)), Ok((i as u32, *r)));
@@ -569,6 +749,22 @@ mod tests {
                 packet_index: 9,
                 elapsed_ms: 2001,
                 job: 5,
+            },
+            FwEvent::Fault {
+                ctx: 2,
+                slot: 3,
+                address: 1 << 32,
+                access: crate::paging::Access::Write,
+                job: 8,
+                batch: 77,
+                last: true,
+            },
+            FwEvent::Busy {
+                ctx: 2,
+                slot: 3,
+                job: 8,
+                packet_index: 5,
+                va: 1 << 32,
             },
         ];
         for e in evs {

@@ -15,11 +15,13 @@
 //! | CREATE_FENCE | initial value | [`CreateFenceReply`]: handle, global fence id, waiter slot | | fence state (rw), fence waiters (rw) |
 //! | IMPORT_FENCE | | [`ImportFenceReply`]: handle, global fence id, [`crate::layout::FenceKind`], waiter slot | fence state, fence waiters | |
 //! | RELEASE_FENCE | handle | [`EmptyReply`] | | |
-//! | ALLOC_BUFFER | size in bytes | [`BufferReply`]: device address, size (as asked; the memfd is whole pages) | | buffer memfd (rw) |
+//! | ALLOC_BUFFER | size in bytes, flags ([`crate::paging::ON_DEMAND`]) | [`BufferReply`]: device address, size (as asked; the memfd is whole pages) | | buffer memfd (rw) |
 //! | FREE_BUFFER | device address | [`EmptyReply`] | | |
 //! | IMPORT_BUFFER | | [`BufferReply`]: device address, size | buffer memfd (another context's) | |
 //! | SET_WATCHDOG | slot, [`Watchdog`] word | [`EmptyReply`] | | |
 //! | RESET_STATS | | [`ResetStatsReply`]: hangs (guilty), queues stopped by others' hangs or device loss (innocent), banned | | |
+//! | MIGRATE | device address, bytes, [`crate::paging::MigrateTo`] | [`EmptyReply`] | | |
+//! | PAGING_STATS | part (0 or 1) | [`PagingStatsReply`]: six values of [`crate::paging::PagingStats::parts`] | | |
 //!
 //! Reply values sit in [`RawReply::values`] in the order the table lists them; the values an
 //! op does not use are zero. Each reply type's [`Reply::decode`] checks exactly that.
@@ -32,7 +34,7 @@ use bytemuck::{Pod, Zeroable};
 mod reply;
 pub use reply::{
     BufferReply, CreateFenceReply, CreateQueueReply, EmptyReply, ImportFenceReply,
-    OpenContextReply, Reply, ReplyDecodeError, ResetStatsReply,
+    OpenContextReply, PagingStatsReply, Reply, ReplyDecodeError, ResetStatsReply,
 };
 
 /// Largest buffer one ALLOC_BUFFER may ask for (16 GiB).
@@ -68,6 +70,10 @@ pub mod op {
     pub const SET_WATCHDOG: u32 = 10;
     /// See [`super::Request::ResetStats`].
     pub const RESET_STATS: u32 = 11;
+    /// See [`super::Request::Migrate`].
+    pub const MIGRATE: u32 = 12;
+    /// See [`super::Request::PagingStats`].
+    pub const PAGING_STATS: u32 = 13;
 }
 
 /// Scheduling priority of a queue.
@@ -166,6 +172,9 @@ pub enum Request {
     AllocBuffer {
         /// Size in bytes, 1..=[`MAX_BUFFER_SIZE`].
         size: u64,
+        /// 0, or [`crate::paging::ON_DEMAND`]: no device pages until a kernel touches
+        /// them (the memfd returned is the host backing).
+        flags: u64,
     },
     /// Frees a buffer.
     FreeBuffer {
@@ -185,6 +194,21 @@ pub enum Request {
     /// Asks how resets touched this context (as `GL_ARB_robustness` and
     /// `gem_reset_stats`).
     ResetStats,
+    /// Moves a range of an on-demand buffer to host or device memory (see
+    /// [`crate::paging::MigrateTo`]); returns once it is there.
+    Migrate {
+        /// Device address inside an on-demand buffer.
+        va: u64,
+        /// Bytes from `va` (clipped to the buffer's end; at least 1).
+        len: u64,
+        /// Where to.
+        to: crate::paging::MigrateTo,
+    },
+    /// Reads half of the device's [`crate::paging::PagingStats`].
+    PagingStats {
+        /// 0 or 1.
+        part: u32,
+    },
 }
 
 impl Request {
@@ -221,9 +245,10 @@ impl Request {
                 r.op = op::RELEASE_FENCE;
                 r.args[0] = handle.0 as u64;
             }
-            Request::AllocBuffer { size } => {
+            Request::AllocBuffer { size, flags } => {
                 r.op = op::ALLOC_BUFFER;
                 r.args[0] = size;
+                r.args[1] = flags;
             }
             Request::FreeBuffer { va } => {
                 r.op = op::FREE_BUFFER;
@@ -236,6 +261,16 @@ impl Request {
                 r.args[1] = watchdog.encode();
             }
             Request::ResetStats => r.op = op::RESET_STATS,
+            Request::Migrate { va, len, to } => {
+                r.op = op::MIGRATE;
+                r.args[0] = va;
+                r.args[1] = len;
+                r.args[2] = to as u64;
+            }
+            Request::PagingStats { part } => {
+                r.op = op::PAGING_STATS;
+                r.args[0] = part as u64;
+            }
         }
         r
     }
@@ -278,7 +313,18 @@ impl Request {
                 },
                 1,
             ),
-            op::ALLOC_BUFFER => (Request::AllocBuffer { size: a[0] }, 1),
+            op::ALLOC_BUFFER => {
+                if a[1] & !crate::paging::ON_DEMAND != 0 {
+                    return Err(KmdStatus::InvalidArgument);
+                }
+                (
+                    Request::AllocBuffer {
+                        size: a[0],
+                        flags: a[1],
+                    },
+                    2,
+                )
+            }
             op::FREE_BUFFER => (Request::FreeBuffer { va: a[0] }, 1),
             op::IMPORT_BUFFER => (Request::ImportBuffer, 0),
             op::SET_WATCHDOG => (
@@ -289,6 +335,19 @@ impl Request {
                 2,
             ),
             op::RESET_STATS => (Request::ResetStats, 0),
+            op::MIGRATE => (
+                Request::Migrate {
+                    va: a[0],
+                    len: a[1],
+                    to: crate::paging::MigrateTo::from_u64(a[2])
+                        .ok_or(KmdStatus::InvalidArgument)?,
+                },
+                3,
+            ),
+            op::PAGING_STATS => match a[0] {
+                0 | 1 => (Request::PagingStats { part: a[0] as u32 }, 1),
+                _ => return Err(KmdStatus::InvalidArgument),
+            },
             _ => return Err(KmdStatus::UnknownOp),
         };
         if a[used..].iter().any(|&w| w != 0) {
@@ -358,7 +417,20 @@ mod tests {
             Request::ReleaseFence {
                 handle: FenceHandle(2),
             },
-            Request::AllocBuffer { size: 4096 },
+            Request::AllocBuffer {
+                size: 4096,
+                flags: 0,
+            },
+            Request::AllocBuffer {
+                size: 1 << 20,
+                flags: crate::paging::ON_DEMAND,
+            },
+            Request::Migrate {
+                va: 1 << 32,
+                len: 4096,
+                to: crate::paging::MigrateTo::Device,
+            },
+            Request::PagingStats { part: 1 },
             Request::FreeBuffer { va: 1 << 32 },
             Request::ImportBuffer,
             Request::SetWatchdog {

@@ -69,6 +69,11 @@ pub const NO_PROGRESS: u32 = 16;
 pub const SPIN_COUNTED: u32 = 17;
 /// Busy work that ignores checkpoints and cancellation (for engine recovery).
 pub const RUNAWAY: u32 = 18;
+/// A long-running streaming kernel: `passes` times over its workgroup's range of u32
+/// words (workgroup `i` takes `per` words from `i · per`), adding 1 to each, one device
+/// page at a time (its footprint is the page it is in), with a checkpoint every 1024
+/// words. Args: element count, passes, `per`, buffer.
+pub const STREAM_ADD_U32: u32 = 19;
 
 /// Longest spin the runaway kernel accepts, in nanoseconds.
 pub const RUNAWAY_MAX_NS: u64 = 60_000_000_000;

@@ -3,7 +3,7 @@
 //! This crate is the single source of truth for everything that crosses a process
 //! boundary in userq: the layouts of shared pages ([`layout`]), queue packets
 //! ([`packet`]), the built-in kernel ids ([`kernels`]), the client ↔ kmd-shim control messages ([`ioctl`]), hang detection ([`watchdog`]), the kmd-shim ↔
-//! firmware messages ([`fwmsg`]), error codes ([`error`]), and the wait/wake protocols on
+//! firmware messages ([`fwmsg`]), error codes ([`error`]), on-demand paging ([`paging`]), and the wait/wake protocols on
 //! shared futexes ([`sync`]). [`os`] is the small platform layer underneath: memfds,
 //! mappings with typed views, and fd passing; [`shm`] the typed handles on shared objects;
 //! [`socket`] where a device is reached.
@@ -25,6 +25,7 @@ pub mod layout;
 pub mod msgring;
 pub mod os;
 pub mod packet;
+pub mod paging;
 pub mod shm;
 pub mod socket;
 pub mod sync;

@@ -34,10 +34,61 @@ use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering::*};
 use rustix::thread::futex;
 use std::time::{Duration, Instant};
 
+std::thread_local! {
+    /// The signalling section this thread is in, if any (see [`begin_signalling`]).
+    static SIGNALLING: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// A thread's stay in a *signalling section*: code that something else's completion may
+/// depend on (kmd-shim's fault service and eviction). Like Linux's
+/// `dma_fence_begin_signalling`, it is a lockdep-style annotation: while it lives, a wait
+/// on shared memory (a fence word, or any word another process signals) from this thread
+/// panics in debug builds and tests, because a fence's signaller may itself be waiting for
+/// this section to finish. Sections nest; ending one restores the outer one.
+#[must_use = "the section ends when the guard is dropped"]
+pub struct SignallingSection {
+    outer: Option<&'static str>,
+    /// Thread-bound: the annotation is per thread.
+    _not_send: core::marker::PhantomData<*const ()>,
+}
+
+/// Enters a signalling section named `what` (for the panic message).
+pub fn begin_signalling(what: &'static str) -> SignallingSection {
+    SignallingSection {
+        outer: SIGNALLING.with(|s| s.replace(Some(what))),
+        _not_send: core::marker::PhantomData,
+    }
+}
+
+impl Drop for SignallingSection {
+    fn drop(&mut self) {
+        SIGNALLING.with(|s| s.set(self.outer));
+    }
+}
+
+/// The signalling section this thread is in, if any.
+pub fn in_signalling_section() -> Option<&'static str> {
+    SIGNALLING.with(|s| s.get())
+}
+
+/// Every wait on shared memory starts here: inside a signalling section it is a bug (a
+/// possible deadlock), caught in debug builds and tests.
+#[track_caller]
+fn assert_may_wait() {
+    if cfg!(debug_assertions) {
+        if let Some(what) = in_signalling_section() {
+            panic!("wait on shared memory inside the signalling section `{what}`: a fence's signaller may be waiting for this section (dma_fence_begin_signalling rule)");
+        }
+    }
+}
+
 /// Sleeps on a shared futex word while it holds `expected`, for at most `timeout`.
 /// Returns early on a wake, a changed word, a signal or a spurious wake-up: callers
-/// re-check their condition in a loop.
+/// re-check their condition in a loop. Panics in debug builds inside a
+/// [`SignallingSection`].
+#[track_caller]
 pub fn futex_wait(word: &impl Word32, expected: u32, timeout: Option<Duration>) {
+    assert_may_wait();
     let ts = timeout.map(|d| rustix::time::Timespec {
         tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
         tv_nsec: d.subsec_nanos() as _,
@@ -54,7 +105,9 @@ pub fn futex_wake_all(word: &AtomicU32) {
 /// Sleeps until any of `words[i]` differs from `expected[i]` (or a wake, or `timeout`),
 /// with one `futex_waitv` (Linux 5.16+). Falls back to waiting on the first word for at
 /// most a millisecond where the kernel lacks `futex_waitv`, so callers still poll.
+#[track_caller]
 pub fn futex_wait_any(words: &[(&dyn Word32, u32)], timeout: Option<Duration>) {
+    assert_may_wait();
     const MAX: usize = 128;
     if words.is_empty() {
         return;
@@ -137,11 +190,15 @@ static WAITV_BROKEN: core::sync::atomic::AtomicBool = core::sync::atomic::Atomic
 /// at all if that is `None`: the caller's deadline has passed). The timeout is computed
 /// only when it is needed, so a re-check that finds the work costs no clock read. Returns
 /// early on any wake, signal or spurious wake-up: callers re-check in a loop.
+#[track_caller]
 pub fn sleep_unless(
     words: &[&dyn Word32],
     work_visible: impl FnOnce() -> bool,
     timeout: impl FnOnce() -> Option<Duration>,
 ) {
+    // Even when the re-check would find the work: the annotation flags the attempt, so a
+    // test catches it whatever the timing.
+    assert_may_wait();
     /// Snapshots of up to this many words live on the stack (no allocation per sleep).
     const INLINE: usize = 8;
     static UNUSED: AtomicU32 = AtomicU32::new(0);
@@ -500,6 +557,33 @@ impl Backoff {
 mod tests {
     use super::*;
     use crate::shm::{Sealing, Shm};
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "inside the signalling section `fault service`")]
+    fn a_wait_inside_a_signalling_section_panics() {
+        let word = AtomicU32::new(0);
+        let _s = begin_signalling("fault service");
+        // The word never changes: without the annotation this would sleep 1 ms and return.
+        futex_wait(&word, 0, Some(Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn signalling_sections_nest_and_end() {
+        let word = AtomicU32::new(0);
+        assert_eq!(in_signalling_section(), None);
+        {
+            let _a = begin_signalling("eviction");
+            {
+                let _b = begin_signalling("fault service");
+                assert_eq!(in_signalling_section(), Some("fault service"));
+            }
+            assert_eq!(in_signalling_section(), Some("eviction"));
+        }
+        assert_eq!(in_signalling_section(), None);
+        // Outside every section a wait is allowed (and returns: the word differs).
+        futex_wait(&word, 1, Some(Duration::from_millis(1)));
+    }
 
     #[test]
     fn a_departing_holder_takes_only_its_own_waiters_off_the_shared_count() {

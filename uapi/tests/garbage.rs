@@ -53,7 +53,10 @@ const VALID: [Request; 11] = [
     Request::ReleaseFence {
         handle: userq_uapi::packet::FenceHandle(2),
     },
-    Request::AllocBuffer { size: 4096 },
+    Request::AllocBuffer {
+        size: 4096,
+        flags: 0,
+    },
     Request::FreeBuffer { va: 1 << 32 },
     Request::ImportBuffer,
     Request::SetWatchdog {

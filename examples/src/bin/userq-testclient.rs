@@ -190,7 +190,7 @@ impl Raw {
     }
 
     fn buffer(&self, size: u64) -> Res<u64> {
-        let (v, _) = call(&self.sock, Request::AllocBuffer { size }, &[])?;
+        let (v, _) = call(&self.sock, Request::AllocBuffer { size, flags: 0 }, &[])?;
         Ok(BufferReply::decode(&v)?.va)
     }
 

@@ -2,9 +2,12 @@
 //! element, each workgroup a contiguous range; no workgroup reads another's output.
 
 use super::{f, items, need, one_dimensional, set};
-use crate::kernel::{ArgError, ArgKind, Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
+use crate::kernel::{
+    ArgError, ArgKind, Args, Checkpoint, Footprint, Kernel, Workgroup, WorkgroupStatus,
+};
 use std::sync::atomic::Ordering::Relaxed;
 use userq_uapi::packet::Dispatch;
+use userq_uapi::paging::Access::{Read, Write};
 use ArgKind::{Buffer as B, F32, U64};
 
 pub(super) struct Fill;
@@ -14,6 +17,10 @@ impl Kernel for Fill {
     }
     fn signature(&self) -> &[ArgKind] {
         &[U64, U64, B]
+    }
+    fn footprint(&self, a: &Args, wg: &Workgroup, out: &mut Footprint) {
+        let r = items(wg, a.u64(0));
+        out.items(2, r, 4, Write);
     }
     fn validate(&self, a: &Args, d: &Dispatch) -> Result<(), ArgError> {
         one_dimensional(d)?;
@@ -40,6 +47,11 @@ impl Kernel for Copy {
     fn signature(&self) -> &[ArgKind] {
         &[U64, B, B]
     }
+    fn footprint(&self, a: &Args, wg: &Workgroup, out: &mut Footprint) {
+        let r = items(wg, a.u64(0));
+        out.items(1, r.clone(), 4, Read);
+        out.items(2, r, 4, Write);
+    }
     fn validate(&self, a: &Args, d: &Dispatch) -> Result<(), ArgError> {
         one_dimensional(d)?;
         need(a, 1, a.u64(0), 4)?;
@@ -62,6 +74,11 @@ impl Kernel for Axpy {
     fn signature(&self) -> &[ArgKind] {
         &[U64, F32, B, B]
     }
+    fn footprint(&self, a: &Args, wg: &Workgroup, out: &mut Footprint) {
+        let r = items(wg, a.u64(0));
+        out.items(2, r.clone(), 4, Read);
+        out.items(3, r, 4, Write);
+    }
     fn validate(&self, a: &Args, d: &Dispatch) -> Result<(), ArgError> {
         one_dimensional(d)?;
         need(a, 2, a.u64(0), 4)?;
@@ -83,6 +100,10 @@ impl Kernel for Scale {
     }
     fn signature(&self) -> &[ArgKind] {
         &[U64, F32, B]
+    }
+    fn footprint(&self, a: &Args, wg: &Workgroup, out: &mut Footprint) {
+        let r = items(wg, a.u64(0));
+        out.items(2, r, 4, Write);
     }
     fn validate(&self, a: &Args, d: &Dispatch) -> Result<(), ArgError> {
         one_dimensional(d)?;
@@ -108,6 +129,12 @@ impl Kernel for Binary {
     }
     fn signature(&self) -> &[ArgKind] {
         &[U64, B, B, B]
+    }
+    fn footprint(&self, a: &Args, wg: &Workgroup, out: &mut Footprint) {
+        let r = items(wg, a.u64(0));
+        out.items(1, r.clone(), 4, Read);
+        out.items(2, r.clone(), 4, Read);
+        out.items(3, r, 4, Write);
     }
     fn validate(&self, a: &Args, d: &Dispatch) -> Result<(), ArgError> {
         one_dimensional(d)?;

@@ -5,7 +5,7 @@
 //! moves). f32 values travel as their bit patterns. By family: `elementwise.rs` (fill, copy,
 //! axpy, scale, add, mul), `reduce.rs` (sums, dot, histogram, checksum: one partial per
 //! workgroup), `tiled.rs` (GEMM and scan, checkpointed inside a workgroup), `long.rs` (spin,
-//! persistent, no_progress, spin_counted). This file is the library and the helpers they
+//! persistent, no_progress, spin_counted, runaway, stream_add). This file is the library and the helpers they
 //! share.
 
 mod elementwise;
@@ -18,7 +18,7 @@ pub use reduce::fnv1a;
 
 use crate::kernel::{ArgError, Args, Kernel, Workgroup};
 use elementwise::{Axpy, Binary, Copy, Fill, Scale};
-use long::{NoProgress, Persistent, Runaway, Spin, SpinCounted};
+use long::{NoProgress, Persistent, Runaway, Spin, SpinCounted, StreamAdd};
 use reduce::{Checksum, Dot, Histogram, ReduceSumF32, ReduceSumU64};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -49,7 +49,7 @@ impl KernelLibrary {
     /// The built-in kernels.
     pub fn builtin() -> Self {
         let mut l = KernelLibrary::default();
-        let all: [(u32, Arc<dyn Kernel>); 18] = [
+        let all: [(u32, Arc<dyn Kernel>); 19] = [
             (id::FILL_U32, Arc::new(Fill)),
             (id::COPY_U32, Arc::new(Copy)),
             (id::AXPY_F32, Arc::new(Axpy)),
@@ -80,6 +80,7 @@ impl KernelLibrary {
             (id::NO_PROGRESS, Arc::new(NoProgress)),
             (id::SPIN_COUNTED, Arc::new(SpinCounted)),
             (id::RUNAWAY, Arc::new(Runaway)),
+            (id::STREAM_ADD_U32, Arc::new(StreamAdd)),
         ];
         for (i, k) in all {
             l.kernels.insert(i, k);

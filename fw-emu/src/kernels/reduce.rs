@@ -3,10 +3,31 @@
 //! in, and the host (or a second dispatch) combines the partials deterministically.
 
 use super::{f, items, need, one_dimensional, set};
-use crate::kernel::{ArgError, ArgKind, Args, Checkpoint, Kernel, Workgroup, WorkgroupStatus};
+use crate::kernel::{
+    ArgError, ArgKind, Args, Checkpoint, Footprint, Kernel, Workgroup, WorkgroupStatus,
+};
 use std::sync::atomic::Ordering::Relaxed;
 use userq_uapi::packet::Dispatch;
+use userq_uapi::paging::Access::{Read, Write};
 use ArgKind::{Buffer as B, U64};
+
+/// The footprint of a reduction: its items of `input` (elements of `size` bytes) and its
+/// own partial slot in `partials`.
+fn reduction(
+    a: &Args,
+    wg: &Workgroup,
+    inputs: &[usize],
+    size: u64,
+    partials: usize,
+    psize: u64,
+    out: &mut Footprint,
+) {
+    let r = items(wg, a.u64(0));
+    for &i in inputs {
+        out.items(i, r.clone(), size, Read);
+    }
+    out.add(partials, wg.index * psize..(wg.index + 1) * psize, Write);
+}
 
 /// Partials need one slot per workgroup.
 fn need_partials(a: &Args, i: usize, d: &Dispatch, size: u64) -> Result<(), ArgError> {
@@ -17,6 +38,9 @@ pub(super) struct ReduceSumF32;
 impl Kernel for ReduceSumF32 {
     fn name(&self) -> &str {
         "reduce_sum_f32"
+    }
+    fn footprint(&self, a: &Args, wg: &Workgroup, out: &mut Footprint) {
+        reduction(a, wg, &[1], 4, 2, 4, out);
     }
     fn signature(&self) -> &[ArgKind] {
         &[U64, B, B]
@@ -39,6 +63,9 @@ impl Kernel for ReduceSumU64 {
     fn name(&self) -> &str {
         "reduce_sum_u64"
     }
+    fn footprint(&self, a: &Args, wg: &Workgroup, out: &mut Footprint) {
+        reduction(a, wg, &[1], 8, 2, 8, out);
+    }
     fn signature(&self) -> &[ArgKind] {
         &[U64, B, B]
     }
@@ -59,6 +86,9 @@ pub(super) struct Dot;
 impl Kernel for Dot {
     fn name(&self) -> &str {
         "dot_f32"
+    }
+    fn footprint(&self, a: &Args, wg: &Workgroup, out: &mut Footprint) {
+        reduction(a, wg, &[1, 2], 4, 3, 4, out);
     }
     fn signature(&self) -> &[ArgKind] {
         &[U64, B, B, B]
@@ -81,6 +111,12 @@ pub(super) struct Histogram;
 impl Kernel for Histogram {
     fn name(&self) -> &str {
         "histogram_u32"
+    }
+    fn footprint(&self, a: &Args, wg: &Workgroup, out: &mut Footprint) {
+        out.items(2, items(wg, a.u64(0)), 4, Read);
+        // Any bin may be hit: all of them (atomic adds, so replays after a fault are
+        // exact only because the workgroup faults before it adds anything).
+        out.add(3, 0..a.u64(1) * 4, Write);
     }
     fn signature(&self) -> &[ArgKind] {
         &[U64, U64, B, B]
@@ -107,6 +143,9 @@ pub(super) struct Checksum;
 impl Kernel for Checksum {
     fn name(&self) -> &str {
         "checksum_u32"
+    }
+    fn footprint(&self, a: &Args, wg: &Workgroup, out: &mut Footprint) {
+        reduction(a, wg, &[1], 4, 2, 4, out);
     }
     fn signature(&self) -> &[ArgKind] {
         &[U64, B, B]

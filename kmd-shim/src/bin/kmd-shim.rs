@@ -32,6 +32,15 @@ struct Args {
     /// Firmware restarts allowed within a minute; 0 leaves a lost device lost.
     #[arg(long, default_value_t = RestartPolicy::default().max_restarts)]
     max_restarts: u32,
+    /// Device memory for on-demand buffers, in bytes (64 KiB to 64 GiB).
+    #[arg(long, default_value_t = userq_uapi::paging::DEFAULT_VRAM)]
+    vram: u64,
+    /// The counterfactual eviction policy (off by default): wait up to this many
+    /// milliseconds for the jobs using a buffer before evicting it, as a dma-fence-backed
+    /// memory manager would. It deadlocks with page faults; the watchdog then prints the
+    /// cycle and stops the faulting queues.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3000))]
+    eviction_waits_for_jobs_ms: Option<u64>,
 }
 
 /// Raises the soft descriptor limit to the hard one: each connection is a descriptor, and
@@ -75,6 +84,12 @@ fn main() -> ExitCode {
     config.limits.ban_after_hangs = args.ban_after_hangs;
     config.limits.ban_window = Duration::from_secs(args.ban_window_secs);
     config.restart.max_restarts = args.max_restarts;
+    config.vram = args.vram;
+    if let Some(ms) = args.eviction_waits_for_jobs_ms {
+        config.eviction = kmd_shim::EvictionPolicy::WaitForIdleJobs {
+            watchdog: Duration::from_millis(ms),
+        };
+    }
     let kmd = match Kmd::start(config) {
         Ok(k) => k,
         Err(e) => {

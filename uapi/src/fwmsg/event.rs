@@ -27,6 +27,9 @@ pub enum FwStatus {
     /// reset ([`ErrorCode::PreemptTimeout`]).
     #[error("preemption timed out")]
     PreemptTimeout = 5,
+    /// A [`super::FwRequest::WaitJobs`] gave up: jobs still use the buffer.
+    #[error("jobs still use the buffer")]
+    Busy = 6,
 }
 
 impl FwStatus {
@@ -37,6 +40,7 @@ impl FwStatus {
             2 => Self::NotFound,
             3 => Self::Exists,
             5 => Self::PreemptTimeout,
+            6 => Self::Busy,
             _ => Self::Malformed,
         }
     }
@@ -88,6 +92,41 @@ pub enum FwEvent {
         /// The firmware's id of the hung job, to name in [`super::FwRequest::ResetQueue`].
         job: u64,
     },
+    /// A workgroup's footprint touched a page that is not resident. The job stopped
+    /// handing out workgroups; the faulting ones wait, with their checkpoint state, for
+    /// [`super::FwRequest::FaultReply`]. Faults go in batches (at most
+    /// [`crate::paging::FAULT_BATCH_MAX`], sorted by address so that pages of one 2 MiB
+    /// region are together); the last of a batch has `last` set.
+    Fault {
+        /// Context id.
+        ctx: u32,
+        /// Queue slot.
+        slot: u32,
+        /// Device address of the page (page-aligned).
+        address: u64,
+        /// How the workgroup touches it.
+        access: crate::paging::Access,
+        /// The faulting job.
+        job: u64,
+        /// The batch's number.
+        batch: u64,
+        /// The batch's last fault.
+        last: bool,
+    },
+    /// Sent before a [`super::FwRequest::WaitJobs`] that timed out is acknowledged: a job
+    /// that still uses the buffer.
+    Busy {
+        /// Context id.
+        ctx: u32,
+        /// Queue slot.
+        slot: u32,
+        /// The job.
+        job: u64,
+        /// Index of its DISPATCH packet.
+        packet_index: u64,
+        /// The buffer address the wait named.
+        va: u64,
+    },
 }
 
 impl FwEvent {
@@ -132,6 +171,38 @@ impl FwEvent {
                 w[5] = elapsed_ms;
                 w[6] = job;
             }
+            FwEvent::Fault {
+                ctx,
+                slot,
+                address,
+                access,
+                job,
+                batch,
+                last,
+            } => {
+                w[0] = head(kind::FAULT, 0);
+                w[1] = ctx as u64;
+                w[2] = slot as u64;
+                w[3] = address;
+                w[4] = access as u64;
+                w[5] = job;
+                w[6] = batch;
+                w[7] = last as u64;
+            }
+            FwEvent::Busy {
+                ctx,
+                slot,
+                job,
+                packet_index,
+                va,
+            } => {
+                w[0] = head(kind::BUSY, 0);
+                w[1] = ctx as u64;
+                w[2] = slot as u64;
+                w[3] = job;
+                w[4] = packet_index;
+                w[5] = va;
+            }
         }
         w
     }
@@ -159,6 +230,22 @@ impl FwEvent {
                 packet_index: w[4],
                 elapsed_ms: w[5],
                 job: w[6],
+            },
+            kind::FAULT => FwEvent::Fault {
+                ctx: u32::try_from(w[1]).ok()?,
+                slot: u32::try_from(w[2]).ok()?,
+                address: w[3],
+                access: crate::paging::Access::from_u64(w[4])?,
+                job: w[5],
+                batch: w[6],
+                last: w[7] != 0,
+            },
+            kind::BUSY => FwEvent::Busy {
+                ctx: u32::try_from(w[1]).ok()?,
+                slot: u32::try_from(w[2]).ok()?,
+                job: w[3],
+                packet_index: w[4],
+                va: w[5],
             },
             _ => return None,
         })

@@ -302,7 +302,25 @@ impl Reply for ResetStatsReply {
     }
 }
 
-/// The reply to DESTROY_QUEUE, RELEASE_FENCE, FREE_BUFFER and SET_WATCHDOG: no values.
+/// The reply to PAGING_STATS: one half of [`crate::paging::PagingStats::parts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PagingStatsReply(pub [u64; 6]);
+
+impl Reply for PagingStatsReply {
+    fn encode(&self) -> [u64; 7] {
+        reply_values(&self.0)
+    }
+
+    fn decode(values: &[u64; 7]) -> Result<Self, ReplyDecodeError> {
+        let mut r = ReplyReader::new(values);
+        let v = [r.word(), r.word(), r.word(), r.word(), r.word(), r.word()];
+        r.finish()?;
+        Ok(PagingStatsReply(v))
+    }
+}
+
+/// The reply to DESTROY_QUEUE, RELEASE_FENCE, FREE_BUFFER, SET_WATCHDOG and MIGRATE: no
+/// values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EmptyReply;
 

@@ -1,0 +1,161 @@
+//! DOC: fault service: one batch of faults, on the pager thread, under the pager lock.
+//!
+//! For each fault: find the on-demand buffer that covers the address (none: a memory
+//! violation for that queue, reported with the address; the other queues go on). Pages
+//! not resident are brought in per buffer: room is made first ([`crate::evict`]), then
+//! each page's host copy is copied into a free pool slot and the firmware maps runs of
+//! consecutive pages in consecutive slots with one request. Then every faulting job gets
+//! its reply: resume, or the error. Nothing here waits on a fence or a job; the section
+//! is annotated so that a wait on shared memory panics in debug builds.
+
+use crate::evict::{self, Deadlock};
+use crate::pager::{PageLink, PagerState};
+use crate::pool::copy_words;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+use userq_uapi::error::ErrorCode;
+use userq_uapi::fwmsg::FwEvent;
+use userq_uapi::paging::DEVICE_PAGE;
+use userq_uapi::sync;
+
+/// A faulting job: (context, queue slot, job id).
+type FaultingJob = (u32, u32, u64);
+
+/// Services one batch of faults.
+pub(crate) fn service(
+    st: &mut PagerState,
+    link: &PageLink<'_>,
+    busy: &Mutex<Vec<FwEvent>>,
+    batch: &[FwEvent],
+    verbose: bool,
+) {
+    let _section = sync::begin_signalling("fault service");
+    let t0 = Instant::now();
+    st.stats.batches += 1;
+    // Per faulting job: its first faulting address, and the error to stop it with.
+    let mut replies: BTreeMap<FaultingJob, (u64, Option<(ErrorCode, u64)>)> = BTreeMap::new();
+    let mut need: BTreeMap<(u32, u64), Vec<usize>> = BTreeMap::new();
+    for ev in batch {
+        let &FwEvent::Fault {
+            ctx,
+            slot,
+            address,
+            job,
+            ..
+        } = ev
+        else {
+            continue;
+        };
+        st.stats.faults += 1;
+        let entry = replies.entry((ctx, slot, job)).or_insert((address, None));
+        match st.find(ctx, address) {
+            None => {
+                st.stats.violations += 1;
+                entry.1.get_or_insert((ErrorCode::MemoryViolation, address));
+            }
+            Some((key, page)) => {
+                let b = &st.buffers[&key];
+                if b.pages[page].is_none() {
+                    if b.evicted[page] {
+                        st.stats.refaults += 1;
+                    }
+                    need.entry(key).or_default().push(page);
+                }
+            }
+        }
+    }
+    let mut deadlock = None;
+    for (key, mut pages) in need {
+        pages.sort_unstable();
+        pages.dedup();
+        if let Err(d) = bring_in(st, link, busy, key, &pages, verbose) {
+            deadlock = Some(d);
+            break;
+        }
+    }
+    if let Some(d) = deadlock {
+        st.stats.deadlocks += 1;
+        eprintln!("{}", d.describe(&replies));
+        for (address, err) in replies.values_mut() {
+            err.get_or_insert((ErrorCode::EvictionDeadlock, *address));
+        }
+    }
+    for ((ctx, slot, job), (_, err)) in replies {
+        link.fault_reply(ctx, slot, job, err);
+    }
+    st.stats.service_ns += t0.elapsed().as_nanos() as u64;
+}
+
+/// Makes `pages` of buffer `key` resident (as many as the pool holds): room first, then
+/// copy in and map. Fails only when the counterfactual policy's eviction deadlocks.
+pub(crate) fn bring_in(
+    st: &mut PagerState,
+    link: &PageLink<'_>,
+    busy: &Mutex<Vec<FwEvent>>,
+    key: (u32, u64),
+    pages: &[usize],
+    verbose: bool,
+) -> Result<(), Deadlock> {
+    let Some(pool) = st.pool.clone() else {
+        return Ok(());
+    };
+    let Some(b) = st.buffers.get(&key) else {
+        return Ok(());
+    };
+    let missing: Vec<usize> = pages
+        .iter()
+        .copied()
+        .filter(|&p| b.pages.get(p).is_some_and(Option::is_none))
+        .take(pool.slots() as usize)
+        .collect();
+    let short = missing.len().saturating_sub(st.free.len());
+    if short > 0 {
+        evict::make_room(st, link, busy, short, verbose)?;
+    }
+    let mut run: Option<(usize, u32, u32)> = None; // first page, first slot, count
+    let mut brought = 0u64;
+    let mut copy_ns = 0u64;
+    for page in missing {
+        if !st.buffers.contains_key(&key) {
+            break;
+        }
+        let Some(slot) = st.take_slot(key, page) else {
+            break;
+        };
+        let t = Instant::now();
+        copy_words(pool.slot_words(slot), st.buffers[&key].host_words(page));
+        copy_ns += t.elapsed().as_nanos() as u64;
+        brought += 1;
+        run = match run {
+            Some((p, s, n)) if p + n as usize == page && s + n == slot => Some((p, s, n + 1)),
+            Some(r) => {
+                map_run(st, link, key, r);
+                Some((page, slot, 1))
+            }
+            None => Some((page, slot, 1)),
+        };
+    }
+    if let Some(r) = run {
+        map_run(st, link, key, r);
+    }
+    st.stats.pages_in += brought;
+    st.stats.migrate_ns += copy_ns;
+    Ok(())
+}
+
+/// Has the firmware map a run; if it refuses (the buffer was freed meanwhile), the slots
+/// go back.
+fn map_run(
+    st: &mut PagerState,
+    link: &PageLink<'_>,
+    key: (u32, u64),
+    (page, slot, n): (usize, u32, u32),
+) {
+    let va = key.1 + page as u64 * DEVICE_PAGE;
+    if link.map_pages(key.0, va, slot, n).is_err() {
+        for s in slot..slot + n {
+            st.release_slot(s);
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! DOC: on-demand memory: the pager's state, its thread, and the ioctls that reach it
+//! (ALLOC_BUFFER with `ON_DEMAND`, FREE_BUFFER of such a buffer, MIGRATE, PAGING_STATS).
+//!
+//! kmd-shim's event thread collects [`FwEvent::Fault`]s into batches and hands each
+//! finished batch to the *pager thread* (like xe's page-fault work queue behind the GuC
+//! G2H handler): the event thread delivers acks, so it must never wait for one, and
+//! servicing a fault waits for several. The pager thread services a batch under the
+//! pager lock ([`crate::fault`]), evicting where it needs room ([`crate::evict`]).
+//!
+//! The pager lock protects the paging state (pool slots, residency of every on-demand
+//! page, statistics) and nothing else; it is held across the paging requests to the
+//! firmware, whose acks are bounded (map and reply at once, invalidate once pins drain or
+//! after the preemption bound). No code under it waits on a fence or a job: the paging
+//! modules only get a [`PageLink`], whose requests are exactly those, and they run in a
+//! [`userq_uapi::sync::SignallingSection`] that turns any wait on shared memory into a
+//! panic in debug builds.
+//!
+//! **Coherence rule** (what host access sees): an on-demand buffer's memfd is its host
+//! copy. Device pages are copied in when a kernel faults (or on MIGRATE to device) and
+//! copied back when evicted (or on MIGRATE to host). The runtime migrates the range it
+//! reads or writes to host first, so the host never sees stale data; since the firmware
+//! maps a page only from a copy made after that, the device never computes on stale data
+//! as long as the host does not write a range while a kernel using it runs (as with
+//! `cudaMallocManaged` without concurrent managed access).
+
+use crate::device::Device;
+use crate::firmware::FirmwareLink;
+use crate::pool::DevicePool;
+use rustix::fd::{AsFd, OwnedFd};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+use userq_uapi::error::ErrorCode;
+use userq_uapi::fwmsg::{FwEvent, FwRequest};
+use userq_uapi::paging::{MigrateTo, PagingStats, DEVICE_PAGE};
+use userq_uapi::shm::ShmBytes;
+use userq_uapi::KmdStatus;
+
+/// How eviction treats pages that jobs use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EvictionPolicy {
+    /// Path 3, the default: invalidate the pages (the firmware acknowledges once no
+    /// running workgroup pins them; workgroups yield at their next checkpoint and refault
+    /// later), copy them out, reuse the slots. Never waits for a job.
+    #[default]
+    InvalidateAndRefault,
+    /// The counterfactual, off by default: before evicting a buffer's pages, wait until
+    /// no job of its context uses the buffer, as eviction behind a dma-fence would. With
+    /// page faults and long-running jobs this deadlocks; the wait is bounded by `watchdog`,
+    /// which then prints the cycle and stops the faulting queues (`EvictionDeadlock`).
+    WaitForIdleJobs {
+        /// How long to wait for the jobs before declaring the deadlock.
+        watchdog: Duration,
+    },
+}
+
+/// An on-demand buffer as the pager sees it.
+pub(crate) struct OdBuffer {
+    /// Bytes as asked.
+    pub(crate) size: u64,
+    /// The host copy (the buffer's memfd, whole 4 KiB pages).
+    pub(crate) host: ShmBytes,
+    /// The pool slot of each device page, if resident.
+    pub(crate) pages: Vec<Option<u32>>,
+    /// Pages that were evicted at least once (a fault on one is a refault).
+    pub(crate) evicted: Vec<bool>,
+}
+
+impl OdBuffer {
+    /// The host words of device page `page` (the last page may be shorter).
+    pub(crate) fn host_words(&self, page: usize) -> &[std::sync::atomic::AtomicU64] {
+        let off = page * DEVICE_PAGE as usize;
+        let len = (self.host.len().saturating_sub(off)).min(DEVICE_PAGE as usize);
+        self.host.atomics(off, len / 8).unwrap_or(&[])
+    }
+}
+
+/// Everything the pager lock protects.
+pub(crate) struct PagerState {
+    /// The generation whose pool this is.
+    pub(crate) generation: u64,
+    pub(crate) pool: Option<Arc<DevicePool>>,
+    /// Free slots, highest first (so pops hand out ascending, mostly consecutive slots).
+    pub(crate) free: Vec<u32>,
+    /// Who holds each slot: (context, buffer address, page).
+    pub(crate) owner: Vec<Option<(u32, u64, usize)>>,
+    /// On-demand buffers by (context, address).
+    pub(crate) buffers: BTreeMap<(u32, u64), OdBuffer>,
+    pub(crate) stats: PagingStats,
+    pub(crate) policy: EvictionPolicy,
+}
+
+impl PagerState {
+    /// Starts over on `link`'s pool if the generation changed (a restart loses every
+    /// context, and with them every on-demand buffer).
+    pub(crate) fn follow(&mut self, link: &FirmwareLink) {
+        if self.pool.is_some() && self.generation == link.generation() {
+            return;
+        }
+        let pool = link.pool().clone();
+        let slots = pool.slots();
+        self.generation = link.generation();
+        self.free = (0..slots).rev().collect();
+        self.owner = vec![None; slots as usize];
+        self.buffers.clear();
+        self.stats.budget_pages = slots as u64;
+        self.stats.resident_pages = 0;
+        self.pool = Some(pool);
+    }
+
+    /// The on-demand buffer of `ctx` holding `addr`: its key and the page.
+    pub(crate) fn find(&self, ctx: u32, addr: u64) -> Option<((u32, u64), usize)> {
+        let (&key, b) = self.buffers.range(..=(ctx, addr)).next_back()?;
+        (key.0 == ctx && addr < key.1 + b.size)
+            .then(|| (key, ((addr - key.1) / DEVICE_PAGE) as usize))
+    }
+
+    /// Gives a slot back: its memory to the OS, its page non-resident.
+    pub(crate) fn release_slot(&mut self, slot: u32) {
+        if let Some(pool) = &self.pool {
+            pool.release(slot);
+        }
+        if let Some((ctx, va, page)) = self.owner.get_mut(slot as usize).and_then(Option::take) {
+            if let Some(b) = self.buffers.get_mut(&(ctx, va)) {
+                b.pages[page] = None;
+            }
+        }
+        self.free.push(slot);
+        self.stats.resident_pages = self.stats.resident_pages.saturating_sub(1);
+    }
+
+    /// Takes a free slot for page `page` of buffer `key`.
+    pub(crate) fn take_slot(&mut self, key: (u32, u64), page: usize) -> Option<u32> {
+        let slot = self.free.pop()?;
+        self.owner[slot as usize] = Some((key.0, key.1, page));
+        if let Some(b) = self.buffers.get_mut(&key) {
+            b.pages[page] = Some(slot);
+        }
+        self.stats.resident_pages += 1;
+        self.stats.peak_resident_pages = self
+            .stats
+            .peak_resident_pages
+            .max(self.stats.resident_pages);
+        Some(slot)
+    }
+}
+
+/// The only firmware requests paging code can make. None of them waits for a job or a
+/// fence: map, reply and unmap are acknowledged at once, an invalidation once the pins
+/// drain or after the preemption bound.
+pub(crate) struct PageLink<'a>(&'a FirmwareLink);
+
+impl<'a> PageLink<'a> {
+    pub(crate) fn new(link: &'a FirmwareLink) -> Self {
+        PageLink(link)
+    }
+
+    /// Maps `count` pages from `va` to slots from `slot`.
+    pub(crate) fn map_pages(
+        &self,
+        ctx: u32,
+        va: u64,
+        slot: u32,
+        count: u32,
+    ) -> Result<(), KmdStatus> {
+        self.0.call(
+            FwRequest::MapPages {
+                ctx,
+                va,
+                slot,
+                count,
+            },
+            &[],
+        )
+    }
+
+    /// Takes `count` pages from `va` away from the device. `Ok` also when the firmware
+    /// had to reset a queue to get them (the pages are taken either way).
+    pub(crate) fn invalidate(&self, ctx: u32, va: u64, count: u32) -> Result<(), KmdStatus> {
+        match self.0.call(FwRequest::Invalidate { ctx, va, count }, &[]) {
+            Err(KmdStatus::FirmwareTimeout) if !self.0.is_lost() => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Resumes a faulted job, or stops its queue.
+    pub(crate) fn fault_reply(
+        &self,
+        ctx: u32,
+        slot: u32,
+        job: u64,
+        error: Option<(ErrorCode, u64)>,
+    ) {
+        let (code, address) = error.map_or((0, 0), |(c, a)| (c as u32, a));
+        let _ = self.0.call(
+            FwRequest::FaultReply {
+                ctx,
+                slot,
+                job,
+                code,
+                address,
+            },
+            &[],
+        );
+    }
+
+    /// The link, for the counterfactual policy's wait only ([`crate::evict_wait_jobs`]).
+    pub(crate) fn firmware(&self) -> &FirmwareLink {
+        self.0
+    }
+}
+
+/// The pager: its state, and the batches waiting for its thread.
+pub struct Pager {
+    state: Mutex<PagerState>,
+    /// Faults of the batch the event thread is collecting.
+    collecting: Mutex<Vec<FwEvent>>,
+    /// Complete batches for the pager thread.
+    batches: Mutex<Vec<Vec<FwEvent>>>,
+    ready: Condvar,
+    /// Jobs a timed-out WaitJobs named (filled by the event thread).
+    pub(crate) busy: Mutex<Vec<FwEvent>>,
+}
+
+impl std::fmt::Debug for Pager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pager").finish_non_exhaustive()
+    }
+}
+
+impl Pager {
+    /// A pager with `policy`.
+    pub fn new(policy: EvictionPolicy) -> Self {
+        Pager {
+            state: Mutex::new(PagerState {
+                generation: 0,
+                pool: None,
+                free: Vec::new(),
+                owner: Vec::new(),
+                buffers: BTreeMap::new(),
+                stats: PagingStats::default(),
+                policy,
+            }),
+            collecting: Mutex::new(Vec::new()),
+            batches: Mutex::new(Vec::new()),
+            ready: Condvar::new(),
+            busy: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Locks the paging state, following the current generation.
+    pub(crate) fn lock(&self, link: &FirmwareLink) -> MutexGuard<'_, PagerState> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.follow(link);
+        s
+    }
+
+    /// Event thread: one fault; the batch goes to the pager thread with its last one.
+    pub(crate) fn on_fault(&self, ev: FwEvent) {
+        let FwEvent::Fault { last, .. } = ev else {
+            return;
+        };
+        let mut c = self.collecting.lock().unwrap_or_else(|e| e.into_inner());
+        c.push(ev);
+        if last {
+            let batch = std::mem::take(&mut *c);
+            drop(c);
+            self.batches
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(batch);
+            self.ready.notify_one();
+        }
+    }
+
+    /// Pager thread: the next batches, or none after `timeout`.
+    pub(crate) fn next_batches(&self, timeout: Duration) -> Vec<Vec<FwEvent>> {
+        let b = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut b, _) = self
+            .ready
+            .wait_timeout_while(b, timeout, |b| b.is_empty())
+            .unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *b)
+    }
+
+    /// Wakes the pager thread (to notice a stop).
+    pub(crate) fn wake(&self) {
+        let _b = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        self.ready.notify_all();
+    }
+}
+
+impl Device {
+    /// The pager thread's body: services batches until `stop`.
+    pub(crate) fn run_pager(&self, stop: &std::sync::atomic::AtomicBool) {
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            for batch in self.pager.next_batches(Duration::from_millis(100)) {
+                let link = self.link();
+                if link.is_lost() {
+                    continue; // its contexts are lost; their queues are poisoned already
+                }
+                let mut st = self.pager.lock(&link);
+                crate::fault::service(
+                    &mut st,
+                    &PageLink::new(&link),
+                    &self.pager.busy,
+                    &batch,
+                    self.verbose,
+                );
+            }
+        }
+    }
+
+    /// ALLOC_BUFFER with ON_DEMAND: a host copy (the memfd) and a device window with no
+    /// page resident. Charged to the host budget like any buffer; device memory is
+    /// charged to nobody until a kernel touches it.
+    pub(crate) fn alloc_on_demand(
+        &self,
+        ctx: u32,
+        size: u64,
+        va: u64,
+        fd: &OwnedFd,
+    ) -> Result<(), KmdStatus> {
+        let link = self.link();
+        let host = ShmBytes::map(fd.as_fd(), crate::buffer::whole_pages(size) as usize)
+            .map_err(|_| KmdStatus::OutOfMemory)?;
+        let mut st = self.pager.lock(&link);
+        link.call(FwRequest::MapOnDemand { ctx, va, size }, &[])?;
+        let pages = size.div_ceil(DEVICE_PAGE) as usize;
+        st.buffers.insert(
+            (ctx, va),
+            OdBuffer {
+                size,
+                host,
+                pages: vec![None; pages],
+                evicted: vec![false; pages],
+            },
+        );
+        Ok(())
+    }
+
+    /// Whether `va` is an on-demand buffer of `ctx`.
+    pub(crate) fn is_on_demand(&self, ctx: u32, va: u64) -> bool {
+        let link = self.link();
+        self.pager.lock(&link).buffers.contains_key(&(ctx, va))
+    }
+
+    /// FREE_BUFFER of an on-demand buffer: the firmware unmaps it (stopping the queues
+    /// whose dispatch still uses it, `BufferFreed`) and only then are its slots reused.
+    pub(crate) fn free_on_demand(&self, ctx: u32, va: u64) -> Result<(), KmdStatus> {
+        let link = self.link();
+        let mut st = self.pager.lock(&link);
+        let r = link.call(FwRequest::UnmapBuffer { ctx, va }, &[]);
+        forget_buffer(&mut st, ctx, va);
+        r
+    }
+
+    /// A closing context: the firmware unmaps it (`unmap` makes the call) with the pager
+    /// lock held, then its on-demand buffers go.
+    pub(crate) fn close_paging(&self, ctx: u32, unmap: impl FnOnce()) {
+        let link = self.link();
+        let mut st = self.pager.lock(&link);
+        unmap();
+        let keys: Vec<u64> = st
+            .buffers
+            .range((ctx, 0)..=(ctx, u64::MAX))
+            .map(|(k, _)| k.1)
+            .collect();
+        for va in keys {
+            forget_buffer(&mut st, ctx, va);
+        }
+    }
+
+    /// MIGRATE.
+    pub fn migrate(&self, ctx: u32, va: u64, len: u64, to: MigrateTo) -> Result<(), KmdStatus> {
+        let link = self.link();
+        if link.is_lost() {
+            return Err(KmdStatus::DeviceLost);
+        }
+        let mut st = self.pager.lock(&link);
+        let (key, first) = st.find(ctx, va).ok_or(KmdStatus::NotFound)?;
+        let size = st.buffers[&key].size;
+        let end = va.saturating_add(len.max(1)).min(key.1 + size);
+        let last = ((end - 1 - key.1) / DEVICE_PAGE) as usize;
+        let pages: Vec<usize> = (first..=last).collect();
+        let pl = PageLink::new(&link);
+        match to {
+            MigrateTo::Host => crate::evict::take_out(&mut st, &pl, key, &pages),
+            MigrateTo::Device => {
+                crate::fault::bring_in(&mut st, &pl, &self.pager.busy, key, &pages, self.verbose)
+                    .map_err(|_| KmdStatus::Busy)
+            }
+        }
+    }
+
+    /// PAGING_STATS.
+    pub fn paging_stats(&self) -> PagingStats {
+        let link = self.link();
+        let st = self.pager.lock(&link);
+        st.stats
+    }
+
+    /// Bytes of the pool the OS has allocated now.
+    pub fn pool_resident_bytes(&self) -> u64 {
+        self.link().pool().resident_bytes()
+    }
+}
+
+/// Drops an on-demand buffer the firmware no longer maps: its slots go back.
+fn forget_buffer(st: &mut PagerState, ctx: u32, va: u64) {
+    let Some(b) = st.buffers.remove(&(ctx, va)) else {
+        return;
+    };
+    for slot in b.pages.iter().flatten() {
+        if let Some(o) = st.owner.get_mut(*slot as usize) {
+            *o = None;
+        }
+        if let Some(pool) = &st.pool {
+            pool.release(*slot);
+        }
+        st.free.push(*slot);
+        st.stats.resident_pages = st.stats.resident_pages.saturating_sub(1);
+    }
+}

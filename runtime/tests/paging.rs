@@ -1,0 +1,243 @@
+//! On-demand paging in one process (embedded device): faults, eviction, refaults,
+//! exact results after replays, memory violations, frees under running kernels, and the
+//! pool's residency read from the OS.
+
+mod common;
+use common::Env;
+use std::time::Duration;
+use userq::{kernels, Device, ErrorCode, WaitError};
+use userq_uapi::paging::DEVICE_PAGE;
+
+const LONG: Duration = Duration::from_secs(60);
+/// 16 device pages of device memory.
+const VRAM: u64 = 16 * DEVICE_PAGE;
+
+fn words_per_page() -> usize {
+    (DEVICE_PAGE / 4) as usize
+}
+
+/// The pool memfd's allocated bytes, as any observer reads them from /proc.
+fn pool_resident_from_proc() -> u64 {
+    let mut best = 0;
+    for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if target.to_string_lossy().starts_with("/memfd:userq-pool (") {
+            if let Ok(m) = std::fs::metadata(e.path()) {
+                use std::os::unix::fs::MetadataExt;
+                best = best.max(m.blocks() * 512);
+            }
+        }
+    }
+    best
+}
+
+#[test]
+fn a_working_set_four_times_the_budget_streams_with_exact_results() {
+    let env = Env::with(Device::builder().vram(VRAM));
+    let dev = env.dev();
+    // 64 pages of data through 16 pages of device memory.
+    let n = 64 * words_per_page();
+    let mut x = dev.alloc_on_demand::<u32>(n).unwrap();
+    let init: Vec<u32> = (0..n as u32).collect();
+    x.copy_from_slice(&init);
+    let mut q = dev
+        .queue()
+        .long_running(Duration::from_secs(10))
+        .create()
+        .unwrap();
+    // 2 persistent workgroups, each streaming its half (32 pages, twice the budget) 3
+    // times: every pass refaults what the previous one evicted.
+    let done = q
+        .submit(kernels::stream_add_u32(n as u32, 3, (n / 2) as u32, &x).unwrap())
+        .unwrap();
+    done.wait(LONG).unwrap();
+    let got = x.to_vec();
+    for (i, v) in got.iter().enumerate() {
+        assert_eq!(*v, i as u32 + 3, "word {i}");
+    }
+    let s = dev.paging_stats().unwrap();
+    assert!(s.faults >= 64 * 3, "{s:?}");
+    assert!(s.pages_out >= 64, "{s:?}");
+    assert!(s.refaults > 0, "{s:?}");
+    assert_eq!(s.budget_pages, 16);
+    assert!(s.peak_resident_pages <= 16, "{s:?}");
+    // After to_vec every page went back to the host: the pool holds nothing, per the OS.
+    assert_eq!(s.resident_pages, 0, "{s:?}");
+    assert_eq!(pool_resident_from_proc(), 0);
+}
+
+#[test]
+fn reductions_and_histograms_are_exact_after_faults() {
+    let env = Env::with(Device::builder().vram(8 * DEVICE_PAGE));
+    let dev = env.dev();
+    let n = 40 * words_per_page();
+    let mut input = dev.alloc_on_demand::<u32>(n).unwrap();
+    let data: Vec<u32> = (0..n as u32)
+        .map(|i| i.wrapping_mul(2654435761) % 97)
+        .collect();
+    input.copy_from_slice(&data);
+    let hist = dev.alloc_on_demand::<u32>(97).unwrap();
+    let mut q = dev.create_queue().unwrap();
+    q.submit(kernels::histogram_u32(n as u32, &input, &hist).unwrap())
+        .unwrap()
+        .wait(LONG)
+        .unwrap();
+    let mut want = vec![0u32; 97];
+    for v in &data {
+        want[*v as usize] += 1;
+    }
+    assert_eq!(hist.to_vec(), want);
+    let s = dev.paging_stats().unwrap();
+    assert!(s.faults >= 40 && s.pages_out > 0, "{s:?}");
+}
+
+#[test]
+fn an_address_outside_every_mapping_stops_only_that_queue() {
+    let env = Env::with(Device::builder().vram(VRAM));
+    let dev = env.dev();
+    let n = 4 * words_per_page();
+    let x = dev.alloc_on_demand::<u32>(n).unwrap();
+    let mut good = dev.create_queue().unwrap();
+    let mut bad = dev.create_queue().unwrap();
+    let freed = dev.alloc_on_demand::<u32>(n).unwrap();
+    let va = freed.device_address();
+    drop(freed);
+    good.submit(kernels::fill_u32(n as u32, 9, &x).unwrap())
+        .unwrap()
+        .wait(LONG)
+        .unwrap();
+    assert!(x.to_vec().iter().all(|&v| v == 9));
+    // A raw dispatch at the freed address: refused, naming it; only that queue stops.
+    let stale = userq::Command::dispatch(
+        userq_uapi::kernels::FILL_U32,
+        [64, 1, 1],
+        [64, 1, 1],
+        &[
+            userq::KernelArg::U64(64),
+            userq::KernelArg::U64(1),
+            userq::KernelArg::U64(va),
+        ],
+    );
+    match bad.submit(stale).unwrap().wait(LONG) {
+        Err(WaitError::Faulted(f)) => {
+            assert_eq!(f.code, Some(ErrorCode::BadKernelArgs));
+        }
+        other => panic!("expected a fault, got {other:?}"),
+    }
+    // The other queue goes on.
+    good.submit(kernels::fill_u32(n as u32, 5, &x).unwrap())
+        .unwrap()
+        .wait(LONG)
+        .unwrap();
+    assert!(x.to_vec().iter().all(|&v| v == 5));
+}
+
+#[test]
+fn bad_budgets_and_sizes_are_typed_errors() {
+    let dir = std::env::temp_dir().join(format!("userq-paging-bad-{}", std::process::id()));
+    let r = Device::builder()
+        .vram(DEVICE_PAGE - 1)
+        .socket(dir.join("dev.sock"))
+        .mode(userq::OpenMode::Embedded)
+        .open();
+    assert!(r.is_err(), "a budget below one page must be refused");
+    let _ = std::fs::remove_dir_all(&dir);
+    let env = Env::with(Device::builder().vram(VRAM));
+    let dev = env.dev();
+    assert!(matches!(
+        dev.alloc_on_demand::<u32>(0),
+        Err(userq::AllocError::BadSize)
+    ));
+    assert!(dev.alloc_on_demand::<u8>(usize::MAX).is_err());
+    // An on-demand buffer cannot be imported.
+    let b = dev.alloc_on_demand::<u32>(16).unwrap();
+    let other = env.second();
+    assert!(other.import_buffer::<u32>(b.export().unwrap()).is_err());
+}
+
+/// One long-running streaming job over twice the budget: it must evict its own pages to
+/// go on. Returns how its fence ended.
+fn stream_twice_the_budget(builder: userq::DeviceBuilder) -> (Result<(), WaitError>, Env) {
+    let env = Env::with(builder.vram(8 * DEVICE_PAGE));
+    let n = 16 * words_per_page();
+    let r = {
+        let dev = env.dev();
+        let mut x = dev.alloc_on_demand::<u32>(n).unwrap();
+        x.copy_from_slice(&vec![1u32; n]);
+        let mut q = dev
+            .queue()
+            .long_running(Duration::from_secs(10))
+            .create()
+            .unwrap();
+        let r = q
+            .submit(kernels::stream_add_u32(n as u32, 2, n as u32, &x).unwrap())
+            .unwrap()
+            .wait(LONG);
+        if r.is_ok() {
+            assert!(x.to_vec().iter().all(|&v| v == 3));
+        }
+        r
+    };
+    (r, env)
+}
+
+#[test]
+fn the_counterfactual_policy_deadlocks_where_path_3_finishes() {
+    // Path 3 (the default): invalidate, refault, finish.
+    let (r, env) = stream_twice_the_budget(Device::builder());
+    r.expect("path 3 finishes");
+    let s = env.dev().paging_stats().unwrap();
+    assert_eq!(s.deadlocks, 0);
+    assert!(s.refaults > 0, "{s:?}");
+    drop(env);
+    // The dma-fence way: eviction waits for the job, the job waits for its fault. The
+    // watchdog catches the cycle and the run ends with an error instead of hanging.
+    let t = std::time::Instant::now();
+    let (r, env) = stream_twice_the_budget(
+        Device::builder().eviction_waits_for_jobs(Duration::from_millis(300)),
+    );
+    match r {
+        Err(WaitError::Faulted(f)) => assert_eq!(f.code, Some(ErrorCode::EvictionDeadlock)),
+        other => panic!("expected the deadlock to be caught, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert_eq!(env.dev().paging_stats().unwrap().deadlocks, 1);
+}
+
+#[test]
+fn pages_of_a_running_long_running_kernel_are_evicted_and_refaulted() {
+    let env = Env::with(Device::builder().vram(12 * DEVICE_PAGE));
+    let dev = env.dev();
+    let other = env.second();
+    let nx = 8 * words_per_page();
+    let mut x = dev.alloc_on_demand::<u32>(nx).unwrap();
+    x.copy_from_slice(&vec![0u32; nx]);
+    let mut long = dev
+        .queue()
+        .long_running(Duration::from_secs(10))
+        .create()
+        .unwrap();
+    let passes = 40;
+    let streaming = long
+        .submit(kernels::stream_add_u32(nx as u32, passes, nx as u32, &x).unwrap())
+        .unwrap();
+    // Another context fills 12 pages again and again: the pool cannot hold both, so the
+    // streaming kernel's pages are invalidated under it.
+    let ny = 12 * words_per_page();
+    let y = other.alloc_on_demand::<u32>(ny).unwrap();
+    let mut q = other.create_queue().unwrap();
+    for round in 0..10u32 {
+        q.submit(kernels::fill_u32(ny as u32, round, &y).unwrap())
+            .unwrap()
+            .wait(LONG)
+            .unwrap();
+    }
+    assert!(y.to_vec().iter().all(|&v| v == 9));
+    streaming.wait(LONG).unwrap();
+    assert!(x.to_vec().iter().all(|&v| v == passes));
+    let s = dev.paging_stats().unwrap();
+    assert!(s.refaults > 0 && s.pages_out > 0, "{s:?}");
+    assert!(s.peak_resident_pages <= 12, "{s:?}");
+}
