@@ -113,6 +113,9 @@ pub(crate) fn bring_in(
     if short > 0 {
         evict::make_room(st, link, busy, short, verbose)?;
     }
+    // Filled slots count as just used: otherwise the next eviction would take them
+    // before the faulting workgroup has run (their stamps were cleared on release).
+    let now = pool.newest();
     let mut run: Option<(usize, u32, u32)> = None; // first page, first slot, count
     let mut brought = 0u64;
     let mut copy_ns = 0u64;
@@ -123,6 +126,7 @@ pub(crate) fn bring_in(
         let Some(slot) = st.take_slot(key, page) else {
             break;
         };
+        pool.stamp(slot, now);
         let t = Instant::now();
         copy_words(pool.slot_words(slot), st.buffers[&key].host_words(page));
         copy_ns += t.elapsed().as_nanos() as u64;

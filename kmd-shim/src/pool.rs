@@ -82,6 +82,19 @@ impl DevicePool {
             .map_or(0, |w| w.load(Relaxed))
     }
 
+    /// The newest stamp in the use table: what a slot just filled is stamped with, so
+    /// that it does not look least recently used before its workgroup has even run.
+    pub fn newest(&self) -> u64 {
+        (0..self.slots).map(|s| self.last_use(s)).max().unwrap_or(0)
+    }
+
+    /// Stamps `slot` as used at `when`.
+    pub fn stamp(&self, slot: u32, when: u64) {
+        if let Some(w) = self.uses.word64(slot as usize * 8) {
+            w.store(when, Relaxed);
+        }
+    }
+
     /// Slot `slot`'s words.
     pub fn slot_words(&self, slot: u32) -> &[AtomicU64] {
         self.map

@@ -199,6 +199,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    /// A daemon with extra command-line arguments.
+    pub fn start_with(args: &[&str]) -> Daemon {
         let dir = TempDir::new("daemon");
         let socket = dir.path().join("dev.sock");
         let proc = Proc::spawn(
@@ -207,6 +212,7 @@ impl Daemon {
                 .arg("--socket")
                 .arg(&socket)
                 .arg("--quiet")
+                .args(args)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         );

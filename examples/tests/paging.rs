@@ -1,0 +1,148 @@
+//! On-demand paging across processes, against a kmd-shim daemon: the `on_demand` example
+//! in both modes, the deadlock-freedom stress over several seeds with the pool's resident
+//! memory sampled from outside, and the counterfactual policy shown to deadlock on the
+//! same scenario.
+
+mod common;
+use common::*;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The budget the daemons here get: 64 device pages.
+const VRAM: u64 = 4 << 20;
+const PAGE: u64 = 64 << 10;
+
+fn on_demand(socket: Option<&std::path::Path>, seed: u64) -> String {
+    let example = bin_dir().join("examples").join("on_demand");
+    assert!(
+        example.exists(),
+        "examples are built by `cargo test --workspace`"
+    );
+    let runtime_dir = TempDir::new("on-demand");
+    let mut cmd = Command::new(&example);
+    cmd.args(["--seed", &seed.to_string()]);
+    match socket {
+        Some(s) => cmd.env("USERQ_DEVICE", s),
+        None => cmd
+            .env_remove("USERQ_DEVICE")
+            .env("XDG_RUNTIME_DIR", runtime_dir.path()),
+    };
+    Proc::spawn(
+        "on_demand",
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()),
+    )
+    .succeeded(Duration::from_secs(120))
+}
+
+/// The pool memfd's allocated bytes in process `pid`, read from /proc as any observer can.
+fn pool_resident(pid: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        let target = std::fs::read_link(e.path()).ok()?;
+        if target.to_string_lossy().starts_with("/memfd:userq-pool (") {
+            return std::fs::metadata(e.path()).ok().map(|m| m.blocks() * 512);
+        }
+    }
+    None
+}
+
+#[test]
+fn on_demand_example_verifies_in_embedded_mode() {
+    let text = on_demand(None, 1);
+    for want in [
+        "embedded mode",
+        "child 0",
+        "child 1",
+        "parent: persistent kernel",
+        "refaults",
+        "every result verified",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn deadlock_freedom_stress_three_processes_several_seeds() {
+    let vram = VRAM.to_string();
+    let daemon = Daemon::start_with(&["--vram", &vram]);
+    let kmd = daemon.proc.pid();
+    // Sample the pool's residency from outside the whole time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let samples = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (stop, peak, samples) = (stop.clone(), peak.clone(), samples.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(b) = pool_resident(kmd) {
+                    peak.fetch_max(b, Ordering::Relaxed);
+                    samples.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    for seed in [1, 7, 42] {
+        let text = on_demand(Some(&daemon.socket), seed);
+        assert!(
+            text.contains("every result verified") && text.contains("daemon mode"),
+            "seed {seed}:\n{text}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(
+        samples.load(Ordering::Relaxed) > 10,
+        "the pool was never seen"
+    );
+    assert!(peak > 0, "the pool never held a page");
+    // At most the budget (plus a page per engine, the tolerance; the pool memfd
+    // is the budget's size, so it cannot hold more).
+    assert!(
+        peak <= VRAM + 2 * PAGE,
+        "pool resident {peak} bytes over a {VRAM}-byte budget"
+    );
+    daemon.stop();
+}
+
+#[test]
+fn the_wait_for_jobs_policy_deadlocks_on_the_same_scenario_and_ends_cleanly() {
+    let vram = VRAM.to_string();
+    let daemon = Daemon::start_with(&["--vram", &vram, "--eviction-waits-for-jobs-ms", "500"]);
+    let example = bin_dir().join("examples").join("on_demand");
+    let out = Proc::spawn(
+        "on_demand (wait-for-jobs)",
+        Command::new(&example)
+            .env("USERQ_DEVICE", &daemon.socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .output_within(Duration::from_secs(120));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "the waiting policy should not finish:\n{text}"
+    );
+    assert!(
+        text.contains("EvictionDeadlock") || text.contains("eviction waited for a job"),
+        "the deadlock should be named:\n{text}"
+    );
+    // The daemon is still serving: a fresh context works.
+    let dev = userq::Device::connect(&daemon.socket).expect("connect after the deadlock");
+    let mut q = dev.create_queue().unwrap();
+    let b = dev.alloc_on_demand::<u32>(1024).unwrap();
+    q.submit(userq::kernels::fill_u32(1024, 5, &b).unwrap())
+        .unwrap()
+        .wait(Duration::from_secs(30))
+        .unwrap();
+    assert!(b.to_vec().iter().all(|&v| v == 5));
+    drop((q, b, dev));
+    daemon.stop();
+}
