@@ -91,7 +91,7 @@ fn child(index: u64, seed: u64) -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "on_demand: child {index} (pid {}): {rounds} axpy rounds over 2 x {} KiB on-demand in {:?}, verified",
         std::process::id(),
-        n * 4 >> 10,
+        (n * 4) >> 10,
         t.elapsed()
     );
     Ok(())
@@ -215,8 +215,8 @@ fn work(dev: &Device, b: u64, seed: u64) -> Result<(), Box<dyn std::error::Error
     }
     println!(
         "on_demand: parent: persistent kernel streamed {} MiB {passes} times and {rounds} histograms of {} KiB in {:?}, verified",
-        n * 4 >> 20,
-        hn * 4 >> 10,
+        (n * 4) >> 20,
+        (hn * 4) >> 10,
         t.elapsed()
     );
     Ok(())
