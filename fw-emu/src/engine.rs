@@ -600,7 +600,8 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
         let _pins = if job.paged {
             match pin_footprint(job, &wg) {
                 Ok(p) => Some(p),
-                Err(note) => {
+                Err(mut note) => {
+                    fault_ahead(job, &mut note);
                     job.put_yielded(wg);
                     job.faulted.store(true, Release);
                     s.faults
@@ -716,6 +717,58 @@ fn pin_footprint<'a>(job: &'a Job, wg: &Workgroup) -> Result<Pins<'a>, FaultNote
         pages: missing,
         too_large,
     })
+}
+
+/// Workgroups looked at past a faulting one.
+const FAULT_AHEAD: u64 = 1024;
+
+/// Adds to a fault the missing pages of the job's workgroups that have not started yet
+/// (up to [`FAULT_AHEAD`] of them and a batch of pages): on a GPU they would all be in
+/// flight and fault together, so their faults go in the same batch instead of one round
+/// trip each (UVM services its batches, and prefetches, the same way).
+fn fault_ahead(job: &Job, note: &mut FaultNote) {
+    use userq_uapi::paging::{DEVICE_PAGE, FAULT_BATCH_MAX};
+    if note.too_large.is_some() {
+        return;
+    }
+    let from = job.next.load(Relaxed);
+    let to = from.saturating_add(FAULT_AHEAD).min(job.total);
+    let mut fp = Footprint::default();
+    for index in from..to {
+        if note.pages.len() >= FAULT_BATCH_MAX {
+            break;
+        }
+        fp.ranges.clear();
+        job.kernel
+            .footprint(&job.args, &Workgroup::of(&job.dispatch, index), &mut fp);
+        for (arg, range, access) in &fp.ranges {
+            let Some(Arg::Buffer(b)) = job.args.0.get(*arg) else {
+                continue;
+            };
+            let Some((w, offset)) = b.window() else {
+                continue;
+            };
+            let end = range.end.min(b.len() as u64);
+            if range.start >= end {
+                continue;
+            }
+            let base_va = b.address - offset as u64;
+            let first = (offset as u64 + range.start) / DEVICE_PAGE;
+            let last = (offset as u64 + end - 1) / DEVICE_PAGE;
+            for page in first..=last {
+                let resident = w
+                    .entry(page as usize)
+                    .is_some_and(|e| e.state() == crate::window::state::RESIDENT);
+                let va = base_va + page * DEVICE_PAGE;
+                // Neighbouring workgroups share pages: skip the repeat of the last one.
+                if !resident && note.pages.last().map(|p| p.0) != Some(va) {
+                    note.pages.push((va, *access));
+                }
+            }
+        }
+    }
+    note.pages.sort_unstable_by_key(|m| m.0);
+    note.pages.dedup_by_key(|m| m.0);
 }
 
 /// Ends a workgroup's "running" announcement however the workgroup ends.
