@@ -38,12 +38,26 @@ pub struct DeviceProcs {
 impl DeviceProcs {
     /// Starts a device in `mode` with its socket in `dir`.
     pub fn start(mode: Mode, dir: &Path) -> Result<DeviceProcs, Box<dyn std::error::Error>> {
+        Self::start_with_vram(mode, dir, userq::uapi::paging::DEFAULT_VRAM)
+    }
+
+    /// Starts a device in `mode` with `vram` bytes of device memory.
+    pub fn start_with_vram(
+        mode: Mode,
+        dir: &Path,
+        vram: u64,
+    ) -> Result<DeviceProcs, Box<dyn std::error::Error>> {
         let socket = dir.join(format!("{}.sock", mode.name()));
         let role = match mode {
             Mode::Daemon => "__kmd",
             Mode::Embedded => "__embedded",
         };
-        let host = Role::spawn(role, &[socket.display().to_string()], None, Stdio::null())?;
+        let host = Role::spawn(
+            role,
+            &[socket.display().to_string(), vram.to_string()],
+            None,
+            Stdio::null(),
+        )?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while kmd_shim::socket::connect(&socket).is_err() {
             if Instant::now() > deadline {
@@ -109,15 +123,17 @@ fn wait_for(flag: &std::sync::atomic::AtomicBool) {
     }
 }
 
-/// Role `__kmd SOCKET`: kmd-shim, with the firmware as a child process (this executable in
+/// Role `__kmd SOCKET VRAM`: kmd-shim with VRAM bytes of device memory, with the firmware as a child process (this executable in
 /// role `__fw`).
-pub fn kmd_role(socket: &str) -> Result<(), Box<dyn std::error::Error>> {
+pub fn kmd_role(socket: &str, vram: u64) -> Result<(), Box<dyn std::error::Error>> {
     let flag = stop_flag();
     let launcher = kmd_shim::FirmwareLauncher::Process {
         program: std::env::current_exe()?,
         args: vec!["__fw".into()],
     };
-    let kmd = kmd_shim::Kmd::start(kmd_shim::KmdConfig::new(socket, launcher))?;
+    let mut config = kmd_shim::KmdConfig::new(socket, launcher);
+    config.vram = vram;
+    let kmd = kmd_shim::Kmd::start(config)?;
     wait_for(&flag);
     kmd.shutdown();
     Ok(())
@@ -133,10 +149,11 @@ pub fn fw_role(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Role `__embedded SOCKET`: an embedded device serving the socket.
-pub fn embedded_role(socket: &str) -> Result<(), Box<dyn std::error::Error>> {
+/// Role `__embedded SOCKET VRAM`: an embedded device serving the socket.
+pub fn embedded_role(socket: &str, vram: u64) -> Result<(), Box<dyn std::error::Error>> {
     let flag = stop_flag();
     let dev = Device::builder()
+        .vram(vram)
         .socket(socket)
         .mode(OpenMode::Embedded)
         .open()?;

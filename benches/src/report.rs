@@ -75,6 +75,8 @@ pub struct Report {
     pub skipped: Vec<(String, String)>,
     /// Hang detection, resets, kills and firmware restart.
     pub resets: Option<crate::resets::ResetFigures>,
+    /// Faults, batches, eviction, innocent round trips during a fault storm.
+    pub paging: Option<crate::paging::PagingFigures>,
 }
 
 impl Report {
@@ -405,6 +407,9 @@ impl Report {
         if let Some(r) = &self.resets {
             r.print();
         }
+        if let Some(p) = &self.paging {
+            p.print();
+        }
     }
 
     /// The run as JSON.
@@ -458,6 +463,7 @@ impl Report {
             .collect();
         json!({
             "resets": self.resets.as_ref().map(|r| r.json()),
+            "paging": self.paging.as_ref().map(|p| p.json()),
             "latency": latency,
             "throughput": throughput,
             "scaling": scaling,

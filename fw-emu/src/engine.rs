@@ -719,11 +719,12 @@ fn pin_footprint<'a>(job: &'a Job, wg: &Workgroup) -> Result<Pins<'a>, FaultNote
     })
 }
 
-/// Workgroups looked at past a faulting one.
-const FAULT_AHEAD: u64 = 1024;
+/// Workgroups looked at past a faulting one, at most.
+const FAULT_AHEAD: u64 = 1 << 16;
 
 /// Adds to a fault the missing pages of the job's workgroups that have not started yet
-/// (up to [`FAULT_AHEAD`] of them and a batch of pages): on a GPU they would all be in
+/// (until a batch of pages is missing, twice that many were looked at, or
+/// [`FAULT_AHEAD`] workgroups): on a GPU they would all be in
 /// flight and fault together, so their faults go in the same batch instead of one round
 /// trip each (UVM services its batches, and prefetches, the same way).
 fn fault_ahead(job: &Job, note: &mut FaultNote) {
@@ -734,8 +735,10 @@ fn fault_ahead(job: &Job, note: &mut FaultNote) {
     let from = job.next.load(Relaxed);
     let to = from.saturating_add(FAULT_AHEAD).min(job.total);
     let mut fp = Footprint::default();
+    let mut seen = 0usize;
+    let mut last_seen = u64::MAX;
     for index in from..to {
-        if note.pages.len() >= FAULT_BATCH_MAX {
+        if note.pages.len() >= FAULT_BATCH_MAX || seen >= 2 * FAULT_BATCH_MAX {
             break;
         }
         fp.ranges.clear();
@@ -760,6 +763,10 @@ fn fault_ahead(job: &Job, note: &mut FaultNote) {
                     .entry(page as usize)
                     .is_some_and(|e| e.state() == crate::window::state::RESIDENT);
                 let va = base_va + page * DEVICE_PAGE;
+                if va != last_seen {
+                    seen += 1;
+                    last_seen = va;
+                }
                 // Neighbouring workgroups share pages: skip the repeat of the last one.
                 if !resident && note.pages.last().map(|p| p.0) != Some(va) {
                     note.pages.push((va, *access));

@@ -135,53 +135,86 @@ fn evict(
     gate: &mut dyn EvictGate,
     victims: BTreeMap<(u32, u64), Vec<usize>>,
 ) -> Result<(), Deadlock> {
+    let mut all = Vec::new();
     for (key, mut pages) in victims {
         gate.before_invalidate(key.0, key.1)?;
         pages.sort_unstable();
-        let _ = take_out(st, link, key, &pages);
+        all.push((key, pages));
     }
+    let _ = take_out_many(st, link, &all);
     Ok(())
 }
 
-/// Evicts the resident ones of `pages` of buffer `key`: invalidate (runs of consecutive
-/// pages, one request each), then copy each slot to the host copy and release it.
+/// Evicts the resident ones of `pages` of buffer `key` (see [`take_out_many`]).
 pub(crate) fn take_out(
     st: &mut PagerState,
     link: &PageLink<'_>,
     key: (u32, u64),
     pages: &[usize],
 ) -> Result<(), KmdStatus> {
+    if !st.buffers.contains_key(&key) {
+        return Err(KmdStatus::NotFound);
+    }
+    take_out_many(st, link, &[(key, pages.to_vec())])
+}
+
+/// A buffer and a run of its consecutive resident pages, as (page, slot).
+type ResidentRun = ((u32, u64), Vec<(usize, u32)>);
+
+/// Evicts the resident ones of each buffer's `pages` (sorted): one invalidation per run
+/// of consecutive pages, all posted back to back and acknowledged together (each ack
+/// once the run's pins have drained), then each slot copied to its host copy and freed.
+pub(crate) fn take_out_many(
+    st: &mut PagerState,
+    link: &PageLink<'_>,
+    victims: &[((u32, u64), Vec<usize>)],
+) -> Result<(), KmdStatus> {
     let _section = sync::begin_signalling("eviction");
     let Some(pool) = st.pool.clone() else {
         return Ok(());
     };
-    let Some(b) = st.buffers.get(&key) else {
-        return Err(KmdStatus::NotFound);
-    };
-    let resident: Vec<(usize, u32)> = pages
-        .iter()
-        .filter_map(|&p| b.pages.get(p).copied().flatten().map(|s| (p, s)))
-        .collect();
-    let mut i = 0;
-    while i < resident.len() {
-        let mut j = i + 1;
-        while j < resident.len() && resident[j].0 == resident[j - 1].0 + 1 {
-            j += 1;
+    let mut runs: Vec<ResidentRun> = Vec::new();
+    for (key, pages) in victims {
+        let Some(b) = st.buffers.get(key) else {
+            continue;
+        };
+        for (page, slot) in pages
+            .iter()
+            .filter_map(|&p| b.pages.get(p).copied().flatten().map(|s| (p, s)))
+        {
+            match runs.last_mut() {
+                Some((k, run)) if k == key && run.last().is_some_and(|l| l.0 + 1 == page) => {
+                    run.push((page, slot))
+                }
+                _ => runs.push((*key, vec![(page, slot)])),
+            }
         }
-        let run = &resident[i..j];
-        let va = key.1 + run[0].0 as u64 * DEVICE_PAGE;
-        match link.invalidate(key.0, va, run.len() as u32) {
+    }
+    let reqs: Vec<(u32, u64, u32)> = runs
+        .iter()
+        .map(|(key, run)| {
+            (
+                key.0,
+                key.1 + run[0].0 as u64 * DEVICE_PAGE,
+                run.len() as u32,
+            )
+        })
+        .collect();
+    let results = link.invalidate_many(&reqs);
+    let mut failed = None;
+    for ((key, run), r) in runs.iter().zip(results) {
+        match r {
             Ok(()) => {
                 let t = Instant::now();
-                if let Some(b) = st.buffers.get(&key) {
+                if let Some(b) = st.buffers.get(key) {
                     for &(page, slot) in run {
                         copy_words(b.host_words(page), pool.slot_words(slot));
                     }
                 }
                 st.stats.migrate_ns += t.elapsed().as_nanos() as u64;
                 for &(page, slot) in run {
-                    st.release_slot(slot);
-                    if let Some(b) = st.buffers.get_mut(&key) {
+                    st.release_slot(slot, false);
+                    if let Some(b) = st.buffers.get_mut(key) {
                         b.evicted[page] = true;
                     }
                 }
@@ -190,12 +223,12 @@ pub(crate) fn take_out(
             // The firmware no longer maps it (freed meanwhile): nothing to copy.
             Err(KmdStatus::NotFound) => {
                 for &(_, slot) in run {
-                    st.release_slot(slot);
+                    st.release_slot(slot, false);
                 }
             }
-            Err(e) => return Err(e),
+            // The pages stay resident and accounted (the device is lost, or hung).
+            Err(e) => failed = Some(e),
         }
-        i = j;
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }

@@ -16,7 +16,6 @@ use std::sync::Mutex;
 use std::time::Instant;
 use userq_uapi::error::ErrorCode;
 use userq_uapi::fwmsg::FwEvent;
-use userq_uapi::paging::DEVICE_PAGE;
 use userq_uapi::sync;
 
 /// A faulting job: (context, queue slot, job id).
@@ -66,12 +65,16 @@ pub(crate) fn service(
         }
     }
     let mut deadlock = None;
+    let mut maps = Vec::new();
     for (key, mut pages) in need {
         pages.sort_unstable();
         pages.dedup();
-        if let Err(d) = bring_in(st, link, busy, key, &pages, verbose) {
-            deadlock = Some(d);
-            break;
+        match bring_in(st, link, busy, key, &pages, verbose) {
+            Ok(runs) => maps.extend(runs),
+            Err(d) => {
+                deadlock = Some(d);
+                break;
+            }
         }
     }
     if let Some(d) = deadlock {
@@ -81,14 +84,44 @@ pub(crate) fn service(
             err.get_or_insert((ErrorCode::EvictionDeadlock, *address));
         }
     }
-    for ((ctx, slot, job), (_, err)) in replies {
-        link.fault_reply(ctx, slot, job, err);
-    }
+    // The maps and then the replies, back to back: the firmware applies them in order,
+    // so a job resumes only after its pages are mapped. One round trip for all.
+    let replies: Vec<_> = replies
+        .into_iter()
+        .map(|((ctx, slot, job), (_, err))| (ctx, slot, job, err))
+        .collect();
+    map_and_reply(st, link, &maps, &replies);
     st.stats.service_ns += t0.elapsed().as_nanos() as u64;
 }
 
+/// The answer to one faulting job: (context, queue slot, job, error to stop it with).
+pub(crate) type Reply = (u32, u32, u64, Option<(ErrorCode, u64)>);
+
+/// A run of pages copied into consecutive slots, for the firmware to map:
+/// (buffer, first page, first slot, pages).
+pub(crate) type MapRun = ((u32, u64), usize, u32, u32);
+
+/// Sends the maps and the replies; slots of a map the firmware refused (the buffer was
+/// freed meanwhile) go back.
+pub(crate) fn map_and_reply(
+    st: &mut PagerState,
+    link: &PageLink<'_>,
+    maps: &[MapRun],
+    replies: &[Reply],
+) {
+    let results = link.map_and_reply(maps, replies);
+    for (r, &(_, _, slot, n)) in results.iter().zip(maps) {
+        if r.is_err() {
+            for s in slot..slot + n {
+                st.release_slot(s, true);
+            }
+        }
+    }
+}
+
 /// Makes `pages` of buffer `key` resident (as many as the pool holds): room first, then
-/// copy in and map. Fails only when the counterfactual policy's eviction deadlocks.
+/// copy in. Returns the runs for the firmware to map ([`map_and_reply`]). Fails only when
+/// the counterfactual policy's eviction deadlocks.
 pub(crate) fn bring_in(
     st: &mut PagerState,
     link: &PageLink<'_>,
@@ -96,12 +129,13 @@ pub(crate) fn bring_in(
     key: (u32, u64),
     pages: &[usize],
     verbose: bool,
-) -> Result<(), Deadlock> {
+) -> Result<Vec<MapRun>, Deadlock> {
+    let mut runs = Vec::new();
     let Some(pool) = st.pool.clone() else {
-        return Ok(());
+        return Ok(runs);
     };
     let Some(b) = st.buffers.get(&key) else {
-        return Ok(());
+        return Ok(runs);
     };
     let missing: Vec<usize> = pages
         .iter()
@@ -109,7 +143,7 @@ pub(crate) fn bring_in(
         .filter(|&p| b.pages.get(p).is_some_and(Option::is_none))
         .take(pool.slots() as usize)
         .collect();
-    let short = missing.len().saturating_sub(st.free.len());
+    let short = missing.len().saturating_sub(st.free_slots());
     if short > 0 {
         evict::make_room(st, link, busy, short, verbose)?;
     }
@@ -133,33 +167,17 @@ pub(crate) fn bring_in(
         brought += 1;
         run = match run {
             Some((p, s, n)) if p + n as usize == page && s + n == slot => Some((p, s, n + 1)),
-            Some(r) => {
-                map_run(st, link, key, r);
+            Some((p, s, n)) => {
+                runs.push((key, p, s, n));
                 Some((page, slot, 1))
             }
             None => Some((page, slot, 1)),
         };
     }
-    if let Some(r) = run {
-        map_run(st, link, key, r);
+    if let Some((p, s, n)) = run {
+        runs.push((key, p, s, n));
     }
     st.stats.pages_in += brought;
     st.stats.migrate_ns += copy_ns;
-    Ok(())
-}
-
-/// Has the firmware map a run; if it refuses (the buffer was freed meanwhile), the slots
-/// go back.
-fn map_run(
-    st: &mut PagerState,
-    link: &PageLink<'_>,
-    key: (u32, u64),
-    (page, slot, n): (usize, u32, u32),
-) {
-    let va = key.1 + page as u64 * DEVICE_PAGE;
-    if link.map_pages(key.0, va, slot, n).is_err() {
-        for s in slot..slot + n {
-            st.release_slot(s);
-        }
-    }
+    Ok(runs)
 }

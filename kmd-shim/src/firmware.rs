@@ -278,41 +278,105 @@ impl FirmwareLink {
                 os::send_with_fds(s.channel.as_fd(), &id.to_le_bytes(), &[*fd])
                     .map_err(|_| KmdStatus::DeviceLost)?;
             }
-            let seq = s.next_seq;
-            s.next_seq = s.next_seq.wrapping_add(1).max(1);
-            self.acks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(seq, None);
-            if !self.push_request(&req.encode(seq)) {
-                self.forget_ack(seq);
-                return Err(self.push_failed());
-            }
-            seq
+            self.push_tracked(&mut s, req)?
         };
-        let deadline = Instant::now() + self.ack_timeout;
+        self.wait_acks(&[seq]).remove(0)
+    }
+
+    /// Posts `reqs` back to back (the firmware applies them in order), then waits for all
+    /// their acks: one round trip instead of one per request. Results in request order.
+    pub fn call_many(&self, reqs: &[FwRequest]) -> Vec<Result<(), KmdStatus>> {
+        if self.is_lost() {
+            return vec![Err(KmdStatus::DeviceLost); reqs.len()];
+        }
+        let mut seqs = Vec::with_capacity(reqs.len());
+        {
+            let mut s = self.sender.lock().unwrap_or_else(|e| e.into_inner());
+            for r in reqs {
+                match self.push_tracked(&mut s, *r) {
+                    Ok(seq) => seqs.push(seq),
+                    Err(e) => {
+                        drop(s);
+                        let mut out = self.wait_acks(&seqs);
+                        out.resize(reqs.len(), Err(e));
+                        return out;
+                    }
+                }
+            }
+        }
+        self.wait_acks(&seqs)
+    }
+
+    /// Pushes one request whose ack a caller will wait for. Called with the sender lock.
+    fn push_tracked(&self, s: &mut Sender, req: FwRequest) -> Result<u32, KmdStatus> {
+        let seq = s.next_seq;
+        s.next_seq = s.next_seq.wrapping_add(1).max(1);
+        self.acks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(seq, None);
+        if !self.push_request(&req.encode(seq)) {
+            self.forget_ack(seq);
+            return Err(self.push_failed());
+        }
+        Ok(seq)
+    }
+
+    /// Waits (bounded by the ack timeout) for the acks of `seqs`. Spins a few
+    /// microseconds first: an ack usually comes within one firmware loop turn, and a
+    /// condition-variable sleep and wake would cost more than the whole exchange.
+    fn wait_acks(&self, seqs: &[u32]) -> Vec<Result<(), KmdStatus>> {
+        const SPIN: Duration = Duration::from_micros(30);
+        let start = Instant::now();
+        let deadline = start + self.ack_timeout;
+        let mut out: Vec<Option<Result<(), KmdStatus>>> = vec![None; seqs.len()];
         let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(Some(status)) = acks.get(&seq).copied() {
-                acks.remove(&seq);
-                return match status {
-                    FwStatus::Ok => Ok(()),
-                    FwStatus::NotFound => Err(KmdStatus::NotFound),
-                    FwStatus::Exists => Err(KmdStatus::InvalidArgument),
-                    FwStatus::BadObject | FwStatus::Malformed => Err(KmdStatus::Internal),
-                    FwStatus::PreemptTimeout => Err(KmdStatus::FirmwareTimeout),
-                    FwStatus::Busy => Err(KmdStatus::Busy),
-                };
+            for (i, seq) in seqs.iter().enumerate() {
+                if out[i].is_none() {
+                    if let Some(Some(status)) = acks.get(seq).copied() {
+                        acks.remove(seq);
+                        out[i] = Some(match status {
+                            FwStatus::Ok => Ok(()),
+                            FwStatus::NotFound => Err(KmdStatus::NotFound),
+                            FwStatus::Exists => Err(KmdStatus::InvalidArgument),
+                            FwStatus::BadObject | FwStatus::Malformed => Err(KmdStatus::Internal),
+                            FwStatus::PreemptTimeout => Err(KmdStatus::FirmwareTimeout),
+                            FwStatus::Busy => Err(KmdStatus::Busy),
+                        });
+                    }
+                }
+            }
+            if out.iter().all(Option::is_some) {
+                return out.into_iter().flatten().collect();
             }
             let now = Instant::now();
-            if self.is_lost() {
-                acks.remove(&seq);
-                return Err(KmdStatus::DeviceLost);
-            }
-            if now >= deadline {
-                acks.remove(&seq);
+            let failed = if self.is_lost() {
+                Some(KmdStatus::DeviceLost)
+            } else if now >= deadline {
+                Some(KmdStatus::FirmwareTimeout)
+            } else {
+                None
+            };
+            if let Some(e) = failed {
+                for (i, seq) in seqs.iter().enumerate() {
+                    if out[i].is_none() {
+                        acks.remove(seq);
+                    }
+                }
                 drop(acks);
-                return Err(self.timed_out());
+                let e = if e == KmdStatus::FirmwareTimeout {
+                    self.timed_out()
+                } else {
+                    e
+                };
+                return out.into_iter().map(|r| r.unwrap_or(Err(e))).collect();
+            }
+            if now - start < SPIN {
+                drop(acks);
+                std::hint::spin_loop();
+                acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
+                continue;
             }
             acks = self
                 .acked

@@ -1,6 +1,6 @@
 //! The device-memory pool's residency as the OS sees it, in a test binary of its own so
 //! that this process holds exactly one pool: sampled from /proc while a working set four
-//! times the budget streams through it, and empty once everything went back to the host.
+//! times the budget streams through it, and given back to the OS once the buffer is freed.
 
 mod common;
 use common::Env;
@@ -67,7 +67,18 @@ fn the_pool_never_holds_more_than_the_budget_and_gives_memory_back() {
         "pool resident {peak} bytes over a {BUDGET}-byte budget"
     );
     assert!(x.to_vec().iter().all(|&v| v == 9));
-    // Everything went back to the host: the OS has taken the pool's memory back.
-    assert_eq!(pool_resident(), Some(0));
+    // Everything went back to the host; the slots stay allocated for the next pages
+    // until the pager has been idle a while (or their buffer is freed): then the OS
+    // takes the memory back.
     assert_eq!(dev.paging_stats().unwrap().resident_pages, 0);
+    drop(x);
+    let t = std::time::Instant::now();
+    while pool_resident() != Some(0) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "pool still holds {:?}",
+            pool_resident()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

@@ -1,7 +1,7 @@
 //! `userq-bench`: userq against the machine's floors and against peers, in one run.
 //!
 //! ```text
-//! userq-bench [compare|floors|latency|peers|throughput|scaling|idle|submit|sched|resets]
+//! userq-bench [compare|floors|latency|peers|throughput|scaling|idle|submit|sched|resets|paging]
 //!             [--iters N] [--quick] [--json] [--plot DIR]
 //! ```
 //!
@@ -79,6 +79,9 @@ enum What {
     /// Hang detection and reset time, innocent round trips during a reset storm, client
     /// kills, firmware kill and restart.
     Resets,
+    /// On-demand paging: single fault round trip, batched fault service and copy
+    /// bandwidth, eviction + refault cost, innocent round trips during a fault storm.
+    Paging,
 }
 
 struct Opts {
@@ -117,9 +120,9 @@ fn role(name: &str, args: &[String]) -> Res<()> {
         "__floor-exchange" => floors::exchange_floor_child(arg(0)?)?,
         "__echo-unix" => peers::unix_echo_server(arg(0)?)?,
         "__iceoryx2" => peers::iceoryx2_echo(arg(0)?, arg(1)?)?,
-        "__kmd" => device::kmd_role(arg(0)?)?,
+        "__kmd" => device::kmd_role(arg(0)?, arg(1)?.parse()?)?,
         "__fw" => device::fw_role(args)?,
-        "__embedded" => device::embedded_role(arg(0)?)?,
+        "__embedded" => device::embedded_role(arg(0)?, arg(1)?.parse()?)?,
         "__scale" => device::scale_role(arg(0)?, arg(1)?.parse()?, arg(2)?.parse()?)?,
         "__sched-client" => {
             userq_benches::sched::client_role(arg(0)?, arg(1)?.parse()?, arg(2)?.parse()?)?
@@ -128,6 +131,7 @@ fn role(name: &str, args: &[String]) -> Res<()> {
         "__submit-probe" => device::submit_probe_role(arg(0)?, arg(1)?, arg(2)?.parse()?)?,
         "__victim" => userq_benches::resets::victim_role(arg(0)?)?,
         "__lost-waiter" => userq_benches::resets::lost_waiter_role(arg(0)?)?,
+        "__fault-storm" => userq_benches::paging::fault_storm_role(arg(0)?)?,
         _ => return Err(format!("unknown role {name}").into()),
     }
     Ok(())
@@ -362,6 +366,10 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
     if all || o.what == What::Resets {
         say("resets");
         r.resets = Some(userq_benches::resets::measure(dir, o.quick)?);
+    }
+    if all || o.what == What::Paging {
+        say("paging");
+        r.paging = Some(userq_benches::paging::measure(dir, o.quick)?);
     }
     if all || o.what == What::Idle {
         say("idle");
