@@ -97,6 +97,8 @@ pub struct FaultNote {
     pub job: u64,
     /// The pages missing: (device address of the page, access).
     pub pages: Vec<(u64, userq_uapi::paging::Access)>,
+    /// Pages the job's next workgroups will miss ("fault-ahead"), not among `pages`.
+    pub ahead: Vec<(u64, userq_uapi::paging::Access)>,
     /// The footprint needs more pages than the pool has: it can never run. The pages
     /// needed, and the first one's address.
     pub too_large: Option<(u64, u64)>,
@@ -658,6 +660,30 @@ impl Drop for Pins<'_> {
     }
 }
 
+/// The distinct on-demand pages a footprint names.
+fn distinct_pages(job: &Job, fp: &Footprint) -> u64 {
+    use userq_uapi::paging::DEVICE_PAGE;
+    let mut vas = Vec::new();
+    for (arg, range, _) in &fp.ranges {
+        let Some(Arg::Buffer(b)) = job.args.0.get(*arg) else {
+            continue;
+        };
+        let Some((_, offset)) = b.window() else {
+            continue;
+        };
+        let end = range.end.min(b.len() as u64);
+        if range.start < end {
+            let base_va = b.address - offset as u64;
+            let first = (offset as u64 + range.start) / DEVICE_PAGE;
+            let last = (offset as u64 + end - 1) / DEVICE_PAGE;
+            vas.extend((first..=last).map(|p| base_va + p * DEVICE_PAGE));
+        }
+    }
+    vas.sort_unstable();
+    vas.dedup();
+    vas.len() as u64
+}
+
 /// Pins every page of the workgroup's footprint in on-demand buffers, or returns the
 /// fault: every page of it not resident (the pins taken are released).
 fn pin_footprint<'a>(job: &'a Job, wg: &Workgroup) -> Result<Pins<'a>, FaultNote> {
@@ -703,9 +729,11 @@ fn pin_footprint<'a>(job: &'a Job, wg: &Workgroup) -> Result<Pins<'a>, FaultNote
         Arg::Buffer(b) => b.window().map(|(w, _)| w.pool().slots() as u64),
         _ => None,
     });
+    // `needed` counts a page once per range naming it (a buffer passed twice counts
+    // twice): only when that bound is over the pool are the distinct pages counted.
     let too_large = too_large
-        .filter(|&slots| needed > slots)
-        .map(|_| (needed, first_needed.unwrap_or(0)));
+        .filter(|&slots| needed > slots && distinct_pages(job, &fp) > slots)
+        .map(|_| (distinct_pages(job, &fp), first_needed.unwrap_or(0)));
     if missing.is_empty() && too_large.is_none() {
         return Ok(pins);
     }
@@ -715,6 +743,7 @@ fn pin_footprint<'a>(job: &'a Job, wg: &Workgroup) -> Result<Pins<'a>, FaultNote
         queue: job.queue,
         job: job.id,
         pages: missing,
+        ahead: Vec::new(),
         too_large,
     })
 }
@@ -738,7 +767,7 @@ fn fault_ahead(job: &Job, note: &mut FaultNote) {
     let mut seen = 0usize;
     let mut last_seen = u64::MAX;
     for index in from..to {
-        if note.pages.len() >= FAULT_BATCH_MAX || seen >= 2 * FAULT_BATCH_MAX {
+        if note.pages.len() + note.ahead.len() >= FAULT_BATCH_MAX || seen >= 2 * FAULT_BATCH_MAX {
             break;
         }
         fp.ranges.clear();
@@ -768,14 +797,17 @@ fn fault_ahead(job: &Job, note: &mut FaultNote) {
                     last_seen = va;
                 }
                 // Neighbouring workgroups share pages: skip the repeat of the last one.
-                if !resident && note.pages.last().map(|p| p.0) != Some(va) {
-                    note.pages.push((va, *access));
+                if !resident && note.ahead.last().map(|p| p.0) != Some(va) {
+                    note.ahead.push((va, *access));
                 }
             }
         }
     }
-    note.pages.sort_unstable_by_key(|m| m.0);
-    note.pages.dedup_by_key(|m| m.0);
+    note.ahead.sort_unstable_by_key(|m| m.0);
+    note.ahead.dedup_by_key(|m| m.0);
+    let own = &note.pages;
+    note.ahead
+        .retain(|a| own.binary_search_by_key(&a.0, |p| p.0).is_err());
 }
 
 /// Ends a workgroup's "running" announcement however the workgroup ends.

@@ -83,24 +83,32 @@ impl Firmware {
         if notes.is_empty() {
             return false;
         }
-        let mut faults: Vec<(u32, u64, u32, u64, Access)> = Vec::new();
+        // (ctx, address, slot, job, ahead, access)
+        let mut faults: Vec<(u32, u64, u32, u64, bool, Access)> = Vec::new();
         for n in notes {
             if let Some((pages, first)) = n.too_large {
                 self.stop_queue(n.queue, ErrorCode::WorkingSetTooLarge, first, pages as u32);
                 continue;
             }
-            for (va, access) in n.pages {
-                faults.push((n.queue.ctx, va, n.queue.slot, n.job, access));
-            }
+            let (q, job) = (n.queue, n.job);
+            let own = n
+                .pages
+                .into_iter()
+                .map(|(va, a)| (q.ctx, va, q.slot, job, false, a));
+            let ahead = n
+                .ahead
+                .into_iter()
+                .map(|(va, a)| (q.ctx, va, q.slot, job, true, a));
+            faults.extend(own.chain(ahead));
         }
         // By context and address; a page two workgroups of one job missed goes once
-        // (written if either writes it).
-        faults.sort_unstable_by_key(|f| (f.0, f.1, f.2, f.3, f.4 as u32 == 0));
+        // (needed rather than ahead, written if either writes it).
+        faults.sort_unstable_by_key(|f| (f.0, f.1, f.2, f.3, f.4, f.5 as u32 == 0));
         faults.dedup_by_key(|f| (f.0, f.1, f.2, f.3));
         for batch in faults.chunks(FAULT_BATCH_MAX) {
             let id = self.paging.next_batch;
             self.paging.next_batch += 1;
-            for (i, &(ctx, address, slot, job, access)) in batch.iter().enumerate() {
+            for (i, &(ctx, address, slot, job, ahead, access)) in batch.iter().enumerate() {
                 self.control.emit(FwEvent::Fault {
                     ctx,
                     slot,
@@ -109,6 +117,7 @@ impl Firmware {
                     job,
                     batch: id,
                     last: i + 1 == batch.len(),
+                    ahead,
                 });
             }
         }
@@ -189,8 +198,7 @@ impl Firmware {
             deadline: Instant::now() + PREEMPT_TIMEOUT,
         };
         if drained(&p) {
-            p.window.unmap(first, count, state::ABSENT);
-            return Some(FwStatus::Ok);
+            return Some(taken(&p));
         }
         self.engines.set_invalidating(true);
         self.paging.invalidations.push(p);
@@ -208,9 +216,8 @@ impl Firmware {
         let mut any = false;
         for p in std::mem::take(&mut self.paging.invalidations) {
             if drained(&p) {
-                p.window.unmap(p.first, p.count, state::ABSENT);
                 self.engines.set_invalidating(false);
-                self.control.ack(p.seq, FwStatus::Ok);
+                self.control.ack(p.seq, taken(&p));
                 any = true;
             } else if now >= p.deadline {
                 for id in self.users_of(p.ctx, &p.window) {
@@ -221,9 +228,12 @@ impl Firmware {
                         e.forgive_pins();
                     }
                 }
-                p.window.unmap(p.first, p.count, state::ABSENT);
                 self.engines.set_invalidating(false);
-                self.control.ack(p.seq, FwStatus::PreemptTimeout);
+                let status = match taken(&p) {
+                    FwStatus::Ok => FwStatus::PreemptTimeout,
+                    failed => failed,
+                };
+                self.control.ack(p.seq, status);
                 any = true;
             } else {
                 self.paging.invalidations.push(p);
@@ -337,10 +347,25 @@ impl Firmware {
                 for id in self.users_of(ctx, &w) {
                     self.stop_queue(id, ErrorCode::BufferFreed, va, 0);
                 }
-                w.unmap(0, w.page_count(), state::FREED);
-                FwStatus::Ok
+                // Not confirmed if the window still maps its slots: kmd-shim then keeps
+                // them out of circulation.
+                if w.unmap(0, w.page_count(), state::FREED) {
+                    FwStatus::Ok
+                } else {
+                    FwStatus::BadObject
+                }
             }
         }
+    }
+}
+
+/// Points an invalidation's pages at scratch: `Ok`, or `BadObject` if the kernel refused
+/// (the slots are still mapped; kmd-shim must keep them).
+fn taken(p: &PendingInvalidate) -> FwStatus {
+    if p.window.unmap(p.first, p.count, state::ABSENT) {
+        FwStatus::Ok
+    } else {
+        FwStatus::BadObject
     }
 }
 

@@ -213,8 +213,9 @@ impl Firmware {
         };
         // Cancelled workgroups may still be on engines: from the ack on, kmd-shim reuses
         // the context's pool slots, so its windows point at scratch first.
+        let mut scratch = true;
         for (_, w) in c.vm.windows() {
-            w.unmap(0, w.page_count(), crate::window::state::FREED);
+            scratch &= w.unmap(0, w.page_count(), crate::window::state::FREED);
         }
         for q in c.queues.iter_mut().filter_map(Option::take) {
             q.destroy(ErrorCode::OwnerDied);
@@ -224,7 +225,13 @@ impl Firmware {
             b.fence.remove_holder(ctx, b.waiter_slot);
         }
         self.sched.forget(ctx, None);
-        FwStatus::Ok
+        // The context is gone either way; an unmap the kernel refused leaves its pool
+        // slots mapped, which kmd-shim must hear so that it keeps them.
+        if scratch {
+            FwStatus::Ok
+        } else {
+            FwStatus::BadObject
+        }
     }
 
     fn map_queue(

@@ -18,12 +18,13 @@
 //!
 //! Each page has a [`PageEntry`]: its state and its pin count. Engines pin a page before
 //! a workgroup touches it and unpin it after; an invalidation first marks the page, then
-//! waits for its pins to drain (the two sides are a Dekker pair on SeqCst accesses).
+//! waits for its pins to drain (the two sides are a Dekker pair through SeqCst fences,
+//! modelled in `uapi/tests/loom.rs`).
 
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::mm::{MapFlags, ProtFlags};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering::*};
 use std::sync::Arc;
 use userq_uapi::paging::DEVICE_PAGE;
 use userq_uapi::shm::{AtomicInt, ShmBytes};
@@ -100,11 +101,14 @@ pub struct PageEntry {
 
 impl PageEntry {
     /// Pins the page if it is resident: returns the generation to unpin with and the
-    /// slot. SeqCst, paired with [`PageEntry::begin_invalidate`]: either this sees the
-    /// invalidation, or the invalidation sees this pin.
+    /// slot. The pin, a SeqCst fence, then the state: paired with
+    /// [`PageEntry::begin_invalidate`] and [`PageEntry::unpinned`] (mark, fence, pins),
+    /// either this sees the invalidation, or the invalidation sees this pin (modelled in
+    /// `uapi/tests/loom.rs`).
     pub fn pin(&self) -> Option<(u32, u32)> {
-        let gen = (self.pins.fetch_add(1, SeqCst) >> 32) as u32;
-        if self.state.load(SeqCst) == state::RESIDENT {
+        let gen = (self.pins.fetch_add(1, Relaxed) >> 32) as u32;
+        fence(SeqCst);
+        if self.state.load(Acquire) == state::RESIDENT {
             // Acquire: the slot was stored before the state became RESIDENT (Release).
             Some((gen, self.slot.load(Acquire)))
         } else {
@@ -113,9 +117,10 @@ impl PageEntry {
         }
     }
 
-    /// Undoes a [`PageEntry::pin`] of generation `gen`.
+    /// Undoes a [`PageEntry::pin`] of generation `gen`. Release: the invalidator that sees
+    /// the pins drop (acquire) sees the workgroup's writes to the page.
     pub fn unpin(&self, gen: u32) {
-        let _ = self.pins.fetch_update(SeqCst, Relaxed, |v| {
+        let _ = self.pins.fetch_update(Release, Relaxed, |v| {
             ((v >> 32) as u32 == gen && v as u32 > 0).then(|| v - 1)
         });
     }
@@ -125,23 +130,27 @@ impl PageEntry {
         self.state.load(Acquire)
     }
 
-    /// Marks a resident page as going away; returns whether it was resident.
+    /// Marks a resident page as going away; returns whether it was resident. Check
+    /// [`PageEntry::unpinned`] after it.
     pub fn begin_invalidate(&self) -> bool {
         self.state
-            .compare_exchange(state::RESIDENT, state::INVALIDATING, SeqCst, SeqCst)
+            .compare_exchange(state::RESIDENT, state::INVALIDATING, Relaxed, Relaxed)
             .is_ok()
     }
 
-    /// Whether no workgroup pins the page.
+    /// Whether no workgroup pins the page: a SeqCst fence (the other half of the pair
+    /// with [`PageEntry::pin`]), then the pins (acquire, paired with the unpin's release).
     pub fn unpinned(&self) -> bool {
-        self.pins.load(SeqCst) as u32 == 0
+        fence(SeqCst);
+        self.pins.load(Acquire) as u32 == 0
     }
 
     /// Forgets the pins of workgroups that will not give them back in time (their
-    /// queues were reset).
+    /// queues were reset). The page is `INVALIDATING`, so no new pin holds.
     pub fn forgive_pins(&self) {
-        let gen = (self.pins.load(SeqCst) >> 32) + 1;
-        self.pins.store(gen << 32, SeqCst);
+        let _ = self
+            .pins
+            .fetch_update(AcqRel, Relaxed, |v| Some(((v >> 32) + 1) << 32));
     }
 }
 
@@ -246,13 +255,16 @@ impl Window {
     }
 
     /// Points pages `first..first + count` back at scratch memory and marks them `to`
-    /// ([`state::ABSENT`] or [`state::FREED`]). After it returns no thread can reach the
-    /// pool slots through this window. Only the command processor calls it, for pages
-    /// whose pins have drained or were forgiven.
-    pub fn unmap(&self, first: usize, count: usize, to: u32) {
+    /// ([`state::ABSENT`] or [`state::FREED`]). After it returns true no thread can
+    /// reach the pool slots through this window. False: the kernel refused the mapping
+    /// (ENOMEM), the pages still map their slots, and the caller must not let them go.
+    /// Only the command processor calls it, for pages whose pins have drained or were
+    /// forgiven.
+    #[must_use]
+    pub fn unmap(&self, first: usize, count: usize, to: u32) -> bool {
         let end = first.saturating_add(count).min(self.pages.len());
         if first >= end {
-            return;
+            return true;
         }
         // SAFETY: inside this window (clipped above); replaces those pages with fresh
         // private anonymous memory. A workgroup still touching them (wedged past a
@@ -267,11 +279,13 @@ impl Window {
         };
         // Only ENOMEM can fail a fixed anonymous mapping over our own range; the old
         // mapping then stays, so the pages must stay accounted as they were.
-        if r.is_ok() {
-            for p in &self.pages[first..end] {
-                p.state.store(to, Release);
-            }
+        if r.is_err() {
+            return false;
         }
+        for p in &self.pages[first..end] {
+            p.state.store(to, Release);
+        }
+        true
     }
 
     /// `count` atomics of type `W` from byte `offset`, if they fit and are aligned.

@@ -309,6 +309,17 @@ impl Device {
         Ok(BufferReply { va, size })
     }
 
+    /// Whether `ctx`'s buffer at `va` is on-demand (from the table: no wait behind the
+    /// pager).
+    fn is_on_demand(&self, ctx: u32, va: u64) -> Result<bool, KmdStatus> {
+        let t = self.table();
+        let c = t.contexts.get(&ctx).ok_or(KmdStatus::NoContext)?;
+        let b = c.buffers.get(&va).ok_or(KmdStatus::NotFound)?;
+        Ok(b.object
+            .and_then(|id| t.buffer_objects.get(&id))
+            .is_some_and(|o| o.on_demand))
+    }
+
     /// FREE_BUFFER.
     pub fn free_buffer(&self, ctx: u32, va: u64) -> Result<(), KmdStatus> {
         {
@@ -318,7 +329,7 @@ impl Device {
                 return Err(KmdStatus::NotFound);
             }
         }
-        if self.is_on_demand(ctx, va) {
+        if self.is_on_demand(ctx, va)? {
             self.free_on_demand(ctx, va)?;
         } else {
             self.link().call(FwRequest::UnmapBuffer { ctx, va }, &[])?;

@@ -189,7 +189,9 @@ impl Device {
             // Under the pager lock, so that no fault service maps into it meanwhile; its
             // on-demand buffers' slots go back once the firmware has let go of them.
             self.close_paging(ctx, || {
-                let _ = self.link().call(FwRequest::UnmapContext { ctx }, &[]);
+                self.link()
+                    .call(FwRequest::UnmapContext { ctx }, &[])
+                    .is_ok()
             });
         }
         let mut t = self.table();

@@ -88,12 +88,14 @@ impl EvictGate for NoWait {
     }
 }
 
-/// Frees at least `n` slots (as many as are resident), least recently used first.
+/// Frees at least `n` slots (as many as are resident, `protect` excepted), least recently
+/// used first.
 pub(crate) fn make_room(
     st: &mut PagerState,
     link: &PageLink<'_>,
     busy: &Mutex<Vec<FwEvent>>,
     n: usize,
+    protect: &[u32],
     verbose: bool,
 ) -> Result<(), Deadlock> {
     let _section = sync::begin_signalling("eviction");
@@ -104,7 +106,7 @@ pub(crate) fn make_room(
         .owner
         .iter()
         .enumerate()
-        .filter(|(_, o)| o.is_some())
+        .filter(|(slot, o)| o.is_some() && !protect.contains(&(*slot as u32)))
         .map(|(slot, _)| (pool.last_use(slot as u32), slot as u32))
         .collect();
     candidates.sort_unstable();

@@ -34,46 +34,58 @@ pub(crate) fn service(
     st.stats.batches += 1;
     // Per faulting job: its first faulting address, and the error to stop it with.
     let mut replies: BTreeMap<FaultingJob, (u64, Option<(ErrorCode, u64)>)> = BTreeMap::new();
-    let mut need: BTreeMap<(u32, u64), Vec<usize>> = BTreeMap::new();
+    // Pages the faulting workgroups need, then the fault-ahead ones (index 1).
+    let mut need: [BTreeMap<(u32, u64), Vec<usize>>; 2] = Default::default();
     for ev in batch {
         let &FwEvent::Fault {
             ctx,
             slot,
             address,
             job,
+            ahead,
             ..
         } = ev
         else {
             continue;
         };
-        st.stats.faults += 1;
         let entry = replies.entry((ctx, slot, job)).or_insert((address, None));
+        if !ahead {
+            st.stats.faults += 1;
+        }
         match st.find(ctx, address) {
-            None => {
+            // A page a workgroup needs outside every mapping stops its queue; a
+            // fault-ahead guess there is just dropped.
+            None if !ahead => {
                 st.stats.violations += 1;
                 entry.1.get_or_insert((ErrorCode::MemoryViolation, address));
             }
+            None => {}
             Some((key, page)) => {
                 let b = &st.buffers[&key];
                 if b.pages[page].is_none() {
                     if b.evicted[page] {
                         st.stats.refaults += 1;
                     }
-                    need.entry(key).or_default().push(page);
+                    need[ahead as usize].entry(key).or_default().push(page);
                 }
             }
         }
     }
+    // Needed pages first: with a pool nearly full, fault-ahead pages must not take the
+    // room the faulting workgroups need (and pages filled in this service are never
+    // evicted by it: see `bring_in`).
     let mut deadlock = None;
     let mut maps = Vec::new();
-    for (key, mut pages) in need {
-        pages.sort_unstable();
-        pages.dedup();
-        match bring_in(st, link, busy, key, &pages, verbose) {
-            Ok(runs) => maps.extend(runs),
-            Err(d) => {
-                deadlock = Some(d);
-                break;
+    'all: for need in need {
+        for (key, mut pages) in need {
+            pages.sort_unstable();
+            pages.dedup();
+            match bring_in(st, link, busy, key, &pages, &maps, verbose) {
+                Ok(runs) => maps.extend(runs),
+                Err(d) => {
+                    deadlock = Some(d);
+                    break 'all;
+                }
             }
         }
     }
@@ -109,6 +121,17 @@ pub(crate) fn map_and_reply(
     maps: &[MapRun],
     replies: &[Reply],
 ) {
+    // Every slot about to be mapped is still its page's: nothing evicted it meanwhile.
+    for &(key, page, slot, n) in maps {
+        for i in 0..n {
+            debug_assert_eq!(
+                st.owner[(slot + i) as usize],
+                Some((key.0, key.1, page + i as usize)),
+                "slot {} taken from under a pending map",
+                slot + i
+            );
+        }
+    }
     let results = link.map_and_reply(maps, replies);
     for (r, &(_, _, slot, n)) in results.iter().zip(maps) {
         if r.is_err() {
@@ -120,14 +143,17 @@ pub(crate) fn map_and_reply(
 }
 
 /// Makes `pages` of buffer `key` resident (as many as the pool holds): room first, then
-/// copy in. Returns the runs for the firmware to map ([`map_and_reply`]). Fails only when
-/// the counterfactual policy's eviction deadlocks.
+/// copy in. Returns the runs for the firmware to map ([`map_and_reply`]). `pending` are
+/// runs filled earlier in the same service and not mapped yet: eviction must not take
+/// their slots (the firmware would map two pages to one slot). Fails only when the
+/// counterfactual policy's eviction deadlocks.
 pub(crate) fn bring_in(
     st: &mut PagerState,
     link: &PageLink<'_>,
     busy: &Mutex<Vec<FwEvent>>,
     key: (u32, u64),
     pages: &[usize],
+    pending: &[MapRun],
     verbose: bool,
 ) -> Result<Vec<MapRun>, Deadlock> {
     let mut runs = Vec::new();
@@ -145,7 +171,11 @@ pub(crate) fn bring_in(
         .collect();
     let short = missing.len().saturating_sub(st.free_slots());
     if short > 0 {
-        evict::make_room(st, link, busy, short, verbose)?;
+        let protect: Vec<u32> = pending
+            .iter()
+            .flat_map(|&(_, _, slot, n)| slot..slot + n)
+            .collect();
+        evict::make_room(st, link, busy, short, &protect, verbose)?;
     }
     // Filled slots count as just used: otherwise the next eviction would take them
     // before the faulting workgroup has run (their stamps were cleared on release).

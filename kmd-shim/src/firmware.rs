@@ -341,7 +341,7 @@ impl FirmwareLink {
                             FwStatus::NotFound => Err(KmdStatus::NotFound),
                             FwStatus::Exists => Err(KmdStatus::InvalidArgument),
                             FwStatus::BadObject | FwStatus::Malformed => Err(KmdStatus::Internal),
-                            FwStatus::PreemptTimeout => Err(KmdStatus::FirmwareTimeout),
+                            FwStatus::PreemptTimeout => Err(KmdStatus::Preempted),
                             FwStatus::Busy => Err(KmdStatus::Busy),
                         });
                     }

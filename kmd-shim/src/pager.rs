@@ -93,11 +93,12 @@ pub(crate) struct PagerState {
 }
 
 impl PagerState {
-    /// Starts over on `link`'s pool if the generation changed (a restart loses every
-    /// context, and with them every on-demand buffer).
-    pub(crate) fn follow(&mut self, link: &FirmwareLink) {
-        if self.pool.is_some() && self.generation == link.generation() {
-            return;
+    /// Starts over on `link`'s pool if its generation is newer (a restart loses every
+    /// context, and with them every on-demand buffer). Returns false for an older link:
+    /// the state must never go back.
+    pub(crate) fn follow(&mut self, link: &FirmwareLink) -> bool {
+        if self.pool.is_some() && link.generation() <= self.generation {
+            return link.generation() == self.generation;
         }
         let pool = link.pool().clone();
         let slots = pool.slots();
@@ -109,6 +110,7 @@ impl PagerState {
         self.stats.budget_pages = slots as u64;
         self.stats.resident_pages = 0;
         self.pool = Some(pool);
+        true
     }
 
     /// The on-demand buffer of `ctx` holding `addr`: its key and the page.
@@ -227,7 +229,10 @@ impl<'a> PageLink<'a> {
             .call_many(&reqs)
             .into_iter()
             .map(|r| match r {
-                Err(KmdStatus::FirmwareTimeout) if !self.0.is_lost() => Ok(()),
+                // Taken from a workgroup that did not yield (its queue was reset): done.
+                // Any other error (no ack in time, never posted, device lost) leaves the
+                // pages where they are: the caller keeps them out of circulation.
+                Err(KmdStatus::Preempted) => Ok(()),
                 r => r,
             })
             .collect()
@@ -249,6 +254,34 @@ pub struct Pager {
     ready: Condvar,
     /// Jobs a timed-out WaitJobs named (filled by the event thread).
     pub(crate) busy: Mutex<Vec<FwEvent>>,
+    /// The statistics, published by every paging operation as it ends: PAGING_STATS
+    /// reads them without waiting behind a fault service.
+    snapshot: Mutex<PagingStats>,
+}
+
+/// The pager lock's guard: publishes the statistics when it drops.
+pub(crate) struct PagerGuard<'a> {
+    state: MutexGuard<'a, PagerState>,
+    snapshot: &'a Mutex<PagingStats>,
+}
+
+impl std::ops::Deref for PagerGuard<'_> {
+    type Target = PagerState;
+    fn deref(&self) -> &PagerState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for PagerGuard<'_> {
+    fn deref_mut(&mut self) -> &mut PagerState {
+        &mut self.state
+    }
+}
+
+impl Drop for PagerGuard<'_> {
+    fn drop(&mut self) {
+        *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = self.state.stats;
+    }
 }
 
 impl std::fmt::Debug for Pager {
@@ -275,14 +308,28 @@ impl Pager {
             batches: Mutex::new(Vec::new()),
             ready: Condvar::new(),
             busy: Mutex::new(Vec::new()),
+            snapshot: Mutex::new(PagingStats::default()),
         }
     }
 
-    /// Locks the paging state, following the current generation.
-    pub(crate) fn lock(&self, link: &FirmwareLink) -> MutexGuard<'_, PagerState> {
+    /// Locks the paging state, following `link`'s generation if it is newer. A caller
+    /// whose link is older than the state (it fetched it before a restart) gets
+    /// `DeviceLost`: its objects are gone, and it must not roll the state back. The
+    /// statistics are published when the guard drops.
+    pub(crate) fn lock(&self, link: &FirmwareLink) -> Result<PagerGuard<'_>, KmdStatus> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.follow(link);
-        s
+        if !s.follow(link) {
+            return Err(KmdStatus::DeviceLost);
+        }
+        Ok(PagerGuard {
+            state: s,
+            snapshot: &self.snapshot,
+        })
+    }
+
+    /// The statistics as of the last guard dropped.
+    pub(crate) fn snapshot(&self) -> PagingStats {
+        *self.snapshot.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Event thread: one fault; the batch goes to the pager thread with its last one.
@@ -336,17 +383,21 @@ impl Device {
     pub(crate) fn run_pager(&self, stop: &std::sync::atomic::AtomicBool) {
         while !stop.load(std::sync::atomic::Ordering::Acquire) {
             let batches = self.pager.next_batches(Duration::from_millis(100));
+            let link = self.link();
             if batches.is_empty() {
                 // Idle for a while: the memory of free slots goes back to the OS.
-                let link = self.link();
-                self.pager.lock(&link).trim();
-            }
-            for batch in batches {
-                let link = self.link();
-                if link.is_lost() {
-                    continue; // its contexts are lost; their queues are poisoned already
+                if let Ok(mut st) = self.pager.lock(&link) {
+                    st.trim();
                 }
-                let mut st = self.pager.lock(&link);
+                continue;
+            }
+            if link.is_lost() {
+                continue; // its contexts are lost; their queues are poisoned already
+            }
+            let Ok(mut st) = self.pager.lock(&link) else {
+                continue;
+            };
+            for batch in batches {
                 crate::fault::service(
                     &mut st,
                     &PageLink::new(&link),
@@ -371,7 +422,7 @@ impl Device {
         let link = self.link();
         let host = ShmBytes::map(fd.as_fd(), crate::buffer::whole_pages(size) as usize)
             .map_err(|_| KmdStatus::OutOfMemory)?;
-        let mut st = self.pager.lock(&link);
+        let mut st = self.pager.lock(&link)?;
         link.call(FwRequest::MapOnDemand { ctx, va, size }, &[])?;
         let pages = size.div_ceil(DEVICE_PAGE) as usize;
         st.buffers.insert(
@@ -386,28 +437,34 @@ impl Device {
         Ok(())
     }
 
-    /// Whether `va` is an on-demand buffer of `ctx`.
-    pub(crate) fn is_on_demand(&self, ctx: u32, va: u64) -> bool {
-        let link = self.link();
-        self.pager.lock(&link).buffers.contains_key(&(ctx, va))
-    }
-
     /// FREE_BUFFER of an on-demand buffer: the firmware unmaps it (stopping the queues
     /// whose dispatch still uses it, `BufferFreed`) and only then are its slots reused.
+    /// If the firmware did not confirm the unmap, the slots stay out of circulation (the
+    /// device is then lost or about to be, and the next generation starts over).
     pub(crate) fn free_on_demand(&self, ctx: u32, va: u64) -> Result<(), KmdStatus> {
         let link = self.link();
-        let mut st = self.pager.lock(&link);
-        let r = link.call(FwRequest::UnmapBuffer { ctx, va }, &[]);
-        forget_buffer(&mut st, ctx, va);
-        r
+        let mut st = self.pager.lock(&link)?;
+        match link.call(FwRequest::UnmapBuffer { ctx, va }, &[]) {
+            Ok(()) | Err(KmdStatus::NotFound) => {
+                forget_buffer(&mut st, ctx, va);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
-    /// A closing context: the firmware unmaps it (`unmap` makes the call) with the pager
-    /// lock held, then its on-demand buffers go.
-    pub(crate) fn close_paging(&self, ctx: u32, unmap: impl FnOnce()) {
+    /// A closing context: the firmware unmaps it (`unmap` makes the call and says whether
+    /// the firmware confirmed it) with the pager lock held; then its on-demand buffers'
+    /// slots go back, unless the unmap was not confirmed (see [`Device::free_on_demand`]).
+    pub(crate) fn close_paging(&self, ctx: u32, unmap: impl FnOnce() -> bool) {
         let link = self.link();
-        let mut st = self.pager.lock(&link);
-        unmap();
+        let Ok(mut st) = self.pager.lock(&link) else {
+            unmap();
+            return;
+        };
+        if !unmap() {
+            return;
+        }
         let keys: Vec<u64> = st
             .buffers
             .range((ctx, 0)..=(ctx, u64::MAX))
@@ -424,7 +481,7 @@ impl Device {
         if link.is_lost() {
             return Err(KmdStatus::DeviceLost);
         }
-        let mut st = self.pager.lock(&link);
+        let mut st = self.pager.lock(&link)?;
         let (key, first) = st.find(ctx, va).ok_or(KmdStatus::NotFound)?;
         let size = st.buffers[&key].size;
         let end = va.saturating_add(len.max(1)).min(key.1 + size);
@@ -440,6 +497,7 @@ impl Device {
                     &self.pager.busy,
                     key,
                     &pages,
+                    &[],
                     self.verbose,
                 )
                 .map_err(|_| KmdStatus::Busy)?;
@@ -449,11 +507,15 @@ impl Device {
         }
     }
 
-    /// PAGING_STATS.
+    /// PAGING_STATS: the counters as of the last paging operation that ended (read
+    /// without waiting for one that runs).
     pub fn paging_stats(&self) -> PagingStats {
         let link = self.link();
-        let st = self.pager.lock(&link);
-        st.stats
+        // A device that has paged nothing yet has no snapshot: take the lock once.
+        if self.pager.snapshot().budget_pages == 0 {
+            drop(self.pager.lock(&link));
+        }
+        self.pager.snapshot()
     }
 
     /// Bytes of the pool the OS has allocated now.

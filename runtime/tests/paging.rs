@@ -72,7 +72,9 @@ fn reductions_and_histograms_are_exact_after_faults() {
     }
     assert_eq!(hist.to_vec(), want);
     let s = dev.paging_stats().unwrap();
-    assert!(s.faults >= 40 && s.pages_out > 0, "{s:?}");
+    // Every input page came in (faulted or fetched ahead of its workgroup), and the
+    // budget forced evictions.
+    assert!(s.faults > 0 && s.pages_in >= 40 && s.pages_out > 0, "{s:?}");
 }
 
 #[test]

@@ -198,6 +198,10 @@ pub enum KmdStatus {
     /// Jobs still use the memory (the `WaitForIdleJobs` eviction policy gave up waiting).
     #[error("jobs still use the memory")]
     Busy = 16,
+    /// The firmware took memory back from a workgroup that did not yield in time: its
+    /// queue was reset (`PreemptTimeout`), and the request still succeeded.
+    #[error("done, after resetting a queue that did not yield")]
+    Preempted = 17,
 }
 
 impl KmdStatus {
@@ -221,6 +225,7 @@ impl KmdStatus {
             14 => PermissionDenied,
             15 => Banned,
             16 => Busy,
+            17 => Preempted,
             _ => Internal,
         }
     }

@@ -758,6 +758,7 @@ mod tests {
                 job: 8,
                 batch: 77,
                 last: true,
+                ahead: true,
             },
             FwEvent::Busy {
                 ctx: 2,

@@ -181,3 +181,52 @@ fn a_waiter_that_saw_the_wake_sees_the_value() {
         signaller.join().unwrap();
     });
 }
+
+/// The page pin against the invalidation (`fw-emu/src/window.rs`): an engine pins a page
+/// (`pins.fetch_add`), a SeqCst fence, then checks that it is still resident (acquire);
+/// the invalidator marks it (CAS RESIDENT → INVALIDATING), a SeqCst fence, then checks the
+/// pins (acquire; the unpin is a release). The slot's data is a loom cell: if both sides
+/// could be in at once (the engine touching the page, the invalidator copying it out), loom
+/// reports the race. (The Dekker pair is written with fences, in the code as here: loom
+/// models SeqCst *accesses* only as AcqRel, and with them this model fails.)
+#[test]
+fn a_pinned_page_is_never_copied_out_under_its_workgroup() {
+    use loom::cell::UnsafeCell;
+    const RESIDENT: u32 = 1;
+    const INVALIDATING: u32 = 2;
+    struct Page {
+        state: AtomicU32,
+        pins: AtomicU32,
+        data: UnsafeCell<u64>,
+    }
+    // SAFETY (model): the protocol under test is what makes the accesses exclusive; loom
+    // checks that it does.
+    unsafe impl Sync for Page {}
+    model(|| {
+        let page = Arc::new(Page {
+            state: AtomicU32::new(RESIDENT),
+            pins: AtomicU32::new(0),
+            data: UnsafeCell::new(0),
+        });
+        let p = page.clone();
+        let engine = thread::spawn(move || {
+            p.pins.fetch_add(1, Relaxed);
+            fence(SeqCst);
+            if p.state.load(Acquire) == RESIDENT {
+                // The workgroup runs: it writes the page.
+                p.data.with_mut(|d| unsafe { *d += 1 });
+            }
+            p.pins.fetch_sub(1, Release);
+        });
+        // The invalidator: mark, then copy out only once no pin is seen.
+        let marked = page
+            .state
+            .compare_exchange(RESIDENT, INVALIDATING, Relaxed, Relaxed)
+            .is_ok();
+        fence(SeqCst);
+        if marked && page.pins.load(Acquire) == 0 {
+            page.data.with(|d| unsafe { *d });
+        }
+        engine.join().unwrap();
+    });
+}

@@ -112,6 +112,9 @@ pub enum FwEvent {
         batch: u64,
         /// The batch's last fault.
         last: bool,
+        /// Not a page the faulting workgroup needs, but one of a following workgroup of
+        /// its job ("fault-ahead", a prefetch): serviced after the pages that are needed.
+        ahead: bool,
     },
     /// Sent before a [`super::FwRequest::WaitJobs`] that timed out is acknowledged: a job
     /// that still uses the buffer.
@@ -179,6 +182,7 @@ impl FwEvent {
                 job,
                 batch,
                 last,
+                ahead,
             } => {
                 w[0] = head(kind::FAULT, 0);
                 w[1] = ctx as u64;
@@ -187,7 +191,7 @@ impl FwEvent {
                 w[4] = access as u64;
                 w[5] = job;
                 w[6] = batch;
-                w[7] = last as u64;
+                w[7] = last as u64 | (ahead as u64) << 1;
             }
             FwEvent::Busy {
                 ctx,
@@ -238,7 +242,8 @@ impl FwEvent {
                 access: crate::paging::Access::from_u64(w[4])?,
                 job: w[5],
                 batch: w[6],
-                last: w[7] != 0,
+                last: w[7] & 1 != 0,
+                ahead: w[7] & 2 != 0,
             },
             kind::BUSY => FwEvent::Busy {
                 ctx: u32::try_from(w[1]).ok()?,
