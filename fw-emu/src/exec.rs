@@ -8,8 +8,8 @@
 //! arguments and becomes a job for the engines. Every failure is a [`Fault`] for this queue
 //! only, with the packet index, the offending address or word, and a detail.
 
-use crate::engine::Job;
 use crate::fence::{Binding, FenceObject, WaitStatus};
+use crate::job::Job;
 use crate::kernels::KernelLibrary;
 use crate::vm::Vm;
 use crate::QueueId;

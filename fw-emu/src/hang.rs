@@ -34,7 +34,7 @@
 //! [`FwRequest::ResetQueue`]: userq_uapi::fwmsg::FwRequest::ResetQueue
 //! [`FwRequest::BanContext`]: userq_uapi::fwmsg::FwRequest::BanContext
 
-use crate::engine::Job;
+use crate::job::Job;
 use crate::{Firmware, QueueId};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -16,11 +16,12 @@
 //!    kick futex after announcing it in [`DeviceStatus`] (the NEED_WAKEUP protocol of
 //!    [`userq_uapi::sync`]).
 //!
-//! The files read top-down: [`id`] (how a queue is named), [`vm`] and [`fence`] (device
-//! memory, fences), [`kernel`],
-//! [`kernels`] and [`engine`] (what runs and where), [`exec`], [`queue`], [`context`] and [`sched`]
-//! (the objects and their scheduling), then [`control`], the requests and suspend, and this
-//! loop. Dependencies only point down that list.
+//! The files read top-down: [`id`] (how a queue is named), [`window`], [`vm`] and
+//! [`fence`] (device memory, fences), [`kernel`], [`kernels`], [`job`], [`footprint`] and
+//! [`engine`] (what runs and where), [`exec`], [`queue`], [`context`] and [`sched`] (the
+//! objects and their scheduling), then [`control`], the requests, suspend, paging and this
+//! loop. Dependencies only point down that list (`window` names the job that pins a page
+//! only in prose).
 //!
 //! It bumps the device heartbeat at least every [`userq_uapi::HEARTBEAT_PERIOD_MS`], and
 //! exits when kmd-shim asks or closes the object channel.
@@ -39,15 +40,22 @@
 // How a queue is named.
 pub mod id;
 
-// Device memory and fences.
-pub mod fence;
-pub mod vm;
+// Device memory (on-demand windows under the VM) and fences.
 pub mod window;
 
-// What runs, and where.
-pub mod engine;
+pub mod vm;
+
+pub mod fence;
+
+// What runs, and where: kernels, a dispatch's job, pinning its footprints, the engines.
 pub mod kernel;
 pub mod kernels;
+
+pub mod job;
+
+pub mod footprint;
+
+pub mod engine;
 
 // The objects and their scheduling, each using the ones above it (blank lines keep rustfmt
 // from sorting them).

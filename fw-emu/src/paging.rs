@@ -22,7 +22,7 @@
 //!   (`BufferFreed`) and points its pages at scratch at once, so a pool slot can be
 //!   reused as soon as the unmap is acknowledged.
 
-use crate::engine::Job;
+use crate::job::Job;
 use crate::window::{state, Pool, Window};
 use crate::{Firmware, QueueId, PREEMPT_TIMEOUT};
 use std::sync::Arc;

@@ -17,9 +17,9 @@
 
 pub use crate::exec::{Fault, Resources};
 
-use crate::engine::Job;
 use crate::exec::{execute, ParkedWait, Step};
 use crate::fence::{FenceObject, WaitStatus};
+use crate::job::Job;
 use crate::QueueId;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::*};

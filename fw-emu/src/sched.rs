@@ -17,7 +17,7 @@
 //! dispatch for the engines) goes back to the caller.
 
 use crate::context::{Context, Contexts};
-use crate::engine::Job;
+use crate::job::Job;
 use crate::kernels::KernelLibrary;
 use crate::queue::{Outcome, Queue, Resources};
 use crate::QueueId;

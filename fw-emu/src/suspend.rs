@@ -8,7 +8,7 @@
 //! instead of the ack (and with it the device) hanging. Resume clears the flags, kicks the
 //! engines and puts the queues back on the run list.
 
-use crate::engine::Job;
+use crate::job::Job;
 use crate::{Firmware, PREEMPT_TIMEOUT};
 use std::sync::Arc;
 use std::time::Instant;

@@ -17,22 +17,27 @@
 //! - decides what a hang the firmware reports costs: the queue is reset, a context that
 //!   keeps hanging is banned ([`reset`]);
 //! - watches the firmware's heartbeat and declares the device lost when it stops, then
-//!   restarts the firmware under a new device generation ([`restart`]).
+//!   restarts the firmware under a new device generation ([`restart`]);
+//! - owns device memory for on-demand buffers ([`pool`]) and services page faults in
+//!   batches on its pager thread, evicting the least recently used pages of any context
+//!   with the invalidate → acknowledge handshake ([`pager`]).
 //!
 //! It is never on the submit or complete path, and no path in it waits on a user fence or
-//! on a job: it waits only on the firmware's acks, which are bounded.
+//! on a job: it waits only on the firmware's acks, which are bounded. (The one exception
+//! is opt-in and named for it: [`EvictionPolicy::WaitForIdleJobs`], the counterfactual.)
 #![deny(missing_docs)]
 
 pub mod buffer;
 pub mod client;
 pub mod context;
 pub mod device;
-pub mod evict;
-pub mod evict_wait_jobs;
-pub mod fault;
+mod evict;
+mod evict_wait_jobs;
+mod fault;
 pub mod fence;
 pub mod firmware;
 pub mod launch;
+mod ondemand;
 pub mod pager;
 pub mod pool;
 pub mod queue;
