@@ -9,6 +9,9 @@
 //!     the working set follows its --vram)
 //!
 //! `--seed N` varies sizes, passes and rounds (the stress test runs several seeds).
+//! `--wait-for-jobs` runs the same scenario on an embedded device whose eviction waits for
+//! the jobs using a buffer, as a dma-fence-backed memory manager would: it deadlocks, and
+//! the run ends with the cycle printed and the faulting queue stopped.
 
 use std::process::{Child, Command as Process};
 use std::time::{Duration, Instant};
@@ -44,9 +47,10 @@ fn words(bytes: u64) -> usize {
     (bytes / 4) as usize
 }
 
-/// On a stuck wait: what each queue had completed, and the device's paging counters.
-fn stuck_report(dev: &Device, queues: &[(&str, &Queue)]) -> String {
-    let mut s = String::from("on_demand: a wait timed out; queue states:\n");
+/// On a failed wait: why, what each queue had completed, and the device's paging
+/// counters.
+fn stuck_report(dev: &Device, why: &userq::WaitError, queues: &[(&str, &Queue)]) -> String {
+    let mut s = format!("on_demand: a wait failed ({why}); queue states:\n");
     for (name, q) in queues {
         s.push_str(&format!(
             "  {name}: submitted up to {}, completed {}, {:?}\n",
@@ -78,8 +82,8 @@ fn child(index: u64, seed: u64) -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..rounds {
         q.submit(kernels::axpy(n as u32, a, &x, &y)?)?;
     }
-    if q.finish(STUCK).is_err() {
-        return Err(stuck_report(&dev, &[("axpy", &q)]).into());
+    if let Err(e) = q.finish(STUCK) {
+        return Err(stuck_report(&dev, &e, &[("axpy", &q)]).into());
     }
     let got = y.to_vec();
     for i in 0..n {
@@ -116,8 +120,32 @@ fn reap(kids: Vec<Child>, failed: bool) -> Result<(), Box<dyn std::error::Error>
     }
 }
 
-fn parent(seed: u64) -> Result<(), Box<dyn std::error::Error>> {
-    let dev = Device::builder().vram(EMBEDDED_VRAM).open()?;
+fn parent(seed: u64, wait_for_jobs: bool) -> Result<(), Box<dyn std::error::Error>> {
+    if !wait_for_jobs {
+        return run(Device::builder().vram(EMBEDDED_VRAM).open()?, seed);
+    }
+    // The counterfactual needs its own device: a private embedded one.
+    let dir = std::env::temp_dir().join(format!("userq-on-demand-{}", std::process::id()));
+    let dev = Device::builder()
+        .vram(EMBEDDED_VRAM)
+        .eviction_waits_for_jobs(Duration::from_millis(500))
+        .mode(userq::OpenMode::Embedded)
+        .socket(dir.join("dev.sock"))
+        .open()?;
+    let r = run(dev, seed);
+    let _ = std::fs::remove_dir_all(&dir);
+    match r {
+        Err(e) if e.to_string().contains("EvictionDeadlock") => {
+            println!(
+                "on_demand: with eviction that waits for jobs (the dma-fence way) the run deadlocked, as path 3 predicts; the watchdog caught the cycle (printed above) and stopped the faulting queues. Without --wait-for-jobs the same run completes."
+            );
+            Err(e)
+        }
+        r => r,
+    }
+}
+
+fn run(dev: Device, seed: u64) -> Result<(), Box<dyn std::error::Error>> {
     let b = budget(&dev)?;
     println!(
         "on_demand: device {} ({} mode), budget {} KiB ({} pages of {} KiB), seed {seed}",
@@ -197,15 +225,15 @@ fn work(dev: &Device, b: u64, seed: u64) -> Result<(), Box<dyn std::error::Error
         let mut hist: Buffer<u32> = dev.alloc_on_demand(bins as usize)?;
         hist.copy_from_slice(&vec![0; bins as usize]);
         let done = q.submit(kernels::histogram_u32(hn as u32, &input, &hist)?)?;
-        if done.wait(STUCK).is_err() {
-            return Err(stuck_report(dev, &[("stream", &long), ("histogram", &q)]).into());
+        if let Err(e) = done.wait(STUCK) {
+            return Err(stuck_report(dev, &e, &[("stream", &long), ("histogram", &q)]).into());
         }
         if hist.to_vec() != want {
             return Err(format!("histogram round {round} is wrong").into());
         }
     }
-    if streaming.wait(STUCK).is_err() {
-        return Err(stuck_report(dev, &[("stream", &long), ("histogram", &q)]).into());
+    if let Err(e) = streaming.wait(STUCK) {
+        return Err(stuck_report(dev, &e, &[("stream", &long), ("histogram", &q)]).into());
     }
     let got = stream.to_vec();
     for (i, v) in got.iter().enumerate() {
@@ -233,6 +261,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(1);
     match args.get(1).map(String::as_str) {
         Some("--child") => child(args.get(2).ok_or("--child needs an index")?.parse()?, seed),
-        _ => parent(seed),
+        _ => parent(seed, args.iter().any(|a| a == "--wait-for-jobs")),
     }
 }

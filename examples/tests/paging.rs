@@ -64,6 +64,30 @@ fn on_demand_example_verifies_in_embedded_mode() {
 }
 
 #[test]
+fn on_demand_example_with_the_wait_for_jobs_policy_deadlocks_and_ends() {
+    let example = bin_dir().join("examples").join("on_demand");
+    let out = Proc::spawn(
+        "on_demand --wait-for-jobs",
+        Command::new(&example)
+            .arg("--wait-for-jobs")
+            .env_remove("USERQ_DEVICE")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .output_within(Duration::from_secs(120));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("DEADLOCK caught") && stderr.contains("a cycle"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("the run deadlocked"), "{stdout}");
+}
+
+#[test]
 fn deadlock_freedom_stress_three_processes_several_seeds() {
     let vram = VRAM.to_string();
     let daemon = Daemon::start_with(&["--vram", &vram]);

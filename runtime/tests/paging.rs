@@ -107,6 +107,7 @@ fn an_address_outside_every_mapping_stops_only_that_queue() {
     match bad.submit(stale).unwrap().wait(LONG) {
         Err(WaitError::Faulted(f)) => {
             assert_eq!(f.code, Some(ErrorCode::BadKernelArgs));
+            assert_eq!((f.address, f.detail), (va, 2), "the address, as argument 2");
         }
         other => panic!("expected a fault, got {other:?}"),
     }
