@@ -38,6 +38,8 @@ pub struct Context {
     pub vm: Vm,
     /// The whole context is suspended (queues created meanwhile start suspended).
     pub suspended: bool,
+    /// Its row in the telemetry tables (kmd-shim's choice).
+    pub row: u32,
 }
 
 impl Context {
@@ -51,6 +53,7 @@ impl Context {
             bindings: HashMap::new(),
             vm: Vm::default(),
             suspended: false,
+            row: 0,
         }
     }
 

@@ -41,7 +41,7 @@ pub use crate::job::Job;
 use crate::kernel::{Checkpoint, Workgroup, WorkgroupStatus};
 use crossbeam_utils::CachePadded;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -105,6 +105,9 @@ struct Shared {
     /// Engine threads in the pool, wedged ones included: above `target` after
     /// [`Engines::replace`], until as many threads as were replaced have left.
     live: AtomicUsize,
+    /// Per engine thread (index modulo the table): nanoseconds busy, workgroups
+    /// finished. Each engine writes only its own line.
+    stats: Vec<CachePadded<(AtomicU64, AtomicU64)>>,
 }
 
 impl Shared {
@@ -166,6 +169,9 @@ impl Engines {
             target: count.max(1),
             surplus: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
+            stats: (0..userq_uapi::layout::TELEMETRY_ENGINES)
+                .map(|_| CachePadded::new((AtomicU64::new(0), AtomicU64::new(0))))
+                .collect(),
         });
         let engines = Engines {
             shared,
@@ -184,7 +190,7 @@ impl Engines {
             s.live.fetch_add(1, AcqRel);
             let t = std::thread::Builder::new()
                 .name(format!("fw-engine-{i}"))
-                .spawn(move || engine(&s));
+                .spawn(move || engine(&s, i % userq_uapi::layout::TELEMETRY_ENGINES));
             match t {
                 Ok(t) => self
                     .threads
@@ -241,6 +247,20 @@ impl Engines {
         l.ready[job.priority as usize].push_back(job);
         self.shared.top.store(l.top(), Release);
         self.shared.notify_engines();
+    }
+
+    /// Engine threads the device should have.
+    pub fn count(&self) -> usize {
+        self.shared.target
+    }
+
+    /// Per engine line: (nanoseconds busy, workgroups finished).
+    pub fn stats(&self) -> Vec<(u64, u64)> {
+        self.shared
+            .stats
+            .iter()
+            .map(|l| (l.0.load(Relaxed), l.1.load(Relaxed)))
+            .collect()
     }
 
     /// Whether faults wait to be batched.
@@ -313,7 +333,7 @@ impl Drop for Engines {
     }
 }
 
-fn engine(s: &Shared) {
+fn engine(s: &Shared, index: usize) {
     loop {
         let job = {
             let mut l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
@@ -334,7 +354,13 @@ fn engine(s: &Shared) {
                 l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
             }
         };
-        run_slice(s, &job);
+        let t = Instant::now();
+        let finished = run_slice(s, &job);
+        let ns = t.elapsed().as_nanos() as u64;
+        job.engine_ns.fetch_add(ns, Relaxed);
+        let (busy, wgs) = &*s.stats[index];
+        busy.store(busy.load(Relaxed) + ns, Relaxed);
+        wgs.store(wgs.load(Relaxed) + finished, Relaxed);
         // A replacement took this thread's place while it was held in this job: leave the
         // pool (only threads that ran the job's workgroups can get here with it).
         let owed = job.owed.fetch_update(AcqRel, Acquire, |n| n.checked_sub(1));
@@ -351,8 +377,10 @@ fn engine(s: &Shared) {
 }
 
 /// Runs workgroups of one job until the job has none left, the slice is used, a job of
-/// higher priority is ready, or a workgroup yields at a checkpoint.
-fn run_slice(s: &Shared, job: &Arc<Job>) {
+/// higher priority is ready, or a workgroup yields at a checkpoint. Returns the
+/// workgroups it finished.
+fn run_slice(s: &Shared, job: &Arc<Job>) -> u64 {
+    let mut finished = 0;
     let start = Instant::now();
     let my_rank = job.priority as u32 + 1;
     let slice = job.time_slice.unwrap_or(s.time_slice);
@@ -375,7 +403,7 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
         job.running.fetch_add(1, SeqCst);
         let _done = RunningGuard(&job.running);
         if job.cancelled.load(Acquire) || s.stop.load(Relaxed) || job.suspended.load(SeqCst) {
-            return;
+            return finished;
         }
         // A workgroup that yielded earlier resumes before new ones start.
         let mut wg = match job.take_yielded() {
@@ -383,7 +411,7 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
             None => {
                 let index = job.next.fetch_add(1, AcqRel);
                 if index >= job.total {
-                    return;
+                    return finished;
                 }
                 Workgroup::of(&job.dispatch, index)
             }
@@ -393,6 +421,7 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
             match pin_footprint(job, &wg) {
                 Ok(p) => Some(p),
                 Err(mut note) => {
+                    job.faults.fetch_add(note.pages.len() as u64, Relaxed);
                     fault_ahead(job, &mut note);
                     job.put_yielded(wg);
                     job.faulted.store(true, Release);
@@ -402,7 +431,7 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
                         .push(note);
                     s.has_faults.store(true, Release);
                     (s.wake_command_processor)();
-                    return;
+                    return finished;
                 }
             }
         } else {
@@ -417,9 +446,12 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
                 // sees the work it can take again.
                 let _l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
                 s.notify_one_engine();
-                return;
+                return finished;
             }
-            WorkgroupStatus::Done => job.bump_progress(),
+            WorkgroupStatus::Done => {
+                job.bump_progress();
+                finished += 1;
+            }
         }
         // AcqRel: the last finisher sees every other engine's writes before reporting.
         if job.done.fetch_add(1, AcqRel) + 1 == job.total {
@@ -429,10 +461,10 @@ fn run_slice(s: &Shared, job: &Arc<Job>) {
                 .push(job.clone());
             s.has_completed.store(true, Release);
             (s.wake_command_processor)();
-            return;
+            return finished;
         }
         if wants_engine() {
-            return;
+            return finished;
         }
     }
 }

@@ -50,6 +50,10 @@ pub struct Job {
     /// A workgroup faulted: no engine takes work from the job until kmd-shim's reply
     /// ([`Job::resume_after_fault`]).
     pub(crate) faulted: AtomicBool,
+    /// Nanoseconds engines ran it (telemetry).
+    pub(crate) engine_ns: AtomicU64,
+    /// Page faults its workgroups took (telemetry).
+    pub(crate) faults: AtomicU64,
 }
 
 /// Ids of jobs, unique in this process.
@@ -84,6 +88,8 @@ impl Job {
         Job {
             paged,
             faulted: AtomicBool::new(false),
+            engine_ns: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
             packet_index,
             progress: AtomicU64::new(0),
             owed: AtomicU32::new(0),
@@ -113,6 +119,16 @@ impl Job {
     /// Lets engines take the job's work again after kmd-shim serviced its faults.
     pub fn resume_after_fault(&self) {
         self.faulted.store(false, Release);
+    }
+
+    /// Nanoseconds engines have run it.
+    pub fn engine_ns(&self) -> u64 {
+        self.engine_ns.load(Relaxed)
+    }
+
+    /// Page faults it took.
+    pub fn faults(&self) -> u64 {
+        self.faults.load(Relaxed)
     }
 
     /// Whether it waits for a fault to be serviced.

@@ -74,6 +74,7 @@ pub mod hang;
 mod paging;
 mod request;
 mod suspend;
+mod telemetry;
 
 pub use id::QueueId;
 
@@ -194,6 +195,10 @@ pub struct Firmware {
     watch: hang::Watch,
     /// The pool, fault batching and the paging acks that wait ([`paging`]).
     paging: paging::Paging,
+    /// The shared telemetry this generation publishes (`telemetry`).
+    telemetry: Option<Shm<userq_uapi::layout::Telemetry>>,
+    /// Engine time of destroyed queues, per context (still the context's time).
+    destroyed_ns: HashMap<u32, u64>,
     last_heartbeat: Instant,
     shutdown: bool,
 }
@@ -228,6 +233,11 @@ impl Firmware {
             .take(boot::POOL_USE, true)
             .ok_or(BootError::MissingObject(boot::POOL_USE))?;
         let pool = window::Pool::new(pool_fd, uses_fd).map_err(BootError::Pool)?;
+        let telemetry_fd = channel
+            .take(boot::TELEMETRY, true)
+            .ok_or(BootError::MissingObject(boot::TELEMETRY))?;
+        let telemetry =
+            Shm::map(telemetry_fd.as_fd()).map_err(|e| BootError::Map(boot::TELEMETRY, e))?;
         let (s2, k2) = (status.clone(), kick.clone());
         let wake = Box::new(move || {
             sync::wake_if_announced(&s2.sleep.sleeping, &k2.kick.word);
@@ -247,6 +257,8 @@ impl Firmware {
             pending_suspends: Vec::new(),
             watch: hang::Watch::default(),
             paging: paging::Paging::new(Arc::new(pool)),
+            telemetry: Some(telemetry),
+            destroyed_ns: HashMap::new(),
             last_heartbeat: Instant::now(),
             shutdown: false,
         };
@@ -357,6 +369,7 @@ impl Firmware {
             self.shutdown = true;
         }
         self.check_hangs();
+        self.publish_telemetry();
         self.sched.stop_polling(&mut self.contexts, false)
     }
 

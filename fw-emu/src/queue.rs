@@ -100,6 +100,28 @@ pub struct Queue {
     last_active: Instant,
     /// Suspended by kmd-shim: takes no packet, its dispatch starts no workgroup.
     suspended: bool,
+    /// Engine time and page faults of its finished dispatches (telemetry).
+    engine_ns_done: u64,
+    faults_done: u64,
+}
+
+/// A queue's figures for the telemetry.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueFigures {
+    /// Its state.
+    pub state: userq_uapi::layout::QueueRunState,
+    /// The error code that stopped it (0 if none).
+    pub error: u32,
+    /// Packets published (the client's write index, as last validated).
+    pub submitted: u64,
+    /// Packets taken.
+    pub consumed: u64,
+    /// Last completed value.
+    pub completed: u64,
+    /// Engine time, ns.
+    pub engine_ns: u64,
+    /// Page faults.
+    pub faults: u64,
 }
 
 impl Queue {
@@ -133,6 +155,43 @@ impl Queue {
             polled: false,
             last_active: Instant::now(),
             suspended: false,
+            engine_ns_done: 0,
+            faults_done: 0,
+        }
+    }
+
+    /// Its figures now, for the telemetry.
+    pub fn figures(&self) -> QueueFigures {
+        use userq_uapi::layout::QueueRunState as S;
+        let (mut engine_ns, mut faults) = (self.engine_ns_done, self.faults_done);
+        let state = match &self.state {
+            RunState::Faulted => S::Faulted,
+            _ if self.suspended => S::Suspended,
+            RunState::Parked(_) => S::Parked,
+            RunState::Dispatching { job, .. } => {
+                engine_ns += job.engine_ns();
+                faults += job.faults();
+                if job.is_faulted() {
+                    S::PageFault
+                } else {
+                    S::Running
+                }
+            }
+            RunState::Active if self.rptr < self.doorbell_floor => S::Running,
+            RunState::Active => S::Idle,
+        };
+        let error = match state {
+            S::Faulted => self.timeline.state().record.code.load(Relaxed),
+            _ => 0,
+        };
+        QueueFigures {
+            state,
+            error,
+            submitted: self.doorbell_floor.max(self.rptr),
+            consumed: self.rptr,
+            completed: self.completed,
+            engine_ns,
+            faults,
         }
     }
 
@@ -358,6 +417,8 @@ impl Queue {
             return false;
         }
         self.completed = packet_index + 1;
+        self.engine_ns_done += job.engine_ns();
+        self.faults_done += job.faults();
         self.state = RunState::Active;
         self.last_active = Instant::now();
         self.publish();

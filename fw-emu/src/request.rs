@@ -72,7 +72,8 @@ impl Firmware {
                 ctx,
                 doorbell,
                 waiters,
-            } => self.map_context(ctx, doorbell, waiters),
+                row,
+            } => self.map_context(ctx, doorbell, waiters, row),
             FwRequest::UnmapContext { ctx } => self.unmap_context(ctx),
             FwRequest::MapQueue {
                 ctx,
@@ -183,8 +184,14 @@ impl Firmware {
         Shm::map(fd.as_fd()).map_err(|_| FwStatus::BadObject)
     }
 
-    fn map_context(&mut self, ctx: u32, doorbell: ObjectId, waiters: ObjectId) -> FwStatus {
-        if self.contexts.contains(ctx) {
+    fn map_context(
+        &mut self,
+        ctx: u32,
+        doorbell: ObjectId,
+        waiters: ObjectId,
+        row: u32,
+    ) -> FwStatus {
+        if self.contexts.contains(ctx) || row as usize >= userq_uapi::layout::TELEMETRY_CONTEXTS {
             self.channel.discard(doorbell);
             self.channel.discard(waiters);
             return FwStatus::Exists;
@@ -193,7 +200,9 @@ impl Firmware {
         let counts = self.map_object::<ContextWaiters>(waiters);
         match (page, counts) {
             (Ok(page), Ok(counts)) => {
-                self.contexts.insert(Context::new(ctx, page, counts));
+                let mut c = Context::new(ctx, page, counts);
+                c.row = row;
+                self.contexts.insert(c);
                 FwStatus::Ok
             }
             (Err(e), _) | (_, Err(e)) => e,
@@ -225,6 +234,7 @@ impl Firmware {
             b.fence.remove_holder(ctx, b.waiter_slot);
         }
         self.sched.forget(ctx, None);
+        self.destroyed_ns.remove(&ctx);
         // The context is gone either way; an unmap the kernel refused leaves its pool
         // slots mapped, which kmd-shim must hear so that it keeps them.
         if scratch {
@@ -293,6 +303,7 @@ impl Firmware {
             .and_then(Option::take);
         match q {
             Some(q) => {
+                *self.destroyed_ns.entry(id.ctx).or_default() += q.figures().engine_ns;
                 q.destroy(ErrorCode::QueueDestroyed);
                 self.sched.forget(id.ctx, Some(id.slot));
                 FwStatus::Ok

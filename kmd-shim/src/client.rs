@@ -47,7 +47,7 @@ pub fn serve_one(dev: &Device, sock: &OwnedFd, ctx: &mut Option<u32>) -> bool {
     let result = if got.truncated || got.len != MESSAGE_SIZE {
         Err(KmdStatus::Malformed)
     } else {
-        handle(dev, ctx, &buf[..got.len], got.fds)
+        handle(dev, sock, ctx, &buf[..got.len], got.fds)
     };
     let (reply, fds) = match result {
         Ok(answer) => (RawReply::new(KmdStatus::Ok, &answer.values), answer.fds),
@@ -74,6 +74,7 @@ impl Answer {
 
 fn handle(
     dev: &Device,
+    sock: &OwnedFd,
     ctx: &mut Option<u32>,
     bytes: &[u8],
     fds: Vec<OwnedFd>,
@@ -83,11 +84,18 @@ fn handle(
         return Err(KmdStatus::BadFd);
     }
     let c = match (req, *ctx) {
+        // Observers need no context.
+        (Request::Observe { abi_version }, _) => {
+            let (reply, fds) = dev.observe(abi_version)?;
+            return Ok(Answer::new(reply, fds));
+        }
         (Request::OpenContext { abi_version }, None) => {
             if abi_version != ABI_VERSION {
                 return Err(KmdStatus::AbiMismatch);
             }
-            let (reply, fds) = dev.open_context()?;
+            let pid = rustix::net::sockopt::socket_peercred(sock)
+                .map_or(0, |c| c.pid.as_raw_nonzero().get() as u32);
+            let (reply, fds) = dev.open_context(pid)?;
             *ctx = Some(reply.ctx);
             return Ok(Answer::new(reply, fds));
         }
@@ -141,6 +149,10 @@ fn handle(
         Request::SetWatchdog { slot, watchdog } => dev.set_watchdog(c, slot, watchdog).map(empty),
         Request::ResetStats => dev.reset_stats(c).map(|reply| Answer::new(reply, [])),
         Request::Migrate { va, len, to } => dev.migrate(c, va, len, to).map(empty),
+        // Answered above, with or without a context; the same answer here.
+        Request::Observe { abi_version } => dev
+            .observe(abi_version)
+            .map(|(reply, fds)| Answer::new(reply, fds)),
         Request::PagingStats { part } => {
             let parts = dev.paging_stats().parts();
             Ok(Answer::new(

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use userq_uapi::error::ErrorCode;
 use userq_uapi::fwmsg::{FenceId, FwRequest};
 use userq_uapi::ioctl::OpenContextReply;
-use userq_uapi::layout::{ContextWaiters, DoorbellPage, WaiterSlot, WAITER_SLOTS};
+use userq_uapi::layout::{ContextWaiters, DoorbellPage, EventKind, WaiterSlot, WAITER_SLOTS};
 use userq_uapi::packet::FenceHandle;
 use userq_uapi::shm::{Sealing, Shm};
 use userq_uapi::KmdStatus;
@@ -49,6 +49,10 @@ pub(crate) struct ContextRecord {
     pub(crate) resets: crate::reset::ResetRecord,
     /// The device generation it was opened on.
     pub(crate) generation: u64,
+    /// Its row in the telemetry tables.
+    pub(crate) row: u32,
+    /// The process that opened it.
+    pub(crate) pid: u32,
 }
 
 /// One handle of a context on a fence.
@@ -98,18 +102,31 @@ impl ContextReservation<'_> {
 impl Drop for ContextReservation<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.dev.table().contexts.remove(&self.ctx);
+            let mut t = self.dev.table();
+            if let Some(c) = t.contexts.remove(&self.ctx) {
+                t.telemetry_rows[c.row as usize] = false;
+            }
         }
     }
 }
 
 impl Device {
     /// Reserves a context id and an empty record for it.
-    fn reserve_context(&self, generation: u64) -> Result<ContextReservation<'_>, KmdStatus> {
+    fn reserve_context(
+        &self,
+        generation: u64,
+        pid: u32,
+    ) -> Result<ContextReservation<'_>, KmdStatus> {
         let mut t = self.table();
         if t.contexts.len() >= self.limits.max_contexts {
             return Err(KmdStatus::LimitExceeded);
         }
+        let row = t
+            .telemetry_rows
+            .iter()
+            .position(|used| !used)
+            .ok_or(KmdStatus::LimitExceeded)?;
+        t.telemetry_rows[row] = true;
         // Skip ids still in use (after wrapping around u32).
         let mut ctx = t.next_ctx;
         while ctx == 0 || t.contexts.contains_key(&ctx) {
@@ -121,6 +138,8 @@ impl Device {
             ContextRecord {
                 next_va: userq_uapi::VA_BASE,
                 generation,
+                row: row as u32,
+                pid,
                 ..ContextRecord::default()
             },
         );
@@ -134,7 +153,7 @@ impl Device {
 
     /// OPEN_CONTEXT: the reply, and the doorbell page (rw), the device status (ro), the
     /// device kick (rw) and the context's waiter counts (rw).
-    pub fn open_context(&self) -> Result<(OpenContextReply, [OwnedFd; 4]), KmdStatus> {
+    pub fn open_context(&self, pid: u32) -> Result<(OpenContextReply, [OwnedFd; 4]), KmdStatus> {
         // One link for the whole call: the status and kick pages and the firmware that maps
         // the context are of one generation.
         let link = self.link();
@@ -142,8 +161,10 @@ impl Device {
             return Err(KmdStatus::DeviceLost);
         }
         let generation = link.generation();
-        let context = self.reserve_context(generation)?;
+        let context = self.reserve_context(generation, pid)?;
         let ctx = context.ctx;
+        let row = self.table().contexts.get(&ctx).map_or(0, |c| c.row);
+        self.telemetry_open(row, ctx, pid);
         let (doorbell_fd, _doorbell) =
             Shm::<DoorbellPage>::create("userq-doorbell", Sealing::Final, 0, ctx as u64)
                 .map_err(|_| KmdStatus::Internal)?;
@@ -166,6 +187,7 @@ impl Device {
                 ctx,
                 doorbell: id,
                 waiters: waiters_id,
+                row,
             },
             &[(id, doorbell_fd.as_fd()), (waiters_id, waiters_fd.as_fd())],
         )?;
@@ -173,6 +195,7 @@ impl Device {
             c.waiters = Some(waiters);
         }
         context.commit();
+        self.event(EventKind::ProcessStart, ctx, u32::MAX, [pid as u64, 0, 0]);
         Ok((
             OpenContextReply { ctx, generation },
             [doorbell_fd, status, kick, waiters_fd],
@@ -198,6 +221,18 @@ impl Device {
         let Some(c) = t.contexts.remove(&ctx) else {
             return;
         };
+        // Its telemetry lines are cleared before its row can go to another context.
+        self.telemetry_close(c.row);
+        t.telemetry_rows[c.row as usize] = false;
+        self.events.record(userq_uapi::layout::NewEvent {
+            kind: EventKind::ProcessEnd,
+            ctx,
+            slot: u32::MAX,
+            pid: c.pid,
+            a: c.pid as u64,
+            b: 0,
+            c: 0,
+        });
         for b in c.buffers.values() {
             t.release_buffer(*b);
         }

@@ -88,6 +88,8 @@ pub(crate) struct Table {
     /// Buffer mappings in all contexts (allocations and imports, reserved ones included):
     /// each is a mapping in the firmware, so they count against `Limits::max_buffers` too.
     pub(crate) buffer_mappings: usize,
+    /// Telemetry rows in use (a context's row indexes its telemetry lines).
+    pub(crate) telemetry_rows: Vec<bool>,
     /// Where the search for a free context id starts; never 0 once the device is made.
     pub(crate) next_ctx: u32,
     /// The next fence id; ids are never reused.
@@ -109,6 +111,8 @@ pub struct Device {
     pub(crate) verbose: bool,
     /// On-demand memory ([`crate::pager`]).
     pub(crate) pager: crate::pager::Pager,
+    /// The event log ([`crate::telemetry`]); it outlives firmware generations.
+    pub(crate) events: Arc<crate::telemetry::EventLogWriter>,
 }
 
 impl std::fmt::Debug for Device {
@@ -126,6 +130,7 @@ impl Device {
         limits: Limits,
         verbose: bool,
         eviction: crate::pager::EvictionPolicy,
+        events: Arc<crate::telemetry::EventLogWriter>,
     ) -> Self {
         Device {
             link: RwLock::new(Arc::new(link)),
@@ -133,10 +138,12 @@ impl Device {
             table: Mutex::new(Table {
                 next_ctx: 1,
                 next_fence: 1,
+                telemetry_rows: vec![false; userq_uapi::layout::TELEMETRY_CONTEXTS],
                 ..Table::default()
             }),
             verbose,
-            pager: crate::pager::Pager::new(eviction),
+            pager: crate::pager::Pager::new(eviction, events.clone()),
+            events,
         }
     }
 
@@ -184,6 +191,12 @@ impl EventSink for Device {
         } = ev
         {
             self.count_victim(ctx, code, detail);
+            self.event(
+                userq_uapi::layout::EventKind::QueueError,
+                ctx,
+                slot,
+                [code as u64, address, packet_index],
+            );
             if self.verbose {
                 eprintln!(
                     "kmd-shim: context {ctx} queue {slot} stopped at packet {packet_index}: {} (address/index {address:#x})",
@@ -211,6 +224,12 @@ impl EventSink for Device {
 
     fn device_lost(&self) {
         eprintln!("kmd-shim: firmware lost; every fence is poisoned with DeviceLost");
+        self.event(
+            userq_uapi::layout::EventKind::DeviceLost,
+            0,
+            u32::MAX,
+            [self.generation(), 0, 0],
+        );
         self.count_device_loss();
         self.poison_all();
     }

@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 use userq_uapi::fwmsg::FwEvent;
+use userq_uapi::layout::EventKind;
 use userq_uapi::paging::DEVICE_PAGE;
 use userq_uapi::sync;
 use userq_uapi::KmdStatus;
@@ -203,6 +204,9 @@ pub(crate) fn take_out_many(
         })
         .collect();
     let results = link.invalidate_many(&reqs);
+    for &(ctx, va, n) in &reqs {
+        st.event(EventKind::Invalidation, ctx, [n as u64, 0, va]);
+    }
     let mut failed = None;
     for ((key, run), r) in runs.iter().zip(results) {
         match r {
@@ -221,6 +225,8 @@ pub(crate) fn take_out_many(
                     }
                 }
                 st.stats.pages_out += run.len() as u64;
+                let va = key.1 + run[0].0 as u64 * DEVICE_PAGE;
+                st.event(EventKind::Eviction, key.0, [run.len() as u64, 0, va]);
             }
             // The firmware no longer maps it (freed meanwhile): nothing to copy.
             Err(KmdStatus::NotFound) => {

@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 use userq_uapi::error::ErrorCode;
 use userq_uapi::fwmsg::FwEvent;
+use userq_uapi::layout::EventKind;
 use userq_uapi::sync;
 
 /// A faulting job: (context, queue slot, job id).
@@ -32,6 +33,16 @@ pub(crate) fn service(
     let _section = sync::begin_signalling("fault service");
     let t0 = Instant::now();
     st.stats.batches += 1;
+    let (first_ctx, batch_no) = match batch.first() {
+        Some(&FwEvent::Fault { ctx, batch, .. }) => (ctx, batch),
+        _ => (0, 0),
+    };
+    let (pages_in0, pages_out0) = (st.stats.pages_in, st.stats.pages_out);
+    st.event(
+        EventKind::FaultBatchStart,
+        first_ctx,
+        [batch.len() as u64, batch_no, 0],
+    );
     // Per faulting job: its first faulting address, and the error to stop it with.
     let mut replies: BTreeMap<FaultingJob, (u64, Option<(ErrorCode, u64)>)> = BTreeMap::new();
     // Pages the faulting workgroups need, then the fault-ahead ones (index 1).
@@ -103,7 +114,17 @@ pub(crate) fn service(
         .map(|((ctx, slot, job), (_, err))| (ctx, slot, job, err))
         .collect();
     map_and_reply(st, link, &maps, &replies);
-    st.stats.service_ns += t0.elapsed().as_nanos() as u64;
+    let took = t0.elapsed().as_nanos() as u64;
+    st.stats.service_ns += took;
+    st.event(
+        EventKind::FaultBatchEnd,
+        first_ctx,
+        [
+            st.stats.pages_in - pages_in0,
+            took,
+            st.stats.pages_out - pages_out0,
+        ],
+    );
 }
 
 /// The answer to one faulting job: (context, queue slot, job, error to stop it with).

@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use userq_uapi::fwmsg::{boot, FwEvent, FwRequest, FwStatus, ObjectId};
-use userq_uapi::layout::{ControlRegion, DeviceKick, DeviceState, DeviceStatus};
+use userq_uapi::layout::{ControlRegion, DeviceKick, DeviceState, DeviceStatus, Telemetry};
 use userq_uapi::os;
 use userq_uapi::shm::{Sealing, Shm};
 use userq_uapi::sync::{self, Backoff, BackoffStep};
@@ -80,6 +80,11 @@ pub struct FirmwareLink {
     kick: Shm<DeviceKick>,
     status_fd: OwnedFd,
     status_ro: OwnedFd,
+    /// This generation's telemetry (the firmware writes it too), and a read-only fd of it
+    /// for observers.
+    telemetry: Shm<Telemetry>,
+    telemetry_fd: OwnedFd,
+    telemetry_ro: OwnedFd,
     kick_fd: OwnedFd,
     sender: Mutex<Sender>,
     /// Sequence numbers of calls waiting for their ack, and the acks that arrived for them.
@@ -133,6 +138,11 @@ impl FirmwareLink {
         let (kick_fd, kick) =
             Shm::<DeviceKick>::create("userq-kick", Sealing::Final, 0, 0).map_err(obj)?;
         let status_ro = os::reopen_read_only(status_fd.as_fd()).map_err(obj)?;
+        let (telemetry_fd, telemetry) =
+            Shm::<Telemetry>::create("userq-telemetry", Sealing::FirmwareWritable, 0, generation)
+                .map_err(obj)?;
+        telemetry.device.vram_bytes.store(vram, Relaxed);
+        let telemetry_ro = os::reopen_read_only(telemetry_fd.as_fd()).map_err(obj)?;
 
         let (ours, theirs) = rustix::net::socketpair(
             rustix::net::AddressFamily::UNIX,
@@ -171,6 +181,9 @@ impl FirmwareLink {
             kick,
             status_fd,
             status_ro,
+            telemetry,
+            telemetry_fd,
+            telemetry_ro,
             kick_fd,
             sender: Mutex::new(Sender {
                 channel: ours,
@@ -195,6 +208,7 @@ impl FirmwareLink {
                 (boot::CONTROL, control_fd.as_fd()),
                 (boot::STATUS, link.status_fd.as_fd()),
                 (boot::KICK, link.kick_fd.as_fd()),
+                (boot::TELEMETRY, link.telemetry_fd.as_fd()),
                 (boot::POOL, link.pool.fd()),
                 (boot::POOL_USE, link.pool.uses_fd()),
             ] {
@@ -225,7 +239,18 @@ impl FirmwareLink {
                 }
             }
         }
-        os::seal_read_only(self.status_fd.as_fd()).map_err(FirmwareStartError::Objects)
+        os::seal_read_only(self.status_fd.as_fd()).map_err(FirmwareStartError::Objects)?;
+        os::seal_read_only(self.telemetry_fd.as_fd()).map_err(FirmwareStartError::Objects)
+    }
+
+    /// This generation's telemetry.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
+    /// The telemetry, read-only, to hand to observers.
+    pub fn telemetry_fd_read_only(&self) -> BorrowedFd<'_> {
+        self.telemetry_ro.as_fd()
     }
 
     /// Device memory of this generation.

@@ -45,6 +45,7 @@ pub mod reset;
 pub mod restart;
 pub mod server;
 pub mod socket;
+pub mod telemetry;
 
 pub use device::Limits;
 pub use firmware::FirmwareStartError;
@@ -163,7 +164,16 @@ impl Kmd {
         };
         let server = Server::new(&listener, config.server).map_err(StartError::Thread)?;
         let inner = Arc::new(Inner {
-            device: Device::new(link, config.limits, config.verbose, config.eviction),
+            device: Device::new(
+                link,
+                config.limits,
+                config.verbose,
+                config.eviction,
+                Arc::new(
+                    telemetry::EventLogWriter::create()
+                        .map_err(|e| StartError::Thread(std::io::Error::from(e)))?,
+                ),
+            ),
             listener,
             server,
             stopping: AtomicBool::new(false),

@@ -91,6 +91,11 @@ impl Device {
         let last = ((end - 1 - key.1) / DEVICE_PAGE) as usize;
         let pages: Vec<usize> = (first..=last).collect();
         let pl = PageLink::new(&link);
+        st.event(
+            userq_uapi::layout::EventKind::Migration,
+            ctx,
+            [pages.len() as u64, to as u64, va],
+        );
         match to {
             MigrateTo::Host => crate::evict::take_out(&mut st, &pl, key, &pages),
             MigrateTo::Device => {

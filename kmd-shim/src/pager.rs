@@ -89,6 +89,23 @@ pub(crate) struct PagerState {
     pub(crate) buffers: BTreeMap<(u32, u64), OdBuffer>,
     pub(crate) stats: PagingStats,
     pub(crate) policy: EvictionPolicy,
+    /// The device's event log: fault batches, evictions, migrations.
+    pub(crate) events: Arc<crate::telemetry::EventLogWriter>,
+}
+
+impl PagerState {
+    /// Records a paging event about buffer `key`'s context.
+    pub(crate) fn event(&self, kind: userq_uapi::layout::EventKind, ctx: u32, abc: [u64; 3]) {
+        self.events.record(userq_uapi::layout::NewEvent {
+            kind,
+            ctx,
+            slot: u32::MAX,
+            pid: 0,
+            a: abc[0],
+            b: abc[1],
+            c: abc[2],
+        });
+    }
 }
 
 impl PagerState {
@@ -258,10 +275,12 @@ pub struct Pager {
     snapshot: Mutex<PagingStats>,
 }
 
-/// The pager lock's guard: publishes the statistics when it drops.
+/// The pager lock's guard: publishes the statistics (and the telemetry's paging line)
+/// when it drops.
 pub(crate) struct PagerGuard<'a> {
     state: MutexGuard<'a, PagerState>,
     snapshot: &'a Mutex<PagingStats>,
+    telemetry: &'a userq_uapi::layout::Telemetry,
 }
 
 impl std::ops::Deref for PagerGuard<'_> {
@@ -280,6 +299,7 @@ impl std::ops::DerefMut for PagerGuard<'_> {
 impl Drop for PagerGuard<'_> {
     fn drop(&mut self) {
         *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = self.state.stats;
+        crate::telemetry::publish_paging(self.telemetry, &self.state.stats);
     }
 }
 
@@ -290,8 +310,8 @@ impl std::fmt::Debug for Pager {
 }
 
 impl Pager {
-    /// A pager with `policy`.
-    pub fn new(policy: EvictionPolicy) -> Self {
+    /// A pager with `policy`, recording into `events`.
+    pub fn new(policy: EvictionPolicy, events: Arc<crate::telemetry::EventLogWriter>) -> Self {
         Pager {
             state: Mutex::new(PagerState {
                 generation: 0,
@@ -302,6 +322,7 @@ impl Pager {
                 buffers: BTreeMap::new(),
                 stats: PagingStats::default(),
                 policy,
+                events,
             }),
             collecting: Mutex::new(Vec::new()),
             batches: Mutex::new(Vec::new()),
@@ -315,7 +336,7 @@ impl Pager {
     /// whose link is older than the state (it fetched it before a restart) gets
     /// `DeviceLost`: its objects are gone, and it must not roll the state back. The
     /// statistics are published when the guard drops.
-    pub(crate) fn lock(&self, link: &FirmwareLink) -> Result<PagerGuard<'_>, KmdStatus> {
+    pub(crate) fn lock<'a>(&'a self, link: &'a FirmwareLink) -> Result<PagerGuard<'a>, KmdStatus> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if !s.follow(link) {
             return Err(KmdStatus::DeviceLost);
@@ -323,6 +344,7 @@ impl Pager {
         Ok(PagerGuard {
             state: s,
             snapshot: &self.snapshot,
+            telemetry: link.telemetry(),
         })
     }
 

@@ -15,6 +15,7 @@ use crate::device::Device;
 use rustix::fd::{AsFd, OwnedFd};
 use userq_uapi::fwmsg::FwRequest;
 use userq_uapi::ioctl::{CreateQueueReply, Priority, MAX_TIME_SLICE_US};
+use userq_uapi::layout::EventKind;
 use userq_uapi::layout::{
     ring_object_size, FenceKind, MAX_QUEUES_PER_CONTEXT, MAX_RING_ENTRIES, MIN_RING_ENTRIES,
 };
@@ -145,6 +146,10 @@ impl Device {
         let waiter = hold.waiter;
         let handle = hold.commit();
         queue_slot.commit();
+        if let Some(row) = self.table().contexts.get(&ctx).map(|c| c.row) {
+            self.telemetry_queue(row, slot, true, priority as u32);
+        }
+        self.event(EventKind::QueueCreated, ctx, slot, [priority as u64, 0, 0]);
         Ok((
             CreateQueueReply {
                 slot,
@@ -167,6 +172,7 @@ impl Device {
         }
         self.link().call(FwRequest::UnmapQueue { ctx, slot }, &[])?;
         let mut t = self.table();
+        let row = t.contexts.get(&ctx).map(|c| c.row);
         if let Some(q) = t
             .contexts
             .get_mut(&ctx)
@@ -174,6 +180,11 @@ impl Device {
         {
             t.memory_used -= q.ring_bytes;
         }
+        drop(t);
+        if let Some(row) = row {
+            self.telemetry_queue(row, slot, false, 0);
+        }
+        self.event(EventKind::QueueDestroyed, ctx, slot, [0; 3]);
         Ok(())
     }
 

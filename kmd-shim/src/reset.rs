@@ -32,6 +32,7 @@ use std::time::Instant;
 use userq_uapi::error::ErrorCode;
 use userq_uapi::fwmsg::{FwEvent, FwRequest};
 use userq_uapi::ioctl::ResetStatsReply;
+use userq_uapi::layout::EventKind;
 use userq_uapi::watchdog::Watchdog;
 use userq_uapi::KmdStatus;
 
@@ -79,8 +80,17 @@ impl Device {
             }
             let ban = !r.banned && r.recent.len() >= self.limits.ban_after_hangs.max(1) as usize;
             r.banned |= ban;
+            let (row, g, i, b) = (c.row, r.guilty, r.innocent, r.banned);
+            drop(t);
+            self.telemetry_resets(row, g, i, b);
             ban
         };
+        self.event(
+            EventKind::HangDetected,
+            ctx,
+            slot,
+            [code as u64, elapsed_ms, packet_index],
+        );
         if self.verbose {
             eprintln!(
                 "kmd-shim: context {ctx} queue {slot} hung at packet {packet_index} ({}, {elapsed_ms} ms); resetting the queue",
@@ -95,7 +105,14 @@ impl Device {
             packet_index,
             job,
         });
+        self.event(
+            EventKind::QueueReset,
+            ctx,
+            slot,
+            [code as u64, 0, packet_index],
+        );
         if ban {
+            self.event(EventKind::ContextBanned, ctx, u32::MAX, [0; 3]);
             if self.verbose {
                 eprintln!("kmd-shim: context {ctx} banned after repeated hangs");
             }
@@ -109,16 +126,27 @@ impl Device {
         let by_reset = ErrorCode::from_u32(detail)
             .is_some_and(|c| c.is_hang() || c == ErrorCode::ContextBanned);
         if code == ErrorCode::DependencyFailed && by_reset {
-            if let Some(c) = self.table().contexts.get_mut(&ctx) {
+            let mut t = self.table();
+            if let Some(c) = t.contexts.get_mut(&ctx) {
                 c.resets.innocent += 1;
+                let (row, r) = (c.row, &c.resets);
+                let (g, i, b) = (r.guilty, r.innocent, r.banned);
+                drop(t);
+                self.telemetry_resets(row, g, i, b);
             }
         }
     }
 
     /// The device was lost: every context was affected without being guilty.
     pub(crate) fn count_device_loss(&self) {
+        let mut rows = Vec::new();
         for c in self.table().contexts.values_mut() {
             c.resets.innocent += 1;
+            let r = &c.resets;
+            rows.push((c.row, r.guilty, r.innocent, r.banned));
+        }
+        for (row, g, i, b) in rows {
+            self.telemetry_resets(row, g, i, b);
         }
     }
 

@@ -144,5 +144,11 @@ fn restart(dev: &Device, r: &Restarter, generation: u64) -> Result<(), FirmwareS
         return Err(e);
     }
     dev.replace_link(Arc::new(link));
+    dev.event(
+        userq_uapi::layout::EventKind::FirmwareRestart,
+        0,
+        u32::MAX,
+        [generation, 0, 0],
+    );
     Ok(())
 }

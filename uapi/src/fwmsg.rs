@@ -44,6 +44,8 @@ pub mod boot {
     /// The pool's use clock: one little-endian `u64` per slot, the firmware's clock at
     /// the slot's last use by a workgroup (kmd-shim evicts the least recently used).
     pub const POOL_USE: ObjectId = 5;
+    /// The [`crate::layout::Telemetry`] of this generation.
+    pub const TELEMETRY: ObjectId = 6;
     /// First id kmd-shim assigns to other objects.
     pub const FIRST_DYNAMIC: ObjectId = 16;
 }
@@ -92,6 +94,9 @@ pub enum FwRequest {
         doorbell: ObjectId,
         /// The [`crate::layout::ContextWaiters`] object.
         waiters: ObjectId,
+        /// Its row in the [`crate::layout::Telemetry`] tables (below
+        /// [`crate::layout::TELEMETRY_CONTEXTS`]).
+        row: u32,
     },
     /// Tears down a context: every queue (timelines poisoned with
     /// [`ErrorCode::OwnerDied`]), binding and buffer.
@@ -320,10 +325,12 @@ impl FwRequest {
                 ctx,
                 doorbell,
                 waiters,
+                row,
             } => {
                 w[1] = ctx as u64;
                 w[2] = doorbell;
                 w[3] = waiters;
+                w[4] = row as u64;
                 kind::MAP_CONTEXT
             }
             FwRequest::UnmapContext { ctx } => {
@@ -511,6 +518,7 @@ impl FwRequest {
                 ctx: n32(w[1])?,
                 doorbell: w[2],
                 waiters: w[3],
+                row: n32(w[4])?,
             },
             kind::UNMAP_CONTEXT => FwRequest::UnmapContext { ctx: n32(w[1])? },
             kind::MAP_QUEUE => FwRequest::MapQueue {
@@ -631,6 +639,7 @@ mod tests {
                 ctx: 1,
                 doorbell: 20,
                 waiters: 21,
+                row: 1023,
             },
             FwRequest::UnmapContext { ctx: 1 },
             FwRequest::MapQueue {

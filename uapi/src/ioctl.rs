@@ -22,6 +22,7 @@
 //! | RESET_STATS | | [`ResetStatsReply`]: hangs (guilty), queues stopped by others' hangs or device loss (innocent), banned | | |
 //! | MIGRATE | device address, bytes, [`crate::paging::MigrateTo`] | [`EmptyReply`] | | |
 //! | PAGING_STATS | part (0 or 1) | [`PagingStatsReply`]: six values of [`crate::paging::PagingStats::parts`] | | |
+//! | OBSERVE (also as a connection's first request, without a context) | abi version | [`ObserveReply`]: device generation | | device status (ro), [`crate::layout::Telemetry`] (ro), [`crate::layout::EventLog`] (ro) |
 //!
 //! Reply values sit in [`RawReply::values`] in the order the table lists them; the values an
 //! op does not use are zero. Each reply type's [`Reply::decode`] checks exactly that.
@@ -33,7 +34,7 @@ use bytemuck::{Pod, Zeroable};
 
 mod reply;
 pub use reply::{
-    BufferReply, CreateFenceReply, CreateQueueReply, EmptyReply, ImportFenceReply,
+    BufferReply, CreateFenceReply, CreateQueueReply, EmptyReply, ImportFenceReply, ObserveReply,
     OpenContextReply, PagingStatsReply, Reply, ReplyDecodeError, ResetStatsReply,
 };
 
@@ -74,6 +75,8 @@ pub mod op {
     pub const MIGRATE: u32 = 12;
     /// See [`super::Request::PagingStats`].
     pub const PAGING_STATS: u32 = 13;
+    /// See [`super::Request::Observe`].
+    pub const OBSERVE: u32 = 14;
 }
 
 /// Scheduling priority of a queue.
@@ -209,6 +212,13 @@ pub enum Request {
         /// 0 or 1.
         part: u32,
     },
+    /// Asks for the device's read-only observation objects: its status page, telemetry
+    /// and event log (what `userq status`, `top`, `events` and `trace` read). Allowed as a
+    /// connection's first request: an observer needs no context.
+    Observe {
+        /// The client's [`crate::ABI_VERSION`].
+        abi_version: u32,
+    },
 }
 
 impl Request {
@@ -270,6 +280,10 @@ impl Request {
             Request::PagingStats { part } => {
                 r.op = op::PAGING_STATS;
                 r.args[0] = part as u64;
+            }
+            Request::Observe { abi_version } => {
+                r.op = op::OBSERVE;
+                r.args[0] = abi_version as u64;
             }
         }
         r
@@ -343,6 +357,12 @@ impl Request {
                         .ok_or(KmdStatus::InvalidArgument)?,
                 },
                 3,
+            ),
+            op::OBSERVE => (
+                Request::Observe {
+                    abi_version: narrow(a[0])?,
+                },
+                1,
             ),
             op::PAGING_STATS => match a[0] {
                 0 | 1 => (Request::PagingStats { part: a[0] as u32 }, 1),
@@ -431,6 +451,7 @@ mod tests {
                 to: crate::paging::MigrateTo::Device,
             },
             Request::PagingStats { part: 1 },
+            Request::Observe { abi_version: 5 },
             Request::FreeBuffer { va: 1 << 32 },
             Request::ImportBuffer,
             Request::SetWatchdog {

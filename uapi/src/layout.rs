@@ -26,7 +26,16 @@
 use crate::shm::{Access, Layout, ReadWrite};
 use core::sync::atomic::{AtomicU32, AtomicU64};
 
+mod events;
+mod telemetry;
 mod waiters;
+pub use events::{
+    monotonic_ns, EventKind, EventLog, EventRecord, HeadLine, NewEvent, EVENT_LOG_ENTRIES,
+};
+pub use telemetry::{
+    ContextTelemetry, DeviceTelemetry, EngineTelemetry, PagingTelemetry, QueueRunState,
+    QueueTelemetry, Telemetry, TELEMETRY_CONTEXTS, TELEMETRY_ENGINES, TELEMETRY_SIZE,
+};
 pub use waiters::{ContextWaiters, FenceWaiters, WaiterLine, WaiterSlot, WAITER_SLOTS};
 
 /// The ABI version. Bumped on any change to a layout, packet or message in this crate.
@@ -79,6 +88,10 @@ pub mod magic {
     pub const DEVICE_KICK: u32 = u32::from_be_bytes(*b"UQDK");
     /// [`super::ControlRegion`].
     pub const CONTROL: u32 = u32::from_be_bytes(*b"UQCT");
+    /// [`super::Telemetry`].
+    pub const TELEMETRY: u32 = u32::from_be_bytes(*b"UQTM");
+    /// [`super::EventLog`].
+    pub const EVENT_LOG: u32 = u32::from_be_bytes(*b"UQEV");
 }
 
 /// Why an object failed its map-time check.
@@ -495,6 +508,16 @@ unsafe impl<A: Access> Layout for DeviceStatus<A> {
 unsafe impl Layout for DeviceKick {
     const MAGIC: u32 = magic::DEVICE_KICK;
     const WRITABLE: bool = true;
+}
+// SAFETY: as above.
+unsafe impl<A: Access> Layout for Telemetry<A> {
+    const MAGIC: u32 = magic::TELEMETRY;
+    const WRITABLE: bool = A::WRITABLE;
+}
+// SAFETY: as above.
+unsafe impl<A: Access> Layout for EventLog<A> {
+    const MAGIC: u32 = magic::EVENT_LOG;
+    const WRITABLE: bool = A::WRITABLE;
 }
 // SAFETY: as above.
 unsafe impl Layout for ControlRegion {

@@ -23,6 +23,7 @@ pub mod ioctl;
 pub mod kernels;
 pub mod layout;
 pub mod msgring;
+pub mod observe;
 pub mod os;
 pub mod packet;
 pub mod paging;

@@ -302,6 +302,26 @@ impl Reply for ResetStatsReply {
     }
 }
 
+/// The reply to OBSERVE (its fds: device status, telemetry, event log, all read-only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObserveReply {
+    /// The device generation the objects belong to.
+    pub generation: u64,
+}
+
+impl Reply for ObserveReply {
+    fn encode(&self) -> [u64; 7] {
+        reply_values(&[self.generation])
+    }
+
+    fn decode(values: &[u64; 7]) -> Result<Self, ReplyDecodeError> {
+        let mut r = ReplyReader::new(values);
+        let generation = r.word();
+        r.finish()?;
+        Ok(ObserveReply { generation })
+    }
+}
+
 /// The reply to PAGING_STATS: one half of [`crate::paging::PagingStats::parts`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PagingStatsReply(pub [u64; 6]);
