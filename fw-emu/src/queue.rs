@@ -103,6 +103,8 @@ pub struct Queue {
     /// Engine time and page faults of its finished dispatches (telemetry).
     engine_ns_done: u64,
     faults_done: u64,
+    /// Per-packet profiling timestamps, when kmd-shim turned them on.
+    profile: Option<userq_uapi::shm::ShmBytes>,
 }
 
 /// A queue's figures for the telemetry.
@@ -157,6 +159,73 @@ impl Queue {
             suspended: false,
             engine_ns_done: 0,
             faults_done: 0,
+            profile: None,
+        }
+    }
+
+    /// Ring entries.
+    pub fn entries(&self) -> u64 {
+        self.ring.entries()
+    }
+
+    /// Turns on per-packet profiling into `p` (a checked profile object of this ring's
+    /// entries).
+    pub fn set_profile(&mut self, p: userq_uapi::shm::ShmBytes) {
+        self.profile = Some(p);
+    }
+
+    /// The words of packet `index`'s profile record.
+    fn profile_words(&self, index: u64) -> Option<&[AtomicU64]> {
+        use userq_uapi::layout::profile::{profile_record_offset, word};
+        let p = self.profile.as_ref()?;
+        let entries = self.ring.entries() as u32;
+        p.atomics(profile_record_offset(entries, index), word::COUNT)
+    }
+
+    /// Profiling: packet `index` was taken at `start` (and completed at `end`, if it
+    /// already has): opcode, fence and value, times; the sequence number last.
+    fn profile_packet(
+        &self,
+        index: u64,
+        packet: &Packet,
+        res: &Resources<'_>,
+        start: u64,
+        end: Option<u64>,
+    ) {
+        use userq_uapi::layout::profile::word;
+        let Some(w) = self.profile_words(index) else {
+            return;
+        };
+        let op = packet.header & 0xff;
+        let (aux, fence, value) = match Command::decode(packet) {
+            Ok(Command::SignalFence { fence, value })
+            | Ok(Command::SetFence { fence, value })
+            | Ok(Command::WaitFence { fence, value, .. }) => {
+                (0, res.bindings.get(&fence).map_or(0, |b| b.fence.id), value)
+            }
+            Ok(Command::Dispatch(d)) => (d.kernel as u64, 0, 0),
+            _ => (0, 0, 0),
+        };
+        w[word::SEQ].store(0, Relaxed);
+        w[word::OP].store(op | aux << 32, Relaxed);
+        w[word::START].store(start, Relaxed);
+        w[word::FENCE].store(fence, Relaxed);
+        w[word::VALUE].store(value, Relaxed);
+        match end {
+            Some(end) => {
+                w[word::END].store(end, Relaxed);
+                w[word::SEQ].store(index + 1, Release);
+            }
+            None => w[word::END].store(0, Relaxed),
+        }
+    }
+
+    /// Profiling: packet `index`, taken earlier, completed now.
+    fn profile_end(&self, index: u64) {
+        use userq_uapi::layout::profile::word;
+        if let Some(w) = self.profile_words(index) {
+            w[word::END].store(userq_uapi::layout::monotonic_ns(), Relaxed);
+            w[word::SEQ].store(index + 1, Release);
         }
     }
 
@@ -317,7 +386,17 @@ impl Queue {
             let index = self.rptr;
             let packet = self.copy_packet(index);
             self.rptr += 1;
-            match execute(&packet, index, res, self.id, self.priority, self.time_slice) {
+            // Profiling off: one test per packet.
+            let t0 = self
+                .profile
+                .is_some()
+                .then(userq_uapi::layout::monotonic_ns);
+            let step = execute(&packet, index, res, self.id, self.priority, self.time_slice);
+            if let (Some(t0), Ok(s)) = (t0, &step) {
+                let end = matches!(s, Step::Done).then(userq_uapi::layout::monotonic_ns);
+                self.profile_packet(index, &packet, res, t0, end);
+            }
+            match step {
                 Ok(Step::Done) => self.completed = index + 1,
                 Ok(Step::Dispatch(job)) => {
                     self.state = RunState::Dispatching {
@@ -417,6 +496,8 @@ impl Queue {
             return false;
         }
         self.completed = packet_index + 1;
+        let index = *packet_index;
+        self.profile_end(index);
         self.engine_ns_done += job.engine_ns();
         self.faults_done += job.faults();
         self.state = RunState::Active;
@@ -439,6 +520,7 @@ impl Queue {
             WaitStatus::Satisfied => {
                 let index = wait.packet_index;
                 wait.fence.waiters().line.firmware.fetch_sub(1, SeqCst);
+                self.profile_end(index);
                 self.state = RunState::Active;
                 self.completed = index + 1;
                 self.publish();

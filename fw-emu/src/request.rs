@@ -137,6 +137,7 @@ impl Firmware {
                 object,
             } => self.map_buffer(ctx, va, size, object),
             FwRequest::UnmapBuffer { ctx, va } => self.unmap_buffer(ctx, va),
+            FwRequest::MapProfile { ctx, slot, object } => self.map_profile(ctx, slot, object),
             FwRequest::MapOnDemand { ctx, va, size } => self.map_on_demand(ctx, va, size),
             FwRequest::MapPages {
                 ctx,
@@ -359,6 +360,23 @@ impl Firmware {
             },
         );
         FwStatus::Ok
+    }
+
+    fn map_profile(&mut self, ctx: u32, slot: u32, object: ObjectId) -> FwStatus {
+        let Some(fd) = self.channel.take(object, false) else {
+            return FwStatus::BadObject;
+        };
+        let Some(q) = self.contexts.queue_mut(QueueId { ctx, slot }) else {
+            return FwStatus::NotFound;
+        };
+        let size = userq_uapi::layout::profile::profile_object_size(q.entries() as u32);
+        match ShmBytes::map(fd.as_fd(), size) {
+            Ok(p) => {
+                q.set_profile(p);
+                FwStatus::Ok
+            }
+            Err(_) => FwStatus::BadObject,
+        }
     }
 
     fn map_buffer(&mut self, ctx: u32, va: u64, size: u64, object: ObjectId) -> FwStatus {

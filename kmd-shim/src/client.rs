@@ -84,10 +84,14 @@ fn handle(
         return Err(KmdStatus::BadFd);
     }
     let c = match (req, *ctx) {
-        // Observers need no context.
+        // Observers and tracers need no context.
         (Request::Observe { abi_version }, _) => {
             let (reply, fds) = dev.observe(abi_version)?;
             return Ok(Answer::new(reply, fds));
+        }
+        (Request::ProfileFd { ctx, slot }, _) => {
+            let fd = dev.profile_fd(ctx, slot)?;
+            return Ok(Answer::new(EmptyReply, [fd]));
         }
         (Request::OpenContext { abi_version }, None) => {
             if abi_version != ABI_VERSION {
@@ -128,9 +132,13 @@ fn handle(
             priority,
             time_slice_us,
             watchdog,
+            profile,
         } => dev
-            .create_queue(c, ring_entries, priority, time_slice_us, watchdog)
-            .map(|(reply, fds)| Answer::new(reply, fds)),
+            .create_queue(c, ring_entries, priority, time_slice_us, watchdog, profile)
+            .map(|(reply, fds)| Answer {
+                values: reply.encode(),
+                fds,
+            }),
         Request::DestroyQueue { slot } => dev.destroy_queue(c, slot).map(empty),
         Request::CreateFence { initial } => dev
             .create_fence(c, initial)
@@ -149,10 +157,13 @@ fn handle(
         Request::SetWatchdog { slot, watchdog } => dev.set_watchdog(c, slot, watchdog).map(empty),
         Request::ResetStats => dev.reset_stats(c).map(|reply| Answer::new(reply, [])),
         Request::Migrate { va, len, to } => dev.migrate(c, va, len, to).map(empty),
-        // Answered above, with or without a context; the same answer here.
+        // Answered above, with or without a context; the same answers here.
         Request::Observe { abi_version } => dev
             .observe(abi_version)
             .map(|(reply, fds)| Answer::new(reply, fds)),
+        Request::ProfileFd { ctx, slot } => dev
+            .profile_fd(ctx, slot)
+            .map(|fd| Answer::new(EmptyReply, [fd])),
         Request::PagingStats { part } => {
             let parts = dev.paging_stats().parts();
             Ok(Answer::new(

@@ -25,10 +25,12 @@ use userq_uapi::watchdog::Watchdog;
 use userq_uapi::KmdStatus;
 
 /// A queue of a context, as kmd-shim records it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct QueueRecord {
-    /// Bytes of its ring charged to the budget.
+    /// Bytes of its ring (and profile object) charged to the budget.
     pub(crate) ring_bytes: u64,
+    /// Its profile object, if profiling is on: kept to hand to tracers (PROFILE_FD).
+    pub(crate) profile: Option<std::sync::Arc<OwnedFd>>,
 }
 
 /// A queue slot of a context and its ring bytes, reserved in the table. Until
@@ -79,7 +81,13 @@ impl Device {
         let slot = (0..MAX_QUEUES_PER_CONTEXT as u32)
             .find(|s| !c.queues.contains_key(s))
             .ok_or(KmdStatus::LimitExceeded)?;
-        c.queues.insert(slot, QueueRecord { ring_bytes });
+        c.queues.insert(
+            slot,
+            QueueRecord {
+                ring_bytes,
+                profile: None,
+            },
+        );
         t.memory_used += ring_bytes;
         drop(t);
         Ok(QueueSlotReservation {
@@ -100,7 +108,8 @@ impl Device {
         priority: Priority,
         time_slice_us: u32,
         watchdog: Watchdog,
-    ) -> Result<(CreateQueueReply, [OwnedFd; 3]), KmdStatus> {
+        profile: bool,
+    ) -> Result<(CreateQueueReply, Vec<OwnedFd>), KmdStatus> {
         if !entries.is_power_of_two()
             || !(MIN_RING_ENTRIES..=MAX_RING_ENTRIES).contains(&entries)
             || time_slice_us > MAX_TIME_SLICE_US
@@ -108,7 +117,12 @@ impl Device {
         {
             return Err(KmdStatus::InvalidArgument);
         }
-        let ring_size = ring_object_size(entries);
+        let profile_size = if profile {
+            userq_uapi::layout::profile::profile_object_size(entries)
+        } else {
+            0
+        };
+        let ring_size = ring_object_size(entries) + profile_size;
         let queue_slot = self.reserve_queue_slot(ctx, ring_size as u64)?;
         let slot = queue_slot.slot;
         let (timeline, state_fd, waiters_fd) = self.register_fence(FenceKind::Timeline, ctx, 0)?;
@@ -143,11 +157,41 @@ impl Device {
                 return Err(e);
             }
         }
+        let profile_fd = if profile {
+            match self.map_profile(ctx, slot, entries) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    let _ = self.link().call(FwRequest::UnmapQueue { ctx, slot }, &[]);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         let waiter = hold.waiter;
         let handle = hold.commit();
         queue_slot.commit();
-        if let Some(row) = self.table().contexts.get(&ctx).map(|c| c.row) {
+        let mut fds = vec![ring_fd, state_ro, waiters_fd];
+        let kept = match profile_fd {
+            Some(fd) => {
+                let ours = fd.try_clone().ok().map(std::sync::Arc::new);
+                fds.push(fd);
+                ours
+            }
+            None => None,
+        };
+        let row = {
+            let mut t = self.table();
+            let c = t.contexts.get_mut(&ctx);
+            let row = c.as_ref().map(|c| c.row);
+            if let Some(q) = c.and_then(|c| c.queues.get_mut(&slot)) {
+                q.profile = kept;
+            }
+            row
+        };
+        if let Some(row) = row {
             self.telemetry_queue(row, slot, true, priority as u32);
+            self.telemetry_profiled(row, slot, profile);
         }
         self.event(EventKind::QueueCreated, ctx, slot, [priority as u64, 0, 0]);
         Ok((
@@ -157,8 +201,58 @@ impl Device {
                 fence,
                 waiter,
             },
-            [ring_fd, state_ro, waiters_fd],
+            fds,
         ))
+    }
+
+    /// Creates a queue's profile object and has the firmware write into it; returns the
+    /// client's descriptor.
+    fn map_profile(&self, ctx: u32, slot: u32, entries: u32) -> Result<OwnedFd, KmdStatus> {
+        use userq_uapi::layout::profile::profile_object_size;
+        let size = profile_object_size(entries);
+        let fd = os::create_memfd(
+            "userq-profile",
+            size as u64,
+            userq_uapi::shm::Sealing::Final,
+        )
+        .map_err(|_| KmdStatus::OutOfMemory)?;
+        let map =
+            userq_uapi::shm::ShmBytes::map(fd.as_fd(), size).map_err(|_| KmdStatus::Internal)?;
+        // The header, as every object has one: magic, ABI, entries.
+        let header = [
+            userq_uapi::layout::magic::PROFILE,
+            userq_uapi::ABI_VERSION,
+            entries,
+        ];
+        for (i, v) in header.into_iter().enumerate() {
+            if let Some(w) = map.word32(4 * i) {
+                w.store(v, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let id = self.link().new_object_id();
+        self.link().call(
+            FwRequest::MapProfile {
+                ctx,
+                slot,
+                object: id,
+            },
+            &[(id, fd.as_fd())],
+        )?;
+        Ok(fd)
+    }
+
+    /// PROFILE_FD: a read-only descriptor of a queue's profile object.
+    pub fn profile_fd(&self, ctx: u32, slot: u32) -> Result<OwnedFd, KmdStatus> {
+        let fd = {
+            let t = self.table();
+            let q = t
+                .contexts
+                .get(&ctx)
+                .and_then(|c| c.queues.get(&slot))
+                .ok_or(KmdStatus::NotFound)?;
+            q.profile.clone().ok_or(KmdStatus::NotFound)?
+        };
+        os::reopen_read_only(fd.as_fd()).map_err(|_| KmdStatus::Internal)
     }
 
     /// DESTROY_QUEUE. The timeline fence stays held by its handle until released.

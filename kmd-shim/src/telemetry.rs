@@ -152,6 +152,20 @@ impl Device {
         }
     }
 
+    /// Marks a queue's telemetry line as profiled (bit 1 of `open`): tracers ask for
+    /// its profile object.
+    pub(crate) fn telemetry_profiled(&self, row: u32, slot: u32, on: bool) {
+        let link = self.link();
+        if let Some(q) = link
+            .telemetry()
+            .queues
+            .get(row as usize)
+            .and_then(|r| r.get(slot as usize))
+        {
+            q.open.store(1 | (on as u32) << 1, Relaxed);
+        }
+    }
+
     /// A context's reset statistics changed.
     pub(crate) fn telemetry_resets(&self, row: u32, guilty: u32, innocent: u32, banned: bool) {
         let link = self.link();

@@ -90,6 +90,7 @@ fn malformed_messages_get_typed_errors_and_the_connection_goes_on() {
         priority: Priority::Normal,
         time_slice_us: 0,
         watchdog: Default::default(),
+        profile: false,
     };
 
     assert_eq!(send_raw(&s, &[1, 2, 3], &[]).0, KmdStatus::Malformed);
@@ -140,6 +141,7 @@ fn malformed_messages_get_typed_errors_and_the_connection_goes_on() {
             priority: Priority::Low,
             time_slice_us: 0,
             watchdog: Default::default(),
+            profile: false,
         };
         assert_eq!(
             status(&s, r),
@@ -267,6 +269,7 @@ fn a_client_that_vanishes_mid_request_does_not_disturb_another() {
             priority: Priority::High,
             time_slice_us: 0,
             watchdog: Default::default(),
+            profile: false,
         }
         .encode();
         os::send_with_fds(bad.as_fd(), bytemuck::bytes_of(&q), &[]).expect("send");
@@ -289,6 +292,7 @@ fn a_client_that_vanishes_mid_request_does_not_disturb_another() {
             priority: Priority::Normal,
             time_slice_us: 0,
             watchdog: Default::default(),
+            profile: false,
         },
         &[],
     );

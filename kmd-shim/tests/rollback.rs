@@ -57,6 +57,7 @@ const QUEUE: Request = Request::CreateQueue {
     priority: Priority::Normal,
     time_slice_us: 0,
     watchdog: userq_uapi::watchdog::Watchdog::JobTimeout(userq_uapi::watchdog::DEFAULT_JOB_TIMEOUT),
+    profile: false,
 };
 
 fn one_ring() -> u64 {

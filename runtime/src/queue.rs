@@ -14,7 +14,7 @@ use crate::error::{
 };
 use crate::fence::{Fence, FencePoint, WaitMode};
 use crate::Buffer;
-use rustix::fd::{AsFd, OwnedFd};
+use rustix::fd::AsFd;
 use std::collections::VecDeque;
 use std::sync::atomic::{compiler_fence, Ordering::*};
 use std::sync::Arc;
@@ -38,6 +38,7 @@ pub struct QueueBuilder<'d> {
     priority: Priority,
     time_slice: Option<Duration>,
     watchdog: Watchdog,
+    profiling: bool,
 }
 
 impl<'d> QueueBuilder<'d> {
@@ -48,7 +49,17 @@ impl<'d> QueueBuilder<'d> {
             priority: Priority::Normal,
             time_slice: None,
             watchdog: Watchdog::default(),
+            profiling: profiling_from_env(),
         }
+    }
+
+    /// Per-packet profiling timestamps, as HSA profiling signals: the firmware records
+    /// when it took and completed each packet (and this side when it submitted it), for
+    /// `userq trace`. Off by default (on for every queue when `$USERQ_PROFILE` is `1`,
+    /// as a profiler's launcher sets it), and free when off.
+    pub fn profiling(mut self, on: bool) -> Self {
+        self.profiling = on;
+        self
     }
 
     /// How the device decides that a dispatch of this queue hangs (default: a job timeout
@@ -118,6 +129,7 @@ impl<'d> QueueBuilder<'d> {
                 priority: self.priority,
                 time_slice_us,
                 watchdog: self.watchdog,
+                profile: self.profiling,
             },
             &[],
         );
@@ -129,8 +141,15 @@ impl<'d> QueueBuilder<'d> {
             Err(ControlError::Rejected(KmdStatus::Banned)) => return Err(QueueCreateError::Banned),
             Err(err) => return Err(err.into()),
         };
-        let [ring_fd, state, waiters] = <[OwnedFd; 3]>::try_from(fds)
-            .map_err(|_| ControlError::Protocol("CREATE_QUEUE returned the wrong fds"))?;
+        let mut fds = fds.into_iter();
+        let (Some(ring_fd), Some(state), Some(waiters)) = (fds.next(), fds.next(), fds.next())
+        else {
+            return Err(ControlError::Protocol("CREATE_QUEUE returned the wrong fds").into());
+        };
+        let profile_fd = fds.next();
+        if profile_fd.is_some() != self.profiling || fds.next().is_some() {
+            return Err(ControlError::Protocol("CREATE_QUEUE returned the wrong fds").into());
+        }
         let reply =
             CreateQueueReply::decode(&v).map_err(|e| ControlError::Protocol(e.describe()))?;
         let slot = reply.slot;
@@ -140,6 +159,16 @@ impl<'d> QueueBuilder<'d> {
             slot: Some(slot),
         };
         let ring = RingShm::map(ring_fd.as_fd(), e).map_err(ControlError::from)?;
+        let profile = match &profile_fd {
+            Some(fd) => Some(
+                userq_uapi::shm::ShmBytes::map(
+                    fd.as_fd(),
+                    userq_uapi::layout::profile::profile_object_size(e),
+                )
+                .map_err(ControlError::from)?,
+            ),
+            None => None,
+        };
         let timeline = Fence::from_parts(
             inner,
             reply.timeline.0,
@@ -165,8 +194,14 @@ impl<'d> QueueBuilder<'d> {
             wakes: 0,
             holds: VecDeque::new(),
             kernel_args: None,
+            profile,
         })
     }
+}
+
+/// `$USERQ_PROFILE=1`: queues profile unless told otherwise.
+fn profiling_from_env() -> bool {
+    std::env::var_os("USERQ_PROFILE").is_some_and(|v| v == "1")
 }
 
 struct DestroyOnError<'a> {
@@ -231,6 +266,9 @@ pub struct Queue {
     /// first dispatch. A slot's words are reused only when the ring slot is: the firmware
     /// copies them when it takes the packet, before the read index passes it.
     kernel_args: Option<Buffer<u64>>,
+    /// Per-packet profiling ([`QueueBuilder::profiling`]): this side writes each packet's
+    /// submit time into its record.
+    profile: Option<userq_uapi::shm::ShmBytes>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -530,6 +568,14 @@ impl Queue {
     /// sees the whole packet once it sees the tag.
     #[inline]
     fn write(&mut self, p: Packet) {
+        if let Some(prof) = &self.profile {
+            use userq_uapi::layout::profile::{profile_record_offset, word};
+            let at =
+                profile_record_offset(self.ring.entries() as u32, self.wptr) + 8 * word::SUBMIT;
+            if let Some(w) = prof.word64(at) {
+                w.store(userq_uapi::layout::monotonic_ns(), Relaxed);
+            }
+        }
         let slot = self.ring.slot(self.wptr);
         let words = p.tagged(self.wptr).to_words();
         for (w, v) in slot[1..].iter().zip(&words[1..]) {

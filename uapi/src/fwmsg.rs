@@ -74,6 +74,7 @@ mod kind {
     pub const INVALIDATE: u32 = 21;
     pub const FAULT_REPLY: u32 = 22;
     pub const WAIT_JOBS: u32 = 23;
+    pub const MAP_PROFILE: u32 = 24;
 
     pub const ACK: u32 = 0x100;
     pub const QUEUE_ERROR: u32 = 0x101;
@@ -307,6 +308,16 @@ pub enum FwRequest {
         /// How long to wait, milliseconds.
         timeout_ms: u32,
     },
+    /// Turns on per-packet profiling for a queue: its profile object
+    /// ([`crate::layout::profile`]).
+    MapProfile {
+        /// Context id.
+        ctx: u32,
+        /// Queue slot.
+        slot: u32,
+        /// The profile object.
+        object: ObjectId,
+    },
 }
 
 /// A message as eight words.
@@ -504,6 +515,12 @@ impl FwRequest {
                 w[3] = timeout_ms as u64;
                 kind::WAIT_JOBS
             }
+            FwRequest::MapProfile { ctx, slot, object } => {
+                w[1] = ctx as u64;
+                w[2] = slot as u64;
+                w[3] = object;
+                kind::MAP_PROFILE
+            }
         };
         w[0] = head(k, seq);
         w
@@ -616,6 +633,11 @@ impl FwRequest {
                 job: w[3],
                 code: n32(w[4])?,
                 address: w[5],
+            },
+            kind::MAP_PROFILE => FwRequest::MapProfile {
+                ctx: n32(w[1])?,
+                slot: n32(w[2])?,
+                object: w[3],
             },
             kind::WAIT_JOBS => FwRequest::WaitJobs {
                 ctx: n32(w[1])?,
@@ -732,6 +754,11 @@ mod tests {
                 ctx: 3,
                 va: 1 << 32,
                 timeout_ms: 2000,
+            },
+            FwRequest::MapProfile {
+                ctx: 3,
+                slot: 4,
+                object: 99,
             },
         ];
         for (i, r) in reqs.iter().enumerate() {

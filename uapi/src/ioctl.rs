@@ -10,7 +10,7 @@
 //! | op | request args | reply values | fds in | fds out |
 //! |---|---|---|---|---|
 //! | OPEN_CONTEXT | abi version | [`OpenContextReply`]: ctx id, device generation | | doorbell page (rw), device status (ro), device kick (rw), context waiters (rw) |
-//! | CREATE_QUEUE | ring entries, [`Priority`], time slice µs (0: default), [`Watchdog`] word | [`CreateQueueReply`]: slot, timeline fence handle, global fence id, [`crate::layout::WaiterSlot`] | | ring (rw), fence state (ro), fence waiters (rw) |
+//! | CREATE_QUEUE | ring entries, [`Priority`], time slice µs (0: default), [`Watchdog`] word, profiling (0/1) | [`CreateQueueReply`]: slot, timeline fence handle, global fence id, [`crate::layout::WaiterSlot`] | | ring (rw), fence state (ro), fence waiters (rw) |
 //! | DESTROY_QUEUE | slot | [`EmptyReply`] | | |
 //! | CREATE_FENCE | initial value | [`CreateFenceReply`]: handle, global fence id, waiter slot | | fence state (rw), fence waiters (rw) |
 //! | IMPORT_FENCE | | [`ImportFenceReply`]: handle, global fence id, [`crate::layout::FenceKind`], waiter slot | fence state, fence waiters | |
@@ -22,6 +22,7 @@
 //! | RESET_STATS | | [`ResetStatsReply`]: hangs (guilty), queues stopped by others' hangs or device loss (innocent), banned | | |
 //! | MIGRATE | device address, bytes, [`crate::paging::MigrateTo`] | [`EmptyReply`] | | |
 //! | PAGING_STATS | part (0 or 1) | [`PagingStatsReply`]: six values of [`crate::paging::PagingStats::parts`] | | |
+//! | PROFILE_FD (also without a context) | ctx, slot | [`EmptyReply`] | | the queue's profile object (ro) |
 //! | OBSERVE (also as a connection's first request, without a context) | abi version | [`ObserveReply`]: device generation | | device status (ro), [`crate::layout::Telemetry`] (ro), [`crate::layout::EventLog`] (ro) |
 //!
 //! Reply values sit in [`RawReply::values`] in the order the table lists them; the values an
@@ -77,6 +78,8 @@ pub mod op {
     pub const PAGING_STATS: u32 = 13;
     /// See [`super::Request::Observe`].
     pub const OBSERVE: u32 = 14;
+    /// See [`super::Request::ProfileFd`].
+    pub const PROFILE_FD: u32 = 15;
 }
 
 /// Scheduling priority of a queue.
@@ -153,6 +156,9 @@ pub enum Request {
         time_slice_us: u32,
         /// Hang detection for its dispatches.
         watchdog: Watchdog,
+        /// Per-packet profiling timestamps ([`crate::layout::profile`]): the reply then
+        /// carries a fourth fd, the queue's profile object (rw).
+        profile: bool,
     },
     /// Destroys a queue; its timeline fence is poisoned for values it never reached.
     DestroyQueue {
@@ -219,6 +225,14 @@ pub enum Request {
         /// The client's [`crate::ABI_VERSION`].
         abi_version: u32,
     },
+    /// A read-only descriptor of a queue's profile object, for tracers (needs no
+    /// context, like OBSERVE).
+    ProfileFd {
+        /// The queue's context.
+        ctx: u32,
+        /// The queue's slot.
+        slot: u32,
+    },
 }
 
 impl Request {
@@ -235,12 +249,14 @@ impl Request {
                 priority,
                 time_slice_us,
                 watchdog,
+                profile,
             } => {
                 r.op = op::CREATE_QUEUE;
                 r.args[0] = ring_entries as u64;
                 r.args[1] = priority as u64;
                 r.args[2] = time_slice_us as u64;
                 r.args[3] = watchdog.encode();
+                r.args[4] = profile as u64;
             }
             Request::DestroyQueue { slot } => {
                 r.op = op::DESTROY_QUEUE;
@@ -285,6 +301,11 @@ impl Request {
                 r.op = op::OBSERVE;
                 r.args[0] = abi_version as u64;
             }
+            Request::ProfileFd { ctx, slot } => {
+                r.op = op::PROFILE_FD;
+                r.args[0] = ctx as u64;
+                r.args[1] = slot as u64;
+            }
         }
         r
     }
@@ -310,8 +331,13 @@ impl Request {
                     priority: Priority::from_u64(a[1]).ok_or(KmdStatus::InvalidArgument)?,
                     time_slice_us: narrow(a[2])?,
                     watchdog: watchdog(a[3])?,
+                    profile: match a[4] {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(KmdStatus::InvalidArgument),
+                    },
                 },
-                4,
+                5,
             ),
             op::DESTROY_QUEUE => (
                 Request::DestroyQueue {
@@ -357,6 +383,13 @@ impl Request {
                         .ok_or(KmdStatus::InvalidArgument)?,
                 },
                 3,
+            ),
+            op::PROFILE_FD => (
+                Request::ProfileFd {
+                    ctx: narrow(a[0])?,
+                    slot: narrow(a[1])?,
+                },
+                2,
             ),
             op::OBSERVE => (
                 Request::Observe {
@@ -430,6 +463,7 @@ mod tests {
                 priority: Priority::High,
                 time_slice_us: 500,
                 watchdog: Watchdog::NoProgress(std::time::Duration::from_millis(300)),
+                profile: true,
             },
             Request::DestroyQueue { slot: 3 },
             Request::CreateFence { initial: 5 },
@@ -452,6 +486,7 @@ mod tests {
             },
             Request::PagingStats { part: 1 },
             Request::Observe { abi_version: 5 },
+            Request::ProfileFd { ctx: 3, slot: 7 },
             Request::FreeBuffer { va: 1 << 32 },
             Request::ImportBuffer,
             Request::SetWatchdog {

@@ -27,6 +27,7 @@ use crate::shm::{Access, Layout, ReadWrite};
 use core::sync::atomic::{AtomicU32, AtomicU64};
 
 mod events;
+pub mod profile;
 mod telemetry;
 mod waiters;
 pub use events::{
@@ -92,6 +93,8 @@ pub mod magic {
     pub const TELEMETRY: u32 = u32::from_be_bytes(*b"UQTM");
     /// [`super::EventLog`].
     pub const EVENT_LOG: u32 = u32::from_be_bytes(*b"UQEV");
+    /// A queue's profile object ([`super::profile`]); `param` is the ring's entries.
+    pub const PROFILE: u32 = u32::from_be_bytes(*b"UQPF");
 }
 
 /// Why an object failed its map-time check.

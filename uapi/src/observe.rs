@@ -127,6 +127,39 @@ impl Observer {
         &self.telemetry
     }
 
+    /// A read-only descriptor of queue `slot` of context `ctx`'s profile object (the
+    /// queue must have profiling on), asked of the device at `path`.
+    pub fn profile_fd(
+        path: &Path,
+        ctx: u32,
+        slot: u32,
+    ) -> Result<rustix::fd::OwnedFd, ObserveError> {
+        let sock = crate::socket::connect(path).map_err(|source| ObserveError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+        let req = Request::ProfileFd { ctx, slot }.encode();
+        os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&req), &[])
+            .map_err(|e| ObserveError::Protocol(format!("send: {e}")))?;
+        let mut buf = [0u8; 2 * MESSAGE_SIZE];
+        let got = os::recv_with_fds(sock.as_fd(), &mut buf)
+            .map_err(|e| ObserveError::Protocol(format!("receive: {e}")))?;
+        let raw: RawReply = bytemuck::try_pod_read_unaligned(&buf[..got.len.min(2 * MESSAGE_SIZE)])
+            .ok()
+            .filter(|_| got.len == MESSAGE_SIZE)
+            .ok_or_else(|| ObserveError::Protocol("malformed reply".into()))?;
+        match KmdStatus::from_u32(raw.status) {
+            KmdStatus::Ok => got
+                .fds
+                .into_iter()
+                .next()
+                .ok_or_else(|| ObserveError::Protocol("no descriptor".into())),
+            s => Err(ObserveError::Protocol(format!(
+                "profile of queue {ctx}:{slot}: {s}"
+            ))),
+        }
+    }
+
     /// The raw event log.
     pub fn event_log(&self) -> &EventLog<ReadOnly> {
         &self.events
@@ -184,8 +217,10 @@ impl Observer {
                         queues: (0..MAX_QUEUES_PER_CONTEXT)
                             .filter_map(|slot| {
                                 let q = &t.queues[row][slot];
-                                (q.open.load() != 0).then(|| QueueSnapshot {
+                                let open = q.open.load();
+                                (open & 1 != 0).then(|| QueueSnapshot {
                                     slot: slot as u32,
+                                    profiled: open & 2 != 0,
                                     priority: q.priority.load(),
                                     state: QueueRunState::from_u32(q.state.load()),
                                     error: q.error.load(),
@@ -298,6 +333,8 @@ pub struct ContextSnapshot {
 pub struct QueueSnapshot {
     /// Slot.
     pub slot: u32,
+    /// Per-packet profiling is on (PROFILE_FD gives its records).
+    pub profiled: bool,
     /// Priority word.
     pub priority: u32,
     /// State (`None`: not published yet).

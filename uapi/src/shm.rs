@@ -480,6 +480,53 @@ impl ShmBytes {
     }
 }
 
+/// Bytes of shared memory this side may only read (another process's object, mapped
+/// `PROT_READ`): its words are load-only ([`RoU32`]/[`RoU64`]), so a store does not
+/// compile.
+pub struct ShmBytesRo {
+    map: MmapRaw,
+}
+
+impl core::fmt::Debug for ShmBytesRo {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ShmBytesRo")
+            .field("len", &self.map.len())
+            .finish()
+    }
+}
+
+impl ShmBytesRo {
+    /// Maps the first `len` bytes of `fd` read-only.
+    pub fn map(fd: BorrowedFd<'_>, len: usize) -> Result<ShmBytesRo, MapError> {
+        Ok(ShmBytesRo {
+            map: map_raw(fd, len, false)?,
+        })
+    }
+
+    /// `count` 64-bit words from byte `offset`, if they fit and are aligned.
+    pub fn words64(&self, offset: usize, count: usize) -> Option<&[RoU64]> {
+        let end = offset.checked_add(count.checked_mul(8)?)?;
+        if end > self.map.len() || offset % 8 != 0 {
+            return None;
+        }
+        // SAFETY: in bounds and aligned (checked; the base is page-aligned). `RoU64` is a
+        // transparent `AtomicU64` with loads only, valid on read-only memory; the slice
+        // borrows `self`.
+        Some(unsafe {
+            core::slice::from_raw_parts(self.map.as_ptr().add(offset).cast::<RoU64>(), count)
+        })
+    }
+
+    /// The 32-bit word at byte `offset`, if it fits and is aligned.
+    pub fn word32(&self, offset: usize) -> Option<&RoU32> {
+        if offset.checked_add(4)? > self.map.len() || offset % 4 != 0 {
+            return None;
+        }
+        // SAFETY: as in `words64`, for one `RoU32`.
+        Some(unsafe { &*self.map.as_ptr().add(offset).cast::<RoU32>() })
+    }
+}
+
 /// Checks that a layout's read-only form is its writable form with loads only.
 macro_rules! same_layout {
     ($($ty:ident),*) => {

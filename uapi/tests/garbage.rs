@@ -46,6 +46,7 @@ const VALID: [Request; 11] = [
         priority: userq_uapi::ioctl::Priority::High,
         time_slice_us: 500,
         watchdog: Watchdog::NoProgress(std::time::Duration::from_millis(250)),
+        profile: false,
     },
     Request::DestroyQueue { slot: 3 },
     Request::CreateFence { initial: 5 },

@@ -171,6 +171,7 @@ impl Raw {
                 priority: Priority::Normal,
                 time_slice_us: 0,
                 watchdog: Default::default(),
+                profile: false,
             },
             &[],
         )?;

@@ -100,6 +100,11 @@ impl Proc {
 
     /// Waits for exit and collects stdout/stderr (the child must have been spawned with
     /// piped output).
+    /// The running child (to write its stdin).
+    pub fn child(&mut self) -> &mut Child {
+        self.child.as_mut().expect("running")
+    }
+
     pub fn output_within(mut self, limit: Duration) -> Output {
         let child = self.child.take().expect("running");
         let name = self.name.clone();

@@ -1,0 +1,91 @@
+//! `userq status`: one look at the device.
+
+use crate::format::{error, mib, ms, out, priority, snapshot_json};
+use std::time::Duration;
+use userq_uapi::observe::{Observer, Snapshot};
+use userq_uapi::paging::DEVICE_PAGE;
+
+/// How long engine use is sampled over.
+const WINDOW: Duration = Duration::from_millis(200);
+
+/// Each engine's busy share between two snapshots.
+pub fn utilisation(a: &Snapshot, b: &Snapshot, window: Duration) -> Vec<f64> {
+    a.engines
+        .iter()
+        .zip(&b.engines)
+        .map(|(x, y)| {
+            // A value that went backwards (a restart) counts as idle.
+            (y.busy_ns.saturating_sub(x.busy_ns) as f64 / window.as_nanos() as f64).min(1.0)
+        })
+        .collect()
+}
+
+pub fn run(obs: &Observer, json: bool) -> crate::Res<()> {
+    let a = obs.snapshot();
+    let t = std::time::Instant::now();
+    std::thread::sleep(WINDOW);
+    let s = obs.snapshot();
+    let busy = utilisation(&a, &s, t.elapsed());
+    if json {
+        let v = snapshot_json(&s, &busy);
+        return out(&serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
+    }
+    let p = &s.paging;
+    out(&format!(
+        "device: generation {}, {}, firmware pid {}, {} engine(s)",
+        s.generation,
+        if s.lost { "LOST" } else { "running" },
+        s.firmware_pid,
+        s.engines.len()
+    ))?;
+    let use_: Vec<String> = busy.iter().map(|b| format!("{:.0}%", b * 100.0)).collect();
+    out(&format!(
+        "engines: busy {} (over {:?})",
+        use_.join(" "),
+        WINDOW
+    ))?;
+    out(&format!(
+        "memory: budget {}, resident {}; {} faults in {} batches, {} pages in, {} evicted, {} refaults; service {}, copying {}",
+        mib(s.vram_bytes),
+        mib(p.resident_pages * DEVICE_PAGE),
+        p.faults,
+        p.batches,
+        p.pages_in,
+        p.pages_out,
+        p.refaults,
+        ms(p.service_ns),
+        ms(p.migrate_ns)
+    ))?;
+    out(&format!("processes: {}", s.contexts.len()))?;
+    for c in &s.contexts {
+        out(&format!(
+            "  ctx {:<5} pid {:<7} {:<16} engine {:>10}  resets: guilty {} innocent {}{}",
+            c.ctx,
+            c.pid,
+            c.comm,
+            ms(c.engine_ns),
+            c.guilty,
+            c.innocent,
+            if c.banned { "  BANNED" } else { "" }
+        ))?;
+        for q in &c.queues {
+            out(&format!(
+                "    queue {:<3} {:<7} {:<10} submitted {:<8} completed {:<8} pending {:<6} engine {:>10} faults {}{}",
+                q.slot,
+                priority(q.priority),
+                q.state.map_or("starting", |s| s.name()),
+                q.submitted,
+                q.completed,
+                q.submitted.saturating_sub(q.completed),
+                ms(q.engine_ns),
+                q.faults,
+                if q.error != 0 {
+                    format!("  ({})", error(q.error))
+                } else {
+                    String::new()
+                }
+            ))?;
+        }
+    }
+    Ok(())
+}
