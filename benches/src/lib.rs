@@ -8,6 +8,7 @@
 
 pub mod device;
 pub mod floors;
+pub mod observe;
 pub mod paging;
 pub mod peers;
 pub mod plot;

@@ -77,6 +77,8 @@ pub struct Report {
     pub resets: Option<crate::resets::ResetFigures>,
     /// Faults, batches, eviction, innocent round trips during a fault storm.
     pub paging: Option<crate::paging::PagingFigures>,
+    /// Telemetry and profiling on vs off.
+    pub observe: Option<crate::observe::ObserveFigures>,
 }
 
 impl Report {
@@ -410,6 +412,9 @@ impl Report {
         if let Some(p) = &self.paging {
             p.print();
         }
+        if let Some(o) = &self.observe {
+            o.print();
+        }
     }
 
     /// The run as JSON.
@@ -464,6 +469,7 @@ impl Report {
         json!({
             "resets": self.resets.as_ref().map(|r| r.json()),
             "paging": self.paging.as_ref().map(|p| p.json()),
+            "observe": self.observe.as_ref().map(|o| o.json()),
             "latency": latency,
             "throughput": throughput,
             "scaling": scaling,

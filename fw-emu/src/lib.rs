@@ -123,6 +123,9 @@ pub struct FirmwareConfig {
     pub idle_before_sleep: Duration,
     /// Packets one queue may run per turn before the next queue gets its turn.
     pub packets_per_turn: u32,
+    /// Publish telemetry every tick (off only to measure what it costs:
+    /// `$USERQ_FW_TELEMETRY=0`).
+    pub telemetry: bool,
 }
 
 impl Default for FirmwareConfig {
@@ -134,6 +137,7 @@ impl Default for FirmwareConfig {
             spin: Duration::from_micros(50),
             idle_before_sleep: Duration::from_millis(2),
             packets_per_turn: 256,
+            telemetry: std::env::var_os("USERQ_FW_TELEMETRY").is_none_or(|v| v != "0"),
         }
     }
 }
@@ -238,6 +242,7 @@ impl Firmware {
             .ok_or(BootError::MissingObject(boot::TELEMETRY))?;
         let telemetry =
             Shm::map(telemetry_fd.as_fd()).map_err(|e| BootError::Map(boot::TELEMETRY, e))?;
+        let publish = config.telemetry;
         let (s2, k2) = (status.clone(), kick.clone());
         let wake = Box::new(move || {
             sync::wake_if_announced(&s2.sleep.sleeping, &k2.kick.word);
@@ -257,7 +262,7 @@ impl Firmware {
             pending_suspends: Vec::new(),
             watch: hang::Watch::default(),
             paging: paging::Paging::new(Arc::new(pool)),
-            telemetry: Some(telemetry),
+            telemetry: publish.then_some(telemetry),
             destroyed_ns: HashMap::new(),
             last_heartbeat: Instant::now(),
             shutdown: false,

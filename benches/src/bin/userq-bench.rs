@@ -1,7 +1,7 @@
 //! `userq-bench`: userq against the machine's floors and against peers, in one run.
 //!
 //! ```text
-//! userq-bench [compare|floors|latency|peers|throughput|scaling|idle|submit|sched|resets|paging]
+//! userq-bench [compare|floors|latency|peers|throughput|scaling|idle|submit|sched|resets|paging|observe]
 //!             [--iters N] [--quick] [--json] [--plot DIR]
 //! ```
 //!
@@ -82,6 +82,8 @@ enum What {
     /// On-demand paging: single fault round trip, batched fault service and copy
     /// bandwidth, eviction + refault cost, innocent round trips during a fault storm.
     Paging,
+    /// What telemetry and per-packet profiling cost the round trip (on vs off).
+    Observe,
 }
 
 struct Opts {
@@ -370,6 +372,10 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
     if all || o.what == What::Paging {
         say("paging");
         r.paging = Some(userq_benches::paging::measure(dir, o.quick)?);
+    }
+    if all || o.what == What::Observe {
+        say("observability");
+        r.observe = Some(userq_benches::observe::measure(dir, o.quick)?);
     }
     if all || o.what == What::Idle {
         say("idle");
