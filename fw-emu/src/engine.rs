@@ -106,7 +106,7 @@ struct Shared {
     /// [`Engines::replace`], until as many threads as were replaced have left.
     live: AtomicUsize,
     /// Per engine thread (index modulo the table): nanoseconds busy, workgroups
-    /// finished. Each engine writes only its own line.
+    /// finished.
     stats: Vec<CachePadded<(AtomicU64, AtomicU64)>>,
 }
 
@@ -254,6 +254,14 @@ impl Engines {
         self.shared.target
     }
 
+    /// Engine telemetry lines in use: one per thread ever started (replacements for
+    /// wedged threads included), up to the table's size.
+    pub fn lines(&self) -> usize {
+        self.next_index
+            .load(Relaxed)
+            .min(userq_uapi::layout::TELEMETRY_ENGINES)
+    }
+
     /// Per engine line: (nanoseconds busy, workgroups finished).
     pub fn stats(&self) -> Vec<(u64, u64)> {
         self.shared
@@ -358,9 +366,10 @@ fn engine(s: &Shared, index: usize) {
         let finished = run_slice(s, &job);
         let ns = t.elapsed().as_nanos() as u64;
         job.engine_ns.fetch_add(ns, Relaxed);
+        // fetch_add: a replacement thread may share a line (index modulo the table).
         let (busy, wgs) = &*s.stats[index];
-        busy.store(busy.load(Relaxed) + ns, Relaxed);
-        wgs.store(wgs.load(Relaxed) + finished, Relaxed);
+        busy.fetch_add(ns, Relaxed);
+        wgs.fetch_add(finished, Relaxed);
         // A replacement took this thread's place while it was held in this job: leave the
         // pool (only threads that ran the job's workgroups can get here with it).
         let owed = job.owed.fetch_update(AcqRel, Acquire, |n| n.checked_sub(1));

@@ -100,9 +100,13 @@ pub struct Queue {
     last_active: Instant,
     /// Suspended by kmd-shim: takes no packet, its dispatch starts no workgroup.
     suspended: bool,
-    /// Engine time and page faults of its finished dispatches (telemetry).
+    /// Engine time and page faults of its finished dispatches (telemetry), but the last
+    /// one's: an engine adds a time slice to its job after the slice, which may be after
+    /// the job completed, so the last job is kept and read live until the next one
+    /// completes.
     engine_ns_done: u64,
     faults_done: u64,
+    last_job: Option<Arc<Job>>,
     /// Per-packet profiling timestamps, when kmd-shim turned them on.
     profile: Option<userq_uapi::shm::ShmBytes>,
 }
@@ -159,6 +163,7 @@ impl Queue {
             suspended: false,
             engine_ns_done: 0,
             faults_done: 0,
+            last_job: None,
             profile: None,
         }
     }
@@ -207,6 +212,12 @@ impl Queue {
             _ => (0, 0, 0),
         };
         w[word::SEQ].store(0, Relaxed);
+        // Release: a reader that sees any field below also sees SEQ = 0 when it checks
+        // again, so it never takes a record mixing two packets.
+        std::sync::atomic::fence(Release);
+        // The client's submit time, copied into the firmware's own word while the record
+        // is closed: the client may overwrite its word for the next lap at any time.
+        w[word::SUBMITTED].store(w[word::SUBMIT].load(Relaxed), Relaxed);
         w[word::OP].store(op | aux << 32, Relaxed);
         w[word::START].store(start, Relaxed);
         w[word::FENCE].store(fence, Relaxed);
@@ -233,6 +244,10 @@ impl Queue {
     pub fn figures(&self) -> QueueFigures {
         use userq_uapi::layout::QueueRunState as S;
         let (mut engine_ns, mut faults) = (self.engine_ns_done, self.faults_done);
+        if let Some(j) = &self.last_job {
+            engine_ns += j.engine_ns();
+            faults += j.faults();
+        }
         let state = match &self.state {
             RunState::Faulted => S::Faulted,
             _ if self.suspended => S::Suspended,
@@ -498,8 +513,11 @@ impl Queue {
         self.completed = packet_index + 1;
         let index = *packet_index;
         self.profile_end(index);
-        self.engine_ns_done += job.engine_ns();
-        self.faults_done += job.faults();
+        // The previous job's slices have all been added by now; this one's may not be.
+        if let Some(prev) = self.last_job.replace(job.clone()) {
+            self.engine_ns_done += prev.engine_ns();
+            self.faults_done += prev.faults();
+        }
         self.state = RunState::Active;
         self.last_active = Instant::now();
         self.publish();

@@ -36,7 +36,7 @@ impl Firmware {
 fn publish(t: &Telemetry, fw: &Firmware) {
     put32(
         &t.device.engines,
-        fw.engines.count().min(t.engines.len()) as u32,
+        fw.engines.lines().min(t.engines.len()) as u32,
     );
     put32(&t.device.firmware_pid, std::process::id());
     t.device.tick_ns.store(monotonic_ns(), Relaxed);

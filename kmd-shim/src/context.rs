@@ -164,7 +164,6 @@ impl Device {
         let context = self.reserve_context(generation, pid)?;
         let ctx = context.ctx;
         let row = self.table().contexts.get(&ctx).map_or(0, |c| c.row);
-        self.telemetry_open(row, ctx, pid);
         let (doorbell_fd, _doorbell) =
             Shm::<DoorbellPage>::create("userq-doorbell", Sealing::Final, 0, ctx as u64)
                 .map_err(|_| KmdStatus::Internal)?;
@@ -195,6 +194,8 @@ impl Device {
             c.waiters = Some(waiters);
         }
         context.commit();
+        // Only a context that exists gets its telemetry line (a failed open leaves none).
+        self.telemetry_open(row, ctx, pid);
         self.event(EventKind::ProcessStart, ctx, u32::MAX, [pid as u64, 0, 0]);
         Ok((
             OpenContextReply { ctx, generation },

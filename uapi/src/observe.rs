@@ -70,20 +70,7 @@ impl Observer {
         .encode();
         os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&req), &[])
             .map_err(|e| ObserveError::Protocol(format!("send: {e}")))?;
-        // The reply, bounded in time: a socket that is not a device may never answer.
-        let timeout = rustix::time::Timespec {
-            tv_sec: 5,
-            tv_nsec: 0,
-        };
-        let mut fds = [rustix::event::PollFd::new(
-            &sock,
-            rustix::event::PollFlags::IN,
-        )];
-        if !matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0) {
-            return Err(ObserveError::Protocol(
-                "no answer within 5 s: not a userq device".into(),
-            ));
-        }
+        wait_for_reply(&sock)?;
         let mut buf = [0u8; 2 * MESSAGE_SIZE];
         let got = os::recv_with_fds(sock.as_fd(), &mut buf)
             .map_err(|e| ObserveError::Protocol(format!("receive: {e}")))?;
@@ -141,6 +128,7 @@ impl Observer {
         let req = Request::ProfileFd { ctx, slot }.encode();
         os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&req), &[])
             .map_err(|e| ObserveError::Protocol(format!("send: {e}")))?;
+        wait_for_reply(&sock)?;
         let mut buf = [0u8; 2 * MESSAGE_SIZE];
         let got = os::recv_with_fds(sock.as_fd(), &mut buf)
             .map_err(|e| ObserveError::Protocol(format!("receive: {e}")))?;
@@ -251,6 +239,26 @@ impl Observer {
             log: &self.events,
             next,
         }
+    }
+}
+
+/// Waits up to 5 s for a reply: a socket that is not a device, or a device that is
+/// stopped, may never answer.
+fn wait_for_reply(sock: &rustix::fd::OwnedFd) -> Result<(), ObserveError> {
+    let timeout = rustix::time::Timespec {
+        tv_sec: 5,
+        tv_nsec: 0,
+    };
+    let mut fds = [rustix::event::PollFd::new(
+        sock,
+        rustix::event::PollFlags::IN,
+    )];
+    if matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0) {
+        Ok(())
+    } else {
+        Err(ObserveError::Protocol(
+            "no answer within 5 s: not a userq device, or a stopped one".into(),
+        ))
     }
 }
 

@@ -26,8 +26,12 @@ pub mod word {
     pub const FENCE: usize = 4;
     /// For SIGNAL/SET/WAIT_FENCE: the value.
     pub const VALUE: usize = 5;
-    /// `CLOCK_MONOTONIC` ns when the client submitted it (written by the client).
+    /// `CLOCK_MONOTONIC` ns when the client submitted it (written by the client, which
+    /// may overwrite it for the next lap as soon as the firmware took the packet).
     pub const SUBMIT: usize = 6;
+    /// The submit time as the firmware copied it when it took the packet: what readers
+    /// use.
+    pub const SUBMITTED: usize = 7;
     /// Words per record.
     pub const COUNT: usize = 8;
 }

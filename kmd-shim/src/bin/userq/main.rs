@@ -55,7 +55,7 @@ enum What {
         #[arg(long)]
         from_start: bool,
         /// Stop after this many seconds (default: until Ctrl-C or the device goes).
-        #[arg(long)]
+        #[arg(long, value_parser = seconds)]
         seconds: Option<f64>,
     },
     /// Records a Perfetto-openable trace.
@@ -63,10 +63,20 @@ enum What {
         /// Where to write it (Chrome trace-event JSON; open it at ui.perfetto.dev).
         #[arg(long)]
         out: PathBuf,
-        /// How long to record.
-        #[arg(long, default_value_t = 5.0)]
+        /// How long to record (up to an hour).
+        #[arg(long, default_value_t = 5.0, value_parser = seconds)]
         seconds: f64,
     },
+}
+
+/// A duration in seconds: finite, from 0 to an hour.
+fn seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && (0.0..=3600.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err("must be a number of seconds from 0 to 3600".into())
+    }
 }
 
 /// The device socket this invocation means.

@@ -184,7 +184,14 @@ fn draw(f: &mut Frame<'_>, now: &Snapshot, busy: &[f64], rows: &[QRow], sort: So
 pub fn run(_path: &Path, obs: Observer, interval_ms: u64) -> crate::Res<()> {
     let stop = crate::events::stop_flag()?;
     let interval = Duration::from_millis(interval_ms);
-    let mut terminal = ratatui::try_init().map_err(|e| format!("cannot use the terminal: {e}"))?;
+    let mut terminal = match ratatui::try_init() {
+        Ok(t) => t,
+        Err(e) => {
+            // Raw mode may be on already: put the terminal back before saying why.
+            ratatui::restore();
+            return Err(format!("cannot use the terminal: {e}"));
+        }
+    };
     let result = (|| -> crate::Res<()> {
         let mut sort = Sort::EngineNow;
         let mut prev = obs.snapshot();

@@ -69,7 +69,7 @@ impl Traced {
                 end: w[word::END].load(),
                 fence: w[word::FENCE].load(),
                 value: w[word::VALUE].load(),
-                submit: w[word::SUBMIT].load(),
+                submit: w[word::SUBMITTED].load(),
             };
             // Still the same record (the firmware did not reuse it meanwhile), and inside
             // the trace.
@@ -125,7 +125,11 @@ pub fn run(path: &Path, obs: &Observer, out: &Path, seconds: f64) -> crate::Res<
     let began = Instant::now();
     let span = Duration::from_secs_f64(seconds.clamp(0.01, 3600.0));
     let mut events = obs.events(false);
+    // Queues being read; queues that went away (their records are kept); queues whose
+    // profile could not be had (not asked again while they last).
     let mut traced: HashMap<(u32, u32), Traced> = HashMap::new();
+    let mut gone: Vec<((u32, u32), Traced)> = Vec::new();
+    let mut failed: std::collections::HashSet<(u32, u32)> = Default::default();
     let mut names: HashMap<u32, String> = HashMap::new();
     let mut device_events: Vec<Event> = Vec::new();
     let mut dropped = 0u64;
@@ -144,14 +148,40 @@ pub fn run(path: &Path, obs: &Observer, out: &Path, seconds: f64) -> crate::Res<
                 monotonic_ns(),
                 snap.engines.iter().map(|e| e.busy_ns).collect(),
             ));
+            let live: std::collections::HashSet<(u32, u32)> = snap
+                .contexts
+                .iter()
+                .flat_map(|c| {
+                    c.queues
+                        .iter()
+                        .filter(|q| q.profiled)
+                        .map(move |q| (c.ctx, q.slot))
+                })
+                .collect();
+            // A queue that went away keeps what was read of it; its slot may get a new
+            // queue, read afresh.
+            let ended: Vec<(u32, u32)> = traced
+                .keys()
+                .filter(|k| !live.contains(k))
+                .copied()
+                .collect();
+            for k in ended {
+                if let Some(mut t) = traced.remove(&k) {
+                    t.read(t0);
+                    gone.push((k, t));
+                }
+            }
+            failed.retain(|k| live.contains(k));
             for c in &snap.contexts {
                 names.insert(c.pid, format!("{} (pid {}, ctx {})", c.comm, c.pid, c.ctx));
                 for q in c.queues.iter().filter(|q| q.profiled) {
-                    if traced.contains_key(&(c.ctx, q.slot)) {
+                    let key = (c.ctx, q.slot);
+                    if traced.contains_key(&key) || failed.contains(&key) {
                         continue;
                     }
                     // A queue whose profile cannot be had (destroyed meanwhile) is left out.
                     let Ok(fd) = Observer::profile_fd(path, c.ctx, q.slot) else {
+                        failed.insert(key);
                         continue;
                     };
                     let Some(entries) = profile_entries(&fd) else {
@@ -188,11 +218,12 @@ pub fn run(path: &Path, obs: &Observer, out: &Path, seconds: f64) -> crate::Res<
     let (evs, d) = events.poll();
     dropped += d;
     device_events.extend(evs);
+    let traced: Vec<((u32, u32), Traced)> = traced.into_iter().chain(gone).collect();
     let trace = build(t0, &traced, &names, &device_events, &samples, dropped);
     let text = serde_json::to_string(&trace).map_err(|e| e.to_string())?;
     std::fs::write(out, text).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
-    let packets: usize = traced.values().map(|t| t.packets.len()).sum();
-    let lost: u64 = traced.values().map(Traced::lost).sum();
+    let packets: usize = traced.iter().map(|(_, t)| t.packets.len()).sum();
+    let lost: u64 = traced.iter().map(|(_, t)| t.lost()).sum();
     crate::format::out(&format!(
         "userq: wrote {} ({} profiled queue(s), {packets} packets, {} device events, {} engine samples{}{}); open it at https://ui.perfetto.dev",
         out.display(),
@@ -224,7 +255,7 @@ type Signal = (u64, u64, u32, u32, f64);
 /// The trace-event JSON.
 fn build(
     t0: u64,
-    traced: &HashMap<(u32, u32), Traced>,
+    traced: &[((u32, u32), Traced)],
     names: &HashMap<u32, String>,
     events: &[Event],
     samples: &[(u64, Vec<u64>)],
@@ -240,7 +271,7 @@ fn build(
     }
     // Queue tracks and slices.
     let mut signals: HashMap<u64, Vec<Signal>> = HashMap::new();
-    for (&(ctx, slot), t) in traced {
+    for &((ctx, slot), ref t) in traced {
         let tid = slot + 1;
         out.push(
             json!({"ph": "M", "name": "thread_name", "pid": t.pid, "tid": tid,
@@ -250,7 +281,7 @@ fn build(
             let ts = us(p.start, t0);
             out.push(json!({
                 "ph": "X", "name": op_name(p), "cat": "packet", "pid": t.pid, "tid": tid,
-                "ts": ts, "dur": (p.end - p.start) as f64 / 1e3,
+                "ts": ts, "dur": p.end.saturating_sub(p.start) as f64 / 1e3,
                 "args": {
                     "packet": p.index,
                     "submitted_us": (p.submit != 0).then(|| us(p.submit, t0)),
@@ -268,7 +299,7 @@ fn build(
     // Flows: each wait from the last signal of its fence that reached its value before
     // the wait ended.
     let mut flow = 0u64;
-    for (&(_, slot), t) in traced {
+    for &((_, slot), ref t) in traced {
         for p in t.packets.values().filter(|p| is_wait(p)) {
             let Some(cands) = signals.get(&p.fence) else {
                 continue;
@@ -282,7 +313,7 @@ fn build(
                 out.push(json!({"ph": "s", "id": flow, "name": format!("fence {}", p.fence), "cat": "fence",
                     "pid": spid, "tid": stid, "ts": sts}));
                 // At the end of the wait slice (inside it): where the signal released it.
-                let end = p.start + (p.end - p.start) * 999 / 1000;
+                let end = p.start + (p.end.saturating_sub(p.start) / 1000).saturating_mul(999);
                 out.push(json!({"ph": "f", "bp": "e", "id": flow, "name": format!("fence {}", p.fence), "cat": "fence",
                     "pid": t.pid, "tid": slot + 1, "ts": us(end, t0)}));
             }
