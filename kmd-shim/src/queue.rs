@@ -190,8 +190,7 @@ impl Device {
             row
         };
         if let Some(row) = row {
-            self.telemetry_queue(row, slot, true, priority as u32);
-            self.telemetry_profiled(row, slot, profile);
+            self.telemetry_queue(row, slot, true, priority as u32, profile);
         }
         self.event(EventKind::QueueCreated, ctx, slot, [priority as u64, 0, 0]);
         Ok((
@@ -276,7 +275,7 @@ impl Device {
         }
         drop(t);
         if let Some(row) = row {
-            self.telemetry_queue(row, slot, false, 0);
+            self.telemetry_queue(row, slot, false, 0, false);
         }
         self.event(EventKind::QueueDestroyed, ctx, slot, [0; 3]);
         Ok(())

@@ -125,8 +125,16 @@ impl Device {
         }
     }
 
-    /// A queue was created (`open`) or destroyed in slot `slot` of context row `row`.
-    pub(crate) fn telemetry_queue(&self, row: u32, slot: u32, open: bool, priority: u32) {
+    /// A queue was created (`open`, with its priority and whether it is profiled: bit 1
+    /// of `open`, for tracers) or destroyed in slot `slot` of context row `row`.
+    pub(crate) fn telemetry_queue(
+        &self,
+        row: u32,
+        slot: u32,
+        open: bool,
+        priority: u32,
+        profiled: bool,
+    ) {
         let link = self.link();
         if let Some(q) = link
             .telemetry()
@@ -148,21 +156,8 @@ impl Device {
                 q.state.store(0, Relaxed);
                 q.priority.store(priority, Relaxed);
             }
-            q.open.store(open as u32, Relaxed);
-        }
-    }
-
-    /// Marks a queue's telemetry line as profiled (bit 1 of `open`): tracers ask for
-    /// its profile object.
-    pub(crate) fn telemetry_profiled(&self, row: u32, slot: u32, on: bool) {
-        let link = self.link();
-        if let Some(q) = link
-            .telemetry()
-            .queues
-            .get(row as usize)
-            .and_then(|r| r.get(slot as usize))
-        {
-            q.open.store(1 | (on as u32) << 1, Relaxed);
+            q.open
+                .store(open as u32 | ((open && profiled) as u32) << 1, Relaxed);
         }
     }
 

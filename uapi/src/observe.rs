@@ -60,24 +60,12 @@ impl Observer {
     /// Connects to the device at `path` and maps its objects; the connection is closed
     /// again at once.
     pub fn connect(path: &Path) -> Result<Observer, ObserveError> {
-        let sock = crate::socket::connect(path).map_err(|source| ObserveError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
-        let req = Request::Observe {
-            abi_version: ABI_VERSION,
-        }
-        .encode();
-        os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&req), &[])
-            .map_err(|e| ObserveError::Protocol(format!("send: {e}")))?;
-        wait_for_reply(&sock)?;
-        let mut buf = [0u8; 2 * MESSAGE_SIZE];
-        let got = os::recv_with_fds(sock.as_fd(), &mut buf)
-            .map_err(|e| ObserveError::Protocol(format!("receive: {e}")))?;
-        let raw: RawReply = bytemuck::try_pod_read_unaligned(&buf[..got.len.min(2 * MESSAGE_SIZE)])
-            .ok()
-            .filter(|_| got.len == MESSAGE_SIZE)
-            .ok_or_else(|| ObserveError::Protocol("malformed reply: not a userq device".into()))?;
+        let (raw, fds) = exchange(
+            path,
+            Request::Observe {
+                abi_version: ABI_VERSION,
+            },
+        )?;
         match KmdStatus::from_u32(raw.status) {
             KmdStatus::Ok => {}
             KmdStatus::AbiMismatch => return Err(ObserveError::AbiMismatch),
@@ -87,7 +75,7 @@ impl Observer {
         }
         let reply = ObserveReply::decode(&raw.values)
             .map_err(|e| ObserveError::Protocol(e.describe().into()))?;
-        let [status, telemetry, events] = <[_; 3]>::try_from(got.fds)
+        let [status, telemetry, events] = <[_; 3]>::try_from(fds)
             .map_err(|_| ObserveError::Protocol("wrong number of descriptors".into()))?;
         let map = |what| move |error| ObserveError::Map { what, error };
         Ok(Observer {
@@ -121,24 +109,9 @@ impl Observer {
         ctx: u32,
         slot: u32,
     ) -> Result<rustix::fd::OwnedFd, ObserveError> {
-        let sock = crate::socket::connect(path).map_err(|source| ObserveError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
-        let req = Request::ProfileFd { ctx, slot }.encode();
-        os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&req), &[])
-            .map_err(|e| ObserveError::Protocol(format!("send: {e}")))?;
-        wait_for_reply(&sock)?;
-        let mut buf = [0u8; 2 * MESSAGE_SIZE];
-        let got = os::recv_with_fds(sock.as_fd(), &mut buf)
-            .map_err(|e| ObserveError::Protocol(format!("receive: {e}")))?;
-        let raw: RawReply = bytemuck::try_pod_read_unaligned(&buf[..got.len.min(2 * MESSAGE_SIZE)])
-            .ok()
-            .filter(|_| got.len == MESSAGE_SIZE)
-            .ok_or_else(|| ObserveError::Protocol("malformed reply".into()))?;
+        let (raw, fds) = exchange(path, Request::ProfileFd { ctx, slot })?;
         match KmdStatus::from_u32(raw.status) {
-            KmdStatus::Ok => got
-                .fds
+            KmdStatus::Ok => fds
                 .into_iter()
                 .next()
                 .ok_or_else(|| ObserveError::Protocol("no descriptor".into())),
@@ -240,6 +213,30 @@ impl Observer {
             next,
         }
     }
+}
+
+/// One request on a fresh connection to the device at `path` (these two need no
+/// context), and its reply with its descriptors.
+fn exchange(
+    path: &Path,
+    req: Request,
+) -> Result<(RawReply, Vec<rustix::fd::OwnedFd>), ObserveError> {
+    let sock = crate::socket::connect(path).map_err(|source| ObserveError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    let req = req.encode();
+    os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&req), &[])
+        .map_err(|e| ObserveError::Protocol(format!("send: {e}")))?;
+    wait_for_reply(&sock)?;
+    let mut buf = [0u8; 2 * MESSAGE_SIZE];
+    let got = os::recv_with_fds(sock.as_fd(), &mut buf)
+        .map_err(|e| ObserveError::Protocol(format!("receive: {e}")))?;
+    let raw: RawReply = bytemuck::try_pod_read_unaligned(&buf[..got.len.min(2 * MESSAGE_SIZE)])
+        .ok()
+        .filter(|_| got.len == MESSAGE_SIZE)
+        .ok_or_else(|| ObserveError::Protocol("malformed reply: not a userq device".into()))?;
+    Ok((raw, got.fds))
 }
 
 /// Waits up to 5 s for a reply: a socket that is not a device, or a device that is
