@@ -118,8 +118,9 @@ impl Drop for Role {
     }
 }
 
-/// Installs the Ctrl-C / SIGTERM handler of the parent: kill and reap every child, exit 130.
-pub fn reap_on_interrupt() {
+/// Installs the Ctrl-C / SIGTERM handler of the parent: kill and reap every child, remove
+/// the run's directory `dir`, exit 130.
+pub fn reap_on_interrupt(dir: std::path::PathBuf) {
     let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let _ = signal_hook::flag::register(sig, flag.clone());
@@ -128,6 +129,8 @@ pub fn reap_on_interrupt() {
         std::thread::sleep(Duration::from_millis(20));
         if flag.load(std::sync::atomic::Ordering::Relaxed) {
             kill_all();
+            // The run's sockets and objects went with the children; their directory too.
+            let _ = std::fs::remove_dir_all(&dir);
             eprintln!("userq-bench: interrupted; every child process was stopped");
             std::process::exit(130);
         }

@@ -415,8 +415,8 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    proc::reap_on_interrupt();
     let dir = std::env::temp_dir().join(format!("userq-bench-{}", std::process::id()));
+    proc::reap_on_interrupt(dir.clone());
     let _ = std::fs::create_dir_all(&dir);
     let mut report = Report::default();
     let result = run(&o, &dir, &mut report);
