@@ -249,11 +249,6 @@ impl Engines {
         self.shared.notify_engines();
     }
 
-    /// Engine threads the device should have.
-    pub fn count(&self) -> usize {
-        self.shared.target
-    }
-
     /// Engine telemetry lines in use: one per thread ever started (replacements for
     /// wedged threads included), up to the table's size.
     pub fn lines(&self) -> usize {
@@ -362,9 +357,9 @@ fn engine(s: &Shared, index: usize) {
                 l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
             }
         };
-        let t = Instant::now();
-        let finished = run_slice(s, &job);
-        let ns = t.elapsed().as_nanos() as u64;
+        let start = Instant::now();
+        let finished = run_slice(s, &job, start);
+        let ns = start.elapsed().as_nanos() as u64;
         job.engine_ns.fetch_add(ns, Relaxed);
         // fetch_add: a replacement thread may share a line (index modulo the table).
         let (busy, wgs) = &*s.stats[index];
@@ -386,11 +381,11 @@ fn engine(s: &Shared, index: usize) {
 }
 
 /// Runs workgroups of one job until the job has none left, the slice is used, a job of
-/// higher priority is ready, or a workgroup yields at a checkpoint. Returns the
+/// higher priority is ready, or a workgroup yields at a checkpoint. The slice began at
+/// `start` (the caller's clock read, which also times it for the telemetry). Returns the
 /// workgroups it finished.
-fn run_slice(s: &Shared, job: &Arc<Job>) -> u64 {
+fn run_slice(s: &Shared, job: &Arc<Job>, start: Instant) -> u64 {
     let mut finished = 0;
-    let start = Instant::now();
     let my_rank = job.priority as u32 + 1;
     let slice = job.time_slice.unwrap_or(s.time_slice);
     let wants_engine =

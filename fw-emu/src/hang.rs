@@ -194,6 +194,17 @@ impl Firmware {
         FwStatus::Ok
     }
 
+    /// Stops queue `id` with `code` at `address`, reports it and poisons its pending
+    /// signal targets.
+    pub(crate) fn stop_queue(&mut self, id: QueueId, code: ErrorCode, address: u64, detail: u32) {
+        if let Some(q) = self.contexts.queue_mut(id) {
+            if let Some(f) = q.fail_at(code, address, detail) {
+                self.control.report_fault(id, f);
+                self.poison_pending_signals(id, code);
+            }
+        }
+    }
+
     /// Stops every queue of a banned context with [`ErrorCode::ContextBanned`].
     pub(crate) fn ban_context(&mut self, ctx: u32) -> FwStatus {
         let Some(c) = self.contexts.get_mut(ctx) else {

@@ -124,17 +124,6 @@ impl Firmware {
         true
     }
 
-    /// Stops queue `id` with `code` at `address`, reports it and poisons its pending
-    /// signal targets.
-    fn stop_queue(&mut self, id: QueueId, code: ErrorCode, address: u64, detail: u32) {
-        if let Some(q) = self.contexts.queue_mut(id) {
-            if let Some(f) = q.fail_at(code, address, detail) {
-                self.control.report_fault(id, f);
-                self.poison_pending_signals(id, code);
-            }
-        }
-    }
-
     /// MAP_ON_DEMAND.
     pub(crate) fn map_on_demand(&mut self, ctx: u32, va: u64, size: u64) -> FwStatus {
         let Some(pool) = self.paging.pool.clone() else {

@@ -100,12 +100,7 @@ impl Firmware {
                 any = true;
             } else if now >= p.deadline {
                 for job in p.jobs.iter().filter(|j| j.is_running()) {
-                    if let Some(q) = self.contexts.queue_mut(job.queue) {
-                        if let Some(f) = q.fail(ErrorCode::PreemptTimeout, 0) {
-                            self.control.report_fault(job.queue, f);
-                            self.poison_pending_signals(job.queue, f.code);
-                        }
-                    }
+                    self.stop_queue(job.queue, ErrorCode::PreemptTimeout, 0, 0);
                 }
                 self.control.ack(p.seq, FwStatus::PreemptTimeout);
                 any = true;

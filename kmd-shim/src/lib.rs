@@ -225,16 +225,6 @@ impl Kmd {
         self.inner.device.suspend(ctx, slot)
     }
 
-    /// The device's paging statistics.
-    pub fn paging_stats(&self) -> userq_uapi::paging::PagingStats {
-        self.inner.device.paging_stats()
-    }
-
-    /// Bytes of the device-memory pool the OS has allocated now.
-    pub fn pool_resident_bytes(&self) -> u64 {
-        self.inner.device.pool_resident_bytes()
-    }
-
     /// Resumes what [`Kmd::suspend`] stopped.
     pub fn resume(&self, ctx: u32, slot: Option<u32>) -> Result<(), userq_uapi::KmdStatus> {
         self.inner.device.resume(ctx, slot)

@@ -125,11 +125,6 @@ impl Device {
         }
         self.pager.snapshot()
     }
-
-    /// Bytes of the pool the OS has allocated now.
-    pub fn pool_resident_bytes(&self) -> u64 {
-        self.link().pool().resident_bytes()
-    }
 }
 
 /// Drops an on-demand buffer the firmware no longer maps: its slots go back.

@@ -3,8 +3,9 @@
 //!
 //! A slot holds one resident page of an on-demand buffer. Its memory exists only while it
 //! does: a released slot is punched out of the memfd (`fallocate(PUNCH_HOLE)`), so the
-//! pool's resident memory, as the OS counts it (the memfd's allocated blocks, see
-//! [`DevicePool::resident_bytes`]), is the resident pages and never more than the budget.
+//! pool's resident memory, as the OS counts it (the memfd's allocated blocks, which any
+//! observer reads from `/proc/<pid>/fd`), is the resident pages and never more than the
+//! budget.
 //! The firmware maps slots into buffer windows; kmd-shim maps the whole pool to copy data
 //! in and out, always through 64-bit atomics (the firmware's engines write the same
 //! memory).
@@ -114,12 +115,6 @@ impl DevicePool {
         if let Some(w) = self.uses.word64(slot as usize * 8) {
             w.store(0, Relaxed);
         }
-    }
-
-    /// Bytes of the pool the OS has allocated now (from `fstat`'s block count: the same
-    /// number `/proc/<pid>/fd/<n>` gives an outside observer).
-    pub fn resident_bytes(&self) -> u64 {
-        rustix::fs::fstat(&self.fd).map_or(0, |st| st.st_blocks as u64 * 512)
     }
 }
 

@@ -97,11 +97,6 @@ impl Observer {
         self.status.health.state.load_acquire() == DeviceState::Lost as u32
     }
 
-    /// The raw telemetry.
-    pub fn telemetry(&self) -> &Telemetry<ReadOnly> {
-        &self.telemetry
-    }
-
     /// A read-only descriptor of queue `slot` of context `ctx`'s profile object (the
     /// queue must have profiling on), asked of the device at `path`.
     pub fn profile_fd(
@@ -119,11 +114,6 @@ impl Observer {
                 "profile of queue {ctx}:{slot}: {s}"
             ))),
         }
-    }
-
-    /// The raw event log.
-    pub fn event_log(&self) -> &EventLog<ReadOnly> {
-        &self.events
     }
 
     /// What the device looks like now.
