@@ -481,8 +481,14 @@ fn wait_many(
     if let Some(r) = decide(points, all) {
         return r;
     }
-    let deadline = Instant::now().checked_add(timeout);
-    let expired = || deadline.is_some_and(|d| Instant::now() >= d);
+    // The deadline is taken at the first clock read, after the first burst of checks: a
+    // wait that ends within it (a spin round trip) reads no clock at all.
+    let mut deadline: Option<Option<Instant>> = None;
+    let mut expired = || {
+        let now = Instant::now();
+        let d = *deadline.get_or_insert_with(|| now.checked_add(timeout));
+        d.is_some_and(|d| now >= d)
+    };
     let (spin, yield_until) = match mode {
         WaitMode::Spin => (Duration::MAX, Duration::MAX),
         WaitMode::Block => (Duration::ZERO, Duration::ZERO),
@@ -514,6 +520,8 @@ fn wait_many(
             }
         }
     }
+    // Every path here passed `expired` at least once, which took the deadline.
+    let deadline = deadline.unwrap_or_else(|| Instant::now().checked_add(timeout));
     let _registered = Registered::new(points);
     let words: Vec<&dyn Word32> = points
         .iter()

@@ -482,7 +482,9 @@ pub fn take_holder_waiters(mine: &ContextWaiters, fence: &FenceWaiters, at: Wait
 /// two-core machine do not starve everything else.
 #[derive(Debug, Clone)]
 pub struct Backoff {
-    start: Instant,
+    /// Read lazily: a poller that finds work within its first 32 steps never reads the
+    /// clock (a clock read costs as much as a cache-line transfer).
+    start: Option<Instant>,
     steps: u32,
     spinning: bool,
     spin_for: Duration,
@@ -505,7 +507,7 @@ impl Backoff {
     /// since the start.
     pub fn new(spin_for: Duration, yield_for: Duration) -> Self {
         Backoff {
-            start: Instant::now(),
+            start: None,
             steps: 0,
             spinning: true,
             spin_for,
@@ -513,14 +515,20 @@ impl Backoff {
         }
     }
 
-    /// Time since the back-off started (or was reset).
+    /// Time since the back-off first read the clock after it started (or was reset): zero
+    /// during the first 32 steps.
     pub fn elapsed(&self) -> Duration {
-        self.start.elapsed()
+        self.start.map_or(Duration::ZERO, |s| s.elapsed())
     }
 
-    /// Starts over, after the poller found work.
+    /// When the back-off started, read now if it was not read yet.
+    fn started(&mut self) -> Instant {
+        *self.start.get_or_insert_with(Instant::now)
+    }
+
+    /// Starts over, after the poller found work. Reads no clock.
     pub fn reset(&mut self) {
-        self.start = Instant::now();
+        self.start = None;
         self.steps = 0;
         self.spinning = true;
     }
@@ -532,7 +540,7 @@ impl Backoff {
             // Read the clock only every 32 steps (it costs more than a spin), but at once
             // when there is no spin budget at all.
             if !self.spin_for.is_zero()
-                && (self.steps % 32 != 0 || self.start.elapsed() < self.spin_for)
+                && (self.steps % 32 != 0 || self.started().elapsed() < self.spin_for)
             {
                 // One pause per step: the caller re-checks its condition between pauses,
                 // so a longer spin here would only delay noticing the change.
@@ -544,7 +552,7 @@ impl Backoff {
         if self.yield_for.is_zero() {
             return BackoffStep::Sleep;
         }
-        if self.start.elapsed() < self.yield_for {
+        if self.started().elapsed() < self.yield_for {
             std::thread::yield_now();
             BackoffStep::Yield
         } else {
