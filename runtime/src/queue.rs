@@ -397,21 +397,25 @@ impl Queue {
         self.wptr += 1;
     }
 
-    /// Publishes the write index and rings the doorbell.
+    /// Rings the doorbell: on a polled queue the packets' sequence tags are the whole
+    /// doorbell; otherwise publishes the write index and takes the doorbell protocol.
     fn ring_doorbell(&mut self) {
+        // The flag load must stay after the slot stores in the instruction stream: the
+        // firmware's membarrier orders the two only as the program orders them.
+        compiler_fence(SeqCst);
+        // Fast path: the firmware polls this queue's next slot for its sequence tag, so the
+        // tagged word-0 stores in `write` are the doorbell, and the write-index line is not
+        // written (the firmware reads it while idle-polling: a store would cost it a miss
+        // every round trip). A stale "polled" is safe: the firmware clears the flag, then
+        // makes every registered thread run a full barrier (membarrier), then looks at the
+        // tags once more.
+        if self.dev.fast_doorbell && self.ring.header().poll.polled.load(Relaxed) != 0 {
+            return;
+        }
         let page = &*self.dev.doorbells;
         let slot = self.slot as usize;
         // Release: the packet stores above happen-before the firmware's acquire load.
         page.doorbells[slot].value.store(self.wptr, Release);
-        // The flag load must stay after the store in the instruction stream: the
-        // firmware's membarrier orders the two only as the program orders them.
-        compiler_fence(SeqCst);
-        // Fast path: the firmware polls this queue's write index, so the store above is the
-        // whole doorbell. A stale "polled" is safe: the firmware clears the flag, then makes
-        // every registered thread run a full barrier (membarrier), then looks once more.
-        if self.dev.fast_doorbell && self.ring.header().poll.polled.load(Relaxed) != 0 {
-            return;
-        }
         if sync::ring_doorbell(
             (&page.pending.words[slot / 64], 1 << (slot % 64)),
             sync::context_bit(&self.dev.kick.contexts, self.dev.ctx),
