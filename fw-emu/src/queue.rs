@@ -24,7 +24,7 @@ use crate::QueueId;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use userq_uapi::error::ErrorCode;
 use userq_uapi::ioctl::Priority;
 use userq_uapi::layout::QueueState;
@@ -99,8 +99,9 @@ pub struct Queue {
     state: RunState,
     /// Whether the firmware polls the write index (mirrored in the ring's `RingPoll`).
     polled: bool,
-    /// When the queue last ran a packet.
-    last_active: Instant,
+    /// Whether the queue ran a packet since the scheduler last asked ([`Queue::went_idle`]):
+    /// a flag, not a clock read, on the per-packet path.
+    ran: bool,
     /// Suspended by kmd-shim: takes no packet, its dispatch starts no workgroup.
     suspended: bool,
     /// Engine time and page faults of its finished dispatches (telemetry), but the last
@@ -143,7 +144,7 @@ impl Queue {
             published_completed: 0,
             state: RunState::Active,
             polled: false,
-            last_active: Instant::now(),
+            ran: true,
             suspended: false,
             engine_ns_done: 0,
             faults_done: 0,
@@ -219,9 +220,10 @@ impl Queue {
         n
     }
 
-    /// Time since the queue last ran a packet.
-    pub fn idle_for(&self) -> Duration {
-        self.last_active.elapsed()
+    /// Whether the queue ran no packet since the last call (the scheduler asks once per
+    /// tick, so `true` means idle for at least a tick).
+    pub fn went_idle(&mut self) -> bool {
+        !std::mem::replace(&mut self.ran, false)
     }
 
     /// Whether the queue is parked on a fence.
@@ -251,11 +253,9 @@ impl Queue {
                 Outcome::Idle
             };
         }
-        // Packets published by sequence tag are taken first: the tag and the packet share a
-        // line, so the firmware learns of the packet and reads it in one transfer.
-        let tagged = self.tagged_run(budget as u64);
-        let (n, more) = if tagged > 0 {
-            (tagged, tagged == budget as u64)
+        let before = self.rptr;
+        let outcome = if self.next_tagged() {
+            self.service_tagged(res, budget as u64)
         } else {
             // Acquire: pairs with the client's release store of its write index, so the
             // packet words it wrote before are visible to the loads below.
@@ -272,9 +272,45 @@ impl Queue {
             // A doorbell may lag packets already taken by their tags.
             let ahead = wptr.saturating_sub(self.rptr);
             let n = ahead.min(budget as u64);
-            (n, ahead > n)
+            self.run_packets(n, res).unwrap_or(if ahead > n {
+                Outcome::More
+            } else {
+                Outcome::Idle
+            })
         };
-        let mut outcome = if more { Outcome::More } else { Outcome::Idle };
+        self.publish();
+        self.ran |= self.rptr != before;
+        outcome
+    }
+
+    /// Packets published by sequence tag (the next slot's is there): the tag and the
+    /// packet share a line, so the firmware learns of the packet and reads it in one
+    /// transfer. The packets known to be tagged run and their completion is published
+    /// *before* the slots after them are looked at: those lines were last written by the
+    /// client a ring ago, and a load that misses there would hold back the completion's
+    /// store (stores leave in program order). A batch costs one more publish than before.
+    fn service_tagged(&mut self, res: &Resources<'_>, budget: u64) -> Outcome {
+        let (mut known, mut taken) = (1, 0);
+        loop {
+            if let Some(stopped) = self.run_packets(known, res) {
+                return stopped;
+            }
+            taken += known;
+            if taken == budget {
+                return Outcome::More;
+            }
+            self.publish();
+            known = self.tagged_run(budget - taken);
+            if known == 0 {
+                return Outcome::Idle;
+            }
+        }
+    }
+
+    /// Copies out and runs `n` packets from `rptr` (they are published). `Some` when the
+    /// queue stopped running before the last one: a dispatch went to the engines, a wait
+    /// parked, or a fault stopped the queue.
+    fn run_packets(&mut self, n: u64, res: &Resources<'_>) -> Option<Outcome> {
         for _ in 0..n {
             let index = self.rptr;
             let packet = self.copy_packet(index);
@@ -296,31 +332,21 @@ impl Queue {
                         job: job.clone(),
                         packet_index: index,
                     };
-                    outcome = Outcome::Dispatched(job);
-                    break;
+                    return Some(Outcome::Dispatched(job));
                 }
                 Ok(Step::Park(wait)) => {
                     wait.fence.waiters().line.firmware.fetch_add(1, SeqCst);
                     self.state = RunState::Parked(wait);
-                    outcome = Outcome::Parked;
                     self.publish();
                     // The condition may have become true between the check and the
                     // registration above: look once more now that host signallers will
                     // see the registration.
-                    if let Some(o) = self.try_unpark() {
-                        outcome = o;
-                    }
-                    break;
+                    return Some(self.try_unpark().unwrap_or(Outcome::Parked));
                 }
-                Err(f) => return self.fault(f),
+                Err(f) => return Some(self.fault(f)),
             }
         }
-        self.publish();
-        if n > 0 {
-            // After the completion is published: the clock read stays off the round trip.
-            self.last_active = Instant::now();
-        }
-        outcome
+        None
     }
 
     /// The SIGNAL_FENCE packets the client published but the queue never executed, as
@@ -397,7 +423,7 @@ impl Queue {
             self.faults_done += prev.faults();
         }
         self.state = RunState::Active;
-        self.last_active = Instant::now();
+        self.ran = true;
         self.publish();
         true
     }

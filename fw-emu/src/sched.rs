@@ -7,9 +7,10 @@
 //!   keeps the set of its members beside the order);
 //! - the **parked** list: queues stopped on a WAIT_FENCE, re-checked every loop turn and
 //!   costing nothing else ([`Scheduler::check_parked`]);
-//! - the **polled** list: queues whose write index and next slot the firmware polls on its
-//!   own (the doorbell fast path, [`Scheduler::poll_queues`]), handed back to the doorbell
-//!   protocol after 1 ms idle or before the firmware sleeps ([`Scheduler::stop_polling`]).
+//! - the **polled** list: queues whose next slot (and write index) the firmware polls on
+//!   its own and runs at once (the doorbell fast path, [`Scheduler::run_polled`]), handed
+//!   back to the doorbell protocol once idle for a tick (10 ms) or before the firmware
+//!   sleeps ([`Scheduler::stop_polling`]).
 //!
 //! Queues get onto the run list from their doorbells' pending bits
 //! ([`Scheduler::collect_doorbells`]), from polling, from an ended wait, from a completed
@@ -24,7 +25,6 @@ use crate::QueueId;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::*;
 use std::sync::Arc;
-use std::time::Duration;
 use userq_uapi::layout::ContextSummary;
 use userq_uapi::sync;
 
@@ -37,9 +37,6 @@ pub struct Scheduler {
     /// Whether `membarrier(GLOBAL_EXPEDITED)` works here; without it no queue is polled.
     can_poll: bool,
 }
-
-/// How long a polled queue may stay idle before it goes back to the doorbell protocol.
-const POLL_IDLE: Duration = Duration::from_millis(1);
 
 impl Scheduler {
     /// Empty lists; polling only if the kernel has the membarrier it needs.
@@ -131,34 +128,86 @@ impl Scheduler {
         summary.words.iter().any(|w| w.load(Relaxed) != 0)
     }
 
-    /// Schedules polled queues with unread packets.
-    pub fn poll_queues(&mut self, contexts: &mut Contexts) -> bool {
+    /// Runs each polled queue with unread packets at once, in place: one lookup, no trip
+    /// through the run list, since this is the round trip's critical path. A queue that is
+    /// on the run list already waits for its turn there, so no queue runs twice in a turn
+    /// of the run list. Outcomes go to `out` as in [`Scheduler::run`]. Returns whether a
+    /// queue ran.
+    pub fn run_polled(
+        &mut self,
+        contexts: &mut Contexts,
+        kernels: &KernelLibrary,
+        budget: u32,
+        mut out: impl FnMut(QueueId, Outcome),
+    ) -> bool {
         let mut any = false;
-        let run_list = &mut self.run_list;
-        self.polled.retain(|&id| {
-            let Some((q, db)) = contexts.queue_and_doorbell(id) else {
-                return false;
+        for i in 0..self.polled.len() {
+            let id = self.polled[i];
+            let Some(c) = contexts.get_mut(id.ctx) else {
+                continue; // gone: `stop_polling` drops the entry
             };
-            if q.is_active() && q.has_unread(db) {
-                any |= run_list.push(q);
+            let db = &c.doorbell.doorbells[id.slot as usize].value;
+            let Some(q) = c.queues[id.slot as usize].as_mut() else {
+                continue;
+            };
+            if q.on_run_list || !q.is_active() || !q.has_unread(db) {
+                continue;
             }
-            true
-        });
+            let res = Resources {
+                bindings: &c.bindings,
+                vm: &c.vm,
+                kernels,
+            };
+            let outcome = q.service(db, &res, budget);
+            any = true;
+            self.after_service(q, outcome, &mut out);
+        }
         any
     }
 
-    /// Stops polling queues idle for 1 ms (or all of them): clear their flags,
+    /// What a service ended with: more packets put the queue back on the run list, a
+    /// wait parks it, faults and dispatches go to `out`.
+    fn after_service(
+        &mut self,
+        q: &mut Queue,
+        outcome: Outcome,
+        out: &mut impl FnMut(QueueId, Outcome),
+    ) {
+        match outcome {
+            Outcome::Idle => {}
+            Outcome::More => {
+                self.schedule(q);
+            }
+            Outcome::Parked => self.park(q.id),
+            Outcome::Faulted(_) | Outcome::Dispatched(_) => out(q.id, outcome),
+        }
+    }
+
+    /// Whether any queue is polled.
+    pub fn polls_any(&self) -> bool {
+        !self.polled.is_empty()
+    }
+
+    /// How many queues are polled.
+    pub fn polled_count(&self) -> usize {
+        self.polled.len()
+    }
+
+    /// Stops polling queues that ran nothing since the last call (or all of them; the
+    /// firmware calls it every tick, 10 ms): clear their flags,
     /// barrier every registered client (membarrier), then look at each write index once
     /// more. Returns whether one of them had work.
     pub fn stop_polling(&mut self, contexts: &mut Contexts, all: bool) -> bool {
         let mut cooled = Vec::new();
         self.polled.retain(|&id| match contexts.queue_mut(id) {
-            Some(q) if all || q.idle_for() > POLL_IDLE => {
-                q.set_polled(false);
-                cooled.push(id);
-                false
+            Some(q) => {
+                let cool = all || q.went_idle();
+                if cool {
+                    q.set_polled(false);
+                    cooled.push(id);
+                }
+                !cool
             }
-            Some(_) => true,
             None => false,
         });
         if cooled.is_empty() {
@@ -283,14 +332,7 @@ impl Scheduler {
                 q.set_polled(true);
                 newly_polled.push(id);
             }
-            match outcome {
-                Outcome::Idle => {}
-                Outcome::More => {
-                    self.schedule(q);
-                }
-                Outcome::Parked => self.park(id),
-                Outcome::Faulted(_) | Outcome::Dispatched(_) => out(id, outcome),
-            }
+            self.after_service(q, outcome, &mut out);
         }
         self.polled.extend(newly_polled);
         any
