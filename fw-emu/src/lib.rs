@@ -334,7 +334,9 @@ impl Firmware {
     /// whole loop turn (about 70 ns of other work here) or a pause (25 ns), and the
     /// firmware is back at the slot by the time the next one lands. Bounded, so requests,
     /// doorbells and engine completions wait at most one burst: `idle_polls` is spread
-    /// over the polled queues and a burst runs at most `BURST_RUNS` services. The loop's
+    /// over the polled queues, a burst runs at most `BURST_RUNS` services, and it ends
+    /// when a service leaves a queue on the run list (so a polled queue gets no more turns
+    /// than the run list's queues while those have work). The loop's
     /// back-off still pauses once per idle turn, then yields and sleeps.
     fn poll_burst(&mut self, idle_polls: u32) -> bool {
         if !self.sched.polls_any() {
@@ -351,6 +353,9 @@ impl Firmware {
                 any = true;
                 runs += 1;
                 idle = 0;
+                if self.sched.has_runnable() {
+                    break; // queues on the run list get their turn first (one per turn each)
+                }
             } else {
                 idle += 1;
             }

@@ -1,10 +1,10 @@
 //! DOC: a queue as the firmware runs it.
 //!
 //! The firmware owns `rptr`, its private count of packets copied out of the ring, and
-//! `completed`, its private copy of the timeline value. The client's write index (its
-//! doorbell) is an input: it is re-read on every service, and a value that moved backwards
-//! or ran more than a ring ahead of `rptr` stops the queue with
-//! [`ErrorCode::BadWriteIndex`].
+//! `completed`, its private copy of the timeline value. Packets are taken by their
+//! sequence tags first; the client's write index (its doorbell) is an input read when the
+//! next slot has no tag, and a value that moved backwards or ran more than a ring ahead of
+//! `rptr` stops the queue with [`ErrorCode::BadWriteIndex`].
 //!
 //! Each packet is copied out of its slot once, through atomic loads, into a private
 //! [`Packet`]; then decoded, validated and executed ([`crate::exec`]). Packet `i` (0-based) completes with
@@ -83,7 +83,8 @@ pub struct Queue {
     pub(crate) on_run_list: bool,
     ring: RingShm,
     /// Packets copied out of the ring. Private: never read back from shared memory.
-    /// `completed ≤ rptr ≤ doorbell_floor + entries`.
+    /// `completed ≤ rptr`; packets taken by the doorbell keep `rptr ≤ doorbell_floor +
+    /// entries`.
     rptr: u64,
     /// The largest write index the client has published in its doorbell so far: a
     /// doorbell below it moved backwards. (A doorbell may lag `rptr`, since polled queues
@@ -97,7 +98,7 @@ pub struct Queue {
     /// Last value stored into the timeline fence.
     published_completed: u64,
     state: RunState,
-    /// Whether the firmware polls the write index (mirrored in the ring's `RingPoll`).
+    /// Whether the firmware polls the next slot (mirrored in the ring's `RingPoll`).
     polled: bool,
     /// Whether the queue ran a packet since the scheduler last asked ([`Queue::went_idle`]):
     /// a flag, not a clock read, on the per-packet path.

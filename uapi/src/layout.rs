@@ -201,7 +201,8 @@ pub struct DoorbellPage {
     /// write index in `doorbells[q]`; the firmware swaps each non-zero word to 0 (acquire).
     pub pending: PendingSummary,
     /// `doorbells[q].value` is queue `q`'s ring write index: the count of packets ever
-    /// published, never wrapping. Each on its own line, so queues fed by different threads
+    /// published through the doorbell, never wrapping (while the firmware polls the queue,
+    /// packets are published by their sequence tags alone and it lags). Each on its own line, so queues fed by different threads
     /// do not false-share.
     pub doorbells: [PaddedU64; MAX_QUEUES_PER_CONTEXT],
 }
@@ -230,21 +231,22 @@ pub struct RingHeader {
     /// Count of packets the firmware has copied out of the ring, never wrapping. Written
     /// (release) by the firmware after each copy; the producer reads it only when its cached
     /// copy says the ring looks full. The firmware never reads it back. With the queue's
-    /// timeline value and doorbell: `completed ≤ read_index ≤ doorbell`; the producer keeps
+    /// timeline value: `completed ≤ read_index` (and `≤ doorbell` for packets published
+    /// through it; polled packets are published by their tags alone); the producer keeps
     /// `wptr − cached_read_index ≤ entries`.
     pub read_index: PaddedU64,
     /// The firmware's "I am polling this queue" flag (the doorbell fast path).
     pub poll: RingPoll,
 }
 
-/// Whether the firmware polls a queue's write index on its own.
+/// Whether the firmware polls a queue's next slot on its own.
 ///
 /// While `polled` is non-zero, a client that registered for `membarrier(2)`
-/// `GLOBAL_EXPEDITED` may publish a new write index with plain stores only: no pending bit,
-/// no sleep check. To stop polling, the firmware clears the flag, issues
-/// `membarrier(GLOBAL_EXPEDITED)` (a full barrier on every registered client thread), and
-/// then reads the write index once more; so a write index published against a stale
-/// non-zero flag is always seen. Written by the firmware only on transitions, so the line
+/// `GLOBAL_EXPEDITED` publishes packets by their tagged word 0 alone (a plain release
+/// store): no write index, no pending bit, no sleep check. To stop polling, the firmware
+/// clears the flag, issues `membarrier(GLOBAL_EXPEDITED)` (a full barrier on every
+/// registered client thread), and then looks at the next slot's tag (and the write index)
+/// once more; so a packet published against a stale non-zero flag is always seen. Written by the firmware only on transitions, so the line
 /// stays in the clients' caches. A client writing it only confuses its own queue.
 #[repr(C, align(64))]
 #[derive(Debug, Default)]
@@ -302,7 +304,7 @@ pub struct FenceState<A: Access = ReadWrite> {
 #[derive(Debug)]
 pub struct FenceSlot<A: Access = ReadWrite> {
     /// The 64-bit payload. Timeline fences: the number of packets the queue has completed,
-    /// `value ≤ read_index ≤ doorbell` of its ring; it never decreases.
+    /// `value ≤ read_index` of its ring; it never decreases.
     pub value: A::U64,
     /// 32-bit futex word beside the 64-bit value; bumped before every wake.
     pub wake: A::U32,

@@ -482,8 +482,8 @@ pub fn take_holder_waiters(mine: &ContextWaiters, fence: &FenceWaiters, at: Wait
 /// two-core machine do not starve everything else.
 #[derive(Debug, Clone)]
 pub struct Backoff {
-    /// Read lazily: a poller that finds work within its first 32 steps never reads the
-    /// clock (a clock read costs as much as a cache-line transfer).
+    /// Read at the first step, not at `new`/`reset`: a poller that finds work before its
+    /// first step never reads the clock (a read costs as much as a cache-line transfer).
     start: Option<Instant>,
     steps: u32,
     spinning: bool,
@@ -515,8 +515,8 @@ impl Backoff {
         }
     }
 
-    /// Time since the back-off first read the clock after it started (or was reset): zero
-    /// during the first 32 steps.
+    /// Time since the first step after the back-off started (or was reset); zero before
+    /// it.
     pub fn elapsed(&self) -> Duration {
         self.start.map_or(Duration::ZERO, |s| s.elapsed())
     }
@@ -535,6 +535,7 @@ impl Backoff {
 
     /// One step: spin a little, or yield, or report that it is time to sleep.
     pub fn step(&mut self) -> BackoffStep {
+        self.started();
         self.steps = self.steps.wrapping_add(1);
         if self.spinning {
             // Read the clock only every 32 steps (it costs more than a spin), but at once
