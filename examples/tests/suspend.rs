@@ -48,12 +48,13 @@ fn a_suspended_context_runs_nothing_until_resumed() {
     q.submit(Command::write_value(out.address_of(0).unwrap(), 7))
         .expect("submit");
 
-    // Another context gets the engine at once.
+    // Another context gets the engine at once (4096 items: more than the command
+    // processor runs itself, so this goes to the engine).
     let other = Device::connect(kmd.socket_path()).expect("connect");
     let mut q2 = other.create_queue().expect("queue");
-    let buf = other.alloc::<f32>(1000).expect("buffer");
+    let buf = other.alloc::<f32>(4096).expect("buffer");
     let t = Instant::now();
-    q2.submit(kernels::scale(1000, 1.0, &buf).unwrap())
+    q2.submit(kernels::scale(4096, 1.0, &buf).unwrap())
         .expect("submit")
         .wait(Duration::from_secs(10))
         .expect("other context runs");

@@ -20,6 +20,10 @@
 //! park on an in-process futex word (`atomic-wait`, private futexes: engines never wait on
 //! shared memory), bumped by whoever adds claimable work.
 //!
+//! **Inline dispatch.** A dispatch small and bounded enough, when no job waits for an
+//! engine, is run by the command processor itself through the same slice code
+//! ([`Engines::run_inline`]): waking a parked engine costs more than such a dispatch.
+//!
 //! **Page faults.** A job with on-demand buffers is *paged*: before each workgroup runs
 //! (or resumes), the engine pins the pages of its [`crate::kernel::Kernel::footprint`]. If one is not
 //! resident, the workgroup goes back, state intact, with the yielded ones; the job is
@@ -118,6 +122,11 @@ impl Shared {
         atomic_wait::wake_all(&*self.work);
     }
 
+    /// The time slice of a job's turn on an engine.
+    fn slice(&self, job: &Job) -> Duration {
+        job.time_slice.unwrap_or(self.time_slice)
+    }
+
     /// Wakes one idle engine (a yielded workgroup is one piece of work).
     fn notify_one_engine(&self) {
         self.work.fetch_add(1, Release);
@@ -131,6 +140,9 @@ pub struct Engines {
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
     /// Names the next thread.
     next_index: AtomicUsize,
+    /// Work the command processor ran itself ([`Engines::run_inline`]): nanoseconds,
+    /// workgroups.
+    inline: (AtomicU64, AtomicU64),
 }
 
 impl std::fmt::Debug for Engines {
@@ -141,6 +153,10 @@ impl std::fmt::Debug for Engines {
             .finish()
     }
 }
+
+/// The most work-items a dispatch may have for the command processor to run it itself
+/// ([`Engines::run_inline`]): one full workgroup's worth.
+pub const INLINE_ITEMS: u64 = userq_uapi::packet::MAX_WORKGROUP_ITEMS;
 
 /// How long [`Engines`]' drop waits for engine threads before leaving wedged ones behind.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -177,6 +193,7 @@ impl Engines {
             shared,
             threads: std::sync::Mutex::new(Vec::with_capacity(count)),
             next_index: AtomicUsize::new(0),
+            inline: (AtomicU64::new(0), AtomicU64::new(0)),
         };
         // On failure, dropping `engines` stops and joins the ones already started.
         engines.spawn(count.max(1))?;
@@ -239,6 +256,55 @@ impl Engines {
         let l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
         self.shared.top.store(l.top(), Release);
         self.shared.notify_engines();
+    }
+
+    /// Runs a small dispatch on the calling thread, the command processor, instead of
+    /// handing it to an engine, as io_uring issues a request inline before it punts to a
+    /// worker: an idle engine is a parked thread, and waking it costs more (a futex wake
+    /// and a context switch, about 15 µs here) than the whole dispatch. Only when that is
+    /// sure to be short and overtakes no one:
+    ///
+    /// - the kernel's workgroups are bounded by their work-items ([`Kernel::bounded`]),
+    ///   and the dispatch has at most [`INLINE_ITEMS`] of them (one full workgroup's
+    ///   worth: about 5 µs at most, for a checksum of 1024 items), so the command
+    ///   processor cannot be held;
+    /// - no buffer is on-demand (a fault needs kmd-shim's answer);
+    /// - no job waits for an engine, so none is overtaken.
+    ///
+    /// Returns whether the job completed. If not (not eligible, or a workgroup yielded at
+    /// a checkpoint), the caller hands it to the engines as usual, and they carry on
+    /// where it stopped. The time counts for the job's queue and context like engine
+    /// time, and in the command processor's own line ([`Engines::inline_stats`]).
+    ///
+    /// [`Kernel::bounded`]: crate::kernel::Kernel::bounded
+    pub fn run_inline(&self, job: &Arc<Job>) -> bool {
+        let items = job
+            .total
+            .saturating_mul(job.dispatch.workgroup.iter().map(|&w| w as u64).product());
+        if job.paged || !job.kernel.bounded() || items > INLINE_ITEMS || self.work_waits() {
+            return false;
+        }
+        let start = Instant::now();
+        let end = run_slice(&self.shared, job, start, self.shared.slice(job));
+        let ns = start.elapsed().as_nanos() as u64;
+        job.engine_ns.fetch_add(ns, Relaxed);
+        self.inline.0.fetch_add(ns, Relaxed);
+        self.inline.1.fetch_add(end.finished, Relaxed);
+        end.last
+    }
+
+    /// Whether a job has work waiting for an engine. Asked under the lists lock: the `top`
+    /// hint is set when an engine picks a job, before it takes the job's last workgroup,
+    /// so it can still say "waiting" for a job that an engine is running to the end.
+    fn work_waits(&self) -> bool {
+        let l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
+        l.top() != 0
+    }
+
+    /// Work the command processor ran itself ([`Engines::run_inline`]): (nanoseconds,
+    /// workgroups).
+    pub fn inline_stats(&self) -> (u64, u64) {
+        (self.inline.0.load(Relaxed), self.inline.1.load(Relaxed))
     }
 
     /// Queues a job.
@@ -358,13 +424,21 @@ fn engine(s: &Shared, index: usize) {
             }
         };
         let start = Instant::now();
-        let finished = run_slice(s, &job, start);
+        let end = run_slice(s, &job, start, s.slice(&job));
         let ns = start.elapsed().as_nanos() as u64;
         job.engine_ns.fetch_add(ns, Relaxed);
         // fetch_add: a replacement thread may share a line (index modulo the table).
         let (busy, wgs) = &*s.stats[index];
         busy.fetch_add(ns, Relaxed);
-        wgs.fetch_add(finished, Relaxed);
+        wgs.fetch_add(end.finished, Relaxed);
+        if end.last {
+            s.completed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(job.clone());
+            s.has_completed.store(true, Release);
+            (s.wake_command_processor)();
+        }
         // A replacement took this thread's place while it was held in this job: leave the
         // pool (only threads that ran the job's workgroups can get here with it).
         let owed = job.owed.fetch_update(AcqRel, Acquire, |n| n.checked_sub(1));
@@ -380,14 +454,21 @@ fn engine(s: &Shared, index: usize) {
     }
 }
 
-/// Runs workgroups of one job until the job has none left, the slice is used, a job of
+/// How a slice of a job ended.
+struct SliceEnd {
+    /// Workgroups it finished.
+    finished: u64,
+    /// It finished the job's last workgroup: the caller reports the job complete.
+    last: bool,
+}
+
+/// Runs workgroups of one job until the job has none left, `slice` is used, a job of
 /// higher priority is ready, or a workgroup yields at a checkpoint. The slice began at
-/// `start` (the caller's clock read, which also times it for the telemetry). Returns the
-/// workgroups it finished.
-fn run_slice(s: &Shared, job: &Arc<Job>, start: Instant) -> u64 {
+/// `start` (the caller's clock read, which also times it for the telemetry).
+fn run_slice(s: &Shared, job: &Arc<Job>, start: Instant, slice: Duration) -> SliceEnd {
     let mut finished = 0;
+    let end = |finished, last| SliceEnd { finished, last };
     let my_rank = job.priority as u32 + 1;
-    let slice = job.time_slice.unwrap_or(s.time_slice);
     let wants_engine =
         || start.elapsed() >= slice || s.top.load(Acquire) > my_rank || s.stop.load(Relaxed);
     let wants_engine = || {
@@ -407,7 +488,7 @@ fn run_slice(s: &Shared, job: &Arc<Job>, start: Instant) -> u64 {
         job.running.fetch_add(1, SeqCst);
         let _done = RunningGuard(&job.running);
         if job.cancelled.load(Acquire) || s.stop.load(Relaxed) || job.suspended.load(SeqCst) {
-            return finished;
+            return end(finished, false);
         }
         // A workgroup that yielded earlier resumes before new ones start.
         let mut wg = match job.take_yielded() {
@@ -415,7 +496,7 @@ fn run_slice(s: &Shared, job: &Arc<Job>, start: Instant) -> u64 {
             None => {
                 let index = job.next.fetch_add(1, AcqRel);
                 if index >= job.total {
-                    return finished;
+                    return end(finished, false);
                 }
                 Workgroup::of(&job.dispatch, index)
             }
@@ -435,7 +516,7 @@ fn run_slice(s: &Shared, job: &Arc<Job>, start: Instant) -> u64 {
                         .push(note);
                     s.has_faults.store(true, Release);
                     (s.wake_command_processor)();
-                    return finished;
+                    return end(finished, false);
                 }
             }
         } else {
@@ -450,7 +531,7 @@ fn run_slice(s: &Shared, job: &Arc<Job>, start: Instant) -> u64 {
                 // sees the work it can take again.
                 let _l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
                 s.notify_one_engine();
-                return finished;
+                return end(finished, false);
             }
             WorkgroupStatus::Done => {
                 job.bump_progress();
@@ -459,16 +540,10 @@ fn run_slice(s: &Shared, job: &Arc<Job>, start: Instant) -> u64 {
         }
         // AcqRel: the last finisher sees every other engine's writes before reporting.
         if job.done.fetch_add(1, AcqRel) + 1 == job.total {
-            s.completed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(job.clone());
-            s.has_completed.store(true, Release);
-            (s.wake_command_processor)();
-            return finished;
+            return end(finished, true);
         }
         if wants_engine() {
-            return finished;
+            return end(finished, false);
         }
     }
 }

@@ -230,6 +230,15 @@ pub trait Kernel: Send + Sync {
     /// scheduler can share its engine.
     fn run(&self, args: &Args, wg: &mut Workgroup, cp: &Checkpoint<'_>) -> WorkgroupStatus;
 
+    /// Whether a workgroup's work is bounded by its work-items, whatever the arguments:
+    /// a constant amount per item, no loop over an argument-sized range, no checkpoint.
+    /// The command processor may then run a dispatch of at most one workgroup's worth of
+    /// items itself instead of waking an engine (see `engine::Engines::run_inline`).
+    /// Claiming it falsely lets a dispatch hold the command processor. Default: `false`.
+    fn bounded(&self) -> bool {
+        false
+    }
+
     /// What the workgroup will touch, from its saved state, until its next checkpoint
     /// (only on-demand buffers use it). The default: every buffer argument, whole,
     /// written. A kernel that streams through a buffer larger than device memory names

@@ -364,7 +364,8 @@ impl Firmware {
     }
 
     /// One turn of every queue on the run list; faults go to kmd-shim, dispatches to the
-    /// engines and the watch.
+    /// engines and the watch, unless the command processor runs them itself
+    /// ([`engine::Engines::run_inline`]): then their queues continue at once.
     fn run_queues(&mut self) -> bool {
         self.run_with(false)
     }
@@ -377,12 +378,13 @@ impl Firmware {
 
     fn run_with(&mut self, polled: bool) -> bool {
         let (control, engines, watch) = (&mut self.control, &self.engines, &mut self.watch);
-        let mut stopped = Vec::new();
+        let (mut stopped, mut ran_inline) = (Vec::new(), Vec::new());
         let out = |id, outcome| match outcome {
             Outcome::Faulted(f) => {
                 control.report_fault(id, f);
                 stopped.push((id, (f.code, f.detail)));
             }
+            Outcome::Dispatched(job) if engines.run_inline(&job) => ran_inline.push(job),
             Outcome::Dispatched(job) => {
                 watch.add(id, job.clone());
                 engines.submit(job);
@@ -396,6 +398,9 @@ impl Firmware {
         } else {
             self.sched.run(contexts, kernels, budget, out)
         };
+        // Completed here: the queue's DISPATCH ends (its completion is published) and the
+        // queue goes on the run list for its next packets.
+        self.sched.complete(&mut self.contexts, ran_inline);
         for (id, code) in stopped {
             self.poison_pending_signals(id, root_cause(code));
         }

@@ -1,6 +1,7 @@
 //! DOC: the firmware's half of the telemetry: every 10 ms tick it publishes each queue's
 //! figures (state, packets submitted, taken and completed, engine time, page faults),
-//! each context's engine time and each engine's busy time into the shared
+//! each context's engine time, each engine's busy time and the command processor's inline
+//! work into the shared
 //! [`Telemetry`] object. Nothing is published on the submit or complete paths: engines
 //! count their time in process (per job, per engine), and only the tick writes the
 //! shared lines, which no client writes or polls.
@@ -40,6 +41,9 @@ fn publish(t: &Telemetry, fw: &Firmware) {
     );
     put32(&t.device.firmware_pid, std::process::id());
     t.device.tick_ns.store(monotonic_ns(), Relaxed);
+    let (inline_ns, inline_wgs) = fw.engines.inline_stats();
+    put64(&t.device.inline_ns, inline_ns);
+    put64(&t.device.inline_workgroups, inline_wgs);
     for (line, (busy, wgs)) in t.engines.iter().zip(fw.engines.stats()) {
         put64(&line.busy_ns, busy);
         put64(&line.workgroups, wgs);

@@ -1,12 +1,21 @@
 //! The engines' scheduler: equal queues share engine time, a high-priority queue gets
-//! through saturating low-priority work, and a long-running queue never times out.
+//! through saturating low-priority work, and a long-running queue never times out. A
+//! dispatch of at most [`INLINE_ITEMS`] work-items may run on the command processor
+//! instead of an engine; the tests that mean the engines use larger ones.
 //! Bounds are generous (tens of percent, tens of milliseconds): the precise figures are the
 //! benchmark's business.
 
 mod common;
 use common::Env;
 use std::time::{Duration, Instant};
+use userq::uapi::observe::Observer;
 use userq::{kernels, Device, Priority, WaitMode};
+
+/// The most work-items the command processor runs itself (one full workgroup's worth).
+const INLINE_ITEMS: u32 = userq::uapi::packet::MAX_WORKGROUP_ITEMS as u32;
+
+/// Items of a dispatch that must go to an engine: more than the command processor runs.
+const ENGINE_ITEMS: u32 = 4 * INLINE_ITEMS;
 
 /// Workgroups of the counting spin kernel (`ns` each) that two queues run over `window`,
 /// both with an endless dispatch; the queues are destroyed (cancelling them) afterwards.
@@ -111,10 +120,10 @@ fn one_long_workgroup_is_preempted_at_its_checkpoints() {
         .submit(kernels::spin(1, 2_000_000_000).unwrap())
         .unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    let buf = dev.alloc::<f32>(1000).unwrap();
+    let buf = dev.alloc::<f32>(ENGINE_ITEMS as usize).unwrap();
     let t = Instant::now();
     short
-        .submit(kernels::scale(1000, 1.0, &buf).unwrap())
+        .submit(kernels::scale(ENGINE_ITEMS, 1.0, &buf).unwrap())
         .unwrap()
         .wait(Duration::from_secs(10))
         .unwrap();
@@ -144,14 +153,14 @@ fn the_persistent_kernel_serves_its_mailbox_until_told_to_stop() {
     let mut other = dev.create_queue().unwrap();
     let mut mbox = kernels::Mailbox::new(dev).unwrap();
     let running = server.submit(mbox.launch()).unwrap();
-    let buf = dev.alloc::<f32>(100).unwrap();
+    let buf = dev.alloc::<f32>(ENGINE_ITEMS as usize).unwrap();
     for i in 1..=200u64 {
         let answer = mbox.ask(i * 10, Duration::from_secs(10));
         assert_eq!(answer, Some(i * 30 + 1), "request {i}");
         if i % 50 == 0 {
             // Other queues keep running while the kernel persists.
             other
-                .submit(kernels::scale(100, 1.0, &buf).unwrap())
+                .submit(kernels::scale(ENGINE_ITEMS, 1.0, &buf).unwrap())
                 .unwrap()
                 .wait(Duration::from_secs(10))
                 .unwrap();
@@ -177,8 +186,8 @@ fn destroying_the_queue_of_a_no_progress_kernel_frees_its_engine() {
         "the destroyed queue's point fails"
     );
     let mut q = dev.create_queue().unwrap();
-    let buf = dev.alloc::<f32>(100).unwrap();
-    q.submit(kernels::scale(100, 1.0, &buf).unwrap())
+    let buf = dev.alloc::<f32>(ENGINE_ITEMS as usize).unwrap();
+    q.submit(kernels::scale(ENGINE_ITEMS, 1.0, &buf).unwrap())
         .unwrap()
         .wait(Duration::from_secs(10))
         .unwrap();
@@ -225,13 +234,13 @@ fn with_two_engines_a_yielding_workgroup_is_always_resumed() {
     let mut churn = dev.create_queue().unwrap();
     let mut mbox = kernels::Mailbox::new(dev).unwrap();
     let running = server.submit(mbox.launch()).unwrap();
-    let buf = dev.alloc::<f32>(256).unwrap();
+    let buf = dev.alloc::<f32>(ENGINE_ITEMS as usize).unwrap();
     // Other jobs come and go (each makes an engine look at the lists) while the persistent
     // workgroup yields slice after slice; every request must still be answered.
     for i in 1..=300u64 {
         churn.submit(kernels::spin(3, 300_000).unwrap()).unwrap();
         churn
-            .submit(kernels::scale(256, 1.0, &buf).unwrap())
+            .submit(kernels::scale(ENGINE_ITEMS, 1.0, &buf).unwrap())
             .unwrap();
         assert!(
             mbox.ask(i, Duration::from_secs(10)).is_some(),
@@ -242,4 +251,69 @@ fn with_two_engines_a_yielding_workgroup_is_always_resumed() {
     running.wait(Duration::from_secs(10)).unwrap();
     churn.finish(Duration::from_secs(10)).unwrap();
     drop((server, churn, mbox, buf, dev));
+}
+
+#[test]
+fn the_command_processor_runs_a_small_dispatch_itself_and_a_large_one_goes_to_an_engine() {
+    let env = Env::with(Device::builder().engines(2));
+    let dev = env.dev();
+    let obs = Observer::connect(dev.socket_path()).expect("observe");
+    let mut hog = dev
+        .queue()
+        .job_timeout(Duration::from_secs(60))
+        .create()
+        .unwrap();
+    let mut q = dev.create_queue().unwrap();
+    // One engine is held by a workgroup that never yields (so no job ever waits for an
+    // engine); the other one is idle.
+    let busy = hog.submit(kernels::no_progress()).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let small = dev.alloc::<u32>(INLINE_ITEMS as usize).unwrap();
+    for i in 0..10 {
+        q.submit(kernels::fill_u32(INLINE_ITEMS, i, &small).unwrap())
+            .unwrap()
+            .wait(Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(small.read(0), i);
+        assert_eq!(small.read(INLINE_ITEMS as usize - 1), i);
+    }
+    assert_eq!(
+        busy.poll(),
+        Ok(false),
+        "the held engine's workgroup still runs"
+    );
+    let large = dev.alloc::<u32>(ENGINE_ITEMS as usize).unwrap();
+    q.submit(kernels::fill_u32(ENGINE_ITEMS, 7, &large).unwrap())
+        .unwrap()
+        .wait(Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(large.read(ENGINE_ITEMS as usize - 1), 7);
+    drop(hog);
+    assert!(busy.wait(Duration::from_secs(10)).is_err(), "cancelled");
+    // The figures arrive with the firmware's 10 ms tick.
+    let t = Instant::now();
+    let snap = loop {
+        let s = obs.snapshot();
+        let engine_wgs: u64 = s.engines.iter().map(|e| e.workgroups).sum();
+        if (s.inline.workgroups >= 40 && engine_wgs >= 17) || t.elapsed() > Duration::from_secs(10)
+        {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // 10 dispatches of 4 workgroups each on the command processor, none on the idle
+    // engine; on the engines, the large one's 16 and the held one, which returned once
+    // its queue was gone.
+    assert_eq!(snap.inline.workgroups, 40, "{snap:?}");
+    assert!(snap.inline.busy_ns > 0);
+    let engine_wgs: u64 = snap.engines.iter().map(|e| e.workgroups).sum();
+    assert_eq!(engine_wgs, 17, "{snap:?}");
+    let me = snap
+        .contexts
+        .iter()
+        .find(|c| c.ctx == dev.context_id())
+        .expect("our context");
+    let ql = me.queues.iter().find(|x| x.slot == q.slot()).unwrap();
+    assert!(ql.engine_ns > 0, "inline time counts for its queue: {ql:?}");
+    drop((q, small, large, dev));
 }

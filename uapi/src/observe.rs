@@ -128,6 +128,10 @@ impl Observer {
             firmware_pid: t.device.firmware_pid.load(),
             tick_ns: t.device.tick_ns.load(),
             vram_bytes: t.device.vram_bytes.load(),
+            inline: EngineSnapshot {
+                busy_ns: t.device.inline_ns.load(),
+                workgroups: t.device.inline_workgroups.load(),
+            },
             engines: t.engines[..engines]
                 .iter()
                 .map(|e| EngineSnapshot {
@@ -266,6 +270,8 @@ pub struct Snapshot {
     pub vram_bytes: u64,
     /// Engine threads.
     pub engines: Vec<EngineSnapshot>,
+    /// Small dispatches the command processor ran itself instead of waking an engine.
+    pub inline: EngineSnapshot,
     /// Paging counters.
     pub paging: PagingSnapshot,
     /// Open contexts.

@@ -15,6 +15,9 @@ impl Kernel for Fill {
     fn name(&self) -> &str {
         "fill_u32"
     }
+    fn bounded(&self) -> bool {
+        true // a constant amount per work-item
+    }
     fn signature(&self) -> &[ArgKind] {
         &[U64, U64, B]
     }
@@ -44,6 +47,9 @@ impl Kernel for Copy {
     fn name(&self) -> &str {
         "copy_u32"
     }
+    fn bounded(&self) -> bool {
+        true // a constant amount per work-item
+    }
     fn signature(&self) -> &[ArgKind] {
         &[U64, B, B]
     }
@@ -71,6 +77,9 @@ impl Kernel for Axpy {
     fn name(&self) -> &str {
         "axpy_f32"
     }
+    fn bounded(&self) -> bool {
+        true // a constant amount per work-item
+    }
     fn signature(&self) -> &[ArgKind] {
         &[U64, F32, B, B]
     }
@@ -97,6 +106,9 @@ pub(super) struct Scale;
 impl Kernel for Scale {
     fn name(&self) -> &str {
         "scale_f32"
+    }
+    fn bounded(&self) -> bool {
+        true // a constant amount per work-item
     }
     fn signature(&self) -> &[ArgKind] {
         &[U64, F32, B]
@@ -126,6 +138,9 @@ pub(super) struct Binary {
 impl Kernel for Binary {
     fn name(&self) -> &str {
         self.name
+    }
+    fn bounded(&self) -> bool {
+        true // a constant amount per work-item
     }
     fn signature(&self) -> &[ArgKind] {
         &[U64, B, B, B]

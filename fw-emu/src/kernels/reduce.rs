@@ -39,6 +39,9 @@ impl Kernel for ReduceSumF32 {
     fn name(&self) -> &str {
         "reduce_sum_f32"
     }
+    fn bounded(&self) -> bool {
+        true // a constant amount per work-item
+    }
     fn footprint(&self, a: &Args, wg: &Workgroup, out: &mut Footprint) {
         reduction(a, wg, &[1], 4, 2, 4, out);
     }
@@ -62,6 +65,9 @@ pub(super) struct ReduceSumU64;
 impl Kernel for ReduceSumU64 {
     fn name(&self) -> &str {
         "reduce_sum_u64"
+    }
+    fn bounded(&self) -> bool {
+        true // a constant amount per work-item
     }
     fn footprint(&self, a: &Args, wg: &Workgroup, out: &mut Footprint) {
         reduction(a, wg, &[1], 8, 2, 8, out);
@@ -87,6 +93,9 @@ impl Kernel for Dot {
     fn name(&self) -> &str {
         "dot_f32"
     }
+    fn bounded(&self) -> bool {
+        true // a constant amount per work-item
+    }
     fn footprint(&self, a: &Args, wg: &Workgroup, out: &mut Footprint) {
         reduction(a, wg, &[1, 2], 4, 3, 4, out);
     }
@@ -111,6 +120,9 @@ pub(super) struct Histogram;
 impl Kernel for Histogram {
     fn name(&self) -> &str {
         "histogram_u32"
+    }
+    fn bounded(&self) -> bool {
+        true // a constant amount per work-item
     }
     fn footprint(&self, a: &Args, wg: &Workgroup, out: &mut Footprint) {
         out.items(2, items(wg, a.u64(0)), 4, Read);
@@ -143,6 +155,9 @@ pub(super) struct Checksum;
 impl Kernel for Checksum {
     fn name(&self) -> &str {
         "checksum_u32"
+    }
+    fn bounded(&self) -> bool {
+        true // a constant amount per work-item
     }
     fn footprint(&self, a: &Args, wg: &Workgroup, out: &mut Footprint) {
         reduction(a, wg, &[1], 4, 2, 4, out);

@@ -6,7 +6,8 @@
 //! Every line is written by one party and never by a client, and no client writes or
 //! polls a line of it, so keeping it costs the submit and complete paths nothing:
 //!
-//! - the firmware publishes queue and engine lines from its 10 ms tick (engines count
+//! - the firmware publishes queue and engine lines (and the command processor's inline
+//!   work in the device line) from its 10 ms tick (engines count
 //!   their busy time in process, per job, and the tick folds it in);
 //! - kmd-shim writes the context lines (who opened it, reset statistics) and the device
 //!   line's paging counters.
@@ -101,6 +102,11 @@ pub struct DeviceTelemetry<A: Access = ReadWrite> {
     pub tick_ns: A::U64,
     /// Device-memory budget in bytes.
     pub vram_bytes: A::U64,
+    /// Nanoseconds the command processor ran small dispatches itself instead of waking
+    /// an engine (the firmware).
+    pub inline_ns: A::U64,
+    /// Workgroups it ran so (the firmware).
+    pub inline_workgroups: A::U64,
 }
 
 /// Paging counters, as [`crate::paging::PagingStats`] (kmd-shim, after each operation).

@@ -73,6 +73,7 @@ pub fn snapshot_json(s: &Snapshot, busy: &[f64]) -> Value {
         "engines": s.engines.iter().zip(busy.iter().chain(std::iter::repeat(&0.0))).enumerate().map(|(i, (e, b))| json!({
             "engine": i, "busy_ns": e.busy_ns, "workgroups": e.workgroups, "utilisation": (b * 1000.0).round() / 1000.0,
         })).collect::<Vec<_>>(),
+        "command_processor_inline": {"busy_ns": s.inline.busy_ns, "workgroups": s.inline.workgroups},
         "processes": s.contexts.iter().map(|c| json!({
             "ctx": c.ctx,
             "pid": c.pid,

@@ -40,9 +40,11 @@ pub fn run(obs: &Observer, json: bool) -> crate::Res<()> {
     ))?;
     let use_: Vec<String> = busy.iter().map(|b| format!("{:.0}%", b * 100.0)).collect();
     out(&format!(
-        "engines: busy {} (over {:?})",
+        "engines: busy {} (over {:?}); command processor ran {} small workgroups itself ({})",
         use_.join(" "),
-        WINDOW
+        WINDOW,
+        s.inline.workgroups,
+        ms(s.inline.busy_ns)
     ))?;
     out(&format!(
         "memory: budget {}, resident {}; {} faults in {} batches, {} pages in, {} evicted, {} refaults; service {}, copying {}",
