@@ -266,13 +266,15 @@ impl Engines {
     ///
     /// - the kernel's workgroups are bounded by their work-items ([`Kernel::bounded`]),
     ///   and the dispatch has at most [`INLINE_ITEMS`] of them (one full workgroup's
-    ///   worth: about 5 µs at most, for a checksum of 1024 items), so the command
-    ///   processor cannot be held;
+    ///   worth: about 5 µs here for the slowest built-ins, a checksum or histogram of 1024
+    ///   items, plus a first touch of buffer pages never touched before), so the command
+    ///   processor is not held for long;
     /// - no buffer is on-demand (a fault needs kmd-shim's answer);
     /// - no job waits for an engine, so none is overtaken.
     ///
-    /// Returns whether the job completed. If not (not eligible, or a workgroup yielded at
-    /// a checkpoint), the caller hands it to the engines as usual, and they carry on
+    /// It runs the job to the end (no time slice, no preemption between its workgroups).
+    /// Returns whether the job completed. If not (not eligible, or the firmware is
+    /// stopping), the caller hands it to the engines as usual, and they would carry on
     /// where it stopped. The time counts for the job's queue and context like engine
     /// time, and in the command processor's own line ([`Engines::inline_stats`]).
     ///
@@ -285,7 +287,9 @@ impl Engines {
             return false;
         }
         let start = Instant::now();
-        let end = run_slice(&self.shared, job, start, self.shared.slice(job));
+        // No slice: bounded workgroups, at most one workgroup's worth of items, so the run
+        // is short; leaving early would hand the rest to a parked engine for nothing.
+        let end = run_slice(&self.shared, job, start, None);
         let ns = start.elapsed().as_nanos() as u64;
         job.engine_ns.fetch_add(ns, Relaxed);
         self.inline.0.fetch_add(ns, Relaxed);
@@ -424,7 +428,7 @@ fn engine(s: &Shared, index: usize) {
             }
         };
         let start = Instant::now();
-        let end = run_slice(s, &job, start, s.slice(&job));
+        let end = run_slice(s, &job, start, Some(s.slice(&job)));
         let ns = start.elapsed().as_nanos() as u64;
         job.engine_ns.fetch_add(ns, Relaxed);
         // fetch_add: a replacement thread may share a line (index modulo the table).
@@ -464,13 +468,17 @@ struct SliceEnd {
 
 /// Runs workgroups of one job until the job has none left, `slice` is used, a job of
 /// higher priority is ready, or a workgroup yields at a checkpoint. The slice began at
-/// `start` (the caller's clock read, which also times it for the telemetry).
-fn run_slice(s: &Shared, job: &Arc<Job>, start: Instant, slice: Duration) -> SliceEnd {
+/// `start` (the caller's clock read, which also times it for the telemetry). With no
+/// `slice` (the command processor's inline run of a bounded dispatch), neither the clock
+/// nor other jobs end it: it runs the job to the end unless stopped.
+fn run_slice(s: &Shared, job: &Arc<Job>, start: Instant, slice: Option<Duration>) -> SliceEnd {
     let mut finished = 0;
     let end = |finished, last| SliceEnd { finished, last };
     let my_rank = job.priority as u32 + 1;
-    let wants_engine =
-        || start.elapsed() >= slice || s.top.load(Acquire) > my_rank || s.stop.load(Relaxed);
+    let wants_engine = || {
+        slice.is_some_and(|slice| start.elapsed() >= slice || s.top.load(Acquire) > my_rank)
+            || s.stop.load(Relaxed)
+    };
     let wants_engine = || {
         wants_engine()
             || job.suspended.load(Relaxed)

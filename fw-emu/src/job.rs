@@ -35,7 +35,7 @@ pub struct Job {
     pub(crate) time_slice: Option<Duration>,
     /// Suspended: no workgroup of it starts; running ones yield at their checkpoints.
     pub(crate) suspended: AtomicBool,
-    /// Workgroups of it running on engines right now.
+    /// Workgroups of it running right now (on engines, or on the command processor inline).
     pub(crate) running: AtomicU32,
     /// Changes whenever a workgroup finishes or a running one reaches a checkpoint.
     pub(crate) progress: AtomicU64,
@@ -50,7 +50,7 @@ pub struct Job {
     /// A workgroup faulted: no engine takes work from the job until kmd-shim's reply
     /// ([`Job::resume_after_fault`]).
     pub(crate) faulted: AtomicBool,
-    /// Nanoseconds engines ran it (telemetry).
+    /// Nanoseconds engines (or the command processor, inline) ran it (telemetry).
     pub(crate) engine_ns: AtomicU64,
     /// Page faults its workgroups took (telemetry).
     pub(crate) faults: AtomicU64,

@@ -378,18 +378,21 @@ impl Firmware {
 
     fn run_with(&mut self, polled: bool) -> bool {
         let (control, engines, watch) = (&mut self.control, &self.engines, &mut self.watch);
-        let (mut stopped, mut ran_inline) = (Vec::new(), Vec::new());
-        let out = |id, outcome| match outcome {
+        let mut stopped = Vec::new();
+        // Returns whether the dispatch already ran to completion (inline).
+        let out = |id, outcome: &Outcome| match outcome {
             Outcome::Faulted(f) => {
-                control.report_fault(id, f);
+                control.report_fault(id, *f);
                 stopped.push((id, (f.code, f.detail)));
+                false
             }
-            Outcome::Dispatched(job) if engines.run_inline(&job) => ran_inline.push(job),
+            Outcome::Dispatched(job) if engines.run_inline(job) => true,
             Outcome::Dispatched(job) => {
                 watch.add(id, job.clone());
-                engines.submit(job);
+                engines.submit(job.clone());
+                false
             }
-            _ => {}
+            _ => false,
         };
         let (contexts, kernels) = (&mut self.contexts, &self.config.kernels);
         let budget = self.config.packets_per_turn;
@@ -398,9 +401,6 @@ impl Firmware {
         } else {
             self.sched.run(contexts, kernels, budget, out)
         };
-        // Completed here: the queue's DISPATCH ends (its completion is published) and the
-        // queue goes on the run list for its next packets.
-        self.sched.complete(&mut self.contexts, ran_inline);
         for (id, code) in stopped {
             self.poison_pending_signals(id, root_cause(code));
         }
@@ -413,9 +413,10 @@ impl Firmware {
         let mut stopped = Vec::new();
         let any = self.sched.check_parked(&mut self.contexts, |id, outcome| {
             if let Outcome::Faulted(f) = outcome {
-                control.report_fault(id, f);
+                control.report_fault(id, *f);
                 stopped.push((id, (f.code, f.detail)));
             }
+            false
         });
         for (id, code) in stopped {
             self.poison_pending_signals(id, root_cause(code));

@@ -40,7 +40,8 @@ pub use profile::QueueFigures;
 enum RunState {
     Active,
     Parked(ParkedWait),
-    /// A DISPATCH runs on the engines; the queue continues when it completes.
+    /// A DISPATCH runs on the engines (or inline, briefly); the queue continues when it
+    /// completes.
     Dispatching {
         job: Arc<Job>,
         packet_index: u64,
@@ -59,7 +60,8 @@ pub enum Outcome {
     Parked,
     /// Stopped on an error, already recorded in the timeline fence.
     Faulted(Fault),
-    /// A DISPATCH was handed to the engines: the caller submits the job; the queue waits.
+    /// A DISPATCH became a job: the caller runs it inline or submits it to the engines;
+    /// the queue waits for it.
     Dispatched(Arc<Job>),
 }
 

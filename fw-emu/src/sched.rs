@@ -138,7 +138,7 @@ impl Scheduler {
         contexts: &mut Contexts,
         kernels: &KernelLibrary,
         budget: u32,
-        mut out: impl FnMut(QueueId, Outcome),
+        mut out: impl FnMut(QueueId, &Outcome) -> bool,
     ) -> bool {
         let mut any = false;
         for i in 0..self.polled.len() {
@@ -166,12 +166,13 @@ impl Scheduler {
     }
 
     /// What a service ended with: more packets put the queue back on the run list, a
-    /// wait parks it, faults and dispatches go to `out`.
+    /// wait parks it, faults and dispatches go to `out`. `out` returns whether it already
+    /// ran the dispatch to completion (inline); then the packet completes here.
     fn after_service(
         &mut self,
         q: &mut Queue,
         outcome: Outcome,
-        out: &mut impl FnMut(QueueId, Outcome),
+        out: &mut impl FnMut(QueueId, &Outcome) -> bool,
     ) {
         match outcome {
             Outcome::Idle => {}
@@ -179,7 +180,16 @@ impl Scheduler {
                 self.schedule(q);
             }
             Outcome::Parked => self.park(q.id),
-            Outcome::Faulted(_) | Outcome::Dispatched(_) => out(q.id, outcome),
+            Outcome::Faulted(_) => {
+                out(q.id, &outcome);
+            }
+            Outcome::Dispatched(ref job) => {
+                // Run already (by the command processor itself): the packet completes now,
+                // and the queue takes its next turn on the run list.
+                if out(q.id, &outcome) && q.finish_dispatch(job) {
+                    self.schedule(q);
+                }
+            }
         }
     }
 
@@ -260,7 +270,7 @@ impl Scheduler {
     pub fn check_parked(
         &mut self,
         contexts: &mut Contexts,
-        mut out: impl FnMut(QueueId, Outcome),
+        mut out: impl FnMut(QueueId, &Outcome) -> bool,
     ) -> bool {
         let mut any = false;
         let mut i = 0;
@@ -279,7 +289,9 @@ impl Scheduler {
                     self.parked.swap_remove(i);
                     any = true;
                     match outcome {
-                        Outcome::Faulted(_) => out(id, outcome),
+                        Outcome::Faulted(_) => {
+                            out(id, &outcome);
+                        }
                         _ => {
                             self.schedule(q);
                         }
@@ -298,13 +310,14 @@ impl Scheduler {
     }
 
     /// Gives each queue on the run list one turn of up to `budget` packets. Faults and
-    /// dispatches for the engines go to `out`. Returns whether a queue ran.
+    /// dispatches go to `out`, which returns whether it ran the dispatch to completion
+    /// itself (see [`Scheduler::after_service`]). Returns whether a queue ran.
     pub fn run(
         &mut self,
         contexts: &mut Contexts,
         kernels: &KernelLibrary,
         budget: u32,
-        mut out: impl FnMut(QueueId, Outcome),
+        mut out: impl FnMut(QueueId, &Outcome) -> bool,
     ) -> bool {
         let turns = self.run_list.len();
         let mut any = false;

@@ -263,7 +263,7 @@ fn the_command_processor_runs_a_small_dispatch_itself_and_a_large_one_goes_to_an
         .job_timeout(Duration::from_secs(60))
         .create()
         .unwrap();
-    let mut q = dev.create_queue().unwrap();
+    let (mut q, mut big) = (dev.create_queue().unwrap(), dev.create_queue().unwrap());
     // One engine is held by a workgroup that never yields (so no job ever waits for an
     // engine); the other one is idle.
     let busy = hog.submit(kernels::no_progress()).unwrap();
@@ -283,7 +283,7 @@ fn the_command_processor_runs_a_small_dispatch_itself_and_a_large_one_goes_to_an
         "the held engine's workgroup still runs"
     );
     let large = dev.alloc::<u32>(ENGINE_ITEMS as usize).unwrap();
-    q.submit(kernels::fill_u32(ENGINE_ITEMS, 7, &large).unwrap())
+    big.submit(kernels::fill_u32(ENGINE_ITEMS, 7, &large).unwrap())
         .unwrap()
         .wait(Duration::from_secs(10))
         .unwrap();
@@ -315,5 +315,5 @@ fn the_command_processor_runs_a_small_dispatch_itself_and_a_large_one_goes_to_an
         .expect("our context");
     let ql = me.queues.iter().find(|x| x.slot == q.slot()).unwrap();
     assert!(ql.engine_ns > 0, "inline time counts for its queue: {ql:?}");
-    drop((q, small, large, dev));
+    drop((q, big, small, large, dev));
 }

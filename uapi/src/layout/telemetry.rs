@@ -157,7 +157,8 @@ pub struct ContextTelemetry<A: Access = ReadWrite> {
     pub banned: A::U32,
     /// Reserved.
     pub reserved: A::U32,
-    /// Nanoseconds its queues ran on engines (DRM fdinfo's `drm-engine-compute`).
+    /// Nanoseconds its queues ran on engines, or on the command processor inline (DRM
+    /// fdinfo's `drm-engine-compute`).
     pub engine_ns: A::U64,
     /// The process's name (`/proc/<pid>/comm`), NUL-padded.
     pub comm: [A::U64; 2],
@@ -181,7 +182,7 @@ pub struct QueueTelemetry<A: Access = ReadWrite> {
     pub consumed: A::U64,
     /// The last completed packet (its timeline's value).
     pub completed: A::U64,
-    /// Nanoseconds its dispatches ran on engines.
+    /// Nanoseconds its dispatches ran on engines, or on the command processor inline.
     pub engine_ns: A::U64,
     /// Page faults its dispatches took.
     pub faults: A::U64,

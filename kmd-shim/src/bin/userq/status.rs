@@ -40,7 +40,7 @@ pub fn run(obs: &Observer, json: bool) -> crate::Res<()> {
     ))?;
     let use_: Vec<String> = busy.iter().map(|b| format!("{:.0}%", b * 100.0)).collect();
     out(&format!(
-        "engines: busy {} (over {:?}); command processor ran {} small workgroups itself ({})",
+        "engines: busy {} (over {:?}); since start, the command processor ran {} workgroups of small dispatches itself ({})",
         use_.join(" "),
         WINDOW,
         s.inline.workgroups,
