@@ -311,7 +311,7 @@ impl Scheduler {
 
     /// Gives each queue on the run list one turn of up to `budget` packets. Faults and
     /// dispatches go to `out`, which returns whether it ran the dispatch to completion
-    /// itself (see [`Scheduler::after_service`]). Returns whether a queue ran.
+    /// itself (inline: then the packet completes at once). Returns whether a queue ran.
     pub fn run(
         &mut self,
         contexts: &mut Contexts,
