@@ -23,7 +23,7 @@ use crate::kernels::KernelLibrary;
 use crate::queue::{Outcome, Queue, Resources};
 use crate::QueueId;
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering::*;
+use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::sync::Arc;
 use userq_uapi::layout::ContextSummary;
 use userq_uapi::sync;
@@ -142,25 +142,13 @@ impl Scheduler {
     ) -> bool {
         let mut any = false;
         for i in 0..self.polled.len() {
-            let id = self.polled[i];
-            let Some(c) = contexts.get_mut(id.ctx) else {
-                continue; // gone: `stop_polling` drops the entry
-            };
-            let db = &c.doorbell.doorbells[id.slot as usize].value;
-            let Some(q) = c.queues[id.slot as usize].as_mut() else {
-                continue;
-            };
-            if q.on_run_list || !q.is_active() || !q.has_unread(db) {
-                continue;
+            // A queue that is gone is skipped here; `stop_polling` drops its entry.
+            let ready =
+                |q: &mut Queue, db: &AtomicU64| !q.on_run_list && q.is_active() && q.has_unread(db);
+            if let Some((q, outcome)) = service(contexts, self.polled[i], kernels, budget, ready) {
+                any = true;
+                self.after_service(q, outcome, &mut out);
             }
-            let res = Resources {
-                bindings: &c.bindings,
-                vm: &c.vm,
-                kernels,
-            };
-            let outcome = q.service(db, &res, budget);
-            any = true;
-            self.after_service(q, outcome, &mut out);
         }
         any
     }
@@ -326,20 +314,13 @@ impl Scheduler {
             let Some(id) = self.run_list.pop() else {
                 break;
             };
-            let Some(c) = contexts.get_mut(id.ctx) else {
+            let popped = |q: &mut Queue, _: &AtomicU64| {
+                q.on_run_list = false;
+                true
+            };
+            let Some((q, outcome)) = service(contexts, id, kernels, budget, popped) else {
                 continue;
             };
-            let db = &c.doorbell.doorbells[id.slot as usize].value;
-            let Some(q) = c.queues[id.slot as usize].as_mut() else {
-                continue;
-            };
-            q.on_run_list = false;
-            let res = Resources {
-                bindings: &c.bindings,
-                vm: &c.vm,
-                kernels,
-            };
-            let outcome = q.service(db, &res, budget);
             any = true;
             if self.can_poll && !q.is_polled() && matches!(outcome, Outcome::Idle | Outcome::More) {
                 q.set_polled(true);
@@ -350,6 +331,31 @@ impl Scheduler {
         self.polled.extend(newly_polled);
         any
     }
+}
+
+/// Looks queue `id` up and services it (up to `budget` packets) if `ready`, given the queue
+/// and its doorbell, says so. `None`: the queue is gone or was not ready.
+#[inline]
+fn service<'c>(
+    contexts: &'c mut Contexts,
+    id: QueueId,
+    kernels: &KernelLibrary,
+    budget: u32,
+    ready: impl FnOnce(&mut Queue, &AtomicU64) -> bool,
+) -> Option<(&'c mut Queue, Outcome)> {
+    let c = contexts.get_mut(id.ctx)?;
+    let db = &c.doorbell.doorbells[id.slot as usize].value;
+    let q = c.queues[id.slot as usize].as_mut()?;
+    if !ready(q, db) {
+        return None;
+    }
+    let res = Resources {
+        bindings: &c.bindings,
+        vm: &c.vm,
+        kernels,
+    };
+    let outcome = q.service(db, &res, budget);
+    Some((q, outcome))
 }
 
 /// Queues with work, in turn order, each at most once (each queue's `on_run_list` says
