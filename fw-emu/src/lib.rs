@@ -416,7 +416,6 @@ impl Firmware {
                 control.report_fault(id, *f);
                 stopped.push((id, (f.code, f.detail)));
             }
-            false
         });
         for (id, code) in stopped {
             self.poison_pending_signals(id, root_cause(code));

@@ -258,7 +258,7 @@ impl Scheduler {
     pub fn check_parked(
         &mut self,
         contexts: &mut Contexts,
-        mut out: impl FnMut(QueueId, &Outcome) -> bool,
+        mut out: impl FnMut(QueueId, &Outcome),
     ) -> bool {
         let mut any = false;
         let mut i = 0;
@@ -277,9 +277,7 @@ impl Scheduler {
                     self.parked.swap_remove(i);
                     any = true;
                     match outcome {
-                        Outcome::Faulted(_) => {
-                            out(id, &outcome);
-                        }
+                        Outcome::Faulted(_) => out(id, &outcome),
                         _ => {
                             self.schedule(q);
                         }

@@ -1,10 +1,9 @@
 //! DOC: the firmware's half of the telemetry: every 10 ms tick it publishes each queue's
 //! figures (state, packets submitted, taken and completed, engine time, page faults),
 //! each context's engine time, each engine's busy time and the command processor's inline
-//! work into the shared
-//! [`Telemetry`] object. Nothing is published on the submit or complete paths: engines
-//! count their time in process (per job, per engine), and only the tick writes the
-//! shared lines, which no client writes or polls.
+//! work into the shared [`Telemetry`] object. Nothing is published on the submit or
+//! complete paths: engines count their time in process (per job, per engine), and only
+//! the tick writes the shared lines, which no client writes or polls.
 
 use crate::Firmware;
 use std::sync::atomic::Ordering::Relaxed;
