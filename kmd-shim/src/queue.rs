@@ -131,7 +131,12 @@ impl Device {
         let fence = timeline.commit();
         // Everything that can fail on this side first: once the firmware has mapped the
         // queue, only the commits remain.
-        let (ring_fd, _ring) = RingShm::create(entries, slot).map_err(|_| KmdStatus::Internal)?;
+        // The ring's memory is allocated here, all of it: a ring that does not fit is
+        // refused now rather than faulting a process later.
+        let (ring_fd, _ring) = RingShm::create(entries, slot).map_err(|e| match e {
+            rustix::io::Errno::NOMEM | rustix::io::Errno::NOSPC => KmdStatus::OutOfMemory,
+            _ => KmdStatus::Internal,
+        })?;
         let state_ro = os::reopen_read_only(state_fd.as_fd()).map_err(|_| KmdStatus::Internal)?;
         let ring_id = self.link().new_object_id();
         self.link().call(

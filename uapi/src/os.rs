@@ -38,6 +38,15 @@ pub fn create_memfd(name: &str, size: u64, sealing: crate::shm::Sealing) -> io::
     Ok(fd)
 }
 
+/// Allocates every page of the object now (`fallocate(2)`, mode 0), so that no later
+/// access has to find memory for it: the access neither takes the fault that allocates a
+/// page nor can fail for want of one (a shmem page that cannot be allocated on touch
+/// raises `SIGBUS` in the process touching it). An object too big for the memory left
+/// fails here, with `ENOMEM` or `ENOSPC`.
+pub fn commit(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+    rustix::fs::fallocate(fd, rustix::fs::FallocateFlags::empty(), 0, size)
+}
+
 /// Forbids every *new* writable mapping of the object and every `write(2)`
 /// (`F_SEAL_FUTURE_WRITE`), whatever descriptor or `/proc/self/fd` re-open is used;
 /// existing writable mappings (kmd-shim's, the firmware's) keep working. Then seals the
@@ -110,4 +119,23 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Receive
         fds,
         truncated,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shm::Sealing;
+    use rustix::fd::AsFd;
+
+    #[test]
+    fn commit_allocates_every_page_of_a_memfd() {
+        const SIZE: u64 = 1 << 20;
+        let fd = create_memfd("t", SIZE, Sealing::Final).unwrap();
+        let allocated = |fd: &OwnedFd| rustix::fs::fstat(fd).unwrap().st_blocks as u64 * 512;
+        assert_eq!(allocated(&fd), 0, "a new memfd is sparse");
+        commit(fd.as_fd(), SIZE).unwrap();
+        assert!(allocated(&fd) >= SIZE, "{} of {SIZE} bytes", allocated(&fd));
+        // Sealed against growing: committing past the end is refused.
+        assert!(commit(fd.as_fd(), 2 * SIZE).is_err());
+    }
 }

@@ -12,25 +12,26 @@
 //!   clients map read-only ([`FenceState`], [`DeviceStatus`]) take an [`Access`] parameter,
 //!   and their `ReadOnly` form is made of [`RoU32`]/[`RoU64`], which can only be loaded, so
 //!   a store to read-only memory does not compile.
-//! - [`RingShm`]: a queue's ring, a [`RingHeader`] followed by its packet slots; the slot
-//!   index is masked, so every index is in bounds.
+//! - [`RingShm`]: a queue's ring, a [`RingHeader`](crate::layout::RingHeader) followed by
+//!   its packet slots; the slot index is masked, so every index is in bounds. Its memory is
+//!   allocated when it is created and every mapping of it is populated, so the submit path
+//!   never page-faults.
 //! - [`ShmBytes`]: the untyped bytes of a buffer, viewed as slices of atomics.
 //!
 //! Loads from read-only mappings are `Relaxed` (with a separate fence where ordering is
 //! needed): the standard library documents relaxed loads of word size as valid on
 //! read-only memory, and no stronger access is ever made there.
 
-use crate::layout::{
-    magic, page_round_up, ring_object_size, DeviceStatus, FenceState, HeaderError, ObjectHeader,
-    RingHeader, RING_PACKETS_OFFSET,
-};
+use crate::layout::{page_round_up, DeviceStatus, FenceState, HeaderError, ObjectHeader};
 use crate::os::{self, MapError};
-use crate::packet::PACKET_SIZE;
 use core::marker::PhantomData;
 use core::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use memmap2::{MmapOptions, MmapRaw};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::io;
+
+mod ring;
+pub use ring::{PacketSlot, RingShm};
 
 pub(crate) mod sealed {
     /// Keeps the access traits closed to other crates.
@@ -176,7 +177,7 @@ impl Word64 for RoU64 {
 /// and start with an [`ObjectHeader`] at offset 0. `WRITABLE` must be false whenever a
 /// field is a read-only word, so that such a layout is only ever mapped read-only.
 pub unsafe trait Layout: Sync + Sized {
-    /// The magic in its header ([`magic`]).
+    /// The magic in its header ([`magic`](crate::layout::magic)).
     const MAGIC: u32;
     /// Whether it is mapped read-write.
     const WRITABLE: bool;
@@ -195,7 +196,21 @@ pub enum Sealing {
     FirmwareWritable,
 }
 
-fn map_raw(fd: BorrowedFd<'_>, len: usize, writable: bool) -> Result<MmapRaw, MapError> {
+/// When a mapping's pages are entered in the page tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// On first touch: each page's first access faults.
+    Lazy,
+    /// All of them now (`MAP_POPULATE`): no access to the mapping faults later.
+    Populate,
+}
+
+fn map_raw(
+    fd: BorrowedFd<'_>,
+    len: usize,
+    writable: bool,
+    fill: Fill,
+) -> Result<MmapRaw, MapError> {
     if len == 0 {
         return Err(MapError::Io(io::Errno::INVAL));
     }
@@ -205,6 +220,9 @@ fn map_raw(fd: BorrowedFd<'_>, len: usize, writable: bool) -> Result<MmapRaw, Ma
     }
     let mut opts = MmapOptions::new();
     opts.len(len);
+    if fill == Fill::Populate {
+        opts.populate();
+    }
     let map = if writable {
         opts.map_raw(&fd)
     } else {
@@ -252,7 +270,7 @@ impl<T: Layout> Shm<T> {
     /// size, magic and ABI version.
     pub fn map(fd: BorrowedFd<'_>) -> Result<Shm<T>, MapError> {
         const { assert!(core::mem::align_of::<T>() <= crate::layout::PAGE_SIZE) };
-        let map = map_raw(fd, T::SIZE, T::WRITABLE)?;
+        let map = map_raw(fd, T::SIZE, T::WRITABLE, Fill::Lazy)?;
         check_header(&map, T::MAGIC)?;
         Ok(Shm {
             map,
@@ -270,7 +288,7 @@ impl<T: Layout> Shm<T> {
     ) -> io::Result<(OwnedFd, Shm<T>)> {
         const { assert!(T::WRITABLE, "only writable layouts are created") };
         let fd = os::create_memfd(name, T::SIZE as u64, sealing)?;
-        let map = map_raw(fd.as_fd(), T::SIZE, true).map_err(|_| io::Errno::NOMEM)?;
+        let map = map_raw(fd.as_fd(), T::SIZE, true, Fill::Lazy).map_err(|_| io::Errno::NOMEM)?;
         header(&map).init(T::MAGIC, param, id);
         Ok((
             fd,
@@ -315,95 +333,6 @@ macro_rules! read_only_view {
 read_only_view!(FenceState);
 read_only_view!(DeviceStatus);
 
-/// A queue's ring: its [`RingHeader`] and `entries` packet slots of [`PACKET_SIZE`] bytes,
-/// mapped read-write by the client (packets) and the firmware (read index).
-pub struct RingShm {
-    map: MmapRaw,
-    mask: u64,
-}
-
-// SAFETY: shared memory reached only through atomics.
-unsafe impl Send for RingShm {}
-// SAFETY: as above.
-unsafe impl Sync for RingShm {}
-
-impl core::fmt::Debug for RingShm {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("RingShm")
-            .field("entries", &(self.mask + 1))
-            .finish()
-    }
-}
-
-/// One packet slot: eight 64-bit words.
-pub type PacketSlot = [AtomicU64; PACKET_SIZE / 8];
-
-impl RingShm {
-    /// Creates a ring of `entries` (a power of two) packets for queue slot `slot`.
-    pub fn create(entries: u32, slot: u32) -> io::Result<(OwnedFd, RingShm)> {
-        if !entries.is_power_of_two() {
-            return Err(io::Errno::INVAL);
-        }
-        let size = ring_object_size(entries);
-        let fd = os::create_memfd("userq-ring", size as u64, Sealing::Final)?;
-        let map = map_raw(fd.as_fd(), size, true).map_err(|_| io::Errno::NOMEM)?;
-        header(&map).init(magic::RING, entries, slot as u64);
-        Ok((
-            fd,
-            RingShm {
-                map,
-                mask: entries as u64 - 1,
-            },
-        ))
-    }
-
-    /// Maps a ring that must hold `entries` (a power of two) packets, checking its size,
-    /// magic, ABI version and entry count.
-    pub fn map(fd: BorrowedFd<'_>, entries: u32) -> Result<RingShm, MapError> {
-        if !entries.is_power_of_two() {
-            return Err(MapError::Io(io::Errno::INVAL));
-        }
-        let map = map_raw(fd, ring_object_size(entries), true)?;
-        check_header(&map, magic::RING)?;
-        let found = header(&map).param.load(Ordering::Relaxed);
-        if found != entries {
-            return Err(HeaderError::BadParam {
-                expected: entries,
-                found,
-            }
-            .into());
-        }
-        Ok(RingShm {
-            map,
-            mask: entries as u64 - 1,
-        })
-    }
-
-    /// Entries (packets) in the ring.
-    #[inline]
-    pub fn entries(&self) -> u64 {
-        self.mask + 1
-    }
-
-    /// The header.
-    #[inline]
-    pub fn header(&self) -> &RingHeader {
-        // SAFETY: the mapping starts with a RingHeader (checked at map time), a repr(C)
-        // struct of atomics; the reference borrows `self`.
-        unsafe { &*self.map.as_ptr().cast::<RingHeader>() }
-    }
-
-    /// The slot of packet `index` (any index: it is masked into the ring).
-    #[inline]
-    pub fn slot(&self, index: u64) -> &PacketSlot {
-        let offset = RING_PACKETS_OFFSET + (index & self.mask) as usize * PACKET_SIZE;
-        // SAFETY: `index & mask < entries`, and the mapping is `ring_object_size(entries)`
-        // bytes, so the slot is inside it; it is 64-byte aligned (page-aligned base, offset
-        // a multiple of 64) and made of atomics. The reference borrows `self`.
-        unsafe { &*self.map.as_ptr().add(offset).cast::<PacketSlot>() }
-    }
-}
-
 /// An atomic integer a byte range can be viewed as ([`ShmBytes::atomics`]). Sealed.
 pub trait AtomicInt: sealed::Sealed + Sync + Sized {}
 impl sealed::Sealed for AtomicU8 {}
@@ -436,7 +365,7 @@ impl ShmBytes {
     /// long; a sealed memfd cannot shrink afterwards).
     pub fn map(fd: BorrowedFd<'_>, len: usize) -> Result<ShmBytes, MapError> {
         Ok(ShmBytes {
-            map: map_raw(fd, len, true)?,
+            map: map_raw(fd, len, true, Fill::Lazy)?,
         })
     }
 
@@ -499,7 +428,7 @@ impl ShmBytesRo {
     /// Maps the first `len` bytes of `fd` read-only.
     pub fn map(fd: BorrowedFd<'_>, len: usize) -> Result<ShmBytesRo, MapError> {
         Ok(ShmBytesRo {
-            map: map_raw(fd, len, false)?,
+            map: map_raw(fd, len, false, Fill::Lazy)?,
         })
     }
 
@@ -566,7 +495,7 @@ mod tests {
     }
 
     #[test]
-    fn read_only_views_see_the_writer_and_the_ring_masks_its_index() {
+    fn read_only_views_see_the_writer() {
         let (fd, st) = Shm::<FenceState>::create("t", Sealing::FirmwareWritable, 2, 1).unwrap();
         os::seal_read_only(fd.as_fd()).unwrap();
         let ro = Shm::<FenceState<ReadOnly>>::map(fd.as_fd()).unwrap();
@@ -577,18 +506,5 @@ mod tests {
         st.slot.value.store(9, Ordering::Release);
         assert_eq!(ro.slot.value.load_acquire(), 9);
         assert_eq!(st.read_only().slot.value.load(), 9);
-
-        let (rfd, ring) = RingShm::create(4, 0).unwrap();
-        ring.slot(5)[0].store(1, Ordering::Relaxed);
-        assert_eq!(ring.slot(1)[0].load(Ordering::Relaxed), 1);
-        assert!(
-            RingShm::map(rfd.as_fd(), 8).is_err(),
-            "too small for 8 entries"
-        );
-        assert!(matches!(
-            RingShm::map(rfd.as_fd(), 2),
-            Err(MapError::Header(HeaderError::BadParam { .. }))
-        ));
-        assert_eq!(RingShm::map(rfd.as_fd(), 4).unwrap().entries(), 4);
     }
 }
