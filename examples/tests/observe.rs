@@ -24,9 +24,13 @@ fn work(dev: &Device, rounds: u64) {
     let mut b = dev.queue().profiling(true).create().unwrap();
     let f = dev.create_fence(0).unwrap();
     let buf = dev.alloc::<u32>(1 << 14).unwrap();
+    let small = dev.alloc::<u32>(64).unwrap();
     for i in 1..=rounds {
         b.submit(userq::Command::wait(&f.point(i))).unwrap();
         a.submit(kernels::fill_u32(1 << 14, i as u32, &buf).unwrap())
+            .unwrap();
+        // One workgroup: the command processor runs it itself.
+        a.submit(kernels::fill_u32(64, i as u32, &small).unwrap())
             .unwrap();
         a.submit(userq::Command::signal(&f, i)).unwrap();
         std::thread::sleep(Duration::from_millis(2));
@@ -90,8 +94,14 @@ fn status_events_and_trace_describe_the_device() {
     // Flows from signals to the waits they released, in pairs.
     assert!(ph("s") >= 50, "{} flows", ph("s"));
     assert_eq!(ph("s"), ph("f"));
-    // Engine counters and the queue-created instants of our queues.
+    // Engine counters (one track per engine and one for the command processor's inline
+    // dispatches, every 10 ms) and the queue-created instants of our queues.
     assert!(ph("C") > 10);
+    let inline_samples = evs
+        .iter()
+        .filter(|e| e["ph"] == "C" && e["name"] == "command processor inline busy %")
+        .count();
+    assert!(inline_samples > 10, "{inline_samples} inline samples");
     assert!(evs
         .iter()
         .any(|e| e["ph"] == "i" && e["name"] == "queue-created" && e["pid"] == me));
@@ -117,6 +127,11 @@ fn status_events_and_trace_describe_the_device() {
         .find(|p| p["pid"] == me)
         .expect("this process is listed");
     assert!(mine["engine_ns"].as_u64().unwrap() > 0);
+    // The 100 one-workgroup fills ran on the command processor.
+    let inline = &s["command_processor_inline"];
+    assert!(inline["workgroups"].as_u64().unwrap() >= 100, "{inline}");
+    assert!(inline["busy_ns"].as_u64().unwrap() > 0, "{inline}");
+    assert!(inline["utilisation"].is_f64(), "{inline}");
     assert!(!mine["queues"].as_array().unwrap().is_empty());
 
     // events --json from the start: this process's context, as JSON lines.
@@ -165,7 +180,10 @@ fn top_runs_in_a_terminal_and_quits_on_q() {
     assert!(out.status.success(), "{text}");
     // Drawn (words come with cursor moves between them): the header and the table.
     assert!(
-        text.contains("userq") && text.contains("queues") && text.contains("STATE"),
+        text.contains("userq")
+            && text.contains("queues")
+            && text.contains("STATE")
+            && text.contains("processor"),
         "{text}"
     );
     // Left the alternate screen: the terminal is back.

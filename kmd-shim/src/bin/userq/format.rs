@@ -52,8 +52,9 @@ pub fn error(code: u32) -> String {
     }
 }
 
-/// The snapshot as JSON; `busy` is each engine's share of the sample window (0..1).
-pub fn snapshot_json(s: &Snapshot, busy: &[f64]) -> Value {
+/// The snapshot as JSON; `busy` is each engine's share of the sample window (0..1),
+/// `inline` the command processor's share spent running small dispatches itself.
+pub fn snapshot_json(s: &Snapshot, busy: &[f64], inline: f64) -> Value {
     json!({
         "generation": s.generation,
         "state": if s.lost { "lost" } else { "running" },
@@ -73,7 +74,10 @@ pub fn snapshot_json(s: &Snapshot, busy: &[f64]) -> Value {
         "engines": s.engines.iter().zip(busy.iter().chain(std::iter::repeat(&0.0))).enumerate().map(|(i, (e, b))| json!({
             "engine": i, "busy_ns": e.busy_ns, "workgroups": e.workgroups, "utilisation": (b * 1000.0).round() / 1000.0,
         })).collect::<Vec<_>>(),
-        "command_processor_inline": {"busy_ns": s.inline.busy_ns, "workgroups": s.inline.workgroups},
+        "command_processor_inline": {
+            "busy_ns": s.inline.busy_ns, "workgroups": s.inline.workgroups,
+            "utilisation": (inline * 1000.0).round() / 1000.0,
+        },
         "processes": s.contexts.iter().map(|c| json!({
             "ctx": c.ctx,
             "pid": c.pid,

@@ -13,11 +13,19 @@ pub fn utilisation(a: &Snapshot, b: &Snapshot, window: Duration) -> Vec<f64> {
     a.engines
         .iter()
         .zip(&b.engines)
-        .map(|(x, y)| {
-            // A value that went backwards (a restart) counts as idle.
-            (y.busy_ns.saturating_sub(x.busy_ns) as f64 / window.as_nanos() as f64).min(1.0)
-        })
+        .map(|(x, y)| share(x.busy_ns, y.busy_ns, window))
         .collect()
+}
+
+/// The command processor's share of the window spent running small dispatches itself.
+pub fn inline_share(a: &Snapshot, b: &Snapshot, window: Duration) -> f64 {
+    share(a.inline.busy_ns, b.inline.busy_ns, window)
+}
+
+/// Busy time between two readings of a counter over `window`, at most 1. A value that
+/// went backwards (a restart) counts as idle.
+fn share(was: u64, is: u64, window: Duration) -> f64 {
+    (is.saturating_sub(was) as f64 / window.as_nanos().max(1) as f64).min(1.0)
 }
 
 pub fn run(obs: &Observer, json: bool) -> crate::Res<()> {
@@ -26,8 +34,9 @@ pub fn run(obs: &Observer, json: bool) -> crate::Res<()> {
     std::thread::sleep(WINDOW);
     let s = obs.snapshot();
     let busy = utilisation(&a, &s, t.elapsed());
+    let inline = inline_share(&a, &s, t.elapsed());
     if json {
-        let v = snapshot_json(&s, &busy);
+        let v = snapshot_json(&s, &busy, inline);
         return out(&serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?);
     }
     let p = &s.paging;
@@ -40,9 +49,10 @@ pub fn run(obs: &Observer, json: bool) -> crate::Res<()> {
     ))?;
     let use_: Vec<String> = busy.iter().map(|b| format!("{:.0}%", b * 100.0)).collect();
     out(&format!(
-        "engines: busy {} (over {:?}); since start, the command processor ran {} workgroups of small dispatches itself ({})",
+        "engines: busy {} (over {:?}); the command processor ran small dispatches itself {:.0}% of that time, and {} workgroups of them since start ({})",
         use_.join(" "),
         WINDOW,
+        inline * 100.0,
         s.inline.workgroups,
         ms(s.inline.busy_ns)
     ))?;

@@ -3,7 +3,7 @@
 //! ends (ratatui's init installs a panic hook that restores it too).
 
 use crate::format::{mib, ms, priority};
-use crate::status::utilisation;
+use crate::status::{inline_share, utilisation};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Modifier, Style};
@@ -95,7 +95,14 @@ fn rows(prev: &Snapshot, now: &Snapshot, window: Duration) -> Vec<QRow> {
         .collect()
 }
 
-fn draw(f: &mut Frame<'_>, now: &Snapshot, busy: &[f64], rows: &[QRow], sort: Sort) {
+/// Busy shares over the last window: each engine's, and the command processor's running
+/// small dispatches itself.
+struct Busy {
+    engines: Vec<f64>,
+    inline: f64,
+}
+
+fn draw(f: &mut Frame<'_>, now: &Snapshot, busy: &Busy, rows: &[QRow], sort: Sort) {
     let area = f.area();
     if area.width < MIN_SIZE.0 || area.height < MIN_SIZE.1 {
         f.render_widget(
@@ -108,7 +115,11 @@ fn draw(f: &mut Frame<'_>, now: &Snapshot, busy: &[f64], rows: &[QRow], sort: So
         return;
     }
     let [head, table] = Layout::vertical([Constraint::Length(4), Constraint::Min(3)]).areas(area);
-    let use_: Vec<String> = busy.iter().map(|b| format!("{:.0}%", b * 100.0)).collect();
+    let use_: Vec<String> = busy
+        .engines
+        .iter()
+        .map(|b| format!("{:.0}%", b * 100.0))
+        .collect();
     let p = &now.paging;
     let lines = vec![
         Line::from(format!(
@@ -119,7 +130,11 @@ fn draw(f: &mut Frame<'_>, now: &Snapshot, busy: &[f64], rows: &[QRow], sort: So
             now.contexts.len(),
             sort.name()
         )),
-        Line::from(format!("engines busy: {}", use_.join(" "))),
+        Line::from(format!(
+            "engines busy: {}; command processor running small dispatches: {:.0}%",
+            use_.join(" "),
+            busy.inline * 100.0
+        )),
         Line::from(format!(
             "memory: {} of {} resident; {} faults, {} batches, {} evicted, {} refaults",
             mib(p.resident_pages * DEVICE_PAGE),
@@ -197,7 +212,7 @@ pub fn run(_path: &Path, obs: Observer, interval_ms: u64) -> crate::Res<()> {
         let mut prev = obs.snapshot();
         let mut at = Instant::now();
         let mut beat = (prev.heartbeat, Instant::now());
-        let mut shown: Option<(Snapshot, Vec<f64>, Vec<QRow>)> = None;
+        let mut shown: Option<(Snapshot, Busy, Vec<QRow>)> = None;
         loop {
             if stop.load(Relaxed) {
                 return Ok(());
@@ -205,7 +220,10 @@ pub fn run(_path: &Path, obs: Observer, interval_ms: u64) -> crate::Res<()> {
             if at.elapsed() >= interval || shown.is_none() {
                 let now = obs.snapshot();
                 let window = at.elapsed().max(Duration::from_millis(1));
-                let busy = utilisation(&prev, &now, window);
+                let busy = Busy {
+                    engines: utilisation(&prev, &now, window),
+                    inline: inline_share(&prev, &now, window),
+                };
                 let mut r = rows(&prev, &now, window);
                 match sort {
                     Sort::EngineNow => r.sort_by(|a, b| b.share.total_cmp(&a.share)),

@@ -7,7 +7,8 @@
 //!   its submit time and queueing delay in the slice's arguments;
 //! - flow arrows from each SIGNAL_FENCE to the WAIT_FENCE it released (same fence, the
 //!   last signal before the wait ended that reached its value);
-//! - one counter track per engine: its busy share, sampled every 10 ms;
+//! - one counter track per engine: its busy share, sampled every 10 ms; and one for the
+//!   command processor's share spent running small dispatches itself;
 //! - the device's events (fault batches, evictions, migrations, hangs, resets, bans,
 //!   device loss) as instant events on their context's process, or on the device's.
 //!
@@ -24,6 +25,16 @@ use userq_uapi::layout::profile::{profile_object_size, profile_record_offset, wo
 use userq_uapi::layout::{monotonic_ns, EventKind};
 use userq_uapi::observe::{Event, Observer};
 use userq_uapi::shm::ShmBytesRo;
+
+/// Busy-time counters read at one moment.
+struct Sample {
+    /// When (`monotonic_ns`).
+    at: u64,
+    /// Each engine's busy time.
+    engines: Vec<u64>,
+    /// The command processor's time running small dispatches itself.
+    inline: u64,
+}
 
 /// One packet as the profile recorded it.
 #[derive(Debug, Clone, Copy)]
@@ -133,7 +144,7 @@ pub fn run(path: &Path, obs: &Observer, out: &Path, seconds: f64) -> crate::Res<
     let mut names: HashMap<u32, String> = HashMap::new();
     let mut device_events: Vec<Event> = Vec::new();
     let mut dropped = 0u64;
-    let mut samples: Vec<(u64, Vec<u64>)> = Vec::new();
+    let mut samples: Vec<Sample> = Vec::new();
     let mut last_sample = Instant::now() - Duration::from_secs(1);
     let mut ended_early = None;
     while began.elapsed() < span && !stop.load(Relaxed) {
@@ -144,10 +155,11 @@ pub fn run(path: &Path, obs: &Observer, out: &Path, seconds: f64) -> crate::Res<
                 ended_early = Some("the device's firmware was lost during the trace");
                 break;
             }
-            samples.push((
-                monotonic_ns(),
-                snap.engines.iter().map(|e| e.busy_ns).collect(),
-            ));
+            samples.push(Sample {
+                at: monotonic_ns(),
+                engines: snap.engines.iter().map(|e| e.busy_ns).collect(),
+                inline: snap.inline.busy_ns,
+            });
             let live: std::collections::HashSet<(u32, u32)> = snap
                 .contexts
                 .iter()
@@ -258,7 +270,7 @@ fn build(
     traced: &[((u32, u32), Traced)],
     names: &HashMap<u32, String>,
     events: &[Event],
-    samples: &[(u64, Vec<u64>)],
+    samples: &[Sample],
     dropped: u64,
 ) -> Value {
     let mut out: Vec<Value> = Vec::new();
@@ -319,15 +331,26 @@ fn build(
             }
         }
     }
-    // Engine occupancy, one counter track per engine.
+    // Engine occupancy, one counter track per engine, and the command processor's inline
+    // dispatches on a track of their own.
     for w in samples.windows(2) {
-        let ((ta, a), (tb, b)) = (&w[0], &w[1]);
-        let dt = tb.saturating_sub(*ta).max(1) as f64;
-        for (e, (x, y)) in a.iter().zip(b).enumerate() {
-            let share = (y.saturating_sub(*x) as f64 / dt * 100.0).min(100.0);
+        let (a, b) = (&w[0], &w[1]);
+        let dt = b.at.saturating_sub(a.at).max(1) as f64;
+        let share = |x: u64, y: u64| (y.saturating_sub(x) as f64 / dt * 100.0).min(100.0);
+        let counters = a
+            .engines
+            .iter()
+            .zip(&b.engines)
+            .enumerate()
+            .map(|(e, (x, y))| (format!("engine {e} busy %"), share(*x, *y)))
+            .chain([(
+                "command processor inline busy %".to_string(),
+                share(a.inline, b.inline),
+            )]);
+        for (name, busy) in counters {
             out.push(
-                json!({"ph": "C", "name": format!("engine {e} busy %"), "pid": 0, "ts": us(*tb, t0),
-                "args": {"busy": (share * 10.0).round() / 10.0}}),
+                json!({"ph": "C", "name": name, "pid": 0, "ts": us(b.at, t0),
+                "args": {"busy": (busy * 10.0).round() / 10.0}}),
             );
         }
     }
