@@ -6,6 +6,7 @@ use crate::proc::{inherited_memory, shared_memory, Role};
 use crate::stats::{time_each, Latency};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::time::{Duration, Instant};
 use userq::uapi::shm::ShmBytes;
 use userq::uapi::sync::{futex_wait, futex_wake_all};
 
@@ -66,7 +67,9 @@ pub fn poll_floor_child(fd: &str) -> std::io::Result<()> {
     }
 }
 
-/// Parent side of the shared-futex ping-pong: both sides sleep every time.
+/// Parent side of the shared-futex ping-pong, run back to back: each side sleeps when
+/// the answer is not there yet. Run long, it settles into sleeping most rounds; a round
+/// that finds its partner still awake costs two syscalls and no wake.
 pub fn futex_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
     let (map, child) = floor_child("__floor-futex")?;
     let a = map.word32(A).expect("word a");
@@ -88,6 +91,41 @@ pub fn futex_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
     futex_wake_all(a);
     drop(child);
     Ok(lat)
+}
+
+/// The shared-futex ping-pong from cold: before each round the pair is left idle for
+/// `idle` (untimed), as [`crate::round_trip::cold_round_trip`] leaves the device, so the
+/// child is asleep in `futex_wait` when the round starts and its wake is always a real
+/// one. The parent's is real when it is asleep before the answer comes; when the child is
+/// woken onto the parent's vCPU and runs first, the parent finds the answer without
+/// sleeping. Returns the latencies and in how many rounds the parent slept.
+pub fn futex_floor_cold(iters: usize, idle: Duration) -> std::io::Result<(Latency, usize)> {
+    let (map, child) = floor_child("__floor-futex")?;
+    let a = map.word32(A).expect("word a");
+    let b = map.word32(B).expect("word b");
+    let mut lat = Latency::new();
+    let mut slept = 0;
+    for i in 1..=iters as u32 {
+        std::thread::sleep(idle);
+        let t = Instant::now();
+        a.store(i, Release);
+        futex_wake_all(a);
+        let mut waited = false;
+        loop {
+            let v = b.load(Acquire);
+            if v == i {
+                break;
+            }
+            waited = true;
+            futex_wait(b, v, None);
+        }
+        lat.record(t.elapsed().as_nanos() as u64);
+        slept += usize::from(waited);
+    }
+    a.store(STOP32, Release);
+    futex_wake_all(a);
+    drop(child);
+    Ok((lat, slept))
 }
 
 /// Child side of the shared-futex ping-pong.

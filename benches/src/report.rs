@@ -8,7 +8,7 @@ use crate::stats::{ns, Latency, Summary};
 pub struct LatencyRow {
     /// What was measured.
     pub name: String,
-    /// Which floor it is compared with (`poll` or `futex`), if any.
+    /// Which floor it is compared with (`poll`, `exchange` or `futex`), if any.
     pub floor: Option<&'static str>,
     /// The distribution.
     pub latency: Latency,
@@ -124,7 +124,13 @@ impl Report {
     pub fn targets(&self) -> Vec<Target> {
         let mut t = Vec::new();
         let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
-        for p in self.paired.iter().filter(|p| p.name.contains("cold")) {
+        // The target is against the ping-pong run back to back; the pairing with the one
+        // started from cold is reported beside it.
+        for p in self
+            .paired
+            .iter()
+            .filter(|p| p.name.contains("cold") && p.floor == "floor: shared-futex ping-pong")
+        {
             let r50 = p.median_p50();
             t.push(Target {
                 what: format!(

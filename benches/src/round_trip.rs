@@ -35,19 +35,21 @@ fn round_trips(
     })
 }
 
+/// How long a cold round trip leaves the device idle first: longer than the firmware's
+/// spin-and-yield before it sleeps (2 ms).
+pub const COLD_IDLE: Duration = Duration::from_millis(4);
+
 /// Cold NOP round trips: before each one the device is left idle long enough for the
 /// firmware to go to sleep, so the doorbell must wake it (a futex wake) and the completion
 /// must wake the blocked client (another): the same two wake-ups as the shared-futex
 /// ping-pong. The idle time is not timed.
 pub fn cold_round_trip(dev: &Device, iters: usize) -> Result<Latency, Box<dyn std::error::Error>> {
-    /// Longer than the firmware's spin-and-yield before it sleeps (2 ms).
-    const IDLE: Duration = Duration::from_millis(4);
     let mut q = dev.queue().create()?;
     let timeline = q.timeline().clone();
     let nop = [Command::nop()];
     let mut lat = Latency::new();
     for _ in 0..iters {
-        std::thread::sleep(IDLE);
+        std::thread::sleep(COLD_IDLE);
         let t = Instant::now();
         let v = q.enqueue(&nop)?;
         timeline.wait_with(v, WaitMode::Block, Duration::from_secs(10))?;

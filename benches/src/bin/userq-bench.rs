@@ -25,6 +25,8 @@ const IDLE_QUEUES: &str = "userq NOP, daemon, spin, 4096 idle queues from 64 pro
 
 /// The name of the cold round-trip row.
 const COLD: &str = "userq NOP, daemon, cold (fw asleep), block";
+const FUTEX_FLOOR: &str = "floor: shared-futex ping-pong";
+const COLD_FLOOR: &str = "floor: shared-futex ping-pong from cold";
 
 /// The name of the kernel-launch row.
 const KERNEL_LAUNCH: &str = "userq 1-workgroup DISPATCH, daemon, spin";
@@ -156,7 +158,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
             latency: floors::poll_floor(warm, n)?,
         });
         r.latency.push(LatencyRow {
-            name: "floor: shared-futex ping-pong".into(),
+            name: FUTEX_FLOOR.into(),
             floor: Some("futex"),
             latency: floors::futex_floor(warm / 5, nb)?,
         });
@@ -201,12 +203,14 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
                 latency: spin,
             });
             if mode == Mode::Daemon {
-                // Cold round trips against the futex ping-pong, paired the same way.
+                // Cold round trips against the futex ping-pong, paired the same way (the
+                // target), ...
                 let cold_iters = if o.quick { 40 } else { 150 };
+                let cold_rounds = if o.quick { 3 } else { 5 };
                 let (paired, _, cold) = rounds::interleave(
                     COLD,
-                    "floor: shared-futex ping-pong",
-                    if o.quick { 3 } else { 5 },
+                    FUTEX_FLOOR,
+                    cold_rounds,
                     // The ping-pong needs a long run to settle into sleeping every time (a
                     // short one mostly finds its partner still awake).
                     || -> Res<_> { Ok(floors::futex_floor(warm / 5, nb)?) },
@@ -217,6 +221,31 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
                     name: COLD.into(),
                     floor: Some("futex"),
                     latency: cold,
+                });
+                // ... and against the ping-pong started from the same idle gap, for the
+                // record: its rounds land in two modes (both processes woken on one vCPU,
+                // a context switch; or on two, an IPI to a halted vCPU each way).
+                let mut slept = 0;
+                let (paired, cold_floor, _) = rounds::interleave(
+                    COLD,
+                    COLD_FLOOR,
+                    cold_rounds,
+                    || -> Res<_> {
+                        let (l, s) = floors::futex_floor_cold(cold_iters, round_trip::COLD_IDLE)?;
+                        slept += s;
+                        Ok(l)
+                    },
+                    || round_trip::cold_round_trip(&dev, cold_iters),
+                )?;
+                say(&format!(
+                    "futex ping-pong from cold: the parent slept for its answer in {slept} of {} rounds",
+                    cold_floor.count()
+                ));
+                r.paired.push(paired);
+                r.latency.push(LatencyRow {
+                    name: COLD_FLOOR.into(),
+                    floor: Some("futex"),
+                    latency: cold_floor,
                 });
                 r.latency.push(LatencyRow {
                     name: KERNEL_LAUNCH.into(),
