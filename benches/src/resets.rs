@@ -13,6 +13,7 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use userq::uapi::observe::Footprint;
 use userq::{kernels, Command, Device, WaitError, WaitMode};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -55,24 +56,10 @@ fn now_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
-/// Open descriptors and resident kB of a process.
-fn footprint(pid: u32) -> (usize, u64) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0);
-    (fds, rss)
-}
-
 fn both(procs: &DeviceProcs) -> (usize, u64, usize, u64) {
-    let (k, kr) = footprint(procs.host_pid());
-    let (f, fr) = footprint(procs.firmware_pid());
-    (k, kr, f, fr)
+    let k = Footprint::of(procs.host_pid());
+    let f = Footprint::of(procs.firmware_pid());
+    (k.fds, k.rss_kb, f.fds, f.rss_kb)
 }
 
 /// Hangs one fresh context (so that no context is banned) with `timeout`; returns the

@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use userq::uapi::observe::Footprint;
 use userq::{Device, ErrorCode, ExportedFence, OpenMode, WaitError};
 
 /// Runs `n` clients with `args` at once; each must print `ok`.
@@ -371,18 +372,8 @@ fn a_custom_firmware_program_serves_its_own_kernel_in_daemon_layout() {
 
 /// Open descriptors and resident kilobytes of a process.
 fn footprint(pid: u32) -> (usize, u64) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0);
-    (fds, rss)
+    let f = Footprint::of(pid);
+    (f.fds, f.rss_kb)
 }
 
 #[test]

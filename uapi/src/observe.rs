@@ -13,6 +13,34 @@ use crate::{os, KmdStatus, ABI_VERSION};
 use rustix::fd::AsFd;
 use std::path::Path;
 
+/// What a process holds, read from `/proc/PID`: its open descriptors and resident memory.
+/// The leak checks (the system tests, `userq-bench resets`) compare kmd-shim's and the
+/// firmware's before and after clients come and go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Footprint {
+    /// Open file descriptors (entries of `/proc/PID/fd`).
+    pub fds: usize,
+    /// Resident set in kB (`VmRSS` in `/proc/PID/status`).
+    pub rss_kb: u64,
+}
+
+impl Footprint {
+    /// The footprint of process `pid`; zero for what cannot be read (a process that is
+    /// gone, or another user's).
+    pub fn of(pid: u32) -> Footprint {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+        let rss_kb = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0);
+        Footprint { fds, rss_kb }
+    }
+}
+
 /// Why a device could not be observed.
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
