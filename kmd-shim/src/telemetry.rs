@@ -60,6 +60,10 @@ pub(crate) fn publish_paging(t: &Telemetry, s: &PagingStats) {
     p.resident_pages.store(s.resident_pages, Relaxed);
     p.service_ns.store(s.service_ns, Relaxed);
     p.migrate_ns.store(s.migrate_ns, Relaxed);
+    p.violations.store(s.violations, Relaxed);
+    p.budget_pages.store(s.budget_pages, Relaxed);
+    p.peak_resident_pages.store(s.peak_resident_pages, Relaxed);
+    p.deadlocks.store(s.deadlocks, Relaxed);
 }
 
 /// A process's name from `/proc/<pid>/comm`, NUL-padded to 16 bytes.

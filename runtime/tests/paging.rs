@@ -6,6 +6,7 @@ mod common;
 use common::Env;
 use std::time::Duration;
 use userq::{kernels, Device, ErrorCode, WaitError};
+use userq_uapi::observe::Observer;
 use userq_uapi::paging::DEVICE_PAGE;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -48,6 +49,14 @@ fn a_working_set_four_times_the_budget_streams_with_exact_results() {
     assert!(s.peak_resident_pages <= 16, "{s:?}");
     // After to_vec every page went back to the host (the OS's view: tests/pool.rs).
     assert_eq!(s.resident_pages, 0, "{s:?}");
+    // The telemetry carries every counter PAGING_STATS gives (kmd-shim publishes them
+    // as it releases the pager; bounded wait for that store).
+    let obs = Observer::connect(dev.socket_path()).expect("observe");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while obs.snapshot().paging != s && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(obs.snapshot().paging, s);
 }
 
 #[test]

@@ -8,6 +8,7 @@ use crate::layout::{
     DeviceState, DeviceStatus, EventKind, EventLog, QueueRunState, Telemetry, EVENT_LOG_ENTRIES,
     MAX_QUEUES_PER_CONTEXT,
 };
+use crate::paging::PagingStats;
 use crate::shm::{ReadOnly, Shm};
 use crate::{os, KmdStatus, ABI_VERSION};
 use rustix::fd::AsFd;
@@ -167,15 +168,19 @@ impl Observer {
                     workgroups: e.workgroups.load(),
                 })
                 .collect(),
-            paging: PagingSnapshot {
+            paging: PagingStats {
                 faults: p.faults.load(),
                 batches: p.batches.load(),
                 pages_in: p.pages_in.load(),
                 pages_out: p.pages_out.load(),
                 refaults: p.refaults.load(),
-                resident_pages: p.resident_pages.load(),
+                violations: p.violations.load(),
                 service_ns: p.service_ns.load(),
                 migrate_ns: p.migrate_ns.load(),
+                resident_pages: p.resident_pages.load(),
+                budget_pages: p.budget_pages.load(),
+                peak_resident_pages: p.peak_resident_pages.load(),
+                deadlocks: p.deadlocks.load(),
             },
             contexts: t
                 .contexts
@@ -300,8 +305,8 @@ pub struct Snapshot {
     pub engines: Vec<EngineSnapshot>,
     /// Small dispatches the command processor ran itself instead of waking an engine.
     pub inline: EngineSnapshot,
-    /// Paging counters.
-    pub paging: PagingSnapshot,
+    /// Paging counters: what PAGING_STATS answers, as kmd-shim last published them.
+    pub paging: PagingStats,
     /// Open contexts.
     pub contexts: Vec<ContextSnapshot>,
 }
@@ -313,27 +318,6 @@ pub struct EngineSnapshot {
     pub busy_ns: u64,
     /// Workgroups it finished.
     pub workgroups: u64,
-}
-
-/// Paging counters.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PagingSnapshot {
-    /// Faults serviced.
-    pub faults: u64,
-    /// Batches.
-    pub batches: u64,
-    /// Pages in.
-    pub pages_in: u64,
-    /// Pages evicted.
-    pub pages_out: u64,
-    /// Refaults.
-    pub refaults: u64,
-    /// Pages resident now.
-    pub resident_pages: u64,
-    /// Service time, ns.
-    pub service_ns: u64,
-    /// Copy time, ns.
-    pub migrate_ns: u64,
 }
 
 /// One context.

@@ -109,7 +109,8 @@ pub struct DeviceTelemetry<A: Access = ReadWrite> {
     pub inline_workgroups: A::U64,
 }
 
-/// Paging counters, as [`crate::paging::PagingStats`] (kmd-shim, after each operation).
+/// Paging counters, every one of [`crate::paging::PagingStats`] (kmd-shim, after each
+/// operation), in two lines.
 #[repr(C, align(64))]
 #[derive(Debug)]
 pub struct PagingTelemetry<A: Access = ReadWrite> {
@@ -129,6 +130,14 @@ pub struct PagingTelemetry<A: Access = ReadWrite> {
     pub service_ns: A::U64,
     /// Nanoseconds copying pages.
     pub migrate_ns: A::U64,
+    /// Faults at addresses no on-demand mapping covers.
+    pub violations: A::U64,
+    /// Pool slots in all: the budget in pages.
+    pub budget_pages: A::U64,
+    /// Most slots ever held at once.
+    pub peak_resident_pages: A::U64,
+    /// Evictions the `WaitForIdleJobs` policy gave up on.
+    pub deadlocks: A::U64,
 }
 
 /// One engine thread.
@@ -199,7 +208,7 @@ const _: () = {
     assert!(size_of::<QueueTelemetry>() == super::CACHE_LINE);
     assert!(size_of::<ContextTelemetry>() == super::CACHE_LINE);
     assert!(size_of::<EngineTelemetry>() == super::CACHE_LINE);
-    assert!(size_of::<PagingTelemetry>() == super::CACHE_LINE);
+    assert!(size_of::<PagingTelemetry>() == 2 * super::CACHE_LINE);
     assert!(offset_of!(Telemetry<ReadOnly>, queues) == offset_of!(Telemetry, queues));
     assert!(offset_of!(Telemetry<ReadOnly>, contexts) == offset_of!(Telemetry, contexts));
     assert!(size_of::<Telemetry<ReadOnly>>() == size_of::<Telemetry>());

@@ -57,14 +57,17 @@ pub fn run(obs: &Observer, json: bool) -> crate::Res<()> {
         ms(s.inline.busy_ns)
     ))?;
     out(&format!(
-        "memory: budget {}, resident {}; {} faults in {} batches, {} pages in, {} evicted, {} refaults; service {}, copying {}",
+        "memory: budget {}, resident {} (peak {}); {} faults in {} batches, {} pages in, {} evicted, {} refaults, {} violations, {} eviction deadlocks; service {}, copying {}",
         mib(s.vram_bytes),
         mib(p.resident_pages * DEVICE_PAGE),
+        mib(p.peak_resident_pages * DEVICE_PAGE),
         p.faults,
         p.batches,
         p.pages_in,
         p.pages_out,
         p.refaults,
+        p.violations,
+        p.deadlocks,
         ms(p.service_ns),
         ms(p.migrate_ns)
     ))?;
