@@ -163,11 +163,11 @@ impl Report {
                 verdict: Some(idle < 0.02),
             });
         }
-        for p in self
-            .paired
-            .iter()
-            .filter(|p| p.name.contains("spin") && !p.name.contains("idle queues"))
-        {
+        for p in self.paired.iter().filter(|p| {
+            p.name.contains("spin")
+                && !p.name.contains("idle queues")
+                && p.floor == "floor: minimal packet + doorbell + fence exchange"
+        }) {
             let (r50, r99) = (p.median_p50(), p.median_p99());
             t.push(Target {
                 what: format!(
@@ -184,18 +184,24 @@ impl Report {
                 verdict: Some(r99 <= 2.0),
             });
         }
-        let poll = self.floor("poll");
         let futex = self.floor("futex");
-        if let (Some(f), Some(u)) = (poll, self.summary("userq NOP, daemon, spin")) {
+        // Against the cache-line ping-pong measured beside each of the daemon's rounds.
+        if let Some(p) = self.paired.iter().find(|p| {
+            p.name == "userq NOP, daemon, spin" && p.floor == "floor: cache-line ping-pong"
+        }) {
+            let (r50, r99) = (p.median_p50(), p.median_p99());
             t.push(Target {
-                what: "spin round trip p50 ≤ 1.5× polling floor".into(),
-                measured: format!("{:.2}×", ratio(u.p50, f.p50)),
-                verdict: Some(ratio(u.p50, f.p50) <= 1.5),
+                what: format!(
+                    "spin round trip p50 ≤ 1.5× polling floor (median of {} paired rounds)",
+                    p.rounds.len()
+                ),
+                measured: format!("{r50:.2}× (rounds {})", fmt_ratios(&p.ratios_p50())),
+                verdict: Some(r50 <= 1.5),
             });
             t.push(Target {
                 what: "spin round trip p99 ≤ 2.5× polling floor".into(),
-                measured: format!("{:.2}×", ratio(u.p99, f.p99)),
-                verdict: Some(ratio(u.p99, f.p99) <= 2.5),
+                measured: format!("{r99:.2}× (rounds {})", fmt_ratios(&p.ratios_p99())),
+                verdict: Some(r99 <= 2.5),
             });
         }
         if let Some(k) = self.summary("userq 1-workgroup DISPATCH, daemon, spin") {
