@@ -370,7 +370,7 @@ impl Firmware {
             return FwStatus::NotFound;
         };
         let size = userq_uapi::layout::profile::profile_object_size(q.entries() as u32);
-        match ShmBytes::map(fd.as_fd(), size) {
+        match ShmBytes::map_resident(fd.as_fd(), size) {
             Ok(p) => {
                 q.set_profile(p);
                 FwStatus::Ok

@@ -220,6 +220,9 @@ impl Device {
             userq_uapi::shm::Sealing::Final,
         )
         .map_err(|_| KmdStatus::OutOfMemory)?;
+        // Written on every packet by both sides while profiling is on: resident from now,
+        // as the ring is (uapi's shm/ring.rs).
+        os::commit(fd.as_fd(), size as u64).map_err(|_| KmdStatus::OutOfMemory)?;
         let map =
             userq_uapi::shm::ShmBytes::map(fd.as_fd(), size).map_err(|_| KmdStatus::Internal)?;
         // The header, as every object has one: magic, ABI, entries.

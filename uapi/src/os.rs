@@ -42,9 +42,16 @@ pub fn create_memfd(name: &str, size: u64, sealing: crate::shm::Sealing) -> io::
 /// access has to find memory for it: the access neither takes the fault that allocates a
 /// page nor can fail for want of one (a shmem page that cannot be allocated on touch
 /// raises `SIGBUS` in the process touching it). An object too big for the memory left
-/// fails here, with `ENOMEM` or `ENOSPC`.
+/// fails here, with `ENOMEM` or `ENOSPC`; under memory pressure the kernel may instead
+/// reclaim or, at worst, wake the OOM killer, as for any allocation.
 pub fn commit(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
-    rustix::fs::fallocate(fd, rustix::fs::FallocateFlags::empty(), 0, size)
+    loop {
+        match rustix::fs::fallocate(fd, rustix::fs::FallocateFlags::empty(), 0, size) {
+            // A signal interrupted it: the pages allocated so far stay; go on.
+            Err(io::Errno::INTR) => continue,
+            r => return r,
+        }
+    }
 }
 
 /// Forbids every *new* writable mapping of the object and every `write(2)`

@@ -14,8 +14,8 @@
 //!   a store to read-only memory does not compile.
 //! - [`RingShm`]: a queue's ring, a [`RingHeader`](crate::layout::RingHeader) followed by
 //!   its packet slots; the slot index is masked, so every index is in bounds. Its memory is
-//!   allocated when it is created and every mapping of it is populated, so the submit path
-//!   never page-faults.
+//!   allocated when it is created and the client's and the firmware's mappings of it are
+//!   populated, so the submit path never page-faults.
 //! - [`ShmBytes`]: the untyped bytes of a buffer, viewed as slices of atomics.
 //!
 //! Loads from read-only mappings are `Relaxed` (with a separate fence where ordering is
@@ -366,6 +366,15 @@ impl ShmBytes {
     pub fn map(fd: BorrowedFd<'_>, len: usize) -> Result<ShmBytes, MapError> {
         Ok(ShmBytes {
             map: map_raw(fd, len, true, Fill::Lazy)?,
+        })
+    }
+
+    /// [`ShmBytes::map`] with every page entered in the page tables now (`MAP_POPULATE`),
+    /// for an object written on every packet (a queue's profile records) whose memory
+    /// its creator committed ([`os::commit`]): no access to it faults later.
+    pub fn map_resident(fd: BorrowedFd<'_>, len: usize) -> Result<ShmBytes, MapError> {
+        Ok(ShmBytes {
+            map: map_raw(fd, len, true, Fill::Populate)?,
         })
     }
 

@@ -146,7 +146,7 @@ impl<'d> QueueBuilder<'d> {
         let ring = RingShm::map(ring_fd.as_fd(), e).map_err(ControlError::from)?;
         let profile = match &profile_fd {
             Some(fd) => Some(
-                userq_uapi::shm::ShmBytes::map(
+                userq_uapi::shm::ShmBytes::map_resident(
                     fd.as_fd(),
                     userq_uapi::layout::profile::profile_object_size(e),
                 )

@@ -9,8 +9,8 @@
 //! - the firmware publishes queue and engine lines (and the command processor's inline
 //!   work in the device line) from its 10 ms tick (engines count
 //!   their busy time in process, per job, and the tick folds it in);
-//! - kmd-shim writes the context lines (who opened it, reset statistics) and the device
-//!   line's paging counters.
+//! - kmd-shim writes the context lines (who opened it, reset statistics) and the two
+//!   paging lines (every counter of [`crate::paging::PagingStats`]).
 //!
 //! Readers take relaxed snapshots: a line may be half updated, and a counter may appear
 //! to go backwards between two reads (as DRM fdinfo's `drm-engine-` values may); tools

@@ -5,12 +5,14 @@
 //! command processor both touch it on every packet. Here the ring is a sealed memfd:
 //! [`RingShm::create`] allocates every page of it at once ([`os::commit`]), and
 //! [`RingShm::map`], which the client and the firmware map it with, enters every page in
-//! the page tables at once (`MAP_POPULATE`). So the first lap of a new ring costs what every later lap costs: no
-//! store of a packet takes a page fault (before this, the first lap of a 65536-entry ring
-//! took 1024 faults in the client and as many in the firmware, and a submit cost
-//! 60–200 ns instead of 8–17 ns), and a ring too big for the memory left is refused when
-//! the queue is created instead of raising `SIGBUS` in whichever process touches the page
-//! that could not be allocated.
+//! the page tables at once (`MAP_POPULATE`). So the first lap of a new ring costs what
+//! every later lap costs: no store of a packet takes a page fault (before this, the first
+//! lap of a 65536-entry ring took 1024 faults in the client and as many in the firmware,
+//! and its 256-submit blocks cost 60–200 ns per submit instead of 7–17 ns), and a ring
+//! too big for the memory left is refused when the queue is created instead of raising
+//! `SIGBUS` in whichever process touches the page that could not be allocated. A queue's
+//! profile object, written per packet too when profiling is on, is made resident the
+//! same way ([`super::ShmBytes::map_resident`]).
 
 use super::{check_header, header, map_raw, Fill, Sealing};
 use crate::layout::{magic, ring_object_size, HeaderError, RingHeader, RING_PACKETS_OFFSET};
@@ -23,7 +25,7 @@ use rustix::io;
 
 /// A queue's ring: its [`RingHeader`] and `entries` packet slots of [`PACKET_SIZE`] bytes,
 /// mapped read-write by the client (packets) and the firmware (read index). Every page of
-/// it is allocated and mapped for as long as the handle lives.
+/// it is allocated from its creation; a handle from [`RingShm::map`] has them all mapped.
 pub struct RingShm {
     map: MmapRaw,
     mask: u64,
@@ -135,6 +137,24 @@ mod tests {
             .unwrap()
     }
 
+    /// Resident bytes of the mapping that starts at `addr` (its `Rss` in
+    /// `/proc/self/smaps`), whatever the page size.
+    fn resident_bytes(addr: *const u8) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{:x}-", addr as usize);
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        assert!(lines.next().is_some(), "mapping at {start} not in smaps");
+        let rss = lines
+            .find_map(|l| l.strip_prefix("Rss:"))
+            .expect("an Rss line");
+        rss.trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
+    }
+
     #[test]
     fn the_ring_masks_its_index_and_checks_its_size_and_entries() {
         let (rfd, ring) = RingShm::create(4, 0).unwrap();
@@ -169,6 +189,9 @@ mod tests {
         let client = RingShm::map(fd.as_fd(), entries).unwrap();
         let firmware = RingShm::map(fd.as_fd(), entries).unwrap();
         for ring in [&client, &firmware] {
+            // Mapped whole before any access (also with huge pages, where a lazy lap
+            // would take only a few faults).
+            assert_eq!(resident_bytes(ring.map.as_ptr()), size as u64);
             let before = minor_faults();
             for i in 0..ring.entries() {
                 ring.slot(i)[0].store(i, Ordering::Relaxed);
