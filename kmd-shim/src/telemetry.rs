@@ -51,19 +51,11 @@ impl EventLogWriter {
 
 /// Publishes the paging counters in the telemetry's paging line.
 pub(crate) fn publish_paging(t: &Telemetry, s: &PagingStats) {
-    let p = &t.paging;
-    p.faults.store(s.faults, Relaxed);
-    p.batches.store(s.batches, Relaxed);
-    p.pages_in.store(s.pages_in, Relaxed);
-    p.pages_out.store(s.pages_out, Relaxed);
-    p.refaults.store(s.refaults, Relaxed);
-    p.resident_pages.store(s.resident_pages, Relaxed);
-    p.service_ns.store(s.service_ns, Relaxed);
-    p.migrate_ns.store(s.migrate_ns, Relaxed);
-    p.violations.store(s.violations, Relaxed);
-    p.budget_pages.store(s.budget_pages, Relaxed);
-    p.peak_resident_pages.store(s.peak_resident_pages, Relaxed);
-    p.deadlocks.store(s.deadlocks, Relaxed);
+    for (line, values) in t.paging.parts.iter().zip(s.parts()) {
+        for (word, v) in line.iter().zip(values) {
+            word.store(v, Relaxed);
+        }
+    }
 }
 
 /// A process's name from `/proc/<pid>/comm`, NUL-padded to 16 bytes.

@@ -149,7 +149,6 @@ impl Observer {
     pub fn snapshot(&self) -> Snapshot {
         let t = &*self.telemetry;
         let engines = (t.device.engines.load() as usize).min(t.engines.len());
-        let p = &t.paging;
         Snapshot {
             generation: self.generation,
             lost: self.is_lost(),
@@ -168,20 +167,12 @@ impl Observer {
                     workgroups: e.workgroups.load(),
                 })
                 .collect(),
-            paging: PagingStats {
-                faults: p.faults.load(),
-                batches: p.batches.load(),
-                pages_in: p.pages_in.load(),
-                pages_out: p.pages_out.load(),
-                refaults: p.refaults.load(),
-                violations: p.violations.load(),
-                service_ns: p.service_ns.load(),
-                migrate_ns: p.migrate_ns.load(),
-                resident_pages: p.resident_pages.load(),
-                budget_pages: p.budget_pages.load(),
-                peak_resident_pages: p.peak_resident_pages.load(),
-                deadlocks: p.deadlocks.load(),
-            },
+            paging: PagingStats::from_parts(
+                t.paging
+                    .parts
+                    .each_ref()
+                    .map(|line| line.each_ref().map(|w| w.load())),
+            ),
             contexts: t
                 .contexts
                 .iter()

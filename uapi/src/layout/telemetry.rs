@@ -110,34 +110,14 @@ pub struct DeviceTelemetry<A: Access = ReadWrite> {
 }
 
 /// Paging counters, every one of [`crate::paging::PagingStats`] (kmd-shim, after each
-/// operation), in two lines.
+/// operation), in two lines: `parts` in the order of [`crate::paging::PagingStats::parts`]
+/// (faults, batches, pages in, pages out, refaults, violations; service ns, copy ns,
+/// resident pages, budget pages, peak resident pages, eviction deadlocks).
 #[repr(C, align(64))]
 #[derive(Debug)]
 pub struct PagingTelemetry<A: Access = ReadWrite> {
-    /// Faults serviced.
-    pub faults: A::U64,
-    /// Fault batches.
-    pub batches: A::U64,
-    /// Pages copied in.
-    pub pages_in: A::U64,
-    /// Pages evicted.
-    pub pages_out: A::U64,
-    /// Faults on pages evicted before.
-    pub refaults: A::U64,
-    /// Pool slots holding a page.
-    pub resident_pages: A::U64,
-    /// Nanoseconds servicing faults.
-    pub service_ns: A::U64,
-    /// Nanoseconds copying pages.
-    pub migrate_ns: A::U64,
-    /// Faults at addresses no on-demand mapping covers.
-    pub violations: A::U64,
-    /// Pool slots in all: the budget in pages.
-    pub budget_pages: A::U64,
-    /// Most slots ever held at once.
-    pub peak_resident_pages: A::U64,
-    /// Evictions the `WaitForIdleJobs` policy gave up on.
-    pub deadlocks: A::U64,
+    /// The two halves of the counters.
+    pub parts: [[A::U64; 6]; 2],
 }
 
 /// One engine thread.
