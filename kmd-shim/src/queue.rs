@@ -133,10 +133,7 @@ impl Device {
         // queue, only the commits remain.
         // The ring's memory is allocated here, all of it: a ring that does not fit is
         // refused now rather than faulting a process later.
-        let (ring_fd, _ring) = RingShm::create(entries, slot).map_err(|e| match e {
-            rustix::io::Errno::NOMEM | rustix::io::Errno::NOSPC => KmdStatus::OutOfMemory,
-            _ => KmdStatus::Internal,
-        })?;
+        let (ring_fd, _ring) = RingShm::create(entries, slot).map_err(allocation_error)?;
         let state_ro = os::reopen_read_only(state_fd.as_fd()).map_err(|_| KmdStatus::Internal)?;
         let ring_id = self.link().new_object_id();
         self.link().call(
@@ -222,7 +219,7 @@ impl Device {
         .map_err(|_| KmdStatus::OutOfMemory)?;
         // Written on every packet by both sides while profiling is on: resident from now,
         // as the ring is (uapi's shm/ring.rs).
-        os::commit(fd.as_fd(), size as u64).map_err(|_| KmdStatus::OutOfMemory)?;
+        os::commit(fd.as_fd(), size as u64).map_err(allocation_error)?;
         let map =
             userq_uapi::shm::ShmBytes::map(fd.as_fd(), size).map_err(|_| KmdStatus::Internal)?;
         // The header, as every object has one: magic, ABI, entries.
@@ -299,5 +296,14 @@ impl Device {
     /// Undoes [`Device::suspend`].
     pub fn resume(&self, ctx: u32, slot: Option<u32>) -> Result<(), KmdStatus> {
         self.link().call(FwRequest::Resume { ctx, slot }, &[])
+    }
+}
+
+/// What a failure to create or commit a shared object says to the client: out of memory
+/// when the kernel had none to give, an internal error otherwise.
+fn allocation_error(e: rustix::io::Errno) -> KmdStatus {
+    match e {
+        rustix::io::Errno::NOMEM | rustix::io::Errno::NOSPC => KmdStatus::OutOfMemory,
+        _ => KmdStatus::Internal,
     }
 }
