@@ -216,7 +216,7 @@ impl Device {
             size as u64,
             userq_uapi::shm::Sealing::Final,
         )
-        .map_err(|_| KmdStatus::OutOfMemory)?;
+        .map_err(allocation_error)?;
         // Written on every packet by both sides while profiling is on: resident from now,
         // as the ring is (uapi's shm/ring.rs).
         os::commit(fd.as_fd(), size as u64).map_err(allocation_error)?;
