@@ -4,6 +4,15 @@ use crate::device::SubmitCost;
 use crate::rounds::{median, Paired};
 use crate::stats::{ns, Latency, Summary};
 
+/// The cache-line ping-pong's row and pairing name: what any polling protocol costs.
+pub const POLL_FLOOR: &str = "floor: cache-line ping-pong";
+/// The minimal packet + doorbell + fence exchange: what any user queue moves per round trip.
+pub const EXCHANGE_FLOOR: &str = "floor: minimal packet + doorbell + fence exchange";
+/// The shared-futex ping-pong run back to back: what any blocking protocol costs.
+pub const FUTEX_FLOOR: &str = "floor: shared-futex ping-pong";
+/// The shared-futex ping-pong started from the cold round trip's idle gap.
+pub const COLD_FLOOR: &str = "floor: shared-futex ping-pong from cold";
+
 /// One latency row.
 pub struct LatencyRow {
     /// What was measured.
@@ -92,9 +101,9 @@ impl Report {
 
     fn floor(&self, which: &str) -> Option<Summary> {
         self.summary(match which {
-            "poll" => "floor: cache-line ping-pong",
-            "exchange" => "floor: minimal packet + doorbell + fence exchange",
-            _ => "floor: shared-futex ping-pong",
+            "poll" => POLL_FLOOR,
+            "exchange" => EXCHANGE_FLOOR,
+            _ => FUTEX_FLOOR,
         })
     }
 
@@ -129,7 +138,7 @@ impl Report {
         for p in self
             .paired
             .iter()
-            .filter(|p| p.name.contains("cold") && p.floor == "floor: shared-futex ping-pong")
+            .filter(|p| p.name.contains("cold") && p.floor == FUTEX_FLOOR)
         {
             let r50 = p.median_p50();
             t.push(Target {
@@ -164,9 +173,7 @@ impl Report {
             });
         }
         for p in self.paired.iter().filter(|p| {
-            p.name.contains("spin")
-                && !p.name.contains("idle queues")
-                && p.floor == "floor: minimal packet + doorbell + fence exchange"
+            p.name.contains("spin") && !p.name.contains("idle queues") && p.floor == EXCHANGE_FLOOR
         }) {
             let (r50, r99) = (p.median_p50(), p.median_p99());
             t.push(Target {
@@ -186,9 +193,11 @@ impl Report {
         }
         let futex = self.floor("futex");
         // Against the cache-line ping-pong measured beside each of the daemon's rounds.
-        if let Some(p) = self.paired.iter().find(|p| {
-            p.name == "userq NOP, daemon, spin" && p.floor == "floor: cache-line ping-pong"
-        }) {
+        if let Some(p) = self
+            .paired
+            .iter()
+            .find(|p| p.name == "userq NOP, daemon, spin" && p.floor == POLL_FLOOR)
+        {
             let (r50, r99) = (p.median_p50(), p.median_p99());
             t.push(Target {
                 what: format!(

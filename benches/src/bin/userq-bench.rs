@@ -17,7 +17,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 use userq::WaitMode;
 use userq_benches::device::{self, DeviceProcs, Mode};
-use userq_benches::report::{LatencyRow, Report, ScalingRow, ThroughputRow};
+use userq_benches::report::{
+    LatencyRow, Report, ScalingRow, ThroughputRow, COLD_FLOOR, EXCHANGE_FLOOR, FUTEX_FLOOR,
+    POLL_FLOOR,
+};
 use userq_benches::{floors, peers, plot, proc, round_trip, rounds};
 
 /// The name of the idle-queues row.
@@ -25,15 +28,9 @@ const IDLE_QUEUES: &str = "userq NOP, daemon, spin, 4096 idle queues from 64 pro
 
 /// The name of the cold round-trip row.
 const COLD: &str = "userq NOP, daemon, cold (fw asleep), block";
-const FUTEX_FLOOR: &str = "floor: shared-futex ping-pong";
-const POLL_FLOOR: &str = "floor: cache-line ping-pong";
-const COLD_FLOOR: &str = "floor: shared-futex ping-pong from cold";
 
 /// The name of the kernel-launch row.
 const KERNEL_LAUNCH: &str = "userq 1-workgroup DISPATCH, daemon, spin";
-
-/// The name of the minimal-exchange floor row.
-const EXCHANGE_FLOOR: &str = "floor: minimal packet + doorbell + fence exchange";
 
 /// userq against the machine's floors and against peers, measured in one run.
 #[derive(Debug, Parser)]
