@@ -24,7 +24,7 @@ pub fn inline_share(a: &Snapshot, b: &Snapshot, window: Duration) -> f64 {
 
 /// Busy time between two readings of a counter over `window`, at most 1. A value that
 /// went backwards (a restart) counts as idle.
-fn share(was: u64, is: u64, window: Duration) -> f64 {
+pub fn share(was: u64, is: u64, window: Duration) -> f64 {
     (is.saturating_sub(was) as f64 / window.as_nanos().max(1) as f64).min(1.0)
 }
 

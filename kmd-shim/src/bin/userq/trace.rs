@@ -335,8 +335,8 @@ fn build(
     // dispatches on a track of their own.
     for w in samples.windows(2) {
         let (a, b) = (&w[0], &w[1]);
-        let dt = b.at.saturating_sub(a.at).max(1) as f64;
-        let share = |x: u64, y: u64| (y.saturating_sub(x) as f64 / dt * 100.0).min(100.0);
+        let dt = Duration::from_nanos(b.at.saturating_sub(a.at));
+        let share = |x: u64, y: u64| crate::status::share(x, y, dt) * 100.0;
         let counters = a
             .engines
             .iter()
