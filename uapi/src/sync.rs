@@ -31,161 +31,15 @@ use crate::error::ErrorCode;
 use crate::layout::{ContextWaiters, FenceState, FenceWaiters, SleepFlag, WaiterSlot};
 use crate::shm::Word32;
 use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering::*};
-use rustix::thread::futex;
 use std::time::Duration;
 
 mod backoff;
+mod futex;
+mod signalling;
 pub use backoff::{Backoff, BackoffStep};
-
-std::thread_local! {
-    /// The signalling section this thread is in, if any (see [`begin_signalling`]).
-    static SIGNALLING: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
-}
-
-/// A thread's stay in a *signalling section*: code that something else's completion may
-/// depend on (kmd-shim's fault service and eviction). Like Linux's
-/// `dma_fence_begin_signalling`, it is a lockdep-style annotation: while it lives, a wait
-/// on shared memory (a fence word, or any word another process signals) from this thread
-/// panics in debug builds and tests, because a fence's signaller may itself be waiting for
-/// this section to finish. Sections nest; ending one restores the outer one.
-#[must_use = "the section ends when the guard is dropped"]
-pub struct SignallingSection {
-    outer: Option<&'static str>,
-    /// Thread-bound: the annotation is per thread.
-    _not_send: core::marker::PhantomData<*const ()>,
-}
-
-/// Enters a signalling section named `what` (for the panic message).
-pub fn begin_signalling(what: &'static str) -> SignallingSection {
-    SignallingSection {
-        outer: SIGNALLING.with(|s| s.replace(Some(what))),
-        _not_send: core::marker::PhantomData,
-    }
-}
-
-impl Drop for SignallingSection {
-    fn drop(&mut self) {
-        SIGNALLING.with(|s| s.set(self.outer));
-    }
-}
-
-/// The signalling section this thread is in, if any.
-pub fn in_signalling_section() -> Option<&'static str> {
-    SIGNALLING.with(|s| s.get())
-}
-
-/// Every wait on shared memory starts here: inside a signalling section it is a bug (a
-/// possible deadlock), caught in debug builds and tests.
-#[track_caller]
-fn assert_may_wait() {
-    if cfg!(debug_assertions) {
-        if let Some(what) = in_signalling_section() {
-            panic!("wait on shared memory inside the signalling section `{what}`: a fence's signaller may be waiting for this section (dma_fence_begin_signalling rule)");
-        }
-    }
-}
-
-/// Sleeps on a shared futex word while it holds `expected`, for at most `timeout`.
-/// Returns early on a wake, a changed word, a signal or a spurious wake-up: callers
-/// re-check their condition in a loop. Panics in debug builds inside a
-/// [`SignallingSection`].
-#[track_caller]
-pub fn futex_wait(word: &impl Word32, expected: u32, timeout: Option<Duration>) {
-    assert_may_wait();
-    let ts = timeout.map(|d| rustix::time::Timespec {
-        tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
-        tv_nsec: d.subsec_nanos() as _,
-    });
-    // Errors (EAGAIN: word changed; ETIMEDOUT; EINTR) all mean "go and re-check".
-    let _ = futex::wait(word.futex(), futex::Flags::empty(), expected, ts.as_ref());
-}
-
-/// Wakes every thread, in any process, sleeping on a shared futex word.
-pub fn futex_wake_all(word: &AtomicU32) {
-    let _ = futex::wake(word, futex::Flags::empty(), i32::MAX as u32);
-}
-
-/// Sleeps until any of `words[i]` differs from `expected[i]` (or a wake, or `timeout`),
-/// with one `futex_waitv` (Linux 5.16+). Falls back to waiting on the first word for at
-/// most a millisecond where the kernel lacks `futex_waitv`, so callers still poll.
-#[track_caller]
-pub fn futex_wait_any(words: &[(&dyn Word32, u32)], timeout: Option<Duration>) {
-    assert_may_wait();
-    const MAX: usize = 128;
-    if words.is_empty() {
-        return;
-    }
-    if words.len() == 1 || words.len() > MAX {
-        let t = if words.len() == 1 {
-            timeout
-        } else {
-            Some(timeout.map_or(Duration::from_millis(1), |t| {
-                t.min(Duration::from_millis(1))
-            }))
-        };
-        return futex_wait(&Dyn(words[0].0), words[0].1, t);
-    }
-    let mut waits = [futex::Wait::new(); MAX];
-    for (w, &(word, expected)) in waits.iter_mut().zip(words) {
-        w.val = expected as u64;
-        w.uaddr = futex::WaitPtr::new(word.futex().as_ptr().cast());
-        w.flags = futex::WaitFlags::SIZE_U32;
-    }
-    // futex_waitv takes an absolute timeout on the given clock.
-    let abs = timeout.map(|d| {
-        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-        let total = now.tv_nsec as u128 + d.as_nanos();
-        rustix::time::Timespec {
-            tv_sec: now.tv_sec + (total / 1_000_000_000).min(i64::MAX as u128 / 2) as i64,
-            tv_nsec: (total % 1_000_000_000) as _,
-        }
-    });
-    let r = if WAITV_BROKEN.load(Relaxed) {
-        Err(rustix::io::Errno::NOSYS)
-    } else {
-        futex::waitv(
-            &waits[..words.len()],
-            futex::WaitvFlags::empty(),
-            abs.as_ref(),
-            rustix::time::ClockId::Monotonic,
-        )
-    };
-    match r {
-        Ok(_)
-        | Err(rustix::io::Errno::AGAIN)
-        | Err(rustix::io::Errno::TIMEDOUT)
-        | Err(rustix::io::Errno::INTR) => {}
-        Err(_) => {
-            // No futex_waitv here (old kernel, or a seccomp filter refusing it): wait on
-            // the first word in slices of a millisecond, so callers still re-check the rest.
-            WAITV_BROKEN.store(true, Relaxed);
-            futex_wait(
-                &Dyn(words[0].0),
-                words[0].1,
-                Some(timeout.map_or(Duration::from_millis(1), |t| {
-                    t.min(Duration::from_millis(1))
-                })),
-            );
-        }
-    }
-}
-
-/// A `&dyn Word32` as an `impl Word32`.
-struct Dyn<'a>(&'a dyn Word32);
-
-impl crate::shm::sealed::Sealed for Dyn<'_> {}
-
-impl Word32 for Dyn<'_> {
-    fn relaxed(&self) -> u32 {
-        self.0.relaxed()
-    }
-    fn futex(&self) -> &AtomicU32 {
-        self.0.futex()
-    }
-}
-
-/// Set once `futex_waitv` failed with an error that means "not available".
-static WAITV_BROKEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+pub use futex::{futex_wait, futex_wait_any, futex_wake_all, wakes_delivered};
+use signalling::assert_may_wait;
+pub use signalling::{begin_signalling, in_signalling_section, SignallingSection};
 
 /// Sleeper side, after the caller announced itself (set its flag, or registered in a
 /// fence's waiter count): a full fence, a snapshot of `words`, then the re-check
@@ -485,33 +339,6 @@ pub fn take_holder_waiters(mine: &ContextWaiters, fence: &FenceWaiters, at: Wait
 mod tests {
     use super::*;
     use crate::shm::{Sealing, Shm};
-
-    #[test]
-    #[cfg(debug_assertions)]
-    #[should_panic(expected = "inside the signalling section `fault service`")]
-    fn a_wait_inside_a_signalling_section_panics() {
-        let word = AtomicU32::new(0);
-        let _s = begin_signalling("fault service");
-        // The word never changes: without the annotation this would sleep 1 ms and return.
-        futex_wait(&word, 0, Some(Duration::from_millis(1)));
-    }
-
-    #[test]
-    fn signalling_sections_nest_and_end() {
-        let word = AtomicU32::new(0);
-        assert_eq!(in_signalling_section(), None);
-        {
-            let _a = begin_signalling("eviction");
-            {
-                let _b = begin_signalling("fault service");
-                assert_eq!(in_signalling_section(), Some("fault service"));
-            }
-            assert_eq!(in_signalling_section(), Some("eviction"));
-        }
-        assert_eq!(in_signalling_section(), None);
-        // Outside every section a wait is allowed (and returns: the word differs).
-        futex_wait(&word, 1, Some(Duration::from_millis(1)));
-    }
 
     #[test]
     fn a_departing_holder_takes_only_its_own_waiters_off_the_shared_count() {
