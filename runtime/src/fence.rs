@@ -12,16 +12,18 @@
 
 use crate::device::DeviceInner;
 use crate::error::{ControlError, FenceError, FenceFault, SignalError, WaitError};
+use crate::wait::{wait_many, Registered, Target, WaitMode};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use userq_uapi::error::ErrorCode;
 use userq_uapi::ioctl::Request;
 use userq_uapi::layout::{FenceKind, FenceState, FenceWaiters, WaiterSlot};
 use userq_uapi::os;
 use userq_uapi::packet::FenceHandle;
-use userq_uapi::shm::{ReadOnly, RoU32, Shm, Word32};
-use userq_uapi::sync::{self, Backoff, BackoffStep};
+use userq_uapi::shm::{ReadOnly, RoU32, Shm};
+use userq_uapi::sync;
 
 /// A fence's value side as this process may map it: read-only for a queue's timeline
 /// (only the firmware writes it), writable for a user fence (any holder signals it).
@@ -59,11 +61,33 @@ pub(crate) struct FenceInner {
     waiters: Shm<FenceWaiters>,
     state_fd: OwnedFd,
     waiters_fd: OwnedFd,
+    /// The highest value whose submit had to wake a sleeping firmware (a queue's timeline
+    /// only; 0: none). This process's own note, never shared.
+    cold_until: AtomicU64,
 }
 
 impl FenceInner {
+    /// Whether the device is lost or its serving process gone (a syscall: see
+    /// [`DeviceInner::is_lost_or_gone`]).
+    pub(crate) fn device_gone(&self) -> bool {
+        self.dev.is_lost_or_gone()
+    }
+
+    /// Notes that the doorbell for packets up to `value` of this timeline's queue found
+    /// the firmware asleep and woke it.
+    pub(crate) fn note_cold_submit(&self, value: u64) {
+        self.cold_until.fetch_max(value, Relaxed);
+    }
+
+    /// Whether `target` waits on work whose doorbell had to wake the firmware: its
+    /// completion is at least one wake-up away (10-80 us here), longer than an adaptive
+    /// wait's spin, so spinning for it only holds a vCPU the firmware may be queued on.
+    pub(crate) fn cold(&self, target: u64) -> bool {
+        target <= self.cold_until.load(Relaxed)
+    }
+
     #[inline]
-    fn state(&self) -> &FenceState<ReadOnly> {
+    pub(crate) fn state(&self) -> &FenceState<ReadOnly> {
         self.state.view()
     }
 
@@ -74,13 +98,13 @@ impl FenceInner {
     /// Registers this thread as a host waiter: its context's own count for the fence
     /// (read by the firmware), and for a user fence the shared count (read by host
     /// signallers).
-    fn register(&self) {
+    pub(crate) fn register(&self) {
         let user = self.kind == FenceKind::User;
         sync::register_waiter(&self.dev.waiters, &self.waiters, self.waiter, user);
     }
 
     /// Undoes [`FenceInner::register`].
-    fn unregister(&self) {
+    pub(crate) fn unregister(&self) {
         let user = self.kind == FenceKind::User;
         sync::unregister_waiter(&self.dev.waiters, &self.waiters, self.waiter, user);
     }
@@ -105,7 +129,7 @@ impl FenceInner {
     /// `Some` once a wait for `target` is decided. In the blocking phase the caller's
     /// SeqCst fence after its waiter registration orders these loads after it (see
     /// `userq_uapi::sync::sleep_unless`).
-    fn check(&self, target: u64) -> Option<Result<(), WaitError>> {
+    pub(crate) fn check(&self, target: u64) -> Option<Result<(), WaitError>> {
         // Acquire: pairs with the signaller's release store of the value, so what it wrote
         // before signalling is visible to the waiter.
         if self.state().slot.value.load_acquire() >= target {
@@ -181,6 +205,7 @@ impl Fence {
                 waiters,
                 state_fd,
                 waiters_fd,
+                cold_until: AtomicU64::new(0),
             }),
         })
     }
@@ -341,18 +366,6 @@ impl ExportedFence {
     }
 }
 
-/// How a wait spends the time before the value arrives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum WaitMode {
-    /// Spin (with a pause hint) until done or timed out. Lowest latency; burns a core.
-    Spin,
-    /// Sleep on the futex at once. Costs a wake-up (tens of microseconds).
-    Block,
-    /// Spin briefly, yield briefly, then sleep.
-    #[default]
-    Adaptive,
-}
-
 /// A fence reaching a value: "packet N of that queue is done".
 #[derive(Clone, Debug)]
 pub struct FencePoint {
@@ -407,157 +420,6 @@ impl FencePoint {
     }
 }
 
-/// Waits until every point is reached. Fails as soon as one cannot be.
-pub fn wait_all(points: &[FencePoint], mode: WaitMode, timeout: Duration) -> Result<(), WaitError> {
-    wait_many(&targets(points), true, mode, timeout).map(|_| ())
-}
-
-/// Waits until any point is reached and returns its index. Fails as soon as one point can
-/// never be reached (its fence was poisoned) while none is reached. An empty set is an
-/// immediate timeout.
-pub fn wait_any(
-    points: &[FencePoint],
-    mode: WaitMode,
-    timeout: Duration,
-) -> Result<usize, WaitError> {
-    wait_many(&targets(points), false, mode, timeout)
-}
-
-/// A wait target: a fence and the value waited for, borrowed (no reference count).
-pub(crate) type Target<'a> = (&'a FenceInner, u64);
-
-fn targets(points: &[FencePoint]) -> Vec<Target<'_>> {
-    points.iter().map(|p| (&*p.fence.inner, p.value)).collect()
-}
-
-fn decide(points: &[Target<'_>], all: bool) -> Option<Result<usize, WaitError>> {
-    if !all {
-        // A reached point wins over another point's error.
-        if let Some(i) = points.iter().position(|(f, v)| f.check(*v) == Some(Ok(()))) {
-            return Some(Ok(i));
-        }
-    }
-    let mut pending = false;
-    for (f, v) in points {
-        match f.check(*v) {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Some(Err(e)),
-            None => pending = true,
-        }
-    }
-    (all && !pending).then_some(Ok(0))
-}
-
-/// Undoes the waiter registrations of the blocking phase, however it ends.
-pub(crate) struct Registered<'a, 'b>(&'a [Target<'b>]);
-
-impl<'a, 'b> Registered<'a, 'b> {
-    pub(crate) fn new(points: &'a [Target<'b>]) -> Self {
-        for (f, _) in points {
-            f.register();
-        }
-        Registered(points)
-    }
-}
-
-impl Drop for Registered<'_, '_> {
-    fn drop(&mut self) {
-        for (f, _) in self.0 {
-            f.unregister();
-        }
-    }
-}
-
-fn wait_many(
-    points: &[Target<'_>],
-    all: bool,
-    mode: WaitMode,
-    timeout: Duration,
-) -> Result<usize, WaitError> {
-    if points.is_empty() {
-        return if all { Ok(0) } else { Err(WaitError::Timeout) };
-    }
-    // Decided already: no clock read at all.
-    if let Some(r) = decide(points, all) {
-        return r;
-    }
-    // The deadline is taken at the first clock read, after the first burst of checks: a
-    // wait that ends within it (a spin round trip) reads no clock at all.
-    let mut deadline: Option<Option<Instant>> = None;
-    let mut expired = || {
-        let now = Instant::now();
-        let d = *deadline.get_or_insert_with(|| now.checked_add(timeout));
-        d.is_some_and(|d| now >= d)
-    };
-    let (spin, yield_until) = match mode {
-        WaitMode::Spin => (Duration::MAX, Duration::MAX),
-        WaitMode::Block => (Duration::ZERO, Duration::ZERO),
-        WaitMode::Adaptive => (Duration::from_micros(20), Duration::from_micros(100)),
-    };
-    let mut backoff = Backoff::new(spin, yield_until);
-    'spinning: loop {
-        // A burst of checks with one pause each, like a bare polling loop; the clock (for
-        // the timeout and the back-off) only between bursts.
-        if !spin.is_zero() {
-            for _ in 0..64 {
-                if let Some(r) = decide(points, all) {
-                    return r;
-                }
-                core::hint::spin_loop();
-            }
-        } else if let Some(r) = decide(points, all) {
-            return r;
-        }
-        if expired() {
-            return Err(WaitError::Timeout);
-        }
-        loop {
-            match backoff.step() {
-                BackoffStep::Sleep => break 'spinning,
-                BackoffStep::Yield => continue 'spinning,
-                BackoffStep::Spin if backoff.elapsed() < spin => continue 'spinning,
-                BackoffStep::Spin => {}
-            }
-        }
-    }
-    // Every path here passed `expired` at least once, which took the deadline.
-    let deadline = deadline.unwrap_or_else(|| Instant::now().checked_add(timeout));
-    let _registered = Registered::new(points);
-    let words: Vec<&dyn Word32> = points
-        .iter()
-        .map(|(f, _)| &f.state().slot.wake as &dyn Word32)
-        .collect();
-    loop {
-        let mut decided = None;
-        let mut expired = false;
-        sync::sleep_unless(
-            &words,
-            || {
-                decided = decide(points, all);
-                decided.is_some()
-            },
-            // Bounded so that a lost device is noticed even if nobody wakes this waiter.
-            || {
-                let left = deadline.map_or(Some(Duration::MAX), |d| {
-                    d.checked_duration_since(Instant::now())
-                        .filter(|l| !l.is_zero())
-                });
-                expired = left.is_none();
-                left.map(|l| l.min(Duration::from_millis(200)))
-            },
-        );
-        if let Some(r) = decided {
-            return r;
-        }
-        if expired {
-            return Err(WaitError::Timeout);
-        }
-        if points.iter().any(|(f, _)| f.dev.is_lost_or_gone()) {
-            return Err(WaitError::DeviceLost);
-        }
-    }
-}
-
 impl Fence {
     /// Sleeps until this fence's wake word moves (any signal, poison or explicit wake) or
     /// `timeout` passes, unless `still_waiting` says the wait is over after registering.
@@ -578,6 +440,6 @@ impl Fence {
     }
 
     pub(crate) fn device_gone(&self) -> bool {
-        self.inner.dev.is_lost_or_gone()
+        self.inner.device_gone()
     }
 }

@@ -44,6 +44,7 @@ pub mod kernels;
 mod queue;
 mod reactor;
 mod reset;
+mod wait;
 
 /// The firmware's kernel interface, for custom kernels registered with
 /// [`DeviceBuilder::kernel`] (embedded mode).
@@ -62,13 +63,14 @@ pub use error::{
     AllocError, ControlError, ErrorCode, FenceError, FenceFault, KmdStatus, OpenError,
     QueueCreateError, SignalError, SubmitError, WaitError, WatchdogError,
 };
-pub use fence::{wait_all, wait_any, ExportedFence, Fence, FencePoint, WaitMode};
+pub use fence::{ExportedFence, Fence, FencePoint};
 pub use queue::{Queue, QueueBuilder, QueueStatus, DEFAULT_RING_ENTRIES};
 pub use reactor::FenceFuture;
 pub use reset::{ResetStats, ResetStatus};
 pub use userq_uapi::ioctl::Priority;
 pub use userq_uapi::packet::{Packet, WaitCondition};
 pub use userq_uapi::watchdog::Watchdog;
+pub use wait::{wait_all, wait_any, WaitMode};
 
 /// The raw ABI, for tools that need to speak it directly.
 pub use userq_uapi as uapi;

@@ -10,7 +10,8 @@ use crate::buffer::BufferMemory;
 use crate::command::Command;
 use crate::device::{Device, DeviceInner};
 use crate::error::{ControlError, FenceFault, SubmitError, WaitError, WatchdogError};
-use crate::fence::{Fence, FencePoint, WaitMode};
+use crate::fence::{Fence, FencePoint};
+use crate::wait::WaitMode;
 use crate::Buffer;
 use std::collections::VecDeque;
 use std::sync::atomic::{compiler_fence, Ordering::*};
@@ -423,6 +424,7 @@ impl Queue {
             &self.dev.kick.kick.word,
         ) {
             self.wakes += 1;
+            self.timeline.inner.note_cold_submit(self.wptr);
         }
     }
 }

@@ -6,7 +6,8 @@
 //! points were reached or failed. There is no thread per waiter.
 
 use crate::error::WaitError;
-use crate::fence::{FencePoint, Registered};
+use crate::fence::FencePoint;
+use crate::wait::Registered;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering::*};

@@ -1,0 +1,236 @@
+//! DOC: waiting for fence points: the spin, yield and sleep phases of one wait on any number
+//! of points, and the waiter registrations of its blocking phase.
+
+use crate::error::WaitError;
+use crate::fence::{FenceInner, FencePoint};
+use std::time::{Duration, Instant};
+use userq_uapi::shm::Word32;
+use userq_uapi::sync::{self, Backoff, BackoffStep};
+
+/// How a wait spends the time before the value arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WaitMode {
+    /// Spin (with a pause hint) until done or timed out. Lowest latency; burns a core.
+    Spin,
+    /// Sleep on the futex at once. Costs a wake-up (tens of microseconds).
+    Block,
+    /// Spin briefly (20 us), yield briefly (to 100 us), then sleep; but sleep at once when
+    /// every point waits on work whose submit found the firmware asleep and had to wake it
+    /// ([`crate::Queue::firmware_wakes`]): that completion is at least one wake-up away
+    /// (10-80 us on the development VM), and spinning for it only holds a CPU the firmware
+    /// may be queued on (a cold round trip took 98-111 us at p50 that way, 14-26 us now).
+    #[default]
+    Adaptive,
+}
+
+impl WaitMode {
+    /// How long a wait in this mode spins, and until when it yields, before it sleeps;
+    /// `cold`: every point waits on work whose doorbell woke a sleeping firmware.
+    fn phases(self, cold: bool) -> (Duration, Duration) {
+        match self {
+            WaitMode::Spin => (Duration::MAX, Duration::MAX),
+            WaitMode::Block => (Duration::ZERO, Duration::ZERO),
+            WaitMode::Adaptive if cold => (Duration::ZERO, Duration::ZERO),
+            WaitMode::Adaptive => (Duration::from_micros(20), Duration::from_micros(100)),
+        }
+    }
+}
+
+/// Waits until every point is reached. Fails as soon as one cannot be.
+pub fn wait_all(points: &[FencePoint], mode: WaitMode, timeout: Duration) -> Result<(), WaitError> {
+    wait_many(&targets(points), true, mode, timeout).map(|_| ())
+}
+
+/// Waits until any point is reached and returns its index. Fails as soon as one point can
+/// never be reached (its fence was poisoned) while none is reached. An empty set is an
+/// immediate timeout.
+pub fn wait_any(
+    points: &[FencePoint],
+    mode: WaitMode,
+    timeout: Duration,
+) -> Result<usize, WaitError> {
+    wait_many(&targets(points), false, mode, timeout)
+}
+
+/// A wait target: a fence and the value waited for, borrowed (no reference count).
+pub(crate) type Target<'a> = (&'a FenceInner, u64);
+
+fn targets(points: &[FencePoint]) -> Vec<Target<'_>> {
+    points.iter().map(FencePoint::target).collect()
+}
+
+fn decide(points: &[Target<'_>], all: bool) -> Option<Result<usize, WaitError>> {
+    if !all {
+        // A reached point wins over another point's error.
+        if let Some(i) = points.iter().position(|(f, v)| f.check(*v) == Some(Ok(()))) {
+            return Some(Ok(i));
+        }
+    }
+    let mut pending = false;
+    for (f, v) in points {
+        match f.check(*v) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Some(Err(e)),
+            None => pending = true,
+        }
+    }
+    (all && !pending).then_some(Ok(0))
+}
+
+/// Undoes the waiter registrations of the blocking phase, however it ends.
+pub(crate) struct Registered<'a, 'b>(&'a [Target<'b>]);
+
+impl<'a, 'b> Registered<'a, 'b> {
+    pub(crate) fn new(points: &'a [Target<'b>]) -> Self {
+        for (f, _) in points {
+            f.register();
+        }
+        Registered(points)
+    }
+}
+
+impl Drop for Registered<'_, '_> {
+    fn drop(&mut self) {
+        for (f, _) in self.0 {
+            f.unregister();
+        }
+    }
+}
+
+pub(crate) fn wait_many(
+    points: &[Target<'_>],
+    all: bool,
+    mode: WaitMode,
+    timeout: Duration,
+) -> Result<usize, WaitError> {
+    if points.is_empty() {
+        return if all { Ok(0) } else { Err(WaitError::Timeout) };
+    }
+    // Decided already: no clock read at all.
+    if let Some(r) = decide(points, all) {
+        return r;
+    }
+    // The deadline is taken at the first clock read, after the first burst of checks: a
+    // wait that ends within it (a spin round trip) reads no clock at all.
+    let mut deadline: Option<Option<Instant>> = None;
+    let mut expired = || {
+        let now = Instant::now();
+        let d = *deadline.get_or_insert_with(|| now.checked_add(timeout));
+        d.is_some_and(|d| now >= d)
+    };
+    let (spin, yield_until) = mode.phases(points.iter().all(|(f, v)| f.cold(*v)));
+    let mut backoff = Backoff::new(spin, yield_until);
+    'spinning: loop {
+        // A burst of checks with one pause each, like a bare polling loop; the clock (for
+        // the timeout and the back-off) only between bursts.
+        if !spin.is_zero() {
+            for _ in 0..64 {
+                if let Some(r) = decide(points, all) {
+                    return r;
+                }
+                core::hint::spin_loop();
+            }
+        } else if let Some(r) = decide(points, all) {
+            return r;
+        }
+        if expired() {
+            return Err(WaitError::Timeout);
+        }
+        loop {
+            match backoff.step() {
+                BackoffStep::Sleep => break 'spinning,
+                BackoffStep::Yield => continue 'spinning,
+                BackoffStep::Spin if backoff.elapsed() < spin => continue 'spinning,
+                BackoffStep::Spin => {}
+            }
+        }
+    }
+    // Every path here passed `expired` at least once, which took the deadline.
+    let deadline = deadline.unwrap_or_else(|| Instant::now().checked_add(timeout));
+    let _registered = Registered::new(points);
+    let words: Vec<&dyn Word32> = points
+        .iter()
+        .map(|(f, _)| &f.state().slot.wake as &dyn Word32)
+        .collect();
+    loop {
+        let mut decided = None;
+        let mut expired = false;
+        sync::sleep_unless(
+            &words,
+            || {
+                decided = decide(points, all);
+                decided.is_some()
+            },
+            // Bounded so that a lost device is noticed even if nobody wakes this waiter.
+            || {
+                let left = deadline.map_or(Some(Duration::MAX), |d| {
+                    d.checked_duration_since(Instant::now())
+                        .filter(|l| !l.is_zero())
+                });
+                expired = left.is_none();
+                left.map(|l| l.min(Duration::from_millis(200)))
+            },
+        );
+        if let Some(r) = decided {
+            return r;
+        }
+        if expired {
+            return Err(WaitError::Timeout);
+        }
+        if points.iter().any(|(f, _)| f.device_gone()) {
+            return Err(WaitError::DeviceLost);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Command, Device, OpenMode};
+
+    #[test]
+    fn an_adaptive_wait_sleeps_at_once_only_for_work_that_had_to_wake_the_firmware() {
+        let zero = (Duration::ZERO, Duration::ZERO);
+        assert_eq!(WaitMode::Adaptive.phases(true), zero);
+        assert!(WaitMode::Adaptive.phases(false).0 > Duration::ZERO);
+        assert_eq!(WaitMode::Block.phases(false), zero);
+        // Spinning was asked for: it stays spinning.
+        assert_eq!(WaitMode::Spin.phases(true), (Duration::MAX, Duration::MAX));
+
+        let dir = std::env::temp_dir().join(format!("userq-cold-{}", std::process::id()));
+        let dev = Device::builder()
+            .socket(dir.join("dev.sock"))
+            .mode(OpenMode::Embedded)
+            .open()
+            .expect("embedded device");
+        let mut q = dev.create_queue().expect("queue");
+        let (mut cold, mut warm) = (0, 0);
+        // Bounded: each turn leaves the device idle past the firmware's 2 ms before it
+        // sleeps, then submits twice: the first usually wakes it, the second (right after
+        // the first completed) usually finds it awake. Which one did is what the queue's
+        // wake count says, and the mark must agree with it.
+        for _ in 0..200 {
+            if cold >= 3 && warm >= 3 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            for _ in 0..2 {
+                let wakes = q.firmware_wakes();
+                let v = q.enqueue(&[Command::nop()]).expect("submit");
+                let woke = q.firmware_wakes() > wakes;
+                assert_eq!(q.timeline().inner.cold(v), woke, "value {v}");
+                if woke {
+                    cold += 1;
+                } else {
+                    warm += 1;
+                }
+                q.timeline()
+                    .wait_with(v, WaitMode::Adaptive, Duration::from_secs(10))
+                    .expect("the NOP completes");
+            }
+        }
+        drop((q, dev));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(cold >= 3 && warm >= 3, "cold {cold}, warm {warm}");
+    }
+}
