@@ -40,10 +40,16 @@ fn round_trips(
 pub const COLD_IDLE: Duration = Duration::from_millis(4);
 
 /// Cold NOP round trips: before each one the device is left idle long enough for the
-/// firmware to go to sleep, so the doorbell must wake it (a futex wake) and the completion
-/// must wake the blocked client (another): the same two wake-ups as the shared-futex
-/// ping-pong. The idle time is not timed.
-pub fn cold_round_trip(dev: &Device, iters: usize) -> Result<Latency, Box<dyn std::error::Error>> {
+/// firmware to go to sleep, so the doorbell must wake it (a futex wake) and, with
+/// [`WaitMode::Block`], the completion must wake the blocked client (another): the same two
+/// wake-ups as the shared-futex ping-pong. [`WaitMode::Adaptive`] (the default wait) is
+/// the same round trip as a user who did not choose a mode takes it. The idle time is not
+/// timed.
+pub fn cold_round_trip(
+    dev: &Device,
+    mode: WaitMode,
+    iters: usize,
+) -> Result<Latency, Box<dyn std::error::Error>> {
     let mut q = dev.queue().create()?;
     let timeline = q.timeline().clone();
     let nop = [Command::nop()];
@@ -52,7 +58,7 @@ pub fn cold_round_trip(dev: &Device, iters: usize) -> Result<Latency, Box<dyn st
         std::thread::sleep(COLD_IDLE);
         let t = Instant::now();
         let v = q.enqueue(&nop)?;
-        timeline.wait_with(v, WaitMode::Block, Duration::from_secs(10))?;
+        timeline.wait_with(v, mode, Duration::from_secs(10))?;
         lat.record(t.elapsed().as_nanos() as u64);
     }
     Ok(lat)

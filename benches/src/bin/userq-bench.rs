@@ -250,7 +250,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
                     // The ping-pong needs a long run to settle into sleeping every time (a
                     // short one mostly finds its partner still awake).
                     || -> Res<_> { Ok(floors::futex_floor(warm / 5, nb)?) },
-                    || round_trip::cold_round_trip(&dev, cold_iters),
+                    || round_trip::cold_round_trip(&dev, WaitMode::Block, cold_iters),
                 )?;
                 r.paired.push(paired);
                 r.latency.push(LatencyRow {
@@ -271,7 +271,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
                         slept += s;
                         Ok(l)
                     },
-                    || round_trip::cold_round_trip(&dev, cold_iters),
+                    || round_trip::cold_round_trip(&dev, WaitMode::Block, cold_iters),
                 )?;
                 say(&format!(
                     "futex ping-pong from cold: the parent had to wait for its answer in {slept} of {} round trips",
@@ -282,6 +282,12 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
                     name: COLD_FLOOR.into(),
                     floor: Some("futex"),
                     latency: cold_floor,
+                });
+                // The default wait from cold, for the record (no target).
+                r.latency.push(LatencyRow {
+                    name: "userq NOP, daemon, cold (fw asleep), adaptive".into(),
+                    floor: Some("futex"),
+                    latency: round_trip::cold_round_trip(&dev, WaitMode::Adaptive, 2 * cold_iters)?,
                 });
                 r.latency.push(LatencyRow {
                     name: KERNEL_LAUNCH.into(),
