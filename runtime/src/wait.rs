@@ -118,7 +118,8 @@ pub(crate) fn wait_many(
         let d = *deadline.get_or_insert_with(|| now.checked_add(timeout));
         d.is_some_and(|d| now >= d)
     };
-    let (spin, yield_until) = mode.phases(points.iter().all(|(f, v)| f.cold(*v)));
+    let cold = mode == WaitMode::Adaptive && points.iter().all(|(f, v)| f.cold(*v));
+    let (spin, yield_until) = mode.phases(cold);
     let mut backoff = Backoff::new(spin, yield_until);
     'spinning: loop {
         // A burst of checks with one pause each, like a bare polling loop; the clock (for
