@@ -74,7 +74,9 @@ impl FenceInner {
     }
 
     /// Notes that the doorbell for packets up to `value` of this timeline's queue found
-    /// the firmware asleep and woke it.
+    /// the firmware asleep and woke it (the wake syscall reported a woken thread). Only
+    /// submits through this process's `Queue` mark; a high-water mark, so it also covers
+    /// earlier packets still in flight, which are no nearer to completing.
     pub(crate) fn note_cold_submit(&self, value: u64) {
         self.cold_until.fetch_max(value, Relaxed);
     }

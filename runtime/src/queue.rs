@@ -417,14 +417,18 @@ impl Queue {
         let slot = self.slot as usize;
         // Release: the packet stores above happen-before the firmware's acquire load.
         page.doorbells[slot].value.store(self.wptr, Release);
-        if sync::ring_doorbell(
+        let woke = sync::ring_doorbell(
             (&page.pending.words[slot / 64], 1 << (slot % 64)),
             sync::context_bit(&self.dev.kick.contexts, self.dev.ctx),
             &self.dev.status.sleep.sleeping,
             &self.dev.kick.kick.word,
-        ) {
+        );
+        if let Some(woken) = woke {
             self.wakes += 1;
-            self.timeline.inner.note_cold_submit(self.wptr);
+            // The firmware really slept: this work's completion is a wake-up away.
+            if woken > 0 {
+                self.timeline.inner.note_cold_submit(self.wptr);
+            }
         }
     }
 }

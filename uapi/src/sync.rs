@@ -139,23 +139,24 @@ pub fn firmware_barrier_available() -> bool {
 /// that takes the context's bit (acquire) finds the queue's. The SeqCst fence orders the
 /// summary store before the flag load (Dekker with the firmware's flag store + fence +
 /// re-check in [`sleep_unless`]); the flag is in the read-only device status page, so it is
-/// loaded relaxed. Returns whether a wake syscall was made.
+/// loaded relaxed. Returns `None` when the firmware was awake (no syscall), else how many
+/// threads the wake syscall woke: 0 when the firmware had announced its sleep but was
+/// still re-checking, so it finds the work without sleeping.
 #[inline]
 pub fn ring_doorbell(
     pending: (&AtomicU64, u64),
     context: (&AtomicU64, u64),
     sleeping: &impl Word32,
     kick: &AtomicU32,
-) -> bool {
+) -> Option<usize> {
     pending.0.fetch_or(pending.1, Release);
     context.0.fetch_or(context.1, SeqCst);
     fence(SeqCst);
     if sleeping.relaxed() == 0 {
-        return false;
+        return None;
     }
     kick.fetch_add(1, Release);
-    futex_wake_all(kick);
-    true
+    Some(futex_wake_all(kick))
 }
 
 /// The device-summary word and bit of context `ctx`.

@@ -37,10 +37,12 @@ pub fn futex_wake_all(word: &AtomicU32) -> usize {
 }
 
 /// How many of this thread's wakes (every wake on shared memory goes through
-/// [`futex_wake_all`]) found at least one sleeper, since the thread started. A poller compares two readings to learn whether it
-/// just woke somebody: a futex wake carries no "sync" hint (as a pipe write does), so the
-/// woken thread is often queued on the waker's own CPU, where it waits for the waker's
-/// time slice unless the waker yields (see the firmware's loop).
+/// [`futex_wake_all`]) found at least one sleeper, since the thread started. A poller
+/// compares two readings to learn whether it just woke somebody: a futex wake carries no
+/// "sync" hint (as a pipe write does), so the woken thread is often queued on the waker's
+/// own CPU, where it waits for the waker's time slice unless the waker yields (see the
+/// firmware's loop).
+#[inline]
 pub fn wakes_delivered() -> u64 {
     DELIVERED.with(|d| d.get())
 }
