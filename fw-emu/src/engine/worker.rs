@@ -26,6 +26,7 @@ pub(super) fn engine(s: &Shared, index: usize) {
                 l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
             }
         };
+        let delivered = userq_uapi::sync::wakes_delivered();
         let start = Instant::now();
         let end = run_slice(s, &job, start, Some(s.slice(&job)));
         let ns = start.elapsed().as_nanos() as u64;
@@ -41,6 +42,12 @@ pub(super) fn engine(s: &Shared, index: usize) {
                 .push(job.clone());
             s.has_completed.store(true, Release);
             (s.wake_command_processor)();
+        }
+        // Give way once if the slice woke the sleeping command processor (a completion or
+        // a fault; it sleeps while long jobs run): it may be queued on this vCPU, behind
+        // this engine's next slice of up to 1 ms (see `Firmware::run` for the cost).
+        if userq_uapi::sync::wakes_delivered() != delivered {
+            std::thread::yield_now();
         }
         // A replacement took this thread's place while it was held in this job: leave the
         // pool (only threads that ran the job's workgroups can get here with it).
