@@ -15,22 +15,24 @@ pub enum WaitMode {
     /// Sleep on the futex at once. Costs a wake-up (tens of microseconds).
     Block,
     /// Spin briefly (20 us), yield briefly (to 100 us), then sleep; but sleep at once when
-    /// every point waits on work whose submit found the firmware asleep and had to wake it
-    /// ([`crate::Queue::firmware_wakes`]): that completion is at least one wake-up away
-    /// (10-80 us on the development VM), and spinning for it only holds a CPU the firmware
-    /// may be queued on (a cold round trip took 98-111 us at p50 that way, 14-26 us now).
+    /// every point waits on work that this process's queue submitted while the firmware
+    /// slept, so that its doorbell had to wake it ([`crate::Queue::firmware_wakes`]): that
+    /// completion is at least one wake-up away, and spinning for it would only hold a CPU
+    /// the firmware may be queued on.
     #[default]
     Adaptive,
 }
 
 impl WaitMode {
-    /// How long a wait in this mode spins, and until when it yields, before it sleeps;
-    /// `cold`: every point waits on work whose doorbell woke a sleeping firmware.
-    fn phases(self, cold: bool) -> (Duration, Duration) {
+    /// How long a wait in this mode on `points` spins, and until when it yields, before it
+    /// sleeps.
+    fn phases(self, points: &[Target<'_>]) -> (Duration, Duration) {
         match self {
             WaitMode::Spin => (Duration::MAX, Duration::MAX),
             WaitMode::Block => (Duration::ZERO, Duration::ZERO),
-            WaitMode::Adaptive if cold => (Duration::ZERO, Duration::ZERO),
+            WaitMode::Adaptive if points.iter().all(|(f, v)| f.cold(*v)) => {
+                (Duration::ZERO, Duration::ZERO)
+            }
             WaitMode::Adaptive => (Duration::from_micros(20), Duration::from_micros(100)),
         }
     }
@@ -118,8 +120,7 @@ pub(crate) fn wait_many(
         let d = *deadline.get_or_insert_with(|| now.checked_add(timeout));
         d.is_some_and(|d| now >= d)
     };
-    let cold = mode == WaitMode::Adaptive && points.iter().all(|(f, v)| f.cold(*v));
-    let (spin, yield_until) = mode.phases(cold);
+    let (spin, yield_until) = mode.phases(points);
     let mut backoff = Backoff::new(spin, yield_until);
     'spinning: loop {
         // A burst of checks with one pause each, like a bare polling loop; the clock (for
@@ -184,54 +185,78 @@ pub(crate) fn wait_many(
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "embedded"))]
 mod tests {
     use super::*;
     use crate::{Command, Device, OpenMode};
 
+    /// Removes the device's directory however the test ends.
+    struct Dir(std::path::PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn an_adaptive_wait_sleeps_at_once_only_for_work_that_had_to_wake_the_firmware() {
-        let zero = (Duration::ZERO, Duration::ZERO);
-        assert_eq!(WaitMode::Adaptive.phases(true), zero);
-        assert!(WaitMode::Adaptive.phases(false).0 > Duration::ZERO);
-        assert_eq!(WaitMode::Block.phases(false), zero);
-        // Spinning was asked for: it stays spinning.
-        assert_eq!(WaitMode::Spin.phases(true), (Duration::MAX, Duration::MAX));
-
-        let dir = std::env::temp_dir().join(format!("userq-cold-{}", std::process::id()));
+        let dir = Dir(std::env::temp_dir().join(format!("userq-cold-{}", std::process::id())));
         let dev = Device::builder()
-            .socket(dir.join("dev.sock"))
+            .socket(dir.0.join("dev.sock"))
             .mode(OpenMode::Embedded)
             .open()
             .expect("embedded device");
         let mut q = dev.create_queue().expect("queue");
-        let (mut cold, mut warm) = (0, 0);
+        let user = dev.create_fence(0).expect("user fence");
+        let zero = (Duration::ZERO, Duration::ZERO);
+        let adaptive = (Duration::from_micros(20), Duration::from_micros(100));
+        let (mut cold, mut warm) = (None, None);
         // Bounded: each turn leaves the device idle past the firmware's 2 ms before it
         // sleeps, then submits twice: the first usually wakes it, the second (right after
-        // the first completed) usually finds it awake. Which one did is what the queue's
-        // wake count says, and the mark must agree with it.
+        // the first completed) usually finds it awake. The queue's wake count says which.
         for _ in 0..200 {
-            if cold >= 3 && warm >= 3 {
+            if cold.is_some() && warm.is_some() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));
             for _ in 0..2 {
                 let wakes = q.firmware_wakes();
                 let v = q.enqueue(&[Command::nop()]).expect("submit");
-                let woke = q.firmware_wakes() > wakes;
-                assert_eq!(q.timeline().inner.cold(v), woke, "value {v}");
-                if woke {
-                    cold += 1;
-                } else {
-                    warm += 1;
+                let point = [(&*q.timeline().inner, v)];
+                if q.firmware_wakes() == wakes {
+                    // No wake syscall: the firmware was awake, the wait may spin.
+                    assert_eq!(WaitMode::Adaptive.phases(&point), adaptive, "value {v}");
+                    warm = Some(v);
+                } else if WaitMode::Adaptive.phases(&point) == zero {
+                    cold = Some(v); // (a wake that found it still re-checking is neither)
                 }
                 q.timeline()
                     .wait_with(v, WaitMode::Adaptive, Duration::from_secs(10))
                     .expect("the NOP completes");
             }
         }
-        drop((q, dev));
-        let _ = std::fs::remove_dir_all(&dir);
-        assert!(cold >= 3 && warm >= 3, "cold {cold}, warm {warm}");
+        let (Some(c), Some(w)) = (cold, warm) else {
+            panic!("no cold and warm submit in 200 turns: {cold:?} {warm:?}");
+        };
+        let tl = &*q.timeline().inner;
+        // The mark is a high-water mark: work submitted before a cold submit is cold too
+        // (the test's warm submit came after it), work after it is not.
+        assert_eq!(WaitMode::Adaptive.phases(&[(tl, c)]), zero);
+        assert_eq!(WaitMode::Adaptive.phases(&[(tl, c.max(w) + 1)]), adaptive);
+        // Every point must be cold: one warm point (or a user fence, never marked) keeps
+        // the spin.
+        let u = &*user.inner;
+        assert_eq!(WaitMode::Adaptive.phases(&[(tl, c), (u, 1)]), adaptive);
+        assert_eq!(
+            WaitMode::Adaptive.phases(&[(tl, c), (tl, c.max(w) + 1)]),
+            adaptive
+        );
+        // The other modes never look at the mark.
+        assert_eq!(WaitMode::Block.phases(&[(tl, c.max(w) + 1)]), zero);
+        assert_eq!(
+            WaitMode::Spin.phases(&[(tl, c)]),
+            (Duration::MAX, Duration::MAX)
+        );
     }
 }
