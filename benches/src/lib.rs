@@ -6,6 +6,7 @@
 //! `cargo bench -p userq-benches` runs the criterion micro-benchmarks of the host paths.
 #![deny(missing_docs)]
 
+pub mod cold;
 pub mod device;
 pub mod floors;
 pub mod observe;

@@ -18,16 +18,12 @@ use std::time::Duration;
 use userq::WaitMode;
 use userq_benches::device::{self, DeviceProcs, Mode};
 use userq_benches::report::{
-    LatencyRow, Report, ScalingRow, ThroughputRow, COLD_FLOOR, EXCHANGE_FLOOR, FUTEX_FLOOR,
-    POLL_FLOOR,
+    LatencyRow, Report, ScalingRow, ThroughputRow, EXCHANGE_FLOOR, FUTEX_FLOOR, POLL_FLOOR,
 };
-use userq_benches::{floors, peers, plot, proc, round_trip, rounds};
+use userq_benches::{cold, floors, peers, plot, proc, round_trip, rounds};
 
 /// The name of the idle-queues row.
 const IDLE_QUEUES: &str = "userq NOP, daemon, spin, 4096 idle queues from 64 processes";
-
-/// The name of the cold round-trip row.
-const COLD: &str = "userq NOP, daemon, cold (fw asleep), block";
 
 /// The name of the kernel-launch row.
 const KERNEL_LAUNCH: &str = "userq 1-workgroup DISPATCH, daemon, spin";
@@ -239,56 +235,13 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
                 latency: spin,
             });
             if mode == Mode::Daemon {
-                // Cold round trips against the futex ping-pong, paired the same way (the
-                // target), ...
-                let cold_iters = if o.quick { 40 } else { 150 };
-                let cold_rounds = if o.quick { 3 } else { 5 };
-                let (paired, _, cold) = rounds::interleave(
-                    COLD,
-                    FUTEX_FLOOR,
-                    cold_rounds,
-                    // The ping-pong needs a long run to settle into sleeping every time (a
-                    // short one mostly finds its partner still awake).
-                    || -> Res<_> { Ok(floors::futex_floor(warm / 5, nb)?) },
-                    || round_trip::cold_round_trip(&dev, WaitMode::Block, cold_iters),
-                )?;
-                r.paired.push(paired);
-                r.latency.push(LatencyRow {
-                    name: COLD.into(),
-                    floor: Some("futex"),
-                    latency: cold,
-                });
-                // ... and against the ping-pong started from the same idle gap, for the
-                // record: its rounds land in two modes (both processes woken on one vCPU,
-                // a context switch; or on two, an IPI to a halted vCPU each way).
-                let mut slept = 0;
-                let (paired, cold_floor, _) = rounds::interleave(
-                    COLD,
-                    COLD_FLOOR,
-                    cold_rounds,
-                    || -> Res<_> {
-                        let (l, s) = floors::futex_floor_cold(cold_iters, round_trip::COLD_IDLE)?;
-                        slept += s;
-                        Ok(l)
-                    },
-                    || round_trip::cold_round_trip(&dev, WaitMode::Block, cold_iters),
-                )?;
+                let cold = cold::measure(&dev, o.quick, warm, nb)?;
                 say(&format!(
-                    "futex ping-pong from cold: the parent had to wait for its answer in {slept} of {} round trips",
-                    cold_floor.count()
+                    "futex ping-pong from cold: the parent had to wait for its answer in {} of {} round trips",
+                    cold.floor_waited, cold.floor_count
                 ));
-                r.paired.push(paired);
-                r.latency.push(LatencyRow {
-                    name: COLD_FLOOR.into(),
-                    floor: Some("futex"),
-                    latency: cold_floor,
-                });
-                // The default wait from cold, for the record (no target).
-                r.latency.push(LatencyRow {
-                    name: "userq NOP, daemon, cold (fw asleep), adaptive".into(),
-                    floor: Some("futex"),
-                    latency: round_trip::cold_round_trip(&dev, WaitMode::Adaptive, 2 * cold_iters)?,
-                });
+                r.paired.extend(cold.paired);
+                r.latency.extend(cold.rows);
                 r.latency.push(LatencyRow {
                     name: KERNEL_LAUNCH.into(),
                     floor: None,
