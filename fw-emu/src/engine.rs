@@ -23,6 +23,9 @@
 //! **Inline dispatch.** A dispatch small and bounded enough, when no job waits for an
 //! engine, is run by the command processor itself through the same slice code
 //! ([`Engines::run_inline`]): waking a parked engine costs more than such a dispatch.
+//! A larger bounded one goes to the engines, but while every engine is parked the
+//! command processor, with nothing else to do, runs its first workgroups until an engine
+//! is back ([`Engines::help`]).
 //!
 //! **Page faults.** A job with on-demand buffers is *paged*: before each workgroup runs
 //! (or resumes), the engine pins the pages of its [`crate::kernel::Kernel::footprint`]. If one is not
@@ -73,6 +76,21 @@ impl Lists {
         None
     }
 
+    /// The job the command processor may help with ([`Engines::help`]): the first
+    /// claimable one of the highest priority that has any, if its workgroups are bounded
+    /// and it has no on-demand buffers. Does not rotate the list.
+    fn helpable(&self) -> Option<Arc<Job>> {
+        let list = self
+            .ready
+            .iter()
+            .rev()
+            .find(|l| l.iter().any(|j| j.claimable()))?;
+        list.iter()
+            .find(|j| j.claimable())
+            .filter(|j| j.kernel.bounded() && !j.paged)
+            .cloned()
+    }
+
     fn top(&self) -> u32 {
         (0..3)
             .rev()
@@ -112,6 +130,9 @@ struct Shared {
     /// Engine threads in the pool, wedged ones included: above `target` after
     /// [`Engines::replace`], until as many threads as were replaced have left.
     live: AtomicUsize,
+    /// Engine threads parked (or woken and not yet back at the lists): changed under the
+    /// lists lock.
+    parked: AtomicUsize,
     /// Per engine thread (index modulo the table): nanoseconds busy, workgroups
     /// finished.
     stats: Vec<CachePadded<(AtomicU64, AtomicU64)>>,
@@ -161,6 +182,10 @@ impl std::fmt::Debug for Engines {
 /// ([`Engines::run_inline`]): one full workgroup's worth.
 pub const INLINE_ITEMS: u64 = userq_uapi::packet::MAX_WORKGROUP_ITEMS;
 
+/// How long one [`Engines::help`] call runs workgroups before it returns (it finishes the
+/// one it is in): about what [`Engines::run_inline`] may hold the command processor.
+pub const HELP_SLICE: Duration = Duration::from_micros(5);
+
 /// How long [`Engines`]' drop waits for engine threads before leaving wedged ones behind.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -188,6 +213,7 @@ impl Engines {
             target: count.max(1),
             surplus: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
+            parked: AtomicUsize::new(0),
             stats: (0..userq_uapi::layout::TELEMETRY_ENGINES)
                 .map(|_| CachePadded::new((AtomicU64::new(0), AtomicU64::new(0))))
                 .collect(),
@@ -298,6 +324,53 @@ impl Engines {
         self.inline.0.fetch_add(ns, Relaxed);
         self.inline.1.fetch_add(end.finished, Relaxed);
         end.last
+    }
+
+    /// Runs a little of a job that waits for the engines on the calling thread, the
+    /// command processor, in a turn with nothing else to do, while every engine thread is
+    /// parked: the job's engine is being woken (a futex wake and a context switch, 15-30
+    /// µs here, often onto a vCPU a spinning client holds), and its first workgroups need
+    /// not wait for that. The engine takes the rest when it arrives; workgroups are
+    /// claimed one by one, so none runs twice. Only when the engines are all parked, so
+    /// the command processor never becomes one more engine under load, and only jobs
+    /// [`Engines::run_inline`] could run (bounded workgroups, no on-demand buffers), for at
+    /// most [`HELP_SLICE`] (plus the workgroup that ends it) per call. The time counts as
+    /// the command processor's own ([`Engines::inline_stats`]). Returns whether it ran a
+    /// workgroup; a job whose last workgroup it finished goes on the completed list.
+    pub fn help(&self) -> bool {
+        let s = &*self.shared;
+        // Without the lock first: an idle turn must stay cheap.
+        if s.top.load(Acquire) == 0 || s.parked.load(Relaxed) != s.live.load(Relaxed) {
+            return false;
+        }
+        let job = {
+            let l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
+            if s.parked.load(Relaxed) != s.live.load(Relaxed) {
+                return false;
+            }
+            match l.helpable() {
+                Some(j) => j,
+                None => {
+                    // Refresh the hint, so that idle turns stop asking.
+                    s.top.store(l.top(), Release);
+                    return false;
+                }
+            }
+        };
+        let start = Instant::now();
+        let end = run_slice(s, &job, start, Some(HELP_SLICE));
+        let ns = start.elapsed().as_nanos() as u64;
+        job.engine_ns.fetch_add(ns, Relaxed);
+        self.inline.0.fetch_add(ns, Relaxed);
+        self.inline.1.fetch_add(end.finished, Relaxed);
+        if end.last {
+            s.completed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(job);
+            s.has_completed.store(true, Release);
+        }
+        end.finished > 0
     }
 
     /// Whether a job has work waiting for an engine. Asked under the lists lock: the `top`

@@ -310,6 +310,11 @@ impl Firmware {
                 (IDLE_CHECKS / self.sched.polled_count().max(1) as u32).max(1)
             };
             progress |= self.poll_burst(idle_polls);
+            // Nothing else to do: start a job that waits for parked engines (see
+            // `Engines::help`); its completion is collected next turn.
+            if !progress {
+                progress = self.engines.help();
+            }
             // The clock decides when to tick, not the turn count, but reading it costs as
             // much as a cache-line transfer: every 8th busy turn (a busy turn can be long),
             // every 64th idle one. Never between a completion and the next poll.

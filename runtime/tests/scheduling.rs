@@ -1,7 +1,9 @@
 //! The engines' scheduler: equal queues share engine time, a high-priority queue gets
 //! through saturating low-priority work, and a long-running queue never times out. A
 //! dispatch of at most [`INLINE_ITEMS`] work-items may run on the command processor
-//! instead of an engine; the tests that mean the engines use larger ones.
+//! instead of an engine; the tests that mean the engines use larger ones. A larger bounded
+//! dispatch may still have its first workgroups run there while every engine is parked;
+//! the tests that mean the engines keep one busy, or use kernels that are not bounded.
 //! Bounds are generous (tens of percent, tens of milliseconds): the precise figures are the
 //! benchmark's business.
 
@@ -316,4 +318,54 @@ fn the_command_processor_runs_a_small_dispatch_itself_and_a_large_one_goes_to_an
     let ql = me.queues.iter().find(|x| x.slot == q.slot()).unwrap();
     assert!(ql.engine_ns > 0, "inline time counts for its queue: {ql:?}");
     drop((q, big, small, large, dev));
+}
+
+#[test]
+fn on_an_idle_device_the_command_processor_starts_a_large_dispatch_while_the_engine_wakes() {
+    let env = Env::with(Device::builder().engines(1));
+    let dev = env.dev();
+    let obs = Observer::connect(dev.socket_path()).expect("observe");
+    let mut q = dev.create_queue().unwrap();
+    let buf = dev.alloc::<u32>(ENGINE_ITEMS as usize).unwrap();
+    // Each dispatch finds the one engine parked (it parks as soon as it has no work), so
+    // the command processor takes workgroups until the engine is back at the lists. It
+    // nearly always gets the first ones (a wake-up takes microseconds, a workgroup less):
+    // bounded by 50 tries, the figures read with the firmware's 10 ms tick.
+    let t = Instant::now();
+    let mut tries = 0;
+    let helped = loop {
+        tries += 1;
+        q.submit(kernels::fill_u32(ENGINE_ITEMS, tries, &buf).unwrap())
+            .unwrap()
+            .wait(Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(buf.read(0), tries);
+        assert_eq!(
+            buf.read(ENGINE_ITEMS as usize - 1),
+            tries,
+            "every workgroup ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        let s = obs.snapshot();
+        if s.inline.workgroups > 0 || tries == 50 || t.elapsed() > Duration::from_secs(20) {
+            break s.inline.workgroups;
+        }
+    };
+    assert!(
+        helped > 0,
+        "the command processor never helped in {tries} dispatches"
+    );
+    // No workgroup ran twice: every one of them counted once, on the command processor
+    // or on the engine (the figures of the last dispatch may lag one tick).
+    let t = Instant::now();
+    let total = loop {
+        let s = obs.snapshot();
+        let all = s.inline.workgroups + s.engines.iter().map(|e| e.workgroups).sum::<u64>();
+        if all >= tries as u64 * 16 || t.elapsed() > Duration::from_secs(10) {
+            break all;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(total, tries as u64 * 16);
+    drop((q, buf, dev));
 }

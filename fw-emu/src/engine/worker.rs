@@ -21,9 +21,11 @@ pub(super) fn engine(s: &Shared, index: usize) {
                 // Read under the lock: work added after it bumps the word, so the wait
                 // returns at once instead of missing it.
                 let seen = s.work.load(Acquire);
+                s.parked.fetch_add(1, Relaxed);
                 drop(l);
                 atomic_wait::wait(&s.work, seen);
                 l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
+                s.parked.fetch_sub(1, Relaxed);
             }
         };
         let delivered = userq_uapi::sync::wakes_delivered();
