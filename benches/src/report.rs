@@ -10,6 +10,11 @@ pub const POLL_FLOOR: &str = "floor: cache-line ping-pong";
 pub const EXCHANGE_FLOOR: &str = "floor: minimal packet + doorbell + fence exchange";
 /// The shared-futex ping-pong run back to back: what any blocking protocol costs.
 pub const FUTEX_FLOOR: &str = "floor: shared-futex ping-pong";
+/// The kernel-launch row: a one-workgroup DISPATCH round trip on an idle device.
+pub const KERNEL_LAUNCH: &str = "userq 1-workgroup DISPATCH, daemon, spin";
+/// A 16-workgroup DISPATCH round trip on an idle device: more than the command processor
+/// runs on its own, so the engines' wake-up is in it.
+pub const KERNEL_LAUNCH_16: &str = "userq 16-workgroup DISPATCH (4096 items), daemon, spin";
 /// The shared-futex ping-pong started from the cold round trip's idle gap.
 pub const COLD_FLOOR: &str = "floor: shared-futex ping-pong from cold";
 
@@ -213,7 +218,7 @@ impl Report {
                 verdict: Some(r99 <= 2.5),
             });
         }
-        if let Some(k) = self.summary("userq 1-workgroup DISPATCH, daemon, spin") {
+        if let Some(k) = self.summary(KERNEL_LAUNCH) {
             t.push(Target {
                 what: "small kernel launch: 1-workgroup DISPATCH round trip on an idle device p50 ≤ 2 µs".into(),
                 measured: format!("p50 {}, p99 {}", ns(k.p50), ns(k.p99)),

@@ -64,22 +64,25 @@ pub fn cold_round_trip(
     Ok(lat)
 }
 
-/// Round trips of a one-workgroup DISPATCH (fill of 64 u32) on an otherwise idle device:
-/// the packet, the command processor handing the job to an engine, the workgroup, the
-/// completion back through the command processor, the fence. `mode` is how the host waits.
+/// Round trips of a DISPATCH filling `items` u32 on an otherwise idle device: the packet,
+/// the command processor running it itself or handing the job to an engine, the
+/// workgroups, the completion back through the command processor, the fence. 64 items is
+/// one workgroup; 4096 are 16, more than the command processor runs on its own. `mode` is
+/// how the host waits.
 pub fn kernel_launch(
     dev: &Device,
+    items: u32,
     mode: WaitMode,
     warmup: usize,
     iters: usize,
 ) -> Result<Latency, Box<dyn std::error::Error>> {
     let mut q = dev.queue().ring_entries(1024).create()?;
-    let out = dev.alloc::<u32>(64)?;
-    let cmd = [userq::kernels::fill_u32(64, 7, &out)?];
+    let out = dev.alloc::<u32>(items as usize)?;
+    let cmd = [userq::kernels::fill_u32(items, 7, &out)?];
     // The first dispatch allocates the queue's argument area: outside the timing.
     q.submit_batch(&cmd)?.wait(Duration::from_secs(10))?;
     let lat = round_trips(&mut q, &cmd, mode, warmup, iters);
-    if out.read(63) != 7 {
+    if out.read(items as usize - 1) != 7 {
         return Err("the fill kernel did not run".into());
     }
     Ok(lat)

@@ -18,15 +18,13 @@ use std::time::Duration;
 use userq::WaitMode;
 use userq_benches::device::{self, DeviceProcs, Mode};
 use userq_benches::report::{
-    LatencyRow, Report, ScalingRow, ThroughputRow, EXCHANGE_FLOOR, FUTEX_FLOOR, POLL_FLOOR,
+    LatencyRow, Report, ScalingRow, ThroughputRow, EXCHANGE_FLOOR, FUTEX_FLOOR, KERNEL_LAUNCH,
+    KERNEL_LAUNCH_16, POLL_FLOOR,
 };
 use userq_benches::{cold, floors, peers, plot, proc, round_trip, rounds};
 
 /// The name of the idle-queues row.
 const IDLE_QUEUES: &str = "userq NOP, daemon, spin, 4096 idle queues from 64 processes";
-
-/// The name of the kernel-launch row.
-const KERNEL_LAUNCH: &str = "userq 1-workgroup DISPATCH, daemon, spin";
 
 /// userq against the machine's floors and against peers, measured in one run.
 #[derive(Debug, Parser)]
@@ -242,11 +240,19 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
                 ));
                 r.paired.extend(cold.paired);
                 r.latency.extend(cold.rows);
-                r.latency.push(LatencyRow {
-                    name: KERNEL_LAUNCH.into(),
-                    floor: None,
-                    latency: round_trip::kernel_launch(&dev, WaitMode::Spin, warm / 5, nb)?,
-                });
+                for (name, items) in [(KERNEL_LAUNCH, 64), (KERNEL_LAUNCH_16, 4096)] {
+                    r.latency.push(LatencyRow {
+                        name: name.into(),
+                        floor: None,
+                        latency: round_trip::kernel_launch(
+                            &dev,
+                            items,
+                            WaitMode::Spin,
+                            warm / 5,
+                            nb,
+                        )?,
+                    });
+                }
             }
             let block = round_trip::nop_round_trip(&dev, WaitMode::Block, warm / 5, nb)?;
             r.latency.push(LatencyRow {
