@@ -24,8 +24,8 @@
 //! engine, is run by the command processor itself through the same slice code
 //! ([`Engines::run_inline`]): waking a parked engine costs more than such a dispatch.
 //! A larger bounded one goes to the engines, but while every engine is parked the
-//! command processor, with nothing else to do, runs its first workgroups until an engine
-//! is back ([`Engines::help`]).
+//! command processor, with nothing else to do, runs its workgroups (often all of them)
+//! until an engine is back ([`Engines::help`]).
 //!
 //! **Page faults.** A job with on-demand buffers is *paged*: before each workgroup runs
 //! (or resumes), the engine pins the pages of its [`crate::kernel::Kernel::footprint`]. If one is not
@@ -53,6 +53,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+#[cfg(test)]
+mod tests;
 mod worker;
 use worker::{engine, run_slice};
 
@@ -164,9 +166,13 @@ pub struct Engines {
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
     /// Names the next thread.
     next_index: AtomicUsize,
-    /// Work the command processor ran itself ([`Engines::run_inline`]): nanoseconds,
-    /// workgroups.
+    /// Work the command processor ran itself ([`Engines::run_inline`],
+    /// [`Engines::help`]): nanoseconds, workgroups.
     inline: (AtomicU64, AtomicU64),
+    /// The `work` word's value when [`Engines::help`] last found nothing it may run
+    /// (`u64::MAX`: none): until the word moves, idle turns do not take the lock to ask
+    /// again. Only the command processor uses it.
+    help_idle: AtomicU64,
 }
 
 impl std::fmt::Debug for Engines {
@@ -223,6 +229,7 @@ impl Engines {
             threads: std::sync::Mutex::new(Vec::with_capacity(count)),
             next_index: AtomicUsize::new(0),
             inline: (AtomicU64::new(0), AtomicU64::new(0)),
+            help_idle: AtomicU64::new(u64::MAX),
         };
         // On failure, dropping `engines` stops and joins the ones already started.
         engines.spawn(count.max(1))?;
@@ -290,7 +297,7 @@ impl Engines {
     /// Runs a small dispatch on the calling thread, the command processor, instead of
     /// handing it to an engine, as io_uring issues a request inline before it punts to a
     /// worker: an idle engine is a parked thread, and waking it costs more (a futex wake
-    /// and a context switch, about 15 µs here) than the whole dispatch. Only when that is
+    /// and a context switch, 7-30 µs here) than the whole dispatch. Only when that is
     /// sure to be short and overtakes no one:
     ///
     /// - the kernel's workgroups are bounded by their work-items ([`Kernel::bounded`]),
@@ -328,9 +335,9 @@ impl Engines {
 
     /// Runs a little of a job that waits for the engines on the calling thread, the
     /// command processor, in a turn with nothing else to do, while every engine thread is
-    /// parked: the job's engine is being woken (a futex wake and a context switch, 15-30
-    /// µs here, often onto a vCPU a spinning client holds), and its first workgroups need
-    /// not wait for that. The engine takes the rest when it arrives; workgroups are
+    /// parked: the job's engine is being woken (a futex wake and a context switch, 7-30 µs
+    /// here, often onto a vCPU a spinning client holds), and the job's workgroups need not
+    /// wait for that; a small job is often done before the engine arrives. The engine takes the rest when it arrives; workgroups are
     /// claimed one by one, so none runs twice. Only when the engines are all parked, so
     /// the command processor never becomes one more engine under load, and only jobs
     /// [`Engines::run_inline`] could run (bounded workgroups, no on-demand buffers), for at
@@ -339,20 +346,29 @@ impl Engines {
     /// workgroup; a job whose last workgroup it finished goes on the completed list.
     pub fn help(&self) -> bool {
         let s = &*self.shared;
+        // With no engine thread at all, helping would hide it: never.
+        let all_parked = || {
+            let live = s.live.load(Relaxed);
+            live > 0 && s.parked.load(Relaxed) == live
+        };
         // Without the lock first: an idle turn must stay cheap.
-        if s.top.load(Acquire) == 0 || s.parked.load(Relaxed) != s.live.load(Relaxed) {
+        if s.top.load(Acquire) == 0
+            || !all_parked()
+            || self.help_idle.load(Relaxed) == s.work.load(Relaxed) as u64
+        {
             return false;
         }
         let job = {
             let l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
-            if s.parked.load(Relaxed) != s.live.load(Relaxed) {
+            if !all_parked() {
                 return false;
             }
             match l.helpable() {
                 Some(j) => j,
                 None => {
-                    // Refresh the hint, so that idle turns stop asking.
-                    s.top.store(l.top(), Release);
+                    // Nothing it may run (the waiting job is not bounded, or is paged):
+                    // ask again only when work is added (the word moves under this lock).
+                    self.help_idle.store(s.work.load(Relaxed) as u64, Relaxed);
                     return false;
                 }
             }
@@ -364,6 +380,13 @@ impl Engines {
         self.inline.0.fetch_add(ns, Relaxed);
         self.inline.1.fetch_add(end.finished, Relaxed);
         if end.last {
+            // Off the ready lists (an engine that looked while the last workgroup ran kept
+            // it there, unfinished), so it holds no kernel or buffers once collected.
+            {
+                let mut l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
+                l.ready[job.priority as usize].retain(|j| !j.finished());
+                s.top.store(l.top(), Release);
+            }
             s.completed
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -381,8 +404,8 @@ impl Engines {
         l.top() != 0
     }
 
-    /// Work the command processor ran itself ([`Engines::run_inline`]): (nanoseconds,
-    /// workgroups).
+    /// Work the command processor ran itself ([`Engines::run_inline`],
+    /// [`Engines::help`]): (nanoseconds, workgroups).
     pub fn inline_stats(&self) -> (u64, u64) {
         (self.inline.0.load(Relaxed), self.inline.1.load(Relaxed))
     }

@@ -303,6 +303,12 @@ impl Firmware {
             progress |= self.ack_suspends();
             progress |= self.flush_faults();
             progress |= self.ack_paging();
+            // Nothing else to do: run a job that waits for parked engines (see
+            // `Engines::help`; its completion is collected next turn). Before the idle
+            // polling burst, which is longer than an engine's wake-up can be.
+            if !progress {
+                progress = self.engines.help();
+            }
             // Polled queues last, in a burst: the latency-critical path (see `poll_burst`).
             let idle_polls = if progress {
                 1
@@ -310,11 +316,6 @@ impl Firmware {
                 (IDLE_CHECKS / self.sched.polled_count().max(1) as u32).max(1)
             };
             progress |= self.poll_burst(idle_polls);
-            // Nothing else to do: start a job that waits for parked engines (see
-            // `Engines::help`); its completion is collected next turn.
-            if !progress {
-                progress = self.engines.help();
-            }
             // The clock decides when to tick, not the turn count, but reading it costs as
             // much as a cache-line transfer: every 8th busy turn (a busy turn can be long),
             // every 64th idle one. Never between a completion and the next poll.

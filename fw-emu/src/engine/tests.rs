@@ -1,0 +1,152 @@
+//! [`Engines::help`]: what the command processor may run while the engines are parked.
+
+use super::*;
+use crate::id::QueueId;
+use crate::kernel::{ArgError, ArgKind, Args, Kernel};
+use userq_uapi::ioctl::Priority;
+use userq_uapi::packet::Dispatch;
+
+/// A kernel that counts its workgroups; `hold` keeps a workgroup running until cleared.
+struct Count {
+    runs: AtomicU64,
+    bounded: bool,
+    hold: AtomicBool,
+}
+
+impl Count {
+    fn new(bounded: bool, hold: bool) -> Arc<Count> {
+        Arc::new(Count {
+            runs: AtomicU64::new(0),
+            bounded,
+            hold: AtomicBool::new(hold),
+        })
+    }
+}
+
+impl Kernel for Count {
+    fn name(&self) -> &str {
+        "count"
+    }
+    fn signature(&self) -> &[ArgKind] {
+        &[]
+    }
+    fn validate(&self, _: &Args, _: &Dispatch) -> Result<(), ArgError> {
+        Ok(())
+    }
+    fn run(&self, _: &Args, _: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
+        while self.hold.load(Acquire) {
+            std::thread::yield_now();
+        }
+        self.runs.fetch_add(1, Relaxed);
+        WorkgroupStatus::Done
+    }
+    fn bounded(&self) -> bool {
+        self.bounded
+    }
+}
+
+fn job(kernel: &Arc<Count>, workgroups: u32) -> Arc<Job> {
+    let dispatch = Dispatch {
+        kernel: 0,
+        grid: [workgroups * 64, 1, 1],
+        workgroup: [64, 1, 1],
+        args: 0,
+        arg_count: 0,
+    };
+    Arc::new(Job::new(
+        QueueId { ctx: 1, slot: 0 },
+        0,
+        kernel.clone(),
+        Args(Vec::new()),
+        dispatch,
+        Priority::Normal,
+        None,
+    ))
+}
+
+/// Lists `job` as `Engines::submit` does, but without waking an engine.
+fn list_quietly(e: &Engines, job: &Arc<Job>) {
+    let mut l = e.shared.lists.lock().unwrap();
+    l.ready[job.priority as usize].push_back(job.clone());
+    e.shared.top.store(l.top(), Release);
+}
+
+/// Waits (bounded) until `n` engine threads are parked.
+fn until_parked(e: &Engines, n: usize) {
+    let t = Instant::now();
+    while e.shared.parked.load(Relaxed) != n {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "engines never parked"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn while_every_engine_is_parked_the_command_processor_runs_a_bounded_job_once() {
+    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
+    until_parked(&e, 1);
+    let k = Count::new(true, false);
+    let j = job(&k, 40);
+    list_quietly(&e, &j);
+    let mut calls = 0;
+    while !j.finished() {
+        calls += 1;
+        assert!(calls < 10_000, "help never finished the job");
+        e.help();
+    }
+    assert_eq!(k.runs.load(Relaxed), 40, "every workgroup ran once");
+    // Nobody woke the engine: the command processor ran all of it, counted as its own.
+    assert_eq!(e.inline_stats().1, 40);
+    let done = e.take_completed();
+    assert_eq!(done.len(), 1, "completed once");
+    assert!(Arc::ptr_eq(&done[0], &j));
+    // Off the ready lists: nothing holds it there, and nothing is left to help with.
+    assert!(e
+        .shared
+        .lists
+        .lock()
+        .unwrap()
+        .ready
+        .iter()
+        .all(|l| l.is_empty()));
+    assert!(!e.help());
+}
+
+#[test]
+fn the_command_processor_leaves_unbounded_jobs_and_busy_engines_alone() {
+    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
+    until_parked(&e, 1);
+    // Not bounded: never, however idle the engines.
+    let long = Count::new(false, false);
+    let j = job(&long, 4);
+    list_quietly(&e, &j);
+    assert!(!e.help());
+    assert_eq!(long.runs.load(Relaxed), 0);
+    assert_eq!(e.inline_stats(), (0, 0));
+    j.cancel();
+    // An engine busy (here held in a workgroup): never, even for a bounded job.
+    let held = Count::new(false, true);
+    e.submit(job(&held, 1));
+    until_parked(&e, 0);
+    let k = Count::new(true, false);
+    let small = job(&k, 4);
+    list_quietly(&e, &small);
+    for _ in 0..100 {
+        assert!(!e.help());
+    }
+    assert_eq!(k.runs.load(Relaxed), 0);
+    assert_eq!(e.inline_stats(), (0, 0));
+    held.hold.store(false, Release);
+    // The engine, free again, takes the bounded job itself.
+    let t = Instant::now();
+    while !small.finished() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the engine never ran it"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(k.runs.load(Relaxed), 4);
+}
