@@ -49,7 +49,8 @@ fn a_suspended_context_runs_nothing_until_resumed() {
         .expect("submit");
 
     // Another context gets the engine at once (4096 items: more than the command
-    // processor runs itself, so this goes to the engine).
+    // processor runs itself, so this goes to the engine; the command processor helps
+    // with it only while every engine is parked, so only once the suspended job let go).
     let other = Device::connect(kmd.socket_path()).expect("connect");
     let mut q2 = other.create_queue().expect("queue");
     let buf = other.alloc::<f32>(4096).expect("buffer");

@@ -23,7 +23,8 @@ fn fault_of(r: Result<(), WaitError>) -> userq::FenceFault {
 }
 
 /// A small dispatch on `dev`, checked: `n` floats scaled by 2.
-/// A dispatch for the engines (4096 items: more than the command processor runs itself).
+/// A dispatch for the engines (4096 items: more than the command processor runs itself;
+/// it may run some of it while every engine is parked, never while one is held).
 fn small_dispatch(dev: &Device, q: &mut userq::Queue, seed: f32) {
     let n = 4096;
     let mut buf = dev.alloc::<f32>(n).unwrap();
@@ -52,7 +53,7 @@ fn hang_one_of_32_contexts_only_that_one_is_guilty() {
     devs.push(Device::connect(env.dev().socket_path()).unwrap());
     let mut work = Vec::new();
     for (i, dev) in devs.iter().enumerate().filter(|(i, _)| *i != GUILTY) {
-        let n = 4096usize; // more than the command processor runs itself: engine work
+        let n = 4096usize; // engine work (the guilty one holds an engine: no help)
         let mut buf = dev.alloc::<f32>(n).unwrap();
         buf.copy_from_slice(&vec![i as f32; n]);
         let mut q = dev.create_queue().unwrap();

@@ -32,7 +32,8 @@ fn an_engine_held_by_a_runaway_workgroup_is_replaced() {
     // Both engine threads are still held; replacements run the other context's work.
     let t = Instant::now();
     let mut q = other.create_queue().unwrap();
-    // 4096 items: more than the command processor runs itself, so the engines run it.
+    // 4096 items: more than the command processor runs itself, so the engines run it (it
+    // helps only while every engine thread is parked, and the held ones are not).
     let n = 4096;
     let mut buf = other.alloc::<f32>(n).unwrap();
     // Several dispatches one after another, with pauses that let the engines go idle:
