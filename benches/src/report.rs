@@ -13,7 +13,8 @@ pub const FUTEX_FLOOR: &str = "floor: shared-futex ping-pong";
 /// The kernel-launch row: a one-workgroup DISPATCH round trip on an idle device.
 pub const KERNEL_LAUNCH: &str = "userq 1-workgroup DISPATCH, daemon, spin";
 /// A 16-workgroup DISPATCH round trip on an idle device: more than the command processor
-/// runs on its own, so the engines' wake-up is in it.
+/// runs on its own, so an engine is woken, but while it wakes the command processor runs
+/// the workgroups (often all of them).
 pub const KERNEL_LAUNCH_16: &str = "userq 16-workgroup DISPATCH (4096 items), daemon, spin";
 /// The shared-futex ping-pong started from the cold round trip's idle gap.
 pub const COLD_FLOOR: &str = "floor: shared-futex ping-pong from cold";

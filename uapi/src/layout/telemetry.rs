@@ -102,8 +102,9 @@ pub struct DeviceTelemetry<A: Access = ReadWrite> {
     pub tick_ns: A::U64,
     /// Device-memory budget in bytes.
     pub vram_bytes: A::U64,
-    /// Nanoseconds the command processor ran small dispatches itself instead of waking
-    /// an engine (the firmware).
+    /// Nanoseconds the command processor ran workgroups itself: small dispatches instead
+    /// of waking an engine, and larger ones' while every engine was parked (the
+    /// firmware).
     pub inline_ns: A::U64,
     /// Workgroups it ran so (the firmware).
     pub inline_workgroups: A::U64,

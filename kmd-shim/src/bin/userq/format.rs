@@ -53,7 +53,8 @@ pub fn error(code: u32) -> String {
 }
 
 /// The snapshot as JSON; `busy` is each engine's share of the sample window (0..1),
-/// `inline` the command processor's share spent running small dispatches itself.
+/// `inline` the command processor's share spent running workgroups itself (small
+/// dispatches, and larger ones' while every engine was parked).
 pub fn snapshot_json(s: &Snapshot, busy: &[f64], inline: f64) -> Value {
     json!({
         "generation": s.generation,
