@@ -1,0 +1,148 @@
+//! DOC: the engines' work the command processor runs itself: a small dispatch inline
+//! ([`Engines::run_inline`]) and a larger one's workgroups while every engine is parked
+//! ([`Engines::help`]).
+
+use super::*;
+
+/// The most work-items a dispatch may have for the command processor to run it itself
+/// ([`Engines::run_inline`]): one full workgroup's worth.
+pub const INLINE_ITEMS: u64 = userq_uapi::packet::MAX_WORKGROUP_ITEMS;
+
+/// How long one [`Engines::help`] call runs workgroups before it returns (it finishes the
+/// one it is in): about what [`Engines::run_inline`] may hold the command processor.
+pub const HELP_SLICE: Duration = Duration::from_micros(5);
+
+impl Lists {
+    /// The job the command processor may help with ([`Engines::help`]): the first
+    /// claimable one of the highest priority that has any, if its workgroups are bounded
+    /// and it has no on-demand buffers. Does not rotate the list.
+    fn helpable(&self) -> Option<Arc<Job>> {
+        let list = self
+            .ready
+            .iter()
+            .rev()
+            .find(|l| l.iter().any(|j| j.claimable()))?;
+        list.iter()
+            .find(|j| j.claimable())
+            .filter(|j| j.kernel.bounded() && !j.paged)
+            .cloned()
+    }
+}
+
+impl Engines {
+    /// Runs a small dispatch on the calling thread, the command processor, instead of
+    /// handing it to an engine, as io_uring issues a request inline before it punts to a
+    /// worker: an idle engine is a parked thread, and waking it costs more (a futex wake
+    /// and a context switch, 7-30 µs here) than the whole dispatch. Only when that is
+    /// sure to be short and overtakes no one:
+    ///
+    /// - the kernel's workgroups are bounded by their work-items ([`Kernel::bounded`]),
+    ///   and the dispatch has at most [`INLINE_ITEMS`] of them (one full workgroup's
+    ///   worth: about 5 µs here for the slowest built-ins, a checksum or histogram of 1024
+    ///   items, plus a first touch of buffer pages never touched before), so the command
+    ///   processor is not held for long;
+    /// - no buffer is on-demand (a fault needs kmd-shim's answer);
+    /// - no job waits for an engine, so none is overtaken.
+    ///
+    /// It runs the job to the end (no time slice, no preemption between its workgroups).
+    /// Returns whether the job completed. If not (not eligible, or the firmware is
+    /// stopping), the caller hands it to the engines as usual, and they would carry on
+    /// where it stopped. The time counts for the job's queue and context like engine
+    /// time, and in the command processor's own line ([`Engines::inline_stats`]).
+    ///
+    /// [`Kernel::bounded`]: crate::kernel::Kernel::bounded
+    pub fn run_inline(&self, job: &Arc<Job>) -> bool {
+        let items = job
+            .total
+            .saturating_mul(job.dispatch.workgroup.iter().map(|&w| w as u64).product());
+        if job.paged || !job.kernel.bounded() || items > INLINE_ITEMS || self.work_waits() {
+            return false;
+        }
+        let start = Instant::now();
+        // No slice: bounded workgroups, at most one workgroup's worth of items, so the run
+        // is short; leaving early would hand the rest to a parked engine for nothing.
+        let end = run_slice(&self.shared, job, start, None);
+        let ns = start.elapsed().as_nanos() as u64;
+        job.engine_ns.fetch_add(ns, Relaxed);
+        self.inline.0.fetch_add(ns, Relaxed);
+        self.inline.1.fetch_add(end.finished, Relaxed);
+        end.last
+    }
+
+    /// Runs a little of a job that waits for the engines on the calling thread, the
+    /// command processor, in a turn with nothing else to do, while every engine thread is
+    /// parked: the job's engine is being woken (a futex wake and a context switch, 7-30 µs
+    /// here, often onto a vCPU a spinning client holds), and the job's workgroups need not
+    /// wait for that; a small job is often done before the engine arrives. The engine takes the rest when it arrives; workgroups are
+    /// claimed one by one, so none runs twice. Only when the engines are all parked, so
+    /// the command processor never becomes one more engine under load, and only jobs
+    /// [`Engines::run_inline`] could run (bounded workgroups, no on-demand buffers), for at
+    /// most [`HELP_SLICE`] (plus the workgroup that ends it) per call. The time counts as
+    /// the command processor's own ([`Engines::inline_stats`]). Returns whether it ran a
+    /// workgroup; a job whose last workgroup it finished goes on the completed list.
+    pub fn help(&self) -> bool {
+        let s = &*self.shared;
+        // With no engine thread at all, helping would hide it: never.
+        let all_parked = || {
+            let live = s.live.load(Relaxed);
+            live > 0 && s.parked.load(Relaxed) == live
+        };
+        // Without the lock first: an idle turn must stay cheap.
+        if s.top.load(Acquire) == 0
+            || !all_parked()
+            || self.help_idle.load(Relaxed) == s.work.load(Relaxed) as u64
+        {
+            return false;
+        }
+        let job = {
+            let l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
+            if !all_parked() {
+                return false;
+            }
+            match l.helpable() {
+                Some(j) => j,
+                None => {
+                    // Nothing it may run (the waiting job is not bounded, or is paged):
+                    // ask again only when work is added (the word moves under this lock).
+                    self.help_idle.store(s.work.load(Relaxed) as u64, Relaxed);
+                    return false;
+                }
+            }
+        };
+        let start = Instant::now();
+        let end = run_slice(s, &job, start, Some(HELP_SLICE));
+        let ns = start.elapsed().as_nanos() as u64;
+        job.engine_ns.fetch_add(ns, Relaxed);
+        self.inline.0.fetch_add(ns, Relaxed);
+        self.inline.1.fetch_add(end.finished, Relaxed);
+        if end.last {
+            // Off the ready lists (an engine that looked while the last workgroup ran kept
+            // it there, unfinished), so it holds no kernel or buffers once collected.
+            {
+                let mut l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
+                l.ready[job.priority as usize].retain(|j| !j.finished());
+                s.top.store(l.top(), Release);
+            }
+            s.completed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(job);
+            s.has_completed.store(true, Release);
+        }
+        end.finished > 0
+    }
+
+    /// Whether a job has work waiting for an engine. Asked under the lists lock: the `top`
+    /// hint is set when an engine picks a job, before it takes the job's last workgroup,
+    /// so it can still say "waiting" for a job that an engine is running to the end.
+    fn work_waits(&self) -> bool {
+        let l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
+        l.top() != 0
+    }
+
+    /// Work the command processor ran itself ([`Engines::run_inline`],
+    /// [`Engines::help`]): (nanoseconds, workgroups).
+    pub fn inline_stats(&self) -> (u64, u64) {
+        (self.inline.0.load(Relaxed), self.inline.1.load(Relaxed))
+    }
+}
