@@ -140,6 +140,16 @@ impl Shared {
         job.time_slice.unwrap_or(self.time_slice)
     }
 
+    /// Puts a job whose last workgroup finished on the completed list, for the command
+    /// processor's next turn.
+    fn post_completed(&self, job: Arc<Job>) {
+        self.completed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(job);
+        self.has_completed.store(true, Release);
+    }
+
     /// Wakes one idle engine (a yielded workgroup is one piece of work).
     fn notify_one_engine(&self) {
         self.work.fetch_add(1, Release);

@@ -58,26 +58,33 @@ impl Engines {
         if job.paged || !job.kernel.bounded() || items > INLINE_ITEMS || self.work_waits() {
             return false;
         }
-        let start = Instant::now();
         // No slice: bounded workgroups, at most one workgroup's worth of items, so the run
         // is short; leaving early would hand the rest to a parked engine for nothing.
-        let end = run_slice(&self.shared, job, start, None);
+        self.run_here(job, None).last
+    }
+
+    /// Runs workgroups of `job` on the calling thread, the command processor, and counts
+    /// the time for the job and in the command processor's own line.
+    fn run_here(&self, job: &Arc<Job>, slice: Option<Duration>) -> worker::SliceEnd {
+        let start = Instant::now();
+        let end = run_slice(&self.shared, job, start, slice);
         let ns = start.elapsed().as_nanos() as u64;
         job.engine_ns.fetch_add(ns, Relaxed);
         self.inline.0.fetch_add(ns, Relaxed);
         self.inline.1.fetch_add(end.finished, Relaxed);
-        end.last
+        end
     }
 
     /// Runs a little of a job that waits for the engines on the calling thread, the
     /// command processor, in a turn with nothing else to do, while every engine thread is
     /// parked: the job's engine is being woken (a futex wake and a context switch, 7-30 µs
     /// here, often onto a vCPU a spinning client holds), and the job's workgroups need not
-    /// wait for that; a small job is often done before the engine arrives. The engine takes the rest when it arrives; workgroups are
-    /// claimed one by one, so none runs twice. Only when the engines are all parked, so
-    /// the command processor never becomes one more engine under load, and only jobs
-    /// [`Engines::run_inline`] could run (bounded workgroups, no on-demand buffers), for at
-    /// most [`HELP_SLICE`] (plus the workgroup that ends it) per call. The time counts as
+    /// wait for that; a small job is often done before the engine arrives, which takes
+    /// the rest. Workgroups are claimed one by one, so none runs twice. Only when the
+    /// engines are all parked, so the command processor never becomes one more engine
+    /// under load, and only jobs [`Engines::run_inline`] could run (bounded workgroups, no
+    /// on-demand buffers), for at most [`HELP_SLICE`] (plus the workgroup that ends it)
+    /// per call. The time counts as
     /// the command processor's own ([`Engines::inline_stats`]). Returns whether it ran a
     /// workgroup; a job whose last workgroup it finished goes on the completed list.
     pub fn help(&self) -> bool {
@@ -109,12 +116,7 @@ impl Engines {
                 }
             }
         };
-        let start = Instant::now();
-        let end = run_slice(s, &job, start, Some(HELP_SLICE));
-        let ns = start.elapsed().as_nanos() as u64;
-        job.engine_ns.fetch_add(ns, Relaxed);
-        self.inline.0.fetch_add(ns, Relaxed);
-        self.inline.1.fetch_add(end.finished, Relaxed);
+        let end = self.run_here(&job, Some(HELP_SLICE));
         if end.last {
             // Off the ready lists (an engine that looked while the last workgroup ran kept
             // it there, unfinished), so it holds no kernel or buffers once collected.
@@ -123,11 +125,7 @@ impl Engines {
                 l.ready[job.priority as usize].retain(|j| !j.finished());
                 s.top.store(l.top(), Release);
             }
-            s.completed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(job);
-            s.has_completed.store(true, Release);
+            s.post_completed(job);
         }
         end.finished > 0
     }

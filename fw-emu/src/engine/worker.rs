@@ -38,11 +38,7 @@ pub(super) fn engine(s: &Shared, index: usize) {
         busy.fetch_add(ns, Relaxed);
         wgs.fetch_add(end.finished, Relaxed);
         if end.last {
-            s.completed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(job.clone());
-            s.has_completed.store(true, Release);
+            s.post_completed(job.clone());
             (s.wake_command_processor)();
         }
         // Give way once if the slice woke the sleeping command processor (a completion or
