@@ -243,6 +243,7 @@ impl Firmware {
                         job: j.id,
                         packet_index: j.packet_index,
                         va: w.va,
+                        faulted: j.is_faulted(),
                     });
                 }
                 self.control.ack(w.seq, FwStatus::Busy);

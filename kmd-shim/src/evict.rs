@@ -55,11 +55,14 @@ impl Deadlock {
                 slot,
                 job,
                 packet_index,
+                faulted,
                 ..
             } = *b
             {
                 let cycle = if faulting.contains_key(&(ctx, slot, job)) {
                     "which waits on the fault above: a cycle"
+                } else if faulted {
+                    "which waits on a fault of its own, reported after this batch: a cycle"
                 } else {
                     "which has not finished"
                 };

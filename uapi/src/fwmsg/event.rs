@@ -129,6 +129,9 @@ pub enum FwEvent {
         packet_index: u64,
         /// The buffer address the wait named.
         va: u64,
+        /// The job waits for a fault of its own to be serviced (in this batch or a later
+        /// one): it cannot finish before kmd-shim answers, so waiting for it is a cycle.
+        faulted: bool,
     },
 }
 
@@ -199,6 +202,7 @@ impl FwEvent {
                 job,
                 packet_index,
                 va,
+                faulted,
             } => {
                 w[0] = head(kind::BUSY, 0);
                 w[1] = ctx as u64;
@@ -206,6 +210,7 @@ impl FwEvent {
                 w[3] = job;
                 w[4] = packet_index;
                 w[5] = va;
+                w[6] = faulted as u64;
             }
         }
         w
@@ -251,6 +256,11 @@ impl FwEvent {
                 job: w[3],
                 packet_index: w[4],
                 va: w[5],
+                faulted: match w[6] {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                },
             },
             _ => return None,
         })

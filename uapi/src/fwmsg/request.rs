@@ -484,6 +484,7 @@ mod tests {
                 job: 8,
                 packet_index: 5,
                 va: 1 << 32,
+                faulted: true,
             },
         ];
         for e in evs {
