@@ -68,6 +68,11 @@ pub enum ErrorCode {
     /// An on-demand buffer was freed while this queue's dispatch used it. `address` is
     /// the buffer's device address.
     BufferFreed = 23,
+    /// A kernel raised an exception (it panicked), as a shader exception stops a GPU
+    /// queue: the queue stopped and the dispatch's other workgroups were cancelled.
+    /// `address` is the linear index of the workgroup that raised it (`u64::MAX` when the
+    /// kernel's argument check did, before any workgroup ran), `detail` the kernel id.
+    KernelException = 24,
 }
 
 impl ErrorCode {
@@ -98,6 +103,7 @@ impl ErrorCode {
             21 => WorkingSetTooLarge,
             22 => EvictionDeadlock,
             23 => BufferFreed,
+            24 => KernelException,
             _ => return None,
         })
     }
@@ -131,6 +137,7 @@ impl ErrorCode {
                 "eviction waited for a job that waited for this fault (WaitForIdleJobs policy)"
             }
             BufferFreed => "an on-demand buffer was freed while a dispatch used it",
+            KernelException => "a kernel raised an exception (it panicked)",
         }
     }
 
@@ -228,5 +235,29 @@ impl KmdStatus {
             17 => Preempted,
             _ => Internal,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_code_decodes_from_its_own_word_and_nothing_else_does() {
+        let mut known = 0;
+        for v in 0..64u32 {
+            if let Some(c) = ErrorCode::from_u32(v) {
+                assert_eq!(c as u32, v);
+                assert!(!c.describe().is_empty());
+                known += 1;
+            }
+        }
+        // 1..=24, with no gap: a new code needs its word decoded too.
+        assert_eq!(known, 24);
+        assert_eq!(ErrorCode::from_u32(0), None);
+        assert_eq!(
+            ErrorCode::from_u32(ErrorCode::KernelException as u32),
+            Some(ErrorCode::KernelException)
+        );
     }
 }

@@ -42,7 +42,7 @@ pub use telemetry::{
 pub use waiters::{ContextWaiters, FenceWaiters, WaiterLine, WaiterSlot, WAITER_SLOTS};
 
 /// The ABI version. Bumped on any change to a layout, packet or message in this crate.
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 
 /// Size of a cache line on the machines userq targets. Fields written by different
 /// parties are at least this far apart.
