@@ -45,7 +45,7 @@
 pub use crate::footprint::FaultNote;
 use crate::footprint::{fault_ahead, pin_footprint};
 pub use crate::job::Job;
-use crate::kernel::{Checkpoint, Workgroup, WorkgroupStatus};
+use crate::kernel::{contain, Checkpoint, Workgroup, WorkgroupStatus};
 use crossbeam_utils::CachePadded;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::*};

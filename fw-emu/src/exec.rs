@@ -158,7 +158,10 @@ pub(crate) fn execute(
                 res.kernels
                     .get(d.kernel)
                     .ok_or(fault(ErrorCode::UnknownKernel, 0, d.kernel))?;
-            let args = crate::kernel::resolve(kernel.as_ref(), &d, vm)
+            // The kernel's own argument check runs here, on the command processor: a panic
+            // in it stops this queue, not the firmware.
+            let args = crate::kernel::contain(|| crate::kernel::resolve(kernel.as_ref(), &d, vm))
+                .ok_or(fault(ErrorCode::KernelException, u64::MAX, d.kernel))?
                 .map_err(|e| fault(ErrorCode::BadKernelArgs, e.value, e.index))?;
             Ok(Step::Dispatch(Arc::new(Job::new(
                 id,

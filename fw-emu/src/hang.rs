@@ -98,6 +98,37 @@ impl Watch {
 }
 
 impl Firmware {
+    /// Collects the jobs the engines (or the command processor) are done with: finished
+    /// ones complete their DISPATCH packets; one whose workgroup raised an exception (its
+    /// kernel panicked, see [`crate::kernel::Kernel::run`]) stops its queue with
+    /// [`ErrorCode::KernelException`], if the queue still runs it, and is reported like
+    /// any fault. Returns whether there were any.
+    pub(crate) fn collect_completed(&mut self) -> bool {
+        let mut jobs = self.engines.take_completed();
+        if jobs.is_empty() {
+            return false;
+        }
+        if jobs.iter().any(|j| j.exception().is_some()) {
+            jobs.retain(|job| {
+                let Some(wg) = job.exception() else {
+                    return true;
+                };
+                let runs_it = self
+                    .contexts
+                    .queue(job.queue)
+                    .and_then(|q| q.running_job())
+                    .is_some_and(|j| Arc::ptr_eq(j, job));
+                if runs_it {
+                    let kernel = job.dispatch.kernel;
+                    self.stop_queue(job.queue, ErrorCode::KernelException, wg, kernel);
+                }
+                false
+            });
+        }
+        self.sched.complete(&mut self.contexts, jobs);
+        true
+    }
+
     /// Applies the watchdogs: reports hangs, replaces engines that cancelled workgroups
     /// hold. Returns whether it reported or started anything.
     pub(crate) fn check_hangs(&mut self) -> bool {

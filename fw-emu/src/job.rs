@@ -54,6 +54,9 @@ pub struct Job {
     pub(crate) engine_ns: AtomicU64,
     /// Page faults its workgroups took (telemetry).
     pub(crate) faults: AtomicU64,
+    /// A workgroup raised an exception (its kernel panicked): that workgroup's linear
+    /// index plus one; 0 while none has.
+    exception: AtomicU64,
 }
 
 /// Ids of jobs, unique in this process.
@@ -108,7 +111,25 @@ impl Job {
             next: AtomicU64::new(0),
             done: AtomicU64::new(0),
             cancelled: AtomicBool::new(false),
+            exception: AtomicU64::new(0),
         }
+    }
+
+    /// Records that workgroup `index` raised an exception and cancels the job: none of
+    /// its workgroups starts any more, running ones stop at their checkpoints. Returns
+    /// whether it was the job's first exception (the one its queue reports).
+    pub(crate) fn raise(&self, index: u64) -> bool {
+        let first = self
+            .exception
+            .compare_exchange(0, index.saturating_add(1), AcqRel, Acquire)
+            .is_ok();
+        self.cancel();
+        first
+    }
+
+    /// The workgroup that raised the job's exception, if one did.
+    pub fn exception(&self) -> Option<u64> {
+        self.exception.load(Acquire).checked_sub(1)
     }
 
     /// Stops handing out workgroups (its queue is gone); running ones finish.

@@ -227,7 +227,10 @@ pub trait Kernel: Send + Sync {
     /// Runs one workgroup. Must only touch memory through `args`, and only where `validate`
     /// said it may. Short kernels ignore `cp` and return [`WorkgroupStatus::Done`]; a long
     /// one calls [`Checkpoint::should_yield`] now and then and yields when told to, so the
-    /// scheduler can share its engine.
+    /// scheduler can share its engine. A panic here (an index out of range, say) is the
+    /// kernel's exception: its queue stops with `KernelException` naming the workgroup,
+    /// the dispatch's other workgroups are cancelled, and the engine serves on; the same
+    /// holds for `validate` and `footprint`.
     fn run(&self, args: &Args, wg: &mut Workgroup, cp: &Checkpoint<'_>) -> WorkgroupStatus;
 
     /// Whether a workgroup's work is bounded by its work-items, whatever the arguments:
@@ -250,6 +253,20 @@ pub trait Kernel: Send + Sync {
             }
         }
     }
+}
+
+/// Runs kernel code (its argument check, footprint or a workgroup) and catches a panic
+/// in it: a kernel that panics raises an exception, which stops its queue
+/// ([`ErrorCode::KernelException`]) as a shader exception stops a GPU queue, and the
+/// thread that ran it (an engine or the command processor) goes on serving everyone
+/// else. `None`: it panicked (the panic hook has printed the message). A firmware built
+/// with `panic = "abort"` cannot catch it and aborts instead.
+///
+/// [`ErrorCode::KernelException`]: userq_uapi::error::ErrorCode::KernelException
+pub(crate) fn contain<T>(kernel_code: impl FnOnce() -> T) -> Option<T> {
+    // AssertUnwindSafe: what the kernel leaves half-written is its dispatch's buffers
+    // (its queue stops) and the job's counters, which the job's cancellation retires.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(kernel_code)).ok()
 }
 
 /// Copies a dispatch's argument words out of the VM once and resolves them against the

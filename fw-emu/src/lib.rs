@@ -29,7 +29,8 @@
 //! Nothing a client writes can make it panic: doorbells are hints, write indices are
 //! validated against a private read index, packets are copied once and decoded from the
 //! copy, addresses are looked up in the context's VM, and fence handles in the context's
-//! bindings. A bad input stops the offending queue and nothing else.
+//! bindings. A bad input stops the offending queue and nothing else. Nor can a kernel
+//! that panics: it raises an exception that stops its own queue ([`kernel::Kernel::run`]).
 //!
 //! The same code runs as the `fw-emu` process (daemon mode, started by kmd-shim) or as a
 //! thread of the first client (embedded mode); both enter through [`Firmware::boot`].
@@ -296,9 +297,7 @@ impl Firmware {
                 .sched
                 .collect_doorbells(&mut self.contexts, &self.kick.contexts);
             progress |= self.check_parked();
-            progress |= self
-                .sched
-                .complete(&mut self.contexts, self.engines.take_completed());
+            progress |= self.collect_completed();
             progress |= self.run_queues();
             progress |= self.control.flush_backlog();
             progress |= self.ack_suspends();
@@ -408,6 +407,9 @@ impl Firmware {
                 false
             }
             Outcome::Dispatched(job) if engines.run_inline(job) => true,
+            // It raised an exception inline: collected as a completion, which stops the
+            // queue (`Firmware::collect_completed`).
+            Outcome::Dispatched(job) if job.exception().is_some() => false,
             Outcome::Dispatched(job) => {
                 watch.add(id, job.clone());
                 engines.submit(job.clone());

@@ -47,7 +47,8 @@ impl Engines {
     /// It runs the job to the end (no time slice, no preemption between its workgroups).
     /// Returns whether the job completed. If not (not eligible, or the firmware is
     /// stopping), the caller hands it to the engines as usual, and they would carry on
-    /// where it stopped. The time counts for the job's queue and context like engine
+    /// where it stopped; unless a workgroup raised an exception: then the job is
+    /// cancelled and on the completed list already (see [`Job::exception`]). The time counts for the job's queue and context like engine
     /// time, and in the command processor's own line ([`Engines::inline_stats`]).
     ///
     /// [`Kernel::bounded`]: crate::kernel::Kernel::bounded
@@ -86,7 +87,8 @@ impl Engines {
     /// on-demand buffers), for at most [`HELP_SLICE`] (plus the workgroup that ends it)
     /// per call. The time counts as
     /// the command processor's own ([`Engines::inline_stats`]). Returns whether it ran a
-    /// workgroup; a job whose last workgroup it finished goes on the completed list.
+    /// workgroup; a job whose last workgroup it finished goes on the completed list, as
+    /// does one whose workgroup raised an exception.
     pub fn help(&self) -> bool {
         let s = &*self.shared;
         // With no engine thread at all, helping would hide it: never.
@@ -127,7 +129,7 @@ impl Engines {
             }
             s.post_completed(job);
         }
-        end.finished > 0
+        end.finished > 0 || end.raised
     }
 
     /// Whether a job has work waiting for an engine. Asked under the lists lock: the `top`

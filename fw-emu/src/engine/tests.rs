@@ -1,4 +1,5 @@
-//! [`Engines::help`]: what the command processor may run while the engines are parked.
+//! [`Engines::help`]: what the command processor may run while the engines are parked;
+//! and what an engine does when a kernel raises an exception.
 
 use super::*;
 use crate::id::QueueId;
@@ -45,7 +46,26 @@ impl Kernel for Count {
     }
 }
 
-fn job(kernel: &Arc<Count>, workgroups: u32) -> Arc<Job> {
+/// A kernel whose workgroup 2 raises an exception (panics).
+struct Raise;
+
+impl Kernel for Raise {
+    fn name(&self) -> &str {
+        "raise"
+    }
+    fn signature(&self) -> &[ArgKind] {
+        &[]
+    }
+    fn validate(&self, _: &Args, _: &Dispatch) -> Result<(), ArgError> {
+        Ok(())
+    }
+    fn run(&self, _: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
+        assert_ne!(wg.index, 2, "workgroup 2 raises");
+        WorkgroupStatus::Done
+    }
+}
+
+fn job(kernel: &Arc<impl Kernel + 'static>, workgroups: u32) -> Arc<Job> {
     let dispatch = Dispatch {
         kernel: 0,
         grid: [workgroups * 64, 1, 1],
@@ -149,4 +169,41 @@ fn the_command_processor_leaves_unbounded_jobs_and_busy_engines_alone() {
         std::thread::sleep(Duration::from_millis(1));
     }
     assert_eq!(k.runs.load(Relaxed), 4);
+}
+
+/// Waits (bounded) for the completed list to hold something, and takes it.
+fn until_completed(e: &Engines) -> Vec<Arc<Job>> {
+    let t = Instant::now();
+    loop {
+        let done = e.take_completed();
+        if !done.is_empty() {
+            return done;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "nothing completed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn an_engine_whose_kernel_raises_reports_the_job_once_and_serves_on() {
+    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
+    until_parked(&e, 1);
+    let j = job(&Arc::new(Raise), 8);
+    e.submit(j.clone());
+    let done = until_completed(&e);
+    assert_eq!(done.len(), 1, "reported once");
+    assert!(Arc::ptr_eq(&done[0], &j));
+    assert_eq!(j.exception(), Some(2), "names the workgroup");
+    assert!(j.is_cancelled(), "the rest of the job does not run");
+    assert!(j.done.load(Relaxed) < 8);
+    // The engine thread lives on: it parks again, and runs the next job.
+    until_parked(&e, 1);
+    assert_eq!(e.shared.live.load(Relaxed), 1);
+    let k = Count::new(false, false);
+    let next = job(&k, 4);
+    e.submit(next.clone());
+    let done = until_completed(&e);
+    assert!(Arc::ptr_eq(&done[0], &next));
+    assert_eq!(k.runs.load(Relaxed), 4);
+    assert_eq!(next.exception(), None);
 }

@@ -68,6 +68,9 @@ pub(super) struct SliceEnd {
     pub(super) finished: u64,
     /// It finished the job's last workgroup: the caller reports the job complete.
     pub(super) last: bool,
+    /// A workgroup of it raised an exception: the job is cancelled and already on the
+    /// completed list, where the command processor finds it and stops its queue.
+    pub(super) raised: bool,
 }
 
 /// Runs workgroups of one job until the job has none left, `slice` is used, a job of
@@ -82,7 +85,24 @@ pub(super) fn run_slice(
     slice: Option<Duration>,
 ) -> SliceEnd {
     let mut finished = 0;
-    let end = |finished, last| SliceEnd { finished, last };
+    let end = |finished, last| SliceEnd {
+        finished,
+        last,
+        raised: false,
+    };
+    // A workgroup's kernel code panicked: the job is cancelled and goes to the command
+    // processor as if complete (the first time only), which stops its queue.
+    let raise = |finished, wg: &Workgroup| {
+        if job.raise(wg.index) {
+            s.post_completed(job.clone());
+            (s.wake_command_processor)();
+        }
+        SliceEnd {
+            finished,
+            last: false,
+            raised: true,
+        }
+    };
     let my_rank = job.priority as u32 + 1;
     let wants_engine = || {
         slice.is_some_and(|slice| start.elapsed() >= slice || s.top.load(Acquire) > my_rank)
@@ -120,9 +140,10 @@ pub(super) fn run_slice(
         };
         // A paged job's workgroup pins its footprint first; unpinned when `_pins` drops.
         let _pins = if job.paged {
-            match pin_footprint(job, &wg) {
-                Ok(p) => Some(p),
-                Err(mut note) => {
+            match contain(|| pin_footprint(job, &wg)) {
+                None => return raise(finished, &wg),
+                Some(Ok(p)) => Some(p),
+                Some(Err(mut note)) => {
                     job.faults.fetch_add(note.pages.len() as u64, Relaxed);
                     fault_ahead(job, &mut note);
                     job.put_yielded(wg);
@@ -139,8 +160,11 @@ pub(super) fn run_slice(
         } else {
             None
         };
-        let status = job.kernel.run(&job.args, &mut wg, &cp);
+        let status = contain(|| job.kernel.run(&job.args, &mut wg, &cp));
         drop(_pins);
+        let Some(status) = status else {
+            return raise(finished, &wg);
+        };
         match status {
             WorkgroupStatus::Yielded => {
                 job.put_yielded(wg);
