@@ -20,3 +20,4 @@ pub mod round_trip;
 pub mod rounds;
 pub mod sched;
 pub mod stats;
+pub mod submit;

@@ -1,8 +1,8 @@
 //! Results of a run: tables for people, JSON for tools, PASS/MISS against the targets.
 
-use crate::device::SubmitCost;
 use crate::rounds::{median, Paired};
 use crate::stats::{ns, Latency, Summary};
+use crate::submit::SubmitCost;
 
 mod targets;
 

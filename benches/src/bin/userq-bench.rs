@@ -21,7 +21,7 @@ use userq_benches::report::{
     LatencyRow, Report, ScalingRow, ThroughputRow, EXCHANGE_FLOOR, FUTEX_FLOOR, KERNEL_LAUNCH,
     KERNEL_LAUNCH_16, POLL_FLOOR,
 };
-use userq_benches::{cold, floors, peers, plot, proc, round_trip, rounds};
+use userq_benches::{cold, floors, peers, plot, proc, round_trip, rounds, submit};
 
 /// The name of the idle-queues row.
 const IDLE_QUEUES: &str = "userq NOP, daemon, spin, 4096 idle queues from 64 processes";
@@ -124,7 +124,7 @@ fn role(name: &str, args: &[String]) -> Res<()> {
             userq_benches::sched::client_role(arg(0)?, arg(1)?.parse()?, arg(2)?.parse()?)?
         }
         "__idle-queues" => device::idle_queues_role(arg(0)?, arg(1)?.parse()?)?,
-        "__submit-probe" => device::submit_probe_role(arg(0)?, arg(1)?, arg(2)?.parse()?)?,
+        "__submit-probe" => submit::submit_probe_role(arg(0)?, arg(1)?, arg(2)?.parse()?)?,
         "__victim" => userq_benches::resets::victim_role(arg(0)?)?,
         "__lost-waiter" => userq_benches::resets::lost_waiter_role(arg(0)?)?,
         "__fault-storm" => userq_benches::paging::fault_storm_role(arg(0)?)?,
@@ -316,9 +316,9 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
         let rounds = if o.quick { 3 } else { 7 };
         for _ in 0..rounds {
             r.submit_rounds
-                .push(device::submit_cost(&dev, if o.quick { 200 } else { 2000 })?);
+                .push(submit::submit_cost(&dev, if o.quick { 200 } else { 2000 })?);
         }
-        r.submit_syscalls = device::submit_syscalls(&procs, 50_000)?;
+        r.submit_syscalls = submit::submit_syscalls(&procs, 50_000)?;
         if r.submit_syscalls.is_none() {
             r.skipped.push((
                 "syscall count of the submit path".into(),
