@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use userq::{Device, DeviceBuilder, OpenMode};
+use userq::{Device, DeviceBuilder, ErrorCode, OpenMode, WaitError};
 
 /// A test's device.
 pub struct Env {
@@ -52,5 +52,13 @@ impl Drop for Env {
     fn drop(&mut self) {
         self.dev.take();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The code a wait ended with, which must be a fault.
+pub fn fault_code(r: Result<(), WaitError>) -> ErrorCode {
+    match r {
+        Err(WaitError::Faulted(f)) => f.code.expect("known code"),
+        other => panic!("expected a fault, got {other:?}"),
     }
 }
