@@ -16,7 +16,9 @@
 //!   (before new workgroups of its job) at the job's next turn.
 //!
 //! Several engines may run workgroups of one job at once; the one that finishes the last
-//! workgroup reports the job complete to the command processor and kicks it. Idle engines
+//! workgroup reports the job complete to the command processor and kicks it; so does the
+//! first whose workgroup raised an exception (its kernel panicked), after cancelling the
+//! job, and it serves on. Idle engines
 //! park on an in-process futex word (`atomic-wait`, private futexes: engines never wait on
 //! shared memory), bumped by whoever adds claimable work.
 //!
@@ -99,8 +101,8 @@ struct Shared {
     top: CachePadded<AtomicU32>,
     stop: AtomicBool,
     completed: Mutex<Vec<Arc<Job>>>,
-    /// Written by the engine that finishes a job, polled by the command processor every
-    /// loop turn: on its own line.
+    /// Written by the engine that finishes a job (or the first whose workgroup raised in
+    /// it), polled by the command processor every loop turn: on its own line.
     has_completed: CachePadded<AtomicBool>,
     time_slice: Duration,
     wake_command_processor: Box<dyn Fn() + Send + Sync>,
@@ -140,8 +142,8 @@ impl Shared {
         job.time_slice.unwrap_or(self.time_slice)
     }
 
-    /// Puts a job whose last workgroup finished on the completed list, for the command
-    /// processor's next turn.
+    /// Puts a job whose last workgroup finished, or that a workgroup's exception ended, on
+    /// the completed list, for the command processor's next turn.
     fn post_completed(&self, job: Arc<Job>) {
         self.completed
             .lock()

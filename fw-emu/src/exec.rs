@@ -158,20 +158,25 @@ pub(crate) fn execute(
                 res.kernels
                     .get(d.kernel)
                     .ok_or(fault(ErrorCode::UnknownKernel, 0, d.kernel))?;
-            // The kernel's own argument check runs here, on the command processor: a panic
-            // in it stops this queue, not the firmware.
-            let args = crate::kernel::contain(|| crate::kernel::resolve(kernel.as_ref(), &d, vm))
-                .ok_or(fault(ErrorCode::KernelException, u64::MAX, d.kernel))?
-                .map_err(|e| fault(ErrorCode::BadKernelArgs, e.value, e.index))?;
-            Ok(Step::Dispatch(Arc::new(Job::new(
-                id,
-                index,
-                kernel.clone(),
-                args,
-                d,
-                priority,
-                time_slice,
-            ))))
+            // The kernel's own code (its signature, argument check and `bounded`) runs here,
+            // on the command processor: a panic in it stops this queue, not the firmware.
+            let job = crate::kernel::contain(|| {
+                let args = crate::kernel::resolve(kernel.as_ref(), &d, vm)?;
+                Ok(Job::new(
+                    id,
+                    index,
+                    kernel.clone(),
+                    args,
+                    d,
+                    priority,
+                    time_slice,
+                ))
+            })
+            .ok_or(fault(ErrorCode::KernelException, u64::MAX, d.kernel))?
+            .map_err(|e: crate::kernel::ArgError| {
+                fault(ErrorCode::BadKernelArgs, e.value, e.index)
+            })?;
+            Ok(Step::Dispatch(Arc::new(job)))
         }
     }
 }

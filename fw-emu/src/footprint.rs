@@ -10,7 +10,7 @@
 //! [`Kernel::footprint`]: crate::kernel::Kernel::footprint
 
 use crate::job::Job;
-use crate::kernel::{Arg, Footprint, Workgroup};
+use crate::kernel::{contain, Arg, Footprint, Workgroup};
 use crate::window::Window;
 use crate::QueueId;
 use std::sync::Arc;
@@ -147,8 +147,12 @@ pub(crate) fn fault_ahead(job: &Job, note: &mut FaultNote) {
             break;
         }
         fp.ranges.clear();
-        job.kernel()
-            .footprint(job.args(), &Workgroup::of(job.dispatch(), index), &mut fp);
+        let wg = Workgroup::of(job.dispatch(), index);
+        // Kernel code: a panic here only ends the look-ahead (that workgroup raises its
+        // exception when it runs, see `kernel::contain`).
+        if contain(|| job.kernel().footprint(job.args(), &wg, &mut fp)).is_none() {
+            break;
+        }
         each_page(job, &fp, |w, page, va, access| {
             let resident = w
                 .entry(page as usize)

@@ -47,6 +47,9 @@ pub struct Job {
     pub id: u64,
     /// Whether any argument is an on-demand buffer: its workgroups pin their footprints.
     pub(crate) paged: bool,
+    /// The kernel's [`Kernel::bounded`], asked once when the job is made (kernel code,
+    /// so under the caller's `kernel::contain`), not on every look at the ready lists.
+    pub(crate) bounded: bool,
     /// A workgroup faulted: no engine takes work from the job until kmd-shim's reply
     /// ([`Job::resume_after_fault`]).
     pub(crate) faulted: AtomicBool,
@@ -74,7 +77,8 @@ impl std::fmt::Debug for Job {
 }
 
 impl Job {
-    /// A job for a validated dispatch with resolved arguments.
+    /// A job for a validated dispatch with resolved arguments. Asks the kernel whether it
+    /// is bounded: kernel code, so the firmware calls this under `kernel::contain`.
     pub fn new(
         queue: QueueId,
         packet_index: u64,
@@ -90,6 +94,7 @@ impl Job {
             .any(|a| matches!(a, Arg::Buffer(b) if b.window().is_some()));
         Job {
             paged,
+            bounded: kernel.bounded(),
             faulted: AtomicBool::new(false),
             engine_ns: AtomicU64::new(0),
             faults: AtomicU64::new(0),

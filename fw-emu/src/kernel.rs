@@ -230,7 +230,7 @@ pub trait Kernel: Send + Sync {
     /// scheduler can share its engine. A panic here (an index out of range, say) is the
     /// kernel's exception: its queue stops with `KernelException` naming the workgroup,
     /// the dispatch's other workgroups are cancelled, and the engine serves on; the same
-    /// holds for `validate` and `footprint`.
+    /// holds for `signature`, `validate`, `bounded` and `footprint`.
     fn run(&self, args: &Args, wg: &mut Workgroup, cp: &Checkpoint<'_>) -> WorkgroupStatus;
 
     /// Whether a workgroup's work is bounded by its work-items, whatever the arguments:
@@ -255,18 +255,27 @@ pub trait Kernel: Send + Sync {
     }
 }
 
-/// Runs kernel code (its argument check, footprint or a workgroup) and catches a panic
-/// in it: a kernel that panics raises an exception, which stops its queue
-/// ([`ErrorCode::KernelException`]) as a shader exception stops a GPU queue, and the
-/// thread that ran it (an engine or the command processor) goes on serving everyone
-/// else. `None`: it panicked (the panic hook has printed the message). A firmware built
+/// Runs kernel code (its signature, argument check, `bounded`, footprint or a workgroup:
+/// every call the firmware makes into a kernel while serving; `name` only formats a job
+/// for debugging) and catches a panic in it: a kernel that panics raises an exception,
+/// which stops its queue ([`ErrorCode::KernelException`]) as a shader exception stops a
+/// GPU queue, and the thread that ran it (an engine or the command processor) goes on
+/// serving everyone else. `None`: it panicked (the panic hook has printed the message). A firmware built
 /// with `panic = "abort"` cannot catch it and aborts instead.
 ///
 /// [`ErrorCode::KernelException`]: userq_uapi::error::ErrorCode::KernelException
 pub(crate) fn contain<T>(kernel_code: impl FnOnce() -> T) -> Option<T> {
     // AssertUnwindSafe: what the kernel leaves half-written is its dispatch's buffers
     // (its queue stops) and the job's counters, which the job's cancellation retires.
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(kernel_code)).ok()
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(kernel_code)) {
+        Ok(v) => Some(v),
+        Err(payload) => {
+            // The payload is the kernel's value too: its drop could panic again, outside
+            // any catch. Leaked instead (a panic message, once per exception).
+            std::mem::forget(payload);
+            None
+        }
+    }
 }
 
 /// Copies a dispatch's argument words out of the VM once and resolves them against the

@@ -52,7 +52,8 @@ mod wait;
 #[cfg(feature = "embedded")]
 pub mod firmware {
     pub use fw_emu::kernel::{
-        Arg, ArgError, ArgKind, Args, BufferArg, Checkpoint, Kernel, Workgroup, WorkgroupStatus,
+        Arg, ArgError, ArgKind, Args, BufferArg, Checkpoint, Footprint, Kernel, Workgroup,
+        WorkgroupStatus,
     };
     pub use fw_emu::kernels::need;
 }

@@ -71,7 +71,8 @@ pub enum ErrorCode {
     /// A kernel raised an exception (it panicked), as a shader exception stops a GPU
     /// queue: the queue stopped and the dispatch's other workgroups were cancelled.
     /// `address` is the linear index of the workgroup that raised it (`u64::MAX` when the
-    /// kernel's argument check did, before any workgroup ran), `detail` the kernel id.
+    /// kernel's signature, argument check or `bounded` did, before any workgroup ran),
+    /// `detail` the kernel id.
     KernelException = 24,
 }
 

@@ -24,7 +24,7 @@ impl Lists {
             .find(|l| l.iter().any(|j| j.claimable()))?;
         list.iter()
             .find(|j| j.claimable())
-            .filter(|j| j.kernel.bounded() && !j.paged)
+            .filter(|j| j.bounded && !j.paged)
             .cloned()
     }
 }
@@ -48,15 +48,16 @@ impl Engines {
     /// Returns whether the job completed. If not (not eligible, or the firmware is
     /// stopping), the caller hands it to the engines as usual, and they would carry on
     /// where it stopped; unless a workgroup raised an exception: then the job is
-    /// cancelled and on the completed list already (see [`Job::exception`]). The time counts for the job's queue and context like engine
-    /// time, and in the command processor's own line ([`Engines::inline_stats`]).
+    /// cancelled and on the completed list already (see [`Job::exception`]). The time
+    /// counts for the job's queue and context like engine time, and in the command
+    /// processor's own line ([`Engines::inline_stats`]).
     ///
     /// [`Kernel::bounded`]: crate::kernel::Kernel::bounded
     pub fn run_inline(&self, job: &Arc<Job>) -> bool {
         let items = job
             .total
             .saturating_mul(job.dispatch.workgroup.iter().map(|&w| w as u64).product());
-        if job.paged || !job.kernel.bounded() || items > INLINE_ITEMS || self.work_waits() {
+        if job.paged || !job.bounded || items > INLINE_ITEMS || self.work_waits() {
             return false;
         }
         // No slice: bounded workgroups, at most one workgroup's worth of items, so the run
@@ -119,15 +120,18 @@ impl Engines {
             }
         };
         let end = self.run_here(&job, Some(HELP_SLICE));
-        if end.last {
+        if end.last || end.raised {
             // Off the ready lists (an engine that looked while the last workgroup ran kept
-            // it there, unfinished), so it holds no kernel or buffers once collected.
+            // it there, unfinished), so it holds no kernel or buffers once collected. A job
+            // that raised is cancelled (finished) and posted already.
             {
                 let mut l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
                 l.ready[job.priority as usize].retain(|j| !j.finished());
                 s.top.store(l.top(), Release);
             }
-            s.post_completed(job);
+            if end.last {
+                s.post_completed(job);
+            }
         }
         end.finished > 0 || end.raised
     }

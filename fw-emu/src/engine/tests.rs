@@ -46,8 +46,8 @@ impl Kernel for Count {
     }
 }
 
-/// A kernel whose workgroup 2 raises an exception (panics).
-struct Raise;
+/// A kernel whose workgroups from index `.0` on raise an exception (panic); bounded.
+struct Raise(u64);
 
 impl Kernel for Raise {
     fn name(&self) -> &str {
@@ -60,8 +60,11 @@ impl Kernel for Raise {
         Ok(())
     }
     fn run(&self, _: &Args, wg: &mut Workgroup, _: &Checkpoint<'_>) -> WorkgroupStatus {
-        assert_ne!(wg.index, 2, "workgroup 2 raises");
+        assert!(wg.index < self.0, "workgroup {} raises", wg.index);
         WorkgroupStatus::Done
+    }
+    fn bounded(&self) -> bool {
+        true
     }
 }
 
@@ -188,14 +191,19 @@ fn until_completed(e: &Engines) -> Vec<Arc<Job>> {
 fn an_engine_whose_kernel_raises_reports_the_job_once_and_serves_on() {
     let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
     until_parked(&e, 1);
-    let j = job(&Arc::new(Raise), 8);
+    let j = job(&Arc::new(Raise(2)), 8);
     e.submit(j.clone());
     let done = until_completed(&e);
     assert_eq!(done.len(), 1, "reported once");
     assert!(Arc::ptr_eq(&done[0], &j));
     assert_eq!(j.exception(), Some(2), "names the workgroup");
     assert!(j.is_cancelled(), "the rest of the job does not run");
-    assert!(j.done.load(Relaxed) < 8);
+    assert_eq!(j.done.load(Relaxed), 2, "workgroups 0 and 1 finished");
+    assert_eq!(
+        j.next.load(Relaxed),
+        3,
+        "none was handed out after the raise"
+    );
     // The engine thread lives on: it parks again, and runs the next job.
     until_parked(&e, 1);
     assert_eq!(e.shared.live.load(Relaxed), 1);
@@ -206,4 +214,46 @@ fn an_engine_whose_kernel_raises_reports_the_job_once_and_serves_on() {
     assert!(Arc::ptr_eq(&done[0], &next));
     assert_eq!(k.runs.load(Relaxed), 4);
     assert_eq!(next.exception(), None);
+}
+
+#[test]
+fn a_job_whose_workgroups_raise_on_two_engines_is_reported_once() {
+    let e = Engines::start(2, Duration::from_millis(1), Box::new(|| {})).unwrap();
+    until_parked(&e, 2);
+    for _ in 0..20 {
+        let j = job(&Arc::new(Raise(0)), 64);
+        e.submit(j.clone());
+        let done = until_completed(&e);
+        assert!(Arc::ptr_eq(&done[0], &j));
+        // Both engines back and parked: whatever either raised was posted by now.
+        until_parked(&e, 2);
+        let later = e.take_completed();
+        assert_eq!(done.len() + later.len(), 1, "reported exactly once");
+        assert!(j.exception().is_some_and(|wg| wg < 64));
+    }
+}
+
+#[test]
+fn a_job_that_raises_while_the_command_processor_helps_leaves_the_lists() {
+    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
+    until_parked(&e, 1);
+    let j = job(&Arc::new(Raise(1)), 8);
+    list_quietly(&e, &j);
+    assert!(e.help(), "it ran (and raised)");
+    assert_eq!(j.exception(), Some(1));
+    let done = e.take_completed();
+    assert_eq!(done.len(), 1, "posted once");
+    assert!(Arc::ptr_eq(&done[0], &j));
+    assert!(
+        e.shared
+            .lists
+            .lock()
+            .unwrap()
+            .ready
+            .iter()
+            .all(|l| l.is_empty()),
+        "off the ready lists, holding nothing"
+    );
+    assert_eq!(e.shared.top.load(Relaxed), 0);
+    assert!(!e.help());
 }

@@ -1,7 +1,7 @@
 //! DOC: what an engine thread does: take the best ready job, run its workgroups for a
 //! time slice ([`run_slice`], which the command processor's inline dispatches share),
-//! report the job complete when its last workgroup finishes, and park when there is no
-//! work.
+//! report the job complete when its last workgroup finishes (or when one raises an
+//! exception: see [`crate::kernel::contain`]), and park when there is no work.
 
 use super::*;
 
