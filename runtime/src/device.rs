@@ -19,6 +19,13 @@ use userq_uapi::{KmdStatus, ABI_VERSION};
 mod builder;
 pub use builder::{default_socket_path, DeviceBuilder, OpenMode};
 
+/// How long after a host signal woke the sleeping firmware an adaptive wait on the
+/// device sleeps at once instead of spinning: an adaptive wait's own spin-and-yield
+/// horizon (100 us). The woken firmware is often queued on the signaller's vCPU, and a
+/// waiter spinning or yielding there holds it off (yields do not hand the CPU over under
+/// EEVDF).
+pub(crate) const COLD_SIGNAL_WINDOW_NS: u64 = 100_000;
+
 /// The state every object of one connection shares.
 pub(crate) struct DeviceInner {
     control: Mutex<OwnedFd>,
@@ -35,6 +42,9 @@ pub(crate) struct DeviceInner {
     pub(crate) fast_doorbell: bool,
     /// The control socket hung up: whoever served the device is gone.
     gone: std::sync::atomic::AtomicBool,
+    /// When (monotonic ns) a host signal from this connection last woke the sleeping
+    /// firmware for queues parked on the fence; 0: not within [`COLD_SIGNAL_WINDOW_NS`].
+    signal_woke_ns: std::sync::atomic::AtomicU64,
     socket: PathBuf,
     /// Keeps an embedded device alive while this process uses it. Declared last: it is
     /// dropped after the control socket closes, so the device reclaims this context first.
@@ -50,6 +60,32 @@ impl DeviceInner {
     ) -> Result<([u64; 7], Vec<OwnedFd>), ControlError> {
         let sock = self.control.lock().unwrap_or_else(|e| e.into_inner());
         exchange(&sock, req, fds)
+    }
+
+    /// Notes that a host signal woke the sleeping firmware (the wake syscall found it
+    /// asleep) for queues parked on the fence: their completions are a wake-up away.
+    pub(crate) fn note_signal_woke_firmware(&self) {
+        let now = userq_uapi::layout::monotonic_ns().max(1);
+        self.signal_woke_ns
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a host signal woke the sleeping firmware less than
+    /// [`COLD_SIGNAL_WINDOW_NS`] ago. One relaxed load when none did; a clock read only
+    /// after one (and the mark is dropped once it is older than the window).
+    pub(crate) fn signal_woke_firmware_recently(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let at = self.signal_woke_ns.load(Relaxed);
+        if at == 0 {
+            return false;
+        }
+        let recent = userq_uapi::layout::monotonic_ns().saturating_sub(at) < COLD_SIGNAL_WINDOW_NS;
+        if !recent {
+            let _ = self
+                .signal_woke_ns
+                .compare_exchange(at, 0, Relaxed, Relaxed);
+        }
+        recent
     }
 
     pub(crate) fn is_lost(&self) -> bool {
@@ -187,6 +223,7 @@ impl Device {
                 waiters,
                 fast_doorbell: userq_uapi::sync::register_for_firmware_barrier(),
                 gone: std::sync::atomic::AtomicBool::new(false),
+                signal_woke_ns: std::sync::atomic::AtomicU64::new(0),
                 socket: path.to_owned(),
                 embedded,
             }),

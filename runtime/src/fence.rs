@@ -81,11 +81,13 @@ impl FenceInner {
         self.cold_until.fetch_max(value, Relaxed);
     }
 
-    /// Whether `target` waits on work whose doorbell had to wake the firmware: its
-    /// completion is at least one wake-up away (10-80 us here), longer than an adaptive
-    /// wait's spin, so spinning for it only holds a vCPU the firmware may be queued on.
+    /// Whether `target` waits on work whose doorbell had to wake the firmware, or on a
+    /// device whose sleeping firmware a host signal of this connection woke just now (for
+    /// queues parked on the fence it signalled): the completion is at least one wake-up
+    /// away (10-80 us here), longer than an adaptive wait's spin, so spinning for it only
+    /// holds a vCPU the firmware may be queued on.
     pub(crate) fn cold(&self, target: u64) -> bool {
-        target <= self.cold_until.load(Relaxed)
+        target <= self.cold_until.load(Relaxed) || self.dev.signal_woke_firmware_recently()
     }
 
     #[inline]
@@ -252,7 +254,13 @@ impl Fence {
             Ok(parked) => {
                 if parked {
                     // Queues are parked on this fence: make sure the firmware looks.
-                    sync::wake_if_announced(&i.dev.status.sleep.sleeping, &i.dev.kick.kick.word);
+                    let woken = sync::wake_if_announced(
+                        &i.dev.status.sleep.sleeping,
+                        &i.dev.kick.kick.word,
+                    );
+                    if woken > 0 {
+                        i.dev.note_signal_woke_firmware();
+                    }
                 }
                 Ok(())
             }
@@ -280,8 +288,10 @@ impl Fence {
     pub fn set(&self, value: u64) -> Result<(), SignalError> {
         let (i, state) = (&self.inner, self.signallable()?);
         let waiters = i.waiters();
-        if sync::signal_fence(state, waiters, value, || sync::host_waiting(waiters)) {
-            sync::wake_if_announced(&i.dev.status.sleep.sleeping, &i.dev.kick.kick.word);
+        if sync::signal_fence(state, waiters, value, || sync::host_waiting(waiters))
+            && sync::wake_if_announced(&i.dev.status.sleep.sleeping, &i.dev.kick.kick.word) > 0
+        {
+            i.dev.note_signal_woke_firmware();
         }
         Ok(())
     }

@@ -5,8 +5,8 @@
 //! Work is submitted by writing [`Command`]s into a queue's ring in shared memory and
 //! ringing its doorbell: no syscall and no daemon on the way. The firmware runs the
 //! commands in order and completes packet `N` by setting the queue's timeline fence to `N`;
-//! [`FencePoint::wait`] spins, then sleeps on a shared futex (at once, when the submit had
-//! to wake a sleeping firmware: see [`WaitMode::Adaptive`]).
+//! [`FencePoint::wait`] spins, then sleeps on a shared futex (at once, when the submit or a
+//! host signal had to wake a sleeping firmware: see [`WaitMode::Adaptive`]).
 //!
 //! ```
 //! use std::time::Duration;

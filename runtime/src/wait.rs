@@ -16,9 +16,11 @@ pub enum WaitMode {
     Block,
     /// Spin briefly (20 us), yield briefly (to 100 us), then sleep; but sleep at once when
     /// every point waits on work that this process's queue submitted while the firmware
-    /// slept, so that its doorbell had to wake it ([`crate::Queue::firmware_wakes`]): that
-    /// completion is at least one wake-up away, and spinning for it would only hold a CPU
-    /// the firmware may be queued on.
+    /// slept, so that its doorbell had to wake it ([`crate::Queue::firmware_wakes`]), or
+    /// is on a device whose sleeping firmware a [`crate::Fence::signal`] or
+    /// [`crate::Fence::set`] of this connection woke less than 100 us ago (for queues
+    /// parked on that fence): that completion is at least one wake-up away, and spinning
+    /// for it would only hold a CPU the firmware may be queued on.
     #[default]
     Adaptive,
 }
@@ -258,5 +260,60 @@ mod tests {
             WaitMode::Spin.phases(&[(tl, c)]),
             (Duration::MAX, Duration::MAX)
         );
+    }
+
+    #[test]
+    fn an_adaptive_wait_sleeps_at_once_just_after_a_host_signal_woke_the_firmware() {
+        let dir = Dir(std::env::temp_dir().join(format!("userq-sig-{}", std::process::id())));
+        let dev = Device::builder()
+            .socket(dir.0.join("dev.sock"))
+            .mode(OpenMode::Embedded)
+            .open()
+            .expect("embedded device");
+        let mut q = dev.create_queue().expect("queue");
+        let gate = dev.create_fence(0).expect("gate");
+        let other = dev.create_fence(0).expect("an unrelated fence");
+        let zero = (Duration::ZERO, Duration::ZERO);
+        let adaptive = (Duration::from_micros(20), Duration::from_micros(100));
+        let (mut cold, mut warm) = (false, false);
+        // Bounded: a queue parks on the gate; the device idles past the firmware's 2 ms
+        // (it sleeps) before the gate is signalled, which usually has to wake it; a second
+        // gated NOP signalled at once, right after a completion, usually finds it awake.
+        for i in 1..=100u64 {
+            if cold && warm {
+                break;
+            }
+            for idle in [Duration::from_millis(5), Duration::ZERO] {
+                let v = 2 * i - u64::from(!idle.is_zero());
+                let p = q
+                    .submit_batch(&[Command::wait(&gate.point(v)), Command::nop()])
+                    .expect("submit");
+                std::thread::sleep(idle);
+                gate.signal(v).expect("signal");
+                let points = [p.target(), (&*other.inner, 1)];
+                if dev.inner.signal_woke_firmware_recently() {
+                    // Every point on the device waits for a just-woken firmware.
+                    assert_eq!(WaitMode::Adaptive.phases(&points), zero);
+                    assert_eq!(
+                        WaitMode::Spin.phases(&points),
+                        (Duration::MAX, Duration::MAX)
+                    );
+                    cold = true;
+                } else {
+                    assert_eq!(WaitMode::Adaptive.phases(&points), adaptive);
+                    warm = true;
+                }
+                p.wait_with(WaitMode::Adaptive, Duration::from_secs(10))
+                    .expect("the gated NOP completes");
+            }
+        }
+        assert!(
+            cold && warm,
+            "no cold and warm signal in 100 turns: {cold} {warm}"
+        );
+        // The window is short: 5 ms later the wait spins again.
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!dev.inner.signal_woke_firmware_recently());
+        assert_eq!(WaitMode::Adaptive.phases(&[(&*other.inner, 1)]), adaptive);
     }
 }

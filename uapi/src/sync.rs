@@ -98,16 +98,16 @@ pub fn announce_and_sleep(
 }
 
 /// Waker side: after publishing work, wakes a sleeper that announced itself with `flag`.
-/// Returns whether a wake was made.
+/// Returns how many threads the wake found asleep (0 when none was announced, or when the
+/// announced one had not gone to sleep yet).
 #[inline]
-pub fn wake_if_announced(flag: &impl Word32, word: &AtomicU32) -> bool {
+pub fn wake_if_announced(flag: &impl Word32, word: &AtomicU32) -> usize {
     fence(SeqCst); // pairs with the sleeper's fence after its announcement
     if flag.relaxed() == 0 {
-        return false;
+        return 0;
     }
     word.fetch_add(1, Release);
-    futex_wake_all(word);
-    true
+    futex_wake_all(word)
 }
 
 /// Registers this process for `membarrier(GLOBAL_EXPEDITED)`, the client's half of the
