@@ -1,5 +1,5 @@
-//! The cold round trip (the firmware asleep), paired with both shared-futex floors, and
-//! the same round trip with the default wait.
+//! The cold round trip (the firmware asleep), paired with both shared-futex floors; the
+//! same round trip with the default wait, and through a host signal.
 
 use crate::report::{LatencyRow, COLD_FLOOR, FUTEX_FLOOR};
 use crate::rounds::{self, Paired};
@@ -12,13 +12,17 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 pub const COLD: &str = "userq NOP, daemon, cold (fw asleep), block";
 /// The name of the cold round-trip row with the default (adaptive) wait.
 pub const COLD_ADAPTIVE: &str = "userq NOP, daemon, cold (fw asleep), adaptive";
+/// The name of the row of a NOP gated on a user fence that the host signals while the
+/// firmware sleeps, with the default wait.
+pub const COLD_SIGNAL: &str = "userq NOP after a host signal, daemon, cold (fw asleep), adaptive";
 
 /// What [`measure`] found.
 pub struct Cold {
     /// The paired rounds: against the back-to-back ping-pong (the target), then against
     /// the ping-pong started from the same idle gap.
     pub paired: Vec<Paired>,
-    /// The blocking row, the idle-gap ping-pong's row and the adaptive row.
+    /// The blocking row, the idle-gap ping-pong's row, the adaptive row and the
+    /// host-signal row.
     pub rows: Vec<LatencyRow>,
     /// In how many of the idle-gap ping-pong's round trips its parent had to wait.
     pub floor_waited: usize,
@@ -31,7 +35,7 @@ pub struct Cold {
 /// settle into sleeping every time, a short one mostly finds its partner still awake),
 /// and, for the record, against the ping-pong started from the same idle gap (its rounds
 /// land in two modes: both processes woken on one vCPU, or on two). Then the adaptive
-/// round trip, unpaired (no target).
+/// round trip and the one through a host signal, unpaired (no target).
 pub fn measure(dev: &Device, quick: bool, warm: usize, n: usize) -> Res<Cold> {
     let iters = if quick { 40 } else { 150 };
     let count = if quick { 3 } else { 5 };
@@ -56,6 +60,7 @@ pub fn measure(dev: &Device, quick: bool, warm: usize, n: usize) -> Res<Cold> {
         cold,
     )?;
     let adaptive = round_trip::cold_round_trip(dev, WaitMode::Adaptive, 2 * iters)?;
+    let signalled = round_trip::cold_signal_round_trip(dev, WaitMode::Adaptive, iters)?;
     let row = |name: &str, latency| LatencyRow {
         name: name.into(),
         floor: Some("futex"),
@@ -69,6 +74,7 @@ pub fn measure(dev: &Device, quick: bool, warm: usize, n: usize) -> Res<Cold> {
             row(COLD, block),
             row(COLD_FLOOR, cold_floor),
             row(COLD_ADAPTIVE, adaptive),
+            row(COLD_SIGNAL, signalled),
         ],
     })
 }

@@ -64,6 +64,30 @@ pub fn cold_round_trip(
     Ok(lat)
 }
 
+/// Cold round trips through a host signal: a NOP waits on a user fence (the queue parks
+/// on it), the device is left idle long enough for the firmware to go to sleep, then the
+/// host signals the fence, which has to wake the firmware for the parked queue, and waits
+/// for the NOP with `mode`. Timed from the signal to the wait's return; the idle time is
+/// not timed.
+pub fn cold_signal_round_trip(
+    dev: &Device,
+    mode: WaitMode,
+    iters: usize,
+) -> Result<Latency, Box<dyn std::error::Error>> {
+    let mut q = dev.queue().create()?;
+    let gate = dev.create_fence(0)?;
+    let mut lat = Latency::new();
+    for i in 1..=iters as u64 {
+        let done = q.submit_batch(&[Command::wait(&gate.point(i)), Command::nop()])?;
+        std::thread::sleep(COLD_IDLE);
+        let t = Instant::now();
+        gate.signal(i)?;
+        done.wait_with(mode, Duration::from_secs(10))?;
+        lat.record(t.elapsed().as_nanos() as u64);
+    }
+    Ok(lat)
+}
+
 /// Round trips of a DISPATCH filling `items` u32 on an otherwise idle device: the packet,
 /// the command processor running it itself or handing the job to an engine, the
 /// workgroups, the completion back through the command processor, the fence. 64 items is
