@@ -19,12 +19,12 @@ use userq_uapi::{KmdStatus, ABI_VERSION};
 mod builder;
 pub use builder::{default_socket_path, DeviceBuilder, OpenMode};
 
-/// How long after a host signal woke the sleeping firmware an adaptive wait on the
-/// device sleeps at once instead of spinning: an adaptive wait's own spin-and-yield
-/// horizon (100 us). The woken firmware is often queued on the signaller's vCPU, and a
-/// waiter spinning or yielding there holds it off (yields do not hand the CPU over under
-/// EEVDF).
-pub(crate) const COLD_SIGNAL_WINDOW_NS: u64 = 100_000;
+/// How long after a host signal woke the sleeping firmware an adaptive wait for a queue
+/// timeline of the device sleeps at once instead of spinning: an adaptive wait's own
+/// spin-and-yield horizon. The woken firmware is often queued on the signaller's vCPU,
+/// and a waiter spinning or yielding there holds it off (yields do not hand the CPU over
+/// under EEVDF).
+pub(crate) const COLD_SIGNAL_WINDOW_NS: u64 = crate::wait::ADAPTIVE_YIELD_UNTIL.as_nanos() as u64;
 
 /// The state every object of one connection shares.
 pub(crate) struct DeviceInner {
@@ -66,8 +66,10 @@ impl DeviceInner {
     /// asleep) for queues parked on the fence: their completions are a wake-up away.
     pub(crate) fn note_signal_woke_firmware(&self) {
         let now = userq_uapi::layout::monotonic_ns().max(1);
+        // A max: a signaller preempted between its clock read and here cannot move a
+        // later mark back.
         self.signal_woke_ns
-            .store(now, std::sync::atomic::Ordering::Relaxed);
+            .fetch_max(now, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether a host signal woke the sleeping firmware less than
@@ -86,6 +88,13 @@ impl DeviceInner {
                 .compare_exchange(at, 0, Relaxed, Relaxed);
         }
         recent
+    }
+
+    /// The raw mark [`DeviceInner::note_signal_woke_firmware`] leaves (0: none), for tests.
+    #[cfg(all(test, feature = "embedded"))]
+    pub(crate) fn signal_woke_mark(&self) -> u64 {
+        self.signal_woke_ns
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(crate) fn is_lost(&self) -> bool {

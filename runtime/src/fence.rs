@@ -81,13 +81,15 @@ impl FenceInner {
         self.cold_until.fetch_max(value, Relaxed);
     }
 
-    /// Whether `target` waits on work whose doorbell had to wake the firmware, or on a
-    /// device whose sleeping firmware a host signal of this connection woke just now (for
-    /// queues parked on the fence it signalled): the completion is at least one wake-up
-    /// away (10-80 us here), longer than an adaptive wait's spin, so spinning for it only
-    /// holds a vCPU the firmware may be queued on.
+    /// Whether `target` waits on work whose doorbell had to wake the firmware, or is a
+    /// queue timeline's value on a device whose sleeping firmware a host signal of this
+    /// connection woke just now (for queues parked on the fence it signalled): the
+    /// completion is at least one wake-up away (10-80 us here), longer than an adaptive
+    /// wait's spin, so spinning for it only holds a vCPU the firmware may be queued on.
+    /// A user fence is never marked: another host thread may signal it at any time.
     pub(crate) fn cold(&self, target: u64) -> bool {
-        target <= self.cold_until.load(Relaxed) || self.dev.signal_woke_firmware_recently()
+        target <= self.cold_until.load(Relaxed)
+            || (self.kind == FenceKind::Timeline && self.dev.signal_woke_firmware_recently())
     }
 
     #[inline]

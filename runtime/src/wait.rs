@@ -17,13 +17,20 @@ pub enum WaitMode {
     /// Spin briefly (20 us), yield briefly (to 100 us), then sleep; but sleep at once when
     /// every point waits on work that this process's queue submitted while the firmware
     /// slept, so that its doorbell had to wake it ([`crate::Queue::firmware_wakes`]), or
-    /// is on a device whose sleeping firmware a [`crate::Fence::signal`] or
-    /// [`crate::Fence::set`] of this connection woke less than 100 us ago (for queues
-    /// parked on that fence): that completion is at least one wake-up away, and spinning
-    /// for it would only hold a CPU the firmware may be queued on.
+    /// is a queue timeline's value on a device whose sleeping firmware a
+    /// [`crate::Fence::signal`] or [`crate::Fence::set`] of this connection woke less than
+    /// 100 us ago (for queues parked on that fence): that completion is at least one
+    /// wake-up away, and spinning for it would only hold a CPU the firmware may be queued
+    /// on.
     #[default]
     Adaptive,
 }
+
+/// How long an adaptive wait spins.
+const ADAPTIVE_SPIN: Duration = Duration::from_micros(20);
+
+/// Until when (from its start) an adaptive wait yields before it sleeps.
+pub(crate) const ADAPTIVE_YIELD_UNTIL: Duration = Duration::from_micros(100);
 
 impl WaitMode {
     /// How long a wait in this mode on `points` spins, and until when it yields, before it
@@ -35,7 +42,7 @@ impl WaitMode {
             WaitMode::Adaptive if points.iter().all(|(f, v)| f.cold(*v)) => {
                 (Duration::ZERO, Duration::ZERO)
             }
-            WaitMode::Adaptive => (Duration::from_micros(20), Duration::from_micros(100)),
+            WaitMode::Adaptive => (ADAPTIVE_SPIN, ADAPTIVE_YIELD_UNTIL),
         }
     }
 }
@@ -272,37 +279,50 @@ mod tests {
             .expect("embedded device");
         let mut q = dev.create_queue().expect("queue");
         let gate = dev.create_fence(0).expect("gate");
-        let other = dev.create_fence(0).expect("an unrelated fence");
+        let other = dev.create_fence(0).expect("a user fence");
         let zero = (Duration::ZERO, Duration::ZERO);
-        let adaptive = (Duration::from_micros(20), Duration::from_micros(100));
+        let adaptive = (ADAPTIVE_SPIN, ADAPTIVE_YIELD_UNTIL);
         let (mut cold, mut warm) = (false, false);
-        // Bounded: a queue parks on the gate; the device idles past the firmware's 2 ms
-        // (it sleeps) before the gate is signalled, which usually has to wake it; a second
-        // gated NOP signalled at once, right after a completion, usually finds it awake.
+        // Bounded: a queue parks on the gate, and the device idles before the gate is
+        // signalled: past the firmware's 2 ms (it sleeps, and the signal usually has to
+        // wake it), or 300 us (past the mark's window; the firmware usually still awake).
         for i in 1..=100u64 {
             if cold && warm {
                 break;
             }
-            for idle in [Duration::from_millis(5), Duration::ZERO] {
-                let v = 2 * i - u64::from(!idle.is_zero());
+            for (k, idle) in [Duration::from_millis(5), Duration::from_micros(300)]
+                .into_iter()
+                .enumerate()
+            {
+                let v = 2 * i - 1 + k as u64;
                 let p = q
                     .submit_batch(&[Command::wait(&gate.point(v)), Command::nop()])
                     .expect("submit");
                 std::thread::sleep(idle);
+                let (wakes, mark) = (sync::wakes_delivered(), dev.inner.signal_woke_mark());
                 gate.signal(v).expect("signal");
-                let points = [p.target(), (&*other.inner, 1)];
-                if dev.inner.signal_woke_firmware_recently() {
-                    // Every point on the device waits for a just-woken firmware.
-                    assert_eq!(WaitMode::Adaptive.phases(&points), zero);
-                    assert_eq!(
-                        WaitMode::Spin.phases(&points),
-                        (Duration::MAX, Duration::MAX)
-                    );
-                    cold = true;
-                } else {
-                    assert_eq!(WaitMode::Adaptive.phases(&points), adaptive);
-                    warm = true;
+                // The mark moves exactly when this thread's wake found the firmware asleep.
+                let woke = sync::wakes_delivered() != wakes;
+                assert_eq!(dev.inner.signal_woke_mark() != mark, woke, "value {v}");
+                // The window only closes (no other signaller): `before` false means the
+                // wait spins, `after` true that it sleeps at once.
+                let before = dev.inner.signal_woke_firmware_recently();
+                let phases = WaitMode::Adaptive.phases(&[p.target()]);
+                let after = dev.inner.signal_woke_firmware_recently();
+                if after {
+                    assert_eq!(phases, zero, "value {v}");
                 }
+                if !before {
+                    assert_eq!(phases, adaptive, "value {v}");
+                }
+                // A user fence is never marked: another host thread may signal it.
+                assert_eq!(WaitMode::Adaptive.phases(&[(&*other.inner, 1)]), adaptive);
+                assert_eq!(
+                    WaitMode::Spin.phases(&[p.target()]),
+                    (Duration::MAX, Duration::MAX)
+                );
+                cold |= woke && after;
+                warm |= !woke;
                 p.wait_with(WaitMode::Adaptive, Duration::from_secs(10))
                     .expect("the gated NOP completes");
             }
@@ -314,6 +334,9 @@ mod tests {
         // The window is short: 5 ms later the wait spins again.
         std::thread::sleep(Duration::from_millis(5));
         assert!(!dev.inner.signal_woke_firmware_recently());
-        assert_eq!(WaitMode::Adaptive.phases(&[(&*other.inner, 1)]), adaptive);
+        assert_eq!(
+            WaitMode::Adaptive.phases(&[q.last_submitted().target()]),
+            adaptive
+        );
     }
 }

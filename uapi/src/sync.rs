@@ -98,8 +98,9 @@ pub fn announce_and_sleep(
 }
 
 /// Waker side: after publishing work, wakes a sleeper that announced itself with `flag`.
-/// Returns how many threads the wake found asleep (0 when none was announced, or when the
-/// announced one had not gone to sleep yet).
+/// Returns how many threads the wake found asleep: 0 when none was announced, when the
+/// announced one had not gone to sleep yet or another waker woke it first, or when the
+/// wake syscall failed.
 #[inline]
 pub fn wake_if_announced(flag: &impl Word32, word: &AtomicU32) -> usize {
     fence(SeqCst); // pairs with the sleeper's fence after its announcement
