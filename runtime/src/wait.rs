@@ -208,18 +208,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_adaptive_wait_sleeps_at_once_only_for_work_that_had_to_wake_the_firmware() {
-        let dir = Dir(std::env::temp_dir().join(format!("userq-cold-{}", std::process::id())));
+    /// An embedded device on a socket of its own; bind both, the device second, so it
+    /// goes before its directory.
+    fn embedded(tag: &str) -> (Dir, Device) {
+        let dir = Dir(std::env::temp_dir().join(format!("userq-{tag}-{}", std::process::id())));
         let dev = Device::builder()
             .socket(dir.0.join("dev.sock"))
             .mode(OpenMode::Embedded)
             .open()
             .expect("embedded device");
+        (dir, dev)
+    }
+
+    #[test]
+    fn an_adaptive_wait_sleeps_at_once_only_for_work_that_had_to_wake_the_firmware() {
+        let (_dir, dev) = embedded("cold");
         let mut q = dev.create_queue().expect("queue");
         let user = dev.create_fence(0).expect("user fence");
         let zero = (Duration::ZERO, Duration::ZERO);
-        let adaptive = (Duration::from_micros(20), Duration::from_micros(100));
+        let adaptive = (ADAPTIVE_SPIN, ADAPTIVE_YIELD_UNTIL);
         let (mut cold, mut warm) = (None, None);
         // Bounded: each turn leaves the device idle past the firmware's 2 ms before it
         // sleeps, then submits twice: the first usually wakes it, the second (right after
@@ -271,12 +278,7 @@ mod tests {
 
     #[test]
     fn an_adaptive_wait_sleeps_at_once_just_after_a_host_signal_woke_the_firmware() {
-        let dir = Dir(std::env::temp_dir().join(format!("userq-sig-{}", std::process::id())));
-        let dev = Device::builder()
-            .socket(dir.0.join("dev.sock"))
-            .mode(OpenMode::Embedded)
-            .open()
-            .expect("embedded device");
+        let (_dir, dev) = embedded("sig");
         let mut q = dev.create_queue().expect("queue");
         let gate = dev.create_fence(0).expect("gate");
         let other = dev.create_fence(0).expect("a user fence");
