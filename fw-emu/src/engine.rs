@@ -18,16 +18,17 @@
 //! Several engines may run workgroups of one job at once; the one that finishes the last
 //! workgroup reports the job complete to the command processor and kicks it; so does the
 //! first whose workgroup raised an exception (its kernel panicked), after cancelling the
-//! job, and it serves on. Idle engines
-//! park on an in-process futex word (`atomic-wait`, private futexes: engines never wait on
-//! shared memory), bumped by whoever adds claimable work.
+//! job, and it serves on. Idle engines park on an in-process futex word (`atomic-wait`,
+//! private futexes: engines never wait on shared memory), bumped by whoever adds claimable
+//! work.
 //!
 //! **Inline dispatch.** A dispatch small and bounded enough, when no job waits for an
 //! engine, is run by the command processor itself through the same slice code
 //! ([`Engines::run_inline`]): waking a parked engine costs more than such a dispatch.
 //! A larger bounded one goes to the engines, but while every engine is parked the
 //! command processor, with nothing else to do, runs its workgroups (often all of them)
-//! until an engine is back ([`Engines::help`]).
+//! until an engine is back ([`Engines::help`]). Either may be a paged job's: its
+//! workgroups pin, and fault, on the command processor as they would on an engine.
 //!
 //! **Page faults.** A job with on-demand buffers is *paged*: before each workgroup runs
 //! (or resumes), the engine pins the pages of its [`crate::kernel::Kernel::footprint`]. If one is not

@@ -413,3 +413,42 @@ fn another_contexts_fault_storm_delays_round_trips_by_at_most_a_few_time_slices(
         p99(&quiet)
     );
 }
+
+#[test]
+fn small_dispatches_on_on_demand_buffers_run_on_the_command_processor_and_fault_from_there() {
+    // One workgroup's worth of items: the command processor runs it itself, paged or not.
+    const ITEMS: u32 = userq::uapi::packet::MAX_WORKGROUP_ITEMS as u32;
+    let env = Env::with(Device::builder().engines(1).vram(VRAM));
+    let dev = env.dev();
+    let obs = Observer::connect(dev.socket_path()).expect("observe");
+    let buf = dev.alloc_on_demand::<u32>(ITEMS as usize).unwrap();
+    let mut q = dev.create_queue().unwrap();
+    // The first one faults (no page is resident yet); the next ten find the page resident.
+    // No host access in between: it would migrate the page back.
+    for i in 0..11 {
+        q.submit(kernels::fill_u32(ITEMS, i, &buf).unwrap())
+            .unwrap()
+            .wait(LONG)
+            .unwrap();
+    }
+    assert_eq!(buf.to_vec(), vec![10; ITEMS as usize]);
+    let per = ITEMS as u64 / 256; // fill's workgroups of 256 items
+    let total = 11 * per;
+    // The figures arrive with the firmware's 10 ms tick.
+    let t = std::time::Instant::now();
+    let snap = loop {
+        let s = obs.snapshot();
+        let all = s.inline.workgroups + s.engines.iter().map(|e| e.workgroups).sum::<u64>();
+        if all >= total || t.elapsed() > Duration::from_secs(10) {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let engines: u64 = snap.engines.iter().map(|e| e.workgroups).sum();
+    assert_eq!(snap.inline.workgroups + engines, total, "{snap:?}");
+    // The ten resident ones ran on the command processor; the faulting one resumed on the
+    // engine, or on the command processor while the engine woke.
+    assert!(snap.inline.workgroups >= 10 * per, "{snap:?}");
+    let stats = dev.paging_stats().unwrap();
+    assert!(stats.faults >= 1, "the first dispatch faulted: {stats:?}");
+}

@@ -14,8 +14,8 @@ pub const HELP_SLICE: Duration = Duration::from_micros(5);
 
 impl Lists {
     /// The job the command processor may help with ([`Engines::help`]): the first
-    /// claimable one of the highest priority that has any, if its workgroups are bounded
-    /// and it has no on-demand buffers. Does not rotate the list.
+    /// claimable one of the highest priority that has any, if its workgroups are bounded.
+    /// Does not rotate the list.
     fn helpable(&self) -> Option<Arc<Job>> {
         let list = self
             .ready
@@ -24,7 +24,7 @@ impl Lists {
             .find(|l| l.iter().any(|j| j.claimable()))?;
         list.iter()
             .find(|j| j.claimable())
-            .filter(|j| j.bounded && !j.paged)
+            .filter(|j| j.bounded)
             .cloned()
     }
 }
@@ -41,8 +41,12 @@ impl Engines {
     ///   worth: about 5 µs here for the slowest built-ins, a checksum or histogram of 1024
     ///   items, plus a first touch of buffer pages never touched before), so the command
     ///   processor is not held for long;
-    /// - no buffer is on-demand (a fault needs kmd-shim's answer);
     /// - no job waits for an engine, so none is overtaken.
+    ///
+    /// A job with on-demand buffers runs here too: its workgroups pin their footprints as
+    /// on an engine, and one whose pages are not resident faults the same way (the job
+    /// stops, the fault goes to kmd-shim with the next flush), and the job goes to the
+    /// engines, which resume it after the reply.
     ///
     /// It runs the job to the end (no time slice, no preemption between its workgroups).
     /// Returns whether the job completed. If not (not eligible, or the firmware is
@@ -57,7 +61,7 @@ impl Engines {
         let items = job
             .total
             .saturating_mul(job.dispatch.workgroup.iter().map(|&w| w as u64).product());
-        if job.paged || !job.bounded || items > INLINE_ITEMS || self.work_waits() {
+        if !job.bounded || items > INLINE_ITEMS || self.work_waits() {
             return false;
         }
         // No slice: bounded workgroups, at most one workgroup's worth of items, so the run
@@ -84,12 +88,12 @@ impl Engines {
     /// wait for that; a small job is often done before the engine arrives, which takes
     /// the rest. Workgroups are claimed one by one, so none runs twice. Only when the
     /// engines are all parked, so the command processor never becomes one more engine
-    /// under load, and only jobs [`Engines::run_inline`] could run (bounded workgroups, no
-    /// on-demand buffers), for at most [`HELP_SLICE`] (plus the workgroup that ends it)
-    /// per call. The time counts as
-    /// the command processor's own ([`Engines::inline_stats`]). Returns whether it ran a
-    /// workgroup; a job whose last workgroup it finished goes on the completed list, as
-    /// does one whose workgroup raised an exception.
+    /// under load, and only jobs [`Engines::run_inline`] could run (bounded workgroups; a
+    /// paged one pins and faults as on an engine), for at most [`HELP_SLICE`] (plus the
+    /// workgroup that ends it) per call. The time counts as the command processor's own
+    /// ([`Engines::inline_stats`]). Returns whether it ran a workgroup; a job whose last
+    /// workgroup it finished goes on the completed list, as does one whose workgroup
+    /// raised an exception.
     pub fn help(&self) -> bool {
         let s = &*self.shared;
         // With no engine thread at all, helping would hide it: never.
@@ -112,7 +116,7 @@ impl Engines {
             match l.helpable() {
                 Some(j) => j,
                 None => {
-                    // Nothing it may run (the waiting job is not bounded, or is paged):
+                    // Nothing it may run (the waiting job is not bounded):
                     // ask again only when work is added (the word moves under this lock).
                     self.help_idle.store(s.work.load(Relaxed) as u64, Relaxed);
                     return false;
