@@ -31,10 +31,11 @@
 //! workgroups pin, and fault, on the command processor as they would on an engine.
 //!
 //! **Page faults.** A job with on-demand buffers is *paged*: before each workgroup runs
-//! (or resumes), the engine pins the pages of its [`crate::kernel::Kernel::footprint`]. If one is not
-//! resident, the workgroup goes back, state intact, with the yielded ones; the job is
-//! marked faulted (no engine takes it until kmd-shim replies) and a [`FaultNote`] goes to
-//! the command processor, which batches it to kmd-shim. Only that job stops: the engine
+//! (or resumes), the engine (or the command processor, running it inline or helping)
+//! pins the pages of its [`crate::kernel::Kernel::footprint`]. If one is not resident,
+//! the workgroup goes back, state intact, with the yielded ones; the job is marked
+//! faulted (no engine takes it until kmd-shim replies) and a [`FaultNote`] goes to the
+//! command processor, which batches it to kmd-shim. Only that job stops: the engine
 //! moves on to other work. While an invalidation waits for pins to drain, workgroups of
 //! paged jobs yield at their next checkpoint (and refault if their pages went).
 //!
@@ -46,7 +47,7 @@
 //! when its workgroup finally returns.
 
 pub use crate::footprint::FaultNote;
-use crate::footprint::{fault_ahead, pin_footprint};
+use crate::footprint::{fault_ahead, pin_footprint, FAULT_AHEAD, FAULT_AHEAD_ON_CP};
 pub use crate::job::Job;
 use crate::kernel::{contain, Checkpoint, Workgroup, WorkgroupStatus};
 use crossbeam_utils::CachePadded;
@@ -286,12 +287,17 @@ impl Engines {
         self.shared.notify_engines();
     }
 
-    /// Queues a job.
+    /// Queues a job, and wakes the engines if it has work they can take now (one that
+    /// faulted on the command processor waits for kmd-shim's reply, whose resume kicks
+    /// them: [`Engines::kick`]).
     pub fn submit(&self, job: Arc<Job>) {
         let mut l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
+        let claimable = job.claimable();
         l.ready[job.priority as usize].push_back(job);
         self.shared.top.store(l.top(), Release);
-        self.shared.notify_engines();
+        if claimable {
+            self.shared.notify_engines();
+        }
     }
 
     /// Engine telemetry lines in use: one per thread ever started (replacements for

@@ -126,19 +126,24 @@ pub(crate) fn pin_footprint<'a>(job: &'a Job, wg: &Workgroup) -> Result<Pins<'a>
     })
 }
 
-/// Workgroups looked at past a faulting one, at most.
-const FAULT_AHEAD: u64 = 1 << 16;
+/// Workgroups looked at past a faulting one, at most, on an engine.
+pub(crate) const FAULT_AHEAD: u64 = 1 << 16;
+
+/// The same on the command processor (a dispatch it runs itself): a look-ahead of
+/// thousands of footprints would hold it for a millisecond, where it runs a dispatch's
+/// workgroups only a few microseconds at a time. 64 footprints take about as long.
+pub(crate) const FAULT_AHEAD_ON_CP: u64 = 64;
 
 /// Adds to a fault the missing pages of the job's workgroups that have not started yet
-/// (until a batch of pages is missing, twice that many were looked at, or
-/// [`FAULT_AHEAD`] workgroups): on a GPU they would all be in flight and fault together,
+/// (until a batch of pages is missing, twice that many were looked at, or `limit`
+/// workgroups): on a GPU they would all be in flight and fault together,
 /// so their faults go in the same batch instead of one round trip each (UVM services its
 /// batches, and prefetches, the same way).
-pub(crate) fn fault_ahead(job: &Job, note: &mut FaultNote) {
+pub(crate) fn fault_ahead(job: &Job, note: &mut FaultNote, limit: u64) {
     if note.too_large.is_some() {
         return;
     }
-    let (from, to) = job.unstarted(FAULT_AHEAD);
+    let (from, to) = job.unstarted(limit);
     let mut fp = Footprint::default();
     let mut seen = 0usize;
     let mut last_seen = u64::MAX;

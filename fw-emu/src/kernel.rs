@@ -10,7 +10,8 @@
 //! while the kernel runs.
 //!
 //! On-demand buffers are paged: before a workgroup runs (and again whenever it resumes
-//! from a checkpoint), the engine asks the kernel for its [`Kernel::footprint`], the byte
+//! from a checkpoint), the engine (or the command processor, for a dispatch it runs
+//! itself) asks the kernel for its [`Kernel::footprint`], the byte
 //! ranges of its buffers it will touch until its next checkpoint, and pins those pages. A
 //! page that is not resident makes the workgroup *fault before it starts*: it has done
 //! nothing since its last checkpoint, so replaying it after the fault is serviced is

@@ -1,7 +1,8 @@
 //! DOC: the firmware's half of on-demand paging: fault batches out, kmd-shim's paging
 //! requests in.
 //!
-//! - **Faults**: engines note the pages a workgroup missed ([`crate::engine::FaultNote`]).
+//! - **Faults**: engines (or the command processor, running a dispatch itself) note the
+//!   pages a workgroup missed ([`crate::engine::FaultNote`]).
 //!   Each loop turn the command processor takes the notes, drops duplicates, sorts them
 //!   by context and address (so the pages of one 2 MiB region travel together) and emits
 //!   them as [`FwEvent::Fault`]s in batches of at most [`FAULT_BATCH_MAX`], the last one

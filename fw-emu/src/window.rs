@@ -16,8 +16,9 @@
 //! that may by then hold another VM's data: replacing a mapping is atomic for every
 //! thread (the kernel shoots down the old translation before `mmap` returns).
 //!
-//! Each page has a [`PageEntry`]: its state and its pin count. Engines pin a page before
-//! a workgroup touches it and unpin it after; an invalidation first marks the page, then
+//! Each page has a [`PageEntry`]: its state and its pin count. Engines (and the command
+//! processor, for a dispatch it runs itself, between its loop's other work) pin a page
+//! before a workgroup touches it and unpin it after; an invalidation first marks the page, then
 //! waits for its pins to drain (the two sides are a Dekker pair through SeqCst fences,
 //! modelled in `uapi/tests/loom.rs`).
 

@@ -1,7 +1,7 @@
 //! DOC: eviction: making room in the pool, least recently used first, across every
 //! context.
 //!
-//! The firmware's engines stamp a slot's use-table entry each time a workgroup pins it;
+//! The firmware stamps a slot's use-table entry each time a workgroup pins it;
 //! [`make_room`] takes the slots with the oldest stamps, groups them by buffer into runs of
 //! consecutive pages, and [`take_out`] evicts each run with the invalidate → acknowledge
 //! handshake: the firmware acknowledges once no running workgroup pins the pages (they

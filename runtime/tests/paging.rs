@@ -451,4 +451,13 @@ fn small_dispatches_on_on_demand_buffers_run_on_the_command_processor_and_fault_
     assert!(snap.inline.workgroups >= 10 * per, "{snap:?}");
     let stats = dev.paging_stats().unwrap();
     assert!(stats.faults >= 1, "the first dispatch faulted: {stats:?}");
+    // A larger one on cold pages: the command processor helps while the engine wakes,
+    // faults from there (its look-ahead bounded), and the engine finishes after the reply.
+    let n = 4 * words_per_page();
+    let big = dev.alloc_on_demand::<u32>(n).unwrap();
+    q.submit(kernels::fill_u32(n as u32, 9, &big).unwrap())
+        .unwrap()
+        .wait(LONG)
+        .unwrap();
+    assert_eq!(big.to_vec(), vec![9; n]);
 }

@@ -73,7 +73,7 @@ impl Engines {
     /// the time for the job and in the command processor's own line.
     fn run_here(&self, job: &Arc<Job>, slice: Option<Duration>) -> worker::SliceEnd {
         let start = Instant::now();
-        let end = run_slice(&self.shared, job, start, slice);
+        let end = run_slice(&self.shared, job, start, slice, FAULT_AHEAD_ON_CP);
         let ns = start.elapsed().as_nanos() as u64;
         job.engine_ns.fetch_add(ns, Relaxed);
         self.inline.0.fetch_add(ns, Relaxed);
@@ -137,7 +137,9 @@ impl Engines {
                 s.post_completed(job);
             }
         }
-        end.finished > 0 || end.raised
+        // A fault counts too: its note goes out at the next turn's flush, which must not
+        // wait for a back-off.
+        end.finished > 0 || end.raised || end.faulted
     }
 
     /// Whether a job has work waiting for an engine. Asked under the lists lock: the `top`

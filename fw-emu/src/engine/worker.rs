@@ -30,7 +30,7 @@ pub(super) fn engine(s: &Shared, index: usize) {
         };
         let delivered = userq_uapi::sync::wakes_delivered();
         let start = Instant::now();
-        let end = run_slice(s, &job, start, Some(s.slice(&job)));
+        let end = run_slice(s, &job, start, Some(s.slice(&job)), FAULT_AHEAD);
         let ns = start.elapsed().as_nanos() as u64;
         job.engine_ns.fetch_add(ns, Relaxed);
         // fetch_add: a replacement thread may share a line (index modulo the table).
@@ -71,24 +71,30 @@ pub(super) struct SliceEnd {
     /// A workgroup of it raised an exception: the job is cancelled and already on the
     /// completed list, where the command processor finds it and stops its queue.
     pub(super) raised: bool,
+    /// A workgroup faulted: the job waits for kmd-shim, its fault note is posted.
+    pub(super) faulted: bool,
 }
 
 /// Runs workgroups of one job until the job has none left, `slice` is used, a job of
-/// higher priority is ready, or a workgroup yields at a checkpoint. The slice began at
-/// `start` (the caller's clock read, which also times it for the telemetry). With no
-/// `slice` (the command processor's inline run of a bounded dispatch), neither the clock
-/// nor other jobs end it: it runs the job to the end unless stopped.
+/// higher priority is ready, or a workgroup yields at a checkpoint or faults. The slice
+/// began at `start` (the caller's clock read, which also times it for the telemetry).
+/// With no `slice` (the command processor's inline run of a bounded dispatch), neither
+/// the clock nor other jobs end it: it runs the job to the end unless stopped, suspended,
+/// faulted, or (for a paged job) an invalidation waits for pins to drain. A fault looks at
+/// up to `fault_ahead_limit` workgroups past the faulting one.
 pub(super) fn run_slice(
     s: &Shared,
     job: &Arc<Job>,
     start: Instant,
     slice: Option<Duration>,
+    fault_ahead_limit: u64,
 ) -> SliceEnd {
     let mut finished = 0;
     let end = |finished, last| SliceEnd {
         finished,
         last,
         raised: false,
+        faulted: false,
     };
     // A workgroup's kernel code panicked: the job is cancelled and goes to the command
     // processor as if complete (the first time only), which stops its queue.
@@ -101,6 +107,7 @@ pub(super) fn run_slice(
             finished,
             last: false,
             raised: true,
+            faulted: false,
         }
     };
     let my_rank = job.priority as u32 + 1;
@@ -145,7 +152,7 @@ pub(super) fn run_slice(
                 Some(Ok(p)) => Some(p),
                 Some(Err(mut note)) => {
                     job.faults.fetch_add(note.pages.len() as u64, Relaxed);
-                    fault_ahead(job, &mut note);
+                    fault_ahead(job, &mut note, fault_ahead_limit);
                     job.put_yielded(wg);
                     job.faulted.store(true, Release);
                     s.faults
@@ -154,7 +161,10 @@ pub(super) fn run_slice(
                         .push(note);
                     s.has_faults.store(true, Release);
                     (s.wake_command_processor)();
-                    return end(finished, false);
+                    return SliceEnd {
+                        faulted: true,
+                        ..end(finished, false)
+                    };
                 }
             }
         } else {
