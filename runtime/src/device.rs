@@ -62,9 +62,16 @@ impl DeviceInner {
         exchange(&sock, req, fds)
     }
 
-    /// Notes that a host signal woke the sleeping firmware (the wake syscall found it
-    /// asleep) for queues parked on the fence: their completions are a wake-up away.
-    pub(crate) fn note_signal_woke_firmware(&self) {
+    /// After a host signal of a fence queues are parked on: wakes the firmware if it
+    /// announced its sleep, so that it looks, and if the wake found it asleep, notes the
+    /// time: those queues' completions are a wake-up away
+    /// ([`DeviceInner::signal_woke_firmware_recently`]).
+    pub(crate) fn wake_firmware_for_parked_queues(&self) {
+        let woken =
+            userq_uapi::sync::wake_if_announced(&self.status.sleep.sleeping, &self.kick.kick.word);
+        if woken == 0 {
+            return;
+        }
         let now = userq_uapi::layout::monotonic_ns().max(1);
         // A max: a signaller preempted between its clock read and here cannot move a
         // later mark back.
@@ -90,7 +97,8 @@ impl DeviceInner {
         recent
     }
 
-    /// The raw mark [`DeviceInner::note_signal_woke_firmware`] leaves (0: none), for tests.
+    /// The raw mark [`DeviceInner::wake_firmware_for_parked_queues`] leaves (0: none), for
+    /// tests.
     #[cfg(all(test, feature = "embedded"))]
     pub(crate) fn signal_woke_mark(&self) -> u64 {
         self.signal_woke_ns

@@ -255,14 +255,7 @@ impl Fence {
         match sync::advance_fence(state, waiters, value, || sync::host_waiting(waiters)) {
             Ok(parked) => {
                 if parked {
-                    // Queues are parked on this fence: make sure the firmware looks.
-                    let woken = sync::wake_if_announced(
-                        &i.dev.status.sleep.sleeping,
-                        &i.dev.kick.kick.word,
-                    );
-                    if woken > 0 {
-                        i.dev.note_signal_woke_firmware();
-                    }
+                    i.dev.wake_firmware_for_parked_queues();
                 }
                 Ok(())
             }
@@ -290,10 +283,8 @@ impl Fence {
     pub fn set(&self, value: u64) -> Result<(), SignalError> {
         let (i, state) = (&self.inner, self.signallable()?);
         let waiters = i.waiters();
-        if sync::signal_fence(state, waiters, value, || sync::host_waiting(waiters))
-            && sync::wake_if_announced(&i.dev.status.sleep.sleeping, &i.dev.kick.kick.word) > 0
-        {
-            i.dev.note_signal_woke_firmware();
+        if sync::signal_fence(state, waiters, value, || sync::host_waiting(waiters)) {
+            i.dev.wake_firmware_for_parked_queues();
         }
         Ok(())
     }
