@@ -26,6 +26,11 @@ pub struct FaultRound {
     pub resident: Summary,
     /// The same dispatch on a page just migrated to host: one fault.
     pub faulting: Summary,
+    /// `resident` with the default (adaptive) wait instead of a spin: the client yields
+    /// and then sleeps while kmd-shim and the firmware share the vCPUs with it.
+    pub resident_adaptive: Summary,
+    /// `faulting` with the default (adaptive) wait.
+    pub faulting_adaptive: Summary,
 }
 
 impl FaultRound {
@@ -96,26 +101,33 @@ fn fault_round(dev: &Device, n: usize) -> Res<FaultRound> {
     let b = dev.alloc_on_demand::<u32>(words)?;
     let mut q = dev.create_queue()?;
     let fill = kernels::fill_u32(256, 1, &b)?;
-    let run = |q: &mut userq::Queue| -> Res<u64> {
+    let run = |q: &mut userq::Queue, mode: WaitMode| -> Res<u64> {
         let t = Instant::now();
         q.submit(fill.clone())?
-            .wait_with(WaitMode::Spin, Duration::from_secs(30))?;
+            .wait_with(mode, Duration::from_secs(30))?;
         Ok(t.elapsed().as_nanos() as u64)
     };
-    run(&mut q)?; // resident now
-    let (mut resident, mut faulting) = (Latency::new(), Latency::new());
-    for i in 0..2 * n {
-        if i % 2 == 0 {
-            resident.record(run(&mut q)?);
+    run(&mut q, WaitMode::Spin)?; // resident now
+                                  // [resident, faulting] × [spin, adaptive], interleaved.
+    let mut lat: [Latency; 4] = Default::default();
+    for i in 0..4 * n {
+        let mode = if i % 4 < 2 {
+            WaitMode::Spin
         } else {
+            WaitMode::Adaptive
+        };
+        if i % 2 == 1 {
             b.migrate_to_host(0..words)?;
-            faulting.record(run(&mut q)?);
         }
+        lat[i % 4].record(run(&mut q, mode)?);
     }
+    let [resident, faulting, resident_adaptive, faulting_adaptive] = lat.map(|l| l.summary());
     Ok(FaultRound {
         floor,
-        resident: resident.summary(),
-        faulting: faulting.summary(),
+        resident,
+        faulting,
+        resident_adaptive,
+        faulting_adaptive,
     })
 }
 
@@ -316,6 +328,13 @@ impl PagingFigures {
                 us(r.floor.p50),
                 us(r.floor.p99)
             );
+            println!(
+                "           adaptive (default) wait: dispatch faulting {} / {}, resident {} / {} (p50/p99)",
+                us(r.faulting_adaptive.p50),
+                us(r.faulting_adaptive.p99),
+                us(r.resident_adaptive.p50),
+                us(r.resident_adaptive.p99),
+            );
         }
         let (a, b) = self.fault_ratio();
         println!("  single fault, median over rounds: {a:.2}× (p50) / {b:.2}× (p99) the futex floor (goal ≤ 2×)");
@@ -373,6 +392,8 @@ impl PagingFigures {
             "page_bytes": DEVICE_PAGE,
             "single_fault": self.fault.iter().map(|r| json!({
                 "floor": s(&r.floor), "resident": s(&r.resident), "faulting": s(&r.faulting),
+                "resident_adaptive": s(&r.resident_adaptive),
+                "faulting_adaptive": s(&r.faulting_adaptive),
                 "ratio_p50": r.ratios().0, "ratio_p99": r.ratios().1,
             })).collect::<Vec<_>>(),
             "single_fault_median_ratio": {"p50": a, "p99": b},
