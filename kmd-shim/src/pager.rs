@@ -371,12 +371,14 @@ impl Pager {
         }
     }
 
-    /// Pager thread: the next batches, or none after `timeout`. Polls first (spin, then
-    /// yield, for half a millisecond after the last batch): faults come in bursts, and a
-    /// sleeping thread's wake-up costs more than servicing a small batch.
+    /// Pager thread: the next batches, or none after `timeout`. Spins first, for
+    /// [`POLL_SPIN`] after the last batch (faults come in bursts, and a wake-up costs more
+    /// than servicing a small batch), then sleeps without a yield phase (see there why).
+    ///
+    /// [`POLL_SPIN`]: crate::firmware::POLL_SPIN
     pub(crate) fn next_batches(&self, timeout: Duration) -> Vec<Vec<FwEvent>> {
         let mut backoff =
-            userq_uapi::sync::Backoff::new(Duration::from_micros(20), Duration::from_micros(500));
+            userq_uapi::sync::Backoff::new(crate::firmware::POLL_SPIN, Duration::ZERO);
         loop {
             let mut b = self.batches.lock().unwrap_or_else(|e| e.into_inner());
             if !b.is_empty() {
