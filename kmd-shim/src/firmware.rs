@@ -147,6 +147,10 @@ impl FirmwareLink {
             .state
             .store(DeviceState::Running as u32, Relaxed);
         status.health.generation.store(generation, Relaxed);
+        status
+            .health
+            .cp_cpu
+            .store(userq_uapi::layout::CPU_UNKNOWN, Relaxed);
         let (kick_fd, kick) =
             Shm::<DeviceKick>::create("userq-kick", Sealing::Final, 0, 0).map_err(obj)?;
         let status_ro = os::reopen_read_only(status_fd.as_fd()).map_err(obj)?;

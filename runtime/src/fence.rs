@@ -92,6 +92,14 @@ impl FenceInner {
             || (self.kind == FenceKind::Timeline && self.dev.signal_woke_firmware_recently())
     }
 
+    /// Whether only the firmware advances this fence (a queue timeline) and the calling
+    /// thread shares the CPU its command processor last ran on: a spin for it then holds
+    /// off the work it waits for. A user fence does not count: a host thread elsewhere may
+    /// signal it.
+    pub(crate) fn on_firmware_cpu(&self) -> bool {
+        self.kind == FenceKind::Timeline && self.dev.on_firmware_cpu()
+    }
+
     #[inline]
     pub(crate) fn state(&self) -> &FenceState<ReadOnly> {
         self.state.view()

@@ -42,7 +42,7 @@ pub use telemetry::{
 pub use waiters::{ContextWaiters, FenceWaiters, WaiterLine, WaiterSlot, WAITER_SLOTS};
 
 /// The ABI version. Bumped on any change to a layout, packet or message in this crate.
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 
 /// Size of a cache line on the machines userq targets. Fields written by different
 /// parties are at least this far apart.
@@ -290,12 +290,20 @@ pub struct SleepFlag<A: Access = ReadWrite> {
     pub sleeping: A::U32,
 }
 
+/// [`DeviceHealth::cp_cpu`] before the firmware has said where it runs.
+pub const CPU_UNKNOWN: u32 = u32::MAX;
+
 /// Liveness of the device.
 #[repr(C, align(64))]
 #[derive(Debug)]
 pub struct DeviceHealth<A: Access = ReadWrite> {
     /// A [`DeviceState`].
     pub state: A::U32,
+    /// The CPU the firmware's command processor last ran on ([`CPU_UNKNOWN`] until it
+    /// says). A hint, stored only when it changes: the firmware looks every few loop turns
+    /// and after each wake-up. A host thread on that CPU should not spin for the
+    /// firmware's work: its spin holds the CPU the command processor needs to do it.
+    pub cp_cpu: A::U32,
     /// Device generation; bumped by kmd-shim each time it (re)starts the firmware.
     pub generation: A::U64,
     /// Incremented by the firmware at least every [`crate::HEARTBEAT_PERIOD_MS`].
