@@ -292,9 +292,10 @@ impl Firmware {
             // then its pager, must run before anything here can go on, and with a client
             // spinning on the other vCPU they wait for this one, where the back-off would
             // spin for its 50 us first. kmd-shim's hand-offs give way likewise (its event
-            // thread after passing on a batch or an ack, a request's sender before it
-            // spins for the ack). Single fault round trip: 168-209 us p50 before, 39-131
-            // us with all three (`userq-bench paging`).
+            // thread yields after passing on a batch or an ack, a request's sender sleeps
+            // for its ack at once). Single fault round trip, `userq-bench paging`: 147-175
+            // us p50 before, 39-85 us after (ARCHITECTURE, "Giving way in a page fault's
+            // hand-offs").
             if faulted || cold_handoff {
                 std::thread::yield_now();
             }

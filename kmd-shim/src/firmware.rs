@@ -367,6 +367,12 @@ impl FirmwareLink {
                 Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS),
             );
             backoff.reset();
+            // Events first (a page fault's acks wake this thread): the health check costs
+            // a lock and, in daemon mode, a syscall. It runs once the ring is drained and
+            // the thread would sleep again, which a firmware that died finds at once.
+            if c.to_kmd.has_message() {
+                continue;
+            }
             if !self.is_lost()
                 && !self.stopping.load(Acquire)
                 && self.ready.load(Acquire)

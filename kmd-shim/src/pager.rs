@@ -376,18 +376,24 @@ impl Pager {
     /// than servicing a small batch), then sleeps without a yield phase (see there why).
     ///
     /// [`POLL_SPIN`]: crate::firmware::POLL_SPIN
-    pub(crate) fn next_batches(&self, timeout: Duration) -> Vec<Vec<FwEvent>> {
+    /// Returns at once, with what it has, once `stop` is set and [`Pager::wake`] called.
+    pub(crate) fn next_batches(
+        &self,
+        timeout: Duration,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Vec<Vec<FwEvent>> {
+        let stopping = || stop.load(std::sync::atomic::Ordering::Acquire);
         let mut backoff =
             userq_uapi::sync::Backoff::new(crate::firmware::POLL_SPIN, Duration::ZERO);
         loop {
             let mut b = self.batches.lock().unwrap_or_else(|e| e.into_inner());
-            if !b.is_empty() {
+            if !b.is_empty() || stopping() {
                 return std::mem::take(&mut *b);
             }
             if backoff.step() == userq_uapi::sync::BackoffStep::Sleep {
                 let (mut b, _) = self
                     .ready
-                    .wait_timeout_while(b, timeout, |b| b.is_empty())
+                    .wait_timeout_while(b, timeout, |b| b.is_empty() && !stopping())
                     .unwrap_or_else(|e| e.into_inner());
                 return std::mem::take(&mut *b);
             }
@@ -405,7 +411,7 @@ impl Device {
     /// The pager thread's body: services batches until `stop`.
     pub(crate) fn run_pager(&self, stop: &std::sync::atomic::AtomicBool) {
         while !stop.load(std::sync::atomic::Ordering::Acquire) {
-            let batches = self.pager.next_batches(Duration::from_millis(100));
+            let batches = self.pager.next_batches(Duration::from_millis(100), stop);
             let link = self.link();
             if batches.is_empty() {
                 // Idle for a while: the memory of free slots goes back to the OS.
