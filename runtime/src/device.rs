@@ -116,10 +116,15 @@ impl DeviceInner {
         (cpu != userq_uapi::layout::CPU_UNKNOWN).then_some(cpu)
     }
 
-    /// Whether the calling thread runs on the CPU the firmware's command processor last
-    /// ran on (vDSO `getcpu`, about 2.5 ns, and a load from a line that changes rarely).
+    /// Whether the calling thread runs on the CPU where the firmware's command processor
+    /// runs, awake (vDSO `getcpu`, about 2.5 ns, and loads from two lines that change
+    /// rarely). A sleeping command processor competes for no CPU, and may be woken on any.
+    /// The hint is as fresh as the command processor's last look: one woken onto a
+    /// spinning thread's CPU cannot say so until it runs (adaptive waits for work whose
+    /// doorbell woke it sleep anyway: `FenceInner::cold`).
     pub(crate) fn on_firmware_cpu(&self) -> bool {
-        self.firmware_cpu() == Some(rustix::thread::sched_getcpu() as u32)
+        self.status.sleep.sleeping.load() == 0
+            && self.firmware_cpu() == Some(rustix::thread::sched_getcpu() as u32)
     }
 
     /// [`DeviceInner::is_lost`], plus a check that kmd-shim still holds the other end of the

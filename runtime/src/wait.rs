@@ -12,8 +12,8 @@ use userq_uapi::sync::{self, Backoff, BackoffStep};
 pub enum WaitMode {
     /// Spin (with a pause hint) until done or timed out. Lowest latency; burns a core. But
     /// not the firmware's: a wait for a queue timeline that finds itself on the CPU the
-    /// device's command processor runs on ([`crate::Device::firmware_cpu`]) sleeps
-    /// instead, after one burst of checks (a few microseconds). Spinning there would hold
+    /// device's command processor runs on ([`crate::Device::firmware_cpu`]), while that
+    /// is awake, sleeps instead, after one burst of 64 checks. Spinning there would hold
     /// off the completion it waits for until the scheduler's tick (about 4 ms here).
     Spin,
     /// Sleep on the futex at once. Costs a wake-up (tens of microseconds).
@@ -169,7 +169,8 @@ pub(crate) fn wait_many(
             }
         }
     }
-    // Every path here passed `expired` at least once, which took the deadline.
+    // The deadline was taken by `expired`, unless the first burst found this thread on
+    // the firmware's CPU: then it is taken here.
     let deadline = deadline.unwrap_or_else(|| Instant::now().checked_add(timeout));
     let _registered = Registered::new(points);
     let words: Vec<&dyn Word32> = points
