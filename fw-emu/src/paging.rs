@@ -15,7 +15,8 @@
 //!   complete: a workgroup that has not yielded by then gets its queue reset
 //!   (`PreemptTimeout`), its pins are forgiven and the pages are taken anyway (the wedged
 //!   workgroup sees scratch memory from then on).
-//! - **FaultReply**: resumes the faulted job, or stops its queue with the error kmd-shim
+//! - **FaultReply**: resumes the faulted job (on the command processor first while the
+//!   engines are parked: `Engines::resume`), or stops its queue with the error kmd-shim
 //!   found (a memory violation, with the address).
 //! - **WaitJobs**: the counterfactual policy's wait for jobs to finish, bounded by the
 //!   timeout kmd-shim gives; on timeout it names the jobs still using the buffer.
@@ -292,8 +293,7 @@ impl Firmware {
             return FwStatus::NotFound; // reset, destroyed or finished meanwhile
         };
         if code == 0 {
-            j.resume_after_fault();
-            self.engines.kick();
+            self.engines.resume(&j);
             return FwStatus::Ok;
         }
         let code = ErrorCode::from_u32(code).unwrap_or(ErrorCode::MemoryViolation);

@@ -46,7 +46,8 @@ impl Engines {
     /// A job with on-demand buffers runs here too: its workgroups pin their footprints as
     /// on an engine, and one whose pages are not resident faults the same way (the job
     /// stops, the fault goes to kmd-shim with the next flush), and the job goes to the
-    /// engines, which resume it after the reply.
+    /// engines; after the reply, [`Engines::resume`] runs it here first if the engines
+    /// are still parked.
     ///
     /// It runs the job to the end (no time slice, no preemption between its workgroups).
     /// Returns whether the job completed. If not (not eligible, or the firmware is
@@ -145,6 +146,29 @@ impl Engines {
     /// Whether a job has work waiting for an engine. Asked under the lists lock: the `top`
     /// hint is set when an engine picks a job, before it takes the job's last workgroup,
     /// so it can still say "waiting" for a job that an engine is running to the end.
+    /// Resumes a job whose fault kmd-shim serviced. While every engine is parked, the
+    /// command processor first runs ready work here as [`Engines::help`] does (the
+    /// resumed job, unless a job of higher priority waits): a small paged dispatch that
+    /// faulted inline usually finishes in this one call, where waking a parked engine for
+    /// it costs a futex wake and a context switch, often onto the vCPU a client spins on.
+    /// The engines are kicked only if work is left for them.
+    pub fn resume(&self, job: &Job) {
+        job.resume_after_fault();
+        // Claimable again: the ready-work hint first (`help` looks only while it is set),
+        // without waking anyone yet. An engine that parks meanwhile is not missed: if
+        // `help` leaves work, the kick below bumps the word it waits on.
+        {
+            let l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.top.store(l.top(), Release);
+        }
+        // `help` looks again only once work was added; a resume adds some without a kick.
+        self.help_idle.store(u64::MAX, Relaxed);
+        self.help();
+        if self.work_waits() {
+            self.kick();
+        }
+    }
+
     fn work_waits(&self) -> bool {
         let l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
         l.top() != 0

@@ -1,5 +1,6 @@
 //! [`Engines::help`]: what the command processor may run while the engines are parked;
-//! and what an engine does when a kernel raises an exception.
+//! [`Engines::resume`]: where a job goes after its fault was serviced; and what an engine
+//! does when a kernel raises an exception.
 
 use super::*;
 use crate::id::QueueId;
@@ -256,4 +257,52 @@ fn a_job_that_raises_while_the_command_processor_helps_leaves_the_lists() {
     );
     assert_eq!(e.shared.top.load(Relaxed), 0);
     assert!(!e.help());
+}
+
+/// Lists `job` as one that faulted on the command processor: listed, waiting for the reply.
+fn list_faulted(e: &Engines, job: &Arc<Job>) {
+    job.faulted.store(true, Release);
+    list_quietly(e, job);
+    assert_eq!(e.shared.top.load(Relaxed), 0, "nothing claimable yet");
+}
+
+#[test]
+fn a_resumed_small_job_finishes_on_the_command_processor_and_wakes_no_engine() {
+    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
+    until_parked(&e, 1);
+    let k = Count::new(true, false);
+    let j = job(&k, 4);
+    list_faulted(&e, &j);
+    let work = e.shared.work.load(Relaxed);
+    e.resume(&j);
+    assert!(j.finished(), "finished within the resume");
+    assert_eq!(k.runs.load(Relaxed), 4, "every workgroup ran once");
+    assert_eq!(e.inline_stats().1, 4, "on the command processor");
+    assert_eq!(e.shared.work.load(Relaxed), work, "no engine was woken");
+    let done = e.take_completed();
+    assert_eq!(done.len(), 1, "completed once");
+    assert!(e
+        .shared
+        .lists
+        .lock()
+        .unwrap()
+        .ready
+        .iter()
+        .all(|l| l.is_empty()));
+}
+
+#[test]
+fn a_resumed_job_the_command_processor_may_not_run_goes_to_the_engines() {
+    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
+    until_parked(&e, 1);
+    let k = Count::new(false, false); // not bounded: never on the command processor
+    let j = job(&k, 4);
+    list_faulted(&e, &j);
+    let work = e.shared.work.load(Relaxed);
+    e.resume(&j);
+    assert_ne!(e.shared.work.load(Relaxed), work, "the engines were kicked");
+    let done = until_completed(&e);
+    assert!(Arc::ptr_eq(&done[0], &j));
+    assert_eq!(k.runs.load(Relaxed), 4, "every workgroup ran once");
+    assert_eq!(e.inline_stats().1, 0, "all on the engine");
 }
