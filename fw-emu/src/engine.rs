@@ -61,7 +61,7 @@ mod inline;
 #[cfg(test)]
 mod tests;
 mod worker;
-pub use inline::{HELP_SLICE, INLINE_ITEMS};
+pub use inline::{HELP_DEFER, HELP_DEFER_ITEMS, HELP_SLICE, INLINE_ITEMS};
 use worker::{engine, run_slice};
 
 struct Lists {
@@ -174,6 +174,11 @@ pub struct Engines {
     /// (`u64::MAX`: none): until the word moves, idle turns do not take the lock to ask
     /// again. Only the command processor uses it.
     help_idle: AtomicU64,
+    /// When the engines must be woken for a small job [`Engines::submit`] left to the
+    /// command processor's help ([`Engines::kick_deferred`]). Only the command processor
+    /// uses it; `has_deferred` is its cheap test.
+    deferred: Mutex<Option<Instant>>,
+    has_deferred: AtomicBool,
 }
 
 impl std::fmt::Debug for Engines {
@@ -223,6 +228,8 @@ impl Engines {
             next_index: AtomicUsize::new(0),
             inline: (AtomicU64::new(0), AtomicU64::new(0)),
             help_idle: AtomicU64::new(u64::MAX),
+            deferred: Mutex::new(None),
+            has_deferred: AtomicBool::new(false),
         };
         // On failure, dropping `engines` stops and joins the ones already started.
         engines.spawn(count.max(1))?;
@@ -282,6 +289,7 @@ impl Engines {
 
     /// Wakes the engines after a job was resumed.
     pub fn kick(&self) {
+        self.has_deferred.store(false, Relaxed);
         let l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
         self.shared.top.store(l.top(), Release);
         self.shared.notify_engines();
@@ -289,13 +297,22 @@ impl Engines {
 
     /// Queues a job, and wakes the engines if it has work they can take now (one that
     /// faulted on the command processor waits for kmd-shim's reply, whose resume kicks
-    /// them: [`Engines::kick`]).
+    /// them: [`Engines::kick`]). A small bounded job submitted while every engine is
+    /// parked is left to the command processor's help for up to [`HELP_DEFER`] first
+    /// (see [`Engines::kick_deferred`]).
     pub fn submit(&self, job: Arc<Job>) {
         let mut l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
         let claimable = job.claimable();
+        // Under the lists lock, where `parked` changes.
+        let defer = claimable && self.may_defer(&job);
         l.ready[job.priority as usize].push_back(job);
         self.shared.top.store(l.top(), Release);
-        if claimable {
+        if defer {
+            drop(l);
+            self.defer_wake();
+        } else if claimable {
+            // The engines take any deferred job too.
+            self.has_deferred.store(false, Relaxed);
             self.shared.notify_engines();
         }
     }

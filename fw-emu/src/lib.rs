@@ -261,6 +261,9 @@ impl Firmware {
             if !progress {
                 progress = self.engines.help();
             }
+            // A small job left to that help wakes the engines after all once it waited
+            // too long (a busy command processor does not help).
+            self.engines.kick_deferred();
             // Polled queues last, in a burst: the latency-critical path (see `poll_burst`).
             let idle_polls = if progress {
                 1
@@ -468,7 +471,8 @@ impl Firmware {
     }
 
     fn has_work(&self) -> bool {
-        self.control.has_request()
+        self.engines.has_deferred()
+            || self.control.has_request()
             || self.sched.has_runnable()
             || self.engines.has_completed()
             || self.engines.has_faults()

@@ -12,6 +12,16 @@ pub const INLINE_ITEMS: u64 = userq_uapi::packet::MAX_WORKGROUP_ITEMS;
 /// one it is in): about what [`Engines::run_inline`] may hold the command processor.
 pub const HELP_SLICE: Duration = Duration::from_micros(5);
 
+/// The most work-items a bounded dispatch may have for [`Engines::submit`] to leave it to
+/// the command processor's help instead of waking a parked engine at once: four
+/// workgroups' worth (about 20 µs for the slowest built-ins, 2-4 µs for a fill).
+pub const HELP_DEFER_ITEMS: u64 = 4 * INLINE_ITEMS;
+
+/// How long such a dispatch waits for the command processor's help before the engines are
+/// woken anyway ([`Engines::kick_deferred`]): the command processor helps only in turns
+/// with nothing else to do, so a busy one leaves it to the engines.
+pub const HELP_DEFER: Duration = Duration::from_micros(20);
+
 impl Lists {
     /// The job the command processor may help with ([`Engines::help`]): the first
     /// claimable one of the highest priority that has any, if its workgroups are bounded.
@@ -166,6 +176,63 @@ impl Engines {
         self.help();
         if self.work_waits() {
             self.kick();
+        }
+    }
+
+    /// Whether [`Engines::submit`] may leave `job` to the command processor's help instead
+    /// of waking an engine: bounded, at most [`HELP_DEFER_ITEMS`], and every engine parked
+    /// (so that the command processor never becomes one more engine under load). Waking a
+    /// parked engine costs a futex wake and a context switch (7-30 µs here, often onto
+    /// the vCPU the client spins on or the command processor runs on), and for a job this
+    /// small the engine often finds it finished when it arrives. Called under the lists
+    /// lock.
+    pub(super) fn may_defer(&self, job: &Job) -> bool {
+        let s = &*self.shared;
+        let items = job
+            .total
+            .saturating_mul(job.dispatch.workgroup.iter().map(|&w| w as u64).product());
+        let live = s.live.load(Relaxed);
+        job.bounded && items <= HELP_DEFER_ITEMS && live > 0 && s.parked.load(Relaxed) == live
+    }
+
+    /// Notes that a deferred job waits for help (the earliest deadline stands), and lets
+    /// [`Engines::help`] look again at once.
+    pub(super) fn defer_wake(&self) {
+        let mut d = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.has_deferred.load(Relaxed) || d.is_none() {
+            *d = Some(Instant::now() + HELP_DEFER);
+        }
+        self.has_deferred.store(true, Relaxed);
+        self.help_idle.store(u64::MAX, Relaxed);
+    }
+
+    /// Whether a deferred job may still wait for help: the command processor does not
+    /// sleep meanwhile.
+    pub fn has_deferred(&self) -> bool {
+        self.has_deferred.load(Relaxed)
+    }
+
+    /// The command processor, every turn: forgets a deferral once nothing claimable is
+    /// left (help finished the job, or an engine took it), and wakes the engines for what
+    /// is left once [`HELP_DEFER`] has passed.
+    pub fn kick_deferred(&self) {
+        if !self.has_deferred() {
+            return;
+        }
+        if self.shared.top.load(Acquire) == 0 {
+            self.has_deferred.store(false, Relaxed);
+            return;
+        }
+        let due = self
+            .deferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|d| Instant::now() >= d);
+        if due {
+            self.has_deferred.store(false, Relaxed);
+            if self.work_waits() {
+                self.kick();
+            }
         }
     }
 

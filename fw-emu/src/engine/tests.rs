@@ -95,6 +95,14 @@ fn list_quietly(e: &Engines, job: &Arc<Job>) {
     e.shared.top.store(l.top(), Release);
 }
 
+/// Submits `job` and wakes the engines at once, as the command processor's loop does for a
+/// small bounded job once its deferral passed ([`Engines::kick_deferred`]; no loop runs
+/// here).
+fn submit_to_engines(e: &Engines, job: &Arc<Job>) {
+    e.submit(job.clone());
+    e.kick();
+}
+
 /// Waits (bounded) until `n` engine threads are parked.
 fn until_parked(e: &Engines, n: usize) {
     let t = Instant::now();
@@ -193,7 +201,7 @@ fn an_engine_whose_kernel_raises_reports_the_job_once_and_serves_on() {
     let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
     until_parked(&e, 1);
     let j = job(&Arc::new(Raise(2)), 8);
-    e.submit(j.clone());
+    submit_to_engines(&e, &j);
     let done = until_completed(&e);
     assert_eq!(done.len(), 1, "reported once");
     assert!(Arc::ptr_eq(&done[0], &j));
@@ -223,7 +231,7 @@ fn a_job_whose_workgroups_raise_on_two_engines_is_reported_once() {
     until_parked(&e, 2);
     for _ in 0..20 {
         let j = job(&Arc::new(Raise(0)), 64);
-        e.submit(j.clone());
+        submit_to_engines(&e, &j);
         let done = until_completed(&e);
         assert!(Arc::ptr_eq(&done[0], &j));
         // Both engines back and parked: whatever either raised was posted by now.
@@ -305,4 +313,78 @@ fn a_resumed_job_the_command_processor_may_not_run_goes_to_the_engines() {
     assert!(Arc::ptr_eq(&done[0], &j));
     assert_eq!(k.runs.load(Relaxed), 4, "every workgroup ran once");
     assert_eq!(e.inline_stats().1, 0, "all on the engine");
+}
+
+#[test]
+fn a_small_bounded_job_is_left_to_the_command_processor_and_wakes_no_engine() {
+    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
+    until_parked(&e, 1);
+    let k = Count::new(true, false);
+    let j = job(&k, 4);
+    let work = e.shared.work.load(Relaxed);
+    e.submit(j.clone());
+    assert!(e.has_deferred(), "deferred");
+    assert_eq!(e.shared.work.load(Relaxed), work, "no engine was woken");
+    // The command processor's idle turns: help, then the deferral check.
+    let mut turns = 0;
+    while !j.finished() {
+        turns += 1;
+        assert!(turns < 10_000, "help never finished the job");
+        e.help();
+        e.kick_deferred();
+    }
+    e.kick_deferred();
+    assert!(!e.has_deferred(), "forgotten once nothing is left");
+    assert_eq!(e.shared.work.load(Relaxed), work, "still no engine woken");
+    assert_eq!(k.runs.load(Relaxed), 4, "every workgroup ran once");
+    assert_eq!(e.inline_stats().1, 4, "on the command processor");
+    assert_eq!(e.take_completed().len(), 1, "completed once");
+}
+
+#[test]
+fn a_deferred_job_the_command_processor_does_not_help_with_goes_to_the_engines() {
+    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
+    until_parked(&e, 1);
+    let k = Count::new(true, false);
+    let j = job(&k, 4);
+    e.submit(j.clone());
+    assert!(e.has_deferred(), "deferred");
+    // A busy command processor: no help, only the deferral check, every turn.
+    let t = Instant::now();
+    while e.has_deferred() {
+        assert!(t.elapsed() < Duration::from_secs(10), "never kicked");
+        e.kick_deferred();
+    }
+    assert!(t.elapsed() >= HELP_DEFER, "not before the deferral passed");
+    let done = until_completed(&e);
+    assert!(Arc::ptr_eq(&done[0], &j));
+    assert_eq!(k.runs.load(Relaxed), 4, "every workgroup ran once");
+    assert_eq!(e.inline_stats().1, 0, "all on the engine");
+}
+
+#[test]
+fn large_or_unbounded_jobs_and_busy_engines_wake_the_engines_at_once() {
+    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
+    until_parked(&e, 1);
+    for j in [
+        job(&Count::new(false, false), 1), // unbounded
+        job(&Count::new(true, false), (HELP_DEFER_ITEMS / 64 + 1) as u32), // too large
+    ] {
+        let work = e.shared.work.load(Relaxed);
+        e.submit(j.clone());
+        assert!(!e.has_deferred());
+        assert_ne!(e.shared.work.load(Relaxed), work, "the engines were woken");
+        until_completed(&e);
+        until_parked(&e, 1);
+    }
+    // An engine held by a workgroup: not every engine is parked.
+    let held = Count::new(true, true);
+    let hold = job(&held, 1);
+    submit_to_engines(&e, &hold);
+    until_parked(&e, 0);
+    let j = job(&Count::new(true, false), 1);
+    e.submit(j);
+    assert!(!e.has_deferred(), "an engine is busy: no deferral");
+    held.hold.store(false, Release);
+    until_completed(&e);
 }
