@@ -20,7 +20,10 @@
 //! first whose workgroup raised an exception (its kernel panicked), after cancelling the
 //! job, and it serves on. Idle engines park on an in-process futex word (`atomic-wait`,
 //! private futexes: engines never wait on shared memory), bumped by whoever adds claimable
-//! work.
+//! work and wants an engine for it. The command processor may add a small bounded job
+//! without a bump while every engine is parked (a deferral, [`Engines::submit`], or a
+//! resumed fault, [`Engines::resume`]); it then runs the job itself or bumps the word
+//! within [`HELP_DEFER`].
 //!
 //! **Inline dispatch.** A dispatch small and bounded enough, when no job waits for an
 //! engine, is run by the command processor itself through the same slice code
@@ -95,8 +98,10 @@ impl Lists {
 struct Shared {
     lists: Mutex<Lists>,
     /// Idle engines sleep on this word; bumped (under the lists lock) whenever work an
-    /// engine could take appears, so an engine that found nothing under the lock and then
-    /// waits for the value it saw there cannot miss it.
+    /// engine should take appears, so an engine that found nothing under the lock and then
+    /// waits for the value it saw there cannot miss it. Work the command processor keeps
+    /// for itself a while (a deferred or resumed small job) is added without a bump; it
+    /// bumps the word for what it leaves ([`Engines::kick_deferred`], [`Engines::resume`]).
     work: CachePadded<AtomicU32>,
     /// Highest priority with ready work, plus one (0: none). A hint for preemption, read by
     /// every engine between workgroups: on its own line.
@@ -296,8 +301,8 @@ impl Engines {
     }
 
     /// Queues a job, and wakes the engines if it has work they can take now (one that
-    /// faulted on the command processor waits for kmd-shim's reply, whose resume kicks
-    /// them: [`Engines::kick`]). A small bounded job submitted while every engine is
+    /// faulted on the command processor waits for kmd-shim's reply: [`Engines::resume`]).
+    /// A small bounded job submitted while every engine is
     /// parked is left to the command processor's help for up to [`HELP_DEFER`] first
     /// (see [`Engines::kick_deferred`]).
     pub fn submit(&self, job: Arc<Job>) {

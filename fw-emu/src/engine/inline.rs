@@ -94,7 +94,8 @@ impl Engines {
 
     /// Runs a little of a job that waits for the engines on the calling thread, the
     /// command processor, in a turn with nothing else to do, while every engine thread is
-    /// parked: the job's engine is being woken (a futex wake and a context switch, 7-30 µs
+    /// parked: the job's engine is being woken, or for a small job not yet
+    /// ([`Engines::kick_deferred`]) (a futex wake and a context switch, 7-30 µs
     /// here, often onto a vCPU a spinning client holds), and the job's workgroups need not
     /// wait for that; a small job is often done before the engine arrives, which takes
     /// the rest. Workgroups are claimed one by one, so none runs twice. Only when the
@@ -153,17 +154,24 @@ impl Engines {
         end.finished > 0 || end.raised || end.faulted
     }
 
-    /// Whether a job has work waiting for an engine. Asked under the lists lock: the `top`
-    /// hint is set when an engine picks a job, before it takes the job's last workgroup,
-    /// so it can still say "waiting" for a job that an engine is running to the end.
-    /// Resumes a job whose fault kmd-shim serviced. While every engine is parked, the
-    /// command processor first runs ready work here as [`Engines::help`] does (the
-    /// resumed job, unless a job of higher priority waits): a small paged dispatch that
-    /// faulted inline usually finishes in this one call, where waking a parked engine for
-    /// it costs a futex wake and a context switch, often onto the vCPU a client spins on.
-    /// The engines are kicked only if work is left for them.
+    /// Resumes a job whose fault kmd-shim serviced. If the job may be left to the command
+    /// processor (as [`Engines::may_defer`] says: small, bounded, every engine parked), it
+    /// first runs ready work here as [`Engines::help`] does (the first claimable job of
+    /// the highest priority: usually this one): a small paged dispatch that faulted inline
+    /// then finishes in this one call, where waking a parked engine for it costs a futex
+    /// wake and a context switch, often onto the vCPU a client spins on. The engines are
+    /// kicked if work is left for them. Larger jobs are kicked to the engines at once, so a
+    /// batch of replies costs the command processor at most one help slice per small job.
     pub fn resume(&self, job: &Job) {
         job.resume_after_fault();
+        let small = {
+            let _l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
+            self.may_defer(job)
+        };
+        if !small {
+            self.kick();
+            return;
+        }
         // Claimable again: the ready-work hint first (`help` looks only while it is set),
         // without waking anyone yet. An engine that parks meanwhile is not missed: if
         // `help` leaves work, the kick below bumps the word it waits on.
@@ -212,30 +220,44 @@ impl Engines {
         self.has_deferred.load(Relaxed)
     }
 
-    /// The command processor, every turn: forgets a deferral once nothing claimable is
-    /// left (help finished the job, or an engine took it), and wakes the engines for what
-    /// is left once [`HELP_DEFER`] has passed.
+    /// The command processor, every turn: ends a deferral once nothing claimable is left
+    /// (help finished the job, an engine took it, or it was cancelled), or once
+    /// [`HELP_DEFER`] has passed, then wakes the engines for whatever is left. Ending it
+    /// also drops finished jobs from the ready lists: a deferred job cancelled (its queue
+    /// reset or destroyed) before anyone ran it would otherwise stay listed, holding its
+    /// kernel and buffers, until an engine next looked, which on an idle device may be
+    /// never (an engine woken at submit used to do it).
     pub fn kick_deferred(&self) {
         if !self.has_deferred() {
             return;
         }
-        if self.shared.top.load(Acquire) == 0 {
-            self.has_deferred.store(false, Relaxed);
+        let due = self.shared.top.load(Acquire) == 0
+            || self
+                .deferred
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|d| Instant::now() >= d);
+        if !due {
             return;
         }
-        let due = self
-            .deferred
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|d| Instant::now() >= d);
-        if due {
-            self.has_deferred.store(false, Relaxed);
-            if self.work_waits() {
-                self.kick();
+        self.has_deferred.store(false, Relaxed);
+        let waits = {
+            let mut l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
+            for list in &mut l.ready {
+                list.retain(|j| !j.finished());
             }
+            let top = l.top();
+            self.shared.top.store(top, Release);
+            top != 0
+        };
+        if waits {
+            self.kick();
         }
     }
 
+    /// Whether a job has work waiting for an engine. Asked under the lists lock: the `top`
+    /// hint is set when an engine picks a job, before it takes the job's last workgroup,
+    /// so it can still say "waiting" for a job that an engine is running to the end.
     fn work_waits(&self) -> bool {
         let l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
         l.top() != 0
