@@ -27,8 +27,9 @@ struct Peek {
     waiters: Shm<FenceWaiters>,
 }
 
-/// Waits for `point` by polling it, never as a registered waiter (a spin wait registers
-/// and sleeps when it finds itself on the firmware's CPU, and its wake would count).
+/// Waits for `point` by polling it, never as a registered waiter, whose wake would count
+/// (a spin wait never registers either, but that is its wait policy's choice, not this
+/// test's).
 fn poll_until_reached(point: &userq::FencePoint) {
     let deadline = Instant::now() + LONG;
     while !point.poll().expect("reached, not failed") {

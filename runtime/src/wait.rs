@@ -10,11 +10,14 @@ use userq_uapi::sync::{self, Backoff, BackoffStep};
 /// How a wait spends the time before the value arrives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WaitMode {
-    /// Spin (with a pause hint) until done or timed out. Lowest latency; burns a core. But
-    /// not the firmware's: a wait for a queue timeline that finds itself on the CPU the
-    /// device's command processor runs on ([`crate::Device::firmware_cpu`]), while that
-    /// is awake, sleeps instead, after one burst of 64 checks. Spinning there would hold
-    /// off the completion it waits for until the scheduler's tick (about 4 ms here).
+    /// Spin (with a pause hint) until done or timed out. Lowest latency; burns a core, which
+    /// must not be the one the firmware's command processor runs on
+    /// ([`crate::Device::firmware_cpu`]): there the spin holds off the completion it waits
+    /// for until the scheduler moves one of them (a tick, about 4 ms here). It never
+    /// sleeps, so it never hands its placement back to the scheduler's wake-up choice,
+    /// which on a busy machine puts a woken thread next to its waker: a spin wait that
+    /// slept on the command processor's CPU was woken there again, round trip after round
+    /// trip (thousands of 10-70 us round trips in a row, measured).
     Spin,
     /// Sleep on the futex at once. Costs a wake-up (tens of microseconds).
     Block,
@@ -25,9 +28,9 @@ pub enum WaitMode {
     /// [`crate::Fence::signal`] or [`crate::Fence::set`] of this connection woke less than
     /// 100 us ago (for queues parked on that fence): that completion is at least one
     /// wake-up away, and spinning for it would only hold a CPU the firmware may be queued
-    /// on. Like [`WaitMode::Spin`], it sleeps after one burst of checks when it finds
-    /// itself on the command processor's CPU (85-92 us a round trip there otherwise: its
-    /// whole spin and yield budget).
+    /// on. It also sleeps after one burst of 64 checks when it finds itself on the CPU where
+    /// the command processor runs, awake ([`crate::Device::firmware_cpu`]): 14 us a round
+    /// trip there, against 85-92 us for its whole spin and yield budget.
     #[default]
     Adaptive,
 }
@@ -150,8 +153,9 @@ pub(crate) fn wait_many(
             // Not done within a burst: if this thread shares its CPU with the command
             // processor that must complete a queue timeline it waits for, spinning (or
             // yielding, which under EEVDF need not hand the CPU over) holds off the very
-            // work it waits for. Sleep: the completion's wake is then a local switch.
-            if points.iter().any(|(f, _)| f.on_firmware_cpu()) {
+            // work it waits for. An adaptive wait sleeps: the completion's wake is then a
+            // local switch. A spin wait does not (see `WaitMode::Spin`).
+            if mode == WaitMode::Adaptive && points.iter().any(|(f, _)| f.on_firmware_cpu()) {
                 break 'spinning;
             }
         } else if let Some(r) = decide(points, all) {

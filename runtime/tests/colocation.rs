@@ -1,7 +1,8 @@
-//! A wait for a queue timeline does not spin on the CPU the firmware's command processor
-//! runs on: the command processor could not run the work it waits for until the scheduler
-//! preempted the spinner. It sleeps there, and spins elsewhere. Alone in its test binary:
-//! it pins this process's threads.
+//! An adaptive wait (the default) for a queue timeline does not spin on the CPU the
+//! firmware's command processor runs on: the command processor could not run the work it
+//! waits for until the scheduler preempted the spinner. It sleeps there, and spins
+//! elsewhere. A spin wait spins even there (the caller chose to burn that core). Alone in
+//! its test binary: it pins this process's threads.
 
 mod common;
 
@@ -42,13 +43,13 @@ fn voluntary_switches() -> u64 {
         .expect("a count")
 }
 
-/// Runs NOP round trips with spin waits; returns how many times this thread slept.
-fn spin_round_trips(q: &mut userq::Queue) -> u64 {
+/// Runs `n` NOP round trips waiting with `mode`; returns how many times this thread slept.
+fn round_trips(q: &mut userq::Queue, mode: WaitMode, n: u64) -> u64 {
     let before = voluntary_switches();
-    for _ in 0..ROUND_TRIPS {
+    for _ in 0..n {
         q.submit(Command::nop())
             .unwrap()
-            .wait_with(WaitMode::Spin, LONG)
+            .wait_with(mode, LONG)
             .unwrap();
     }
     voluntary_switches() - before
@@ -78,7 +79,7 @@ fn allowed_cpus() -> Vec<usize> {
 }
 
 #[test]
-fn spin_waits_sleep_on_the_command_processors_cpu_and_spin_elsewhere() {
+fn adaptive_waits_sleep_on_the_command_processors_cpu_and_spin_elsewhere() {
     let cpus = allowed_cpus();
     let env = common::Env::new();
     let dev = env.dev();
@@ -92,20 +93,27 @@ fn spin_waits_sleep_on_the_command_processors_cpu_and_spin_elsewhere() {
     // Here, on the command processor's CPU: every wait that was not done within its first
     // burst of checks slept (the command processor cannot run while this thread spins).
     pin(None, cpus[0]);
-    let slept = spin_round_trips(&mut q);
+    let slept = round_trips(&mut q, WaitMode::Adaptive, ROUND_TRIPS);
     assert!(
         slept >= ROUND_TRIPS / 2,
-        "spin waits on the firmware's CPU slept {slept} times in {ROUND_TRIPS} round trips"
+        "adaptive waits on the firmware's CPU slept {slept} times in {ROUND_TRIPS} round trips"
+    );
+    // A spin wait does not sleep, even here: each round trip waits until the scheduler
+    // preempts it (a tick), so only a few.
+    assert_eq!(
+        round_trips(&mut q, WaitMode::Spin, 3),
+        0,
+        "spin waits never sleep"
     );
 
     // Elsewhere they spin: the command processor completes the NOP meanwhile.
     if let Some(&other) = cpus.get(1) {
         pin(None, other);
-        let slept = spin_round_trips(&mut q);
+        let slept = round_trips(&mut q, WaitMode::Adaptive, ROUND_TRIPS);
         assert_eq!(dev.firmware_cpu(), Some(cpus[0] as u32), "still pinned");
         assert!(
             slept < ROUND_TRIPS / 2,
-            "spin waits on another CPU slept {slept} times in {ROUND_TRIPS} round trips"
+            "adaptive waits on another CPU slept {slept} times in {ROUND_TRIPS} round trips"
         );
     }
 }

@@ -396,11 +396,15 @@ fn a_deferred_job_cancelled_before_anyone_ran_it_leaves_the_lists() {
     let j = job(&k, 4);
     e.submit(j.clone());
     assert!(e.has_deferred(), "deferred");
-    j.cancel(); // its queue was reset
-    // The command processor's turns: the deferral ends by its deadline at the latest.
+    // Its queue was reset. Then the command processor's turns: the deferral ends by its
+    // deadline at the latest.
+    j.cancel();
     let t = Instant::now();
     while e.has_deferred() {
-        assert!(t.elapsed() < Duration::from_secs(10), "the deferral never ended");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the deferral never ended"
+        );
         e.kick_deferred();
     }
     assert!(
