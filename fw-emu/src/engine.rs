@@ -292,7 +292,8 @@ impl Engines {
         started
     }
 
-    /// Wakes the engines after a job was resumed.
+    /// Wakes the engines for whatever the ready lists hold (after a resume, or a deferral
+    /// that ran out); ends any deferral.
     pub fn kick(&self) {
         self.has_deferred.store(false, Relaxed);
         let l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());

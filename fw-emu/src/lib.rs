@@ -458,7 +458,7 @@ impl Firmware {
     }
 
     /// Publishes the CPU this thread runs on (`DeviceHealth::cp_cpu`), if it changed, so
-    /// that a host thread on the same CPU sleeps rather than spin for work only this
+    /// that an adaptive wait on the same CPU sleeps rather than spin for work only this
     /// thread can do (see `userq::WaitMode`). About 2.5 ns (vDSO `getcpu`); called after
     /// each sleep and with the clock reads (every 8th busy or 64th idle turn): a running
     /// thread moves only when the scheduler balances, a waking one wherever it is woken.

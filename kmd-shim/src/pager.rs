@@ -374,9 +374,9 @@ impl Pager {
     /// Pager thread: the next batches, or none after `timeout`. Spins first, for
     /// [`POLL_SPIN`] after the last batch (faults come in bursts, and a wake-up costs more
     /// than servicing a small batch), then sleeps without a yield phase (see there why).
+    /// Returns at once, with what it has, once `stop` is set and [`Pager::wake`] called.
     ///
     /// [`POLL_SPIN`]: crate::firmware::POLL_SPIN
-    /// Returns at once, with what it has, once `stop` is set and [`Pager::wake`] called.
     pub(crate) fn next_batches(
         &self,
         timeout: Duration,

@@ -290,8 +290,9 @@ impl Device {
     }
 
     /// The CPU the firmware's command processor last ran on, if it has said: a hint for
-    /// placing threads. A thread there competes with it for the CPU; a wait there sleeps
-    /// instead of spinning (see [`WaitMode`](crate::WaitMode)).
+    /// placing threads. A thread there competes with it for the CPU: an adaptive wait there
+    /// sleeps instead of spinning, a spin wait holds it off (see
+    /// [`WaitMode`](crate::WaitMode)).
     pub fn firmware_cpu(&self) -> Option<u32> {
         self.inner.firmware_cpu()
     }

@@ -155,7 +155,7 @@ impl Engines {
     }
 
     /// Resumes a job whose fault kmd-shim serviced. If the job may be left to the command
-    /// processor (as [`Engines::may_defer`] says: small, bounded, every engine parked), it
+    /// processor (as `Engines::may_defer` says: small, bounded, every engine parked), it
     /// first runs ready work here as [`Engines::help`] does (the first claimable job of
     /// the highest priority: usually this one): a small paged dispatch that faulted inline
     /// then finishes in this one call, where waking a parked engine for it costs a futex
