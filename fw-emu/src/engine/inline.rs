@@ -164,20 +164,17 @@ impl Engines {
     /// batch of replies costs the command processor at most one help slice per small job.
     pub fn resume(&self, job: &Job) {
         job.resume_after_fault();
+        // Claimable again: the ready-work hint first (`help` looks only while it is set),
+        // without waking anyone yet. An engine that parks meanwhile is not missed: if
+        // `help` leaves work, the kick below bumps the word it waits on.
         let small = {
-            let _l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
+            let l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.top.store(l.top(), Release);
             self.may_defer(job)
         };
         if !small {
             self.kick();
             return;
-        }
-        // Claimable again: the ready-work hint first (`help` looks only while it is set),
-        // without waking anyone yet. An engine that parks meanwhile is not missed: if
-        // `help` leaves work, the kick below bumps the word it waits on.
-        {
-            let l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
-            self.shared.top.store(l.top(), Release);
         }
         // `help` looks again only once work was added; a resume adds some without a kick.
         self.help_idle.store(u64::MAX, Relaxed);
