@@ -180,10 +180,10 @@ pub struct Engines {
     /// again. Only the command processor uses it.
     help_idle: AtomicU64,
     /// When the engines must be woken for a small job [`Engines::submit`] left to the
-    /// command processor's help ([`Engines::kick_deferred`]). Only the command processor
-    /// uses it; `has_deferred` is its cheap test.
-    deferred: Mutex<Option<Instant>>,
-    has_deferred: AtomicBool,
+    /// command processor's help ([`Engines::kick_deferred`]): nanoseconds since `epoch`,
+    /// 0 for none. Only the command processor uses it.
+    deferred_until: AtomicU64,
+    epoch: Instant,
 }
 
 impl std::fmt::Debug for Engines {
@@ -233,8 +233,8 @@ impl Engines {
             next_index: AtomicUsize::new(0),
             inline: (AtomicU64::new(0), AtomicU64::new(0)),
             help_idle: AtomicU64::new(u64::MAX),
-            deferred: Mutex::new(None),
-            has_deferred: AtomicBool::new(false),
+            deferred_until: AtomicU64::new(0),
+            epoch: Instant::now(),
         };
         // On failure, dropping `engines` stops and joins the ones already started.
         engines.spawn(count.max(1))?;
@@ -295,7 +295,7 @@ impl Engines {
     /// Wakes the engines for whatever the ready lists hold (after a resume, or a deferral
     /// that ran out); ends any deferral.
     pub fn kick(&self) {
-        self.has_deferred.store(false, Relaxed);
+        self.deferred_until.store(0, Relaxed);
         let l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
         self.shared.top.store(l.top(), Release);
         self.shared.notify_engines();
@@ -318,7 +318,7 @@ impl Engines {
             self.defer_wake();
         } else if claimable {
             // The engines take any deferred job too.
-            self.has_deferred.store(false, Relaxed);
+            self.deferred_until.store(0, Relaxed);
             self.shared.notify_engines();
         }
     }

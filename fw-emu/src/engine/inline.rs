@@ -203,18 +203,18 @@ impl Engines {
     /// Notes that a deferred job waits for help (the earliest deadline stands), and lets
     /// [`Engines::help`] look again at once.
     pub(super) fn defer_wake(&self) {
-        let mut d = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.has_deferred.load(Relaxed) || d.is_none() {
-            *d = Some(Instant::now() + HELP_DEFER);
+        if !self.has_deferred() {
+            // At least 1: 0 means none.
+            let due = (self.epoch.elapsed() + HELP_DEFER).as_nanos() as u64;
+            self.deferred_until.store(due.max(1), Relaxed);
         }
-        self.has_deferred.store(true, Relaxed);
         self.help_idle.store(u64::MAX, Relaxed);
     }
 
     /// Whether a deferred job may still wait for help: the command processor does not
     /// sleep meanwhile.
     pub fn has_deferred(&self) -> bool {
-        self.has_deferred.load(Relaxed)
+        self.deferred_until.load(Relaxed) != 0
     }
 
     /// The command processor, every turn: ends a deferral once nothing claimable is left
@@ -225,19 +225,16 @@ impl Engines {
     /// kernel and buffers, until an engine next looked, which on an idle device may be
     /// never (an engine woken at submit used to do it).
     pub fn kick_deferred(&self) {
-        if !self.has_deferred() {
+        let until = self.deferred_until.load(Relaxed);
+        if until == 0 {
             return;
         }
-        let due = self.shared.top.load(Acquire) == 0
-            || self
-                .deferred
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_some_and(|d| Instant::now() >= d);
+        let due =
+            self.shared.top.load(Acquire) == 0 || self.epoch.elapsed().as_nanos() as u64 >= until;
         if !due {
             return;
         }
-        self.has_deferred.store(false, Relaxed);
+        self.deferred_until.store(0, Relaxed);
         let waits = {
             let mut l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
             for list in &mut l.ready {
