@@ -297,6 +297,13 @@ impl Device {
         self.inner.firmware_cpu()
     }
 
+    /// How many times the firmware has announced a sleep (its NEED_WAKEUP flag) since it
+    /// started, wrapping. With [`Queue::firmware_wakes`](crate::Queue::firmware_wakes):
+    /// a queue's doorbells wake each sleep at most once.
+    pub fn firmware_sleeps(&self) -> u32 {
+        self.inner.status.sleep.sleeps.load()
+    }
+
     /// A builder for a new queue.
     pub fn queue(&self) -> QueueBuilder<'_> {
         QueueBuilder::new(self)

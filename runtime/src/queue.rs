@@ -70,6 +70,10 @@ pub struct Queue {
     priority: Priority,
     /// Doorbells that found the firmware asleep and made a futex wake.
     wakes: u64,
+    /// The number of the firmware sleep this queue's doorbell last woke (0: none since it
+    /// was last seen awake): later doorbells in the same sleep make no syscall
+    /// (`sync::ring_doorbell`).
+    woken_sleep: u32,
     /// Fences and buffers named by submitted packets, with the packet's timeline value:
     /// kept alive until the timeline passes it, so a fence or buffer dropped by the caller
     /// cannot vanish under a packet that still names it. Pruned at submits that add holds
@@ -117,7 +121,10 @@ impl Queue {
     }
 
     /// How many doorbells found the firmware asleep and made a futex wake: the only
-    /// syscall on the submit path. Zero while the firmware is awake.
+    /// syscall on the submit path. Zero while the firmware is awake, and at most one per
+    /// firmware sleep ([`crate::Device::firmware_sleeps`]): doorbells that find the sleep
+    /// this queue already woke still announced (the woken firmware has not run yet) make
+    /// no syscall.
     pub fn firmware_wakes(&self) -> u64 {
         self.wakes
     }
@@ -417,13 +424,14 @@ impl Queue {
         let slot = self.slot as usize;
         // Release: the packet stores above happen-before the firmware's acquire load.
         page.doorbells[slot].value.store(self.wptr, Release);
-        let woke = sync::ring_doorbell(
+        let rung = sync::ring_doorbell(
             (&page.pending.words[slot / 64], 1 << (slot % 64)),
             sync::context_bit(&self.dev.kick.contexts, self.dev.ctx),
             &self.dev.status.sleep.sleeping,
             &self.dev.kick.kick.word,
+            &mut self.woken_sleep,
         );
-        if let Some(woken) = woke {
+        if let sync::Doorbell::Woke(woken) = rung {
             self.wakes += 1;
             // The firmware really slept: this work's completion is a wake-up away.
             if woken > 0 {

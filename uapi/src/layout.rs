@@ -42,7 +42,7 @@ pub use telemetry::{
 pub use waiters::{ContextWaiters, FenceWaiters, WaiterLine, WaiterSlot, WAITER_SLOTS};
 
 /// The ABI version. Bumped on any change to a layout, packet or message in this crate.
-pub const ABI_VERSION: u32 = 10;
+pub const ABI_VERSION: u32 = 11;
 
 /// Size of a cache line on the machines userq targets. Fields written by different
 /// parties are at least this far apart.
@@ -286,8 +286,13 @@ pub struct DeviceStatus<A: Access = ReadWrite> {
 #[repr(C, align(64))]
 #[derive(Debug)]
 pub struct SleepFlag<A: Access = ReadWrite> {
-    /// 1 while the sleeper is in (or entering) its futex sleep.
+    /// While the sleeper is in (or entering) its futex sleep, that sleep's number
+    /// (`sleeps`, never 0); 0 while it is awake. A waker that remembers the number it woke
+    /// need not wake the same sleep again (see [`crate::sync::ring_doorbell`]).
     pub sleeping: A::U32,
+    /// How many sleeps the sleeper has announced, wrapping past 0 to 1. Written only by
+    /// the sleeper.
+    pub sleeps: A::U32,
 }
 
 /// [`DeviceHealth::cp_cpu`] before the firmware has said where it runs.

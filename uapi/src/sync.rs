@@ -84,15 +84,18 @@ pub fn sleep_unless(
 }
 
 /// [`sleep_unless`] announced by a [`SleepFlag`] (the firmware's and kmd's NEED_WAKEUP):
-/// sets the flag, sleeps on `word` (at most `timeout`) unless `work_visible`, clears the
-/// flag.
+/// numbers the sleep (`flag.sleeps`, never 0) and sets the flag to that number, sleeps on
+/// `word` (at most `timeout`) unless `work_visible`, clears the flag. Only the sleeper
+/// writes the flag's line.
 pub fn announce_and_sleep(
     flag: &SleepFlag,
     word: &AtomicU32,
     work_visible: impl FnOnce() -> bool,
     timeout: Duration,
 ) {
-    flag.sleeping.store(1, Relaxed);
+    let n = flag.sleeps.load(Relaxed).wrapping_add(1).max(1);
+    flag.sleeps.store(n, Relaxed);
+    flag.sleeping.store(n, Relaxed);
     sleep_unless(&[word], work_visible, || Some(timeout));
     flag.sleeping.store(0, Relaxed);
 }
@@ -134,30 +137,61 @@ pub fn firmware_barrier_available() -> bool {
     membarrier_query().contains_command(MembarrierCommand::GlobalExpedited)
 }
 
+/// What [`ring_doorbell`] found the firmware doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Doorbell {
+    /// Awake: no syscall.
+    Awake,
+    /// Asleep, and this doorbell woke it: how many threads the wake syscall woke (0 when
+    /// the firmware had announced its sleep but was still re-checking, so it finds the
+    /// work without sleeping).
+    Woke(usize),
+    /// Still in the sleep this caller's own earlier doorbell woke: no syscall, the wake is
+    /// under way (the woken firmware has not run yet).
+    Waking,
+}
+
 /// Client side of a doorbell: sets the queue's bit in its context's pending summary, then
 /// the context's bit in the device-wide summary, then kicks the firmware if it announced
 /// that it sleeps. The queue's bit is set before the context's (release), so a firmware
 /// that takes the context's bit (acquire) finds the queue's. The SeqCst fence orders the
 /// summary store before the flag load (Dekker with the firmware's flag store + fence +
 /// re-check in [`sleep_unless`]); the flag is in the read-only device status page, so it is
-/// loaded relaxed. Returns `None` when the firmware was awake (no syscall), else how many
-/// threads the wake syscall woke: 0 when the firmware had announced its sleep but was
-/// still re-checking, so it finds the work without sleeping.
+/// loaded relaxed.
+///
+/// One wake per sleep: `woken` is the caller's own memory of the sleep number it last
+/// woke. A doorbell that finds the firmware still in that sleep makes no syscall: the
+/// earlier bump of `kick` already ends the sleep, and the firmware re-checks for work
+/// before it sleeps again, under a new number. That re-check sees this doorbell's bits: the
+/// flag load read a value older than the next sleep's number, so this caller's fence
+/// precedes that sleep's fence in the SeqCst order (the loom model checks it). Without it a
+/// firmware woken onto a busy submitter's CPU, which cannot clear its flag until it runs,
+/// cost every doorbell of that submitter's stream a futex wake (thousands in a
+/// millisecond). The memory is private to the caller, so no other client can make this
+/// one skip a wake; it is forgotten whenever the firmware is seen awake, so a sleep
+/// number that wrapped around cannot be mistaken for the one woken.
 #[inline]
 pub fn ring_doorbell(
     pending: (&AtomicU64, u64),
     context: (&AtomicU64, u64),
     sleeping: &impl Word32,
     kick: &AtomicU32,
-) -> Option<usize> {
+    woken: &mut u32,
+) -> Doorbell {
     pending.0.fetch_or(pending.1, Release);
     context.0.fetch_or(context.1, SeqCst);
     fence(SeqCst);
-    if sleeping.relaxed() == 0 {
-        return None;
+    let sleep = sleeping.relaxed();
+    if sleep == 0 {
+        *woken = 0;
+        return Doorbell::Awake;
     }
+    if sleep == *woken {
+        return Doorbell::Waking;
+    }
+    *woken = sleep;
     kick.fetch_add(1, Release);
-    Some(futex_wake_all(kick))
+    Doorbell::Woke(futex_wake_all(kick))
 }
 
 /// The device-summary word and bit of context `ctx`.

@@ -6,7 +6,8 @@
 //!   then the doorbell (release); the consumer takes a packet by its tag (acquire) or by
 //!   the doorbell (acquire) and must see the whole packet;
 //! - doorbell sleep/wake (`ring_doorbell` against `announce_and_sleep`): the client never
-//!   leaves its work unseen by a firmware that goes to sleep;
+//!   leaves its work unseen by a firmware that goes to sleep, also when it skips the wake
+//!   because its own earlier doorbell woke the sleep it still sees announced;
 //! - fence wait/wake (`register_waiter` + `sleep_unless` against `signal_fence`): a waiter
 //!   that sleeps is always woken, for a user fence (shared count) and for a timeline (the
 //!   holder's own count, read by the firmware).
@@ -69,15 +70,7 @@ fn a_rung_doorbell_is_never_left_to_a_sleeping_firmware() {
             sleeping.clone(),
             kick.clone(),
         );
-        let client = thread::spawn(move || {
-            // sync::ring_doorbell
-            p.fetch_or(1, Release);
-            s.fetch_or(1, SeqCst);
-            fence(SeqCst);
-            if sl.load(Relaxed) != 0 {
-                k.fetch_add(1, Release);
-            }
-        });
+        let client = thread::spawn(move || doorbell(&p, &s, &sl, &k, &mut 0));
         // sync::announce_and_sleep on the firmware side, with its `has_work` re-check.
         sleeping.store(1, Relaxed);
         fence(SeqCst);
@@ -94,6 +87,72 @@ fn a_rung_doorbell_is_never_left_to_a_sleeping_firmware() {
             );
         } else {
             // The summary bit leads it to the queue's bit.
+            assert_ne!(pending.swap(0, Acquire), 0);
+        }
+    });
+}
+
+/// `sync::ring_doorbell`: `woken` is the number of the sleep this client last woke.
+fn doorbell(
+    pending: &AtomicU64,
+    summary: &AtomicU64,
+    sleeping: &AtomicU32,
+    kick: &AtomicU32,
+    woken: &mut u32,
+) {
+    pending.fetch_or(1, Release);
+    summary.fetch_or(1, SeqCst);
+    fence(SeqCst);
+    let sleep = sleeping.load(Relaxed);
+    if sleep == 0 {
+        *woken = 0;
+    } else if sleep != *woken {
+        *woken = sleep;
+        kick.fetch_add(1, Release);
+    }
+}
+
+#[test]
+fn a_doorbell_that_skips_a_wake_it_already_made_is_never_left_to_a_sleeping_firmware() {
+    model(|| {
+        // This client's earlier doorbell woke sleep 1 (it bumped `kick`); the firmware has
+        // not run since, so the flag still says 1.
+        let pending = Arc::new(AtomicU64::new(0));
+        let summary = Arc::new(AtomicU64::new(0));
+        let sleeping = Arc::new(AtomicU32::new(1));
+        let kick = Arc::new(AtomicU32::new(1));
+        let (p, s, sl, k) = (
+            pending.clone(),
+            summary.clone(),
+            sleeping.clone(),
+            kick.clone(),
+        );
+        let client = thread::spawn(move || {
+            let mut woken = 1;
+            doorbell(&p, &s, &sl, &k, &mut woken);
+            woken
+        });
+        // The firmware wakes from sleep 1, runs a turn (takes what it finds), then
+        // announces sleep 2 and re-checks, as `announce_and_sleep` does.
+        sleeping.store(0, Relaxed);
+        let took = summary.swap(0, Acquire) != 0;
+        sleeping.store(2, Relaxed);
+        fence(SeqCst);
+        let seen = kick.load(Relaxed);
+        fence(Acquire);
+        let work = summary.load(Relaxed) != 0;
+        let woken = client.join().unwrap();
+        if !took && !work {
+            // It sleeps in sleep 2 on `kick` with snapshot `seen`: the client must have
+            // seen sleep 2 and bumped the word.
+            assert_eq!(woken, 2, "the client skipped a wake it had not made");
+            assert_ne!(
+                kick.load(Relaxed),
+                seen,
+                "lost doorbell: the firmware sleeps"
+            );
+        }
+        if took || work {
             assert_ne!(pending.swap(0, Acquire), 0);
         }
     });

@@ -177,6 +177,7 @@ impl<'d> QueueBuilder<'d> {
             timeline,
             priority: self.priority,
             wakes: 0,
+            woken_sleep: 0,
             holds: VecDeque::new(),
             kernel_args: None,
             profile,

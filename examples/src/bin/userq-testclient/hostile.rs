@@ -97,11 +97,13 @@ impl Raw {
     }
 
     fn kick_all_pending(&self, word: usize, bits: u64) {
+        // No memory of earlier wakes: every doorbell that finds the firmware asleep wakes it.
         sync::ring_doorbell(
             (&self.doorbells.pending.words[word], bits),
             sync::context_bit(&self.kick.contexts, self.ctx),
             &self.status.sleep.sleeping,
             &self.kick.kick.word,
+            &mut 0,
         );
     }
 }

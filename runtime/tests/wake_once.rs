@@ -1,0 +1,82 @@
+//! A stream of doorbells that finds the firmware asleep wakes it once. The firmware woken
+//! onto the submitting thread's CPU cannot clear its sleep flag until it runs; every
+//! doorbell in between used to make a futex wake of its own. Alone in its test binary: it
+//! pins this process's threads.
+
+mod common;
+
+use rustix::process::Pid;
+use rustix::thread::CpuSet;
+use std::time::{Duration, Instant};
+use userq::{Command, Device, WaitMode};
+
+const LONG: Duration = Duration::from_secs(20);
+/// Submits per stream: well under the ring's entries, so no submit waits for room.
+const STREAM: usize = 2000;
+const STREAMS: usize = 10;
+
+/// The thread ids of this process's threads named `name`.
+fn threads(name: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc/self/task")
+        .expect("tasks")
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter_map(|t| t.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Pins a thread (`None`: the calling one) to `cpu`.
+fn pin(tid: Option<i32>, cpu: usize) {
+    let mut set = CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(tid.and_then(Pid::from_raw), &set).expect("pin");
+}
+
+/// Waits (bounded) until the firmware announces a sleep after `after`.
+fn firmware_sleeps_past(dev: &Device, after: u32) {
+    let deadline = Instant::now() + LONG;
+    while dev.firmware_sleeps() == after {
+        assert!(Instant::now() < deadline, "the idle firmware never slept");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_stream_of_doorbells_wakes_a_sleeping_firmware_at_most_once_per_sleep() {
+    let cpu = rustix::thread::sched_getcpu();
+    let env = common::Env::new();
+    let dev = env.dev();
+    let mut q = dev.queue().ring_entries(4096).create().unwrap();
+    q.submit(Command::nop()).unwrap().wait(LONG).unwrap();
+    let cp = threads("fw-emu");
+    assert_eq!(cp.len(), 1, "one command processor thread: {cp:?}");
+    // One CPU for both: the woken firmware waits for this thread to give the CPU up.
+    pin(Some(cp[0]), cpu);
+    pin(None, cpu);
+    let (mut wakes, mut sleeps) = (0, 0);
+    for _ in 0..STREAMS {
+        let before = dev.firmware_sleeps();
+        firmware_sleeps_past(dev, before);
+        let (w0, s0) = (q.firmware_wakes(), dev.firmware_sleeps());
+        for _ in 0..STREAM {
+            q.enqueue(&[Command::nop()]).unwrap();
+        }
+        let (w1, s1) = (q.firmware_wakes(), dev.firmware_sleeps());
+        // The sleep the stream found, and any the firmware announced during it.
+        let stream_sleeps = 1 + u64::from(s1.wrapping_sub(s0));
+        assert!(
+            w1 - w0 <= stream_sleeps,
+            "{} futex wakes for {stream_sleeps} firmware sleeps in a stream of {STREAM} doorbells",
+            w1 - w0
+        );
+        wakes += w1 - w0;
+        sleeps += stream_sleeps;
+        q.finish(LONG).unwrap();
+    }
+    // The streams did find the firmware asleep: the check above is not vacuous.
+    assert!(wakes >= 1, "no stream woke the firmware ({sleeps} sleeps)");
+    q.submit(Command::nop())
+        .unwrap()
+        .wait_with(WaitMode::Block, LONG)
+        .unwrap();
+}
