@@ -140,6 +140,13 @@ impl FenceInner {
         })
     }
 
+    /// Whether the value has reached `target`: the one load a spinning wait repeats.
+    #[inline]
+    pub(crate) fn reached(&self, target: u64) -> bool {
+        // Acquire: as in `check`.
+        self.state().slot.value.load_acquire() >= target
+    }
+
     /// `Some` once a wait for `target` is decided. In the blocking phase the caller's
     /// SeqCst fence after its waiter registration orders these loads after it (see
     /// `userq_uapi::sync::sleep_unless`).

@@ -79,6 +79,17 @@ fn targets(points: &[FencePoint]) -> Vec<Target<'_>> {
     points.iter().map(FencePoint::target).collect()
 }
 
+/// Whether the values alone say the wait is over (every point reached, or with `!all`
+/// one): a spinning wait's check, without the error words [`decide`] also reads.
+#[inline]
+fn reached(points: &[Target<'_>], all: bool) -> bool {
+    if all {
+        points.iter().all(|(f, v)| f.reached(*v))
+    } else {
+        points.iter().any(|(f, v)| f.reached(*v))
+    }
+}
+
 fn decide(points: &[Target<'_>], all: bool) -> Option<Result<usize, WaitError>> {
     if !all {
         // A reached point wins over another point's error.
@@ -144,11 +155,19 @@ pub(crate) fn wait_many(
         // A burst of checks with one pause each, like a bare polling loop; the clock (for
         // the timeout and the back-off) only between bursts.
         if !spin.is_zero() {
+            // Each check of the burst loads the values alone (as a bare polling loop
+            // does); poison and device loss are looked at when one is reached and after
+            // the burst, a microsecond or two later at most.
             for _ in 0..64 {
-                if let Some(r) = decide(points, all) {
-                    return r;
+                if reached(points, all) {
+                    if let Some(r) = decide(points, all) {
+                        return r;
+                    }
                 }
                 core::hint::spin_loop();
+            }
+            if let Some(r) = decide(points, all) {
+                return r;
             }
             // Not done within a burst: if this thread shares its CPU with the command
             // processor that must complete a queue timeline it waits for, spinning (or
