@@ -298,9 +298,9 @@ impl Device {
     }
 
     /// How many times the firmware has announced a sleep (its NEED_WAKEUP flag) since it
-    /// started, wrapping. With [`Queue::firmware_wakes`](crate::Queue::firmware_wakes):
+    /// started. With [`Queue::firmware_wakes`](crate::Queue::firmware_wakes):
     /// a queue's doorbells wake each sleep at most once.
-    pub fn firmware_sleeps(&self) -> u32 {
+    pub fn firmware_sleeps(&self) -> u64 {
         self.inner.status.sleep.sleeps.load()
     }
 

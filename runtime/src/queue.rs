@@ -73,7 +73,7 @@ pub struct Queue {
     /// The number of the firmware sleep this queue's doorbell last woke (0: none since it
     /// was last seen awake): later doorbells in the same sleep make no syscall
     /// (`sync::ring_doorbell`).
-    woken_sleep: u32,
+    woken_sleep: u64,
     /// Fences and buffers named by submitted packets, with the packet's timeline value:
     /// kept alive until the timeline passes it, so a fence or buffer dropped by the caller
     /// cannot vanish under a packet that still names it. Pruned at submits that add holds

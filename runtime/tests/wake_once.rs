@@ -33,7 +33,7 @@ fn pin(tid: Option<i32>, cpu: usize) {
 }
 
 /// Waits (bounded) until the firmware announces a sleep after `after`.
-fn firmware_sleeps_past(dev: &Device, after: u32) {
+fn firmware_sleeps_past(dev: &Device, after: u64) {
     let deadline = Instant::now() + LONG;
     while dev.firmware_sleeps() == after {
         assert!(Instant::now() < deadline, "the idle firmware never slept");
@@ -63,7 +63,7 @@ fn a_stream_of_doorbells_wakes_a_sleeping_firmware_at_most_once_per_sleep() {
         }
         let (w1, s1) = (q.firmware_wakes(), dev.firmware_sleeps());
         // The sleep the stream found, and any the firmware announced during it.
-        let stream_sleeps = 1 + u64::from(s1.wrapping_sub(s0));
+        let stream_sleeps = 1 + (s1 - s0);
         assert!(
             w1 - w0 <= stream_sleeps,
             "{} futex wakes for {stream_sleeps} firmware sleeps in a stream of {STREAM} doorbells",

@@ -289,10 +289,10 @@ pub struct SleepFlag<A: Access = ReadWrite> {
     /// While the sleeper is in (or entering) its futex sleep, that sleep's number
     /// (`sleeps`, never 0); 0 while it is awake. A waker that remembers the number it woke
     /// need not wake the same sleep again (see [`crate::sync::ring_doorbell`]).
-    pub sleeping: A::U32,
-    /// How many sleeps the sleeper has announced, wrapping past 0 to 1. Written only by
+    pub sleeping: A::U64,
+    /// How many sleeps the sleeper has announced (64 bits: never wraps). Written only by
     /// the sleeper.
-    pub sleeps: A::U32,
+    pub sleeps: A::U64,
 }
 
 /// [`DeviceHealth::cp_cpu`] before the firmware has said where it runs.

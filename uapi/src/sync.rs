@@ -4,8 +4,9 @@
 //! room, the async reactor, the firmware idling, kmd's event thread) uses the same
 //! announce/re-check/sleep shape, which is the futex form of io_uring's SQPOLL
 //! `NEED_WAKEUP` protocol. The sleeper's half after its announcement is [`sleep_unless`]
-//! (with a flag: [`announce_and_sleep`]); the waker's half is [`wake_if_announced`] (for a
-//! flag) or [`wake_waiters`] (for a fence's waiter counts).
+//! (with a flag, [`announce_and_sleep`], which takes its snapshot of the word before the
+//! announcement); the waker's half is [`wake_if_announced`] (for a flag), [`ring_doorbell`]
+//! (a client's doorbell) or [`wake_waiters`] (for a fence's waiter counts).
 //!
 //! ```text
 //! sleeper                                   waker
@@ -29,7 +30,7 @@
 
 use crate::error::ErrorCode;
 use crate::layout::{ContextWaiters, FenceState, FenceWaiters, SleepFlag, WaiterSlot};
-use crate::shm::Word32;
+use crate::shm::{Word32, Word64};
 use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering::*};
 use std::time::Duration;
 
@@ -83,20 +84,37 @@ pub fn sleep_unless(
     }
 }
 
-/// [`sleep_unless`] announced by a [`SleepFlag`] (the firmware's and kmd's NEED_WAKEUP):
-/// numbers the sleep (`flag.sleeps`, never 0) and sets the flag to that number, sleeps on
-/// `word` (at most `timeout`) unless `work_visible`, clears the flag. Only the sleeper
+/// The sleeper's half announced by a [`SleepFlag`] (the firmware's and kmd's
+/// NEED_WAKEUP): numbers the sleep (`flag.sleeps`), sets the flag to that number, sleeps
+/// on `word` (at most `timeout`) unless `work_visible`, clears the flag. Only the sleeper
 /// writes the flag's line.
+///
+/// Unlike [`sleep_unless`] it takes the word's value *before* the announcement and sleeps
+/// only while the word still holds it. Every waker that saw this sleep's number bumps the
+/// word after that load (the number is stored with release after it, and wakers load it
+/// with acquire), so each such bump ends this sleep, whether it lands before the futex
+/// wait or wakes it. That is what lets [`ring_doorbell`] skip waking a sleep it already
+/// woke. With a snapshot taken after the announcement (as `sleep_unless` takes it), a
+/// waker's bump could land before the snapshot, after the re-check's work had been
+/// taken by an earlier turn, and the sleep would wait on the bumped value: the loom model
+/// of the doorbell finds that lost wake-up.
 pub fn announce_and_sleep(
     flag: &SleepFlag,
     word: &AtomicU32,
     work_visible: impl FnOnce() -> bool,
     timeout: Duration,
 ) {
-    let n = flag.sleeps.load(Relaxed).wrapping_add(1).max(1);
+    assert_may_wait();
+    let n = flag.sleeps.load(Relaxed) + 1;
     flag.sleeps.store(n, Relaxed);
-    flag.sleeping.store(n, Relaxed);
-    sleep_unless(&[word], work_visible, || Some(timeout));
+    // Acquire: pairs with a waker's release bump, so the work behind a bump this value
+    // already holds is visible to the re-check.
+    let before = word.load(Acquire);
+    flag.sleeping.store(n, Release);
+    fence(SeqCst); // pairs with the waker's fence after it published work
+    if !work_visible() {
+        futex_wait(word, before, Some(timeout));
+    }
     flag.sleeping.store(0, Relaxed);
 }
 
@@ -105,7 +123,7 @@ pub fn announce_and_sleep(
 /// announced one had not gone to sleep yet or another waker woke it first, or when the
 /// wake syscall failed.
 #[inline]
-pub fn wake_if_announced(flag: &impl Word32, word: &AtomicU32) -> usize {
+pub fn wake_if_announced(flag: &impl Word64, word: &AtomicU32) -> usize {
     fence(SeqCst); // pairs with the sleeper's fence after its announcement
     if flag.relaxed() == 0 {
         return 0;
@@ -143,11 +161,11 @@ pub enum Doorbell {
     /// Awake: no syscall.
     Awake,
     /// Asleep, and this doorbell woke it: how many threads the wake syscall woke (0 when
-    /// the firmware had announced its sleep but was still re-checking, so it finds the
-    /// work without sleeping).
+    /// the firmware had announced its sleep but not gone to sleep yet: its re-check finds
+    /// the work, or its futex wait returns at once on the bumped word).
     Woke(usize),
-    /// Still in the sleep this caller's own earlier doorbell woke: no syscall, the wake is
-    /// under way (the woken firmware has not run yet).
+    /// Still in the sleep this caller's own earlier doorbell woke: no syscall, the earlier
+    /// bump ends that sleep (the woken firmware has not run yet).
     Waking,
 }
 
@@ -161,27 +179,31 @@ pub enum Doorbell {
 ///
 /// One wake per sleep: `woken` is the caller's own memory of the sleep number it last
 /// woke. A doorbell that finds the firmware still in that sleep makes no syscall: the
-/// earlier bump of `kick` already ends the sleep, and the firmware re-checks for work
-/// before it sleeps again, under a new number. That re-check sees this doorbell's bits: the
-/// flag load read a value older than the next sleep's number, so this caller's fence
-/// precedes that sleep's fence in the SeqCst order (the loom model checks it). Without it a
-/// firmware woken onto a busy submitter's CPU, which cannot clear its flag until it runs,
-/// cost every doorbell of that submitter's stream a futex wake (thousands in a
+/// earlier bump of `kick` ends that sleep ([`announce_and_sleep`] sleeps only on the
+/// word's value from before its announcement), and the firmware re-checks for work before
+/// it sleeps again, under a new number. That re-check sees this doorbell's bits: the flag
+/// load read a value older than the next sleep's number, so this caller's fence precedes
+/// that sleep's fence in the SeqCst order (the loom model checks both halves). Without it
+/// a firmware woken onto a busy submitter's CPU, which cannot clear its flag until it
+/// runs, cost every doorbell of that submitter's stream a futex wake (thousands in a
 /// millisecond). The memory is private to the caller, so no other client can make this
-/// one skip a wake; it is forgotten whenever the firmware is seen awake, so a sleep
-/// number that wrapped around cannot be mistaken for the one woken.
+/// one skip a wake, and sleep numbers are 64-bit, so one is never announced twice.
 #[inline]
 pub fn ring_doorbell(
     pending: (&AtomicU64, u64),
     context: (&AtomicU64, u64),
-    sleeping: &impl Word32,
+    sleeping: &impl Word64,
     kick: &AtomicU32,
-    woken: &mut u32,
+    woken: &mut u64,
 ) -> Doorbell {
     pending.0.fetch_or(pending.1, Release);
     context.0.fetch_or(context.1, SeqCst);
     fence(SeqCst);
     let sleep = sleeping.relaxed();
+    // Pairs with the sleeper's release store of the number: its load of the word came
+    // before, so the bump below comes after it (see `announce_and_sleep`). The status page
+    // is read-only here: a relaxed load and a fence.
+    fence(Acquire);
     if sleep == 0 {
         *woken = 0;
         return Doorbell::Awake;

@@ -7,7 +7,8 @@
 //!   the doorbell (acquire) and must see the whole packet;
 //! - doorbell sleep/wake (`ring_doorbell` against `announce_and_sleep`): the client never
 //!   leaves its work unseen by a firmware that goes to sleep, also when it skips the wake
-//!   because its own earlier doorbell woke the sleep it still sees announced;
+//!   because its own earlier doorbell woke the sleep it still sees announced (a firmware
+//!   that really blocks until its word moves, through two sleeps);
 //! - fence wait/wake (`register_waiter` + `sleep_unless` against `signal_fence`): a waiter
 //!   that sleeps is always woken, for a user fence (shared count) and for a timeline (the
 //!   holder's own count, read by the firmware).
@@ -57,103 +58,120 @@ fn a_packet_taken_by_its_tag_or_its_doorbell_is_seen_whole() {
     });
 }
 
+/// The doorbell's shared words.
+#[derive(Default)]
+struct Doorbell {
+    pending: AtomicU64,  // the queue's bit in its context page
+    summary: AtomicU64,  // the context's bit, device-wide
+    sleeping: AtomicU64, // DeviceStatus.sleep.sleeping: the sleep's number, 0 awake
+    kick: AtomicU32,     // DeviceKick.kick
+}
+
+impl Doorbell {
+    /// `sync::ring_doorbell`: `woken` is the number of the sleep this client last woke.
+    fn ring(&self, woken: &mut u64) {
+        self.pending.fetch_or(1, Release);
+        self.summary.fetch_or(1, SeqCst);
+        fence(SeqCst);
+        let sleep = self.sleeping.load(Relaxed);
+        fence(Acquire);
+        if sleep == 0 {
+            *woken = 0;
+        } else if sleep != *woken {
+            *woken = sleep;
+            self.kick.fetch_add(1, Release);
+        }
+    }
+
+    /// The firmware's turn (`collect_doorbells`): takes the context's bit, then the
+    /// queue's. Returns whether it found each.
+    fn take(&self) -> (bool, bool) {
+        if self.summary.swap(0, Acquire) == 0 {
+            return (false, false);
+        }
+        (true, self.pending.swap(0, Acquire) != 0)
+    }
+
+    /// `sync::announce_and_sleep` up to its decision: the word before the announcement,
+    /// the numbered announcement, the fence, the `has_work` re-check. Returns the value a
+    /// sleep would wait on, or `None` if the re-check saw work.
+    fn announce(&self, n: u64) -> Option<u32> {
+        let before = self.kick.load(Acquire);
+        self.sleeping.store(n, Release);
+        fence(SeqCst);
+        if self.summary.load(Relaxed) != 0 {
+            self.sleeping.store(0, Relaxed);
+            return None;
+        }
+        Some(before)
+    }
+}
+
 #[test]
 fn a_rung_doorbell_is_never_left_to_a_sleeping_firmware() {
     model(|| {
-        let pending = Arc::new(AtomicU64::new(0)); // the queue's bit in its context page
-        let summary = Arc::new(AtomicU64::new(0)); // the context's bit, device-wide
-        let sleeping = Arc::new(AtomicU32::new(0)); // DeviceStatus.sleep
-        let kick = Arc::new(AtomicU32::new(0)); // DeviceKick.kick
-        let (p, s, sl, k) = (
-            pending.clone(),
-            summary.clone(),
-            sleeping.clone(),
-            kick.clone(),
-        );
-        let client = thread::spawn(move || doorbell(&p, &s, &sl, &k, &mut 0));
-        // sync::announce_and_sleep on the firmware side, with its `has_work` re-check.
-        sleeping.store(1, Relaxed);
-        fence(SeqCst);
-        let seen = kick.load(Relaxed);
-        fence(Acquire);
-        let work = summary.load(Relaxed) != 0;
+        let db = Arc::new(Doorbell::default());
+        let d = db.clone();
+        let client = thread::spawn(move || d.ring(&mut 0));
+        let sleeps_on = db.announce(1);
+        // Saw work: its turn finds the context's bit, which leads it to the queue's.
+        let took = match sleeps_on {
+            Some(_) => (false, false),
+            None => db.take(),
+        };
         client.join().unwrap();
-        if !work {
-            // It sleeps on `kick` with snapshot `seen`: the client must have bumped it.
-            assert_ne!(
-                kick.load(Relaxed),
-                seen,
+        match sleeps_on {
+            // It sleeps on `kick` while it holds `w`: the client must have bumped it.
+            Some(w) => assert_ne!(
+                db.kick.load(Relaxed),
+                w,
                 "lost doorbell: the firmware sleeps"
-            );
-        } else {
-            // The summary bit leads it to the queue's bit.
-            assert_ne!(pending.swap(0, Acquire), 0);
+            ),
+            None => assert_eq!(took, (true, true), "the re-check's work not found"),
         }
     });
-}
-
-/// `sync::ring_doorbell`: `woken` is the number of the sleep this client last woke.
-fn doorbell(
-    pending: &AtomicU64,
-    summary: &AtomicU64,
-    sleeping: &AtomicU32,
-    kick: &AtomicU32,
-    woken: &mut u32,
-) {
-    pending.fetch_or(1, Release);
-    summary.fetch_or(1, SeqCst);
-    fence(SeqCst);
-    let sleep = sleeping.load(Relaxed);
-    if sleep == 0 {
-        *woken = 0;
-    } else if sleep != *woken {
-        *woken = sleep;
-        kick.fetch_add(1, Release);
-    }
 }
 
 #[test]
 fn a_doorbell_that_skips_a_wake_it_already_made_is_never_left_to_a_sleeping_firmware() {
     model(|| {
-        // This client's earlier doorbell woke sleep 1 (it bumped `kick`); the firmware has
-        // not run since, so the flag still says 1.
-        let pending = Arc::new(AtomicU64::new(0));
-        let summary = Arc::new(AtomicU64::new(0));
-        let sleeping = Arc::new(AtomicU32::new(1));
-        let kick = Arc::new(AtomicU32::new(1));
-        let (p, s, sl, k) = (
-            pending.clone(),
-            summary.clone(),
-            sleeping.clone(),
-            kick.clone(),
-        );
+        let db = Arc::new(Doorbell::default());
+        let done = Arc::new(AtomicU32::new(0));
+        let (d, dn) = (db.clone(), done.clone());
+        // Two doorbells of one queue, with its memory of the sleep it woke: the second
+        // skips its wake when it sees the sleep the first woke.
         let client = thread::spawn(move || {
-            let mut woken = 1;
-            doorbell(&p, &s, &sl, &k, &mut woken);
-            woken
+            let mut woken = 0;
+            d.ring(&mut woken);
+            d.ring(&mut woken);
+            dn.store(1, Release);
         });
-        // The firmware wakes from sleep 1, runs a turn (takes what it finds), then
-        // announces sleep 2 and re-checks, as `announce_and_sleep` does.
-        sleeping.store(0, Relaxed);
-        let took = summary.swap(0, Acquire) != 0;
-        sleeping.store(2, Relaxed);
-        fence(SeqCst);
-        let seen = kick.load(Relaxed);
-        fence(Acquire);
-        let work = summary.load(Relaxed) != 0;
-        let woken = client.join().unwrap();
-        if !took && !work {
-            // It sleeps in sleep 2 on `kick` with snapshot `seen`: the client must have
-            // seen sleep 2 and bumped the word.
-            assert_eq!(woken, 2, "the client skipped a wake it had not made");
-            assert_ne!(
-                kick.load(Relaxed),
-                seen,
-                "lost doorbell: the firmware sleeps"
-            );
+        // The firmware: a turn, sleep 1 (really blocking, until `kick` moves), a turn,
+        // and the decision of sleep 2.
+        db.take();
+        if let Some(w) = db.announce(1) {
+            loop {
+                if db.kick.load(Acquire) != w {
+                    break;
+                }
+                if done.load(Acquire) != 0 && db.kick.load(Acquire) == w {
+                    // Nobody will bump `kick` any more: the firmware sleeps for good,
+                    // which is right only if no doorbell is left unseen.
+                    assert_eq!(db.summary.load(Relaxed), 0, "lost doorbell in sleep 1");
+                    client.join().unwrap();
+                    return;
+                }
+                thread::yield_now();
+            }
+            db.sleeping.store(0, Relaxed);
         }
-        if took || work {
-            assert_ne!(pending.swap(0, Acquire), 0);
+        db.take();
+        let sleeps_on = db.announce(2);
+        client.join().unwrap();
+        if let Some(w) = sleeps_on {
+            if db.summary.load(Relaxed) != 0 {
+                assert_ne!(db.kick.load(Relaxed), w, "lost doorbell in sleep 2");
+            }
         }
     });
 }
