@@ -427,7 +427,10 @@ impl Queue {
         let rung = sync::ring_doorbell(
             (&page.pending.words[slot / 64], 1 << (slot % 64)),
             sync::context_bit(&self.dev.kick.contexts, self.dev.ctx),
-            &self.dev.status.sleep.sleeping,
+            (
+                &self.dev.status.sleep.sleeping,
+                &self.dev.status.sleep.word_before,
+            ),
             &self.dev.kick.kick.word,
             &mut self.woken_sleep,
         );

@@ -293,6 +293,9 @@ pub struct SleepFlag<A: Access = ReadWrite> {
     /// How many sleeps the sleeper has announced (64 bits: never wraps). Written only by
     /// the sleeper.
     pub sleeps: A::U64,
+    /// The sleep's futex word as the sleeper read it before announcing `sleeping`: the
+    /// sleep lasts only while the word holds this value. Stored before the number.
+    pub word_before: A::U32,
 }
 
 /// [`DeviceHealth::cp_cpu`] before the firmware has said where it runs.
@@ -318,7 +321,10 @@ pub struct DeviceHealth<A: Access = ReadWrite> {
 /// The futex word the firmware sleeps on, and the device-wide summary of rung contexts.
 /// Writable by every client: a waker must change the word it wakes, or a wake landing
 /// between the firmware's last check and its `futex_wait` is lost. Writing garbage here
-/// only causes spurious wake-ups or extra looks at doorbell pages, which are harmless.
+/// causes spurious wake-ups or extra looks at doorbell pages, which are harmless; a client
+/// that writes the word back to its old value between another's bump and the firmware's
+/// `futex_wait` erases that wake, delaying the other's work until its next doorbell or
+/// the 100 ms heartbeat (see `sync::ring_doorbell`).
 #[repr(C, align(4096))]
 #[derive(Debug)]
 pub struct DeviceKick {

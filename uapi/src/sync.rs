@@ -89,11 +89,11 @@ pub fn sleep_unless(
 /// on `word` (at most `timeout`) unless `work_visible`, clears the flag. Only the sleeper
 /// writes the flag's line.
 ///
-/// Unlike [`sleep_unless`] it takes the word's value *before* the announcement and sleeps
-/// only while the word still holds it. Every waker that saw this sleep's number bumps the
-/// word after that load (the number is stored with release after it, and wakers load it
-/// with acquire), so each such bump ends this sleep, whether it lands before the futex
-/// wait or wakes it. That is what lets [`ring_doorbell`] skip waking a sleep it already
+/// Unlike [`sleep_unless`] it takes the word's value *before* the announcement (and
+/// publishes it, `flag.word_before`) and sleeps only while the word still holds it. Every
+/// waker that saw this sleep's number bumps the word after that load (the number is stored
+/// with release after it, and wakers load it, then an acquire fence), so each such bump
+/// ends this sleep, whether it lands before the futex wait or wakes it. That is what lets [`ring_doorbell`] skip waking a sleep it already
 /// woke. With a snapshot taken after the announcement (as `sleep_unless` takes it), a
 /// waker's bump could land before the snapshot, after the re-check's work had been
 /// taken by an earlier turn, and the sleep would wait on the bumped value: the loom model
@@ -110,6 +110,7 @@ pub fn announce_and_sleep(
     // Acquire: pairs with a waker's release bump, so the work behind a bump this value
     // already holds is visible to the re-check.
     let before = word.load(Acquire);
+    flag.word_before.store(before, Relaxed);
     flag.sleeping.store(n, Release);
     fence(SeqCst); // pairs with the waker's fence after it published work
     if !work_visible() {
@@ -128,6 +129,8 @@ pub fn wake_if_announced(flag: &impl Word64, word: &AtomicU32) -> usize {
     if flag.relaxed() == 0 {
         return 0;
     }
+    // As in `ring_doorbell`: the bump comes after the sleeper's load of the word.
+    fence(Acquire);
     word.fetch_add(1, Release);
     futex_wake_all(word)
 }
@@ -164,8 +167,9 @@ pub enum Doorbell {
     /// the firmware had announced its sleep but not gone to sleep yet: its re-check finds
     /// the work, or its futex wait returns at once on the bumped word).
     Woke(usize),
-    /// Still in the sleep this caller's own earlier doorbell woke: no syscall, the earlier
-    /// bump ends that sleep (the woken firmware has not run yet).
+    /// Still in the sleep this caller's own earlier doorbell woke, with the word still
+    /// changed: no syscall, the earlier bump ends that sleep (the woken firmware has not
+    /// run yet).
     Waking,
 }
 
@@ -174,8 +178,8 @@ pub enum Doorbell {
 /// that it sleeps. The queue's bit is set before the context's (release), so a firmware
 /// that takes the context's bit (acquire) finds the queue's. The SeqCst fence orders the
 /// summary store before the flag load (Dekker with the firmware's flag store + fence +
-/// re-check in [`sleep_unless`]); the flag is in the read-only device status page, so it is
-/// loaded relaxed.
+/// re-check in [`announce_and_sleep`]); the flag is in the read-only device status page, so
+/// it is loaded relaxed.
 ///
 /// One wake per sleep: `woken` is the caller's own memory of the sleep number it last
 /// woke. A doorbell that finds the firmware still in that sleep makes no syscall: the
@@ -183,16 +187,26 @@ pub enum Doorbell {
 /// word's value from before its announcement), and the firmware re-checks for work before
 /// it sleeps again, under a new number. That re-check sees this doorbell's bits: the flag
 /// load read a value older than the next sleep's number, so this caller's fence precedes
-/// that sleep's fence in the SeqCst order (the loom model checks both halves). Without it
-/// a firmware woken onto a busy submitter's CPU, which cannot clear its flag until it
-/// runs, cost every doorbell of that submitter's stream a futex wake (thousands in a
-/// millisecond). The memory is private to the caller, so no other client can make this
-/// one skip a wake, and sleep numbers are 64-bit, so one is never announced twice.
+/// that sleep's fence in the SeqCst order (the loom model checks the SeqCst half and the
+/// firmware's snapshot; the release/acquire that orders the sleeper's load of the word
+/// before the bump is a load-buffering shape, which loom does not explore, and which x86
+/// forbids outright). Without it a firmware woken onto a busy submitter's CPU, which
+/// cannot clear its flag until it runs, cost every doorbell of that submitter's stream a
+/// futex wake (thousands in a millisecond). Sleep numbers are 64-bit, so one is never
+/// announced twice.
+///
+/// The memory is private, but the word is not: any client may write it. A client that
+/// writes it back to `word_before` erases a wake that came before the firmware's futex
+/// wait, so a doorbell skips only while the word still differs from `word_before`, and
+/// wakes again otherwise. What is left is what writing the word allowed before: erase a
+/// bump at the right moment and the woken work waits for the next wake or the 100 ms
+/// heartbeat; a client that also writes a fresh value afterwards can make this queue's
+/// further doorbells in that sleep skip too, within the same bound.
 #[inline]
 pub fn ring_doorbell(
     pending: (&AtomicU64, u64),
     context: (&AtomicU64, u64),
-    sleeping: &impl Word64,
+    (sleeping, word_before): (&impl Word64, &impl Word32),
     kick: &AtomicU32,
     woken: &mut u64,
 ) -> Doorbell {
@@ -208,7 +222,7 @@ pub fn ring_doorbell(
         *woken = 0;
         return Doorbell::Awake;
     }
-    if sleep == *woken {
+    if sleep == *woken && kick.load(Relaxed) != word_before.relaxed() {
         return Doorbell::Waking;
     }
     *woken = sleep;

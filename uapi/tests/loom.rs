@@ -64,6 +64,7 @@ struct Doorbell {
     pending: AtomicU64,  // the queue's bit in its context page
     summary: AtomicU64,  // the context's bit, device-wide
     sleeping: AtomicU64, // DeviceStatus.sleep.sleeping: the sleep's number, 0 awake
+    before: AtomicU32,   // DeviceStatus.sleep.word_before
     kick: AtomicU32,     // DeviceKick.kick
 }
 
@@ -77,7 +78,7 @@ impl Doorbell {
         fence(Acquire);
         if sleep == 0 {
             *woken = 0;
-        } else if sleep != *woken {
+        } else if sleep != *woken || self.kick.load(Relaxed) == self.before.load(Relaxed) {
             *woken = sleep;
             self.kick.fetch_add(1, Release);
         }
@@ -97,6 +98,7 @@ impl Doorbell {
     /// sleep would wait on, or `None` if the re-check saw work.
     fn announce(&self, n: u64) -> Option<u32> {
         let before = self.kick.load(Acquire);
+        self.before.store(before, Relaxed);
         self.sleeping.store(n, Release);
         fence(SeqCst);
         if self.summary.load(Relaxed) != 0 {
@@ -150,11 +152,12 @@ fn a_doorbell_that_skips_a_wake_it_already_made_is_never_left_to_a_sleeping_firm
         // and the decision of sleep 2.
         db.take();
         if let Some(w) = db.announce(1) {
+            // A futex wait: returns once the word differs (no ordering: a relaxed load).
             loop {
-                if db.kick.load(Acquire) != w {
+                if db.kick.load(Relaxed) != w {
                     break;
                 }
-                if done.load(Acquire) != 0 && db.kick.load(Acquire) == w {
+                if done.load(Acquire) != 0 && db.kick.load(Relaxed) == w {
                     // Nobody will bump `kick` any more: the firmware sleeps for good,
                     // which is right only if no doorbell is left unseen.
                     assert_eq!(db.summary.load(Relaxed), 0, "lost doorbell in sleep 1");

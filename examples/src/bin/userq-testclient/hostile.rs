@@ -101,7 +101,7 @@ impl Raw {
         sync::ring_doorbell(
             (&self.doorbells.pending.words[word], bits),
             sync::context_bit(&self.kick.contexts, self.ctx),
-            &self.status.sleep.sleeping,
+            (&self.status.sleep.sleeping, &self.status.sleep.word_before),
             &self.kick.kick.word,
             &mut 0,
         );
