@@ -379,6 +379,30 @@ fn wait_any_prefers_a_reached_point_over_a_poisoned_one() {
 }
 
 #[test]
+fn a_spinning_wait_sees_its_queue_fault_while_it_spins() {
+    let env = Env::new();
+    let dev = env.dev();
+    let mut q = dev.create_queue().unwrap();
+    let gate = dev.create_fence(0).unwrap();
+    // Parked behind the gate, then a write to an unmapped address: the point can only fail,
+    // and only once the gate opens, while the waiter below is spinning (a spin wait reads
+    // the error words after each burst of value checks, not at every check).
+    let bad = q
+        .submit_batch(&[Command::wait(&gate.point(1)), Command::write_value(0x8, 0)])
+        .unwrap();
+    let waiter = std::thread::spawn(move || bad.wait_with(WaitMode::Spin, LONG));
+    std::thread::sleep(Duration::from_millis(20));
+    gate.signal(1).unwrap();
+    let t = Instant::now();
+    let r = waiter.join().unwrap();
+    assert!(matches!(r, Err(WaitError::Faulted(_))), "{r:?}");
+    assert!(
+        t.elapsed() < LONG / 2,
+        "the fault was seen only at the timeout"
+    );
+}
+
+#[test]
 fn queue_creation_rejects_bad_ring_sizes() {
     let env = Env::new();
     for n in [0, 1, 3, 100, 1 << 17] {
