@@ -6,30 +6,12 @@
 
 mod common;
 
-use rustix::process::Pid;
-use rustix::thread::CpuSet;
+use common::{pin, threads};
 use std::time::{Duration, Instant};
 use userq::{Command, Device, WaitMode};
 
 const LONG: Duration = Duration::from_secs(20);
 const ROUND_TRIPS: u64 = 50;
-
-/// The thread ids of this process's threads named `name`.
-fn threads(name: &str) -> Vec<i32> {
-    std::fs::read_dir("/proc/self/task")
-        .expect("tasks")
-        .flatten()
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
-        .filter_map(|t| t.file_name().to_str()?.parse().ok())
-        .collect()
-}
-
-/// Pins a thread (`None`: the calling one) to `cpu`.
-fn pin(tid: Option<i32>, cpu: usize) {
-    let mut set = CpuSet::new();
-    set.set(cpu);
-    rustix::thread::sched_setaffinity(tid.and_then(Pid::from_raw), &set).expect("pin");
-}
 
 /// The calling thread's voluntary context switches: each sleep is one; a spin makes none.
 fn voluntary_switches() -> u64 {
@@ -75,7 +57,7 @@ fn firmware_moves_to(dev: &Device, q: &mut userq::Queue, cpu: u32) {
 /// The CPUs this process may run on.
 fn allowed_cpus() -> Vec<usize> {
     let set = rustix::thread::sched_getaffinity(None).expect("affinity");
-    (0..CpuSet::MAX_CPU).filter(|&c| set.is_set(c)).collect()
+    (0..rustix::thread::CpuSet::MAX_CPU).filter(|&c| set.is_set(c)).collect()
 }
 
 #[test]

@@ -5,8 +5,7 @@
 
 mod common;
 
-use rustix::process::Pid;
-use rustix::thread::CpuSet;
+use common::{pin, threads};
 use std::time::{Duration, Instant};
 use userq::{Command, Device, WaitMode};
 
@@ -14,23 +13,6 @@ const LONG: Duration = Duration::from_secs(20);
 /// Submits per stream: well under the ring's entries, so no submit waits for room.
 const STREAM: usize = 2000;
 const STREAMS: usize = 10;
-
-/// The thread ids of this process's threads named `name`.
-fn threads(name: &str) -> Vec<i32> {
-    std::fs::read_dir("/proc/self/task")
-        .expect("tasks")
-        .flatten()
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
-        .filter_map(|t| t.file_name().to_str()?.parse().ok())
-        .collect()
-}
-
-/// Pins a thread (`None`: the calling one) to `cpu`.
-fn pin(tid: Option<i32>, cpu: usize) {
-    let mut set = CpuSet::new();
-    set.set(cpu);
-    rustix::thread::sched_setaffinity(tid.and_then(Pid::from_raw), &set).expect("pin");
-}
 
 /// Waits (bounded) until the firmware announces a sleep after `after`.
 fn firmware_sleeps_past(dev: &Device, after: u64) {

@@ -62,3 +62,22 @@ pub fn fault_code(r: Result<(), WaitError>) -> ErrorCode {
         other => panic!("expected a fault, got {other:?}"),
     }
 }
+
+/// The thread ids of this process's threads named `name` (for pinning the embedded
+/// firmware's command processor, `fw-emu`).
+pub fn threads(name: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc/self/task")
+        .expect("tasks")
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .filter_map(|t| t.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Pins a thread (`None`: the calling one) to `cpu`.
+pub fn pin(tid: Option<i32>, cpu: usize) {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(tid.and_then(rustix::process::Pid::from_raw), &set)
+        .expect("pin");
+}
