@@ -229,8 +229,9 @@ impl Report {
                 .iter()
                 .map(|c| format!("{:.1}/{:.1}", c.median_ns, c.p99_ns))
                 .collect();
+            let sleeps: u64 = self.submit_rounds.iter().map(|c| c.firmware_sleeps).sum();
             println!(
-                "\nsubmit cost over {} rounds: median {cost:.1} ns, p99 {p99:.1} ns (worst round {worst:.1} ns) per NOP submit; {wakes} futex wakes while measuring; per round median/p99: {}",
+                "\nsubmit cost over {} rounds: median {cost:.1} ns, p99 {p99:.1} ns (worst round {worst:.1} ns) per NOP submit; {wakes} futex wakes while measuring (the firmware slept {sleeps} times meanwhile); per round median/p99: {}",
                 self.submit_rounds.len(),
                 per.join(" ")
             );
@@ -336,6 +337,7 @@ impl Report {
                     "p99_ns": (c.p99_ns * 100.0).round() / 100.0,
                 })).collect::<Vec<_>>(),
                 "futex_wakes": wakes,
+                "firmware_sleeps": self.submit_rounds.iter().map(|c| c.firmware_sleeps).sum::<u64>(),
                 "syscalls_traced": self.submit_syscalls,
             })),
             "paired": self.paired.iter().map(|p| json!({

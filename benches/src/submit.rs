@@ -20,7 +20,7 @@ pub fn submit_cost(dev: &Device, blocks: usize) -> Result<SubmitCost, Box<dyn st
     // it is awake (a doorbell that finds it asleep makes a futex wake, counted below).
     q.submit(Command::nop())?
         .wait_with(WaitMode::Spin, Duration::from_secs(10))?;
-    let wakes_before = q.firmware_wakes();
+    let (wakes_before, sleeps_before) = (q.firmware_wakes(), dev.firmware_sleeps());
     for _ in 0..blocks {
         if q.ring_entries() - (q.last_submitted().value() - q.timeline().value()) < BLOCK as u64 * 2
         {
@@ -33,6 +33,7 @@ pub fn submit_cost(dev: &Device, blocks: usize) -> Result<SubmitCost, Box<dyn st
         per_submit.push(t.elapsed().as_nanos() as f64 / BLOCK as f64);
     }
     let wakes = q.firmware_wakes() - wakes_before;
+    let sleeps = dev.firmware_sleeps() - sleeps_before;
     q.finish(Duration::from_secs(10))?;
     per_submit.sort_by(f64::total_cmp);
     let at = |q: f64| per_submit[((per_submit.len() - 1) as f64 * q).round() as usize];
@@ -40,6 +41,7 @@ pub fn submit_cost(dev: &Device, blocks: usize) -> Result<SubmitCost, Box<dyn st
         median_ns: at(0.5),
         p99_ns: at(0.99),
         futex_wakes: wakes,
+        firmware_sleeps: sleeps,
     })
 }
 
@@ -52,6 +54,8 @@ pub struct SubmitCost {
     pub p99_ns: f64,
     /// Futex wakes the submits made (doorbells that found the firmware asleep).
     pub futex_wakes: u64,
+    /// Sleeps the firmware announced meanwhile (each costs the queue at most one wake).
+    pub firmware_sleeps: u64,
 }
 
 /// Layout of the probe's shared words: the probe's thread id, the parent's "go", the
