@@ -57,7 +57,9 @@ fn firmware_moves_to(dev: &Device, q: &mut userq::Queue, cpu: u32) {
 /// The CPUs this process may run on.
 fn allowed_cpus() -> Vec<usize> {
     let set = rustix::thread::sched_getaffinity(None).expect("affinity");
-    (0..rustix::thread::CpuSet::MAX_CPU).filter(|&c| set.is_set(c)).collect()
+    (0..rustix::thread::CpuSet::MAX_CPU)
+        .filter(|&c| set.is_set(c))
+        .collect()
 }
 
 #[test]
