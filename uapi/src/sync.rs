@@ -93,11 +93,11 @@ pub fn sleep_unless(
 /// publishes it, `flag.word_before`) and sleeps only while the word still holds it. Every
 /// waker that saw this sleep's number bumps the word after that load (the number is stored
 /// with release after it, and wakers load it, then an acquire fence), so each such bump
-/// ends this sleep, whether it lands before the futex wait or wakes it. That is what lets [`ring_doorbell`] skip waking a sleep it already
-/// woke. With a snapshot taken after the announcement (as `sleep_unless` takes it), a
-/// waker's bump could land before the snapshot, after the re-check's work had been
-/// taken by an earlier turn, and the sleep would wait on the bumped value: the loom model
-/// of the doorbell finds that lost wake-up.
+/// ends this sleep, whether it lands before the futex wait or wakes it. That is what lets
+/// [`ring_doorbell`] skip waking a sleep it already woke. With a snapshot taken after the
+/// announcement (as `sleep_unless` takes it), a waker's bump could land before the
+/// snapshot, after the re-check's work had been taken by an earlier turn, and the sleep
+/// would wait on the bumped value: the loom model of the doorbell finds that lost wake-up.
 pub fn announce_and_sleep(
     flag: &SleepFlag,
     word: &AtomicU32,
