@@ -104,6 +104,13 @@ fn submit_to_engines(e: &Engines, job: &Arc<Job>) {
 }
 
 /// Waits (bounded) until `n` engine threads are parked.
+/// `n` engines with a 1 ms slice, once all of them are parked.
+fn parked_engines(n: usize) -> Engines {
+    let e = Engines::start(n, Duration::from_millis(1), Box::new(|| {})).unwrap();
+    until_parked(&e, n);
+    e
+}
+
 fn until_parked(e: &Engines, n: usize) {
     let t = Instant::now();
     while e.shared.parked.load(Relaxed) != n {
@@ -115,10 +122,22 @@ fn until_parked(e: &Engines, n: usize) {
     }
 }
 
+/// Waits for `j` (of `kernel`, `workgroups` workgroups) to complete, and checks that each
+/// workgroup ran once, all of them on the engines.
+fn completes_on_the_engines(e: &Engines, j: &Arc<Job>, kernel: &Count, workgroups: u64) {
+    let done = until_completed(e);
+    assert!(Arc::ptr_eq(&done[0], j));
+    assert_eq!(
+        kernel.runs.load(Relaxed),
+        workgroups,
+        "every workgroup ran once"
+    );
+    assert_eq!(e.inline_stats().1, 0, "all on the engine");
+}
+
 #[test]
 fn while_every_engine_is_parked_the_command_processor_runs_a_bounded_job_once() {
-    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
-    until_parked(&e, 1);
+    let e = parked_engines(1);
     let k = Count::new(true, false);
     let j = job(&k, 40);
     list_quietly(&e, &j);
@@ -148,8 +167,7 @@ fn while_every_engine_is_parked_the_command_processor_runs_a_bounded_job_once() 
 
 #[test]
 fn the_command_processor_leaves_unbounded_jobs_and_busy_engines_alone() {
-    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
-    until_parked(&e, 1);
+    let e = parked_engines(1);
     // Not bounded: never, however idle the engines.
     let long = Count::new(false, false);
     let j = job(&long, 4);
@@ -198,8 +216,7 @@ fn until_completed(e: &Engines) -> Vec<Arc<Job>> {
 
 #[test]
 fn an_engine_whose_kernel_raises_reports_the_job_once_and_serves_on() {
-    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
-    until_parked(&e, 1);
+    let e = parked_engines(1);
     let j = job(&Arc::new(Raise(2)), 8);
     submit_to_engines(&e, &j);
     let done = until_completed(&e);
@@ -227,8 +244,7 @@ fn an_engine_whose_kernel_raises_reports_the_job_once_and_serves_on() {
 
 #[test]
 fn a_job_whose_workgroups_raise_on_two_engines_is_reported_once() {
-    let e = Engines::start(2, Duration::from_millis(1), Box::new(|| {})).unwrap();
-    until_parked(&e, 2);
+    let e = parked_engines(2);
     for _ in 0..20 {
         let j = job(&Arc::new(Raise(0)), 64);
         submit_to_engines(&e, &j);
@@ -244,8 +260,7 @@ fn a_job_whose_workgroups_raise_on_two_engines_is_reported_once() {
 
 #[test]
 fn a_job_that_raises_while_the_command_processor_helps_leaves_the_lists() {
-    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
-    until_parked(&e, 1);
+    let e = parked_engines(1);
     let j = job(&Arc::new(Raise(1)), 8);
     list_quietly(&e, &j);
     assert!(e.help(), "it ran (and raised)");
@@ -276,8 +291,7 @@ fn list_faulted(e: &Engines, job: &Arc<Job>) {
 
 #[test]
 fn a_resumed_small_job_finishes_on_the_command_processor_and_wakes_no_engine() {
-    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
-    until_parked(&e, 1);
+    let e = parked_engines(1);
     // One workgroup: a help call always finishes the workgroup it is in, however long a
     // preemption makes it.
     let k = Count::new(true, false);
@@ -303,24 +317,19 @@ fn a_resumed_small_job_finishes_on_the_command_processor_and_wakes_no_engine() {
 
 #[test]
 fn a_resumed_job_the_command_processor_may_not_run_goes_to_the_engines() {
-    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
-    until_parked(&e, 1);
+    let e = parked_engines(1);
     let k = Count::new(false, false); // not bounded: never on the command processor
     let j = job(&k, 4);
     list_faulted(&e, &j);
     let work = e.shared.work.load(Relaxed);
     e.resume(&j);
     assert_ne!(e.shared.work.load(Relaxed), work, "the engines were kicked");
-    let done = until_completed(&e);
-    assert!(Arc::ptr_eq(&done[0], &j));
-    assert_eq!(k.runs.load(Relaxed), 4, "every workgroup ran once");
-    assert_eq!(e.inline_stats().1, 0, "all on the engine");
+    completes_on_the_engines(&e, &j, &k, 4);
 }
 
 #[test]
 fn a_small_bounded_job_is_left_to_the_command_processor_and_wakes_no_engine() {
-    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
-    until_parked(&e, 1);
+    let e = parked_engines(1);
     // One workgroup: the first help call finishes it, however late it comes (a deferral
     // that ran out meanwhile finds nothing left then).
     let k = Count::new(true, false);
@@ -342,8 +351,7 @@ fn a_small_bounded_job_is_left_to_the_command_processor_and_wakes_no_engine() {
 
 #[test]
 fn a_deferred_job_the_command_processor_does_not_help_with_goes_to_the_engines() {
-    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
-    until_parked(&e, 1);
+    let e = parked_engines(1);
     let k = Count::new(true, false);
     let j = job(&k, 4);
     let t = Instant::now(); // before the deadline is taken
@@ -355,16 +363,12 @@ fn a_deferred_job_the_command_processor_does_not_help_with_goes_to_the_engines()
         e.kick_deferred();
     }
     assert!(t.elapsed() >= HELP_DEFER, "not before the deferral passed");
-    let done = until_completed(&e);
-    assert!(Arc::ptr_eq(&done[0], &j));
-    assert_eq!(k.runs.load(Relaxed), 4, "every workgroup ran once");
-    assert_eq!(e.inline_stats().1, 0, "all on the engine");
+    completes_on_the_engines(&e, &j, &k, 4);
 }
 
 #[test]
 fn large_or_unbounded_jobs_and_busy_engines_wake_the_engines_at_once() {
-    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
-    until_parked(&e, 1);
+    let e = parked_engines(1);
     for j in [
         job(&Count::new(false, false), 1), // unbounded
         job(&Count::new(true, false), (HELP_DEFER_ITEMS / 64 + 1) as u32), // too large
@@ -390,8 +394,7 @@ fn large_or_unbounded_jobs_and_busy_engines_wake_the_engines_at_once() {
 
 #[test]
 fn a_deferred_job_cancelled_before_anyone_ran_it_leaves_the_lists() {
-    let e = Engines::start(1, Duration::from_millis(1), Box::new(|| {})).unwrap();
-    until_parked(&e, 1);
+    let e = parked_engines(1);
     let k = Count::new(true, false);
     let j = job(&k, 4);
     e.submit(j.clone());
