@@ -137,6 +137,18 @@ struct Shared {
 }
 
 impl Shared {
+    /// Drops finished jobs from the ready lists, so that none holds its kernel and
+    /// buffers once collected, and refreshes the `top` hint. Returns it.
+    fn prune_ready(&self) -> u32 {
+        let mut l = self.lists.lock().unwrap_or_else(|e| e.into_inner());
+        for list in &mut l.ready {
+            list.retain(|j| !j.finished());
+        }
+        let top = l.top();
+        self.top.store(top, Release);
+        top
+    }
+
     /// Wakes every idle engine. Called with the lists lock held, after the change that
     /// made work claimable.
     fn notify_engines(&self) {

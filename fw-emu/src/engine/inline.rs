@@ -140,11 +140,7 @@ impl Engines {
             // Off the ready lists (an engine that looked while the last workgroup ran kept
             // it there, unfinished), so it holds no kernel or buffers once collected. A job
             // that raised is cancelled (finished) and posted already.
-            {
-                let mut l = s.lists.lock().unwrap_or_else(|e| e.into_inner());
-                l.ready[job.priority as usize].retain(|j| !j.finished());
-                s.top.store(l.top(), Release);
-            }
+            s.prune_ready();
             if end.last {
                 s.post_completed(job);
             }
@@ -235,16 +231,7 @@ impl Engines {
             return;
         }
         self.deferred_until.store(0, Relaxed);
-        let waits = {
-            let mut l = self.shared.lists.lock().unwrap_or_else(|e| e.into_inner());
-            for list in &mut l.ready {
-                list.retain(|j| !j.finished());
-            }
-            let top = l.top();
-            self.shared.top.store(top, Release);
-            top != 0
-        };
-        if waits {
+        if self.shared.prune_ready() != 0 {
             self.kick();
         }
     }
