@@ -259,10 +259,35 @@ fn random_rings(raw: &Raw, seed: u64, rounds: usize) -> Res<()> {
     Ok(())
 }
 
+/// Scribbles on the device's kick word (writable by every client) for `ms` milliseconds,
+/// never waking anyone: writes it back to the value the sleeping firmware waits on (which
+/// erases another client's bump before the firmware's futex wait) and then a fresh value
+/// (which makes a doorbell that already woke this sleep think its wake is still under
+/// way), over and over. Prints how many writes it made.
+fn kick_scribbler(raw: &Raw, ms: u64) -> Res<()> {
+    let word = &raw.kick.kick.word;
+    let end = Instant::now() + Duration::from_millis(ms);
+    let mut writes = 0u64;
+    while Instant::now() < end {
+        for _ in 0..256 {
+            let before = raw.status.sleep.word_before.load();
+            word.store(before, Relaxed);
+            word.store(before.wrapping_add(7), Relaxed);
+            writes += 2;
+        }
+        std::thread::yield_now();
+    }
+    println!("scribbled {writes} times");
+    Ok(())
+}
+
 pub(crate) fn hostile(case: &str) -> Res<()> {
     let raw = Raw::open()?;
     if let Some(seed) = case.strip_prefix("random-rings:") {
         return random_rings(&raw, seed.parse()?, 40);
+    }
+    if let Some(ms) = case.strip_prefix("kick-scribbler:") {
+        return kick_scribbler(&raw, ms.parse()?);
     }
     let mut q = raw.queue(8)?;
     let buf = raw.buffer(4096)?;
