@@ -45,6 +45,11 @@ pub(crate) struct DeviceInner {
     /// When (monotonic ns) a host signal from this connection last woke the sleeping
     /// firmware for queues parked on the fence; 0: not within [`COLD_SIGNAL_WINDOW_NS`].
     signal_woke_ns: std::sync::atomic::AtomicU64,
+    /// The number of the firmware sleep a host signal of this connection last woke (see
+    /// [`DeviceInner::wake_firmware_for_parked_queues`]).
+    woken_sleep: std::sync::atomic::AtomicU64,
+    /// Futex wakes of the firmware made by this connection's host signals.
+    signal_wakes: std::sync::atomic::AtomicU64,
     socket: PathBuf,
     /// Keeps an embedded device alive while this process uses it. Declared last: it is
     /// dropped after the control socket closes, so the device reclaims this context first.
@@ -66,10 +71,25 @@ impl DeviceInner {
     /// announced its sleep, so that it looks, and if the wake found it asleep, notes the
     /// time: those queues' completions are a wake-up away
     /// ([`DeviceInner::signal_woke_firmware_recently`]).
+    /// Once per firmware sleep, as a queue's doorbell does (`sync::ring_doorbell`): a
+    /// stream of signals while the woken firmware has not run yet makes one wake, not one
+    /// each.
     pub(crate) fn wake_firmware_for_parked_queues(&self) {
-        let woken =
-            userq_uapi::sync::wake_if_announced(&self.status.sleep.sleeping, &self.kick.kick.word);
-        if woken == 0 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sleep = &self.status.sleep;
+        let mut woken = self.woken_sleep.load(Relaxed);
+        let rung = userq_uapi::sync::wake_once_if_announced(
+            (&sleep.sleeping, &sleep.word_before),
+            &self.kick.kick.word,
+            &mut woken,
+        );
+        // Threads racing here at most each make a wake: the memory only saves syscalls.
+        self.woken_sleep.store(woken, Relaxed);
+        let userq_uapi::sync::Doorbell::Woke(n) = rung else {
+            return;
+        };
+        self.signal_wakes.fetch_add(1, Relaxed);
+        if n == 0 {
             return;
         }
         let now = userq_uapi::layout::monotonic_ns().max(1);
@@ -258,6 +278,8 @@ impl Device {
                 fast_doorbell: userq_uapi::sync::register_for_firmware_barrier(),
                 gone: std::sync::atomic::AtomicBool::new(false),
                 signal_woke_ns: std::sync::atomic::AtomicU64::new(0),
+                woken_sleep: std::sync::atomic::AtomicU64::new(0),
+                signal_wakes: std::sync::atomic::AtomicU64::new(0),
                 socket: path.to_owned(),
                 embedded,
             }),
@@ -302,6 +324,16 @@ impl Device {
     /// a queue's doorbells wake each sleep at most once.
     pub fn firmware_sleeps(&self) -> u64 {
         self.inner.status.sleep.sleeps.load()
+    }
+
+    /// How many futex wakes of a sleeping firmware this connection's host signals
+    /// ([`Fence::signal`](crate::Fence::signal), [`Fence::set`](crate::Fence::set)) made:
+    /// only signals of fences that queues are parked on wake it, and at most once per
+    /// firmware sleep ([`Device::firmware_sleeps`]), as a queue's doorbells do.
+    pub fn firmware_wakes(&self) -> u64 {
+        self.inner
+            .signal_wakes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A builder for a new queue.

@@ -1,7 +1,8 @@
-//! A stream of doorbells that finds the firmware asleep wakes it once. The firmware woken
-//! onto the submitting thread's CPU cannot clear its sleep flag until it runs; every
-//! doorbell in between used to make a futex wake of its own. Alone in its test binary: it
-//! pins this process's threads.
+//! A stream of doorbells, or of host signals of a fence a queue is parked on, that finds
+//! the firmware asleep wakes it once. The firmware woken onto the submitting thread's CPU
+//! cannot clear its sleep flag until it runs; every doorbell or signal in between used to
+//! make a futex wake of its own. Alone in its test binary: it pins this process's threads
+//! (its tests take turns, so that each finds one command processor).
 
 mod common;
 
@@ -14,6 +15,21 @@ const LONG: Duration = Duration::from_secs(20);
 const STREAM: usize = 2000;
 const STREAMS: usize = 10;
 
+/// One test at a time: each pins its device's command processor, found by name.
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// An embedded device whose command processor shares this thread's CPU.
+fn pinned_device() -> common::Env {
+    let cpu = rustix::thread::sched_getcpu();
+    let env = common::Env::new();
+    let cp = threads("fw-emu");
+    assert_eq!(cp.len(), 1, "one command processor thread: {cp:?}");
+    // One CPU for both: the woken firmware waits for this thread to give the CPU up.
+    pin(Some(cp[0]), cpu);
+    pin(None, cpu);
+    env
+}
+
 /// Waits (bounded) until the firmware announces a sleep after `after`.
 fn firmware_sleeps_past(dev: &Device, after: u64) {
     let deadline = Instant::now() + LONG;
@@ -25,16 +41,11 @@ fn firmware_sleeps_past(dev: &Device, after: u64) {
 
 #[test]
 fn a_stream_of_doorbells_wakes_a_sleeping_firmware_at_most_once_per_sleep() {
-    let cpu = rustix::thread::sched_getcpu();
-    let env = common::Env::new();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let env = pinned_device();
     let dev = env.dev();
     let mut q = dev.queue().ring_entries(4096).create().unwrap();
     q.submit(Command::nop()).unwrap().wait(LONG).unwrap();
-    let cp = threads("fw-emu");
-    assert_eq!(cp.len(), 1, "one command processor thread: {cp:?}");
-    // One CPU for both: the woken firmware waits for this thread to give the CPU up.
-    pin(Some(cp[0]), cpu);
-    pin(None, cpu);
     let (mut wakes, mut sleeps) = (0, 0);
     for _ in 0..STREAMS {
         let before = dev.firmware_sleeps();
@@ -61,4 +72,39 @@ fn a_stream_of_doorbells_wakes_a_sleeping_firmware_at_most_once_per_sleep() {
         .unwrap()
         .wait_with(WaitMode::Block, LONG)
         .unwrap();
+}
+
+#[test]
+fn a_stream_of_host_signals_wakes_a_sleeping_firmware_at_most_once_per_sleep() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let env = pinned_device();
+    let dev = env.dev();
+    let mut q = dev.create_queue().unwrap();
+    let (mut wakes, mut sleeps) = (0, 0);
+    for _ in 0..STREAMS {
+        // A queue parked on the fence: every signal below the wait's value finds it
+        // parked and wakes the firmware, if it sleeps, to look.
+        let f = dev.create_fence(0).unwrap();
+        let parked = q
+            .submit(Command::wait(&f.point(STREAM as u64 + 1)))
+            .unwrap();
+        let before = dev.firmware_sleeps();
+        firmware_sleeps_past(dev, before);
+        let (w0, s0) = (dev.firmware_wakes(), dev.firmware_sleeps());
+        for v in 1..=STREAM as u64 {
+            f.signal(v).unwrap();
+        }
+        let (w1, s1) = (dev.firmware_wakes(), dev.firmware_sleeps());
+        let stream_sleeps = 1 + (s1 - s0);
+        assert!(
+            w1 - w0 <= stream_sleeps,
+            "{} futex wakes for {stream_sleeps} firmware sleeps in a stream of {STREAM} signals",
+            w1 - w0
+        );
+        wakes += w1 - w0;
+        sleeps += stream_sleeps;
+        f.signal(STREAM as u64 + 1).unwrap();
+        parked.wait(LONG).unwrap();
+    }
+    assert!(wakes >= 1, "no stream woke the firmware ({sleeps} sleeps)");
 }

@@ -6,7 +6,8 @@
 //! `NEED_WAKEUP` protocol. The sleeper's half after its announcement is [`sleep_unless`]
 //! (with a flag, [`announce_and_sleep`], which takes its snapshot of the word before the
 //! announcement); the waker's half is [`wake_if_announced`] (for a flag), [`ring_doorbell`]
-//! (a client's doorbell) or [`wake_waiters`] (for a fence's waiter counts).
+//! and [`wake_once_if_announced`] (a flag, woken once per sleep) or [`wake_waiters`] (for a
+//! fence's waiter counts).
 //!
 //! ```text
 //! sleeper                                   waker
@@ -206,13 +207,28 @@ pub enum Doorbell {
 pub fn ring_doorbell(
     pending: (&AtomicU64, u64),
     context: (&AtomicU64, u64),
-    (sleeping, word_before): (&impl Word64, &impl Word32),
+    flag: (&impl Word64, &impl Word32),
     kick: &AtomicU32,
     woken: &mut u64,
 ) -> Doorbell {
     pending.0.fetch_or(pending.1, Release);
     context.0.fetch_or(context.1, SeqCst);
-    fence(SeqCst);
+    wake_once_if_announced(flag, kick, woken)
+}
+
+/// The waker's half with one wake per sleep, after the caller published its work: what
+/// [`ring_doorbell`] does once its bits are set (see there), for any waker that keeps a
+/// memory `woken` of the sleep it last woke (host signallers of fences that queues are
+/// parked on, too). `flag` is the sleeper's (`sleeping`, `word_before`). `woken` is set
+/// only after the wake syscall returned, so a memory shared by threads never says a sleep
+/// was woken while its wake is still to come.
+#[inline]
+pub fn wake_once_if_announced(
+    (sleeping, word_before): (&impl Word64, &impl Word32),
+    kick: &AtomicU32,
+    woken: &mut u64,
+) -> Doorbell {
+    fence(SeqCst); // pairs with the sleeper's fence after its announcement
     let sleep = sleeping.relaxed();
     // Pairs with the sleeper's release store of the number: its load of the word came
     // before, so the bump below comes after it (see `announce_and_sleep`). The status page
@@ -225,9 +241,10 @@ pub fn ring_doorbell(
     if sleep == *woken && kick.load(Relaxed) != word_before.relaxed() {
         return Doorbell::Waking;
     }
-    *woken = sleep;
     kick.fetch_add(1, Release);
-    Doorbell::Woke(futex_wake_all(kick))
+    let n = futex_wake_all(kick);
+    *woken = sleep;
+    Doorbell::Woke(n)
 }
 
 /// The device-summary word and bit of context `ctx`.
@@ -449,5 +466,32 @@ mod tests {
         // A slot outside the page is ignored, not a panic.
         register_waiter(&theirs, &fence, WaiterSlot { slot: u32::MAX }, true);
         assert_eq!(fence.line.host.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_waker_wakes_each_sleep_once_unless_the_word_was_put_back() {
+        let (sleeping, before, kick) = (AtomicU64::new(0), AtomicU32::new(40), AtomicU32::new(40));
+        let ring = |woken: &mut u64| wake_once_if_announced((&sleeping, &before), &kick, woken);
+        let mut woken = 7;
+        // Awake: no wake, and the memory is forgotten.
+        assert_eq!(ring(&mut woken), Doorbell::Awake);
+        assert_eq!((woken, kick.load(Relaxed)), (0, 40));
+        // Sleep 5: the first wakes it (nobody sleeps on the word here: 0 woken)...
+        sleeping.store(5, Relaxed);
+        assert_eq!(ring(&mut woken), Doorbell::Woke(0));
+        assert_eq!((woken, kick.load(Relaxed)), (5, 41));
+        // ...the next finds the word still moved and makes no syscall.
+        assert_eq!(ring(&mut woken), Doorbell::Waking);
+        assert_eq!(kick.load(Relaxed), 41);
+        // Another client put the word back (erasing the bump): wake again.
+        kick.store(40, Relaxed);
+        assert_eq!(ring(&mut woken), Doorbell::Woke(0));
+        assert_eq!(kick.load(Relaxed), 41);
+        // A later sleep is woken, whatever the word says.
+        sleeping.store(6, Relaxed);
+        before.store(41, Relaxed);
+        kick.store(99, Relaxed);
+        assert_eq!(ring(&mut woken), Doorbell::Woke(0));
+        assert_eq!((woken, kick.load(Relaxed)), (6, 100));
     }
 }

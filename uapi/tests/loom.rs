@@ -69,7 +69,8 @@ struct Doorbell {
 }
 
 impl Doorbell {
-    /// `sync::ring_doorbell`: `woken` is the number of the sleep this client last woke.
+    /// `sync::ring_doorbell` (`wake_once_if_announced` after the bits): `woken` is the
+    /// number of the sleep this client last woke.
     fn ring(&self, woken: &mut u64) {
         self.pending.fetch_or(1, Release);
         self.summary.fetch_or(1, SeqCst);
@@ -79,8 +80,8 @@ impl Doorbell {
         if sleep == 0 {
             *woken = 0;
         } else if sleep != *woken || self.kick.load(Relaxed) == self.before.load(Relaxed) {
-            *woken = sleep;
             self.kick.fetch_add(1, Release);
+            *woken = sleep;
         }
     }
 
