@@ -73,18 +73,22 @@ impl DeviceInner {
     /// ([`DeviceInner::signal_woke_firmware_recently`]).
     /// Once per firmware sleep, as a queue's doorbell does (`sync::ring_doorbell`): a
     /// stream of signals while the woken firmware has not run yet makes one wake, not one
-    /// each.
+    /// each (threads racing may each make one).
     pub(crate) fn wake_firmware_for_parked_queues(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         let sleep = &self.status.sleep;
-        let mut woken = self.woken_sleep.load(Relaxed);
+        let seen = self.woken_sleep.load(Relaxed);
+        let mut woken = seen;
         let rung = userq_uapi::sync::wake_once_if_announced(
             (&sleep.sleeping, &sleep.word_before),
             &self.kick.kick.word,
             &mut woken,
         );
         // Threads racing here at most each make a wake: the memory only saves syscalls.
-        self.woken_sleep.store(woken, Relaxed);
+        // Written only when it changed: no shared store per signal while nothing sleeps.
+        if woken != seen {
+            self.woken_sleep.store(woken, Relaxed);
+        }
         let userq_uapi::sync::Doorbell::Woke(n) = rung else {
             return;
         };
@@ -328,8 +332,9 @@ impl Device {
 
     /// How many futex wakes of a sleeping firmware this connection's host signals
     /// ([`Fence::signal`](crate::Fence::signal), [`Fence::set`](crate::Fence::set)) made:
-    /// only signals of fences that queues are parked on wake it, and at most once per
-    /// firmware sleep ([`Device::firmware_sleeps`]), as a queue's doorbells do.
+    /// only signals of fences that queues are parked on wake it, and a thread signalling
+    /// on its own wakes each firmware sleep ([`Device::firmware_sleeps`]) at most once, as
+    /// a queue's doorbells do (threads racing may each make one).
     pub fn firmware_wakes(&self) -> u64 {
         self.inner
             .signal_wakes

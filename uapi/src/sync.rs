@@ -159,18 +159,19 @@ pub fn firmware_barrier_available() -> bool {
     membarrier_query().contains_command(MembarrierCommand::GlobalExpedited)
 }
 
-/// What [`ring_doorbell`] found the firmware doing.
+/// What [`ring_doorbell`] or [`wake_once_if_announced`] found the firmware doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Doorbell {
     /// Awake: no syscall.
     Awake,
-    /// Asleep, and this doorbell woke it: how many threads the wake syscall woke (0 when
-    /// the firmware had announced its sleep but not gone to sleep yet: its re-check finds
-    /// the work, or its futex wait returns at once on the bumped word).
+    /// Asleep, and this call woke it: how many threads the wake syscall woke (0 when the
+    /// firmware had announced its sleep but not gone to sleep yet: its re-check finds the
+    /// work, or its futex wait returns at once on the bumped word).
     Woke(usize),
-    /// Still in the sleep this caller's own earlier doorbell woke, with the word still
-    /// changed: no syscall, the earlier bump ends that sleep (the woken firmware has not
-    /// run yet).
+    /// Still in the sleep that the caller's memory says was woken (by its own earlier
+    /// call, or by another thread sharing that memory, whose wake has returned), with the
+    /// word still changed: no syscall, the earlier bump ends that sleep (the woken
+    /// firmware has not run yet).
     Waking,
 }
 
