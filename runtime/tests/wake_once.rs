@@ -30,6 +30,21 @@ fn pinned_device() -> common::Env {
     env
 }
 
+/// Once the firmware sleeps, runs `stream`, which returns the futex wakes it made, and
+/// checks that they are at most one per firmware sleep it met (the one it found, and any
+/// the firmware announced meanwhile). Returns the wakes and the sleeps.
+fn one_wake_per_sleep(dev: &Device, what: &str, stream: impl FnOnce() -> u64) -> (u64, u64) {
+    firmware_sleeps_past(dev, dev.firmware_sleeps());
+    let s0 = dev.firmware_sleeps();
+    let woke = stream();
+    let sleeps = 1 + (dev.firmware_sleeps() - s0);
+    assert!(
+        woke <= sleeps,
+        "{woke} futex wakes for {sleeps} firmware sleeps in a stream of {STREAM} {what}"
+    );
+    (woke, sleeps)
+}
+
 /// Waits (bounded) until the firmware announces a sleep after `after`.
 fn firmware_sleeps_past(dev: &Device, after: u64) {
     let deadline = Instant::now() + LONG;
@@ -48,22 +63,15 @@ fn a_stream_of_doorbells_wakes_a_sleeping_firmware_at_most_once_per_sleep() {
     q.submit(Command::nop()).unwrap().wait(LONG).unwrap();
     let (mut wakes, mut sleeps) = (0, 0);
     for _ in 0..STREAMS {
-        let before = dev.firmware_sleeps();
-        firmware_sleeps_past(dev, before);
-        let (w0, s0) = (q.firmware_wakes(), dev.firmware_sleeps());
-        for _ in 0..STREAM {
-            q.enqueue(&[Command::nop()]).unwrap();
-        }
-        let (w1, s1) = (q.firmware_wakes(), dev.firmware_sleeps());
-        // The sleep the stream found, and any the firmware announced during it.
-        let stream_sleeps = 1 + (s1 - s0);
-        assert!(
-            w1 - w0 <= stream_sleeps,
-            "{} futex wakes for {stream_sleeps} firmware sleeps in a stream of {STREAM} doorbells",
-            w1 - w0
-        );
-        wakes += w1 - w0;
-        sleeps += stream_sleeps;
+        let (woke, met) = one_wake_per_sleep(dev, "doorbells", || {
+            let w0 = q.firmware_wakes();
+            for _ in 0..STREAM {
+                q.enqueue(&[Command::nop()]).unwrap();
+            }
+            q.firmware_wakes() - w0
+        });
+        wakes += woke;
+        sleeps += met;
         q.finish(LONG).unwrap();
     }
     // The streams did find the firmware asleep: the check above is not vacuous.
@@ -88,21 +96,15 @@ fn a_stream_of_host_signals_wakes_a_sleeping_firmware_at_most_once_per_sleep() {
         let parked = q
             .submit(Command::wait(&f.point(STREAM as u64 + 1)))
             .unwrap();
-        let before = dev.firmware_sleeps();
-        firmware_sleeps_past(dev, before);
-        let (w0, s0) = (dev.firmware_wakes(), dev.firmware_sleeps());
-        for v in 1..=STREAM as u64 {
-            f.signal(v).unwrap();
-        }
-        let (w1, s1) = (dev.firmware_wakes(), dev.firmware_sleeps());
-        let stream_sleeps = 1 + (s1 - s0);
-        assert!(
-            w1 - w0 <= stream_sleeps,
-            "{} futex wakes for {stream_sleeps} firmware sleeps in a stream of {STREAM} signals",
-            w1 - w0
-        );
-        wakes += w1 - w0;
-        sleeps += stream_sleeps;
+        let (woke, met) = one_wake_per_sleep(dev, "signals", || {
+            let w0 = dev.firmware_wakes();
+            for v in 1..=STREAM as u64 {
+                f.signal(v).unwrap();
+            }
+            dev.firmware_wakes() - w0
+        });
+        wakes += woke;
+        sleeps += met;
         f.signal(STREAM as u64 + 1).unwrap();
         parked.wait(LONG).unwrap();
     }
