@@ -375,7 +375,17 @@ impl Command {
             }
             other => return Err(PacketError::UnknownOpcode(other)),
         };
-        if let Some(i) = p.args[used..].iter().position(|&w| w != 0) {
+        // The words past the command's own must be zero. One OR over all seven, masked,
+        // with no early exit: a fixed, branch-free loop (this runs for every packet); the
+        // position is looked for only when one is not zero.
+        let stray = p
+            .args
+            .iter()
+            .enumerate()
+            .fold(0, |acc, (i, &w)| acc | if i >= used { w } else { 0 });
+        if stray != 0 {
+            // Found: `stray` is the OR of exactly these words.
+            let i = p.args[used..].iter().position(|&w| w != 0).unwrap_or(0);
             return Err(PacketError::ReservedNotZero {
                 word: (used + i + 1) as u8,
             });
