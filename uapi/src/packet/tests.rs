@@ -70,6 +70,13 @@ fn unknown_opcode_and_reserved_bits_are_rejected() {
         Command::decode(&p),
         Err(PacketError::ReservedNotZero { word: 2 })
     );
+    // Several stray words: the first is named.
+    let mut p = Command::Nop.encode();
+    (p.args[2], p.args[5]) = (1 << 63, 3);
+    assert_eq!(
+        Command::decode(&p),
+        Err(PacketError::ReservedNotZero { word: 3 })
+    );
 }
 
 #[test]
