@@ -79,14 +79,15 @@ fn targets(points: &[FencePoint]) -> Vec<Target<'_>> {
     points.iter().map(FencePoint::target).collect()
 }
 
-/// Whether the values alone say the wait is over (every point reached, or with `!all`
-/// one): a spinning wait's check, without the error words [`decide`] also reads.
+/// The wait's result if the values alone end it (every point reached: `Ok(0)`; with
+/// `!all`, the first reached point's index), as [`decide`] would return it: a spinning
+/// wait's check, without the error words `decide` also reads.
 #[inline]
-fn reached(points: &[Target<'_>], all: bool) -> bool {
+fn reached(points: &[Target<'_>], all: bool) -> Option<usize> {
     if all {
-        points.iter().all(|(f, v)| f.reached(*v))
+        points.iter().all(|(f, v)| f.reached(*v)).then_some(0)
     } else {
-        points.iter().any(|(f, v)| f.reached(*v))
+        points.iter().position(|(f, v)| f.reached(*v))
     }
 }
 
@@ -156,13 +157,12 @@ pub(crate) fn wait_many(
         // the timeout and the back-off) only between bursts.
         if !spin.is_zero() {
             // Each check of the burst loads the values alone (as a bare polling loop
-            // does); poison and device loss are looked at when one is reached and after
-            // the burst, a microsecond or two later at most.
+            // does), and a reached value ends the wait as `decide` would; poison and
+            // device loss are looked at after the burst, a microsecond or two later at
+            // most.
             for _ in 0..64 {
-                if reached(points, all) {
-                    if let Some(r) = decide(points, all) {
-                        return r;
-                    }
+                if let Some(i) = reached(points, all) {
+                    return Ok(i);
                 }
                 core::hint::spin_loop();
             }
