@@ -116,8 +116,8 @@ impl Report {
     }
 
     /// Submit cost over the rounds: (median of the rounds' medians, median of their p99s,
-    /// worst round's p99, futex wakes in all rounds).
-    pub fn submit(&self) -> Option<(f64, f64, f64, u64)> {
+    /// worst round's p99, futex wakes in all rounds, firmware sleeps in all rounds).
+    pub fn submit(&self) -> Option<(f64, f64, f64, u64, u64)> {
         if self.submit_rounds.is_empty() {
             return None;
         }
@@ -127,6 +127,7 @@ impl Report {
             median(r.iter().map(|c| c.p99_ns).collect()),
             r.iter().map(|c| c.p99_ns).fold(0.0, f64::max),
             r.iter().map(|c| c.futex_wakes).sum(),
+            r.iter().map(|c| c.firmware_sleeps).sum(),
         ))
     }
 
@@ -223,13 +224,12 @@ impl Report {
                 );
             }
         }
-        if let Some((cost, p99, worst, wakes)) = self.submit() {
+        if let Some((cost, p99, worst, wakes, sleeps)) = self.submit() {
             let per: Vec<String> = self
                 .submit_rounds
                 .iter()
                 .map(|c| format!("{:.1}/{:.1}", c.median_ns, c.p99_ns))
                 .collect();
-            let sleeps: u64 = self.submit_rounds.iter().map(|c| c.firmware_sleeps).sum();
             println!(
                 "\nsubmit cost over {} rounds: median {cost:.1} ns, p99 {p99:.1} ns (worst round {worst:.1} ns) per NOP submit; {wakes} futex wakes while measuring (the firmware slept {sleeps} times meanwhile); per round median/p99: {}",
                 self.submit_rounds.len(),
@@ -328,7 +328,7 @@ impl Report {
             "throughput": throughput,
             "scaling": scaling,
             "idle_cpu": self.idle_cpu,
-            "submit": self.submit().map(|(median, p99, worst, wakes)| json!({
+            "submit": self.submit().map(|(median, p99, worst, wakes, sleeps)| json!({
                 "median_ns": (median * 100.0).round() / 100.0,
                 "p99_ns": (p99 * 100.0).round() / 100.0,
                 "worst_round_p99_ns": (worst * 100.0).round() / 100.0,
@@ -337,7 +337,7 @@ impl Report {
                     "p99_ns": (c.p99_ns * 100.0).round() / 100.0,
                 })).collect::<Vec<_>>(),
                 "futex_wakes": wakes,
-                "firmware_sleeps": self.submit_rounds.iter().map(|c| c.firmware_sleeps).sum::<u64>(),
+                "firmware_sleeps": sleeps,
                 "syscalls_traced": self.submit_syscalls,
             })),
             "paired": self.paired.iter().map(|p| json!({

@@ -129,7 +129,7 @@ impl Report {
                 verdict: Some(r >= 5.0),
             });
         }
-        if let Some((cost, p99, worst, wakes)) = self.submit() {
+        if let Some((cost, p99, worst, wakes, sleeps)) = self.submit() {
             let traced = match self.submit_syscalls {
                 Some(n) => format!("{n} syscalls under strace"),
                 None => "strace unavailable".into(),
@@ -140,7 +140,7 @@ impl Report {
                     self.submit_rounds.len()
                 ),
                 measured: format!(
-                    "median {cost:.1} ns, p99 {p99:.1} ns (worst round {worst:.1} ns), {wakes} futex wakes, {traced}"
+                    "median {cost:.1} ns, p99 {p99:.1} ns (worst round {worst:.1} ns), {wakes} futex wakes (the firmware slept {sleeps} times), {traced}"
                 ),
                 verdict: Some(
                     cost <= 30.0 && p99 <= 100.0 && wakes == 0 && self.submit_syscalls.unwrap_or(0) == 0,
