@@ -263,7 +263,14 @@ fn a_job_that_raises_while_the_command_processor_helps_leaves_the_lists() {
     let e = parked_engines(1);
     let j = job(&Arc::new(Raise(1)), 8);
     list_quietly(&e, &j);
-    assert!(e.help(), "it ran (and raised)");
+    // Each call runs workgroups for one slice, at least one workgroup: a call the test
+    // thread was preempted in may end before workgroup 1 (seen under a loaded `cargo test`).
+    for _ in 0..8 {
+        assert!(e.help(), "it ran");
+        if j.exception().is_some() {
+            break;
+        }
+    }
     assert_eq!(j.exception(), Some(1));
     let done = e.take_completed();
     assert_eq!(done.len(), 1, "posted once");
