@@ -170,3 +170,57 @@ fn the_wait_for_jobs_policy_deadlocks_on_the_same_scenario_and_ends_cleanly() {
     drop((q, b, dev));
     daemon.stop();
 }
+
+/// While kmd-shim has a fault to service, the device status says so
+/// (`Device::faults_in_service`, which spinning waits give way on), and it says so no
+/// longer once the reply came. kmd-shim is frozen with SIGSTOP to hold the fault there.
+#[test]
+fn a_fault_is_counted_in_service_until_kmd_shim_replies() {
+    use rustix::process::Signal;
+    let daemon = Daemon::start();
+    let dev = userq::Device::connect(&daemon.socket).expect("connect");
+    let mut q = dev.create_queue().expect("queue");
+    let words = 1024;
+    let b = dev.alloc_on_demand::<u32>(words).expect("on-demand buffer");
+    let fill = |v| userq::kernels::fill_u32(words as u32, v, &b).expect("fill");
+    // The first dispatch allocates the queue's argument area (a control call) and faults
+    // the page in; then the page goes back to the host, so the next dispatch faults.
+    q.submit(fill(7))
+        .unwrap()
+        .wait(Duration::from_secs(30))
+        .unwrap();
+    b.migrate_to_host(0..words).expect("migrate to host");
+    let settled = |want: u32| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while dev.faults_in_service() != want {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    };
+    assert!(
+        settled(0),
+        "no fault should be in service after the first dispatch"
+    );
+
+    daemon.proc.signal(Signal::STOP);
+    let point = q.submit(fill(9)).unwrap();
+    let counted = settled(1);
+    let done_while_frozen = point.poll();
+    daemon.proc.signal(Signal::CONT);
+    assert!(counted, "the fault was never counted in service");
+    assert_eq!(
+        done_while_frozen,
+        Ok(false),
+        "the faulting dispatch completed with kmd-shim frozen"
+    );
+    point
+        .wait_with(userq::WaitMode::Spin, Duration::from_secs(30))
+        .expect("the dispatch completes once kmd-shim runs");
+    assert!(settled(0), "the fault stayed counted after its reply");
+    assert!(b.to_vec().iter().all(|&v| v == 9));
+    drop((point, q, b, dev));
+    daemon.stop();
+}

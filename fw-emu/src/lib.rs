@@ -424,6 +424,7 @@ impl Firmware {
             self.shutdown = true;
         }
         self.check_hangs();
+        self.prune_faults();
         self.publish_telemetry();
         self.sched.stop_polling(&mut self.contexts, false)
     }

@@ -27,6 +27,7 @@
 use crate::job::Job;
 use crate::window::{state, Pool, Window};
 use crate::{Firmware, QueueId, PREEMPT_TIMEOUT};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use userq_uapi::error::ErrorCode;
@@ -61,6 +62,11 @@ pub(crate) struct Paging {
     invalidations: Vec<PendingInvalidate>,
     waits: Vec<PendingWait>,
     next_batch: u64,
+    /// Jobs stopped on a fault whose reply has not come (queue, job id): their count is
+    /// `DeviceHealth::faults_in_service`.
+    awaiting: Vec<(QueueId, u64)>,
+    /// The count last stored there.
+    published: u32,
 }
 
 impl Paging {
@@ -93,6 +99,9 @@ impl Firmware {
                 continue;
             }
             let (q, job) = (n.queue, n.job);
+            if !self.paging.awaiting.contains(&(q, job)) {
+                self.paging.awaiting.push((q, job));
+            }
             let own = n
                 .pages
                 .into_iter()
@@ -123,7 +132,36 @@ impl Firmware {
                 });
             }
         }
+        self.publish_faults();
         true
+    }
+
+    /// Stores the count of jobs waiting for a fault's reply in the device status, if it
+    /// changed (`DeviceHealth::faults_in_service`: spinning host threads give way while
+    /// it is not zero, so that kmd-shim's threads get a CPU).
+    pub(crate) fn publish_faults(&mut self) {
+        let n = self.paging.awaiting.len() as u32;
+        if n != self.paging.published {
+            self.paging.published = n;
+            self.status.health.faults_in_service.store(n, Relaxed);
+        }
+    }
+
+    /// Forgets the faulted jobs whose reply can no longer matter (their queue was reset or
+    /// destroyed, or the job ended), so that the published count cannot stay up; at each
+    /// tick (every 10 ms while the loop is busy, at the latest on the sleep's timeout).
+    pub(crate) fn prune_faults(&mut self) {
+        if self.paging.awaiting.is_empty() {
+            return;
+        }
+        let contexts = &self.contexts;
+        self.paging.awaiting.retain(|&(q, job)| {
+            contexts
+                .queue(q)
+                .and_then(|q| q.running_job())
+                .is_some_and(|j| j.id == job && j.unfinished() && !j.is_cancelled())
+        });
+        self.publish_faults();
     }
 
     /// MAP_ON_DEMAND.
@@ -286,6 +324,8 @@ impl Firmware {
         code: u32,
         address: u64,
     ) -> FwStatus {
+        self.paging.awaiting.retain(|&a| a != (id, job));
+        self.publish_faults();
         let Some(q) = self.contexts.queue(id) else {
             return FwStatus::NotFound;
         };

@@ -140,6 +140,12 @@ impl DeviceInner {
         (cpu != userq_uapi::layout::CPU_UNKNOWN).then_some(cpu)
     }
 
+    /// Jobs stopped on a page fault that kmd-shim has not answered yet
+    /// ([`DeviceHealth::faults_in_service`](userq_uapi::layout::DeviceHealth)).
+    pub(crate) fn faults_in_service(&self) -> u32 {
+        self.status.health.faults_in_service.load()
+    }
+
     /// Whether the calling thread runs on the CPU where the firmware's command processor
     /// runs, awake (vDSO `getcpu`, about 2.5 ns, and loads from two lines that change
     /// rarely). A sleeping command processor competes for no CPU, and may be woken on any.
@@ -321,6 +327,16 @@ impl Device {
     /// [`WaitMode`](crate::WaitMode)).
     pub fn firmware_cpu(&self) -> Option<u32> {
         self.inner.firmware_cpu()
+    }
+
+    /// How many jobs on this device are stopped on a page fault that kmd-shim has not
+    /// answered yet (any context's): the firmware's count, stored when it changes; jobs of
+    /// queues reset or destroyed meanwhile leave it at the firmware's next tick. While it is
+    /// not zero, a spinning wait gives its CPU up once per burst of checks, so that
+    /// kmd-shim's event and pager threads, which the fault's service needs, are not queued
+    /// behind it.
+    pub fn faults_in_service(&self) -> u32 {
+        self.inner.faults_in_service()
     }
 
     /// How many times the firmware has announced a sleep (its NEED_WAKEUP flag) since it

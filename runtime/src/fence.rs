@@ -96,6 +96,13 @@ impl FenceInner {
     /// thread shares the CPU its command processor last ran on: a spin for it then holds
     /// off the work it waits for. A user fence does not count: a host thread elsewhere may
     /// signal it.
+    /// Whether the device has a page fault in service (see [`Device::faults_in_service`]).
+    ///
+    /// [`Device::faults_in_service`]: crate::Device::faults_in_service
+    pub(crate) fn faults_in_service(&self) -> bool {
+        self.dev.faults_in_service() != 0
+    }
+
     pub(crate) fn on_firmware_cpu(&self) -> bool {
         self.kind == FenceKind::Timeline && self.dev.on_firmware_cpu()
     }

@@ -42,7 +42,7 @@ pub use telemetry::{
 pub use waiters::{ContextWaiters, FenceWaiters, WaiterLine, WaiterSlot, WAITER_SLOTS};
 
 /// The ABI version. Bumped on any change to a layout, packet or message in this crate.
-pub const ABI_VERSION: u32 = 11;
+pub const ABI_VERSION: u32 = 12;
 
 /// Size of a cache line on the machines userq targets. Fields written by different
 /// parties are at least this far apart.
@@ -316,6 +316,12 @@ pub struct DeviceHealth<A: Access = ReadWrite> {
     pub generation: A::U64,
     /// Incremented by the firmware at least every [`crate::HEARTBEAT_PERIOD_MS`].
     pub heartbeat: A::U64,
+    /// Jobs stopped on a page fault whose reply from kmd-shim the firmware has not had yet
+    /// (stored by the firmware only when the count changes; a hint). While it is not zero,
+    /// kmd-shim's event and pager threads have work that completions wait for: a host thread
+    /// spinning for this device's work gives its CPU up between bursts of checks, or a
+    /// pager thread woken onto that CPU waits for the scheduler's tick.
+    pub faults_in_service: A::U32,
 }
 
 /// The futex word the firmware sleeps on, and the device-wide summary of rung contexts.
@@ -458,6 +464,11 @@ const _: () = {
     );
     assert!(offset_of!(DeviceStatus<ReadOnly>, health) == offset_of!(DeviceStatus, health));
     assert!(offset_of!(DeviceHealth<ReadOnly>, heartbeat) == offset_of!(DeviceHealth, heartbeat));
+    assert!(
+        offset_of!(DeviceHealth<ReadOnly>, faults_in_service)
+            == offset_of!(DeviceHealth, faults_in_service)
+    );
+    assert!(size_of::<DeviceHealth>() == CACHE_LINE);
     assert!(offset_of!(ObjectHeader<ReadOnly>, id) == offset_of!(ObjectHeader, id));
     assert!(offset_of!(ObjectHeader, id) == 16);
     assert!(offset_of!(DoorbellPage, header) == 0 && offset_of!(FenceState, header) == 0);
