@@ -205,11 +205,39 @@ fn a_fault_is_counted_in_service_until_kmd_shim_replies() {
         "no fault should be in service after the first dispatch"
     );
 
+    // Declared after the queue and the buffer, so dropped before them if an assertion
+    // fails while kmd-shim is frozen: their drops are calls kmd-shim must answer.
+    struct Thaw<'a>(&'a Proc);
+    impl Drop for Thaw<'_> {
+        fn drop(&mut self) {
+            self.0.signal(Signal::CONT);
+        }
+    }
+    let thaw = Thaw(&daemon.proc);
     daemon.proc.signal(Signal::STOP);
+    // SIGSTOP takes effect asynchronously: wait until every kmd-shim thread has stopped,
+    // so that none services the fault before it is seen counted.
+    let tasks = format!("/proc/{}/task", daemon.proc.pid());
+    let all_stopped = || {
+        std::fs::read_dir(&tasks).is_ok_and(|d| {
+            d.flatten().all(|t| {
+                std::fs::read_to_string(t.path().join("stat"))
+                    .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('T')))
+            })
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !all_stopped() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kmd-shim did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let point = q.submit(fill(9)).unwrap();
     let counted = settled(1);
     let done_while_frozen = point.poll();
-    daemon.proc.signal(Signal::CONT);
+    drop(thaw);
     assert!(counted, "the fault was never counted in service");
     assert_eq!(
         done_while_frozen,

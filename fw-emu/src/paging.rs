@@ -62,9 +62,11 @@ pub(crate) struct Paging {
     invalidations: Vec<PendingInvalidate>,
     waits: Vec<PendingWait>,
     next_batch: u64,
-    /// Jobs stopped on a fault whose reply has not come (queue, job id): their count is
-    /// `DeviceHealth::faults_in_service`.
-    awaiting: Vec<(QueueId, u64)>,
+    /// Jobs stopped on a fault whose reply has not come: (queue, job id, replies owed).
+    /// kmd-shim replies once per job per batch, and a job's faults can go in several
+    /// batches (a flush larger than a batch; another workgroup of the job faulting
+    /// later). Their count is `DeviceHealth::faults_in_service`.
+    awaiting: Vec<(QueueId, u64, u32)>,
     /// The count last stored there.
     published: u32,
 }
@@ -99,9 +101,6 @@ impl Firmware {
                 continue;
             }
             let (q, job) = (n.queue, n.job);
-            if !self.paging.awaiting.contains(&(q, job)) {
-                self.paging.awaiting.push((q, job));
-            }
             let own = n
                 .pages
                 .into_iter()
@@ -119,6 +118,22 @@ impl Firmware {
         for batch in faults.chunks(FAULT_BATCH_MAX) {
             let id = self.paging.next_batch;
             self.paging.next_batch += 1;
+            // One reply owed per job in the batch.
+            let mut jobs: Vec<(u32, u32, u64)> = batch.iter().map(|f| (f.0, f.2, f.3)).collect();
+            jobs.sort_unstable();
+            jobs.dedup();
+            for (ctx, slot, job) in jobs {
+                let q = QueueId { ctx, slot };
+                match self
+                    .paging
+                    .awaiting
+                    .iter_mut()
+                    .find(|a| (a.0, a.1) == (q, job))
+                {
+                    Some(a) => a.2 += 1,
+                    None => self.paging.awaiting.push((q, job, 1)),
+                }
+            }
             for (i, &(ctx, address, slot, job, ahead, access)) in batch.iter().enumerate() {
                 self.control.emit(FwEvent::Fault {
                     ctx,
@@ -148,14 +163,15 @@ impl Firmware {
     }
 
     /// Forgets the faulted jobs whose reply can no longer matter (their queue was reset or
-    /// destroyed, or the job ended), so that the published count cannot stay up; at each
-    /// tick (every 10 ms while the loop is busy, at the latest on the sleep's timeout).
+    /// destroyed, or the job ended), so that the published count cannot stay up: after
+    /// kmd-shim's requests (resets, destroys, unmaps), and at each tick for the rest (a job
+    /// cancelled by its own exception).
     pub(crate) fn prune_faults(&mut self) {
         if self.paging.awaiting.is_empty() {
             return;
         }
         let contexts = &self.contexts;
-        self.paging.awaiting.retain(|&(q, job)| {
+        self.paging.awaiting.retain(|&(q, job, _)| {
             contexts
                 .queue(q)
                 .and_then(|q| q.running_job())
@@ -324,8 +340,18 @@ impl Firmware {
         code: u32,
         address: u64,
     ) -> FwStatus {
-        self.paging.awaiting.retain(|&a| a != (id, job));
-        self.publish_faults();
+        if let Some(i) = self
+            .paging
+            .awaiting
+            .iter()
+            .position(|a| (a.0, a.1) == (id, job))
+        {
+            self.paging.awaiting[i].2 -= 1;
+            if self.paging.awaiting[i].2 == 0 {
+                self.paging.awaiting.swap_remove(i);
+                self.publish_faults();
+            }
+        }
         let Some(q) = self.contexts.queue(id) else {
             return FwStatus::NotFound;
         };

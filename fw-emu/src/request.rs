@@ -63,6 +63,11 @@ impl Firmware {
                 break;
             }
         }
+        if any {
+            // A reset, a destroy or an unmap may have ended a job that waited for a fault's
+            // reply: the published count goes down now, not at the next tick.
+            self.prune_faults();
+        }
         any
     }
 

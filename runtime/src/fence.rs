@@ -92,10 +92,6 @@ impl FenceInner {
             || (self.kind == FenceKind::Timeline && self.dev.signal_woke_firmware_recently())
     }
 
-    /// Whether only the firmware advances this fence (a queue timeline) and the calling
-    /// thread shares the CPU its command processor last ran on: a spin for it then holds
-    /// off the work it waits for. A user fence does not count: a host thread elsewhere may
-    /// signal it.
     /// Whether the device has a page fault in service (see [`Device::faults_in_service`]).
     ///
     /// [`Device::faults_in_service`]: crate::Device::faults_in_service
@@ -103,6 +99,10 @@ impl FenceInner {
         self.dev.faults_in_service() != 0
     }
 
+    /// Whether only the firmware advances this fence (a queue timeline) and the calling
+    /// thread shares the CPU its command processor last ran on: a spin for it then holds
+    /// off the work it waits for. A user fence does not count: a host thread elsewhere may
+    /// signal it.
     pub(crate) fn on_firmware_cpu(&self) -> bool {
         self.kind == FenceKind::Timeline && self.dev.on_firmware_cpu()
     }

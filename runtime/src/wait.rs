@@ -154,6 +154,8 @@ pub(crate) fn wait_many(
     };
     let (spin, yield_until) = mode.phases(points);
     let mut backoff = Backoff::new(spin, yield_until);
+    // Whether the back-off has reached its yield phase (it yields once a burst itself).
+    let mut yielding = false;
     'spinning: loop {
         // A burst of checks with one pause each, like a bare polling loop; the clock (for
         // the timeout and the back-off) only between bursts.
@@ -171,14 +173,6 @@ pub(crate) fn wait_many(
             if let Some(r) = decide(points, all) {
                 return r;
             }
-            // A page fault in service needs kmd-shim's event and pager threads, and the
-            // scheduler may have queued them on this CPU (with the other one busy, or idle
-            // but not yet balancing): a spin would hold them off until its tick, 1-4 ms
-            // (`perf sched timehist`). Give way once a burst while any fault is in service
-            // on a device waited on; with nothing else runnable the yield returns at once.
-            if points.iter().any(|(f, _)| f.faults_in_service()) {
-                std::thread::yield_now();
-            }
             // Not done within a burst: if this thread shares its CPU with the command
             // processor that must complete a queue timeline it waits for, spinning (or
             // yielding, which under EEVDF need not hand the CPU over) holds off the very
@@ -186,6 +180,15 @@ pub(crate) fn wait_many(
             // local switch. A spin wait does not (see `WaitMode::Spin`).
             if mode == WaitMode::Adaptive && points.iter().any(|(f, _)| f.on_firmware_cpu()) {
                 break 'spinning;
+            }
+            // A page fault in service needs kmd-shim's event and pager threads, and the
+            // scheduler may have queued them on this CPU (with the other one busy, or idle
+            // but not yet balancing): a spin would hold them off until its tick, 1-4 ms
+            // (`perf sched timehist`). Give way once a burst while any fault is in service
+            // on a device waited on, whoever's it is (those threads serve every context);
+            // with nothing else runnable the yield returns at once.
+            if !yielding && points.iter().any(|(f, _)| f.faults_in_service()) {
+                std::thread::yield_now();
             }
         } else if let Some(r) = decide(points, all) {
             return r;
@@ -196,7 +199,10 @@ pub(crate) fn wait_many(
         loop {
             match backoff.step() {
                 BackoffStep::Sleep => break 'spinning,
-                BackoffStep::Yield => continue 'spinning,
+                BackoffStep::Yield => {
+                    yielding = true;
+                    continue 'spinning;
+                }
                 BackoffStep::Spin if backoff.elapsed() < spin => continue 'spinning,
                 BackoffStep::Spin => {}
             }
