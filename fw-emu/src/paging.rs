@@ -67,8 +67,8 @@ pub(crate) struct Paging {
     /// batches (a flush larger than a batch; another workgroup of the job faulting
     /// later). Their count is `DeviceHealth::faults_in_service`.
     awaiting: Vec<(QueueId, u64, u32)>,
-    /// The count last stored there.
-    published: u32,
+    /// The count and the context mask last stored there.
+    published: (u32, u64),
 }
 
 impl Paging {
@@ -151,15 +151,25 @@ impl Firmware {
         true
     }
 
-    /// Stores the count of jobs waiting for a fault's reply in the device status, if it
-    /// changed (`DeviceHealth::faults_in_service`: spinning host threads give way while
-    /// it is not zero, so that kmd-shim's threads get a CPU).
+    /// Stores the count of jobs waiting for a fault's reply, and their contexts' bits, in
+    /// the device status, if they changed (`DeviceHealth::faults_in_service` and
+    /// `faulting_contexts`: a context's spinning host threads give way while its bit is
+    /// set, so that kmd-shim's threads get a CPU).
     pub(crate) fn publish_faults(&mut self) {
         let n = self.paging.awaiting.len() as u32;
-        if n != self.paging.published {
-            self.paging.published = n;
+        let mask = self
+            .paging
+            .awaiting
+            .iter()
+            .fold(0u64, |m, a| m | 1 << (a.0.ctx % 64));
+        let (old_n, old_mask) = self.paging.published;
+        if mask != old_mask {
+            self.status.health.faulting_contexts.store(mask, Relaxed);
+        }
+        if n != old_n {
             self.status.health.faults_in_service.store(n, Relaxed);
         }
+        self.paging.published = (n, mask);
     }
 
     /// Forgets the faulted jobs whose reply can no longer matter (their queue was reset or

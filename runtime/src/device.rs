@@ -146,6 +146,12 @@ impl DeviceInner {
         self.status.health.faults_in_service.load()
     }
 
+    /// Whether a job of this context (or of one sharing its bit) waits for a page fault's
+    /// reply ([`DeviceHealth::faulting_contexts`](userq_uapi::layout::DeviceHealth)).
+    pub(crate) fn context_faulting(&self) -> bool {
+        self.status.health.faulting_contexts.load() & (1 << (self.ctx % 64)) != 0
+    }
+
     /// Whether the calling thread runs on the CPU where the firmware's command processor
     /// runs, awake (vDSO `getcpu`, about 2.5 ns, and loads from two lines that change
     /// rarely). A sleeping command processor competes for no CPU, and may be woken on any.
@@ -329,12 +335,12 @@ impl Device {
         self.inner.firmware_cpu()
     }
 
-    /// How many jobs on this device are stopped on a page fault that kmd-shim has not
-    /// answered yet (any context's): the firmware's count, stored when it changes; jobs of
-    /// queues reset or destroyed meanwhile leave it at the firmware's next tick. While it is
-    /// not zero, a spinning wait gives its CPU up once per burst of checks, so that
-    /// kmd-shim's event and pager threads, which the fault's service needs, are not queued
-    /// behind it.
+    /// How many jobs on this device wait for a page fault's reply from kmd-shim (any
+    /// context's): the firmware's count, stored when it changes; jobs of queues reset,
+    /// destroyed or unmapped meanwhile leave it after kmd-shim's request. While a job of
+    /// this context waits so, this context's spinning waits give their CPU up once per
+    /// burst of checks, so that kmd-shim's event and pager threads, which the fault needs,
+    /// are not queued behind them.
     pub fn faults_in_service(&self) -> u32 {
         self.inner.faults_in_service()
     }

@@ -92,11 +92,12 @@ impl FenceInner {
             || (self.kind == FenceKind::Timeline && self.dev.signal_woke_firmware_recently())
     }
 
-    /// Whether the device has a page fault in service (see [`Device::faults_in_service`]).
+    /// Whether a job of the waiting context has a page fault in service (see
+    /// [`Device::faults_in_service`]).
     ///
     /// [`Device::faults_in_service`]: crate::Device::faults_in_service
-    pub(crate) fn faults_in_service(&self) -> bool {
-        self.dev.faults_in_service() != 0
+    pub(crate) fn context_faulting(&self) -> bool {
+        self.dev.context_faulting()
     }
 
     /// Whether only the firmware advances this fence (a queue timeline) and the calling

@@ -17,9 +17,10 @@ pub enum WaitMode {
     /// sleeps, so it never hands its placement back to the scheduler's wake-up choice,
     /// which on a busy machine puts a woken thread next to its waker: a spin wait that
     /// slept on the command processor's CPU was woken there again, round trip after round
-    /// trip (thousands of 10-70 us round trips in a row, measured). While the device has a
-    /// page fault in service ([`crate::Device::faults_in_service`]) it yields once per
-    /// burst of checks, so that kmd-shim's threads, which the fault needs, get the CPU.
+    /// trip (thousands of 10-70 us round trips in a row, measured). While a job of its
+    /// context waits for a page fault's reply ([`crate::Device::faults_in_service`]) it
+    /// yields once per burst of checks, so that kmd-shim's threads, which the fault needs,
+    /// get the CPU.
     Spin,
     /// Sleep on the futex at once. Costs a wake-up (tens of microseconds).
     Block,
@@ -184,10 +185,11 @@ pub(crate) fn wait_many(
             // A page fault in service needs kmd-shim's event and pager threads, and the
             // scheduler may have queued them on this CPU (with the other one busy, or idle
             // but not yet balancing): a spin would hold them off until its tick, 1-4 ms
-            // (`perf sched timehist`). Give way once a burst while any fault is in service
-            // on a device waited on, whoever's it is (those threads serve every context);
-            // with nothing else runnable the yield returns at once.
-            if !yielding && points.iter().any(|(f, _)| f.faults_in_service()) {
+            // (`perf sched timehist`). Give way once a burst while a fault of this context
+            // is in service; with nothing else runnable the yield returns at once. Other
+            // contexts' spinners do not: yielding to a fault storm's threads cost an
+            // innocent spinner 35 us at p99 in one round of five (`userq-bench paging`).
+            if !yielding && points.iter().any(|(f, _)| f.context_faulting()) {
                 std::thread::yield_now();
             }
         } else if let Some(r) = decide(points, all) {

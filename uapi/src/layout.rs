@@ -316,11 +316,16 @@ pub struct DeviceHealth<A: Access = ReadWrite> {
     pub generation: A::U64,
     /// Incremented by the firmware at least every [`crate::HEARTBEAT_PERIOD_MS`].
     pub heartbeat: A::U64,
-    /// Jobs stopped on a page fault whose reply from kmd-shim the firmware has not had yet
-    /// (stored by the firmware only when the count changes; a hint). While it is not zero,
-    /// kmd-shim's event and pager threads have work that completions wait for: a host thread
-    /// spinning for this device's work gives its CPU up between bursts of checks, or a
-    /// pager thread woken onto that CPU waits for the scheduler's tick.
+    /// Which contexts have a job waiting for a page fault's reply from kmd-shim: bit
+    /// `ctx % 64` (contexts sharing a bit share it; a hint, stored by the firmware only
+    /// when it changes). While its context's bit is set, a host thread spinning for that
+    /// context's work gives its CPU up between bursts of checks: kmd-shim's event and
+    /// pager threads must run for the fault to be serviced, and one woken onto the
+    /// spinner's CPU would wait for the scheduler's tick. Other contexts' spinners keep
+    /// spinning, so a fault storm does not slow them.
+    pub faulting_contexts: A::U64,
+    /// How many jobs wait for a page fault's reply from kmd-shim (stored by the firmware
+    /// only when the count changes).
     pub faults_in_service: A::U32,
 }
 
@@ -467,6 +472,10 @@ const _: () = {
     assert!(
         offset_of!(DeviceHealth<ReadOnly>, faults_in_service)
             == offset_of!(DeviceHealth, faults_in_service)
+    );
+    assert!(
+        offset_of!(DeviceHealth<ReadOnly>, faulting_contexts)
+            == offset_of!(DeviceHealth, faulting_contexts)
     );
     assert!(size_of::<DeviceHealth>() == CACHE_LINE);
     assert!(offset_of!(ObjectHeader<ReadOnly>, id) == offset_of!(ObjectHeader, id));
