@@ -188,7 +188,7 @@ pub(crate) fn wait_many(
             // (`perf sched timehist`). Give way once a burst while a fault of this context
             // is in service; with nothing else runnable the yield returns at once. Other
             // contexts' spinners do not: yielding to a fault storm's threads cost an
-            // innocent spinner 35 us at p99 in one round of five (`userq-bench paging`).
+            // innocent spinner 35 us at p99 in one round of five (`userq-bench compare`, paging).
             if !yielding && points.iter().any(|(f, _)| f.context_faulting()) {
                 std::thread::yield_now();
             }
