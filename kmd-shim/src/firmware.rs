@@ -27,17 +27,6 @@ use userq_uapi::sync::{self, Backoff, BackoffStep};
 
 mod call;
 
-/// How long kmd-shim's event thread and pager thread spin after their last work before
-/// they sleep. They do not yield in between, as pollers elsewhere do: under EEVDF (Linux
-/// 6.6 and later) every `sched_yield` moves the caller's deadline a whole slice later, so
-/// a thread that yielded for hundreds of microseconds is picked after everyone else once
-/// it has work, and runs only when the other pollers sleep. With a half-millisecond
-/// yield phase here, a page fault's round trip under an adaptive (default) wait took
-/// 214-504 us at p50, and 60-72 us with none (a probe; `userq-bench paging` prints it
-/// too). A sleeping thread is woken instead: the firmware's event kick, the pager's
-/// condition variable.
-pub(crate) const POLL_SPIN: Duration = Duration::from_micros(20);
-
 /// A running firmware.
 #[derive(Debug)]
 enum Running {
@@ -310,9 +299,21 @@ impl FirmwareLink {
 
     /// The event thread's body: runs until [`FirmwareLink::stop`], or until it declared the
     /// device lost (after telling `sink`).
+    ///
+    /// It and the pager thread ([`crate::pager`]) sleep as soon as they run out of work: no
+    /// spin, no yield phase (the firmware's event kick, the pager's condition variable wake
+    /// them). On two cores the command processor polls on one and a spinning client holds
+    /// the other, so a third spinner takes a CPU from one of them:
+    /// - with a half-millisecond yield phase, a page fault's round trip under an adaptive
+    ///   (default) wait took 214-504 us at p50, 60-72 us without (under EEVDF every
+    ///   `sched_yield` moves the caller's deadline a whole slice later, so a thread that
+    ///   yielded for long is picked after everyone else once it has work);
+    /// - with a 20 us spin after the last work, a resident dispatch right after a fault took
+    ///   24-48 us at p50 for whole rounds, about a third of them (the spinning thread held the
+    ///   command processor's vCPU), 0.6 us with none; a fault's own round trip is the same
+    ///   either way (three alternated `userq-bench paging --quick` runs of each).
     pub fn run_events(&self, sink: &dyn EventSink) {
         let c = &*self.control;
-        let mut backoff = Backoff::new(POLL_SPIN, Duration::ZERO);
         let mut last_beat = (self.status().health.heartbeat.load(Relaxed), Instant::now());
         while !self.stop.load(Acquire) {
             let mut got = false;
@@ -349,13 +350,10 @@ impl FirmwareLink {
                 std::thread::yield_now();
             }
             if got {
-                backoff.reset();
                 continue;
             }
-            if backoff.step() != BackoffStep::Sleep {
-                continue;
-            }
-            // NEED_WAKEUP on the to_kmd ring, with the heartbeat period as a bound.
+            // Out of work: sleep at once (see above). NEED_WAKEUP on the to_kmd ring, with
+            // the heartbeat period as a bound.
             sync::announce_and_sleep(
                 &c.kmd_sleep,
                 &c.kmd_kick.word,
@@ -366,7 +364,6 @@ impl FirmwareLink {
                 },
                 Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS),
             );
-            backoff.reset();
             // Events first (a page fault's acks wake this thread): the health check costs
             // a lock and, in daemon mode, a syscall. It runs once the ring is drained and
             // the thread would sleep again, which a firmware that died finds at once.

@@ -371,33 +371,23 @@ impl Pager {
         }
     }
 
-    /// Pager thread: the next batches, or none after `timeout`. Spins first, for
-    /// [`POLL_SPIN`] after the last batch (faults come in bursts, and a wake-up costs more
-    /// than servicing a small batch), then sleeps without a yield phase (see there why).
+    /// Pager thread: the next batches, or none after `timeout`. Sleeps at once when there
+    /// are none, without a spin or yield phase (see [`FirmwareLink::run_events`] why).
     /// Returns at once, with what it has, once `stop` is set and [`Pager::wake`] called.
     ///
-    /// [`POLL_SPIN`]: crate::firmware::POLL_SPIN
+    /// [`FirmwareLink::run_events`]: crate::firmware::FirmwareLink::run_events
     pub(crate) fn next_batches(
         &self,
         timeout: Duration,
         stop: &std::sync::atomic::AtomicBool,
     ) -> Vec<Vec<FwEvent>> {
         let stopping = || stop.load(std::sync::atomic::Ordering::Acquire);
-        let mut backoff =
-            userq_uapi::sync::Backoff::new(crate::firmware::POLL_SPIN, Duration::ZERO);
-        loop {
-            let mut b = self.batches.lock().unwrap_or_else(|e| e.into_inner());
-            if !b.is_empty() || stopping() {
-                return std::mem::take(&mut *b);
-            }
-            if backoff.step() == userq_uapi::sync::BackoffStep::Sleep {
-                let (mut b, _) = self
-                    .ready
-                    .wait_timeout_while(b, timeout, |b| b.is_empty() && !stopping())
-                    .unwrap_or_else(|e| e.into_inner());
-                return std::mem::take(&mut *b);
-            }
-        }
+        let b = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut b, _) = self
+            .ready
+            .wait_timeout_while(b, timeout, |b| b.is_empty() && !stopping())
+            .unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *b)
     }
 
     /// Wakes the pager thread (to notice a stop).
