@@ -172,13 +172,16 @@ fn the_wait_for_jobs_policy_deadlocks_on_the_same_scenario_and_ends_cleanly() {
 }
 
 /// While kmd-shim has a fault to service, the device status says so
-/// (`Device::faults_in_service`, which spinning waits give way on), and it says so no
-/// longer once the reply came. kmd-shim is frozen with SIGSTOP to hold the fault there.
+/// (`Device::faults_in_service`, and `Device::fault_in_service` for the faulting context,
+/// whose spinning waits give way on it), and it says so no longer once the reply came. kmd-shim is frozen with SIGSTOP to hold the fault there.
 #[test]
 fn a_fault_is_counted_in_service_until_kmd_shim_replies() {
     use rustix::process::Signal;
     let daemon = Daemon::start();
     let dev = userq::Device::connect(&daemon.socket).expect("connect");
+    // Another context, connected now (kmd-shim will be frozen): its bit stays clear.
+    let other = userq::Device::connect(&daemon.socket).expect("connect another context");
+    assert_ne!(dev.context_id() % 64, other.context_id() % 64);
     let mut q = dev.create_queue().expect("queue");
     let words = 1024;
     let b = dev.alloc_on_demand::<u32>(words).expect("on-demand buffer");
@@ -236,9 +239,12 @@ fn a_fault_is_counted_in_service_until_kmd_shim_replies() {
     }
     let point = q.submit(fill(9)).unwrap();
     let counted = settled(1);
+    let (own_bit, other_bit) = (dev.fault_in_service(), other.fault_in_service());
     let done_while_frozen = point.poll();
     drop(thaw);
     assert!(counted, "the fault was never counted in service");
+    assert!(own_bit, "the faulting context's bit was not set");
+    assert!(!other_bit, "another context's bit was set");
     assert_eq!(
         done_while_frozen,
         Ok(false),
@@ -248,7 +254,11 @@ fn a_fault_is_counted_in_service_until_kmd_shim_replies() {
         .wait_with(userq::WaitMode::Spin, Duration::from_secs(30))
         .expect("the dispatch completes once kmd-shim runs");
     assert!(settled(0), "the fault stayed counted after its reply");
+    assert!(
+        !dev.fault_in_service(),
+        "the context's bit stayed set after the reply"
+    );
     assert!(b.to_vec().iter().all(|&v| v == 9));
-    drop((point, q, b, dev));
+    drop((point, q, b, dev, other));
     daemon.stop();
 }

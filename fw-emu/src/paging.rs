@@ -115,10 +115,9 @@ impl Firmware {
         // (needed rather than ahead, written if either writes it).
         faults.sort_unstable_by_key(|f| (f.0, f.1, f.2, f.3, f.4, f.5 as u32 == 0));
         faults.dedup_by_key(|f| (f.0, f.1, f.2, f.3));
+        // One reply owed per job per batch; published before the batches go, so that the
+        // faulting context's spinners give way from the start.
         for batch in faults.chunks(FAULT_BATCH_MAX) {
-            let id = self.paging.next_batch;
-            self.paging.next_batch += 1;
-            // One reply owed per job in the batch.
             let mut jobs: Vec<(u32, u32, u64)> = batch.iter().map(|f| (f.0, f.2, f.3)).collect();
             jobs.sort_unstable();
             jobs.dedup();
@@ -134,6 +133,11 @@ impl Firmware {
                     None => self.paging.awaiting.push((q, job, 1)),
                 }
             }
+        }
+        self.publish_faults();
+        for batch in faults.chunks(FAULT_BATCH_MAX) {
+            let id = self.paging.next_batch;
+            self.paging.next_batch += 1;
             for (i, &(ctx, address, slot, job, ahead, access)) in batch.iter().enumerate() {
                 self.control.emit(FwEvent::Fault {
                     ctx,
@@ -147,7 +151,6 @@ impl Firmware {
                 });
             }
         }
-        self.publish_faults();
         true
     }
 

@@ -343,9 +343,10 @@ impl FirmwareLink {
                 }
             }
             // That thread may be queued on this vCPU (with a client spinning on the other
-            // one, all of kmd-shim and the firmware share one): give way once rather than
-            // spin on in the back-off while it waits. A page fault's round trip crosses
-            // this thread twice (the batch, then the acks of its maps and replies).
+            // one, all of kmd-shim and the firmware share one): give way once, before this
+            // thread looks at the ring again and announces its sleep. A page fault's round
+            // trip crosses this thread twice (the batch, then the acks of its maps and
+            // replies).
             if handed {
                 std::thread::yield_now();
             }

@@ -345,6 +345,13 @@ impl Device {
         self.inner.faults_in_service()
     }
 
+    /// Whether a job of this context waits for a page fault's reply from kmd-shim (or of
+    /// a context sharing its bit, `id % 64`, in the device status): while it does, this
+    /// context's spinning waits give their CPU up once per burst of checks.
+    pub fn fault_in_service(&self) -> bool {
+        self.inner.context_faulting()
+    }
+
     /// How many times the firmware has announced a sleep (its NEED_WAKEUP flag) since it
     /// started. With [`Queue::firmware_wakes`](crate::Queue::firmware_wakes):
     /// a queue's doorbells wake each sleep at most once.

@@ -316,6 +316,9 @@ pub struct DeviceHealth<A: Access = ReadWrite> {
     pub generation: A::U64,
     /// Incremented by the firmware at least every [`crate::HEARTBEAT_PERIOD_MS`].
     pub heartbeat: A::U64,
+    /// How many jobs wait for a page fault's reply from kmd-shim (stored by the firmware
+    /// only when the count changes).
+    pub faults_in_service: A::U32,
     /// Which contexts have a job waiting for a page fault's reply from kmd-shim: bit
     /// `ctx % 64` (contexts sharing a bit share it; a hint, stored by the firmware only
     /// when it changes). While its context's bit is set, a host thread spinning for that
@@ -324,9 +327,6 @@ pub struct DeviceHealth<A: Access = ReadWrite> {
     /// spinner's CPU would wait for the scheduler's tick. Other contexts' spinners keep
     /// spinning, so a fault storm does not slow them.
     pub faulting_contexts: A::U64,
-    /// How many jobs wait for a page fault's reply from kmd-shim (stored by the firmware
-    /// only when the count changes).
-    pub faults_in_service: A::U32,
 }
 
 /// The futex word the firmware sleeps on, and the device-wide summary of rung contexts.
