@@ -172,7 +172,7 @@ fn the_wait_for_jobs_policy_deadlocks_on_the_same_scenario_and_ends_cleanly() {
 }
 
 /// While kmd-shim has a fault to service, the device status says so
-/// (`Device::faults_in_service`, and `Device::fault_in_service` for the faulting context,
+/// (`Device::faults_in_service`, and `Device::context_fault_in_service` for the faulting context,
 /// whose spinning waits give way on it), and it says so no longer once the reply came. kmd-shim is frozen with SIGSTOP to hold the fault there.
 #[test]
 fn a_fault_is_counted_in_service_until_kmd_shim_replies() {
@@ -239,7 +239,10 @@ fn a_fault_is_counted_in_service_until_kmd_shim_replies() {
     }
     let point = q.submit(fill(9)).unwrap();
     let counted = settled(1);
-    let (own_bit, other_bit) = (dev.fault_in_service(), other.fault_in_service());
+    let (own_bit, other_bit) = (
+        dev.context_fault_in_service(),
+        other.context_fault_in_service(),
+    );
     let done_while_frozen = point.poll();
     drop(thaw);
     assert!(counted, "the fault was never counted in service");
@@ -255,7 +258,7 @@ fn a_fault_is_counted_in_service_until_kmd_shim_replies() {
         .expect("the dispatch completes once kmd-shim runs");
     assert!(settled(0), "the fault stayed counted after its reply");
     assert!(
-        !dev.fault_in_service(),
+        !dev.context_fault_in_service(),
         "the context's bit stayed set after the reply"
     );
     assert!(b.to_vec().iter().all(|&v| v == 9));

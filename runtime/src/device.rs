@@ -348,7 +348,7 @@ impl Device {
     /// Whether a job of this context waits for a page fault's reply from kmd-shim (or of
     /// a context sharing its bit, `id % 64`, in the device status): while it does, this
     /// context's spinning waits give their CPU up once per burst of checks.
-    pub fn fault_in_service(&self) -> bool {
+    pub fn context_fault_in_service(&self) -> bool {
         self.inner.context_faulting()
     }
 

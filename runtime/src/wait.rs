@@ -18,7 +18,7 @@ pub enum WaitMode {
     /// which on a busy machine puts a woken thread next to its waker: a spin wait that
     /// slept on the command processor's CPU was woken there again, round trip after round
     /// trip (thousands of 10-70 us round trips in a row, measured). While a job of its
-    /// context waits for a page fault's reply ([`crate::Device::fault_in_service`]) it
+    /// context waits for a page fault's reply ([`crate::Device::context_fault_in_service`]) it
     /// yields once per burst of checks, so that kmd-shim's threads, which the fault needs,
     /// get the CPU.
     Spin,
