@@ -220,17 +220,8 @@ fn a_fault_is_counted_in_service_until_kmd_shim_replies() {
     daemon.proc.signal(Signal::STOP);
     // SIGSTOP takes effect asynchronously: wait until every kmd-shim thread has stopped,
     // so that none services the fault before it is seen counted.
-    let tasks = format!("/proc/{}/task", daemon.proc.pid());
-    let all_stopped = || {
-        std::fs::read_dir(&tasks).is_ok_and(|d| {
-            d.flatten().all(|t| {
-                std::fs::read_to_string(t.path().join("stat"))
-                    .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('T')))
-            })
-        })
-    };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !all_stopped() {
+    while !all_threads_stopped(daemon.proc.pid()) {
         assert!(
             std::time::Instant::now() < deadline,
             "kmd-shim did not stop"

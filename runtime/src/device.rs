@@ -71,6 +71,7 @@ impl DeviceInner {
     /// announced its sleep, so that it looks, and if the wake found it asleep, notes the
     /// time: those queues' completions are a wake-up away
     /// ([`DeviceInner::signal_woke_firmware_recently`]).
+    ///
     /// Once per firmware sleep, as a queue's doorbell does (`sync::ring_doorbell`): a
     /// stream of signals while the woken firmware has not run yet makes one wake, not one
     /// each (threads racing may each make one).
@@ -138,12 +139,6 @@ impl DeviceInner {
     pub(crate) fn firmware_cpu(&self) -> Option<u32> {
         let cpu = self.status.health.cp_cpu.load();
         (cpu != userq_uapi::layout::CPU_UNKNOWN).then_some(cpu)
-    }
-
-    /// Jobs stopped on a page fault that kmd-shim has not answered yet
-    /// ([`DeviceHealth::faults_in_service`](userq_uapi::layout::DeviceHealth)).
-    pub(crate) fn faults_in_service(&self) -> u32 {
-        self.status.health.faults_in_service.load()
     }
 
     /// Whether a job of this context (or of one sharing its bit) waits for a page fault's
@@ -342,7 +337,7 @@ impl Device {
     /// burst of checks, so that kmd-shim's event and pager threads, which the fault needs,
     /// are not queued behind them.
     pub fn faults_in_service(&self) -> u32 {
-        self.inner.faults_in_service()
+        self.inner.status.health.faults_in_service.load()
     }
 
     /// Whether a job of this context waits for a page fault's reply from kmd-shim (or of

@@ -173,15 +173,24 @@ pub fn children_of(pid: u32) -> Vec<u32> {
     out
 }
 
+/// The state letter of a process or thread (`stat_path` is its `/proc/…/stat`), if it
+/// exists: `R`, `S`, `T` (stopped), `Z` (zombie), …
+pub fn state(stat_path: &Path) -> Option<char> {
+    let s = std::fs::read_to_string(stat_path).ok()?;
+    s.rsplit_once(") ")?.1.chars().next()
+}
+
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rsplit_once(") ")
-            .map(|(_, rest)| !rest.starts_with('Z'))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
+    state(Path::new(&format!("/proc/{pid}/stat"))).is_some_and(|c| c != 'Z')
+}
+
+/// Whether every thread of a process is stopped (SIGSTOP takes effect asynchronously).
+pub fn all_threads_stopped(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|d| {
+        d.flatten()
+            .all(|t| state(&t.path().join("stat")) == Some('T'))
+    })
 }
 
 /// CPU time (user + system) of a process or thread, in clock ticks.
