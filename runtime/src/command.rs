@@ -119,6 +119,13 @@ impl Command {
         self.extra.as_ref()?.kernel_args.as_deref()
     }
 
+    /// Whether the command names no fence and carries nothing else (no argument words,
+    /// no buffers): its packet is all a submit writes, and the queue keeps nothing for it.
+    #[inline]
+    pub(crate) fn is_plain(&self) -> bool {
+        self.fence.is_none() && self.extra.is_none()
+    }
+
     /// The buffers the command holds.
     pub(crate) fn buffers(&self) -> &[Arc<BufferMemory>] {
         self.extra.as_ref().map_or(&[], |e| &e.buffers)
