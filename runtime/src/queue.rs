@@ -204,9 +204,9 @@ impl Queue {
     /// stores in program order, and each slot store waits for its line to come back from
     /// the firmware's core, so every other store (a call's saved registers, a packet copied
     /// through the stack) holds a store-buffer entry behind it, and fewer slot lines are in
-    /// flight at once. `userq-bench submit`, interleaved in one process: 9.3 -> 3.2 ns per
-    /// submit with the vCPUs close, 39.7 -> 13.3 ns with them far apart (ARCHITECTURE,
-    /// "Where a submit's time goes"). Everything else takes [`Queue::push_any`].
+    /// flight at once. Toggled against the general path every 256 submits in one process:
+    /// 7.3-14.4 -> 2.8-5.3 ns per submit with the vCPUs close, 39.7-40.1 -> 13.7-13.8 ns
+    /// with them far apart (ARCHITECTURE, "Where a submit's time goes"). Everything else takes [`Queue::push_any`].
     #[inline]
     fn push(&mut self, cmds: &[Command], timeout: Duration) -> Result<u64, SubmitError> {
         if let [c] = cmds {
