@@ -18,7 +18,6 @@ pub struct Command {
     pub(crate) cmd: packet::Command,
     /// The fence the command names, if any.
     pub(crate) fence: Option<Fence>,
-    /// A DISPATCH's argument words; written into the queue's argument area at submit.
     /// What few commands carry: a DISPATCH's argument words (written into the queue's
     /// argument area at submit) and the buffers the queue keeps until the packet completes.
     /// Boxed, so the common commands stay small and cheap to build, submit and drop.

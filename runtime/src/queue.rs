@@ -1,10 +1,12 @@
 //! Queues: a ring in shared memory, written by this process and read by the firmware.
 //!
-//! Submitting is a few stores: the packets into their slots, the new write index into the
-//! queue's doorbell (release), the queue's bit into the pending summary, and a read of the
-//! firmware's sleep flag. No syscall, no lock, no allocation, unless the firmware sleeps
-//! (one futex wake) or the ring looks full (one read of the shared read index, and a wait
-//! only if it really is full).
+//! Submitting is a few stores: the packets into their slots, tag last. While the firmware
+//! polls the queue (the ring's poll flag, read from a cached line) that is all: the tags
+//! are the doorbell. Otherwise the new write index goes into the queue's doorbell
+//! (release), the queue's bit into the pending summary, and the firmware's sleep flag is
+//! read. No syscall, no lock, no allocation, unless the firmware sleeps (one futex wake) or
+//! the ring looks full (one read of the shared read index, and a wait only if it really is
+//! full).
 
 use crate::buffer::BufferMemory;
 use crate::command::Command;
@@ -193,21 +195,24 @@ impl Queue {
     /// The cheapest submit: like [`Queue::try_submit`] for a batch, but returns the batch's
     /// timeline value instead of a [`FencePoint`] (which holds a reference count on the
     /// fence). Turn it into a point with `queue.timeline().point(value)` when needed.
-    #[inline]
+    #[inline(always)]
     pub fn enqueue(&mut self, cmds: &[Command]) -> Result<u64, SubmitError> {
         self.push(cmds, Duration::ZERO)
     }
 
     /// Submits `cmds`. The common submit, one plain command (no fence, no argument words,
-    /// no buffers) on an active queue whose cached read index shows room, is inlined into
-    /// the caller and stores nothing but the packet's slot and the write index: x86 commits
-    /// stores in program order, and each slot store waits for its line to come back from
-    /// the firmware's core, so every other store (a call's saved registers, a packet copied
-    /// through the stack) holds a store-buffer entry behind it, and fewer slot lines are in
-    /// flight at once. Toggled against the general path every 256 submits in one process:
-    /// 7.3-14.4 -> 2.8-5.3 ns per submit with the vCPUs close, 39.7-40.1 -> 13.7-13.8 ns
-    /// with them far apart (ARCHITECTURE, "Where a submit's time goes"). Everything else takes [`Queue::push_any`].
-    #[inline]
+    /// no buffers, no profiling) on an active queue whose cached read index shows room, is
+    /// inlined into the caller ([`Queue::enqueue`]'s), and while the firmware polls the
+    /// queue it stores nothing but the packet's slot and this side's `wptr` counter (the
+    /// caller's own `Command` temporary aside): x86
+    /// commits stores in program order, and each slot store waits for its line to come
+    /// back from the firmware's core, so every other store (a call's saved registers, a
+    /// packet copied through the stack) holds a store-buffer entry behind it, and fewer
+    /// slot lines are in flight at once. Toggled against the general path every 256
+    /// submits in one process: 7.3-14.4 -> 2.8-5.3 ns per submit with the vCPUs close,
+    /// 39.7-40.1 -> 13.7-13.8 ns with them far apart (ARCHITECTURE, "Where a submit's time
+    /// goes"). Everything else takes [`Queue::push_any`].
+    #[inline(always)]
     fn push(&mut self, cmds: &[Command], timeout: Duration) -> Result<u64, SubmitError> {
         if let [c] = cmds {
             if c.is_plain()
@@ -412,9 +417,8 @@ impl Queue {
         self.cached_rptr
     }
 
-    /// Writes one packet at the write index (room is reserved): the arguments first, then
-    /// word 0 with the packet's sequence tag (release), so that a firmware polling the slot
-    /// sees the whole packet once it sees the tag.
+    /// Writes one packet at the write index (room is reserved): its submit time into its
+    /// profiling record if the queue has one, then the slot ([`Queue::write_slot`]).
     #[inline]
     fn write(&mut self, p: Packet) {
         if let Some(prof) = &self.profile {
@@ -428,7 +432,9 @@ impl Queue {
         self.write_slot(p);
     }
 
-    /// Writes packet `p` into the next slot, tag last, and advances the write index.
+    /// Writes packet `p` into the next slot: the arguments first, then word 0 with the
+    /// packet's sequence tag (release), so that a firmware polling the slot sees the whole
+    /// packet once it sees the tag; then advances `wptr`.
     #[inline(always)]
     fn write_slot(&mut self, p: Packet) {
         let slot = self.ring.slot(self.wptr);
@@ -448,9 +454,9 @@ impl Queue {
         // firmware's membarrier orders the two only as the program orders them.
         compiler_fence(SeqCst);
         // Fast path: the firmware polls this queue's next slot for its sequence tag, so the
-        // tagged word-0 stores in `write` are the doorbell, and the write-index line is not
-        // written (the firmware reads it while idle-polling: a store would cost it a miss
-        // every round trip). A stale "polled" is safe: the firmware clears the flag, then
+        // tagged word-0 stores in `write_slot` are the doorbell, and the write-index line
+        // is not written (the firmware reads it while idle-polling: a store would cost it
+        // a miss every round trip). A stale "polled" is safe: the firmware clears the flag, then
         // makes every registered thread run a full barrier (membarrier), then looks at the
         // tags once more.
         if self.dev.fast_doorbell && self.ring.header().poll.polled.load(Relaxed) != 0 {
@@ -465,7 +471,8 @@ impl Queue {
     fn ring_doorbell_slow(&mut self) {
         let page = &*self.dev.doorbells;
         let slot = self.slot as usize;
-        // Release: the packet stores above happen-before the firmware's acquire load.
+        // Release: the packet stores (`write_slot`, before the call) happen-before the
+        // firmware's acquire load.
         page.doorbells[slot].value.store(self.wptr, Release);
         let rung = sync::ring_doorbell(
             (&page.pending.words[slot / 64], 1 << (slot % 64)),
