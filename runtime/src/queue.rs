@@ -204,21 +204,21 @@ impl Queue {
     /// no buffers, no profiling) on an active queue whose cached read index shows room, is
     /// inlined into the caller ([`Queue::enqueue`]'s), and while the firmware polls the
     /// queue it stores nothing but the packet's slot and this side's `wptr` counter (the
-    /// caller's own `Command` temporary aside): x86
-    /// commits stores in program order, and each slot store waits for its line to come
-    /// back from the firmware's core, so every other store (a call's saved registers, a
-    /// packet copied through the stack) holds a store-buffer entry behind it, and fewer
-    /// slot lines are in flight at once. Toggled against the general path every 256
-    /// submits in one process: 7.3-14.4 -> 2.8-5.3 ns per submit with the vCPUs close,
-    /// 39.7-40.1 -> 13.7-13.8 ns with them far apart (ARCHITECTURE, "Where a submit's time
-    /// goes"). Everything else takes [`Queue::push_any`].
+    /// caller's own `Command` temporary aside): x86 commits stores in program order, and
+    /// each slot store waits for its line to come back from the firmware's core, so every
+    /// other store (a call's saved registers, a packet copied through the stack) holds a
+    /// store-buffer entry behind it, and fewer slot lines are in flight at once. Toggled
+    /// against the general path every 256 submits in one process: 7.3-14.4 -> 2.8-5.3 ns
+    /// per submit with the vCPUs close, 39.7-40.1 -> 13.7-13.8 ns with them far apart
+    /// (ARCHITECTURE, "Where a submit's time goes"). Everything else takes
+    /// [`Queue::push_any`].
     #[inline(always)]
     fn push(&mut self, cmds: &[Command], timeout: Duration) -> Result<u64, SubmitError> {
         if let [c] = cmds {
             if c.is_plain()
                 && self.profile.is_none()
-                && self.cached_rptr + self.ring.entries() > self.wptr
-                && self.timeline.queue_state() == userq_uapi::layout::QueueState::Active as u32
+                && self.cached_rptr >= self.read_index_needed(1)
+                && self.is_active()
             {
                 self.write_slot(c.cmd.encode());
                 self.ring_doorbell();
@@ -232,9 +232,8 @@ impl Queue {
     /// what its packets name.
     #[inline(never)]
     fn push_any(&mut self, cmds: &[Command], timeout: Duration) -> Result<u64, SubmitError> {
-        // A stopped queue refuses at once. The state word sits on its own line of the
-        // timeline page and changes only when the queue stops, so this load stays cached.
-        if self.timeline.queue_state() != userq_uapi::layout::QueueState::Active as u32 {
+        // A stopped queue refuses at once.
+        if !self.is_active() {
             match self.status() {
                 QueueStatus::Faulted(f) => return Err(SubmitError::stopped(f)),
                 QueueStatus::Destroyed => return Err(SubmitError::DeviceLost),
@@ -360,13 +359,27 @@ impl Queue {
         self.last_submitted().wait_with(WaitMode::Adaptive, timeout)
     }
 
+    /// Whether the queue's state word says it is active. The word sits on its own line of
+    /// the timeline page and changes only when the queue stops, so this load stays cached.
+    #[inline(always)]
+    fn is_active(&self) -> bool {
+        self.timeline.queue_state() == userq_uapi::layout::QueueState::Active as u32
+    }
+
+    /// The read index the firmware must have reached for `n` more packets to fit: their
+    /// slots last held the packets before it.
+    #[inline(always)]
+    fn read_index_needed(&self, n: u64) -> u64 {
+        (self.wptr + n).saturating_sub(self.ring.entries())
+    }
+
     /// Makes room for `n` packets.
     fn reserve(&mut self, n: usize, timeout: Duration) -> Result<(), SubmitError> {
         let entries = self.ring.entries();
         if n as u64 > entries {
             return Err(SubmitError::BatchTooLarge { batch: n, entries });
         }
-        let need = (self.wptr + n as u64).saturating_sub(entries);
+        let need = self.read_index_needed(n as u64);
         if self.cached_rptr >= need {
             return Ok(()); // fast path: the cached index says there is room
         }
@@ -456,9 +469,9 @@ impl Queue {
         // Fast path: the firmware polls this queue's next slot for its sequence tag, so the
         // tagged word-0 stores in `write_slot` are the doorbell, and the write-index line
         // is not written (the firmware reads it while idle-polling: a store would cost it
-        // a miss every round trip). A stale "polled" is safe: the firmware clears the flag, then
-        // makes every registered thread run a full barrier (membarrier), then looks at the
-        // tags once more.
+        // a miss every round trip). A stale "polled" is safe: the firmware clears the
+        // flag, then makes every registered thread run a full barrier (membarrier), then
+        // looks at the tags once more.
         if self.dev.fast_doorbell && self.ring.header().poll.polled.load(Relaxed) != 0 {
             return;
         }
