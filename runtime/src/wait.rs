@@ -155,8 +155,6 @@ pub(crate) fn wait_many(
     };
     let (spin, yield_until) = mode.phases(points);
     let mut backoff = Backoff::new(spin, yield_until);
-    // Whether the back-off has reached its yield phase (it yields once a burst itself).
-    let mut yielding = false;
     'spinning: loop {
         // A burst of checks with one pause each, like a bare polling loop; the clock (for
         // the timeout and the back-off) only between bursts.
@@ -189,7 +187,8 @@ pub(crate) fn wait_many(
             // is in service; with nothing else runnable the yield returns at once. Other
             // contexts' spinners do not: yielding to a fault storm's threads cost an
             // innocent spinner 35 us at p99 in one round of five (`userq-bench compare`, paging).
-            if !yielding && points.iter().any(|(f, _)| f.context_faulting()) {
+            // (Past the spin phase the back-off yields once a burst itself.)
+            if backoff.is_spinning() && points.iter().any(|(f, _)| f.context_faulting()) {
                 std::thread::yield_now();
             }
         } else if let Some(r) = decide(points, all) {
@@ -201,10 +200,7 @@ pub(crate) fn wait_many(
         loop {
             match backoff.step() {
                 BackoffStep::Sleep => break 'spinning,
-                BackoffStep::Yield => {
-                    yielding = true;
-                    continue 'spinning;
-                }
+                BackoffStep::Yield => continue 'spinning,
                 BackoffStep::Spin if backoff.elapsed() < spin => continue 'spinning,
                 BackoffStep::Spin => {}
             }

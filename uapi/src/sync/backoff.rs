@@ -45,6 +45,12 @@ impl Backoff {
         self.start.map_or(Duration::ZERO, |s| s.elapsed())
     }
 
+    /// Whether the back-off is still in its spin phase (it has not yielded or said to
+    /// sleep since it started or was reset).
+    pub fn is_spinning(&self) -> bool {
+        self.spinning
+    }
+
     /// When the back-off started, read now if it was not read yet.
     fn started(&mut self) -> Instant {
         *self.start.get_or_insert_with(Instant::now)
