@@ -131,8 +131,11 @@ impl Scheduler {
     /// Runs each polled queue with unread packets at once, in place: one lookup, no trip
     /// through the run list, since this is the round trip's critical path. A queue that is
     /// on the run list already waits for its turn there, so no queue runs twice in a turn
-    /// of the run list. Outcomes go to `out` as in [`Scheduler::run`]. Returns whether a
-    /// queue ran.
+    /// of the run list. A queue whose next slot is tagged runs through
+    /// [`Queue::service_polled`], inlined here: no second look at its state or tag, and no
+    /// call between the tag's load and the completion's store (ARCHITECTURE, "Where a
+    /// round trip's time goes"). One whose doorbell moved runs through [`Queue::service`]. Outcomes go to `out` as in [`Scheduler::run`]. Returns
+    /// whether a queue ran.
     pub fn run_polled(
         &mut self,
         contexts: &mut Contexts,
@@ -142,13 +145,32 @@ impl Scheduler {
     ) -> bool {
         let mut any = false;
         for i in 0..self.polled.len() {
+            let id = self.polled[i];
             // A queue that is gone is skipped here; `stop_polling` drops its entry.
-            let ready =
-                |q: &mut Queue, db: &AtomicU64| !q.on_run_list && q.is_active() && q.has_unread(db);
-            if let Some((q, outcome)) = service(contexts, self.polled[i], kernels, budget, ready) {
-                any = true;
-                self.after_service(q, outcome, &mut out);
+            let Some(c) = contexts.get_mut(id.ctx) else {
+                continue;
+            };
+            let db = &c.doorbell.doorbells[id.slot as usize].value;
+            let Some(q) = c.queues[id.slot as usize].as_mut() else {
+                continue;
+            };
+            if q.on_run_list {
+                continue;
             }
+            let res = Resources {
+                bindings: &c.bindings,
+                vm: &c.vm,
+                kernels,
+            };
+            let outcome = if q.tagged_now() {
+                q.service_polled(&res, budget)
+            } else if q.is_active() && q.doorbell_moved(db) {
+                q.service(db, &res, budget)
+            } else {
+                continue;
+            };
+            any = true;
+            self.after_service(q, outcome, &mut out);
         }
         any
     }
