@@ -301,6 +301,7 @@ impl Queue {
     /// moved without a completion (a packet taken but not finished: a parked WAIT_FENCE, a
     /// DISPATCH on the engines) still wakes the timeline's waiters, since a producer
     /// blocked on a full ring waits there for room.
+    #[inline(always)]
     fn publish(&mut self) {
         let consumed = self.rptr != self.published_rptr;
         if consumed {

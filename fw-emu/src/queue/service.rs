@@ -107,16 +107,20 @@ impl Queue {
     /// client a ring ago, and a load that misses there would hold back the completion's
     /// store (stores leave in program order). A batch costs one more publish than before.
     ///
-    /// The first packet runs inline (it is the round trip's); the rest out of line.
+    /// The first packet runs inline (it is the round trip's) and its completion is stored
+    /// before any call; the packets after it run out of line.
     #[inline(always)]
     fn service_tagged(&mut self, res: &Resources<'_>, budget: u64) -> Outcome {
         match self.run_one(res) {
             Some(stopped) => stopped,
-            None => self.service_tagged_rest(res, budget),
+            None => {
+                self.publish();
+                self.service_tagged_rest(res, budget)
+            }
         }
     }
 
-    /// [`Queue::service_tagged`] after its first packet.
+    /// [`Queue::service_tagged`] after its first packet, which is published.
     #[inline(never)]
     fn service_tagged_rest(&mut self, res: &Resources<'_>, budget: u64) -> Outcome {
         let mut taken = 1;
@@ -124,7 +128,6 @@ impl Queue {
             if taken >= budget {
                 return Outcome::More;
             }
-            self.publish();
             let known = self.tagged_run(budget - taken);
             if known == 0 {
                 return Outcome::Idle;
@@ -133,6 +136,7 @@ impl Queue {
                 return stopped;
             }
             taken += known;
+            self.publish();
         }
     }
 
