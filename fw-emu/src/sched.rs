@@ -132,10 +132,10 @@ impl Scheduler {
     /// through the run list, since this is the round trip's critical path. A queue that is
     /// on the run list already waits for its turn there, so no queue runs twice in a turn
     /// of the run list. A queue whose next slot is tagged runs through
-    /// [`Queue::service_polled`], inlined here: no second look at its state or tag, and no
+    /// [`Queue::service_by_tag`], inlined here: no second look at its state or tag, and no
     /// call between the tag's load and the completion's store (ARCHITECTURE, "Where a
-    /// round trip's time goes"). One whose doorbell moved runs through [`Queue::service`]. Outcomes go to `out` as in [`Scheduler::run`]. Returns
-    /// whether a queue ran.
+    /// round trip's time goes"). One whose doorbell moved runs through [`Queue::service`].
+    /// Outcomes go to `out` as in [`Scheduler::run`]. Returns whether a queue ran.
     pub fn run_polled(
         &mut self,
         contexts: &mut Contexts,
@@ -163,7 +163,7 @@ impl Scheduler {
                 kernels,
             };
             let outcome = if q.tagged_now() {
-                q.service_polled(&res, budget)
+                q.service_by_tag(&res, budget)
             } else if q.is_active() && q.doorbell_moved(db) {
                 q.service(db, &res, budget)
             } else {

@@ -50,42 +50,42 @@ impl Queue {
                 Outcome::Idle
             };
         }
+        if self.next_tagged() {
+            return self.service_by_tag(res, budget);
+        }
+        // Acquire: pairs with the client's release store of its write index, so the packet
+        // words it wrote before are visible to the loads below.
+        let wptr = doorbell.load(Acquire);
+        if wptr < self.doorbell_floor || wptr > self.rptr + self.ring.entries() {
+            return self.fault(Fault {
+                code: ErrorCode::BadWriteIndex,
+                packet_index: self.rptr,
+                address: wptr,
+                detail: 0,
+            });
+        }
+        self.doorbell_floor = wptr;
+        // A doorbell may lag packets already taken by their tags.
+        let ahead = wptr.saturating_sub(self.rptr);
+        let n = ahead.min(budget as u64);
         let before = self.rptr;
-        let outcome = if self.next_tagged() {
-            self.service_tagged(res, budget as u64)
+        let outcome = self.run_packets(n, res).unwrap_or(if ahead > n {
+            Outcome::More
         } else {
-            // Acquire: pairs with the client's release store of its write index, so the
-            // packet words it wrote before are visible to the loads below.
-            let wptr = doorbell.load(Acquire);
-            if wptr < self.doorbell_floor || wptr > self.rptr + self.ring.entries() {
-                return self.fault(Fault {
-                    code: ErrorCode::BadWriteIndex,
-                    packet_index: self.rptr,
-                    address: wptr,
-                    detail: 0,
-                });
-            }
-            self.doorbell_floor = wptr;
-            // A doorbell may lag packets already taken by their tags.
-            let ahead = wptr.saturating_sub(self.rptr);
-            let n = ahead.min(budget as u64);
-            self.run_packets(n, res).unwrap_or(if ahead > n {
-                Outcome::More
-            } else {
-                Outcome::Idle
-            })
-        };
+            Outcome::Idle
+        });
         self.publish();
         self.ran |= self.rptr != before;
         outcome
     }
 
-    /// What a polled look does when it found the next slot's tag ([`Queue::tagged_now`]
-    /// said so): [`Queue::service`] without its second look at the state and the tag,
-    /// inlined into the look, so that the path from the tag to the completion's store is
-    /// one straight line.
+    /// Runs up to `budget` packets by their sequence tags, for a caller that found the
+    /// queue active and the next slot tagged ([`Queue::tagged_now`], or [`Queue::service`]'s
+    /// own checks). Inlined into a polled look, so that the path from the tag's load to
+    /// the completion's store is one straight line, with no second look at the state or
+    /// the tag.
     #[inline(always)]
-    pub fn service_polled(&mut self, res: &Resources<'_>, budget: u32) -> Outcome {
+    pub fn service_by_tag(&mut self, res: &Resources<'_>, budget: u32) -> Outcome {
         let before = self.rptr;
         let outcome = self.service_tagged(res, budget as u64);
         self.publish();
@@ -94,7 +94,7 @@ impl Queue {
     }
 
     /// Whether the queue runs and the next slot holds its packet (by sequence tag): a
-    /// polled look's check before [`Queue::service_polled`].
+    /// polled look's check before [`Queue::service_by_tag`].
     #[inline(always)]
     pub fn tagged_now(&self) -> bool {
         self.is_active() && self.next_tagged()
