@@ -414,6 +414,11 @@ impl Queue {
             let ring = &self.ring;
             let still_full = || ring.header().read_index.value.load(Acquire) < need;
             self.timeline.sleep_until_woken(still_full, left);
+            // Woken, most often because room appeared: the next turn takes it without the
+            // connection check, which is a syscall (see `wait::wait_many`).
+            if !still_full() {
+                continue;
+            }
             if self.timeline.device_gone() {
                 return Err(SubmitError::DeviceLost);
             }
