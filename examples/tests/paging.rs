@@ -172,8 +172,9 @@ fn the_wait_for_jobs_policy_deadlocks_on_the_same_scenario_and_ends_cleanly() {
 }
 
 /// While kmd-shim has a fault to service, the device status says so
-/// (`Device::faults_in_service`, and `Device::context_fault_in_service` for the faulting context,
-/// whose spinning waits give way on it), and it says so no longer once the reply came. kmd-shim is frozen with SIGSTOP to hold the fault there.
+/// (`Device::faults_in_service`, and `Device::context_fault_in_service` for the faulting
+/// context, whose spinning waits give way on it), and it says so no longer once the reply
+/// came. kmd-shim is frozen with SIGSTOP to hold the fault there.
 #[test]
 fn a_fault_is_counted_in_service_until_kmd_shim_replies() {
     use rustix::process::Signal;

@@ -147,21 +147,12 @@ impl Scheduler {
         for i in 0..self.polled.len() {
             let id = self.polled[i];
             // A queue that is gone is skipped here; `stop_polling` drops its entry.
-            let Some(c) = contexts.get_mut(id.ctx) else {
-                continue;
-            };
-            let db = &c.doorbell.doorbells[id.slot as usize].value;
-            let Some(q) = c.queues[id.slot as usize].as_mut() else {
+            let Some((q, db, res)) = lookup(contexts, id, kernels) else {
                 continue;
             };
             if q.on_run_list {
                 continue;
             }
-            let res = Resources {
-                bindings: &c.bindings,
-                vm: &c.vm,
-                kernels,
-            };
             let outcome = if q.tagged_now() {
                 q.service_by_tag(&res, budget)
             } else if q.is_active() && q.doorbell_moved(db) {
@@ -334,13 +325,11 @@ impl Scheduler {
             let Some(id) = self.run_list.pop() else {
                 break;
             };
-            let popped = |q: &mut Queue, _: &AtomicU64| {
-                q.on_run_list = false;
-                true
-            };
-            let Some((q, outcome)) = service(contexts, id, kernels, budget, popped) else {
+            let Some((q, db, res)) = lookup(contexts, id, kernels) else {
                 continue;
             };
+            q.on_run_list = false;
+            let outcome = q.service(db, &res, budget);
             any = true;
             if self.can_poll && !q.is_polled() && matches!(outcome, Outcome::Idle | Outcome::More) {
                 q.set_polled(true);
@@ -353,29 +342,23 @@ impl Scheduler {
     }
 }
 
-/// Looks queue `id` up and services it (up to `budget` packets) if `ready`, given the queue
-/// and its doorbell, says so. `None`: the queue is gone or was not ready.
-#[inline]
-fn service<'c>(
+/// Queue `id`, its doorbell (the client's published write index) and what its packets run
+/// with, in one lookup. `None`: the queue is gone.
+#[inline(always)]
+fn lookup<'c>(
     contexts: &'c mut Contexts,
     id: QueueId,
-    kernels: &KernelLibrary,
-    budget: u32,
-    ready: impl FnOnce(&mut Queue, &AtomicU64) -> bool,
-) -> Option<(&'c mut Queue, Outcome)> {
+    kernels: &'c KernelLibrary,
+) -> Option<(&'c mut Queue, &'c AtomicU64, Resources<'c>)> {
     let c = contexts.get_mut(id.ctx)?;
-    let db = &c.doorbell.doorbells[id.slot as usize].value;
     let q = c.queues[id.slot as usize].as_mut()?;
-    if !ready(q, db) {
-        return None;
-    }
+    let db = &c.doorbell.doorbells[id.slot as usize].value;
     let res = Resources {
         bindings: &c.bindings,
         vm: &c.vm,
         kernels,
     };
-    let outcome = q.service(db, &res, budget);
-    Some((q, outcome))
+    Some((q, db, res))
 }
 
 /// Queues with work, in turn order, each at most once (each queue's `on_run_list` says
