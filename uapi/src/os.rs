@@ -80,15 +80,41 @@ pub fn object_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     Ok((st.st_dev, st.st_ino))
 }
 
+/// Whether `fd` is a memfd: it answers `F_GET_SEALS`, which only memfds (shmem and
+/// hugetlbfs files) do. The check does not reach the file's filesystem, so a descriptor on
+/// a FUSE mount whose daemon never answers cannot block it, as `fstat` can.
+pub fn is_memfd(fd: BorrowedFd<'_>) -> bool {
+    rustix::fs::fcntl_get_seals(fd).is_ok()
+}
+
 /// Sends one message with file descriptors attached.
 pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    send_flags(sock, bytes, fds, SendFlags::NOSIGNAL)
+}
+
+/// [`send_with_fds`] without waiting: a peer whose receive queue is full (one that does not
+/// read what it is sent) gets `AGAIN` instead of holding the sender.
+pub fn try_send_with_fds(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    send_flags(sock, bytes, fds, SendFlags::NOSIGNAL | SendFlags::DONTWAIT)
+}
+
+fn send_flags(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+    flags: SendFlags,
+) -> io::Result<()> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(io::Errno::INVAL);
     }
     let iov = [IoSlice::new(bytes)];
-    let n = rustix::net::sendmsg(sock, &iov, &mut control, SendFlags::NOSIGNAL)?;
+    let n = rustix::net::sendmsg(sock, &iov, &mut control, flags)?;
     if n != bytes.len() {
         return Err(io::Errno::MSGSIZE);
     }
@@ -144,5 +170,23 @@ mod tests {
         assert!(allocated(&fd) >= SIZE, "{} of {SIZE} bytes", allocated(&fd));
         // Sealed against growing: committing past the end is refused.
         assert!(commit(fd.as_fd(), 2 * SIZE).is_err());
+    }
+
+    #[test]
+    fn only_memfds_are_memfds() {
+        let memfd = create_memfd("t", 4096, Sealing::Final).unwrap();
+        assert!(is_memfd(memfd.as_fd()));
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        assert!(!is_memfd(r.as_fd()) && !is_memfd(w.as_fd()));
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        assert!(!is_memfd(file.as_fd()));
+        let (a, _b) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        assert!(!is_memfd(a.as_fd()));
     }
 }
