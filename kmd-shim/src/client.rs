@@ -23,16 +23,24 @@ pub(crate) fn peer_allowed(sock: &OwnedFd) -> bool {
     }
 }
 
-/// Tells a peer that failed the check so, before its connection is closed.
-pub(crate) fn refuse(sock: &OwnedFd) {
-    let r = RawReply::new(KmdStatus::PermissionDenied, &[]);
-    let _ = os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&r), &[]);
+/// Tells a peer why its connection is closed before it sent anything: it failed the peer
+/// check (`PermissionDenied`), or the server is full (`LimitExceeded`). Its first request
+/// reads this as the answer.
+pub(crate) fn refuse(sock: &OwnedFd, status: KmdStatus) {
+    let r = RawReply::new(status, &[]);
+    let _ = os::try_send_with_fds(sock.as_fd(), bytemuck::bytes_of(&r), &[]);
 }
 
 /// Receives one request on a readable connection and sends its reply. `ctx` is the
 /// connection's context (set by OPEN_CONTEXT). Returns false when the connection is over:
-/// closed by the peer, broken, or not taking its replies within the socket's send
-/// timeout. The caller then reclaims the context.
+/// closed by the peer, broken, or not taking its replies (the reply is sent without
+/// waiting: a client that sends requests and does not read the answers fills its queue,
+/// and then loses its connection instead of holding a worker). The caller then reclaims
+/// the context.
+///
+/// Every descriptor a request may carry is a memfd. One that is not makes the request
+/// `BadFd` before anything looks at it, and it is closed off this thread
+/// (the closer thread, `closer.rs`): its close could block.
 pub fn serve_one(dev: &Device, sock: &OwnedFd, ctx: &mut Option<u32>) -> bool {
     let mut buf = [0u8; 2 * MESSAGE_SIZE];
     let got = match os::recv_with_fds(sock.as_fd(), &mut buf) {
@@ -44,17 +52,23 @@ pub fn serve_one(dev: &Device, sock: &OwnedFd, ctx: &mut Option<u32>) -> bool {
     if got.len == 0 && got.fds.is_empty() {
         return false; // closed
     }
+    let (fds, foreign): (Vec<_>, Vec<_>) =
+        got.fds.into_iter().partition(|f| os::is_memfd(f.as_fd()));
+    let any_foreign = !foreign.is_empty();
+    foreign.into_iter().for_each(crate::closer::dispose);
     let result = if got.truncated || got.len != MESSAGE_SIZE {
         Err(KmdStatus::Malformed)
+    } else if any_foreign {
+        Err(KmdStatus::BadFd)
     } else {
-        handle(dev, sock, ctx, &buf[..got.len], got.fds)
+        handle(dev, sock, ctx, &buf[..got.len], fds)
     };
     let (reply, fds) = match result {
         Ok(answer) => (RawReply::new(KmdStatus::Ok, &answer.values), answer.fds),
         Err(status) => (RawReply::new(status, &[]), Vec::new()),
     };
     let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-    os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&reply), &borrowed).is_ok()
+    os::try_send_with_fds(sock.as_fd(), bytemuck::bytes_of(&reply), &borrowed).is_ok()
 }
 
 /// A successful reply as it goes on the socket: its values and descriptors.

@@ -29,6 +29,7 @@
 
 pub mod buffer;
 pub mod client;
+mod closer;
 pub mod context;
 pub mod device;
 mod evict;

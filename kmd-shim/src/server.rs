@@ -13,9 +13,10 @@
 //! opened its context within [`ServerLimits::handshake_timeout`] is closed, and when the
 //! bound is reached a new connection takes the place of the oldest one that has not opened
 //! a context: a flood of idle connections cannot lock well-behaved clients out, since
-//! those send OPEN_CONTEXT at once. Sockets get send and receive timeouts, so a client
-//! that does not read its replies loses its connection instead of holding a worker.
-//! Thousands of idle connections cost a descriptor each and no thread.
+//! those send OPEN_CONTEXT at once. With every connection holding a context, a newcomer
+//! is told `LimitExceeded` and closed. Replies are sent without waiting, so a client that
+//! does not read them loses its connection once its queue is full, instead of holding a
+//! worker. Thousands of idle connections cost a descriptor each and no thread.
 
 use crate::client;
 use crate::device::Device;
@@ -26,6 +27,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use userq_uapi::KmdStatus;
 
 /// Bounds of the connection server.
 #[derive(Debug, Clone)]
@@ -158,7 +160,7 @@ impl Server {
                 Err(_) => break,
             };
             if !client::peer_allowed(&sock) {
-                client::refuse(&sock);
+                client::refuse(&sock, KmdStatus::PermissionDenied);
                 continue;
             }
             let t = Some(self.limits.socket_timeout);
@@ -185,10 +187,13 @@ impl Server {
     }
 
     /// Adds a connection, making room at the bound by closing the oldest connection that
-    /// has no context yet; with no such connection, the new one is closed.
+    /// has no context yet; with no such connection, the new one is told `LimitExceeded`
+    /// and closed.
     fn admit(&self, sock: OwnedFd) {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         if conns.len() >= self.limits.max_connections && !self.evict_oldest_idle(&mut conns) {
+            drop(conns);
+            client::refuse(&sock, KmdStatus::LimitExceeded);
             return; // dropping `sock` closes it
         }
         let key = self.next_key.fetch_add(1, Relaxed);
