@@ -9,9 +9,15 @@ use std::time::{Duration, Instant};
 use userq::{kernels, Command, Device};
 
 fn device(dir: &TempDir) -> kmd_shim::Kmd {
-    let launcher = kmd_shim::FirmwareLauncher::Thread(Box::new(|channel| {
+    device_named(dir, "fw-emu")
+}
+
+/// A device whose firmware thread is named `name` (so a test can find it in
+/// `/proc/self/task`).
+fn device_named(dir: &TempDir, name: &'static str) -> kmd_shim::Kmd {
+    let launcher = kmd_shim::FirmwareLauncher::Thread(Box::new(move |channel| {
         std::thread::Builder::new()
-            .name("fw-emu".into())
+            .name(name.into())
             .spawn(move || {
                 if let Ok(fw) = fw_emu::Firmware::boot(channel, fw_emu::FirmwareConfig::default()) {
                     fw.run();
@@ -163,5 +169,57 @@ fn a_queue_in_a_reused_slot_starts_with_a_clean_doorbell() {
         .expect("a fresh queue in a reused slot runs");
     assert_eq!(second.timeline().value(), 1);
     drop((second, dev));
+    kmd.shutdown();
+}
+
+/// CPU time (user + system) of this process's thread named `name`, in clock ticks.
+fn thread_cpu_ticks(name: &str) -> u64 {
+    for task in std::fs::read_dir("/proc/self/task")
+        .expect("tasks")
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).expect("stat");
+        // Fields after the command (which ends at the last ')'): state is field 3, utime
+        // and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        return f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    }
+    panic!("no thread named {name}");
+}
+
+#[test]
+fn a_suspended_queue_whose_wait_is_met_lets_the_firmware_sleep() {
+    let dir = TempDir::new("suspend-park");
+    let kmd = device_named(&dir, "fw-park");
+    let dev = Device::connect(kmd.socket_path()).expect("connect");
+    let mut q = dev.create_queue().expect("queue");
+    let gate = dev.create_fence(0).expect("fence");
+    let done = q
+        .submit_batch(&[Command::wait(&gate.point(1)), Command::nop()])
+        .expect("submit");
+    std::thread::sleep(Duration::from_millis(50)); // parked on the gate
+    kmd.suspend(dev.context_id(), None).expect("suspend");
+    // The wait is met while the queue is suspended: nothing can run until the resume.
+    gate.signal(1).expect("signal");
+    std::thread::sleep(Duration::from_millis(200)); // past the firmware's back-off
+    let ticks = rustix::param::clock_ticks_per_second();
+    let before = thread_cpu_ticks("fw-park");
+    std::thread::sleep(Duration::from_secs(1));
+    let used = thread_cpu_ticks("fw-park") - before;
+    // Asleep, the firmware uses next to nothing; spinning on the met wait, a whole core.
+    assert!(
+        used * 2 < ticks,
+        "the firmware used {used} of {ticks} ticks in a second"
+    );
+    assert_eq!(done.poll(), Ok(false), "nothing runs while suspended");
+    kmd.resume(dev.context_id(), None).expect("resume");
+    done.wait(Duration::from_secs(10))
+        .expect("runs after the resume");
+    drop((q, gate, done, dev));
     kmd.shutdown();
 }

@@ -204,10 +204,12 @@ impl Queue {
         matches!(self.state, RunState::Parked(_))
     }
 
-    /// Whether the queue is parked and its wait can now end (satisfied or poisoned).
+    /// Whether the queue is parked and its wait can now end (satisfied or poisoned). Never
+    /// while it is suspended: [`Queue::try_unpark`] would not take it, and a wait counted
+    /// as work the firmware cannot do would keep it from ever sleeping.
     pub fn parked_ready(&self) -> bool {
         match &self.state {
-            RunState::Parked(w) => !matches!(w.status(), WaitStatus::Pending),
+            RunState::Parked(w) if !self.suspended => !matches!(w.status(), WaitStatus::Pending),
             _ => false,
         }
     }
