@@ -1,7 +1,8 @@
 //! A client that scribbles on the device's kick word (writable by every client, since a
-//! waker must change the word it wakes) and never wakes anyone: another process's
-//! doorbells still reach the firmware. A wake it erases can cost them up to the firmware's
-//! 100 ms heartbeat now and then, never a lockout.
+//! waker must change the word it wakes) and never wakes anyone, or clears the summary of
+//! rung contexts beside it: another process's doorbells still reach the firmware. A wake
+//! or a summary bit it erases can cost them up to the firmware's 100 ms heartbeat now and
+//! then, never a lockout.
 
 mod common;
 
@@ -45,6 +46,38 @@ fn a_client_scribbling_on_the_kick_word_does_not_lock_others_out() {
         "no burst found the firmware asleep: nothing was tested"
     );
     // The heartbeat bounds an erased wake at 100 ms; a second would be a lockout.
+    assert!(worst < Duration::from_secs(1), "worst round trip {worst:?}");
+    assert!(alive(daemon.fw_pid), "fw-emu survives");
+    daemon.stop();
+}
+
+#[test]
+fn a_client_clearing_the_summary_of_rung_contexts_does_not_lock_others_out() {
+    let daemon = Daemon::start();
+    let eraser = client(&daemon.socket, &["hostile", "summary-eraser:3000"]);
+    let dev = Device::connect(&daemon.socket).expect("connect");
+    let (mut worst, mut rounds) = (Duration::ZERO, 0);
+    let t = Instant::now();
+    // Bounded: the eraser runs 3 s; this side stops after 2.5 s or 100 rounds. A fresh
+    // queue each round is not polled yet, so its doorbell goes through the summary.
+    while t.elapsed() < Duration::from_millis(2500) && rounds < 100 {
+        std::thread::sleep(Duration::from_millis(4));
+        let mut q = dev.create_queue().expect("queue");
+        let start = Instant::now();
+        let v = q.enqueue(&[Command::nop()]).expect("submit");
+        q.timeline()
+            .point(v)
+            .wait_with(WaitMode::Block, Duration::from_secs(5))
+            .expect("the NOP completes");
+        worst = worst.max(start.elapsed());
+        rounds += 1;
+    }
+    eprintln!("{rounds} rounds, worst round trip {worst:?}");
+    let out = eraser.succeeded(Duration::from_secs(30));
+    assert!(out.starts_with("erased"), "{out}");
+    assert!(rounds >= 10, "only {rounds} rounds");
+    // The firmware's tick looks at every context's own pending words: an erased summary
+    // bit costs at most a heartbeat; a second would be a lockout.
     assert!(worst < Duration::from_secs(1), "worst round trip {worst:?}");
     assert!(alive(daemon.fw_pid), "fw-emu survives");
     daemon.stop();

@@ -426,7 +426,8 @@ impl Firmware {
         self.check_hangs();
         self.prune_faults();
         self.publish_telemetry();
-        self.sched.stop_polling(&mut self.contexts, false)
+        let swept = self.sched.sweep_doorbells(&mut self.contexts);
+        self.sched.stop_polling(&mut self.contexts, false) | swept
     }
 
     /// NEED_WAKEUP: announce, re-check, sleep on the kick word. Polled queues are handed
@@ -446,14 +447,20 @@ impl Firmware {
                 Duration::from_millis(userq_uapi::HEARTBEAT_PERIOD_MS)
             };
         let (status, kick) = (self.status.clone(), self.kick.clone());
-        sync::announce_and_sleep(&status.sleep, &kick.kick.word, || self.has_work(), bound);
+        // The last look before sleeping also reads every context's own pending words: a
+        // doorbell that found the firmware awake did not kick it, and another client may
+        // have cleared its summary bit since.
+        let ready = || self.has_work() || Scheduler::doorbell_pending_anywhere(&self.contexts);
+        sync::announce_and_sleep(&status.sleep, &kick.kick.word, ready, bound);
         self.publish_cpu();
         // A wake-up with work goes to the work first: the tick (heartbeat, hang checks,
         // telemetry: 10–20 µs with the caches cold after a sleep) would sit between a
         // cold round trip's doorbell and its completion, and the loop ticks within 8 busy
         // turns anyway. A wake-up by the timeout ticks here, so the heartbeat goes on
-        // while the device is idle.
-        if !self.has_work() {
+        // while the device is idle. A wake-up that finds no work may be a doorbell whose
+        // summary bit another client cleared: every context's own pending words are
+        // looked at first, whenever the last tick was.
+        if !self.has_work() && !self.sched.sweep_doorbells(&mut self.contexts) {
             self.tick();
         }
     }

@@ -94,6 +94,20 @@ impl Scheduler {
         any
     }
 
+    /// Takes every context's pending-doorbell words, whatever the device summary says, and
+    /// schedules the rung queues that can run. Every client can write the summary (it
+    /// shares the kick word's page), so one can clear another's bit before the firmware
+    /// takes it; the pending words are each context's own. Run at every tick (every 10 ms
+    /// awake, and at every heartbeat wake-up asleep), this bounds how long an erased
+    /// summary bit hides a doorbell. Returns whether any queue was scheduled.
+    pub fn sweep_doorbells(&mut self, contexts: &mut Contexts) -> bool {
+        let mut any = false;
+        for c in contexts.iter_mut() {
+            any |= self.collect_context(c);
+        }
+        any
+    }
+
     /// Swaps a context's non-zero pending-doorbell words to zero and schedules the rung
     /// queues that can run.
     fn collect_context(&mut self, c: &mut Context) -> bool {
@@ -126,6 +140,21 @@ impl Scheduler {
     /// Whether a context has a pending-doorbell bit set.
     pub fn doorbell_pending(summary: &ContextSummary) -> bool {
         summary.words.iter().any(|w| w.load(Relaxed) != 0)
+    }
+
+    /// Whether any context's own pending-doorbell words have a bit set, whatever the
+    /// device summary says: the firmware's last look before it sleeps. A client sets its
+    /// queue's bit before its fence and its look at the sleep flag, as it does the summary
+    /// bit, so this look pairs with that fence the same way; and unlike the summary, no
+    /// other client can clear it. One line per context.
+    pub fn doorbell_pending_anywhere(contexts: &Contexts) -> bool {
+        contexts.iter().any(|c| {
+            c.doorbell
+                .pending
+                .words
+                .iter()
+                .any(|w| w.load(Relaxed) != 0)
+        })
     }
 
     /// Runs each polled queue with unread packets at once, in place: one lookup, no trip

@@ -281,6 +281,27 @@ fn kick_scribbler(raw: &Raw, ms: u64) -> Res<()> {
     Ok(())
 }
 
+/// Clears every bit of the device's summary of rung contexts (writable by every client,
+/// as it shares the kick word's page) for `ms` milliseconds, over and over: another
+/// client's doorbell bit there is gone before the firmware takes it. Prints how many
+/// sweeps it made.
+fn summary_eraser(raw: &Raw, ms: u64) -> Res<()> {
+    let words = &raw.kick.contexts.words;
+    let end = Instant::now() + Duration::from_millis(ms);
+    let mut sweeps = 0u64;
+    while Instant::now() < end {
+        for _ in 0..256 {
+            for w in words {
+                w.store(0, Relaxed);
+            }
+            sweeps += 1;
+        }
+        std::thread::yield_now();
+    }
+    println!("erased {sweeps} times");
+    Ok(())
+}
+
 pub(crate) fn hostile(case: &str) -> Res<()> {
     let raw = Raw::open()?;
     if let Some(seed) = case.strip_prefix("random-rings:") {
@@ -288,6 +309,9 @@ pub(crate) fn hostile(case: &str) -> Res<()> {
     }
     if let Some(ms) = case.strip_prefix("kick-scribbler:") {
         return kick_scribbler(&raw, ms.parse()?);
+    }
+    if let Some(ms) = case.strip_prefix("summary-eraser:") {
+        return summary_eraser(&raw, ms.parse()?);
     }
     let mut q = raw.queue(8)?;
     let buf = raw.buffer(4096)?;
