@@ -2,6 +2,9 @@
 //! are not memfds, replies that are never read, more connections with a context than the
 //! server takes. None of them may hold a worker or leave a newcomer without an answer.
 
+mod common;
+
+use common::Device;
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -12,44 +15,6 @@ use userq_uapi::{os, KmdStatus, ABI_VERSION};
 /// The bound on any one answer: far above a healthy one (microseconds), far below the
 /// minute a lingering close would hold a worker.
 const ANSWER: Duration = Duration::from_secs(10);
-
-/// A device with `server` bounds, its firmware the `fw-emu` built next to `kmd-shim`;
-/// stopped, and its directory removed, on drop, even when the test fails.
-struct Device {
-    kmd: Option<kmd_shim::Kmd>,
-    dir: std::path::PathBuf,
-}
-
-impl Device {
-    fn start(tag: &str, server: kmd_shim::ServerLimits) -> Device {
-        let dir = std::env::temp_dir().join(format!("userq-conn-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let fw = std::path::Path::new(env!("CARGO_BIN_EXE_kmd-shim")).with_file_name("fw-emu");
-        let launcher = kmd_shim::FirmwareLauncher::Process {
-            program: fw,
-            args: Vec::new(),
-        };
-        let mut config = kmd_shim::KmdConfig::new(dir.join("dev.sock"), launcher);
-        config.server = server;
-        let kmd = kmd_shim::Kmd::start(config).expect("device");
-        Device {
-            kmd: Some(kmd),
-            dir,
-        }
-    }
-
-    fn kmd(&self) -> &kmd_shim::Kmd {
-        self.kmd.as_ref().expect("running")
-    }
-}
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        drop(self.kmd.take());
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A connection whose answers are waited for at most [`ANSWER`].
 fn connect(kmd: &kmd_shim::Kmd) -> OwnedFd {
@@ -104,7 +69,7 @@ fn lingering_socket() -> (TcpStream, TcpStream) {
 
 #[test]
 fn descriptors_that_are_not_memfds_get_bad_fd_and_hold_no_worker() {
-    let dev = Device::start("fds", kmd_shim::ServerLimits::default());
+    let dev = Device::start("conn-fds", |_| {});
     let kmd = dev.kmd();
     let workers = kmd_shim::ServerLimits::default().workers;
     let started = Instant::now();
@@ -146,7 +111,7 @@ fn answer_to(sock: &OwnedFd, req: Request) -> Option<KmdStatus> {
 
 #[test]
 fn a_client_that_does_not_read_its_answers_loses_its_connection() {
-    let dev = Device::start("unread", kmd_shim::ServerLimits::default());
+    let dev = Device::start("conn-unread", |_| {});
     let kmd = dev.kmd();
     let s = connect(kmd);
     assert_eq!(answer_to(&s, OPEN), Some(KmdStatus::Ok));
@@ -183,7 +148,7 @@ fn a_full_server_tells_a_newcomer_limit_exceeded() {
         max_connections: 2,
         ..kmd_shim::ServerLimits::default()
     };
-    let dev = Device::start("full", server);
+    let dev = Device::start("conn-full", |c| c.server = server);
     let kmd = dev.kmd();
     let a = connect(kmd);
     assert_eq!(answer_to(&a, OPEN), Some(KmdStatus::Ok));

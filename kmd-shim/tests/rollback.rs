@@ -2,27 +2,14 @@
 //! gives back everything it held: the limits prove it, as a device with room for exactly
 //! one more of something accepts it again afterwards.
 
+mod common;
+
+use common::Device;
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 use userq_uapi::ioctl::{CreateFenceReply, Priority, RawReply, Reply, Request};
 use userq_uapi::layout::{ring_object_size, PAGE_SIZE};
 use userq_uapi::{os, KmdStatus, ABI_VERSION};
-
-/// A device with `limits`, its firmware the `fw-emu` built next to the `kmd-shim` binary.
-fn device(tag: &str, limits: kmd_shim::Limits) -> (kmd_shim::Kmd, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("userq-rollback-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let fw = std::path::Path::new(env!("CARGO_BIN_EXE_kmd-shim")).with_file_name("fw-emu");
-    let launcher = kmd_shim::FirmwareLauncher::Process {
-        program: fw,
-        args: Vec::new(),
-    };
-    let mut config = kmd_shim::KmdConfig::new(dir.join("dev.sock"), launcher);
-    config.limits = limits;
-    config.verbose = false;
-    (kmd_shim::Kmd::start(config).expect("device"), dir)
-}
 
 fn send(sock: &OwnedFd, req: Request, fds: &[BorrowedFd<'_>]) -> (KmdStatus, [u64; 7]) {
     os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&req.encode()), fds).expect("send");
@@ -66,15 +53,15 @@ fn one_ring() -> u64 {
 
 #[test]
 fn a_queue_without_room_for_its_timeline_gives_back_its_slot_and_bytes() {
-    let (kmd, dir) = device(
-        "timeline",
-        kmd_shim::Limits {
+    let dev = Device::start("rollback-timeline", |c| {
+        c.limits = kmd_shim::Limits {
             max_fences: 1,
             memory_budget: one_ring(),
             ..kmd_shim::Limits::default()
-        },
-    );
-    let s = open(&kmd);
+        }
+    });
+    let kmd = dev.kmd();
+    let s = open(kmd);
     let user = fence(&s).expect("the device's one fence");
     assert_eq!(status(&s, QUEUE), KmdStatus::LimitExceeded);
     let release = Request::ReleaseFence {
@@ -83,27 +70,25 @@ fn a_queue_without_room_for_its_timeline_gives_back_its_slot_and_bytes() {
     assert_eq!(status(&s, release), KmdStatus::Ok);
     // The budget holds exactly one ring: the failed queue returned its bytes.
     assert_eq!(status(&s, QUEUE), KmdStatus::Ok);
-    drop(kmd);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn a_queue_its_context_cannot_hold_drops_its_timeline_and_gives_back_its_slot() {
-    let (kmd, dir) = device(
-        "hold",
-        kmd_shim::Limits {
+    let dev = Device::start("rollback-hold", |c| {
+        c.limits = kmd_shim::Limits {
             max_fences_per_context: 1,
             max_fences: 2,
             memory_budget: one_ring(),
             ..kmd_shim::Limits::default()
-        },
-    );
-    let a = open(&kmd);
+        }
+    });
+    let kmd = dev.kmd();
+    let a = open(kmd);
     let held = fence(&a).expect("a's one handle");
     // The timeline is registered, then the context cannot hold it.
     assert_eq!(status(&a, QUEUE), KmdStatus::LimitExceeded);
     // The timeline was forgotten: another context gets the device's second fence.
-    let b = open(&kmd);
+    let b = open(kmd);
     assert!(
         fence(&b).is_ok(),
         "the failed queue's timeline still counts"
@@ -113,28 +98,26 @@ fn a_queue_its_context_cannot_hold_drops_its_timeline_and_gives_back_its_slot() 
     };
     assert_eq!(status(&a, release), KmdStatus::Ok);
     assert_eq!(status(&a, QUEUE), KmdStatus::Ok);
-    drop(kmd);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn a_closed_context_gives_back_its_rings_buffers_and_fences() {
-    let (kmd, dir) = device(
-        "close",
-        kmd_shim::Limits {
+    let dev = Device::start("rollback-close", |c| {
+        c.limits = kmd_shim::Limits {
             max_fences: 2,
             memory_budget: one_ring() + PAGE_SIZE as u64,
             ..kmd_shim::Limits::default()
-        },
-    );
-    let a = open(&kmd);
+        }
+    });
+    let kmd = dev.kmd();
+    let a = open(kmd);
     assert_eq!(status(&a, QUEUE), KmdStatus::Ok);
     assert_eq!(
         status(&a, Request::AllocBuffer { size: 1, flags: 0 }),
         KmdStatus::Ok
     );
     assert!(fence(&a).is_ok());
-    let b = open(&kmd);
+    let b = open(kmd);
     assert_eq!(status(&b, QUEUE), KmdStatus::OutOfMemory);
     assert_eq!(fence(&b).err(), Some(KmdStatus::LimitExceeded));
     drop(a);
@@ -149,22 +132,20 @@ fn a_closed_context_gives_back_its_rings_buffers_and_fences() {
         KmdStatus::Ok
     );
     assert!(fence(&b).is_ok());
-    drop(kmd);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn fences_created_on_many_connections_at_once_never_pass_the_device_limit() {
     const LIMIT: usize = 24;
-    let (kmd, dir) = device(
-        "fence-race",
-        kmd_shim::Limits {
+    let dev = Device::start("rollback-fence-race", |c| {
+        c.limits = kmd_shim::Limits {
             max_fences: LIMIT,
             ..kmd_shim::Limits::default()
-        },
-    );
+        }
+    });
+    let kmd = dev.kmd();
     // Eight connections race to create fences until the device says no.
-    let socks: Vec<OwnedFd> = (0..8).map(|_| open(&kmd)).collect();
+    let socks: Vec<OwnedFd> = (0..8).map(|_| open(kmd)).collect();
     let made: usize = std::thread::scope(|s| {
         let runs: Vec<_> = socks
             .iter()
@@ -186,23 +167,21 @@ fn fences_created_on_many_connections_at_once_never_pass_the_device_limit() {
     });
     assert_eq!(made, LIMIT, "exactly the limit was created");
     drop(socks);
-    drop(kmd);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn one_context_cannot_take_more_than_its_share_and_freeing_gives_it_back() {
     let page = PAGE_SIZE as u64;
-    let (kmd, dir) = device(
-        "share",
-        kmd_shim::Limits {
+    let dev = Device::start("rollback-share", |c| {
+        c.limits = kmd_shim::Limits {
             max_bytes_per_context: 4 * page,
             max_buffers_per_context: 3,
             max_queues_per_context: 1,
             ..kmd_shim::Limits::default()
-        },
-    );
-    let a = open(&kmd);
+        }
+    });
+    let kmd = dev.kmd();
+    let a = open(kmd);
     let alloc = |s: &OwnedFd, size: u64| send(s, Request::AllocBuffer { size, flags: 0 }, &[]);
     let (st, big) = alloc(&a, 3 * page);
     assert_eq!(st, KmdStatus::Ok);
@@ -210,7 +189,7 @@ fn one_context_cannot_take_more_than_its_share_and_freeing_gives_it_back() {
     assert_eq!(alloc(&a, 2 * page).0, KmdStatus::OutOfMemory);
     assert_eq!(alloc(&a, page).0, KmdStatus::Ok);
     // Another context has its own share.
-    let b = open(&kmd);
+    let b = open(kmd);
     assert_eq!(alloc(&b, 4 * page).0, KmdStatus::Ok);
     // Freeing gives the bytes back to the context that allocated them.
     assert_eq!(
@@ -219,7 +198,7 @@ fn one_context_cannot_take_more_than_its_share_and_freeing_gives_it_back() {
     );
     assert_eq!(alloc(&a, 3 * page).0, KmdStatus::Ok);
     // Mappings per context are bounded too (small buffers, within the byte share).
-    let c = open(&kmd);
+    let c = open(kmd);
     for _ in 0..3 {
         assert_eq!(alloc(&c, 8).0, KmdStatus::Ok);
     }
@@ -227,6 +206,4 @@ fn one_context_cannot_take_more_than_its_share_and_freeing_gives_it_back() {
     // And queues.
     assert_eq!(status(&c, QUEUE), KmdStatus::Ok);
     assert_eq!(status(&c, QUEUE), KmdStatus::LimitExceeded);
-    drop(kmd);
-    let _ = std::fs::remove_dir_all(dir);
 }
