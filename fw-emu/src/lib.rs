@@ -415,7 +415,7 @@ impl Firmware {
     /// Every 10 ms: bump the heartbeat, notice a vanished kmd-shim, check the watchdogs of
     /// running dispatches, and stop polling queues that went idle. Returns whether a queue turned out to have work.
     fn tick(&mut self) -> bool {
-        if self.last_heartbeat.elapsed() < Duration::from_millis(10) {
+        if !self.tick_due() {
             return false;
         }
         self.last_heartbeat = Instant::now();
@@ -428,6 +428,11 @@ impl Firmware {
         self.publish_telemetry();
         let swept = self.sched.sweep_doorbells(&mut self.contexts);
         self.sched.stop_polling(&mut self.contexts, false) | swept
+    }
+
+    /// Whether the last tick was 10 ms ago or more.
+    fn tick_due(&self) -> bool {
+        self.last_heartbeat.elapsed() >= Duration::from_millis(10)
     }
 
     /// NEED_WAKEUP: announce, re-check, sleep on the kick word. Polled queues are handed
@@ -459,9 +464,13 @@ impl Firmware {
         // turns anyway. A wake-up by the timeout ticks here, so the heartbeat goes on
         // while the device is idle. A wake-up that finds no work may be a doorbell whose
         // summary bit another client cleared: every context's own pending words are
-        // looked at first, whenever the last tick was.
-        if !self.has_work() && !self.sched.sweep_doorbells(&mut self.contexts) {
-            self.tick();
+        // taken, by the tick or, when none is due, here.
+        if !self.has_work() {
+            if self.tick_due() {
+                self.tick();
+            } else {
+                self.sched.sweep_doorbells(&mut self.contexts);
+            }
         }
     }
 

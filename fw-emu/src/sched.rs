@@ -98,8 +98,10 @@ impl Scheduler {
     /// schedules the rung queues that can run. Every client can write the summary (it
     /// shares the kick word's page), so one can clear another's bit before the firmware
     /// takes it; the pending words are each context's own. Run at every tick (every 10 ms
-    /// awake, and at every heartbeat wake-up asleep), this bounds how long an erased
-    /// summary bit hides a doorbell. Returns whether any queue was scheduled.
+    /// awake) and after every wake-up that finds no work (the heartbeat's among them), and
+    /// with [`Scheduler::doorbell_pending_anywhere`] in the last look before a sleep, this
+    /// bounds how long an erased summary bit hides a doorbell. Returns whether any queue
+    /// was scheduled.
     pub fn sweep_doorbells(&mut self, contexts: &mut Contexts) -> bool {
         let mut any = false;
         for c in contexts.iter_mut() {

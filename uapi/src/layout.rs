@@ -334,10 +334,11 @@ pub struct DeviceHealth<A: Access = ReadWrite> {
 /// between the firmware's last check and its `futex_wait` is lost. Writing garbage here
 /// causes spurious wake-ups or extra looks at doorbell pages, which are harmless; a client
 /// that writes the word back to its old value between another's bump and the firmware's
-/// `futex_wait` erases that wake, and one that clears another's summary bit before the
-/// firmware takes it hides that doorbell: either delays the other's work until its next
-/// doorbell or the firmware's next tick, which looks at every context's own pending words
-/// (10 ms awake, the 100 ms heartbeat asleep; see `sync::ring_doorbell`).
+/// `futex_wait` erases that wake, delaying the other's work until its next doorbell or
+/// the 100 ms heartbeat (see `sync::ring_doorbell`). One that clears another's summary bit
+/// before the firmware takes it hides that doorbell from the summary only: the firmware
+/// reads every context's own pending words before it sleeps, after a wake-up that finds
+/// no work, and at every tick (10 ms).
 #[repr(C, align(4096))]
 #[derive(Debug)]
 pub struct DeviceKick {
