@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::TempDir;
+use common::{cpu_ticks, TempDir};
 use std::time::{Duration, Instant};
 use userq::{kernels, Command, Device};
 
@@ -174,22 +174,14 @@ fn a_queue_in_a_reused_slot_starts_with_a_clean_doorbell() {
 
 /// CPU time (user + system) of this process's thread named `name`, in clock ticks.
 fn thread_cpu_ticks(name: &str) -> u64 {
-    for task in std::fs::read_dir("/proc/self/task")
+    let task = std::fs::read_dir("/proc/self/task")
         .expect("tasks")
         .flatten()
-    {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(task.path().join("stat")).expect("stat");
-        // Fields after the command (which ends at the last ')'): state is field 3, utime
-        // and stime are fields 14 and 15.
-        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        return f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
-    }
-    panic!("no thread named {name}");
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .unwrap_or_else(|| panic!("no thread named {name}"));
+    cpu_ticks(&task.path().join("stat").to_string_lossy())
 }
 
 #[test]
