@@ -38,7 +38,8 @@ pub struct ServerLimits {
     pub handshake_timeout: Duration,
     /// Worker threads serving requests.
     pub workers: usize,
-    /// How long sending a reply (or receiving a request already announced) may block.
+    /// How long receiving a request already announced may block (replies are sent
+    /// without waiting).
     pub socket_timeout: Duration,
 }
 
