@@ -259,6 +259,21 @@ fn random_rings(raw: &Raw, seed: u64, rounds: usize) -> Res<()> {
     Ok(())
 }
 
+/// Runs `step` over and over for `ms` milliseconds, yielding every 256 runs (so the
+/// firmware and the other client still get the CPU), and returns how many runs it made.
+fn repeat_for(ms: u64, mut step: impl FnMut()) -> u64 {
+    let end = Instant::now() + Duration::from_millis(ms);
+    let mut runs = 0u64;
+    while Instant::now() < end {
+        for _ in 0..256 {
+            step();
+        }
+        runs += 256;
+        std::thread::yield_now();
+    }
+    runs
+}
+
 /// Scribbles on the device's kick word (writable by every client) for `ms` milliseconds,
 /// never waking anyone: writes it back to the value the sleeping firmware waits on (which
 /// erases another client's bump before the firmware's futex wait) and then a fresh value
@@ -266,18 +281,12 @@ fn random_rings(raw: &Raw, seed: u64, rounds: usize) -> Res<()> {
 /// way), over and over. Prints how many writes it made.
 fn kick_scribbler(raw: &Raw, ms: u64) -> Res<()> {
     let word = &raw.kick.kick.word;
-    let end = Instant::now() + Duration::from_millis(ms);
-    let mut writes = 0u64;
-    while Instant::now() < end {
-        for _ in 0..256 {
-            let before = raw.status.sleep.word_before.load();
-            word.store(before, Relaxed);
-            word.store(before.wrapping_add(7), Relaxed);
-            writes += 2;
-        }
-        std::thread::yield_now();
-    }
-    println!("scribbled {writes} times");
+    let runs = repeat_for(ms, || {
+        let before = raw.status.sleep.word_before.load();
+        word.store(before, Relaxed);
+        word.store(before.wrapping_add(7), Relaxed);
+    });
+    println!("scribbled {} times", 2 * runs);
     Ok(())
 }
 
@@ -287,18 +296,8 @@ fn kick_scribbler(raw: &Raw, ms: u64) -> Res<()> {
 /// sweeps it made.
 fn summary_eraser(raw: &Raw, ms: u64) -> Res<()> {
     let words = &raw.kick.contexts.words;
-    let end = Instant::now() + Duration::from_millis(ms);
-    let mut sweeps = 0u64;
-    while Instant::now() < end {
-        for _ in 0..256 {
-            for w in words {
-                w.store(0, Relaxed);
-            }
-            sweeps += 1;
-        }
-        std::thread::yield_now();
-    }
-    println!("erased {sweeps} times");
+    let runs = repeat_for(ms, || words.iter().for_each(|w| w.store(0, Relaxed)));
+    println!("erased {runs} times");
     Ok(())
 }
 
