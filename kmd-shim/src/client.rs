@@ -14,11 +14,8 @@ use userq_uapi::{os, KmdStatus, ABI_VERSION};
 
 /// Whether the peer may use the device: the same user as kmd-shim, or root.
 pub(crate) fn peer_allowed(sock: &OwnedFd) -> bool {
-    match rustix::net::sockopt::socket_peercred(sock) {
-        Ok(cred) => {
-            let me = rustix::process::getuid();
-            cred.uid == me || cred.uid.is_root()
-        }
+    match os::peer_credentials(sock.as_fd()) {
+        Ok(cred) => cred.uid == rustix::process::getuid().as_raw() || cred.uid == 0,
         Err(_) => false,
     }
 }
@@ -111,8 +108,9 @@ fn handle(
             if abi_version != ABI_VERSION {
                 return Err(KmdStatus::AbiMismatch);
             }
-            let pid = rustix::net::sockopt::socket_peercred(sock)
-                .map_or(0, |c| c.pid.as_raw_nonzero().get() as u32);
+            // 0: a peer in a PID namespace kmd-shim cannot see (it is still served; the
+            // pid only labels its context in status and events).
+            let pid = os::peer_credentials(sock.as_fd()).map_or(0, |c| c.pid.unwrap_or(0));
             let (reply, fds) = dev.open_context(pid)?;
             *ctx = Some(reply.ctx);
             return Ok(Answer::new(reply, fds));

@@ -1,4 +1,5 @@
-//! DOC: the platform layer: memfds and their seals, read-only re-opens, fd passing.
+//! DOC: the platform layer: memfds and their seals, read-only re-opens, fd passing, peer
+//! credentials.
 //!
 //! Every shared object is a sealed memfd (it can neither shrink nor grow, so no mapper can
 //! be made to fault by another process truncating it). Mapping one is [`crate::shm`]'s
@@ -87,6 +88,58 @@ pub fn is_memfd(fd: BorrowedFd<'_>) -> bool {
     rustix::fs::fcntl_get_seals(fd).is_ok()
 }
 
+/// The credentials of a Unix socket's peer, as the kernel recorded them when the
+/// connection was made (`SO_PEERCRED`), translated into this process's namespaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCredentials {
+    /// The peer's process id, `None` when the peer is in no PID namespace this process can
+    /// see (the kernel reports 0: for example, this process runs in a container and the
+    /// peer outside it).
+    pub pid: Option<u32>,
+    /// The peer's user id.
+    pub uid: u32,
+    /// The peer's group id.
+    pub gid: u32,
+}
+
+/// Reads the peer's credentials of a connected Unix socket. Not through rustix: its `UCred`
+/// keeps the pid in a non-zero type, which the kernel's 0 for an invisible peer would make
+/// undefined behaviour.
+pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<PeerCredentials> {
+    use rustix::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a valid, writable `struct ucred` of `len` bytes and `len` a valid
+    // socklen_t; the kernel writes at most `len` bytes and any bit pattern is a valid
+    // `ucred` (three integers). `sock` is borrowed, so the descriptor is open.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(
+            io::Errno::from_io_error(&std::io::Error::last_os_error()).unwrap_or(io::Errno::IO)
+        );
+    }
+    if len as usize != std::mem::size_of::<libc::ucred>() {
+        return Err(io::Errno::INVAL);
+    }
+    Ok(PeerCredentials {
+        pid: u32::try_from(cred.pid).ok().filter(|&p| p != 0),
+        uid: cred.uid,
+        gid: cred.gid,
+    })
+}
+
 /// Sends one message with file descriptors attached.
 pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     send_flags(sock, bytes, fds, SendFlags::NOSIGNAL)
@@ -170,6 +223,24 @@ mod tests {
         assert!(allocated(&fd) >= SIZE, "{} of {SIZE} bytes", allocated(&fd));
         // Sealed against growing: committing past the end is refused.
         assert!(commit(fd.as_fd(), 2 * SIZE).is_err());
+    }
+
+    #[test]
+    fn peer_credentials_name_the_peer() {
+        let (a, _b) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let cred = peer_credentials(a.as_fd()).unwrap();
+        assert_eq!(cred.pid, Some(std::process::id()));
+        assert_eq!(cred.uid, rustix::process::getuid().as_raw());
+        assert_eq!(cred.gid, rustix::process::getgid().as_raw());
+        // Not a socket: an error, not a made-up peer.
+        let memfd = create_memfd("t", 4096, Sealing::Final).unwrap();
+        assert_eq!(peer_credentials(memfd.as_fd()), Err(io::Errno::NOTSOCK));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! `/tmp/userq-$UID/dev0.sock` where there is no runtime directory. These live in the ABI
 //! crate so that a daemon-only client reaches a device without linking kmd-shim.
 
-use rustix::fd::OwnedFd;
+use rustix::fd::{AsFd, OwnedFd};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 use std::path::{Path, PathBuf};
 
@@ -30,8 +30,8 @@ pub fn connect(path: &Path) -> rustix::io::Result<OwnedFd> {
         None,
     )?;
     rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
-    let server = rustix::net::sockopt::socket_peercred(&fd)?;
-    if server.uid != rustix::process::getuid() && !server.uid.is_root() {
+    let server = crate::os::peer_credentials(fd.as_fd())?;
+    if server.uid != rustix::process::getuid().as_raw() && server.uid != 0 {
         return Err(rustix::io::Errno::PERM);
     }
     Ok(fd)

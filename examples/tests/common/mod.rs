@@ -205,7 +205,10 @@ pub fn cpu_ticks(stat_path: &str) -> u64 {
 /// A kmd-shim daemon on a private socket; stopped (SIGTERM, then SIGKILL) on drop, after
 /// which neither it nor its firmware may remain.
 pub struct Daemon {
+    /// The process spawned: kmd-shim, or the wrapper it runs under.
     pub proc: Proc,
+    /// kmd-shim itself (`proc`'s pid unless it runs under a wrapper).
+    pub kmd_pid: u32,
     pub socket: PathBuf,
     pub fw_pid: u32,
     _dir: TempDir,
@@ -218,12 +221,26 @@ impl Daemon {
 
     /// A daemon with extra command-line arguments.
     pub fn start_with(args: &[&str]) -> Daemon {
+        Daemon::start_under(&[], args)
+    }
+
+    /// A daemon run by `wrapper` (a command that runs its arguments as its only child, such
+    /// as `unshare --fork`; empty: none), with extra command-line arguments.
+    pub fn start_under(wrapper: &[&str], args: &[&str]) -> Daemon {
         let dir = TempDir::new("daemon");
         let socket = dir.path().join("dev.sock");
+        let kmd = workspace_bin("kmd-shim");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&kmd);
+                c
+            }
+            None => Command::new(&kmd),
+        };
         let proc = Proc::spawn(
             "kmd-shim",
-            Command::new(workspace_bin("kmd-shim"))
-                .arg("--socket")
+            cmd.arg("--socket")
                 .arg(&socket)
                 .arg("--quiet")
                 .args(args)
@@ -235,10 +252,17 @@ impl Daemon {
             // Serving: a context opens (so the firmware has booted; one killed while it
             // boots fails the start instead of being restarted).
             if socket.exists() && userq::Device::connect(&socket).is_ok() {
-                let kids = children_of(proc.pid());
-                if let Some(&fw) = kids.first() {
+                let kmd_pid = if wrapper.is_empty() {
+                    Some(proc.pid())
+                } else {
+                    children_of(proc.pid()).first().copied()
+                };
+                if let Some((kmd_pid, fw)) =
+                    kmd_pid.and_then(|k| Some((k, *children_of(k).first()?)))
+                {
                     return Daemon {
                         proc,
+                        kmd_pid,
                         socket,
                         fw_pid: fw,
                         _dir: dir,
@@ -247,7 +271,7 @@ impl Daemon {
             }
             assert!(
                 Instant::now() < deadline,
-                "kmd-shim did not start within 10 s"
+                "kmd-shim did not start serving within 10 s (no client could open a context)"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -255,7 +279,10 @@ impl Daemon {
 
     /// Stops the daemon and checks that nothing is left behind.
     pub fn stop(mut self) {
-        self.proc.signal(rustix::process::Signal::TERM);
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(self.kmd_pid as i32).expect("pid"),
+            rustix::process::Signal::TERM,
+        );
         let status = self.proc.wait_for(Duration::from_secs(10));
         assert!(status.success(), "kmd-shim exited with {status}");
         assert!(!self.socket.exists(), "kmd-shim left its socket behind");
@@ -271,11 +298,13 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         // `stop` consumed the process already on the success path; this is the failure path.
         self.proc.signal(rustix::process::Signal::KILL);
-        if alive(self.fw_pid) {
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_raw(self.fw_pid as i32).expect("pid"),
-                rustix::process::Signal::KILL,
-            );
+        for pid in [self.kmd_pid, self.fw_pid] {
+            if alive(pid) {
+                let _ = rustix::process::kill_process(
+                    rustix::process::Pid::from_raw(pid as i32).expect("pid"),
+                    rustix::process::Signal::KILL,
+                );
+            }
         }
     }
 }
