@@ -2,7 +2,8 @@
 //! a well-behaved client still opens the device and runs work, and the daemon stays
 //! bounded in threads and descriptors (it serves connections from one epoll set with a
 //! fixed pool of workers, closes connections that never open a context, and makes room at
-//! its bound by closing the oldest such connection).
+//! its bound by closing the oldest such connection). Out of descriptors with every
+//! connection holding a context, it still answers newcomers, with `LimitExceeded`.
 
 mod common;
 
@@ -98,5 +99,88 @@ fn thousands_of_idle_connections_do_not_lock_out_a_new_client() {
         "kmd-shim holds {fds} descriptors"
     );
     drop((q, buf, dev, idle));
+    daemon.stop();
+}
+
+/// The lowest descriptor number a process has free: the next one it would be given.
+fn lowest_free_descriptor(pid: u32) -> u64 {
+    let open: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !open.contains(n)).expect("a free number")
+}
+
+/// A process's hard descriptor limit (`None`: unlimited), from /proc.
+fn hard_descriptor_limit(pid: u32) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files line");
+    let hard = line.split_whitespace().nth(4).expect("hard limit column");
+    hard.parse().ok()
+}
+
+/// Sets a process's descriptor limit; returns the one it had.
+fn set_descriptor_limit(pid: u32, l: rustix::process::Rlimit) -> rustix::process::Rlimit {
+    use rustix::process::{prlimit, Pid, Resource};
+    prlimit(
+        Some(Pid::from_raw(pid as i32).expect("pid")),
+        Resource::Nofile,
+        l,
+    )
+    .expect("prlimit")
+}
+
+#[test]
+fn a_daemon_out_of_descriptors_answers_newcomers_limit_exceeded() {
+    let daemon = Daemon::start();
+    let kmd = daemon.kmd_pid;
+    // Two clients hold contexts: no connection kmd-shim could close to make room.
+    let held: Vec<Device> = (0..2)
+        .map(|_| Device::connect(&daemon.socket).expect("connect"))
+        .collect();
+    let mut queues: Vec<_> = held.iter().map(|d| d.create_queue().unwrap()).collect();
+    // Any new descriptor now takes a number at or past the limit: accept fails with EMFILE.
+    // (The soft limit only, so that putting it back needs no privilege.)
+    let n = lowest_free_descriptor(kmd);
+    let before = set_descriptor_limit(
+        kmd,
+        rustix::process::Rlimit {
+            current: Some(n),
+            maximum: hard_descriptor_limit(kmd),
+        },
+    );
+
+    // Newcomers hear why instead of waiting in the backlog for good.
+    for _ in 0..3 {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let socket = daemon.socket.clone();
+        std::thread::spawn(move || tx.send(Device::connect(&socket).map(drop)));
+        let answer = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("an answer within 20 s");
+        assert!(
+            matches!(
+                answer,
+                Err(userq::OpenError::Control(userq::ControlError::Rejected(
+                    userq::uapi::KmdStatus::LimitExceeded
+                )))
+            ),
+            "{answer:?}"
+        );
+    }
+    // The clients already in keep working.
+    for q in &mut queues {
+        q.submit(userq::Command::nop())
+            .unwrap()
+            .wait(Duration::from_secs(10))
+            .unwrap();
+    }
+    // With descriptors again, a newcomer gets in.
+    set_descriptor_limit(kmd, before);
+    let dev = Device::connect(&daemon.socket).expect("a newcomer opens the device");
+    drop((dev, queues, held));
     daemon.stop();
 }

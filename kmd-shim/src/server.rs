@@ -14,7 +14,9 @@
 //! bound is reached a new connection takes the place of the oldest one that has not opened
 //! a context: a flood of idle connections cannot lock well-behaved clients out, since
 //! those send OPEN_CONTEXT at once. With every connection holding a context, a newcomer
-//! is told `LimitExceeded` and closed. Replies are sent without waiting, so a client that
+//! is told `LimitExceeded` and closed. So is a newcomer when kmd-shim is out of
+//! descriptors with no connection to evict: a descriptor held in reserve is given up for a
+//! moment to accept it. Replies are sent without waiting, so a client that
 //! does not read them loses its connection once its queue is full, instead of holding a
 //! worker. Thousands of idle connections cost a descriptor each and no thread.
 
@@ -79,6 +81,11 @@ pub(crate) struct Server {
     last_reap: Mutex<Instant>,
     stopping: AtomicBool,
     limits: ServerLimits,
+    /// A descriptor held in reserve (`/dev/null`): out of descriptors with no connection to
+    /// evict, it is closed to accept one waiting connection, answer it `LimitExceeded` and
+    /// close it, and then opened again, so that the connections waiting in the backlog hear
+    /// why instead of waiting for an answer that never comes.
+    spare: Mutex<Option<OwnedFd>>,
 }
 
 fn armed() -> epoll::EventFlags {
@@ -102,6 +109,7 @@ impl Server {
             last_reap: Mutex::new(Instant::now()),
             stopping: AtomicBool::new(false),
             limits,
+            spare: Mutex::new(Some(open_spare()?)),
         })
     }
 
@@ -146,16 +154,25 @@ impl Server {
                 Err(rustix::io::Errno::MFILE) | Err(rustix::io::Errno::NFILE) => {
                     // Out of descriptors before the connection bound: a flood of idle
                     // connections must not keep the newcomers out, so the oldest one
-                    // without a context goes; with none to close, back off before the
-                    // listener (still readable) is looked at again.
+                    // without a context goes; with none to close, the waiting connections
+                    // are turned away one by one with the spare descriptor, and without
+                    // it (another worker holds it), back off before the listener (still
+                    // readable) is looked at again.
                     let evicted = {
                         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
                         self.evict_oldest_idle(&mut conns)
                     };
-                    if !evicted {
-                        std::thread::sleep(Duration::from_millis(10));
+                    if evicted {
+                        continue;
                     }
-                    break;
+                    match self.turn_away_one(listener) {
+                        TurnAway::Turned => continue,
+                        TurnAway::NoneWaiting => break,
+                        TurnAway::NoSpare => {
+                            std::thread::sleep(Duration::from_millis(10));
+                            break;
+                        }
+                    }
                 }
                 // AGAIN: none left.
                 Err(_) => break,
@@ -210,6 +227,29 @@ impl Server {
                 },
             );
         }
+    }
+
+    /// Out of descriptors with every connection holding a context: frees the spare
+    /// descriptor, accepts one waiting connection, tells it `LimitExceeded`, closes it and
+    /// takes the spare back.
+    fn turn_away_one(&self, listener: &Listener) -> TurnAway {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.take().is_none() {
+            // Lost to a descriptor-hungry moment earlier: try to get it back for next time.
+            *spare = open_spare().ok();
+            return TurnAway::NoSpare;
+        }
+        let turned = match listener.accept() {
+            Ok(sock) => {
+                client::refuse(&sock, KmdStatus::LimitExceeded);
+                TurnAway::Turned
+            }
+            Err(rustix::io::Errno::AGAIN) => TurnAway::NoneWaiting,
+            // Another worker took the freed descriptor first.
+            Err(_) => TurnAway::NoSpare,
+        };
+        *spare = open_spare().ok();
+        turned
     }
 
     /// Closes the oldest connection that has no context and no worker; returns whether
@@ -296,4 +336,23 @@ impl Server {
             })
             .collect()
     }
+}
+
+/// What [`Server::turn_away_one`] did.
+enum TurnAway {
+    /// A waiting connection was told `LimitExceeded` and closed.
+    Turned,
+    /// No connection was waiting.
+    NoneWaiting,
+    /// There was no spare descriptor to give up, or it was taken before the accept.
+    NoSpare,
+}
+
+/// The spare descriptor [`Server::turn_away_one`] gives up for a moment.
+fn open_spare() -> std::io::Result<OwnedFd> {
+    Ok(rustix::fs::open(
+        "/dev/null",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?)
 }

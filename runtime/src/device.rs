@@ -195,13 +195,25 @@ fn exchange(
     req: Request,
     fds: &[BorrowedFd<'_>],
 ) -> Result<([u64; 7], Vec<OwnedFd>), ControlError> {
+    use rustix::io::Errno;
     let raw = req.encode();
-    os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&raw), fds)
-        .map_err(|_| ControlError::Disconnected)?;
+    // A server that turns a connection away (`PermissionDenied`, `LimitExceeded`) sends its
+    // reason and closes. The close may come before this request goes out (the send then
+    // fails: the peer is gone, so the receive below cannot block) or with it unread (the
+    // receive then reports a reset first, and the reason after it). Either way the reason
+    // is what the caller gets.
+    let sent = os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&raw), fds);
+    if let Err(e) = sent {
+        if e != Errno::PIPE && e != Errno::CONNRESET {
+            return Err(ControlError::Disconnected);
+        }
+    }
     let mut buf = [0u8; 2 * MESSAGE_SIZE];
+    let mut reset = false;
     let got = loop {
         match os::recv_with_fds(sock.as_fd(), &mut buf) {
-            Err(rustix::io::Errno::INTR) => continue,
+            Err(Errno::INTR) => continue,
+            Err(Errno::CONNRESET) if !reset => reset = true,
             Err(_) => return Err(ControlError::Disconnected),
             Ok(g) => break g,
         }
@@ -215,6 +227,8 @@ fn exchange(
     let reply =
         RawReply::decode(&buf[..got.len]).map_err(|_| ControlError::Protocol("bad reply"))?;
     match KmdStatus::from_u32(reply.status) {
+        // An answer to a request that never went out can only be a refusal.
+        KmdStatus::Ok if sent.is_err() => Err(ControlError::Disconnected),
         KmdStatus::Ok => Ok((reply.values, got.fds)),
         s => Err(ControlError::Rejected(s)),
     }
