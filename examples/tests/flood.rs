@@ -184,3 +184,48 @@ fn a_daemon_out_of_descriptors_answers_newcomers_limit_exceeded() {
     drop((dev, queues, held));
     daemon.stop();
 }
+
+#[test]
+fn an_embedded_device_leaves_its_application_most_of_its_descriptors() {
+    let dir = TempDir::new("embedded-flood");
+    let sock = dir.path().join("dev.sock");
+    // The application hosting the device may have 256 descriptors: the device serves at
+    // most 64 connections.
+    let mut host = Proc::spawn(
+        "userq-testclient host",
+        std::process::Command::new("prlimit")
+            .arg("--nofile=256")
+            .arg(testclient())
+            .args(["host", sock.to_str().expect("utf-8")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null()),
+    );
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(host.child().stdout.as_mut().expect("stdout")),
+        &mut ready,
+    )
+    .expect("host output");
+    assert_eq!(ready.trim(), "ready");
+    let pid = host.pid();
+    let before = descriptors(pid);
+    // A flood of connections that never open a context, then a client that does: it is
+    // served after every connection before it was taken.
+    let idle: Vec<_> = (0..200)
+        .map(|_| userq::uapi::socket::connect(&sock).expect("connect"))
+        .collect();
+    let dev = Device::connect(&sock).expect("a client joins past the flood");
+    let mut q = dev.create_queue().unwrap();
+    q.submit(userq::Command::nop())
+        .unwrap()
+        .wait(Duration::from_secs(10))
+        .unwrap();
+    let grown = descriptors(pid).saturating_sub(before);
+    assert!(
+        grown <= 64 + 16,
+        "the device took {grown} of the application's 256 descriptors"
+    );
+    drop((q, dev, idle));
+    host.signal(rustix::process::Signal::KILL);
+    host.wait_for(Duration::from_secs(10));
+}

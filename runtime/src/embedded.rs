@@ -52,6 +52,7 @@ mod imp {
                 })
         }));
         let mut kc = kmd_shim::KmdConfig::new(path, launcher);
+        kc.server.max_connections = connection_bound(kc.server.max_connections);
         if let Some(v) = vram {
             kc.vram = v;
         }
@@ -61,6 +62,16 @@ mod imp {
         let kmd = Arc::new(kmd_shim::Kmd::start(kc)?);
         reg.insert(path.to_owned(), Arc::downgrade(&kmd));
         Ok(kmd)
+    }
+
+    /// The connections an embedded device serves: every one costs a descriptor of this
+    /// process, which is the application's, so at most a quarter of its descriptor limit
+    /// (at least 16, at most the daemon's `default`): a flood of connections from other
+    /// processes then leaves the application most of its table.
+    fn connection_bound(default: usize) -> usize {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        let quarter = limit.map_or(usize::MAX, |n| usize::try_from(n / 4).unwrap_or(usize::MAX));
+        quarter.clamp(16, default.max(16))
     }
 
     /// A registered kernel's id and name, for `Debug`.
