@@ -62,6 +62,11 @@ pub(crate) struct Hold {
     pub(crate) fence: FenceId,
     /// Where the context registers its waiters on it.
     pub(crate) waiter: WaiterSlot,
+    /// How many times the context was given this handle: its creation or first import,
+    /// plus each import of a fence it already held (one handle a fence and context, as DRM
+    /// PRIME gives one GEM handle per buffer). RELEASE_FENCE takes one; the last one
+    /// unbinds.
+    pub(crate) refs: u32,
 }
 
 impl ContextRecord {

@@ -288,7 +288,14 @@ impl Device {
         f.holds += 1;
         let waiter = WaiterSlot { slot };
         if let Some(c) = t.contexts.get_mut(&ctx) {
-            c.handles.insert(handle, Hold { fence, waiter });
+            c.handles.insert(
+                handle,
+                Hold {
+                    fence,
+                    waiter,
+                    refs: 1,
+                },
+            );
         }
         drop(t);
         let hold = FenceHold {
@@ -325,7 +332,7 @@ impl Device {
         let Some(c) = t.contexts.get_mut(&ctx) else {
             return;
         };
-        let Some(Hold { fence, waiter }) = c.handles.remove(&handle) else {
+        let Some(Hold { fence, waiter, .. }) = c.handles.remove(&handle) else {
             return;
         };
         let still_waiting = match (t.contexts.get(&ctx), t.fences.get(&fence)) {
@@ -382,12 +389,23 @@ impl Device {
             os::object_identity(waiters_fd.as_fd()).map_err(|_| KmdStatus::BadFd)?,
         );
         let (fence, kind) = {
-            let t = self.table();
-            if !t.contexts.contains_key(&ctx) {
-                return Err(KmdStatus::NoContext);
-            }
+            let mut t = self.table();
             let id = *t.by_identity.get(&identity).ok_or(KmdStatus::BadFd)?;
-            (id, t.fences.get(&id).ok_or(KmdStatus::BadFd)?.kind)
+            let kind = t.fences.get(&id).ok_or(KmdStatus::BadFd)?.kind;
+            let c = t.contexts.get_mut(&ctx).ok_or(KmdStatus::NoContext)?;
+            // A fence the context holds already: the same handle once more, so repeat
+            // imports cost neither a handle nor a holder the firmware scans at every
+            // signal of the fence.
+            if let Some((&handle, hold)) = c.handles.iter_mut().find(|(_, h)| h.fence == id) {
+                hold.refs = hold.refs.checked_add(1).ok_or(KmdStatus::LimitExceeded)?;
+                return Ok(ImportFenceReply {
+                    handle,
+                    fence: id,
+                    kind,
+                    waiter: hold.waiter,
+                });
+            }
+            (id, kind)
         };
         let hold = self.bind(ctx, fence)?;
         let waiter = hold.waiter;
@@ -399,13 +417,15 @@ impl Device {
         })
     }
 
-    /// RELEASE_FENCE.
+    /// RELEASE_FENCE: takes one of the handle's references; the last one unbinds it.
     pub fn release_fence(&self, ctx: u32, handle: FenceHandle) -> Result<(), KmdStatus> {
         {
-            let t = self.table();
-            let c = t.contexts.get(&ctx).ok_or(KmdStatus::NoContext)?;
-            if !c.handles.contains_key(&handle) {
-                return Err(KmdStatus::NotFound);
+            let mut t = self.table();
+            let c = t.contexts.get_mut(&ctx).ok_or(KmdStatus::NoContext)?;
+            let hold = c.handles.get_mut(&handle).ok_or(KmdStatus::NotFound)?;
+            if hold.refs > 1 {
+                hold.refs -= 1;
+                return Ok(());
             }
         }
         self.link()

@@ -349,3 +349,57 @@ fn bad_flags_exit_with_code_2() {
         assert!(!out.stderr.is_empty());
     }
 }
+
+#[test]
+fn repeat_imports_of_a_fence_share_one_handle_and_count_their_releases() {
+    use userq_uapi::ioctl::{CreateFenceReply, ImportFenceReply};
+    let d = Daemon::start("reimport");
+    let open = Request::OpenContext {
+        abi_version: ABI_VERSION,
+    };
+    let a = kmd_shim::socket::connect(&d.socket).expect("connect");
+    assert_eq!(status(&a, open), KmdStatus::Ok);
+    let b = kmd_shim::socket::connect(&d.socket).expect("connect");
+    assert_eq!(status(&b, open), KmdStatus::Ok);
+    let (st, v, fds) = send(&a, Request::CreateFence { initial: 0 }, &[]);
+    assert_eq!(st, KmdStatus::Ok);
+    let created = CreateFenceReply::decode(&v).expect("reply");
+    let import = |sock: &OwnedFd| {
+        let (st, v, _) = send(
+            sock,
+            Request::ImportFence,
+            &[fds[0].as_fd(), fds[1].as_fd()],
+        );
+        assert_eq!(st, KmdStatus::Ok);
+        ImportFenceReply::decode(&v).expect("reply")
+    };
+    // The creator importing its own fence gets its handle back.
+    assert_eq!(import(&a).handle, created.handle);
+    // More imports than the 4080 handles a context may hold: one handle, one waiter slot.
+    let first = import(&b);
+    const IMPORTS: usize = 5000;
+    for _ in 1..IMPORTS {
+        let again = import(&b);
+        assert_eq!(
+            (again.handle, again.waiter, again.fence),
+            (first.handle, first.waiter, first.fence)
+        );
+    }
+    // Each import is released once; the handle goes with the last.
+    let release = Request::ReleaseFence {
+        handle: first.handle,
+    };
+    for _ in 0..IMPORTS {
+        assert_eq!(status(&b, release), KmdStatus::Ok);
+    }
+    assert_eq!(status(&b, release), KmdStatus::NotFound);
+    // A fresh import after that is a new handle.
+    assert_ne!(import(&b).handle, first.handle);
+    // The creator's handle has two references (creation and its own import).
+    let release_a = Request::ReleaseFence {
+        handle: created.handle,
+    };
+    assert_eq!(status(&a, release_a), KmdStatus::Ok);
+    assert_eq!(status(&a, release_a), KmdStatus::Ok);
+    assert_eq!(status(&a, release_a), KmdStatus::NotFound);
+}

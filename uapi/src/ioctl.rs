@@ -171,9 +171,12 @@ pub enum Request {
         /// Its initial value.
         initial: u64,
     },
-    /// Imports a fence exported by another context; two fds attached.
+    /// Imports a fence exported by another context; two fds attached. A fence the
+    /// context already holds (created, or imported before) gets the handle it has, with
+    /// one more reference: one handle a fence and context.
     ImportFence,
-    /// Drops this context's hold on a fence.
+    /// Drops one reference to this context's handle on a fence (the handle goes with its
+    /// last: one from its creation or first import, one from each repeat import).
     ReleaseFence {
         /// The handle to drop.
         handle: FenceHandle,
