@@ -25,6 +25,10 @@ use userq_uapi::packet::FenceHandle;
 use userq_uapi::shm::{Sealing, Shm};
 use userq_uapi::KmdStatus;
 
+/// Requests a closing context's fences post before waiting for their acks: half the
+/// `to_fw` ring, so the batch never waits for room behind itself.
+const CLOSE_BATCH: usize = userq_uapi::layout::CONTROL_RING_ENTRIES / 2;
+
 /// What a context holds, as kmd-shim records it.
 #[derive(Default)]
 pub(crate) struct ContextRecord {
@@ -251,17 +255,22 @@ impl Device {
         if !current {
             return;
         }
-        for fence in orphaned {
-            let _ = self.link().call(
-                FwRequest::PoisonFence {
-                    fence,
-                    code: ErrorCode::OwnerDied,
-                },
-                &[],
-            );
-        }
-        for fence in unheld {
-            let _ = self.link().call(FwRequest::DropFence { fence }, &[]);
+        // Posted in batches, each waited for as one: a context that held thousands of
+        // fences is closed in a few round trips with the firmware, not one per fence.
+        let reqs: Vec<FwRequest> = orphaned
+            .into_iter()
+            .map(|fence| FwRequest::PoisonFence {
+                fence,
+                code: ErrorCode::OwnerDied,
+            })
+            .chain(
+                unheld
+                    .into_iter()
+                    .map(|fence| FwRequest::DropFence { fence }),
+            )
+            .collect();
+        for batch in reqs.chunks(CLOSE_BATCH) {
+            let _ = self.link().call_many(batch);
         }
     }
 }
