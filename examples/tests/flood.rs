@@ -193,10 +193,8 @@ fn an_embedded_device_leaves_its_application_most_of_its_descriptors() {
     // most 64 connections.
     let mut host = Proc::spawn(
         "userq-testclient host",
-        std::process::Command::new("prlimit")
-            .arg("--nofile=256")
-            .arg(testclient())
-            .args(["host", sock.to_str().expect("utf-8")])
+        std::process::Command::new(testclient())
+            .args(["host", sock.to_str().expect("utf-8"), "256"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null()),
     );

@@ -136,7 +136,19 @@ fn blocked(rendezvous: &str) -> Res<()> {
 }
 
 /// Serves an embedded device on `socket` until killed.
-fn host(socket: &str) -> Res<()> {
+/// Hosts an embedded device on `socket` until killed; `nofile`: first lower this process's
+/// descriptor limit to it (soft and hard), as an application with a small table would.
+fn host(socket: &str, nofile: Option<u64>) -> Res<()> {
+    if let Some(n) = nofile {
+        use rustix::process::{setrlimit, Resource, Rlimit};
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(n),
+                maximum: Some(n),
+            },
+        )?;
+    }
     let _dev = Device::builder()
         .socket(socket)
         .mode(userq::OpenMode::Embedded)
@@ -156,10 +168,12 @@ fn main() {
         ["victim", rendezvous] => victim(rendezvous),
         ["compute", q, r] => (|| compute(q.parse()?, r.parse()?))(),
         ["hostile", case] => hostile(case),
-        ["host", socket] => host(socket),
+        ["host", socket] => host(socket, None),
+        ["host", socket, nofile] => (|| host(socket, Some(nofile.parse()?)))(),
         ["blocked", rendezvous] => blocked(rendezvous),
         _ => Err(
-            "usage: userq-testclient worker QUEUES PACKETS RING | victim SOCKET | hostile CASE"
+            "usage: userq-testclient worker QUEUES PACKETS RING | victim RENDEZVOUS | \
+             compute QUEUES ROUNDS | hostile CASE | host SOCKET [NOFILE] | blocked RENDEZVOUS"
                 .into(),
         ),
     };
