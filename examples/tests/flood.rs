@@ -143,15 +143,30 @@ fn a_daemon_out_of_descriptors_answers_newcomers_limit_exceeded() {
         .collect();
     let mut queues: Vec<_> = held.iter().map(|d| d.create_queue().unwrap()).collect();
     // Any new descriptor now takes a number at or past the limit: accept fails with EMFILE.
-    // (The soft limit only, so that putting it back needs no privilege.)
-    let n = lowest_free_descriptor(kmd);
-    let before = set_descriptor_limit(
-        kmd,
-        rustix::process::Rlimit {
-            current: Some(n),
-            maximum: hard_descriptor_limit(kmd),
-        },
-    );
+    // (The soft limit only, so that putting it back needs no privilege.) kmd-shim may still
+    // be closing a descriptor or two (a reply's, the start-up probe's connection): the
+    // limit follows the lowest free number down until it holds still.
+    let hard = hard_descriptor_limit(kmd);
+    let limit_at = |n| rustix::process::Rlimit {
+        current: Some(n),
+        maximum: hard,
+    };
+    let mut n = lowest_free_descriptor(kmd);
+    let before = set_descriptor_limit(kmd, limit_at(n));
+    let settle = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = lowest_free_descriptor(kmd);
+        if now == n {
+            break;
+        }
+        assert!(
+            settle.elapsed() < Duration::from_secs(10),
+            "kmd-shim's descriptors never settled"
+        );
+        n = now;
+        set_descriptor_limit(kmd, limit_at(n));
+    }
 
     // Newcomers hear why instead of waiting in the backlog for good.
     for _ in 0..3 {

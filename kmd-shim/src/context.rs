@@ -36,6 +36,8 @@ pub(crate) struct ContextRecord {
     pub(crate) queues: HashMap<u32, QueueRecord>,
     /// The fences the context holds, by its handles on them.
     pub(crate) handles: HashMap<FenceHandle, Hold>,
+    /// The handle on each fence it holds (one a fence): what a repeat import returns.
+    pub(crate) by_fence: HashMap<FenceId, FenceHandle>,
     /// Its waiter counts ([`ContextWaiters`]), one slot per fence held: kmd-shim's mapping,
     /// to zero a slot given back.
     pub(crate) waiters: Option<Shm<ContextWaiters>>,

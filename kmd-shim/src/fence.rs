@@ -288,6 +288,7 @@ impl Device {
         f.holds += 1;
         let waiter = WaiterSlot { slot };
         if let Some(c) = t.contexts.get_mut(&ctx) {
+            c.by_fence.insert(fence, handle);
             c.handles.insert(
                 handle,
                 Hold {
@@ -335,6 +336,7 @@ impl Device {
         let Some(Hold { fence, waiter, .. }) = c.handles.remove(&handle) else {
             return;
         };
+        c.by_fence.remove(&fence);
         let still_waiting = match (t.contexts.get(&ctx), t.fences.get(&fence)) {
             (Some(c), Some(f)) => f.drop_holder(c, waiter),
             _ => 0,
@@ -396,7 +398,8 @@ impl Device {
             // A fence the context holds already: the same handle once more, so repeat
             // imports cost neither a handle nor a holder the firmware scans at every
             // signal of the fence.
-            if let Some((&handle, hold)) = c.handles.iter_mut().find(|(_, h)| h.fence == id) {
+            let held = c.by_fence.get(&id).copied();
+            if let Some((handle, hold)) = held.and_then(|h| Some((h, c.handles.get_mut(&h)?))) {
                 hold.refs = hold.refs.checked_add(1).ok_or(KmdStatus::LimitExceeded)?;
                 return Ok(ImportFenceReply {
                     handle,

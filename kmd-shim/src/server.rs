@@ -109,7 +109,8 @@ impl Server {
             last_reap: Mutex::new(Instant::now()),
             stopping: AtomicBool::new(false),
             limits,
-            spare: Mutex::new(Some(open_spare()?)),
+            // Best effort: without it (no /dev/null here) newcomers wait as before.
+            spare: Mutex::new(open_spare().ok()),
         })
     }
 
@@ -245,6 +246,8 @@ impl Server {
                 TurnAway::Turned
             }
             Err(rustix::io::Errno::AGAIN) => TurnAway::NoneWaiting,
+            // That one went (or the call was interrupted): the next may be taken.
+            Err(rustix::io::Errno::CONNABORTED) | Err(rustix::io::Errno::INTR) => TurnAway::Turned,
             // Another worker took the freed descriptor first.
             Err(_) => TurnAway::NoSpare,
         };
@@ -340,7 +343,7 @@ impl Server {
 
 /// What [`Server::turn_away_one`] did.
 enum TurnAway {
-    /// A waiting connection was told `LimitExceeded` and closed.
+    /// A waiting connection was told `LimitExceeded` and closed (or had gone already).
     Turned,
     /// No connection was waiting.
     NoneWaiting,

@@ -127,11 +127,14 @@ fn dropping_one_import_of_a_fence_leaves_the_others_bound() {
     qb.finish(LONG).unwrap();
     assert_eq!(out.read(0), 7);
     fa.wait_with(2, WaitMode::Block, LONG).unwrap();
-    // With every import gone, a new one works from scratch.
+    // With every import gone (the queue held the last two for its packets), a new one
+    // works from scratch.
+    drop(qb);
     drop(third);
     let again = b.import_fence(fa.export().unwrap()).unwrap();
     assert_eq!(again.value(), 2);
-    let p = qb.submit(Command::signal(&again, 3)).unwrap();
+    let mut qc = b.create_queue().unwrap();
+    let p = qc.submit(Command::signal(&again, 3)).unwrap();
     p.wait(LONG).unwrap();
     assert_eq!(fa.value(), 3);
 }

@@ -211,6 +211,8 @@ pub struct Daemon {
     pub kmd_pid: u32,
     pub socket: PathBuf,
     pub fw_pid: u32,
+    /// [`Daemon::stop`] saw both exit: their pids may belong to others by now.
+    stopped: bool,
     _dir: TempDir,
 }
 
@@ -265,6 +267,7 @@ impl Daemon {
                         kmd_pid,
                         socket,
                         fw_pid: fw,
+                        stopped: false,
                         _dir: dir,
                     };
                 }
@@ -291,6 +294,7 @@ impl Daemon {
             assert!(Instant::now() < deadline, "fw-emu outlived kmd-shim");
             std::thread::sleep(Duration::from_millis(10));
         }
+        self.stopped = true;
     }
 }
 
@@ -298,6 +302,9 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         // `stop` consumed the process already on the success path; this is the failure path.
         self.proc.signal(rustix::process::Signal::KILL);
+        if self.stopped {
+            return;
+        }
         for pid in [self.kmd_pid, self.fw_pid] {
             if alive(pid) {
                 let _ = rustix::process::kill_process(

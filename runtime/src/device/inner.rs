@@ -265,8 +265,9 @@ fn exchange(
     let reply =
         RawReply::decode(&buf[..got.len]).map_err(|_| ControlError::Protocol("bad reply"))?;
     match KmdStatus::from_u32(reply.status) {
-        // An answer to a request that never went out can only be a refusal.
-        KmdStatus::Ok if sent.is_err() => Err(ControlError::Disconnected),
+        // An answer to a request that never went out, or that the server closed the
+        // connection on unread, can only be a refusal.
+        KmdStatus::Ok if sent.is_err() || reset => Err(ControlError::Disconnected),
         KmdStatus::Ok => Ok((reply.values, got.fds)),
         s => Err(ControlError::Rejected(s)),
     }
