@@ -14,7 +14,7 @@ use userq_uapi::KmdStatus;
 
 mod builder;
 mod inner;
-pub use builder::{default_socket_path, DeviceBuilder, OpenMode};
+pub use builder::{default_socket_path, DeviceBuilder, OpenMode, DEFAULT_CONTROL_TIMEOUT};
 pub(crate) use inner::DeviceInner;
 
 /// A connection to a userq device, with its own context: its own queues, fences, buffers
@@ -49,14 +49,19 @@ impl Device {
         DeviceBuilder::default().open()
     }
 
-    /// Connects to the device serving `socket`.
+    /// Connects to the device serving `socket` (with the default
+    /// [`DeviceBuilder::control_timeout`]).
     pub fn connect(socket: impl AsRef<Path>) -> Result<Device, OpenError> {
-        Device::attach(socket.as_ref(), None)
+        Device::attach(socket.as_ref(), None, DEFAULT_CONTROL_TIMEOUT)
     }
 
-    fn attach(path: &Path, embedded: Option<embedded::Host>) -> Result<Device, OpenError> {
+    fn attach(
+        path: &Path,
+        embedded: Option<embedded::Host>,
+        timeout: std::time::Duration,
+    ) -> Result<Device, OpenError> {
         Ok(Device {
-            inner: Arc::new(DeviceInner::open(path, embedded)?),
+            inner: Arc::new(DeviceInner::open(path, embedded, timeout)?),
         })
     }
 

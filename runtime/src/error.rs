@@ -16,6 +16,12 @@ pub enum ControlError {
     /// kmd-shim answered with something that is not a valid reply.
     #[error("protocol error: {0}")]
     Protocol(&'static str),
+    /// kmd-shim did not take the request or answer it within the control timeout
+    /// ([`crate::DeviceBuilder::control_timeout`]): the process serving the device is
+    /// stopped or stuck. The connection is given up (a late answer could not be told from
+    /// the next one's), so the device counts as lost for this context from then on.
+    #[error("the device did not answer within {0:?}; the connection is given up")]
+    Timeout(std::time::Duration),
     /// An object kmd-shim handed over could not be mapped or failed its check.
     #[error(transparent)]
     Map(#[from] userq_uapi::os::MapError),

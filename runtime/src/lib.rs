@@ -60,7 +60,7 @@ pub mod firmware {
 
 pub use buffer::{Buffer, ExportedBuffer};
 pub use command::{Command, KernelArg};
-pub use device::{default_socket_path, Device, DeviceBuilder, OpenMode};
+pub use device::{default_socket_path, Device, DeviceBuilder, OpenMode, DEFAULT_CONTROL_TIMEOUT};
 pub use error::{
     AllocError, ControlError, ErrorCode, FenceError, FenceFault, KmdStatus, OpenError,
     QueueCreateError, SignalError, SubmitError, WaitError, WatchdogError,

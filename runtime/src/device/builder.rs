@@ -7,6 +7,7 @@ use crate::error::OpenError;
 use std::path::PathBuf;
 #[cfg(feature = "embedded")]
 use std::sync::Arc;
+use std::time::Duration;
 
 /// How [`DeviceBuilder::open`] finds its device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -21,16 +22,25 @@ pub enum OpenMode {
     Embedded,
 }
 
+/// How long a control request (opening the context, creating a queue, a fence or a
+/// buffer, ...) may wait to be sent and answered before it fails with
+/// [`crate::ControlError::Timeout`]. Far above any answer kmd-shim gives while it runs:
+/// its firmware calls are bounded by 5 s, and the slowest requests (committing or
+/// migrating gigabytes) take about a second.
+pub const DEFAULT_CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Builds a [`Device`].
 #[derive(Clone, Default)]
 pub struct DeviceBuilder {
     socket: Option<PathBuf>,
     mode: OpenMode,
+    /// `None`: [`DEFAULT_CONTROL_TIMEOUT`].
+    control_timeout: Option<Duration>,
     kernels: Vec<embedded::KernelEntry>,
     engines: Option<usize>,
     vram: Option<u64>,
     /// The counterfactual eviction policy's watchdog, if chosen.
-    wait_for_jobs: Option<std::time::Duration>,
+    wait_for_jobs: Option<Duration>,
 }
 
 impl std::fmt::Debug for DeviceBuilder {
@@ -38,6 +48,7 @@ impl std::fmt::Debug for DeviceBuilder {
         f.debug_struct("DeviceBuilder")
             .field("socket", &self.socket)
             .field("mode", &self.mode)
+            .field("control_timeout", &self.control_timeout)
             .field(
                 "kernels",
                 &self
@@ -60,6 +71,15 @@ impl DeviceBuilder {
     /// How to find the device.
     pub fn mode(mut self, mode: OpenMode) -> Self {
         self.mode = mode;
+        self
+    }
+
+    /// The bound on each control request's send and answer (default
+    /// [`DEFAULT_CONTROL_TIMEOUT`], at least 1 ms). A request that runs past it fails with
+    /// [`crate::ControlError::Timeout`] and gives the connection up: the device then counts
+    /// as lost for this context.
+    pub fn control_timeout(mut self, timeout: Duration) -> Self {
+        self.control_timeout = Some(timeout.max(Duration::from_millis(1)));
         self
     }
 
@@ -86,7 +106,7 @@ impl DeviceBuilder {
     /// wait gives up after `watchdog` (at most 3 s), prints the cycle, and stops the
     /// faulting queues (`EvictionDeadlock`). Off by default.
     #[cfg(feature = "embedded")]
-    pub fn eviction_waits_for_jobs(mut self, watchdog: std::time::Duration) -> Self {
+    pub fn eviction_waits_for_jobs(mut self, watchdog: Duration) -> Self {
         self.wait_for_jobs = Some(watchdog);
         self
     }
@@ -104,6 +124,7 @@ impl DeviceBuilder {
 
     /// Opens the device and a context on it.
     pub fn open(self) -> Result<Device, OpenError> {
+        let timeout = self.control_timeout.unwrap_or(DEFAULT_CONTROL_TIMEOUT);
         let env = std::env::var_os("USERQ_DEVICE").filter(|v| !v.is_empty());
         let (path, mode) = match (self.socket, env) {
             (Some(p), _) => (p, self.mode),
@@ -113,7 +134,7 @@ impl DeviceBuilder {
             (None, None) => (default_socket_path(), self.mode),
         };
         match mode {
-            OpenMode::Connect => Device::attach(&path, None),
+            OpenMode::Connect => Device::attach(&path, None, timeout),
             OpenMode::Embedded => {
                 let kmd = embedded::start(
                     &path,
@@ -122,9 +143,9 @@ impl DeviceBuilder {
                     self.vram,
                     self.wait_for_jobs,
                 )?;
-                Device::attach(&path, Some(kmd))
+                Device::attach(&path, Some(kmd), timeout)
             }
-            OpenMode::Auto => match Device::attach(&path, None) {
+            OpenMode::Auto => match Device::attach(&path, None, timeout) {
                 Ok(d) => Ok(d),
                 Err(OpenError::Connect { .. }) if cfg!(feature = "embedded") => {
                     match embedded::start(
@@ -134,9 +155,9 @@ impl DeviceBuilder {
                         self.vram,
                         self.wait_for_jobs,
                     ) {
-                        Ok(kmd) => Device::attach(&path, Some(kmd)),
+                        Ok(kmd) => Device::attach(&path, Some(kmd), timeout),
                         // Another process won the race to serve this socket: join it.
-                        Err(e) if embedded::lost_race(&e) => Device::attach(&path, None),
+                        Err(e) if embedded::lost_race(&e) => Device::attach(&path, None, timeout),
                         Err(e) => Err(e),
                     }
                 }

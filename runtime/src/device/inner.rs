@@ -5,8 +5,10 @@
 use crate::embedded;
 use crate::error::{ControlError, OpenError};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use rustix::net::sockopt::Timeout;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Duration;
 use userq_uapi::ioctl::{OpenContextReply, RawReply, Reply, Request, MESSAGE_SIZE};
 use userq_uapi::layout::ContextWaiters;
 use userq_uapi::layout::{DeviceKick, DeviceState, DeviceStatus, DoorbellPage};
@@ -24,6 +26,8 @@ const COLD_SIGNAL_WINDOW_NS: u64 = crate::wait::ADAPTIVE_YIELD_UNTIL.as_nanos() 
 /// The state every object of one connection shares.
 pub(crate) struct DeviceInner {
     control: Mutex<OwnedFd>,
+    /// The bound on each request's send and on its answer.
+    timeout: Duration,
     pub(crate) ctx: u32,
     pub(super) generation: u64,
     pub(crate) doorbells: Shm<DoorbellPage>,
@@ -57,13 +61,25 @@ impl DeviceInner {
     pub(super) fn open(
         path: &Path,
         embedded: Option<embedded::Host>,
+        timeout: Duration,
     ) -> Result<DeviceInner, OpenError> {
         let sock = userq_uapi::socket::connect(path).map_err(|source| OpenError::Connect {
             path: path.to_owned(),
             source,
         })?;
+        // Every request and its answer is bounded: a stopped daemon fails the call with
+        // `Timeout` instead of holding the calling thread for good.
+        for t in [Timeout::Send, Timeout::Recv] {
+            rustix::net::sockopt::set_socket_timeout(&sock, t, Some(timeout)).map_err(
+                |source| OpenError::Connect {
+                    path: path.to_owned(),
+                    source,
+                },
+            )?;
+        }
         let (values, fds) = exchange(
             &sock,
+            timeout,
             Request::OpenContext {
                 abi_version: ABI_VERSION,
             },
@@ -79,6 +95,7 @@ impl DeviceInner {
         let waiters = Shm::map(waiters.as_fd()).map_err(ControlError::from)?;
         Ok(DeviceInner {
             control: Mutex::new(sock),
+            timeout,
             ctx: reply.ctx,
             generation: reply.generation,
             doorbells,
@@ -102,7 +119,14 @@ impl DeviceInner {
         fds: &[BorrowedFd<'_>],
     ) -> Result<([u64; 7], Vec<OwnedFd>), ControlError> {
         let sock = self.control.lock().unwrap_or_else(|e| e.into_inner());
-        exchange(&sock, req, fds)
+        let r = exchange(&sock, self.timeout, req, fds);
+        if let Err(ControlError::Timeout(_)) = r {
+            // Given up: kmd-shim sees the hang-up (once it runs again) and reclaims the
+            // context; every later call and wait here finds the device gone.
+            self.gone.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = rustix::net::shutdown(&*sock, rustix::net::Shutdown::Both);
+        }
+        r
     }
 
     /// After a host signal of a fence queues are parked on: wakes the firmware if it
@@ -230,6 +254,7 @@ impl DeviceInner {
 
 fn exchange(
     sock: &OwnedFd,
+    timeout: Duration,
     req: Request,
     fds: &[BorrowedFd<'_>],
 ) -> Result<([u64; 7], Vec<OwnedFd>), ControlError> {
@@ -242,6 +267,9 @@ fn exchange(
     // is what the caller gets.
     let sent = os::send_with_fds(sock.as_fd(), bytemuck::bytes_of(&raw), fds);
     if let Err(e) = sent {
+        if e == Errno::AGAIN {
+            return Err(ControlError::Timeout(timeout));
+        }
         if e != Errno::PIPE && e != Errno::CONNRESET {
             return Err(ControlError::Disconnected);
         }
@@ -252,6 +280,7 @@ fn exchange(
         match os::recv_with_fds(sock.as_fd(), &mut buf) {
             Err(Errno::INTR) => continue,
             Err(Errno::CONNRESET) if !reset => reset = true,
+            Err(Errno::AGAIN) => return Err(ControlError::Timeout(timeout)),
             Err(_) => return Err(ControlError::Disconnected),
             Ok(g) => break g,
         }
