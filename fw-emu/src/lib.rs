@@ -60,6 +60,8 @@ pub mod engine;
 
 // The objects and their scheduling, each using the ones above it (blank lines keep rustfmt
 // from sorting them).
+mod prefetch;
+
 pub mod exec;
 
 pub mod queue;

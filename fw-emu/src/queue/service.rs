@@ -86,6 +86,9 @@ impl Queue {
     /// the tag.
     #[inline(always)]
     pub fn service_by_tag(&mut self, res: &Resources<'_>, budget: u32) -> Outcome {
+        // The client spins on the timeline's line: ask for it now, so the completion's
+        // store does not wait for the transfer after the packet's work (`prefetch`).
+        crate::prefetch::for_write(&self.timeline.state().slot.value);
         let before = self.rptr;
         let outcome = self.service_tagged(res, budget as u64);
         self.publish();
