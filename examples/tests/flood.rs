@@ -206,20 +206,7 @@ fn an_embedded_device_leaves_its_application_most_of_its_descriptors() {
     let sock = dir.path().join("dev.sock");
     // The application hosting the device may have 256 descriptors: the device serves at
     // most 64 connections.
-    let mut host = Proc::spawn(
-        "userq-testclient host",
-        std::process::Command::new(testclient())
-            .args(["host", sock.to_str().expect("utf-8"), "256"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null()),
-    );
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(host.child().stdout.as_mut().expect("stdout")),
-        &mut ready,
-    )
-    .expect("host output");
-    assert_eq!(ready.trim(), "ready");
+    let mut host = host_embedded(&sock, Some(256));
     let pid = host.pid();
     let before = descriptors(pid);
     // A flood of connections that never open a context, then a client that does: it is

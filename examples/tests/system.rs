@@ -187,21 +187,7 @@ fn idle_firmware_process_uses_under_two_percent_of_a_core() {
 fn waiters_get_device_lost_when_the_process_serving_the_device_is_killed() {
     let dir = TempDir::new("host");
     let sock = dir.path().join("dev.sock");
-    let mut host = Proc::spawn(
-        "userq-testclient host",
-        Command::new(testclient())
-            .args(["host", sock.to_str().expect("utf-8")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null()),
-    );
-    let stdout = host
-        .child
-        .as_mut()
-        .and_then(|c| c.stdout.take())
-        .expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("read");
-    assert_eq!(line.trim(), "ready");
+    let mut host = host_embedded(&sock, None);
 
     let dev = Device::connect(&sock).expect("connect");
     let fence = dev.create_fence(0).expect("fence");

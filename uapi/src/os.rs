@@ -225,15 +225,19 @@ mod tests {
         assert!(commit(fd.as_fd(), 2 * SIZE).is_err());
     }
 
-    #[test]
-    fn peer_credentials_name_the_peer() {
-        let (a, _b) = rustix::net::socketpair(
+    fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+        rustix::net::socketpair(
             rustix::net::AddressFamily::UNIX,
             rustix::net::SocketType::SEQPACKET,
             rustix::net::SocketFlags::CLOEXEC,
             None,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn peer_credentials_name_the_peer() {
+        let (a, _b) = seqpacket_pair();
         let cred = peer_credentials(a.as_fd()).unwrap();
         assert_eq!(cred.pid, Some(std::process::id()));
         assert_eq!(cred.uid, rustix::process::getuid().as_raw());
@@ -251,13 +255,7 @@ mod tests {
         assert!(!is_memfd(r.as_fd()) && !is_memfd(w.as_fd()));
         let file = std::fs::File::open("/proc/self/exe").unwrap();
         assert!(!is_memfd(file.as_fd()));
-        let (a, _b) = rustix::net::socketpair(
-            rustix::net::AddressFamily::UNIX,
-            rustix::net::SocketType::SEQPACKET,
-            rustix::net::SocketFlags::CLOEXEC,
-            None,
-        )
-        .unwrap();
+        let (a, _b) = seqpacket_pair();
         assert!(!is_memfd(a.as_fd()));
     }
 }

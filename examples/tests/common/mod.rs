@@ -316,6 +316,28 @@ impl Drop for Daemon {
     }
 }
 
+/// A test client hosting an embedded device on `socket` (`nofile`: with its descriptor
+/// limit lowered to that first), once it says it is ready; killed and reaped on drop.
+pub fn host_embedded(socket: &Path, nofile: Option<u64>) -> Proc {
+    let mut args = vec![
+        "host".to_owned(),
+        socket.to_str().expect("utf-8").to_owned(),
+    ];
+    args.extend(nofile.map(|n| n.to_string()));
+    let mut host = Proc::spawn(
+        "userq-testclient host",
+        Command::new(testclient())
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
+    let stdout = host.child().stdout.take().expect("stdout");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("read");
+    assert_eq!(line.trim(), "ready", "the host did not start");
+    host
+}
+
 /// Runs the test client with a scenario against a device socket.
 pub fn client(socket: &Path, args: &[&str]) -> Proc {
     Proc::spawn(
