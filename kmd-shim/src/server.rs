@@ -157,8 +157,8 @@ impl Server {
                     // connections must not keep the newcomers out, so the oldest one
                     // without a context goes; with none to close, the waiting connections
                     // are turned away one by one with the spare descriptor, and without
-                    // it (another worker holds it), back off before the listener (still
-                    // readable) is looked at again.
+                    // it (it could not be opened again last time), back off before the
+                    // listener (still readable) is looked at again.
                     let evicted = {
                         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
                         self.evict_oldest_idle(&mut conns)
@@ -248,7 +248,7 @@ impl Server {
             Err(rustix::io::Errno::AGAIN) => TurnAway::NoneWaiting,
             // That one went (or the call was interrupted): the next may be taken.
             Err(rustix::io::Errno::CONNABORTED) | Err(rustix::io::Errno::INTR) => TurnAway::Turned,
-            // Another worker took the freed descriptor first.
+            // Another thread of kmd-shim took the freed descriptor first.
             Err(_) => TurnAway::NoSpare,
         };
         *spare = open_spare().ok();

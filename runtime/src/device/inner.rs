@@ -39,7 +39,8 @@ pub(crate) struct DeviceInner {
     /// This process is registered for the firmware's membarrier, so its queues may use the
     /// doorbell fast path (see `userq_uapi::layout::RingPoll`).
     pub(crate) fast_doorbell: bool,
-    /// The control socket hung up: whoever served the device is gone.
+    /// The control socket hung up (whoever served the device is gone), or a request timed
+    /// out and the connection was given up.
     gone: std::sync::atomic::AtomicBool,
     /// When (monotonic ns) a host signal from this connection last woke the sleeping
     /// firmware for queues parked on the fence; 0: not within [`COLD_SIGNAL_WINDOW_NS`].
