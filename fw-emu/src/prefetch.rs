@@ -1,7 +1,8 @@
 //! DOC: taking a shared line for writing ahead of the store: `PREFETCHW`.
 //!
-//! When a polled look finds a packet's tag, the client is spinning on the queue's timeline
-//! line, so that line sits shared in the client's cache. The completion's store needs the
+//! When the firmware takes a packet by its tag (most often in a polled look), the client is
+//! usually spinning on the queue's timeline line, so that line sits shared in the client's
+//! cache. The completion's store needs the
 //! line owned, and waits in the store buffer for the ownership transfer. Asking for it at
 //! the tag, before the packet's copy, checks and execution, lets that transfer run during
 //! them instead of after them. Toggled every block of 7142 embedded round trips in one
