@@ -46,8 +46,10 @@ pub fn serve_one(dev: &Device, sock: &OwnedFd, ctx: &mut Option<u32>) -> bool {
         Err(rustix::io::Errno::INTR) | Err(rustix::io::Errno::AGAIN) => return true,
         Err(_) => return false,
     };
-    if got.len == 0 && got.fds.is_empty() {
-        return false; // closed
+    // Nothing read: the peer closed, or sent an empty message (SEQPACKET carries those),
+    // which is malformed like any other wrong size.
+    if got.len == 0 && got.fds.is_empty() && os::hung_up(sock.as_fd()) {
+        return false;
     }
     let (fds, foreign): (Vec<_>, Vec<_>) =
         got.fds.into_iter().partition(|f| os::is_memfd(f.as_fd()));

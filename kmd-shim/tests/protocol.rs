@@ -93,6 +93,8 @@ fn malformed_messages_get_typed_errors_and_the_connection_goes_on() {
         profile: false,
     };
 
+    // An empty message (SEQPACKET carries those) is malformed, not a hang-up.
+    assert_eq!(send_raw(&s, &[], &[]).0, KmdStatus::Malformed);
     assert_eq!(send_raw(&s, &[1, 2, 3], &[]).0, KmdStatus::Malformed);
     assert_eq!(send_raw(&s, &[0u8; 200], &[]).0, KmdStatus::Malformed);
     let mut unknown = RawRequest {

@@ -140,6 +140,22 @@ pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<PeerCredentials> {
     })
 }
 
+/// Whether the peer of a connected socket has hung up (or the socket has an error), by a
+/// poll that does not wait. A zero-length read on a SEQPACKET socket is either a hang-up or
+/// an empty message; this tells them apart.
+pub fn hung_up(sock: BorrowedFd<'_>) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let mut fds = [PollFd::new(&sock, PollFlags::RDHUP)];
+    let zero = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .intersects(PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR)
+}
+
 /// Sends one message with file descriptors attached.
 pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     send_flags(sock, bytes, fds, SendFlags::NOSIGNAL)
@@ -245,6 +261,20 @@ mod tests {
         // Not a socket: an error, not a made-up peer.
         let memfd = create_memfd("t", 4096, Sealing::Final).unwrap();
         assert_eq!(peer_credentials(memfd.as_fd()), Err(io::Errno::NOTSOCK));
+    }
+
+    #[test]
+    fn an_empty_message_is_not_a_hang_up() {
+        let (a, b) = seqpacket_pair();
+        send_with_fds(b.as_fd(), &[], &[]).unwrap();
+        let mut buf = [0u8; 8];
+        let got = recv_with_fds(a.as_fd(), &mut buf).unwrap();
+        assert_eq!((got.len, got.fds.len()), (0, 0));
+        assert!(!hung_up(a.as_fd()), "an empty message");
+        drop(b);
+        let got = recv_with_fds(a.as_fd(), &mut buf).unwrap();
+        assert_eq!((got.len, got.fds.len()), (0, 0));
+        assert!(hung_up(a.as_fd()), "the peer closed");
     }
 
     #[test]

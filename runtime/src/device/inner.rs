@@ -232,20 +232,7 @@ impl DeviceInner {
         let Ok(sock) = self.control.try_lock() else {
             return false;
         };
-        let mut fds = [rustix::event::PollFd::new(
-            &*sock,
-            rustix::event::PollFlags::RDHUP,
-        )];
-        let zero = rustix::time::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        let hung_up = matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
-            && fds[0].revents().intersects(
-                rustix::event::PollFlags::HUP
-                    | rustix::event::PollFlags::RDHUP
-                    | rustix::event::PollFlags::ERR,
-            );
+        let hung_up = os::hung_up(sock.as_fd());
         if hung_up {
             self.gone.store(true, std::sync::atomic::Ordering::Relaxed);
         }
