@@ -14,10 +14,7 @@ use userq_uapi::{os, KmdStatus, ABI_VERSION};
 
 /// Whether the peer may use the device: the same user as kmd-shim, or root.
 pub(crate) fn peer_allowed(sock: &OwnedFd) -> bool {
-    match os::peer_credentials(sock.as_fd()) {
-        Ok(cred) => cred.uid == rustix::process::getuid().as_raw() || cred.uid == 0,
-        Err(_) => false,
-    }
+    os::peer_credentials(sock.as_fd()).is_ok_and(|c| c.same_user_or_root())
 }
 
 /// Tells a peer why its connection is closed before it sent anything: it failed the peer

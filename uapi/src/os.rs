@@ -102,6 +102,14 @@ pub struct PeerCredentials {
     pub gid: u32,
 }
 
+impl PeerCredentials {
+    /// Whether the peer runs as this process's user or as root: the one check both ends
+    /// of a device socket make (kmd-shim of a client, a client of the server).
+    pub fn same_user_or_root(&self) -> bool {
+        self.uid == rustix::process::getuid().as_raw() || self.uid == 0
+    }
+}
+
 /// Reads the peer's credentials of a connected Unix socket. Not through rustix: its `UCred`
 /// keeps the pid in a non-zero type, which the kernel's 0 for an invisible peer would make
 /// undefined behaviour.

@@ -30,8 +30,7 @@ pub fn connect(path: &Path) -> rustix::io::Result<OwnedFd> {
         None,
     )?;
     rustix::net::connect(&fd, &SocketAddrUnix::new(path)?)?;
-    let server = crate::os::peer_credentials(fd.as_fd())?;
-    if server.uid != rustix::process::getuid().as_raw() && server.uid != 0 {
+    if !crate::os::peer_credentials(fd.as_fd())?.same_user_or_root() {
         return Err(rustix::io::Errno::PERM);
     }
     Ok(fd)
