@@ -1,6 +1,6 @@
 //! Results of a run: tables for people, JSON for tools, PASS/MISS against the targets.
 
-use crate::rounds::{median, Paired};
+use crate::rounds::{median, Paired, RatePaired};
 use crate::stats::{ns, Latency, Summary};
 use crate::submit::SubmitCost;
 
@@ -68,8 +68,10 @@ pub struct Target {
 pub struct Report {
     /// Latency rows, floors first.
     pub latency: Vec<LatencyRow>,
-    /// Throughput rows.
+    /// Throughput rows: one measurement per system and batch.
     pub throughput: Vec<ThroughputRow>,
+    /// Batched throughput, userq against io_uring at one batch, in interleaved rounds.
+    pub throughput_paired: Option<RatePaired>,
     /// Scaling rows.
     pub scaling: Vec<ScalingRow>,
     /// Idle CPU share of the firmware process.
@@ -86,8 +88,8 @@ pub struct Report {
     pub fairness: Option<(u64, u64)>,
     /// High-priority dispatch round trips under saturating low-priority work.
     pub priority: Option<Latency>,
-    /// (processes, queues each, wall time) of the oversubscription run.
-    pub oversubscription: Option<(usize, usize, std::time::Duration)>,
+    /// Many queues from several processes.
+    pub oversubscription: Option<crate::sched::Oversubscription>,
     /// Peers that could not run here, with why.
     pub skipped: Vec<(String, String)>,
     /// Hang detection, resets, kills and firmware restart.
@@ -131,13 +133,6 @@ impl Report {
         ))
     }
 
-    fn best_throughput(&self, system: &str) -> Option<&ThroughputRow> {
-        self.throughput
-            .iter()
-            .filter(|r| r.system == system)
-            .max_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec))
-    }
-
     /// Human-readable tables.
     pub fn print(&self) {
         if !self.latency.is_empty() {
@@ -175,6 +170,24 @@ impl Report {
                 println!("{:<10} {:>6} {:>14.0}", r.system, r.batch, r.ops_per_sec);
             }
         }
+        if let Some(t) = &self.throughput_paired {
+            let (u, io) = t.median_rates();
+            let per: Vec<String> = t
+                .rounds
+                .iter()
+                .map(|r| format!("{:.1}/{:.1}", r.userq / 1e6, r.io_uring / 1e6))
+                .collect();
+            println!(
+                "throughput in {} paired rounds at batch {} (order flipped every round): userq {:.1} M/s, io_uring {:.1} M/s, median ×{:.2}; per round ×{} (M/s userq/io_uring: {})",
+                t.rounds.len(),
+                t.batch,
+                u / 1e6,
+                io / 1e6,
+                t.median_ratio(),
+                fmt_ratios(&t.ratios()),
+                per.join(" ")
+            );
+        }
         if !self.scaling.is_empty() {
             println!("\nscaling (daemon mode, NOP round trips, adaptive waits)");
             println!(
@@ -202,8 +215,19 @@ impl Report {
                 ns(s.p50), ns(s.p99), ns(s.p999)
             );
         }
-        if let Some((p, q, d)) = self.oversubscription {
-            println!("oversubscription: {} queues from {p} processes, 20 dependent dispatches each, all completed in {d:.2?}", p * q);
+        if let Some(o) = &self.oversubscription {
+            println!(
+                "oversubscription: {} queues from {} processes, {} dependent dispatches each: {} of {} processes completed with checked results in {:.2?}",
+                o.procs * o.queues,
+                o.procs,
+                o.rounds,
+                o.completed,
+                o.procs,
+                o.elapsed
+            );
+            for f in &o.failures {
+                println!("  {f}");
+            }
         }
         if !self.paired.is_empty() {
             println!("\npaired rounds (floor and subject back to back, order flipped every round)");
@@ -326,8 +350,30 @@ impl Report {
             "observe": self.observe.as_ref().map(|o| o.json()),
             "latency": latency,
             "throughput": throughput,
+            "throughput_paired": self.throughput_paired.as_ref().map(|t| json!({
+                "batch": t.batch,
+                "median_ratio": round3(t.median_ratio()),
+                "rounds": t.rounds.iter().map(|r| json!({
+                    "userq_ops_per_sec": r.userq.round(),
+                    "io_uring_ops_per_sec": r.io_uring.round(),
+                    "ratio": round3(r.ratio()),
+                })).collect::<Vec<_>>(),
+            })),
             "scaling": scaling,
             "idle_cpu": self.idle_cpu,
+            "sched": json!({
+                "fairness_workgroups": self.fairness.map(|(a, b)| [a, b]),
+                "priority_p50_ns": self.priority.as_ref().map(|l| l.summary().p50),
+                "priority_p99_ns": self.priority.as_ref().map(|l| l.summary().p99),
+                "oversubscription": self.oversubscription.as_ref().map(|o| json!({
+                    "procs": o.procs,
+                    "queues_each": o.queues,
+                    "rounds": o.rounds,
+                    "completed_procs": o.completed,
+                    "failures": o.failures,
+                    "elapsed_ms": o.elapsed.as_millis() as u64,
+                })),
+            }),
             "submit": self.submit().map(|(median, p99, worst, wakes, sleeps)| json!({
                 "median_ns": (median * 100.0).round() / 100.0,
                 "p99_ns": (p99 * 100.0).round() / 100.0,
@@ -388,5 +434,54 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&r.json()).expect("valid JSON");
         assert_eq!(v["skipped"][0]["why"], "line one\nline two \u{1} end");
         assert_eq!(v["skipped"][0]["what"], "a \"quoted\"\tname\\");
+    }
+
+    fn verdict(r: &Report, starts: &str) -> Option<bool> {
+        r.targets()
+            .into_iter()
+            .find(|t| t.what.starts_with(starts))
+            .unwrap_or_else(|| panic!("no target {starts}"))
+            .verdict
+    }
+
+    #[test]
+    fn a_failed_or_killed_oversubscription_client_is_a_miss() {
+        let run = |completed, failures: Vec<String>| Report {
+            oversubscription: Some(crate::sched::Oversubscription {
+                procs: 4,
+                queues: 16,
+                rounds: 20,
+                completed,
+                failures,
+                elapsed: std::time::Duration::from_millis(50),
+            }),
+            ..Report::default()
+        };
+        assert_eq!(verdict(&run(4, vec![]), "oversubscription"), Some(true));
+        let killed = run(3, vec!["client 2: not done after 150s; killed".into()]);
+        assert_eq!(verdict(&killed, "oversubscription"), Some(false));
+        let v: serde_json::Value = serde_json::from_str(&killed.json()).expect("valid JSON");
+        assert_eq!(v["sched"]["oversubscription"]["completed_procs"], 3);
+    }
+
+    #[test]
+    fn throughput_is_judged_on_the_median_round_not_the_best() {
+        use crate::rounds::{RatePaired, RateRound};
+        let round = |userq| RateRound {
+            userq,
+            io_uring: 10.0,
+        };
+        // One flattering round among slow ones: the median misses.
+        let r = Report {
+            throughput_paired: Some(RatePaired {
+                batch: 256,
+                rounds: vec![round(40.0), round(120.0), round(45.0)],
+            }),
+            ..Report::default()
+        };
+        assert_eq!(verdict(&r, "single-queue batched throughput"), Some(false));
+        let v: serde_json::Value = serde_json::from_str(&r.json()).expect("valid JSON");
+        assert_eq!(v["throughput_paired"]["median_ratio"], 4.5);
+        assert_eq!(v["throughput_paired"]["rounds"][1]["ratio"], 12.0);
     }
 }

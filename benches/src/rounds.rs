@@ -118,6 +118,78 @@ pub fn interleave<E>(
     Ok((out, all_floor, all_subject))
 }
 
+/// One round of batched NOP throughput: userq and io_uring at the same batch, back to back.
+#[derive(Debug, Clone, Copy)]
+pub struct RateRound {
+    /// userq NOPs per second.
+    pub userq: f64,
+    /// io_uring NOPs per second.
+    pub io_uring: f64,
+}
+
+impl RateRound {
+    /// userq's rate over io_uring's.
+    pub fn ratio(&self) -> f64 {
+        self.userq / self.io_uring.max(1.0)
+    }
+}
+
+/// Batched NOP throughput, userq against io_uring, over several interleaved rounds.
+#[derive(Debug, Clone)]
+pub struct RatePaired {
+    /// Packets per doorbell, and NOPs per `io_uring_enter`.
+    pub batch: usize,
+    /// Every round, in the order run.
+    pub rounds: Vec<RateRound>,
+}
+
+impl RatePaired {
+    /// Per-round ratios, in round order.
+    pub fn ratios(&self) -> Vec<f64> {
+        self.rounds.iter().map(RateRound::ratio).collect()
+    }
+
+    /// Median of the per-round ratios.
+    pub fn median_ratio(&self) -> f64 {
+        median(self.ratios())
+    }
+
+    /// Median rate over the rounds: (userq, io_uring).
+    pub fn median_rates(&self) -> (f64, f64) {
+        (
+            median(self.rounds.iter().map(|r| r.userq).collect()),
+            median(self.rounds.iter().map(|r| r.io_uring).collect()),
+        )
+    }
+}
+
+/// Measures two rates alternately for `rounds` rounds, the order flipped every round.
+pub fn interleave_rates<E>(
+    batch: usize,
+    rounds: usize,
+    mut userq: impl FnMut() -> Result<f64, E>,
+    mut io_uring: impl FnMut() -> Result<f64, E>,
+) -> Result<RatePaired, E> {
+    let mut out = RatePaired {
+        batch,
+        rounds: Vec::with_capacity(rounds),
+    };
+    for i in 0..rounds {
+        let (u, io) = if i % 2 == 0 {
+            let io = io_uring()?;
+            (userq()?, io)
+        } else {
+            let u = userq()?;
+            (u, io_uring()?)
+        };
+        out.rounds.push(RateRound {
+            userq: u,
+            io_uring: io,
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +227,29 @@ mod tests {
             p.ratios_p50().iter().any(|r| *r < 1.0),
             "the bad round is kept"
         );
+    }
+
+    #[test]
+    fn rate_rounds_alternate_and_keep_every_ratio() {
+        let order = std::cell::RefCell::new(String::new());
+        let mut k = 0;
+        let p = interleave_rates::<()>(
+            256,
+            3,
+            || {
+                order.borrow_mut().push('u');
+                k += 1;
+                Ok(if k == 2 { 30.0 } else { 100.0 })
+            },
+            || {
+                order.borrow_mut().push('i');
+                Ok(10.0)
+            },
+        )
+        .unwrap();
+        assert_eq!(order.into_inner(), "iuuiiu");
+        assert_eq!(p.ratios(), vec![10.0, 3.0, 10.0]);
+        assert_eq!(p.median_ratio(), 10.0);
+        assert_eq!(p.median_rates(), (100.0, 10.0));
     }
 }

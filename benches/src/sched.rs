@@ -56,18 +56,37 @@ pub fn priority(dev: &Device, iters: usize) -> Result<Latency, Box<dyn std::erro
     Ok(lat)
 }
 
+/// What the oversubscription run saw.
+#[derive(Debug, Clone)]
+pub struct Oversubscription {
+    /// Client processes.
+    pub procs: usize,
+    /// Queues of each.
+    pub queues: usize,
+    /// Dependent dispatches per queue.
+    pub rounds: usize,
+    /// Clients that exited successfully: every queue completed and every result checked.
+    pub completed: usize,
+    /// What happened to the others, one line each.
+    pub failures: Vec<String>,
+    /// Wall time until the last client ended, or until the limit.
+    pub elapsed: Duration,
+}
+
 /// `procs` client processes with `queues` queues each, every queue running `rounds`
-/// dependent dispatches; returns the wall time until all completed.
+/// dependent dispatches. A client that fails, or is not done after `limit` (it is killed
+/// then), is counted as a failure rather than ending the run.
 pub fn oversubscription(
     dev: &DeviceProcs,
     procs: usize,
     queues: usize,
     rounds: usize,
-) -> Result<Duration, Box<dyn std::error::Error>> {
+    limit: Duration,
+) -> Result<Oversubscription, Box<dyn std::error::Error>> {
     let t = Instant::now();
     let mut children = Vec::new();
     for _ in 0..procs {
-        children.push(Role::spawn(
+        children.push(Some(Role::spawn(
             "__sched-client",
             &[
                 dev.socket.display().to_string(),
@@ -76,15 +95,36 @@ pub fn oversubscription(
             ],
             None,
             Stdio::null(),
-        )?);
+        )?));
     }
-    for mut c in children {
-        let status = c.child().wait()?;
-        if !status.success() {
-            return Err(format!("a client of the oversubscription run failed: {status}").into());
+    let mut out = Oversubscription {
+        procs,
+        queues,
+        rounds,
+        completed: 0,
+        failures: Vec::new(),
+        elapsed: Duration::ZERO,
+    };
+    let deadline = t + limit;
+    while children.iter().any(Option::is_some) {
+        for (i, slot) in children.iter_mut().enumerate() {
+            let Some(c) = slot else { continue };
+            match c.child().try_wait()? {
+                Some(s) if s.success() => out.completed += 1,
+                Some(s) => out.failures.push(format!("client {i}: {s}")),
+                None if Instant::now() >= deadline => {
+                    out.failures
+                        .push(format!("client {i}: not done after {limit:?}; killed"));
+                }
+                None => continue,
+            }
+            // Reaped above, or killed and reaped by the drop.
+            *slot = None;
         }
+        std::thread::sleep(Duration::from_millis(5));
     }
-    Ok(t.elapsed())
+    out.elapsed = t.elapsed();
+    Ok(out)
 }
 
 /// Role `__sched-client SOCKET QUEUES ROUNDS`.

@@ -126,14 +126,15 @@ impl Report {
             }),
             _ => {}
         }
-        if let (Some(u), Some(io)) = (
-            self.best_throughput("userq"),
-            self.best_throughput("io_uring"),
-        ) {
-            let r = u.ops_per_sec / io.ops_per_sec;
+        if let Some(p) = &self.throughput_paired {
+            let r = p.median_ratio();
             t.push(Target {
-                what: "single-queue batched throughput ≥ 5× io_uring batched NOPs".into(),
-                measured: format!("{r:.2}× (best batches {} vs {})", u.batch, io.batch),
+                what: format!(
+                    "single-queue batched throughput ≥ 5× io_uring batched NOPs (batch {}, median of {} paired rounds)",
+                    p.batch,
+                    p.rounds.len()
+                ),
+                measured: format!("{r:.2}× (rounds {})", fmt_ratios(&p.ratios())),
                 verdict: Some(r >= 5.0),
             });
         }
@@ -171,11 +172,25 @@ impl Report {
                 verdict: Some(p99 <= 1_500_000),
             });
         }
-        if let Some((p, q, d)) = self.oversubscription {
+        if let Some(o) = &self.oversubscription {
             t.push(Target {
-                what: "oversubscription: 64 queues from 4 processes all complete".into(),
-                measured: format!("{} queues from {p} processes completed in {d:.2?}", p * q),
-                verdict: Some(true),
+                what: format!(
+                    "oversubscription: {} queues from {} processes all complete",
+                    o.procs * o.queues,
+                    o.procs
+                ),
+                measured: format!(
+                    "{} of {} processes' queues completed with checked results in {:.2?}{}",
+                    o.completed,
+                    o.procs,
+                    o.elapsed,
+                    if o.failures.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", o.failures.join("; "))
+                    }
+                ),
+                verdict: Some(o.completed == o.procs && o.failures.is_empty()),
             });
         }
         if let Some(idle) = self.idle_cpu {
