@@ -1,6 +1,8 @@
 //! The machine's floors, measured across two processes in the same run:
-//! a cache-line ping-pong (what any polling protocol costs at least) and a shared-futex
-//! ping-pong (what any blocking protocol costs at least).
+//! a cache-line ping-pong (what any polling protocol costs at least), a shared-futex
+//! ping-pong (what any blocking protocol costs at least), the minimal packet + doorbell +
+//! fence exchange (what any user queue moves per round trip), and a stream of 64-byte
+//! packets through a ring (what any user queue's batched throughput is bounded by).
 
 use crate::proc::{inherited_memory, shared_memory, Role};
 use crate::stats::{time_each, Latency};
@@ -19,7 +21,12 @@ const STOP32: u32 = u32::MAX;
 
 /// A fresh shared page and a child running floor role `role` over it.
 fn floor_child(role: &str) -> std::io::Result<(ShmBytes, Role)> {
-    let (fd, map) = shared_memory(4096)?;
+    floor_child_sized(role, 4096)
+}
+
+/// [`floor_child`] over `len` bytes of fresh shared memory.
+fn floor_child_sized(role: &str, len: usize) -> std::io::Result<(ShmBytes, Role)> {
+    let (fd, map) = shared_memory(len)?;
     let child = Role::spawn(
         role,
         &[rustix::fd::AsRawFd::as_raw_fd(&fd).to_string()],
@@ -212,5 +219,99 @@ pub fn exchange_floor_child(fd: &str) -> std::io::Result<()> {
         }
         std::hint::black_box(&words);
         fence.store(d, Release);
+    }
+}
+
+/// The streaming floor's ring: as many slots as the ring of `userq-bench throughput`'s
+/// queue, after a page holding the consumer's read index and the stop word (each on a line
+/// of its own, two lines apart).
+const STREAM_SLOTS: u64 = 4096;
+const STREAM_READ: usize = 0;
+const STREAM_STOP: usize = 128;
+const STREAM_RING: usize = 4096;
+/// How often the consumer publishes its read index (and whenever it catches up).
+const STREAM_PUBLISH: u64 = 64;
+
+/// The ring's slot `i`: eight words.
+fn stream_slot(slots: &[AtomicU64], i: u64) -> &[AtomicU64] {
+    let at = (i % STREAM_SLOTS) as usize * 8;
+    &slots[at..at + 8]
+}
+
+/// Parent side of the streaming floor: 64-byte packets per second through a shared ring,
+/// the least any user queue's batched throughput moves. The parent writes each slot's
+/// words 1..7 and then word 0 (its sequence number, release), as userq's client does, and
+/// waits for room by the consumer's read index; the child polls the next slot's word 0
+/// (acquire), copies the packet's eight words once and publishes its read index (release)
+/// every 64 packets and when it catches up. Nothing else: no decoding, no fence, no
+/// doorbell. Two laps of the ring run untimed first.
+pub fn stream_floor(packets: u64) -> std::io::Result<f64> {
+    let len = STREAM_RING + STREAM_SLOTS as usize * 64;
+    let (map, child) = floor_child_sized("__floor-stream", len)?;
+    let read = map.word64(STREAM_READ).expect("read line");
+    let slots = map
+        .atomics::<AtomicU64>(STREAM_RING, STREAM_SLOTS as usize * 8)
+        .expect("ring");
+    let mut cached = 0;
+    let mut stream = |from: u64, to: u64| {
+        for w in from..to {
+            while w + 1 > cached + STREAM_SLOTS {
+                core::hint::spin_loop();
+                cached = read.load(Acquire);
+            }
+            let slot = stream_slot(slots, w);
+            for (k, word) in slot[1..].iter().enumerate() {
+                word.store(w ^ k as u64, Relaxed);
+            }
+            slot[0].store(w + 1, Release);
+        }
+        while read.load(Acquire) < to {
+            core::hint::spin_loop();
+        }
+    };
+    let warm = 2 * STREAM_SLOTS;
+    stream(0, warm);
+    let t = Instant::now();
+    stream(warm, warm + packets);
+    let rate = packets as f64 / t.elapsed().as_secs_f64();
+    map.word64(STREAM_STOP)
+        .expect("stop line")
+        .store(STOP64, Release);
+    drop(child);
+    Ok(rate)
+}
+
+/// Child side of the streaming floor.
+pub fn stream_floor_child(fd: &str) -> std::io::Result<()> {
+    let map = inherited_memory(fd)?;
+    let read = map.word64(STREAM_READ).expect("read line");
+    let stop = map.word64(STREAM_STOP).expect("stop line");
+    let slots = map
+        .atomics::<AtomicU64>(STREAM_RING, STREAM_SLOTS as usize * 8)
+        .expect("ring");
+    let (mut r, mut published) = (0u64, 0u64);
+    loop {
+        let slot = stream_slot(slots, r);
+        if slot[0].load(Acquire) != r + 1 {
+            if published != r {
+                read.store(r, Release);
+                published = r;
+            }
+            if stop.load(Acquire) == STOP64 {
+                return Ok(());
+            }
+            core::hint::spin_loop();
+            continue;
+        }
+        let mut words = [0u64; 8];
+        for (o, w) in words.iter_mut().zip(slot) {
+            *o = w.load(Relaxed);
+        }
+        std::hint::black_box(&words);
+        r += 1;
+        if r % STREAM_PUBLISH == 0 {
+            read.store(r, Release);
+            published = r;
+        }
     }
 }

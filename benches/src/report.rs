@@ -171,22 +171,35 @@ impl Report {
             }
         }
         if let Some(t) = &self.throughput_paired {
-            let (u, io) = t.median_rates();
+            let (u, f, io) = t.median_rates();
             let per: Vec<String> = t
                 .rounds
                 .iter()
-                .map(|r| format!("{:.1}/{:.1}", r.userq / 1e6, r.io_uring / 1e6))
+                .map(|r| {
+                    format!(
+                        "{:.1}/{:.1}/{:.1}",
+                        r.userq / 1e6,
+                        r.floor / 1e6,
+                        r.io_uring / 1e6
+                    )
+                })
                 .collect();
             println!(
-                "throughput in {} paired rounds at batch {} (order flipped every round): userq {:.1} M/s, io_uring {:.1} M/s, median ×{:.2}; per round ×{} (M/s userq/io_uring: {})",
+                "\nthroughput in {} interleaved rounds at batch {} (medians): userq {:.1} M/s, streaming floor {:.1} M/s, io_uring {:.1} M/s",
                 t.rounds.len(),
                 t.batch,
                 u / 1e6,
-                io / 1e6,
-                t.median_ratio(),
-                fmt_ratios(&t.ratios()),
-                per.join(" ")
+                f / 1e6,
+                io / 1e6
             );
+            println!(
+                "  userq ×io_uring per round {} (median {:.2}); userq ×floor per round {} (median {:.2})",
+                fmt_ratios(&t.ratios()),
+                t.median_ratio(),
+                fmt_ratios(&t.of_floor()),
+                median(t.of_floor())
+            );
+            println!("  M/s userq/floor/io_uring per round: {}", per.join(" "));
         }
         if !self.scaling.is_empty() {
             println!("\nscaling (daemon mode, NOP round trips, adaptive waits)");
@@ -353,10 +366,13 @@ impl Report {
             "throughput_paired": self.throughput_paired.as_ref().map(|t| json!({
                 "batch": t.batch,
                 "median_ratio": round3(t.median_ratio()),
+                "median_of_floor": round3(median(t.of_floor())),
                 "rounds": t.rounds.iter().map(|r| json!({
                     "userq_ops_per_sec": r.userq.round(),
+                    "floor_ops_per_sec": r.floor.round(),
                     "io_uring_ops_per_sec": r.io_uring.round(),
                     "ratio": round3(r.ratio()),
+                    "of_floor": round3(r.of_floor()),
                 })).collect::<Vec<_>>(),
             })),
             "scaling": scaling,
@@ -469,6 +485,7 @@ mod tests {
         use crate::rounds::{RatePaired, RateRound};
         let round = |userq| RateRound {
             userq,
+            floor: 200.0,
             io_uring: 10.0,
         };
         // One flattering round among slow ones: the median misses.

@@ -118,11 +118,13 @@ pub fn interleave<E>(
     Ok((out, all_floor, all_subject))
 }
 
-/// One round of batched NOP throughput: userq and io_uring at the same batch, back to back.
+/// One round of batched throughput: userq, the streaming floor and io_uring, back to back.
 #[derive(Debug, Clone, Copy)]
 pub struct RateRound {
     /// userq NOPs per second.
     pub userq: f64,
+    /// The streaming floor's packets per second (`floors::stream_floor`).
+    pub floor: f64,
     /// io_uring NOPs per second.
     pub io_uring: f64,
 }
@@ -132,9 +134,15 @@ impl RateRound {
     pub fn ratio(&self) -> f64 {
         self.userq / self.io_uring.max(1.0)
     }
+
+    /// userq's rate over the streaming floor's.
+    pub fn of_floor(&self) -> f64 {
+        self.userq / self.floor.max(1.0)
+    }
 }
 
-/// Batched NOP throughput, userq against io_uring, over several interleaved rounds.
+/// Batched throughput, userq against io_uring and the streaming floor, over several
+/// interleaved rounds.
 #[derive(Debug, Clone)]
 pub struct RatePaired {
     /// Packets per doorbell, and NOPs per `io_uring_enter`.
@@ -144,30 +152,35 @@ pub struct RatePaired {
 }
 
 impl RatePaired {
-    /// Per-round ratios, in round order.
+    /// Per-round ratios to io_uring, in round order.
     pub fn ratios(&self) -> Vec<f64> {
         self.rounds.iter().map(RateRound::ratio).collect()
     }
 
-    /// Median of the per-round ratios.
+    /// Median of the per-round ratios to io_uring.
     pub fn median_ratio(&self) -> f64 {
         median(self.ratios())
     }
 
-    /// Median rate over the rounds: (userq, io_uring).
-    pub fn median_rates(&self) -> (f64, f64) {
-        (
-            median(self.rounds.iter().map(|r| r.userq).collect()),
-            median(self.rounds.iter().map(|r| r.io_uring).collect()),
-        )
+    /// Per-round shares of the streaming floor, in round order.
+    pub fn of_floor(&self) -> Vec<f64> {
+        self.rounds.iter().map(RateRound::of_floor).collect()
+    }
+
+    /// Median rates over the rounds: (userq, streaming floor, io_uring).
+    pub fn median_rates(&self) -> (f64, f64, f64) {
+        let m = |f: fn(&RateRound) -> f64| median(self.rounds.iter().map(f).collect());
+        (m(|r| r.userq), m(|r| r.floor), m(|r| r.io_uring))
     }
 }
 
-/// Measures two rates alternately for `rounds` rounds, the order flipped every round.
+/// Measures three rates in turn for `rounds` rounds: io_uring, the floor, userq, and the
+/// other way round in every other round, so that userq always runs beside its floor.
 pub fn interleave_rates<E>(
     batch: usize,
     rounds: usize,
     mut userq: impl FnMut() -> Result<f64, E>,
+    mut floor: impl FnMut() -> Result<f64, E>,
     mut io_uring: impl FnMut() -> Result<f64, E>,
 ) -> Result<RatePaired, E> {
     let mut out = RatePaired {
@@ -175,17 +188,24 @@ pub fn interleave_rates<E>(
         rounds: Vec::with_capacity(rounds),
     };
     for i in 0..rounds {
-        let (u, io) = if i % 2 == 0 {
-            let io = io_uring()?;
-            (userq()?, io)
+        let round = if i % 2 == 0 {
+            let io_uring = io_uring()?;
+            let floor = floor()?;
+            RateRound {
+                userq: userq()?,
+                floor,
+                io_uring,
+            }
         } else {
-            let u = userq()?;
-            (u, io_uring()?)
+            let userq = userq()?;
+            let floor = floor()?;
+            RateRound {
+                userq,
+                floor,
+                io_uring: io_uring()?,
+            }
         };
-        out.rounds.push(RateRound {
-            userq: u,
-            io_uring: io,
-        });
+        out.rounds.push(round);
     }
     Ok(out)
 }
@@ -242,14 +262,19 @@ mod tests {
                 Ok(if k == 2 { 30.0 } else { 100.0 })
             },
             || {
+                order.borrow_mut().push('f');
+                Ok(200.0)
+            },
+            || {
                 order.borrow_mut().push('i');
                 Ok(10.0)
             },
         )
         .unwrap();
-        assert_eq!(order.into_inner(), "iuuiiu");
+        assert_eq!(order.into_inner(), "ifuufiifu");
         assert_eq!(p.ratios(), vec![10.0, 3.0, 10.0]);
+        assert_eq!(p.of_floor(), vec![0.5, 0.15, 0.5]);
         assert_eq!(p.median_ratio(), 10.0);
-        assert_eq!(p.median_rates(), (100.0, 10.0));
+        assert_eq!(p.median_rates(), (100.0, 200.0, 10.0));
     }
 }

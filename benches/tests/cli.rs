@@ -141,3 +141,46 @@ fn a_short_floor_run_prints_json_with_the_floors() {
     assert!(text.contains("\"floor: shared-futex ping-pong\""), "{text}");
     assert!(text.contains("\"p50_ns\":"), "{text}");
 }
+
+#[test]
+fn a_short_throughput_run_pairs_userq_with_io_uring_and_the_streaming_floor() {
+    let out = bench()
+        .args(["throughput", "--quick", "--json"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    if v["throughput_paired"].is_null() {
+        // No io_uring on this machine: the run says why.
+        let skipped = v["skipped"].to_string();
+        assert!(skipped.contains("io_uring"), "{v}");
+        return;
+    }
+    let rounds = v["throughput_paired"]["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 3, "{v}");
+    for r in rounds {
+        for key in [
+            "userq_ops_per_sec",
+            "floor_ops_per_sec",
+            "io_uring_ops_per_sec",
+        ] {
+            assert!(r[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {r}");
+        }
+    }
+    let target = v["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .find(|t| {
+            t["target"]
+                .as_str()
+                .unwrap_or("")
+                .contains("batched throughput")
+        })
+        .expect("the throughput target");
+    assert!(target["pass"].is_boolean(), "{target}");
+}

@@ -117,6 +117,7 @@ fn role(name: &str, args: &[String]) -> Res<()> {
         "__floor-poll" => floors::poll_floor_child(arg(0)?)?,
         "__floor-futex" => floors::futex_floor_child(arg(0)?)?,
         "__floor-exchange" => floors::exchange_floor_child(arg(0)?)?,
+        "__floor-stream" => floors::stream_floor_child(arg(0)?)?,
         "__echo-unix" => peers::unix_echo_server(arg(0)?)?,
         "__iceoryx2" => peers::iceoryx2_echo(arg(0)?, arg(1)?)?,
         "__kmd" => device::kmd_role(arg(0)?, arg(1)?.parse()?)?,
@@ -313,7 +314,9 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
         }
         // The target's figure: both systems at one batch, alternately, so that a placement
         // change between two measurements cannot flatter or sink the ratio. io_uring runs
-        // on one CPU and does not move with placement; userq's two sides do.
+        // on one CPU and does not move with placement; userq's two sides do, and so does
+        // the streaming floor measured beside userq in each round, which says how much of
+        // what the placement allows userq reached.
         // Without io_uring here (a seccomp filter, an old kernel) the sweep has said why.
         if r.throughput.iter().any(|t| t.system == "io_uring") {
             let batch = THROUGHPUT_BATCH;
@@ -321,6 +324,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
                 batch,
                 if o.quick { 3 } else { 7 },
                 || device::nop_throughput(&dev, batch, total),
+                || floors::stream_floor(total as u64).map_err(Into::into),
                 || peers::io_uring_batched(batch, total).map_err(Into::into),
             )?);
         }

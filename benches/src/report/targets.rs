@@ -134,7 +134,11 @@ impl Report {
                     p.batch,
                     p.rounds.len()
                 ),
-                measured: format!("{r:.2}× (rounds {})", fmt_ratios(&p.ratios())),
+                measured: format!(
+                    "{r:.2}× (rounds {}; userq at {:.2}× the streaming floor)",
+                    fmt_ratios(&p.ratios()),
+                    median(p.of_floor())
+                ),
                 verdict: Some(r >= 5.0),
             });
         }
