@@ -275,12 +275,21 @@ impl Queue {
         }
         self.reserve(cmds.len(), timeout)?;
         let first = self.wptr;
-        for c in cmds {
-            let p = match c.kernel_args() {
-                None => c.cmd.encode(),
-                Some(_) => self.encode_with_args(c, self.wptr),
-            };
-            self.write(p);
+        if dispatches || self.profile.is_some() {
+            for c in cmds {
+                let p = match c.kernel_args() {
+                    None => c.cmd.encode(),
+                    Some(_) => self.encode_with_args(c, self.wptr),
+                };
+                self.write(p);
+            }
+        } else {
+            // The write index stays in a register: stored to `self` once per packet, it
+            // would be one more store behind each slot's (see `Queue::push`).
+            for (i, c) in cmds.iter().enumerate() {
+                ring::put(&self.ring, first + i as u64, c.cmd.encode());
+            }
+            self.wptr = first + cmds.len() as u64;
         }
         self.ring_doorbell();
         if holds {

@@ -7,6 +7,7 @@ use crate::error::SubmitError;
 use std::sync::atomic::{compiler_fence, Ordering::*};
 use std::time::{Duration, Instant};
 use userq_uapi::packet::Packet;
+use userq_uapi::shm::RingShm;
 use userq_uapi::sync;
 use userq_uapi::sync::{Backoff, BackoffStep};
 
@@ -100,12 +101,7 @@ impl Queue {
     /// packet once it sees the tag; then advances `wptr`.
     #[inline(always)]
     pub(super) fn write_slot(&mut self, p: Packet) {
-        let slot = self.ring.slot(self.wptr);
-        let words = p.tagged(self.wptr).to_words();
-        for (w, v) in slot[1..].iter().zip(&words[1..]) {
-            w.store(*v, Relaxed);
-        }
-        slot[0].store(words[0], Release);
+        put(&self.ring, self.wptr, p);
         self.wptr += 1;
     }
 
@@ -155,4 +151,17 @@ impl Queue {
             }
         }
     }
+}
+
+/// Writes packet `p` into slot `index` of `ring` (room is reserved): the arguments first,
+/// then word 0 with the packet's sequence tag (release), so that a firmware polling the
+/// slot sees the whole packet once it sees the tag.
+#[inline(always)]
+pub(super) fn put(ring: &RingShm, index: u64, p: Packet) {
+    let slot = ring.slot(index);
+    let words = p.tagged(index).to_words();
+    for (w, v) in slot[1..].iter().zip(&words[1..]) {
+        w.store(*v, Relaxed);
+    }
+    slot[0].store(words[0], Release);
 }
