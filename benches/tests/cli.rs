@@ -121,18 +121,21 @@ fn an_interrupted_run_reaps_every_process_it_started() {
     assert!(left.is_empty(), "left running: {left:?}");
 }
 
-#[test]
-fn a_short_floor_run_prints_json_with_the_floors() {
-    let out = bench()
-        .args(["floors", "--iters", "2000", "--json"])
-        .output()
-        .expect("run");
+/// Runs the bench with `args`, checks that it succeeded, and returns its standard output.
+fn run_ok(args: &[&str]) -> Vec<u8> {
+    let out = bench().args(args).output().expect("run");
     assert!(
         out.status.success(),
-        "{}",
+        "{args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8_lossy(&out.stdout);
+    out.stdout
+}
+
+#[test]
+fn a_short_floor_run_prints_json_with_the_floors() {
+    let out = run_ok(&["floors", "--iters", "2000", "--json"]);
+    let text = String::from_utf8_lossy(&out);
     assert!(
         text.trim_start().starts_with('{') && text.trim_end().ends_with('}'),
         "{text}"
@@ -144,16 +147,8 @@ fn a_short_floor_run_prints_json_with_the_floors() {
 
 #[test]
 fn a_short_throughput_run_pairs_userq_with_io_uring_and_the_streaming_floor() {
-    let out = bench()
-        .args(["throughput", "--quick", "--json"])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let out = run_ok(&["throughput", "--quick", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
     if v["throughput_paired"].is_null() {
         // No io_uring on this machine: the run says why.
         let skipped = v["skipped"].to_string();

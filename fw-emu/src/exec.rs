@@ -55,6 +55,16 @@ impl ParkedWait {
     }
 }
 
+/// The fault of packet `index`, given its code, address and detail.
+fn fault_at(index: u64) -> impl Fn(ErrorCode, u64, u32) -> Fault {
+    move |code, address, detail| Fault {
+        code,
+        packet_index: index,
+        address,
+        detail,
+    }
+}
+
 /// What executing one packet did.
 pub(crate) enum Step {
     Done,
@@ -84,12 +94,7 @@ pub(crate) fn execute(
     time_slice: Option<Duration>,
 ) -> Result<Step, Fault> {
     let (bindings, vm) = (res.bindings, res.vm);
-    let fault = |code, address, detail| Fault {
-        code,
-        packet_index: index,
-        address,
-        detail,
-    };
+    let fault = fault_at(index);
     let cmd = Command::decode(packet).map_err(|e| match e {
         PacketError::UnknownOpcode(op) => fault(ErrorCode::UnknownOpcode, 0, op as u32),
         PacketError::ReservedNotZero { word } => fault(ErrorCode::ReservedField, 0, word as u32),
@@ -160,7 +165,7 @@ pub(crate) fn execute(
 /// DISPATCH: resolves the kernel and its arguments into a job. Out of line: building a job
 /// took `execute` a frame of 824 bytes, which every packet paid for (the prologue, and
 /// the stores a wide frame brings); without it, 216. A NOP stream's throughput went from
-/// 161-168 to 184-198 M/s with the vCPUs close (ARCHITECTURE, "Where a NOP stream's time
+/// 152-166 to 169-196 M/s with the vCPUs close (ARCHITECTURE, "Where a NOP stream's time
 /// goes").
 #[inline(never)]
 fn dispatch(
@@ -171,12 +176,7 @@ fn dispatch(
     priority: Priority,
     time_slice: Option<Duration>,
 ) -> Result<Step, Fault> {
-    let fault = |code, address, detail| Fault {
-        code,
-        packet_index: index,
-        address,
-        detail,
-    };
+    let fault = fault_at(index);
     let kernel = res
         .kernels
         .get(d.kernel)
