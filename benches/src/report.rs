@@ -70,7 +70,8 @@ pub struct Report {
     pub latency: Vec<LatencyRow>,
     /// Throughput rows: one measurement per system and batch.
     pub throughput: Vec<ThroughputRow>,
-    /// Batched throughput, userq against io_uring at one batch, in interleaved rounds.
+    /// Batched throughput, userq against io_uring and the streaming floor at one batch, in
+    /// interleaved rounds.
     pub throughput_paired: Option<RatePaired>,
     /// Scaling rows.
     pub scaling: Vec<ScalingRow>,

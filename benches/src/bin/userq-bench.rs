@@ -317,16 +317,26 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
         // on one CPU and does not move with placement; userq's two sides do, and so does
         // the streaming floor measured beside userq in each round, which says how much of
         // what the placement allows userq reached.
-        // Without io_uring here (a seccomp filter, an old kernel) the sweep has said why.
-        if r.throughput.iter().any(|t| t.system == "io_uring") {
-            let batch = THROUGHPUT_BATCH;
-            r.throughput_paired = Some(rounds::interleave_rates(
+        // Without io_uring at that batch here (a seccomp filter, an old kernel, a small
+        // locked-memory limit) the sweep has said why. A peer that fails in the rounds is
+        // skipped with its reason; userq failing is an error of the run.
+        let batch = THROUGHPUT_BATCH;
+        if r.throughput
+            .iter()
+            .any(|t| t.system == "io_uring" && t.batch == batch)
+        {
+            let paired = rounds::interleave_rates(
                 batch,
                 if o.quick { 3 } else { 7 },
-                || device::nop_throughput(&dev, batch, total),
-                || floors::stream_floor(total as u64).map_err(Into::into),
-                || peers::io_uring_batched(batch, total).map_err(Into::into),
-            )?);
+                || device::nop_throughput(&dev, batch, total).map_err(|e| (true, e.to_string())),
+                || floors::stream_floor(total as u64).map_err(|e| (false, e.to_string())),
+                || peers::io_uring_batched(batch, total).map_err(|e| (false, e.to_string())),
+            );
+            match paired {
+                Ok(p) => r.throughput_paired = Some(p),
+                Err((true, e)) => return Err(e.into()),
+                Err((false, e)) => r.skipped.push(("paired throughput rounds".into(), e)),
+            }
         }
     }
     if all || o.what == What::Submit {
@@ -414,7 +424,7 @@ fn run(o: &Opts, dir: &std::path::Path, r: &mut Report) -> Res<()> {
             if o.quick { 200 } else { 1000 },
         )?);
         drop(dev);
-        // Each client gives its queues 120 s to finish; the run gives a client a little more.
+        // Each client gives its queues 120 s in all to finish; the run gives it a little more.
         r.oversubscription = Some(userq_benches::sched::oversubscription(
             &procs,
             4,

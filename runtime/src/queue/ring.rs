@@ -130,7 +130,7 @@ impl Queue {
     fn ring_doorbell_slow(&mut self) {
         let page = &*self.dev.doorbells;
         let slot = self.slot as usize;
-        // Release: the packet stores (`write_slot`, before the call) happen-before the
+        // Release: the packet stores (`write_slot` or `put`, before the call) happen-before the
         // firmware's acquire load.
         page.doorbells[slot].value.store(self.wptr, Release);
         let rung = sync::ring_doorbell(
