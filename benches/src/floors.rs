@@ -7,7 +7,7 @@
 use crate::proc::{inherited_memory, shared_memory, Role};
 use crate::stats::{time_each, Latency};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 use std::time::{Duration, Instant};
 use userq::uapi::shm::ShmBytes;
 use userq::uapi::sync::{futex_wait, futex_wake_all};
@@ -18,6 +18,61 @@ const A: usize = 0;
 const B: usize = 128;
 const STOP64: u64 = u64::MAX;
 const STOP32: u32 = u32::MAX;
+
+/// How long a floor's parent waits for one answer before it gives up on its partner (a
+/// process that died, or never started): an answer takes micro- to milliseconds.
+const ANSWER_BOUND: Duration = Duration::from_secs(10);
+
+/// Notices, while a floor's parent waits for an answer, that its partner stopped
+/// answering, and ends the run with a panic (which kills and reaps the children) instead
+/// of waiting for good. Costs the timed loops a counter per spin: the clock is read once
+/// every 65 536 spins, or when a futex wait returns without a change.
+struct Patience {
+    spins: u32,
+    /// The answer the last look was for, and since when it was awaited.
+    awaiting: u64,
+    since: Instant,
+}
+
+impl Patience {
+    fn new() -> Self {
+        Patience {
+            spins: 0,
+            awaiting: u64::MAX,
+            since: Instant::now(),
+        }
+    }
+
+    /// One spin while waiting for `answer`.
+    #[inline(always)]
+    fn spun(&mut self, answer: u64) {
+        self.spins = self.spins.wrapping_add(1);
+        if self.spins % (1 << 16) == 0 {
+            self.look(answer);
+        }
+    }
+
+    /// Sleeps on `word` while it holds `seen` (at most a second at a time), waiting for
+    /// `answer`.
+    fn wait(&mut self, word: &AtomicU32, seen: u32, answer: u64) {
+        futex_wait(word, seen, Some(Duration::from_secs(1)));
+        if word.load(Relaxed) == seen {
+            self.look(answer);
+        }
+    }
+
+    /// Panics once `answer` has been awaited for longer than [`ANSWER_BOUND`].
+    #[cold]
+    #[inline(never)]
+    fn look(&mut self, answer: u64) {
+        if self.awaiting != answer {
+            self.awaiting = answer;
+            self.since = Instant::now();
+        } else if self.since.elapsed() > ANSWER_BOUND {
+            panic!("a floor's partner process gave no answer in {ANSWER_BOUND:?}");
+        }
+    }
+}
 
 /// A fresh shared page and a child running floor role `role` over it.
 fn floor_child(role: &str) -> std::io::Result<(ShmBytes, Role)> {
@@ -42,11 +97,13 @@ pub fn poll_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
     let a = map.word64(A).expect("line a");
     let b = map.word64(B).expect("line b");
     let mut i = 0u64;
+    let mut patience = Patience::new();
     let lat = time_each(warmup, iters, || {
         i += 1;
         a.store(i, Release);
         while b.load(Acquire) != i {
             core::hint::spin_loop();
+            patience.spun(i);
         }
     });
     a.store(STOP64, Release);
@@ -82,6 +139,7 @@ pub fn futex_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
     let a = map.word32(A).expect("word a");
     let b = map.word32(B).expect("word b");
     let mut i = 0u32;
+    let mut patience = Patience::new();
     let lat = time_each(warmup, iters, || {
         i += 1;
         a.store(i, Release);
@@ -91,7 +149,7 @@ pub fn futex_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
             if v == i {
                 break;
             }
-            futex_wait(b, v, None);
+            patience.wait(b, v, i.into());
         }
     });
     a.store(STOP32, Release);
@@ -114,6 +172,7 @@ pub fn futex_floor_cold(iters: usize, idle: Duration) -> std::io::Result<(Latenc
     let b = map.word32(B).expect("word b");
     let mut lat = Latency::new();
     let mut slept = 0;
+    let mut patience = Patience::new();
     // Round 1 is the untimed one; values start at 1 (the child starts having seen 0).
     for i in 1..=iters as u32 + 1 {
         std::thread::sleep(idle);
@@ -127,7 +186,7 @@ pub fn futex_floor_cold(iters: usize, idle: Duration) -> std::io::Result<(Latenc
                 break;
             }
             waited = true;
-            futex_wait(b, v, None);
+            patience.wait(b, v, i.into());
         }
         if i > 1 {
             lat.record(t.elapsed().as_nanos() as u64);
@@ -179,6 +238,7 @@ pub fn exchange_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
     let doorbell = map.word64(DOORBELL).expect("doorbell line");
     let fence = map.word64(FENCE).expect("fence line");
     let mut i = 0u64;
+    let mut patience = Patience::new();
     let lat = time_each(warmup, iters, || {
         i += 1;
         for (k, w) in packet[1..].iter().enumerate() {
@@ -188,6 +248,7 @@ pub fn exchange_floor(warmup: usize, iters: usize) -> std::io::Result<Latency> {
         doorbell.store(i, Release);
         while fence.load(Acquire) != i {
             core::hint::spin_loop();
+            patience.spun(i);
         }
     });
     doorbell.store(STOP64, Release);

@@ -179,3 +179,54 @@ fn a_short_throughput_run_pairs_userq_with_io_uring_and_the_streaming_floor() {
         .expect("the throughput target");
     assert!(target["pass"].is_boolean(), "{target}");
 }
+
+#[test]
+fn a_floor_whose_partner_dies_ends_the_run_instead_of_waiting_for_good() {
+    let mut guard = Reaped(
+        bench()
+            .args(["floors", "--iters", "10000000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    );
+    let child = &mut guard.0;
+    // The cache-line ping-pong's partner, once it runs.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let partner = loop {
+        let found = descendants(child.id()).into_iter().find(|&p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("__floor-poll"))
+        });
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the floor's partner never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(partner as i32).expect("pid"),
+        rustix::process::Signal::KILL,
+    )
+    .expect("SIGKILL");
+    // The parent gives up 10 s after the last answer.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "userq-bench still waits for a dead partner"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(err.contains("gave no answer"), "{err}");
+}
