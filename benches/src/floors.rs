@@ -4,10 +4,11 @@
 //! fence exchange (what any user queue moves per round trip), and a stream of 64-byte
 //! packets through a ring (what any user queue's batched throughput is bounded by).
 
+use crate::patience::Patience;
 use crate::proc::{inherited_memory, shared_memory, Role};
 use crate::stats::{time_each, Latency};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::time::{Duration, Instant};
 use userq::uapi::shm::ShmBytes;
 use userq::uapi::sync::{futex_wait, futex_wake_all};
@@ -18,61 +19,6 @@ const A: usize = 0;
 const B: usize = 128;
 const STOP64: u64 = u64::MAX;
 const STOP32: u32 = u32::MAX;
-
-/// How long a floor's parent waits for one answer before it gives up on its partner (a
-/// process that died, or never started): an answer takes micro- to milliseconds.
-const ANSWER_BOUND: Duration = Duration::from_secs(10);
-
-/// Notices, while a floor's parent waits for an answer, that its partner stopped
-/// answering, and ends the run with a panic (which kills and reaps the children) instead
-/// of waiting for good. Costs the timed loops a counter per spin: the clock is read once
-/// every 65 536 spins, or when a futex wait returns without a change.
-struct Patience {
-    spins: u32,
-    /// The answer the last look was for, and since when it was awaited.
-    awaiting: u64,
-    since: Instant,
-}
-
-impl Patience {
-    fn new() -> Self {
-        Patience {
-            spins: 0,
-            awaiting: u64::MAX,
-            since: Instant::now(),
-        }
-    }
-
-    /// One spin while waiting for `answer`.
-    #[inline(always)]
-    fn spun(&mut self, answer: u64) {
-        self.spins = self.spins.wrapping_add(1);
-        if self.spins % (1 << 16) == 0 {
-            self.look(answer);
-        }
-    }
-
-    /// Sleeps on `word` while it holds `seen` (at most a second at a time), waiting for
-    /// `answer`.
-    fn wait(&mut self, word: &AtomicU32, seen: u32, answer: u64) {
-        futex_wait(word, seen, Some(Duration::from_secs(1)));
-        if word.load(Relaxed) == seen {
-            self.look(answer);
-        }
-    }
-
-    /// Panics once `answer` has been awaited for longer than [`ANSWER_BOUND`].
-    #[cold]
-    #[inline(never)]
-    fn look(&mut self, answer: u64) {
-        if self.awaiting != answer {
-            self.awaiting = answer;
-            self.since = Instant::now();
-        } else if self.since.elapsed() > ANSWER_BOUND {
-            panic!("a floor's partner process gave no answer in {ANSWER_BOUND:?}");
-        }
-    }
-}
 
 /// A fresh shared page and a child running floor role `role` over it.
 fn floor_child(role: &str) -> std::io::Result<(ShmBytes, Role)> {

@@ -11,6 +11,7 @@ pub mod device;
 pub mod floors;
 pub mod observe;
 pub mod paging;
+pub mod patience;
 pub mod peers;
 pub mod plot;
 pub mod proc;

@@ -131,13 +131,17 @@ pub fn iceoryx2_ping_pong(
     }
     while subscriber.receive()?.is_some() {}
     let mut i = 0u64;
+    let mut patience = crate::patience::Patience::new();
     let lat = time_each(warmup, iters, || {
         i += 1;
         publisher.send_copy(i).expect("send");
         loop {
             match subscriber.receive().expect("receive") {
                 Some(s) if *s == i => break,
-                _ => core::hint::spin_loop(),
+                _ => {
+                    core::hint::spin_loop();
+                    patience.spun(i);
+                }
             }
         }
     });
