@@ -149,8 +149,11 @@ pub fn inherited_memory(arg: &str) -> std::io::Result<ShmBytes> {
     let raw: i32 = arg
         .parse()
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "fd number"))?;
-    // SAFETY: the parent passed this descriptor to us for this purpose; mapping does not
-    // take ownership, and the borrow lasts only for this call.
+    if !userq::uapi::os::raw_fd_is_open(raw) {
+        return Err(rustix::io::Errno::BADF.into());
+    }
+    // SAFETY: the descriptor is open (checked above) and the parent passed it to us for this
+    // purpose; mapping does not take ownership, and the borrow lasts only for this call.
     let fd = unsafe { rustix::fd::BorrowedFd::borrow_raw(raw) };
     let len = rustix::fs::fstat(fd)?.st_size as usize;
     ShmBytes::map(fd, len).map_err(std::io::Error::other)

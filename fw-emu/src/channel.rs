@@ -117,21 +117,24 @@ pub fn inherited_channel(arg: &str) -> Result<OwnedFd, ChannelFdError> {
     if fd < 0 {
         return Err(ChannelFdError::NotAChannel(fd));
     }
-    // SAFETY: the borrow is used only for the two probes below and ends with this block;
-    // a descriptor that is not open makes both fail with EBADF, which is what they check.
-    let is_channel = unsafe {
-        let probe = BorrowedFd::borrow_raw(fd);
-        rustix::io::fcntl_getfd(probe).is_ok()
-            && rustix::net::sockopt::socket_type(probe) == Ok(rustix::net::SocketType::SEQPACKET)
-    };
+    // SAFETY: `fd` is open (checked first; a firmware program runs this at start-up, before
+    // any other thread could close it), and the borrow is used only for the probe and ends
+    // with this block.
+    let is_channel = userq_uapi::os::raw_fd_is_open(fd)
+        && unsafe {
+            let probe = BorrowedFd::borrow_raw(fd);
+            rustix::net::sockopt::socket_type(probe) == Ok(rustix::net::SocketType::SEQPACKET)
+        };
     if !is_channel {
         return Err(ChannelFdError::NotAChannel(fd));
     }
     if TAKEN.swap(true, Ordering::AcqRel) {
         return Err(ChannelFdError::Taken);
     }
-    // SAFETY: `fd` is open and a SEQPACKET socket (checked above), inherited from kmd-shim
-    // for the firmware; this function hands it out once per process, so the OwnedFd is its
-    // only owner.
+    // SAFETY: `fd` is open and a SEQPACKET socket (checked above), and its number came on
+    // the command line kmd-shim built for this program, as socket activation hands out
+    // LISTEN_FDS: the descriptor was inherited for the firmware and nothing else in the
+    // process opened it. This function hands it out once per process, so the OwnedFd is
+    // its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -234,7 +234,9 @@ impl Window {
         }
         // SAFETY: the target range is inside this window (checked), which this process
         // reserved and owns; MAP_FIXED replaces exactly those pages. No page there is
-        // resident or pinned (all ABSENT), so nothing the firmware tracks is replaced.
+        // RESIDENT (all ABSENT), so no pool slot the firmware tracks is replaced; a
+        // workgroup that pinned one for a moment (a pin is counted before its state is read)
+        // reads only through atomics, and the range stays mapped throughout.
         let mapped = unsafe {
             rustix::mm::mmap(
                 self.base.as_ptr().add(first * DEVICE_PAGE as usize).cast(),

@@ -341,7 +341,8 @@ const _: () = {
     assert!(offset_of!(DoorbellPage, header) == 0 && offset_of!(FenceState, header) == 0);
     assert!(offset_of!(FenceWaiters, header) == 0 && offset_of!(DeviceStatus, header) == 0);
     assert!(offset_of!(DeviceKick, header) == 0 && offset_of!(ControlRegion, header) == 0);
-    assert!(offset_of!(RingHeader, header) == 0);
+    assert!(offset_of!(RingHeader, header) == 0 && offset_of!(ContextWaiters, header) == 0);
+    assert!(offset_of!(Telemetry, header) == 0 && offset_of!(EventLog, header) == 0);
     assert!(
         offset_of!(ControlRegion, kmd_kick) == offset_of!(ControlRegion, kmd_sleep) + CACHE_LINE
     );

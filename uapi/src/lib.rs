@@ -6,7 +6,8 @@
 //! firmware messages ([`fwmsg`]), error codes ([`error`]), on-demand paging ([`paging`]), and the wait/wake protocols on
 //! shared futexes ([`sync`]). [`os`] is the small platform layer underneath: memfds,
 //! mappings with typed views, and fd passing; [`shm`] the typed handles on shared objects;
-//! [`socket`] where a device is reached.
+//! [`msgring`] the kmd-shim ↔ firmware message rings; [`observe`] reading a device's
+//! telemetry, event log and profiles; [`socket`] where a device is reached.
 //!
 //! The other crates never compute an offset by hand; they name a field of a layout here.
 //!

@@ -110,6 +110,15 @@ impl PeerCredentials {
     }
 }
 
+/// Whether `fd` names an open descriptor of this process: the check to make before a raw
+/// number from the command line is borrowed (`BorrowedFd::borrow_raw` requires an open
+/// one). Through libc, as rustix takes only borrowed descriptors.
+pub fn raw_fd_is_open(fd: i32) -> bool {
+    // SAFETY: F_GETFD only reads the descriptor table's flags for `fd`; any integer is a
+    // valid argument (EBADF for one that is not open).
+    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+}
+
 /// Reads the peer's credentials of a connected Unix socket. Not through rustix: its `UCred`
 /// keeps the pid in a non-zero type, which the kernel's 0 for an invisible peer would make
 /// undefined behaviour.

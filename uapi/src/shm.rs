@@ -2,7 +2,7 @@
 //!
 //! Every shared object is a sealed memfd mapped with `memmap2::MmapRaw` (raw pointers
 //! only: never `Mmap`/`MmapMut`, which hand out `&[u8]` over memory that other processes
-//! write). On top of it sit three handles, each checked **once**, when the object is
+//! write). On top of it sit four handles, each checked **once**, when the object is
 //! mapped; after that an access is a pointer dereference with no bounds check and no
 //! `expect`:
 //!
@@ -17,6 +17,8 @@
 //!   allocated when it is created and the client's and the firmware's mappings of it are
 //!   populated, so the submit path never page-faults.
 //! - [`ShmBytes`]: the untyped bytes of a buffer, viewed as slices of atomics.
+//! - [`ShmBytesRo`]: the same over a read-only mapping, viewed as load-only words (what
+//!   `userq trace` reads of a profiled queue's records).
 //!
 //! Loads from read-only mappings are `Relaxed` (with a separate fence where ordering is
 //! needed): the standard library documents relaxed loads of word size as valid on

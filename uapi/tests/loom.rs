@@ -295,6 +295,8 @@ fn a_pinned_page_is_never_copied_out_under_its_workgroup() {
             fence(SeqCst);
             if p.state.load(Acquire) == RESIDENT {
                 // The workgroup runs: it writes the page.
+                // SAFETY: the pin is held and the page was seen RESIDENT after the SeqCst
+                // fence, so the invalidator is not reading it (what this model checks).
                 p.data.with_mut(|d| unsafe { *d += 1 });
             }
             p.pins.fetch_sub(1, Release);
@@ -306,6 +308,8 @@ fn a_pinned_page_is_never_copied_out_under_its_workgroup() {
             .is_ok();
         fence(SeqCst);
         if marked && page.pins.load(Acquire) == 0 {
+            // SAFETY: the page is marked INVALIDATING and no pin was seen after the fence,
+            // so no workgroup writes it (what this model checks).
             page.data.with(|d| unsafe { *d });
         }
         engine.join().unwrap();
