@@ -225,6 +225,8 @@ fn a_floor_whose_partner_dies_ends_the_run_instead_of_waiting_for_good() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(!status.success());
+    let run_dir = std::env::temp_dir().join(format!("userq-bench-{}", child.id()));
+    assert!(!run_dir.exists(), "{} left behind", run_dir.display());
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
         .expect("stderr");

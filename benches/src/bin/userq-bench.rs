@@ -23,6 +23,17 @@ use userq_benches::report::{
 };
 use userq_benches::{cold, floors, peers, plot, proc, round_trip, rounds, submit};
 
+/// The run's directory (sockets, a daemon's objects): removed when the run ends, also by
+/// a panic's unwinding (a floor whose partner stopped answering ends the run that way).
+struct RunDir(PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        proc::kill_all();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The batch of the paired throughput rounds: io_uring's best in the sweep, and as good
 /// as any for userq (whose sweep is flat from 4 up).
 const THROUGHPUT_BATCH: usize = 256;
@@ -483,13 +494,13 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    let dir = std::env::temp_dir().join(format!("userq-bench-{}", std::process::id()));
-    proc::reap_on_interrupt(dir.clone());
-    let _ = std::fs::create_dir_all(&dir);
+    let dir = RunDir(std::env::temp_dir().join(format!("userq-bench-{}", std::process::id())));
+    proc::reap_on_interrupt(dir.0.clone());
+    let _ = std::fs::create_dir_all(&dir.0);
     let mut report = Report::default();
-    let result = run(&o, &dir, &mut report);
+    let result = run(&o, &dir.0, &mut report);
     proc::kill_all();
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
     if let Err(e) = result {
         eprintln!("userq-bench: {e}");
         return ExitCode::FAILURE;
