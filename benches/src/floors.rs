@@ -259,17 +259,14 @@ pub fn stream_floor(packets: u64) -> std::io::Result<f64> {
     let slots = map
         .atomics::<AtomicU64>(STREAM_RING, STREAM_SLOTS as usize * 8)
         .expect("ring");
-    // A consumer that died or never started would leave the waits below spinning: they
-    // give up after a minute (a healthy run takes milliseconds).
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut patience = Patience::new();
     let mut cached = 0;
-    let mut stream = |from: u64, to: u64| -> std::io::Result<()> {
+    let mut stream = |from: u64, to: u64| {
         for w in from..to {
-            if w + 1 > cached + STREAM_SLOTS {
-                spin_until(deadline, || {
-                    cached = read.load(Acquire);
-                    w < cached + STREAM_SLOTS
-                })?;
+            while w + 1 > cached + STREAM_SLOTS {
+                core::hint::spin_loop();
+                patience.spun(w);
+                cached = read.load(Acquire);
             }
             let slot = stream_slot(slots, w);
             for (k, word) in slot[1..].iter().enumerate() {
@@ -277,34 +274,21 @@ pub fn stream_floor(packets: u64) -> std::io::Result<f64> {
             }
             slot[0].store(w + 1, Release);
         }
-        spin_until(deadline, || read.load(Acquire) >= to)
+        while read.load(Acquire) < to {
+            core::hint::spin_loop();
+            patience.spun(to);
+        }
     };
     let warm = 2 * STREAM_SLOTS;
-    stream(0, warm)?;
+    stream(0, warm);
     let t = Instant::now();
-    stream(warm, warm + packets)?;
+    stream(warm, warm + packets);
     let rate = packets as f64 / t.elapsed().as_secs_f64();
     map.word64(STREAM_STOP)
         .expect("stop line")
         .store(STOP64, Release);
     drop(child);
     Ok(rate)
-}
-
-/// Spins until `done`, or fails once `deadline` has passed.
-fn spin_until(deadline: Instant, mut done: impl FnMut() -> bool) -> std::io::Result<()> {
-    let mut spins = 0u32;
-    while !done() {
-        core::hint::spin_loop();
-        spins = spins.wrapping_add(1);
-        if spins % 4096 == 0 && Instant::now() > deadline {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "streaming floor: the consumer stopped",
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Child side of the streaming floor.

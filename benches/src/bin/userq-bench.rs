@@ -499,7 +499,6 @@ fn main() -> ExitCode {
     let _ = std::fs::create_dir_all(&dir.0);
     let mut report = Report::default();
     let result = run(&o, &dir.0, &mut report);
-    proc::kill_all();
     drop(dir);
     if let Err(e) = result {
         eprintln!("userq-bench: {e}");
