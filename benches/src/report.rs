@@ -198,7 +198,7 @@ impl Report {
                 fmt_ratios(&t.ratios()),
                 t.median_ratio(),
                 fmt_ratios(&t.of_floor()),
-                median(t.of_floor())
+                t.median_of_floor()
             );
             println!("  M/s userq/floor/io_uring per round: {}", per.join(" "));
         }
@@ -367,7 +367,7 @@ impl Report {
             "throughput_paired": self.throughput_paired.as_ref().map(|t| json!({
                 "batch": t.batch,
                 "median_ratio": round3(t.median_ratio()),
-                "median_of_floor": round3(median(t.of_floor())),
+                "median_of_floor": round3(t.median_of_floor()),
                 "rounds": t.rounds.iter().map(|r| json!({
                     "userq_ops_per_sec": r.userq.round(),
                     "floor_ops_per_sec": r.floor.round(),

@@ -167,6 +167,11 @@ impl RatePaired {
         self.rounds.iter().map(RateRound::of_floor).collect()
     }
 
+    /// Median of the per-round shares of the streaming floor.
+    pub fn median_of_floor(&self) -> f64 {
+        median(self.of_floor())
+    }
+
     /// Median rates over the rounds: (userq, streaming floor, io_uring).
     pub fn median_rates(&self) -> (f64, f64, f64) {
         let m = |f: fn(&RateRound) -> f64| median(self.rounds.iter().map(f).collect());

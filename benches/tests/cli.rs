@@ -73,16 +73,47 @@ impl Drop for Reaped {
     }
 }
 
-#[test]
-fn an_interrupted_run_reaps_every_process_it_started() {
-    let mut guard = Reaped(
+/// Starts the bench with `args` (its output discarded, its standard error as given), to be
+/// killed and reaped however the test ends.
+fn spawn_reaped(args: &[&str], stderr: Stdio) -> Reaped {
+    Reaped(
         bench()
-            .args(["latency", "--iters", "10000000"])
+            .args(args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn"),
-    );
+    )
+}
+
+/// Sends `sig` to process `pid`.
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).expect("pid"),
+        sig,
+    )
+    .expect("kill");
+}
+
+/// Waits at most `bound` for `child` to exit; `what` says what it means if it does not.
+fn exit_within(
+    child: &mut std::process::Child,
+    bound: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + bound;
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn an_interrupted_run_reaps_every_process_it_started() {
+    let mut guard = spawn_reaped(&["latency", "--iters", "10000000"], Stdio::null());
     let child = &mut guard.0;
     // Wait until a measurement is running in a child process, then interrupt.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -97,21 +128,12 @@ fn an_interrupted_run_reaps_every_process_it_started() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!seen.is_empty(), "the run started its processes");
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(child.id() as i32).expect("pid"),
-        rustix::process::Signal::INT,
-    )
-    .expect("SIGINT");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            panic!("userq-bench did not stop on SIGINT");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    signal(child.id(), rustix::process::Signal::INT);
+    let status = exit_within(
+        child,
+        Duration::from_secs(10),
+        "userq-bench did not stop on SIGINT",
+    );
     assert_eq!(status.code(), Some(130));
     let deadline = Instant::now() + Duration::from_secs(5);
     while seen.iter().any(|&p| alive(p)) && Instant::now() < deadline {
@@ -182,14 +204,7 @@ fn a_short_throughput_run_pairs_userq_with_io_uring_and_the_streaming_floor() {
 
 #[test]
 fn a_floor_whose_partner_dies_ends_the_run_instead_of_waiting_for_good() {
-    let mut guard = Reaped(
-        bench()
-            .args(["floors", "--iters", "10000000"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn"),
-    );
+    let mut guard = spawn_reaped(&["floors", "--iters", "10000000"], Stdio::piped());
     let child = &mut guard.0;
     // The cache-line ping-pong's partner, once it runs.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -207,23 +222,13 @@ fn a_floor_whose_partner_dies_ends_the_run_instead_of_waiting_for_good() {
         );
         std::thread::sleep(Duration::from_millis(10));
     };
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(partner as i32).expect("pid"),
-        rustix::process::Signal::KILL,
-    )
-    .expect("SIGKILL");
+    signal(partner, rustix::process::Signal::KILL);
     // The parent gives up 10 s after the last answer.
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "userq-bench still waits for a dead partner"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = exit_within(
+        child,
+        Duration::from_secs(40),
+        "userq-bench still waits for a dead partner",
+    );
     assert!(!status.success());
     let run_dir = std::env::temp_dir().join(format!("userq-bench-{}", child.id()));
     assert!(!run_dir.exists(), "{} left behind", run_dir.display());

@@ -137,7 +137,7 @@ impl Report {
                 measured: format!(
                     "{r:.2}× (rounds {}; userq at {:.2}× the streaming floor)",
                     fmt_ratios(&p.ratios()),
-                    median(p.of_floor())
+                    p.median_of_floor()
                 ),
                 verdict: Some(r >= 5.0),
             });
